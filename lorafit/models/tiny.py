@@ -1,0 +1,198 @@
+"""Tiny random-weight pipelines of each real Stable Diffusion architecture, built offline.
+
+Tests and the demo load these with the same ``from_pretrained`` code a user's real model takes,
+so every loading, family-detection, LoRA-naming and export path is exercised without a model hub.
+The layouts keep the features that make the real families differ (SD2's linear projections and
+OpenCLIP-style GELU text encoder with v-prediction, SDXL's two text encoders, pooled projection and
+``text_time`` micro-conditioning, an 8x VAE) at a size that trains on a laptop CPU in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Family = Literal["sd1", "sd2", "sdxl"]
+FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+
+_TEXT_HIDDEN = 32
+_PROJECTION_DIM = 32
+_TIME_EMBED_DIM = 8  # SDXL: each of the six micro-conditioning numbers gets this many features
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes (GPT-2/CLIP's byte alphabet).
+
+    transformers 5 no longer exports its helper for this, so it is spelled out: printable Latin-1
+    bytes stand for themselves, the rest are shifted past U+0100.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted, extra = [], 0
+    for byte in range(256):
+        if byte not in printable:
+            shifted.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in printable + shifted]
+
+
+def build_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A byte-level CLIP tokenizer with no merges: every character is a token.
+
+    transformers 5 builds ``CLIPTokenizer`` from an in-memory vocab and merge list, which is what
+    makes this possible offline. The vocabulary is CLIP's byte alphabet (plus its end-of-word forms)
+    so any caption tokenizes; the real tokenizers differ only in their learned merges.
+    """
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, pad_token=pad_token)
+
+
+def _text_config(tokenizer, hidden_act: str, projection_dim: int = _PROJECTION_DIM):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act=hidden_act,
+        projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    # Four levels like the real VAE, so latents are 1/8 of the image side (bucket steps of 64 px
+    # stay meaningful); the channel counts are what makes it tiny.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _sd_unet(cross_attention_dim: int, sd2: bool):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        cross_attention_dim=cross_attention_dim,
+        # SD1 counts heads in ``attention_head_dim`` (a diffusers quirk it keeps for SD1 configs);
+        # SD2 gives per-level head dims and uses linear proj_in/proj_out instead of 1x1 convs.
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=32,
+    )
+
+
+def _sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=2 * _TEXT_HIDDEN,  # both encoders' hidden states, concatenated
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * _TIME_EMBED_DIM + _PROJECTION_DIM,
+        norm_num_groups=32,
+    )
+
+
+def _scheduler_kwargs() -> dict:
+    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def build_tiny_pipeline(family: Family, seed: int = 0):
+    """Return a tiny random-weight diffusers pipeline of ``family`` (weights fixed by ``seed``)."""
+    from diffusers import (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    if family == "sdxl":
+        # Real SDXL pads its second (OpenCLIP bigG) tokenizer with "!", not the end token.
+        tokenizer_2 = build_clip_tokenizer(pad_token="!")
+        return StableDiffusionXLPipeline(
+            vae=_vae(scaling_factor=0.13025),
+            text_encoder=CLIPTextModel(_text_config(tokenizer, "quick_gelu")),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, "gelu")),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=_sdxl_unet(),
+            scheduler=EulerDiscreteScheduler(**_scheduler_kwargs(), timestep_spacing="leading", steps_offset=1),
+        )
+    sd2 = family == "sd2"
+    scheduler = (
+        DDIMScheduler(**_scheduler_kwargs(), prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        if sd2
+        else PNDMScheduler(**_scheduler_kwargs(), skip_prk_steps=True, steps_offset=1)
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(scaling_factor=0.18215),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, "gelu" if sd2 else "quick_gelu")),
+        tokenizer=tokenizer,
+        unet=_sd_unet(cross_attention_dim=_TEXT_HIDDEN, sd2=sd2),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(family: Family, out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Build a tiny ``family`` pipeline and write it as a diffusers directory (``save_pretrained``).
+
+    Args:
+        family: Architecture to imitate: ``sd1`` (SD1.5, epsilon), ``sd2`` (SD2.x-768, v-prediction)
+            or ``sdxl`` (two text encoders, micro-conditioning).
+        out: Directory to write; it gets ``model_index.json`` and one folder per component.
+        seed: Seed of the random weights; the same seed writes the same tensors.
+        overwrite: Rebuild even if ``out`` already holds a pipeline.
+    """
+    out = Path(out)
+    if (out / "model_index.json").exists() and not overwrite:
+        return out
+    pipe = build_tiny_pipeline(family, seed=seed)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
