@@ -1,0 +1,117 @@
+"""Export the LoRA during training: kohya and diffusers files every N epochs/steps and at the end.
+
+Saving every epoch is what makes the guides' "flexibility vs fidelity" choice possible: the user
+compares epochs afterwards and keeps the one that balances both.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+
+from lorafit.networks.files import save_diffusers, save_kohya
+from lorafit.networks.metadata import TrainingInfo, kohya_metadata
+
+log = logging.getLogger("lorafit.export")
+
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class LoraExport(pl.Callback):
+    """Write ``lora/<name>-epoch-NNN.safetensors`` (kohya) and ``lora/diffusers/<name>-epoch-NNN.safetensors``.
+
+    Args:
+        name: Output name (kohya's ``output_name``); files are ``<name>-epoch-NNN.safetensors``,
+            ``<name>-step-NNNNNN.safetensors`` and, at the end, ``<name>.safetensors``.
+        every_n_epochs: Export after every this many epochs (0 = never by epoch).
+        every_n_steps: Export after every this many optimizer steps (0 = never by step).
+        save_dtype: dtype of the tensors in the files (kohya's ``save_precision``).
+        formats: Which formats to write: ``kohya`` (A1111/ComfyUI/kohya) and/or ``diffusers``.
+        dirpath: Directory for the files; empty means ``<trainer.default_root_dir>/lora``.
+    """
+
+    def __init__(
+        self,
+        name: str = "lora",
+        every_n_epochs: int = 1,
+        every_n_steps: int = 0,
+        save_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        formats: list[Literal["kohya", "diffusers"]] = ["kohya", "diffusers"],
+        dirpath: Optional[str] = None,
+    ):
+        self.name = name
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.save_dtype = save_dtype
+        self.formats = list(formats)
+        self.dirpath = dirpath
+        self.written: list[Path] = []
+        self._last_step_export = -1
+
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "lora"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        # With gradient accumulation this hook runs per micro-batch; export once per optimizer step.
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step_export:
+            self._last_step_export = step
+            self.export(trainer, pl_module, f"{self.name}-step-{step:06d}", epochs_done=trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0:
+            self.export(trainer, pl_module, f"{self.name}-epoch-{epoch:03d}", epochs_done=epoch)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # By now Lightning has advanced current_epoch past the last finished epoch.
+        self.export(trainer, pl_module, self.name, epochs_done=trainer.current_epoch)
+
+    def training_info(self, trainer: pl.Trainer, pl_module, epochs_done: int) -> TrainingInfo:
+        hp = pl_module.hparams
+        data = trainer.datamodule
+        resolution = getattr(data, "resolution", None)
+        tag_frequency = data.tag_frequency() if hasattr(data, "tag_frequency") else None
+        return TrainingInfo(
+            family=pl_module.family,
+            prediction_type=pl_module.base.prediction_type,
+            rank=hp.rank,
+            alpha=float(hp.rank if hp.alpha is None else hp.alpha),
+            output_name=self.name,
+            base_model=str(hp.model),
+            resolution=(resolution, resolution) if isinstance(resolution, int) else (512, 512),
+            steps=trainer.global_step,
+            epoch=epochs_done,
+            num_train_images=getattr(data, "num_images", None),
+            learning_rate=hp.learning_rate,
+            text_encoder_lr=hp.text_encoder_lr or hp.learning_rate,
+            seed=pl_module.noise_seed,
+            mixed_precision=str(trainer.precision),
+            clip_skip=hp.clip_skip,
+            trains_text_encoder=hp.train_text_encoder,
+            tag_frequency=tag_frequency,
+            started_at=pl_module.started_at,
+        )
+
+    def export(self, trainer: pl.Trainer, pl_module, stem: str, epochs_done: int) -> list[Path]:
+        """Write ``stem`` in every configured format (global rank 0 only, no collectives)."""
+        if not trainer.is_global_zero:
+            return []
+        weights = pl_module.lora_weights()
+        dtype = SAVE_DTYPES[self.save_dtype]
+        directory = self._dir(trainer)
+        paths = []
+        if "kohya" in self.formats:
+            metadata = kohya_metadata(self.training_info(trainer, pl_module, epochs_done))
+            paths.append(save_kohya(directory / f"{stem}.safetensors", pl_module.family, weights,
+                                    pl_module.unet.config, metadata, dtype))
+        if "diffusers" in self.formats:
+            paths.append(save_diffusers(directory / "diffusers" / f"{stem}.safetensors", pl_module.family, weights, dtype))
+        for path in paths:
+            log.info("saved LoRA %s", path)
+        self.written.extend(paths)
+        return paths

@@ -1,0 +1,214 @@
+"""LoraDiffusionModule: a frozen Stable Diffusion model with trainable LoRA adapters.
+
+Orchestration only: loading lives in ``models/``, adapters in ``networks/``, and the training
+step reads like the paper (encode, noise, predict, regress onto the family's target).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from lorafit.models.base import BaseModel, Family, PredictionType, load_base_model, resolve_model_source
+from lorafit.models.conditioning import encode_tokens, sdxl_time_ids, tokenize
+from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
+from lorafit.networks.lora_weights import LoraWeights, from_peft_model
+
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+
+
+def step_seed(base_seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """A seed for one micro-batch that depends only on where it is in training.
+
+    Noise and timesteps drawn from it are the same whether a run was interrupted and resumed or
+    not, and differ between DDP ranks.
+    """
+    digest = hashlib.blake2b(f"{base_seed}:{epoch}:{batch_idx}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class LoraDiffusionModule(pl.LightningModule):
+    """Train LoRA adapters on a frozen SD1.x / SD2.x / SDXL model.
+
+    Args:
+        model: Base model: a diffusers pipeline directory, a hub id (``org/name``) or a
+            ``.safetensors``/``.ckpt`` single file.
+        family: Override the detected family (``sd1``, ``sd2``, ``sdxl``); normally left empty.
+        prediction_type: Override the scheduler's prediction type (``epsilon``, ``v_prediction``).
+        single_file_config: For single files: a diffusers pipeline directory or hub id of the same
+            architecture whose configs describe the file (needed offline).
+        revision: Hub revision of ``model`` (branch, tag or commit hash).
+        variant: Hub weight variant of ``model``, e.g. ``fp16``.
+        weight_dtype: dtype of the frozen base weights (``float32``, ``bfloat16``, ``float16``).
+            LoRA weights always train in float32.
+        rank: LoRA rank (kohya's ``network_dim``).
+        alpha: LoRA alpha (kohya's ``network_alpha``); the update is scaled by ``alpha / rank``.
+            Empty means ``alpha = rank`` (scale 1). kohya's default is 1.
+        unet_target_modules: UNet modules to adapt: a list of name suffixes or one full-match regex.
+        train_text_encoder: Also train LoRA on the text encoder(s).
+        text_encoder_target_modules: Text-encoder modules to adapt (suffixes or a regex).
+        learning_rate: AdamW learning rate of the UNet LoRA (kohya's ``unet_lr``).
+        text_encoder_lr: Learning rate of the text-encoder LoRA; empty means ``learning_rate``.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        adam_epsilon: AdamW epsilon.
+        clip_skip: SD1/SD2: use the hidden state this many layers from the end (2 = A1111 "clip
+            skip 2"). SDXL always uses the penultimate layer.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        family: Optional[Family] = None,
+        prediction_type: Optional[PredictionType] = None,
+        single_file_config: Optional[str] = None,
+        revision: Optional[str] = None,
+        variant: Optional[str] = None,
+        weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        rank: int = 16,
+        alpha: Optional[float] = None,
+        unet_target_modules: Union[list[str], str] = DEFAULT_UNET_TARGETS,
+        train_text_encoder: bool = False,
+        text_encoder_target_modules: Union[list[str], str] = DEFAULT_TEXT_ENCODER_TARGETS,
+        learning_rate: float = 1e-4,
+        text_encoder_lr: Optional[float] = None,
+        weight_decay: float = 1e-2,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_epsilon: float = 1e-8,
+        clip_skip: int = 1,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        resolve_model_source(model)  # a bad path fails here, before any weights are read
+        self.base: Optional[BaseModel] = None
+        self.unet: Optional[torch.nn.Module] = None
+        self.vae: Optional[torch.nn.Module] = None
+        self.text_encoders = torch.nn.ModuleList()
+        self.noise_scheduler = None
+        self.noise_seed: Optional[int] = None
+        self.started_at = time.time()
+        # Checkpoints hold only the LoRA weights (see on_save_checkpoint), so loading them must
+        # not demand the frozen base weights.
+        self.strict_loading = False
+
+    # ---- model construction -------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.unet is not None:  # Lightning may call this more than once
+            return
+        from diffusers import DDPMScheduler
+
+        hp = self.hparams
+        base = load_base_model(hp.model, hp.family, hp.prediction_type, hp.single_file_config, hp.weight_dtype,
+                               hp.revision, hp.variant)
+        self.base = base
+        self.unet, self.vae = base.unet, base.vae
+        self.text_encoders = torch.nn.ModuleList(base.text_encoders)
+        # Training noise follows the model's own beta schedule; DDPM is the forward process.
+        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=base.prediction_type)
+        add_lora(self.unet, lora_config(hp.rank, hp.alpha, hp.unet_target_modules, "model.unet_target_modules"),
+                 "model.unet_target_modules")
+        if hp.train_text_encoder:
+            config = lora_config(hp.rank, hp.alpha, hp.text_encoder_target_modules, "model.text_encoder_target_modules")
+            for encoder in self.text_encoders:
+                add_lora(encoder, config, "model.text_encoder_target_modules")
+
+    @property
+    def family(self) -> str:
+        return self.base.family
+
+    def lora_components(self) -> dict[str, torch.nn.Module]:
+        """The adapted modules by diffusers component name (``unet``, ``text_encoder``, ...)."""
+        components = {"unet": self.unet}
+        if self.hparams.train_text_encoder:
+            components.update(zip(TEXT_ENCODER_NAMES, self.text_encoders))
+        return components
+
+    def lora_weights(self) -> LoraWeights:
+        return from_peft_model(self.lora_components())
+
+    # ---- training -----------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.noise_seed is None:  # restored from the checkpoint on resume
+            self.noise_seed = torch.initial_seed()
+
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        seed = step_seed(self.noise_seed, self.current_epoch, batch_idx, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def conditioning(self, captions: list[str]):
+        ids = tokenize(self.base.tokenizers, captions, self.device)
+        with torch.set_grad_enabled(self.hparams.train_text_encoder and self.training):
+            return encode_tokens(self.family, list(self.text_encoders), ids, self.hparams.clip_skip)
+
+    def denoising_loss(self, batch: dict, generator: torch.Generator,
+                       timesteps: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """MSE between the UNet's prediction and the family's target on noised latents of ``batch``.
+
+        ``timesteps``/``noise`` may be fixed by the caller (evaluation at fixed points); otherwise
+        they are drawn from ``generator``.
+        """
+        pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            latents = ((latents - shift) * self.vae.config.scaling_factor).float()
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      generator=generator, device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.base.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        text = self.conditioning(batch["captions"])
+        added = None
+        if self.family == "sdxl":
+            time_ids = sdxl_time_ids(batch["original_size"].to(self.device), batch["crop_top_left"].to(self.device),
+                                     tuple(pixels.shape[-2:]))
+            added = {"text_embeds": text.pooled, "time_ids": time_ids}
+        unet_dtype = self.unet.dtype
+        prediction = self.unet(noisy.to(unet_dtype), timesteps, text.hidden_states.to(unet_dtype),
+                               added_cond_kwargs=added).sample
+        return F.mse_loss(prediction.float(), target.float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.denoising_loss(batch, self._generator(batch_idx))
+        self.log("loss/current", loss, prog_bar=True, batch_size=len(batch["captions"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Fixed noise per batch position, so validation losses of different epochs compare.
+        generator = torch.Generator(device=self.device).manual_seed(step_seed(0, 0, batch_idx, 0))
+        loss = self.denoising_loss(batch, generator)
+        self.log("loss/validation", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["captions"]))
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": hp.learning_rate}]
+        if hp.train_text_encoder:
+            params = [p for encoder in self.text_encoders for p in encoder.parameters() if p.requires_grad]
+            groups.append({"params": params, "lr": hp.text_encoder_lr or hp.learning_rate})
+        return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.adam_betas), eps=hp.adam_epsilon,
+                                 weight_decay=hp.weight_decay)
+
+    # ---- checkpoints: LoRA weights only -------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lorafit"] = {"noise_seed": self.noise_seed, "started_at": self.started_at, "family": self.family}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get("lorafit", {})
+        self.noise_seed = info.get("noise_seed", self.noise_seed)
+        self.started_at = info.get("started_at", self.started_at)

@@ -1,0 +1,94 @@
+"""Attach LoRA adapters (PEFT) to the UNet and, optionally, the text encoders.
+
+Alpha convention: the LoRA update is ``W + (alpha / rank) * up @ down``, as in PEFT, kohya and
+A1111. lorafit's default is ``alpha = rank`` (scale 1, the diffusers/SimpleTuner convention);
+kohya and OneTrainer default to ``alpha = 1`` (scale 1/rank), which needs a learning rate about
+``rank`` times higher for the same step size. Whatever alpha is chosen is written into every
+exported file (kohya ``.alpha`` tensors, diffusers ``lora_adapter_metadata``), so it survives a reload.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from lorafit.errors import LorafitError
+
+ADAPTER_NAME = "default"
+# The UNet's attention projections: the issue's default and what diffusers' examples train.
+DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# kohya trains CLIP's attention and MLP linears (CLIPAttention + CLIPMLP) in the text encoders.
+DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+Targets = Union[list[str], str]
+
+
+def lora_config(rank: int, alpha: Optional[float], targets: Targets, key: str):
+    """A PEFT ``LoraConfig``; ``targets`` is a list of module-name suffixes or one full-match regex."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise LorafitError(f"{key}: rank must be >= 1, got {rank}")
+    if not targets:
+        raise LorafitError(f"{key}: target module list is empty; name at least one module (e.g. to_q)")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=float(rank if alpha is None else alpha),
+        target_modules=targets,
+        init_lora_weights=True,  # down: Kaiming-uniform, up: zeros, so training starts at the base model
+    )
+
+
+def add_lora(model: torch.nn.Module, config, key: str) -> int:
+    """Inject ``config`` into ``model`` (frozen base), return the number of LoRA'd modules.
+
+    Fails with one line when the targets match nothing, the usual result of a typo in a regex.
+    """
+    from peft import inject_adapter_in_model
+
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    except ValueError as error:
+        raise LorafitError(f"{key}: {config.target_modules!r} matches no module of {type(model).__name__} ({error})")
+    count = 0
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            # LoRA weights train in float32 even over bf16/fp16 base weights: fp16 updates underflow.
+            param.data = param.data.float()
+            param.requires_grad_(True)
+            count += 1
+    return count // 2
+
+
+def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every module of ``model`` that carries our adapter, by its name in ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A
+    }
+
+
+def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-format LoRA weights of ``model`` (``<module>.lora_A.weight`` / ``.lora_B.weight``)."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+
+
+def adapter_config_dict(model: torch.nn.Module) -> dict:
+    """The adapter's LoraConfig as a JSON-able dict (diffusers stores it as ``lora_adapter_metadata``)."""
+    config = model.peft_config[ADAPTER_NAME].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+def module_alphas(model: torch.nn.Module) -> dict[str, tuple[int, float]]:
+    """(rank, alpha) per LoRA'd module, read from the live layers so per-module patterns count."""
+    result = {}
+    for name, module in lora_modules(model).items():
+        rank = module.r[ADAPTER_NAME]
+        result[name] = (rank, float(module.lora_alpha[ADAPTER_NAME]))
+    return result

@@ -1,0 +1,93 @@
+"""``lorafit convert``: a LoRA file from kohya format to diffusers format and back, exactly.
+
+kohya names depend on the base model's module layout (SGM block numbers for SDXL), so a
+conversion needs the base model's *configs*; its weights are never read. The modules are built
+on the meta device, which costs no memory even for SDXL.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from lorafit.errors import LorafitError
+from lorafit.models.base import detect_family, load_base_model, resolve_model_source
+from lorafit.networks.files import read_lora_file, save_diffusers, save_kohya
+from lorafit.networks.kohya_format import kohya_name_table
+
+log = logging.getLogger("lorafit.convert")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_skeleton(base: str) -> tuple[str, dict[str, torch.nn.Module]]:
+    """The family and the UNet/text-encoder modules of ``base``, on the meta device (no weights).
+
+    A single-file base has no separate configs to read, so it is loaded for real.
+    """
+    if resolve_model_source(base, key="--base") == "single_file":
+        loaded = load_base_model(base)
+        components = {"unet": loaded.unet, **dict(zip(("text_encoder", "text_encoder_2"), loaded.text_encoders))}
+        return loaded.family, components
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    index = DiffusionPipeline.load_config(base)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet"))
+        components = {"unet": unet}
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in index and index[name][0] is not None:
+                config = CLIPTextConfig.from_pretrained(base, subfolder=name)
+                model_class = CLIPTextModelWithProjection if index[name][1].endswith("WithProjection") else CLIPTextModel
+                components[name] = model_class(config)
+    return detect_family(unet.config, "text_encoder_2" in components), components
+
+
+def convert(
+    src: str,
+    dst: str,
+    base: str,
+    to: Optional[Literal["kohya", "diffusers"]] = None,
+    save_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None,
+) -> Path:
+    """Convert a LoRA file between kohya (A1111/ComfyUI) and diffusers/PEFT format.
+
+    Args:
+        src: The LoRA ``.safetensors`` file to read (either format; detected from its keys).
+        dst: The file to write.
+        base: The base model the LoRA belongs to (diffusers directory, hub id or single file);
+            only its configs are read, to name modules exactly.
+        to: Target format; empty means the other one.
+        save_dtype: dtype of the written tensors; empty keeps the source file's dtype.
+    """
+    family, components = model_skeleton(base)
+    weights, source_format, metadata = read_lora_file(src, kohya_name_table(family, components))
+    target = to or ("diffusers" if source_format == "kohya" else "kohya")
+    if Path(dst).resolve() == Path(src).resolve():
+        raise LorafitError(f"convert: {dst} is the source file; choose another output path")
+    if save_dtype:
+        dtype = _DTYPES[save_dtype]
+    else:
+        first = next(m for modules in weights.values() for m in modules.values())
+        dtype = first.down.dtype
+    if target == "kohya":
+        from lorafit.networks.metadata import modelspec_architecture
+
+        prediction = "v_prediction" if metadata.get("ss_v_parameterization") == "True" else "epsilon"
+        kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec."))}
+        kept.setdefault("modelspec.sai_model_spec", "1.0.0")
+        kept.setdefault("modelspec.architecture", modelspec_architecture(family, prediction))
+        kept.setdefault("ss_network_module", "networks.lora")
+        path = save_kohya(dst, family, weights, components["unet"].config, kept, dtype)
+    else:
+        dropped = sorted(k for k in metadata if k.startswith("ss_"))
+        if dropped:
+            log.info("diffusers format has no place for %d kohya ss_* metadata keys (kept in %s)", len(dropped), src)
+        path = save_diffusers(dst, family, weights, dtype)
+    modules = sum(len(m) for m in weights.values())
+    print(f"wrote {path} ({target}, {family}, {modules} modules, from {source_format})")
+    return path

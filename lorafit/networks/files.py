@@ -1,0 +1,127 @@
+"""Write and read LoRA files in kohya and diffusers/PEFT format, atomically.
+
+Every write goes to a temporary name in the same directory and is renamed into place, so a run
+killed mid-save (OOM, SLURM preemption, Ctrl-C) leaves the previous file whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lorafit.errors import LorafitError
+from lorafit.networks.kohya_format import from_kohya_state_dict, is_kohya_state_dict, to_kohya_state_dict
+from lorafit.networks.lora_weights import LoraModuleWeights, LoraWeights, alpha_from_config, cast, peft_config_for
+
+LoraFormat = Literal["kohya", "diffusers"]
+_DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict] = None) -> Path:
+    """``safetensors.save_file`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_kohya(path: str | Path, family: str, weights: LoraWeights, unet_config=None,
+               metadata: Optional[dict] = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``weights`` as a kohya/A1111 LoRA file."""
+    tensors = to_kohya_state_dict(family, cast(weights, dtype), unet_config)
+    return atomic_save_safetensors(tensors, path, metadata)
+
+
+def save_diffusers(path: str | Path, family: str, weights: LoraWeights, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``weights`` in diffusers/PEFT format with ``lora_adapter_metadata`` (alpha survives a reload).
+
+    The file is written by diffusers' own ``save_lora_weights`` into a temporary directory next to
+    the target, then renamed: the format stays whatever ``pipe.load_lora_weights`` expects.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    weights = cast(weights, dtype)
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    layers, configs = {}, {}
+    for component, modules in weights.items():
+        layers[f"{component}_lora_layers"] = {
+            f"{name}.lora_{ab}.weight": (m.down if ab == "A" else m.up)
+            for name, m in modules.items()
+            for ab in ("A", "B")
+        }
+        configs[f"{component}_lora_adapter_metadata"] = peft_config_for(modules)
+    if "text_encoder_2" in weights and family != "sdxl":
+        raise LorafitError(f"{path}: a second text encoder LoRA needs an SDXL base")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        pipeline_class.save_lora_weights(tmp_dir, weight_name=path.name, safe_serialization=True, **layers, **configs)
+        os.replace(Path(tmp_dir) / path.name, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise LorafitError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise LorafitError(f"{path} is not a readable .safetensors file ({error})")
+
+
+def _from_diffusers_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoraWeights:
+    packed = json.loads(metadata.get(_DIFFUSERS_METADATA_KEY, "{}"))
+    weights: LoraWeights = {}
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        for down_name, up_name in (("lora_A.weight", "lora_B.weight"), ("lora.down.weight", "lora.up.weight")):
+            if rest.endswith(down_name) or rest.endswith(up_name):
+                module = rest.rsplit(".", 3 if down_name.startswith("lora.") else 2)[0]
+                pairs.setdefault((component, module), {})["down" if rest.endswith(down_name) else "up"] = tensor
+                break
+        else:
+            raise LorafitError(f"{source}: key {key} is neither kohya nor diffusers/PEFT LoRA format")
+    for (component, module), parts in sorted(pairs.items()):
+        if set(parts) != {"down", "up"}:
+            raise LorafitError(f"{source}: {component}.{module} lacks its {'up' if 'down' in parts else 'down'} matrix")
+        config = {k.partition(".")[2]: v for k, v in packed.items() if k.startswith(f"{component}.")}
+        # Without lora_adapter_metadata diffusers reloads with alpha = rank; read it the same way.
+        alpha = alpha_from_config(config, module) if config else float(parts["down"].shape[0])
+        weights.setdefault(component, {})[module] = LoraModuleWeights(parts["down"], parts["up"], alpha)
+    return weights
+
+
+def read_lora_file(path: str | Path, kohya_table: Optional[dict] = None) -> tuple[LoraWeights, LoraFormat, dict]:
+    """Read a kohya or diffusers-format LoRA into :class:`LoraWeights`.
+
+    Args:
+        path: The ``.safetensors`` file.
+        kohya_table: Name table of the base model (``kohya_name_table``); required for kohya files.
+    """
+    tensors, metadata = read_safetensors(path)
+    if is_kohya_state_dict(tensors):
+        if kohya_table is None:
+            raise LorafitError(f"{path}: reading a kohya file needs the base model's module names (--base)")
+        return from_kohya_state_dict(tensors, kohya_table, source=str(path)), "kohya", metadata
+    return _from_diffusers_state_dict(tensors, metadata, str(path)), "diffusers", metadata

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny pipelines of each family and a small generated dataset, built once."""
+
+from __future__ import annotations
+
+import os
+
+# No model hub here or in CI: every load must be satisfied locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tests run in parallel workers (pytest-xdist); one thread each avoids oversubscribing 2 cores.
+torch.set_num_threads(int(os.environ.get("LORAFIT_TEST_THREADS", "1")))
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    from lorafit.models.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: str(save_tiny_pipeline(family, root / family)) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> str:
+    from lorafit.data.demo_dataset import write_demo_dataset
+
+    return str(write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_images=4, resolution=64))
