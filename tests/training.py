@@ -16,11 +16,14 @@ from lorafit.module import LoraDiffusionModule
 
 def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_path: Optional[str] = None,
           seed: int = 0, max_steps: int = -1, batch_size: int = 2, **module_kwargs):
-    """Train and return (trainer, module); LoRA files land in ``root/lora``, checkpoints in ``root/checkpoints``."""
+    """Train and return (trainer, module); LoRA files land in ``root/lora``, checkpoints in ``root/checkpoints``.
+
+    ``seed`` seeds the global RNGs only; the data order has its own fixed seed, as in a config file.
+    """
     pl.seed_everything(seed)
     module_kwargs = {"rank": 4, "alpha": 2.0, "learning_rate": 1e-3, **module_kwargs}
     module = LoraDiffusionModule(model=model_dir, **module_kwargs)
-    data = FolderDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=seed)
+    data = FolderDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=0)
     trainer = pl.Trainer(
         default_root_dir=str(root),
         accelerator="cpu",

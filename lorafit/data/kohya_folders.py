@@ -190,16 +190,19 @@ class TreeScan:
 
     Attributes:
         root: The scanned folder.
+        caption_ext: The caption extension as used, normalised (``caption`` -> ``.caption``).
         records: Images whose caption sidecar (if any) was readable, in scan order. Records with
             neither a caption nor a concept folder are included; the caller decides what to do.
-        caption_errors: ``(image, message)`` for images whose sidecar exists but cannot be read.
+        caption_errors: ``(record, message)`` for images whose sidecar exists but cannot be read;
+            the record (caption None) still says which folder, repeats and prompt the image has.
         other_files: Files that are neither images nor the caption sidecar of an image (notes,
             captions without an image, sidecars with another extension), in scan order.
     """
 
     root: Path
+    caption_ext: str
     records: list[ImageRecord]
-    caption_errors: list[tuple[Path, str]]
+    caption_errors: list[tuple[ImageRecord, str]]
     other_files: list[Path]
 
     @property
@@ -239,21 +242,24 @@ def scan_tree(root: str | os.PathLike, caption_ext: str = ".txt") -> TreeScan:
 
     cache: dict[Path, Optional[FolderName]] = {}
     records: list[ImageRecord] = []
-    caption_errors: list[tuple[Path, str]] = []
+    caption_errors: list[tuple[ImageRecord, str]] = []
     for image in images:
         concept = _concept_of(image.parent, root, cache)
         try:
-            caption = read_caption(image.with_name(image.stem + ext))
+            caption, error = read_caption(image.with_name(image.stem + ext)), None
         except LorafitError as err:
-            caption_errors.append((image, str(err)))
-            continue
+            caption, error = None, str(err)
         if concept is None:
             # Outside any concept folder tag statistics are grouped by the image's own folder.
-            records.append(ImageRecord(image, caption, 1, None, image.parent.name))
+            record = ImageRecord(image, caption, 1, None, image.parent.name)
         else:
             folder = _concept_dir(image.parent).name
-            records.append(ImageRecord(image, caption, concept.repeats, concept.prompt, folder))
-    return TreeScan(root, records, caption_errors, other_files)
+            record = ImageRecord(image, caption, concept.repeats, concept.prompt, folder)
+        if error is None:
+            records.append(record)
+        else:
+            caption_errors.append((record, error))
+    return TreeScan(root, ext, records, caption_errors, other_files)
 
 
 def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> list[ImageRecord]:

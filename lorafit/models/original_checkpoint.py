@@ -204,7 +204,7 @@ def save_original_checkpoint(pipe, path: str | Path) -> Path:
 
     parts = [getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "text_encoder_2")]
     if any(part is None for part in parts[:3]):
-        raise LorafitError("an original checkpoint needs an SD1/SD2/SDXL-base pipeline (unet, vae, text_encoder)")
+        raise LorafitError("an original checkpoint needs unet, vae and text_encoder (SD1/SD2/SDXL base)")
     state = original_state_dict(*parts)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

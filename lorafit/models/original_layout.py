@@ -220,7 +220,7 @@ def original_module_to_unet(name: str, unet_config: Any) -> str:
     Args:
         name: Original path without ``model.diffusion_model.``, e.g.
             ``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` or ``out.2.weight``.
-        unet_config: The diffusers UNet config the name refers to.
+        unet_config: The diffusers UNet config the name refers to (a mapping such as ``unet.config``).
 
     Returns:
         The diffusers module (or parameter) path.

@@ -18,6 +18,9 @@ Family = Literal["sd1", "sd2", "sdxl"]
 FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 
 _TEXT_HIDDEN = 32
+# SDXL's second encoder is wider than its first (1280 vs 768), and diffusers' single-file loader
+# tells the two apart by width, so the tiny one must differ too.
+_TEXT_HIDDEN_2 = 48
 _PROJECTION_DIM = 32
 _TIME_EMBED_DIM = 8  # SDXL: each of the six micro-conditioning numbers gets this many features
 
@@ -52,12 +55,12 @@ def build_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endofte
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length, pad_token=pad_token)
 
 
-def _text_config(tokenizer, hidden_act: str, projection_dim: int = _PROJECTION_DIM):
+def _text_config(tokenizer, hidden_act: str, projection_dim: int = _PROJECTION_DIM, hidden: int = _TEXT_HIDDEN):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=_TEXT_HIDDEN,
+        hidden_size=hidden,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=3,
@@ -121,7 +124,7 @@ def _sdxl_unet():
         block_out_channels=(32, 64),
         layers_per_block=2,
         transformer_layers_per_block=(1, 2),
-        cross_attention_dim=2 * _TEXT_HIDDEN,  # both encoders' hidden states, concatenated
+        cross_attention_dim=_TEXT_HIDDEN + _TEXT_HIDDEN_2,  # both encoders' hidden states, concatenated
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -156,7 +159,7 @@ def build_tiny_pipeline(family: Family, seed: int = 0):
         return StableDiffusionXLPipeline(
             vae=_vae(scaling_factor=0.13025),
             text_encoder=CLIPTextModel(_text_config(tokenizer, "quick_gelu")),
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, "gelu")),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, "gelu", hidden=_TEXT_HIDDEN_2)),
             tokenizer=tokenizer,
             tokenizer_2=tokenizer_2,
             unet=_sdxl_unet(),

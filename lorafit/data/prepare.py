@@ -1,0 +1,238 @@
+"""``lorafit prepare``: kohya-style image folders -> webdataset shards, a summary and a report.
+
+Run once per dataset; training then always streams shards. The output folder holds::
+
+    train-000000.tar ...   samples: <key>.jpg|png|webp (image), <key>.txt (caption), <key>.json
+    report.md              what was written, skipped (with why) and fixed, per folder/bucket/tag
+    dataset.json           summary, written last: a folder without it is an unfinished run
+
+Per-sample ``<key>.json`` fields: ``w``/``h`` (size after EXIF orientation), ``repeats``,
+``subject``, ``class``, ``is_reg``, ``folder``, ``folder_prompt``, ``caption_source``
+(``sidecar``/``folder``), ``source`` (absolute path), ``relpath``, ``sha1`` (of the source file),
+``source_format``, ``stored`` (``original``/``jpeg``/``png``), ``fixes``, ``small``, ``bucket`` and
+``bucket_resized`` (``[w, h]`` under the prepare settings) and ``aspect_error``.
+
+Nothing is ever written into a source folder: files are only opened for reading, and an output
+folder inside a source folder is refused. Which bytes are stored (original or re-encoded, and
+why JPEG or PNG) is explained in :mod:`lorafit.data.prepare_sample`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import webdataset as wds
+from PIL import ImageColor
+from tqdm import tqdm
+
+from lorafit.data.buckets import make_bucket_table
+from lorafit.data.kohya_folders import ImageRecord, TreeScan, scan_tree
+from lorafit.data.prepare_report import PrepareTally, render_report
+from lorafit.data.prepare_sample import SampleSettings, SkipFile, prepare_file
+from lorafit.errors import LorafitError
+
+logger = logging.getLogger("lorafit.data")
+
+SHARD_PATTERN = "train-%06d.tar"
+SUMMARY_NAME = "dataset.json"
+REPORT_NAME = "report.md"
+
+
+def _roots(paths: Union[str, os.PathLike, list, None], flag: str) -> list[Path]:
+    if paths is None:
+        return []
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    roots = [Path(p).expanduser() for p in items]
+    for root in roots:
+        if not root.is_dir():
+            state = "is a file" if root.exists() else "does not exist"
+            raise LorafitError(f"{flag} folder {root} {state}; point {flag} at a folder of images "
+                               "or of 'N_<trigger> <class>' folders")
+    return roots
+
+
+def _check_layout(src: list[Path], reg: list[Path], out: Path) -> None:
+    """Refuses overlapping inputs (images read twice) and an output inside an input."""
+    named = [("SRC", r) for r in src] + [("--reg", r) for r in reg]
+    resolved = [(flag, root, root.resolve()) for flag, root in named]
+    for i, (flag_a, a, real_a) in enumerate(resolved):
+        for flag_b, b, real_b in resolved[i + 1:]:
+            if real_a == real_b or real_a in real_b.parents or real_b in real_a.parents:
+                raise LorafitError(f"{flag_a} {a} and {flag_b} {b} overlap, so their images would be read "
+                                   "twice; give folders that do not contain each other")
+    real_out = out.resolve()
+    for flag, root, real in resolved:
+        if real_out == real or real in real_out.parents:
+            raise LorafitError(f"--out {out} is inside {flag} folder {root}; prepare never writes into a "
+                               "source folder - choose an output folder outside it")
+
+
+def _clear_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LorafitError(f"--out {out} is a file; give a folder for the shards")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise LorafitError(f"output folder {out} is not empty; choose a new folder or pass "
+                               "--overwrite true to replace the prepared dataset in it")
+        # The summary goes first: from this moment the folder no longer claims a finished dataset.
+        ours = [out / SUMMARY_NAME, out / REPORT_NAME] + sorted(out.glob("train-*.tar"))
+        for path in ours:
+            if path.is_file():
+                path.unlink()
+        left = sorted(p.name for p in out.iterdir())
+        if left:
+            logger.warning("--overwrite: left %d other entries in %s untouched (%s)", len(left), out,
+                           ", ".join(left[:3]) + (", ..." if len(left) > 3 else ""))
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _background(alpha_background: str) -> tuple[int, int, int]:
+    try:
+        return ImageColor.getrgb(alpha_background)[:3]
+    except ValueError:
+        raise LorafitError(f"alpha_background {alpha_background!r} is not a colour; use a name such as "
+                           "white or black, or #rrggbb") from None
+
+
+def _items(scan: TreeScan) -> list[tuple[ImageRecord, Optional[str]]]:
+    """Every image of a scan in path order, with its caption error if the sidecar was unreadable."""
+    items = [(r, None) for r in scan.records] + list(scan.caption_errors)
+    return sorted(items, key=lambda item: item[0].path.relative_to(scan.root).as_posix())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _shard_writer(out_dir: Path, max_samples: int, max_bytes: int) -> wds.ShardWriter:
+    # A fixed mtime and no encoder (every member is bytes already): the same input gives
+    # byte-identical shards on every run, so a re-run can be checked with sha1sum.
+    return wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=max_samples, maxsize=max_bytes,
+                           verbose=0, encoder=False, mtime=0.0)
+
+
+def prepare(
+    src: Union[str, list[str]],
+    *,
+    out: str,
+    reg: Union[str, list[str], None] = None,
+    caption_ext: str = ".txt",
+    resolution: int = 1024,
+    min_bucket_reso: int = 256,
+    max_bucket_reso: int = 2048,
+    bucket_reso_steps: int = 64,
+    bucket_no_upscale: bool = False,
+    drop_small: bool = False,
+    alpha_background: str = "white",
+    max_samples_per_shard: int = 1000,
+    max_shard_bytes: int = 1 << 30,
+    overwrite: bool = False,
+) -> dict:
+    """Convert kohya-style image folders into webdataset shards with a summary and a report.
+
+    Bad files (corrupt, truncated, empty, not images, duplicates, uncaptioned outside a concept
+    folder) are skipped and listed in report.md with the reason; the run goes on. Source folders
+    are only read, never changed. dataset.json is written last and marks a finished run.
+
+    Args:
+        src: Training folder(s) in kohya layout: 'N_<trigger> <class>' folders (e.g. '10_ohwx dog'),
+            nested sub-folders, caption sidecars. Several as a list: '[dir1,dir2]'.
+        out: Output folder for train-NNNNNN.tar shards, report.md and dataset.json.
+        reg: Regularization folder(s) in the same layout (e.g. '1_dog'); their samples get
+            is_reg true and, without a caption file, their folder's class prompt as caption.
+        caption_ext: Extension of the caption sidecar files (.txt or .caption).
+        resolution: Training resolution; buckets hold at most resolution^2 pixels.
+        min_bucket_reso: Smallest bucket side; images with a shorter side are reported as small.
+        max_bucket_reso: Largest bucket side (kohya: 1024 for SD1/SD2, 2048 for SDXL).
+        bucket_reso_steps: Bucket side granularity in pixels (64; SDXL also allows 32).
+        bucket_no_upscale: Give each image its own bucket no larger than the image (kohya's
+            bucket_no_upscale) instead of the nearest-aspect bucket of the table.
+        drop_small: Skip images smaller than the smallest bucket side instead of keeping them.
+        alpha_background: Colour transparent pixels are composited onto: a name or #rrggbb.
+        max_samples_per_shard: Start a new shard after this many samples.
+        max_shard_bytes: Start a new shard once a shard holds this many bytes.
+        overwrite: Replace the shards, report.md and dataset.json of a non-empty output folder
+            (other files there are left alone); without it a non-empty folder is refused.
+
+    Returns:
+        The summary also written to dataset.json: images_in, samples_written, reported_skips
+        (images_in == samples_written + reported_skips), shards, folders, buckets,
+        ss_tag_frequency, images_per_repeat, skipped/changed/ignored files, settings.
+    """
+    src_roots, reg_roots = _roots(src, "SRC"), _roots(reg, "--reg")
+    if not src_roots:
+        raise LorafitError("no SRC folder given; pass the folder holding your 'N_<trigger> <class>' folders")
+    for name, value in (("max_samples_per_shard", max_samples_per_shard), ("max_shard_bytes", max_shard_bytes)):
+        if value < 1:
+            raise LorafitError(f"{name} must be at least 1; got {value}")
+    table = make_bucket_table(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps)
+    out_dir = Path(out).expanduser()
+    _check_layout(src_roots, reg_roots, out_dir)
+    scans = [(scan_tree(r, caption_ext), False) for r in src_roots] + [(scan_tree(r, caption_ext), True)
+                                                                       for r in reg_roots]
+    for scan, is_reg in scans:
+        if scan.image_count == 0:
+            raise LorafitError(f"{'--reg' if is_reg else 'SRC'} folder {scan.root} holds no images "
+                               "(jpg, png, webp, bmp, tiff, gif); check the path")
+
+    settings = SampleSettings(
+        caption_ext=scans[0][0].caption_ext, table=table, no_upscale=bucket_no_upscale, max_area=resolution * resolution,
+        bucket_reso_steps=bucket_reso_steps, smallest_side=min(min(b) for b in table), drop_small=drop_small,
+        background=_background(alpha_background), background_name=alpha_background)
+    _clear_output(out_dir, overwrite)
+
+    tally = PrepareTally()
+    for scan, _ in scans:
+        for path in scan.other_files:
+            tally.add_ignored(path, f"not an image or a {settings.caption_ext} caption of one")
+    shard_counts: dict[str, int] = {}
+    seen: dict[str, Path] = {}
+    total = sum(scan.image_count for scan, _ in scans)
+    with tqdm(total=total, desc="lorafit prepare", unit="img") as bar, \
+            _shard_writer(out_dir, max_samples_per_shard, max_shard_bytes) as writer:
+        for scan, is_reg in scans:
+            for record, caption_error in _items(scan):
+                bar.update(1)
+                try:
+                    if caption_error is not None:
+                        raise SkipFile(caption_error)
+                    sample = prepare_file(record, scan.root, is_reg, settings, seen)
+                except SkipFile as skip:
+                    tally.add_skipped(scan.root, record, is_reg, str(skip))
+                    continue
+                key = f"{tally.samples_written:08d}"
+                writer.write({"__key__": key, sample.image_ext: sample.image_bytes,
+                              "txt": sample.caption.encode("utf-8"),
+                              "json": json.dumps({"key": key, **sample.meta}, ensure_ascii=False,
+                                                 sort_keys=True).encode("utf-8")})
+                name = os.path.basename(writer.fname)
+                shard_counts[name] = shard_counts.get(name, 0) + 1
+                tally.add_written(scan.root, record, is_reg, sample.caption, sample.meta, sample.choice,
+                                  sample.notes)
+                bar.set_postfix(skipped=len(tally.skipped), refresh=False)
+
+    shards = [{"name": name, "samples": n, "bytes": (out_dir / name).stat().st_size}
+              for name, n in sorted(shard_counts.items())]
+    run_settings = {
+        "src": [str(r) for r in src_roots], "reg": [str(r) for r in reg_roots], "caption_ext": settings.caption_ext,
+        "resolution": resolution, "min_bucket_reso": min_bucket_reso, "max_bucket_reso": max_bucket_reso,
+        "bucket_reso_steps": bucket_reso_steps, "bucket_no_upscale": bucket_no_upscale, "drop_small": drop_small,
+        "alpha_background": alpha_background, "max_samples_per_shard": max_samples_per_shard,
+        "max_shard_bytes": max_shard_bytes,
+    }
+    summary = tally.summary(run_settings, shards)
+    _write_atomic(out_dir / REPORT_NAME, render_report(summary))
+    if summary["samples_written"] == 0:
+        raise LorafitError(f"none of the {summary['images_in']} images could be used; see {out_dir / REPORT_NAME} "
+                           "for the reason of each")
+    _write_atomic(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    logger.info("prepared %d of %d images into %d shards in %s (%d skipped, %d fixed or flagged); see %s",
+                summary["samples_written"], summary["images_in"], len(shards), out_dir,
+                summary["reported_skips"], len(summary["changed"]), out_dir / REPORT_NAME)
+    return summary

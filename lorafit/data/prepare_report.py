@@ -1,0 +1,201 @@
+"""What ``lorafit prepare`` tells the user: the ``dataset.json`` summary and the ``report.md`` report.
+
+:class:`PrepareTally` collects one event per file (written, skipped, ignored) while the shards
+are written; :meth:`PrepareTally.summary` turns it into the JSON-ready summary, and
+:func:`render_report` renders the Markdown report *from that summary*, so the two never disagree.
+
+The tag statistics use kohya's ``ss_tag_frequency`` form, ``{folder name: {tag: images}}`` with tags
+split on commas, so the numbers match what kohya would later write into a LoRA's metadata.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorafit.data.buckets import BucketChoice, BucketStats
+from lorafit.data.kohya_folders import ImageRecord
+
+SUMMARY_FORMAT = "lorafit-prepare"
+SUMMARY_VERSION = 1
+_TOP_TAGS = 25
+
+
+@dataclass
+class _FolderCount:
+    root: str
+    folder: str
+    is_reg: bool
+    repeats: int
+    images_in: int = 0
+    written: int = 0
+    skipped: int = 0
+
+
+def _tags(caption: str) -> list[str]:
+    # kohya: caption.split(","), stripped, empty pieces dropped; a tag repeated in one caption
+    # counts once per occurrence, as kohya counts it.
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+@dataclass
+class PrepareTally:
+    """Running counts of one ``prepare`` run."""
+
+    folders: dict[tuple[str, str, bool], _FolderCount] = field(default_factory=dict)
+    tag_frequency: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    repeat_images: dict[tuple[bool, int], int] = field(default_factory=Counter)
+    choices: list[BucketChoice] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    changed: list[dict] = field(default_factory=list)
+    ignored: list[dict] = field(default_factory=list)
+    stored: Counter = field(default_factory=Counter)
+    images_in: int = 0
+    instance_samples: int = 0
+    reg_samples: int = 0
+    small: int = 0
+
+    def _folder(self, root: Path, record: ImageRecord, is_reg: bool) -> _FolderCount:
+        key = (str(root), record.folder, is_reg)
+        if key not in self.folders:
+            self.folders[key] = _FolderCount(str(root), record.folder, is_reg, record.repeats)
+        return self.folders[key]
+
+    def add_written(self, root: Path, record: ImageRecord, is_reg: bool, caption: str, meta: dict,
+                    choice: BucketChoice, notes: list[str]) -> None:
+        """Counts a written sample."""
+        self.images_in += 1
+        folder = self._folder(root, record, is_reg)
+        folder.images_in += 1
+        folder.written += 1
+        if is_reg:
+            self.reg_samples += 1
+        else:
+            self.instance_samples += 1
+        self.tag_frequency[record.folder].update(_tags(caption))
+        self.repeat_images[(is_reg, record.repeats)] += 1
+        self.choices.append(choice)
+        self.stored[meta["stored"]] += 1
+        self.small += int(meta["small"])
+        if notes:
+            self.changed.append({"path": str(record.path), "notes": notes})
+
+    def add_skipped(self, root: Path, record: ImageRecord, is_reg: bool, reason: str) -> None:
+        """Counts an image file that did not become a sample."""
+        self.images_in += 1
+        folder = self._folder(root, record, is_reg)
+        folder.images_in += 1
+        folder.skipped += 1
+        self.skipped.append({"path": str(record.path), "reason": reason})
+
+    def add_ignored(self, path: Path, reason: str) -> None:
+        """Notes a non-image file; it is not an input image and is not counted in ``images_in``."""
+        self.ignored.append({"path": str(path), "reason": reason})
+
+    @property
+    def samples_written(self) -> int:
+        return self.instance_samples + self.reg_samples
+
+    def _repeat_weights(self, is_reg: bool) -> dict[str, dict]:
+        rows = {r: n for (reg, r), n in self.repeat_images.items() if reg == is_reg}
+        total = sum(r * n for r, n in rows.items())
+        return {
+            str(r): {"images": n, "samples_per_epoch": r * n, "share": round(r * n / total, 4)}
+            for r, n in sorted(rows.items(), reverse=True)
+        }
+
+    def summary(self, settings: dict, shards: list[dict]) -> dict:
+        """The ``dataset.json`` content (also what ``prepare`` returns)."""
+        stats = BucketStats.from_choices(self.choices)
+        return {
+            "format": SUMMARY_FORMAT,
+            "version": SUMMARY_VERSION,
+            "images_in": self.images_in,
+            "samples_written": self.samples_written,
+            "reported_skips": len(self.skipped),
+            "instance_samples": self.instance_samples,
+            "reg_samples": self.reg_samples,
+            "stored": dict(sorted(self.stored.items())),
+            "small_images": self.small,
+            "settings": settings,
+            "shards": shards,
+            "shard_pattern": _brace_pattern(shards),
+            "folders": [vars(f) for f in self.folders.values()],
+            "images_per_repeat": {"instance": self._repeat_weights(False), "reg": self._repeat_weights(True)},
+            "buckets": {f"{w}x{h}": n for (w, h), n in stats.counts.items()},
+            "mean_aspect_error": round(stats.mean_aspect_error, 6),
+            "ss_tag_frequency": {folder: dict(c.most_common()) for folder, c in self.tag_frequency.items()},
+            "skipped": self.skipped,
+            "changed": self.changed,
+            "ignored": self.ignored,
+        }
+
+
+def _brace_pattern(shards: list[dict]) -> str:
+    """``train-{000000..000002}.tar``: one string for a DataModule's ``shards`` setting."""
+    names = [s["name"] for s in shards]
+    if len(names) <= 1:
+        return names[0] if names else ""
+    first, last = names[0][len("train-"):-len(".tar")], names[-1][len("train-"):-len(".tar")]
+    return f"train-{{{first}..{last}}}.tar"
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def render_report(summary: dict) -> str:
+    """The human report (``report.md``): counts, buckets, tags, repeats and every problem file."""
+    s, cfg = summary, summary["settings"]
+    total_bytes = sum(sh["bytes"] for sh in s["shards"])
+    lines = [
+        "# lorafit prepare report",
+        "",
+        f"**{s['images_in']} images in = {s['samples_written']} samples written + {s['reported_skips']} skipped** "
+        f"({s['instance_samples']} instance, {s['reg_samples']} regularization; "
+        f"{len(s['ignored'])} non-image files ignored).",
+        "",
+        f"- Shards: {len(s['shards'])} ({total_bytes / 1e6:.1f} MB), `{s['shard_pattern']}`",
+        f"- Stored: " + ", ".join(f"{n} {how}" for how, n in s["stored"].items()),
+        f"- Sources: {', '.join(cfg['src'])}" + (f"; regularization: {', '.join(cfg['reg'])}" if cfg["reg"] else ""),
+        f"- Buckets: resolution {cfg['resolution']}, sides {cfg['min_bucket_reso']}..{cfg['max_bucket_reso']} "
+        f"in steps of {cfg['bucket_reso_steps']}, no upscale {cfg['bucket_no_upscale']}, "
+        f"drop small {cfg['drop_small']}; transparency onto {cfg['alpha_background']}",
+        "",
+        "## Folders",
+        "",
+    ]
+    lines += _table(["root", "folder", "reg", "repeats", "images", "written", "skipped"],
+                    [[f["root"], f["folder"], "yes" if f["is_reg"] else "", f["repeats"], f["images_in"],
+                      f["written"], f["skipped"]] for f in s["folders"]])
+    lines += ["## Images per repeat weight", ""]
+    rows = [[kind, r, row["images"], row["samples_per_epoch"], f"{row['share']:.0%}"]
+            for kind in ("instance", "reg") for r, row in s["images_per_repeat"][kind].items()]
+    lines += _table(["kind", "repeats", "images", "samples per epoch", "share of its kind"], rows)
+    lines += ["## Buckets", ""]
+    lines += _table(["bucket (w x h)", "images"], [[b, n] for b, n in s["buckets"].items()])
+    lines += [f"Mean aspect-ratio error: {s['mean_aspect_error']:.4f}", ""]
+    totals: Counter = Counter()
+    for counts in s["ss_tag_frequency"].values():
+        totals.update(counts)
+    lines += [f"## Top caption tags ({len(totals)} distinct)", ""]
+    lines += _table(["tag", "images"], [[t, n] for t, n in totals.most_common(_TOP_TAGS)])
+    lines += _file_list(f"Skipped files ({len(s['skipped'])})", [(e["path"], e["reason"]) for e in s["skipped"]])
+    lines += _file_list(f"Fixed or flagged files ({len(s['changed'])})",
+                        [(e["path"], "; ".join(e["notes"])) for e in s["changed"]])
+    lines += _file_list(f"Ignored non-image files ({len(s['ignored'])})",
+                        [(e["path"], e["reason"]) for e in s["ignored"]])
+    return "\n".join(lines)
+
+
+def _file_list(title: str, entries: list[tuple[str, str]]) -> list[str]:
+    lines = [f"## {title}", ""]
+    lines += [f"- `{path}`: {reason}" for path, reason in entries] or ["None."]
+    return lines + [""]

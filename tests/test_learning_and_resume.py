@@ -1,0 +1,62 @@
+"""Training actually learns, and a stopped-then-resumed run ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from lorafit.data.folder import FolderDataModule, collate_folder_batch
+from lorafit.module import LoraDiffusionModule
+from training import train
+
+# LoRA on attention plus the ResNet/in/out convolutions (LoCon-style targets) gives a random-weight
+# tiny UNet enough capacity to fit the data quickly.
+CONV_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out", "conv1", "conv2"]
+
+
+@torch.no_grad()
+def fixed_point_loss(module: LoraDiffusionModule, data_dir: str) -> float:
+    """Denoising loss on all training images at fixed timesteps and fixed noise."""
+    data = FolderDataModule(train_dir=data_dir, resolution=64, batch_size=4)
+    batch = next(iter(DataLoader(data.dataset, batch_size=len(data.dataset), collate_fn=collate_folder_batch)))
+    losses = []
+    for t in (100, 400, 700):
+        generator = torch.Generator().manual_seed(t)
+        noise = torch.randn(len(batch["captions"]), 4, 8, 8, generator=generator)
+        timesteps = torch.full((len(batch["captions"]),), t)
+        losses.append(module.denoising_loss(batch, generator, timesteps=timesteps, noise=noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_training_lowers_the_denoising_loss(tiny_models, demo_data, tmp_path):
+    fresh = LoraDiffusionModule(model=tiny_models["sd1"], rank=8, alpha=8, unet_target_modules=CONV_TARGETS)
+    fresh.configure_model()
+    before = fixed_point_loss(fresh, demo_data)
+    _, trained = train(tiny_models["sd1"], demo_data, tmp_path, max_epochs=3, rank=8, alpha=8,
+                       learning_rate=1e-2, unet_target_modules=CONV_TARGETS)
+    after = fixed_point_loss(trained, demo_data)
+    # Measured: 1.097 -> 0.347 (ratio 0.32) after 30 steps; assert with generous headroom.
+    assert after < 0.6 * before, (before, after)
+
+
+def _lora_tensors(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k}
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_models, demo_data, tmp_path):
+    kwargs = dict(learning_rate=5e-3, train_text_encoder=True)
+    _, straight = train(tiny_models["sd1"], demo_data, tmp_path / "straight", max_epochs=2, **kwargs)
+
+    train(tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=1, **kwargs)
+    checkpoint = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    # The checkpoint is small: LoRA weights and optimizer state only, no frozen base.
+    saved = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert saved and all("lora_" in k for k in saved)
+    # A different global seed on restart must not matter: noise depends on the saved seed and position.
+    _, resumed = train(tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=2,
+                       ckpt_path=str(checkpoint), seed=123, **kwargs)
+
+    expected, got = _lora_tensors(straight), _lora_tensors(resumed)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed run diverged"
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if "lora_B" in k)

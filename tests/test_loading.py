@@ -1,0 +1,80 @@
+"""Base models load from a directory, a hub id (offline cache) and a single file; family is detected."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorafit.errors import LorafitError
+from lorafit.models.base import load_base_model, resolve_model_source
+
+EXPECTED = {"sd1": ("sd1", "epsilon"), "sd2": ("sd2", "v_prediction"), "sdxl": ("sdxl", "epsilon")}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_family_and_prediction_type_detected_from_parts(tiny_models, family):
+    base = load_base_model(tiny_models[family])
+    assert (base.family, base.prediction_type) == EXPECTED[family]
+    assert len(base.text_encoders) == (2 if family == "sdxl" else 1)
+    frozen = [base.unet, base.vae, *base.text_encoders]
+    assert all(not p.requires_grad for module in frozen for p in module.parameters())
+
+
+def test_flags_override_detection(tiny_models, caplog):
+    base = load_base_model(tiny_models["sd1"], family="sd2", prediction_type="v_prediction")
+    assert (base.family, base.prediction_type) == ("sd2", "v_prediction")
+    assert "overrides the detected family sd1" in caplog.text
+
+
+def test_hub_id_loads_from_offline_cache(tiny_models, tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache layout, exactly as a downloaded model would."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--lorafit--tiny-sd1" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_models["sd1"], snapshot)
+    (cache / "models--lorafit--tiny-sd1" / "refs").mkdir()
+    (cache / "models--lorafit--tiny-sd1" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert resolve_model_source("lorafit/tiny-sd1") == "hub_id"
+    base = load_base_model("lorafit/tiny-sd1")
+    reference = load_base_model(tiny_models["sd1"])
+    assert base.family == "sd1"
+    assert all(torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), reference.unet.state_dict().values()))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_single_file_checkpoint_loads_with_local_config(tiny_models, tmp_path, family):
+    from lorafit.models.original_checkpoint import save_original_checkpoint
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_models[family])
+    path = save_original_checkpoint(pipe, tmp_path / "model.safetensors")
+    # Configs only: a directory without weights proves the weights come from the single file.
+    config_dir = tmp_path / "config"
+    shutil.copytree(tiny_models[family], config_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    base = load_base_model(str(path), single_file_config=str(config_dir))
+    assert (base.family, base.prediction_type) == EXPECTED[family]
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(base.unet.state_dict()[name], tensor), name
+
+
+def test_bad_model_paths_fail_with_one_line(tmp_path):
+    cases = {
+        str(tmp_path / "missing"): "does not exist",
+        str(tmp_path): "not a diffusers pipeline (no model_index.json)",
+        "./relative/missing": "does not exist",
+    }
+    (tmp_path / "notes.txt").write_text("x")
+    cases[str(tmp_path / "notes.txt")] = "not a checkpoint"
+    for source, message in cases.items():
+        with pytest.raises(LorafitError, match=re.escape(message)) as error:
+            resolve_model_source(source)
+        assert "\n" not in str(error.value)
+        assert "model.model" in str(error.value)
