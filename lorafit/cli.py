@@ -87,7 +87,8 @@ def run_tool(verb: str, argv: list[str]):
     target, _ = TOOL_VERBS[verb]
     module_name, function_name = target.split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    return auto_cli(function, args=argv, as_positional=True, parser_mode="yaml")
+    return auto_cli(function, args=argv, as_positional=True, parser_mode="yaml", prog=f"lorafit {verb}",
+                    exit_on_error=False)
 
 
 def _usage() -> str:

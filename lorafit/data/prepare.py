@@ -80,6 +80,7 @@ def _clear_output(out: Path, overwrite: bool) -> None:
                                "--overwrite true to replace the prepared dataset in it")
         # The summary goes first: from this moment the folder no longer claims a finished dataset.
         ours = [out / SUMMARY_NAME, out / REPORT_NAME] + sorted(out.glob("train-*.tar"))
+        ours += [_tmp_name(out / SUMMARY_NAME), _tmp_name(out / REPORT_NAME)]  # from a crashed run
         for path in ours:
             if path.is_file():
                 path.unlink()
@@ -104,8 +105,13 @@ def _items(scan: TreeScan) -> list[tuple[ImageRecord, Optional[str]]]:
     return sorted(items, key=lambda item: item[0].path.relative_to(scan.root).as_posix())
 
 
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    # Write-then-rename: a crash never leaves a half-written dataset.json that parses as finished.
+    tmp = _tmp_name(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -115,6 +121,40 @@ def _shard_writer(out_dir: Path, max_samples: int, max_bytes: int) -> wds.ShardW
     # byte-identical shards on every run, so a re-run can be checked with sha1sum.
     return wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=max_samples, maxsize=max_bytes,
                            verbose=0, encoder=False, mtime=0.0)
+
+
+def _write_shards(scans: list[tuple[TreeScan, bool]], settings: SampleSettings, out_dir: Path,
+                  max_samples: int, max_bytes: int, tally: PrepareTally) -> list[dict]:
+    """Writes every usable image as a sample, tallying each file; returns the shard list."""
+    for scan, _ in scans:
+        for path in scan.other_files:
+            tally.add_ignored(path, f"not an image or a {settings.caption_ext} caption of one")
+    shard_counts: dict[str, int] = {}
+    seen: dict[str, Path] = {}
+    total = sum(scan.image_count for scan, _ in scans)
+    with tqdm(total=total, desc="lorafit prepare", unit="img") as bar, \
+            _shard_writer(out_dir, max_samples, max_bytes) as writer:
+        for scan, is_reg in scans:
+            for record, caption_error in _items(scan):
+                bar.update(1)
+                try:
+                    if caption_error is not None:
+                        raise SkipFile(caption_error)
+                    sample = prepare_file(record, scan.root, is_reg, settings, seen)
+                except SkipFile as skip:
+                    tally.add_skipped(scan.root, record, is_reg, str(skip))
+                    continue
+                key = f"{tally.samples_written:08d}"
+                meta = json.dumps({"key": key, **sample.meta}, ensure_ascii=False, sort_keys=True)
+                writer.write({"__key__": key, sample.image_ext: sample.image_bytes,
+                              "txt": sample.caption.encode("utf-8"), "json": meta.encode("utf-8")})
+                # After write(): ShardWriter may have just rolled over to the next file.
+                name = os.path.basename(writer.fname)
+                shard_counts[name] = shard_counts.get(name, 0) + 1
+                tally.add_written(scan.root, record, is_reg, sample)
+                bar.set_postfix(skipped=len(tally.skipped), refresh=False)
+    return [{"name": name, "samples": n, "bytes": (out_dir / name).stat().st_size}
+            for name, n in sorted(shard_counts.items())]
 
 
 def prepare(
@@ -163,76 +203,50 @@ def prepare(
     Returns:
         The summary also written to dataset.json: images_in, samples_written, reported_skips
         (images_in == samples_written + reported_skips), shards, folders, buckets,
-        ss_tag_frequency, images_per_repeat, skipped/changed/ignored files, settings.
+        ss_tag_frequency, images_per_repeat, skipped/fixed/ignored files, settings.
     """
     src_roots, reg_roots = _roots(src, "SRC"), _roots(reg, "--reg")
     if not src_roots:
         raise LorafitError("no SRC folder given; pass the folder holding your 'N_<trigger> <class>' folders")
-    for name, value in (("max_samples_per_shard", max_samples_per_shard), ("max_shard_bytes", max_shard_bytes)):
+    for name, value in (("max_samples_per_shard", max_samples_per_shard),
+                        ("max_shard_bytes", max_shard_bytes)):
         if value < 1:
             raise LorafitError(f"{name} must be at least 1; got {value}")
     table = make_bucket_table(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps)
     out_dir = Path(out).expanduser()
     _check_layout(src_roots, reg_roots, out_dir)
-    scans = [(scan_tree(r, caption_ext), False) for r in src_roots] + [(scan_tree(r, caption_ext), True)
-                                                                       for r in reg_roots]
+    # Every check that can refuse the run happens before the output folder is touched.
+    scans = [(scan_tree(root, caption_ext), False) for root in src_roots]
+    scans += [(scan_tree(root, caption_ext), True) for root in reg_roots]
     for scan, is_reg in scans:
         if scan.image_count == 0:
             raise LorafitError(f"{'--reg' if is_reg else 'SRC'} folder {scan.root} holds no images "
                                "(jpg, png, webp, bmp, tiff, gif); check the path")
-
     settings = SampleSettings(
-        caption_ext=scans[0][0].caption_ext, table=table, no_upscale=bucket_no_upscale, max_area=resolution * resolution,
-        bucket_reso_steps=bucket_reso_steps, smallest_side=min(min(b) for b in table), drop_small=drop_small,
+        caption_ext=scans[0][0].caption_ext, table=table, no_upscale=bucket_no_upscale,
+        max_area=resolution * resolution, bucket_reso_steps=bucket_reso_steps,
+        smallest_side=min(min(bucket) for bucket in table), drop_small=drop_small,
         background=_background(alpha_background), background_name=alpha_background)
     _clear_output(out_dir, overwrite)
 
     tally = PrepareTally()
-    for scan, _ in scans:
-        for path in scan.other_files:
-            tally.add_ignored(path, f"not an image or a {settings.caption_ext} caption of one")
-    shard_counts: dict[str, int] = {}
-    seen: dict[str, Path] = {}
-    total = sum(scan.image_count for scan, _ in scans)
-    with tqdm(total=total, desc="lorafit prepare", unit="img") as bar, \
-            _shard_writer(out_dir, max_samples_per_shard, max_shard_bytes) as writer:
-        for scan, is_reg in scans:
-            for record, caption_error in _items(scan):
-                bar.update(1)
-                try:
-                    if caption_error is not None:
-                        raise SkipFile(caption_error)
-                    sample = prepare_file(record, scan.root, is_reg, settings, seen)
-                except SkipFile as skip:
-                    tally.add_skipped(scan.root, record, is_reg, str(skip))
-                    continue
-                key = f"{tally.samples_written:08d}"
-                writer.write({"__key__": key, sample.image_ext: sample.image_bytes,
-                              "txt": sample.caption.encode("utf-8"),
-                              "json": json.dumps({"key": key, **sample.meta}, ensure_ascii=False,
-                                                 sort_keys=True).encode("utf-8")})
-                name = os.path.basename(writer.fname)
-                shard_counts[name] = shard_counts.get(name, 0) + 1
-                tally.add_written(scan.root, record, is_reg, sample.caption, sample.meta, sample.choice,
-                                  sample.notes)
-                bar.set_postfix(skipped=len(tally.skipped), refresh=False)
-
-    shards = [{"name": name, "samples": n, "bytes": (out_dir / name).stat().st_size}
-              for name, n in sorted(shard_counts.items())]
+    shards = _write_shards(scans, settings, out_dir, max_samples_per_shard, max_shard_bytes, tally)
     run_settings = {
-        "src": [str(r) for r in src_roots], "reg": [str(r) for r in reg_roots], "caption_ext": settings.caption_ext,
-        "resolution": resolution, "min_bucket_reso": min_bucket_reso, "max_bucket_reso": max_bucket_reso,
-        "bucket_reso_steps": bucket_reso_steps, "bucket_no_upscale": bucket_no_upscale, "drop_small": drop_small,
+        "src": [str(r) for r in src_roots], "reg": [str(r) for r in reg_roots],
+        "caption_ext": settings.caption_ext, "resolution": resolution, "min_bucket_reso": min_bucket_reso,
+        "max_bucket_reso": max_bucket_reso, "bucket_reso_steps": bucket_reso_steps,
+        "bucket_no_upscale": bucket_no_upscale, "drop_small": drop_small,
         "alpha_background": alpha_background, "max_samples_per_shard": max_samples_per_shard,
         "max_shard_bytes": max_shard_bytes,
     }
     summary = tally.summary(run_settings, shards)
-    _write_atomic(out_dir / REPORT_NAME, render_report(summary))
+    report = out_dir / REPORT_NAME
+    _write_atomic(report, render_report(summary))
     if summary["samples_written"] == 0:
-        raise LorafitError(f"none of the {summary['images_in']} images could be used; see {out_dir / REPORT_NAME} "
+        raise LorafitError(f"none of the {summary['images_in']} images could be used; see {report} "
                            "for the reason of each")
     _write_atomic(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     logger.info("prepared %d of %d images into %d shards in %s (%d skipped, %d fixed or flagged); see %s",
                 summary["samples_written"], summary["images_in"], len(shards), out_dir,
-                summary["reported_skips"], len(summary["changed"]), out_dir / REPORT_NAME)
+                summary["reported_skips"], len(summary["fixed"]), report)
     return summary

@@ -5,7 +5,7 @@ are written; :meth:`PrepareTally.summary` turns it into the JSON-ready summary, 
 :func:`render_report` renders the Markdown report *from that summary*, so the two never disagree.
 
 The tag statistics use kohya's ``ss_tag_frequency`` form, ``{folder name: {tag: images}}`` with tags
-split on commas, so the numbers match what kohya would later write into a LoRA's metadata.
+split on commas and lower-cased, so the numbers match what kohya would later write into a LoRA's metadata.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 
 from lorafit.data.buckets import BucketChoice, BucketStats
 from lorafit.data.kohya_folders import ImageRecord
+from lorafit.data.prepare_sample import PreparedSample
 
 SUMMARY_FORMAT = "lorafit-prepare"
 SUMMARY_VERSION = 1
 _TOP_TAGS = 25
+_STORED = {"original": "as the original bytes", "jpeg": "re-encoded as JPEG", "png": "re-encoded as PNG"}
 
 
 @dataclass
@@ -34,9 +36,9 @@ class _FolderCount:
 
 
 def _tags(caption: str) -> list[str]:
-    # kohya: caption.split(","), stripped, empty pieces dropped; a tag repeated in one caption
-    # counts once per occurrence, as kohya counts it.
-    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+    # As kohya's BaseDataset.set_tag_frequency: split on commas, strip, drop empty pieces and
+    # lower-case; a tag repeated within one caption counts once per occurrence.
+    return [tag.strip().lower() for tag in caption.split(",") if tag.strip()]
 
 
 @dataclass
@@ -48,7 +50,7 @@ class PrepareTally:
     repeat_images: dict[tuple[bool, int], int] = field(default_factory=Counter)
     choices: list[BucketChoice] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
-    changed: list[dict] = field(default_factory=list)
+    fixed: list[dict] = field(default_factory=list)
     ignored: list[dict] = field(default_factory=list)
     stored: Counter = field(default_factory=Counter)
     images_in: int = 0
@@ -62,8 +64,7 @@ class PrepareTally:
             self.folders[key] = _FolderCount(str(root), record.folder, is_reg, record.repeats)
         return self.folders[key]
 
-    def add_written(self, root: Path, record: ImageRecord, is_reg: bool, caption: str, meta: dict,
-                    choice: BucketChoice, notes: list[str]) -> None:
+    def add_written(self, root: Path, record: ImageRecord, is_reg: bool, sample: PreparedSample) -> None:
         """Counts a written sample."""
         self.images_in += 1
         folder = self._folder(root, record, is_reg)
@@ -73,13 +74,13 @@ class PrepareTally:
             self.reg_samples += 1
         else:
             self.instance_samples += 1
-        self.tag_frequency[record.folder].update(_tags(caption))
+        self.tag_frequency[record.folder].update(_tags(sample.caption))
         self.repeat_images[(is_reg, record.repeats)] += 1
-        self.choices.append(choice)
-        self.stored[meta["stored"]] += 1
-        self.small += int(meta["small"])
-        if notes:
-            self.changed.append({"path": str(record.path), "notes": notes})
+        self.choices.append(sample.choice)
+        self.stored[sample.meta["stored"]] += 1
+        self.small += int(sample.meta["small"])
+        if sample.notes:
+            self.fixed.append({"path": str(record.path), "notes": sample.notes})
 
     def add_skipped(self, root: Path, record: ImageRecord, is_reg: bool, reason: str) -> None:
         """Counts an image file that did not become a sample."""
@@ -127,7 +128,7 @@ class PrepareTally:
             "mean_aspect_error": round(stats.mean_aspect_error, 6),
             "ss_tag_frequency": {folder: dict(c.most_common()) for folder, c in self.tag_frequency.items()},
             "skipped": self.skipped,
-            "changed": self.changed,
+            "fixed": self.fixed,
             "ignored": self.ignored,
         }
 
@@ -155,19 +156,20 @@ def render_report(summary: dict) -> str:
     """The human report (``report.md``): counts, buckets, tags, repeats and every problem file."""
     s, cfg = summary, summary["settings"]
     total_bytes = sum(sh["bytes"] for sh in s["shards"])
+    sources = ", ".join(cfg["src"]) + (f"; regularization: {', '.join(cfg['reg'])}" if cfg["reg"] else "")
     lines = [
         "# lorafit prepare report",
         "",
-        f"**{s['images_in']} images in = {s['samples_written']} samples written + {s['reported_skips']} skipped** "
-        f"({s['instance_samples']} instance, {s['reg_samples']} regularization; "
-        f"{len(s['ignored'])} non-image files ignored).",
+        f"**{s['images_in']} images in = {s['samples_written']} samples written + "
+        f"{s['reported_skips']} skipped** ({s['instance_samples']} instance, {s['reg_samples']} "
+        f"regularization; {len(s['ignored'])} non-image files ignored).",
         "",
         f"- Shards: {len(s['shards'])} ({total_bytes / 1e6:.1f} MB), `{s['shard_pattern']}`",
-        f"- Stored: " + ", ".join(f"{n} {how}" for how, n in s["stored"].items()),
-        f"- Sources: {', '.join(cfg['src'])}" + (f"; regularization: {', '.join(cfg['reg'])}" if cfg["reg"] else ""),
-        f"- Buckets: resolution {cfg['resolution']}, sides {cfg['min_bucket_reso']}..{cfg['max_bucket_reso']} "
-        f"in steps of {cfg['bucket_reso_steps']}, no upscale {cfg['bucket_no_upscale']}, "
-        f"drop small {cfg['drop_small']}; transparency onto {cfg['alpha_background']}",
+        "- Stored: " + ", ".join(f"{n} {_STORED[how]}" for how, n in s["stored"].items()),
+        f"- Sources: {sources}",
+        f"- Buckets: resolution {cfg['resolution']}, sides {cfg['min_bucket_reso']}..{cfg['max_bucket_reso']}"
+        f" in steps of {cfg['bucket_reso_steps']}, bucket_no_upscale {cfg['bucket_no_upscale']}, "
+        f"drop_small {cfg['drop_small']}; transparency composited onto {cfg['alpha_background']}",
         "",
         "## Folders",
         "",
@@ -187,9 +189,10 @@ def render_report(summary: dict) -> str:
         totals.update(counts)
     lines += [f"## Top caption tags ({len(totals)} distinct)", ""]
     lines += _table(["tag", "images"], [[t, n] for t, n in totals.most_common(_TOP_TAGS)])
-    lines += _file_list(f"Skipped files ({len(s['skipped'])})", [(e["path"], e["reason"]) for e in s["skipped"]])
-    lines += _file_list(f"Fixed or flagged files ({len(s['changed'])})",
-                        [(e["path"], "; ".join(e["notes"])) for e in s["changed"]])
+    lines += _file_list(f"Skipped files ({len(s['skipped'])})",
+                        [(e["path"], e["reason"]) for e in s["skipped"]])
+    lines += _file_list(f"Fixed or flagged files ({len(s['fixed'])})",
+                        [(e["path"], "; ".join(e["notes"])) for e in s["fixed"]])
     lines += _file_list(f"Ignored non-image files ({len(s['ignored'])})",
                         [(e["path"], e["reason"]) for e in s["ignored"]])
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from lorafit.data.buckets import BucketChoice, Size, select_bucket
-from lorafit.data.images import Color, decode_rgb_with_fixes
+from lorafit.data.images import Color, DecodedImage, decode_rgb_with_fixes
 from lorafit.data.kohya_folders import ImageRecord
 from lorafit.errors import LorafitError
 
@@ -124,7 +124,8 @@ def _read(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise SkipFile(f"cannot read file ({err.strerror or type(err).__name__}); check its permissions") from None
+        reason = err.strerror or type(err).__name__
+        raise SkipFile(f"cannot read file ({reason}); check its permissions") from None
     if not data:
         raise SkipFile("empty file (0 bytes); re-export or remove it")
     return data
@@ -138,7 +139,7 @@ def _bucket(width: int, height: int, settings: SampleSettings) -> BucketChoice:
         raise SkipFile(str(err)) from None
 
 
-def _encode(data: bytes, decoded) -> tuple[str, bytes, str]:
+def _encode(data: bytes, decoded: DecodedImage) -> tuple[str, bytes, str]:
     """(shard extension, bytes, how stored: original/jpeg/png)."""
     if not decoded.fixes and decoded.source_format in _KEPT_FORMATS:
         return _KEPT_FORMATS[decoded.source_format], data, "original"
@@ -160,8 +161,9 @@ def prepare_file(
         root: The SRC or ``--reg`` folder it was found under.
         is_reg: Whether root is a regularization folder.
         settings: Shared settings.
-        seen: sha1 -> path of every sample written so far; only written samples count, so a
-            copy of a corrupt file is reported as corrupt rather than as a duplicate.
+        seen: sha1 -> path of every sample accepted so far; a returned sample adds itself. Only
+            accepted samples count, so a copy of a corrupt file is reported as corrupt, not as a
+            duplicate of a file that was itself skipped.
 
     Raises:
         SkipFile: with the reason, for a file that must not become a sample.
@@ -172,15 +174,16 @@ def prepare_file(
     if sha1 in seen:
         raise SkipFile(f"exact duplicate of {seen[sha1]} (same sha1 {sha1[:12]}); kept the first copy only")
     try:
-        decoded = decode_rgb_with_fixes(io.BytesIO(data), str(record.path), settings.background)
+        # The report line already shows the full path; the file name keeps the reason readable.
+        decoded = decode_rgb_with_fixes(io.BytesIO(data), record.path.name, settings.background)
     except LorafitError as err:
         raise SkipFile(str(err)) from None
 
     width, height = decoded.image.size
     small = min(width, height) < settings.smallest_side
+    too_small = f"{width}x{height} is smaller than the smallest bucket side ({settings.smallest_side} px)"
     if small and settings.drop_small:
-        raise SkipFile(f"{width}x{height} is smaller than the smallest bucket side ({settings.smallest_side} px); "
-                       "dropped because drop_small is set")
+        raise SkipFile(f"{too_small}; dropped because drop_small is set")
     choice = _bucket(width, height, settings)
     image_ext, image_bytes, stored = _encode(data, decoded)
 
@@ -190,8 +193,7 @@ def prepare_file(
         how = f"JPEG q{JPEG_QUALITY}" if stored == "jpeg" else "PNG"
         notes.append(f"stored re-encoded as {how} (source {decoded.source_format})")
     if small:
-        notes.append(f"{width}x{height} is smaller than the smallest bucket side ({settings.smallest_side} px): "
-                     "kept, training will upscale it (set drop_small to drop such images)")
+        notes.append(f"{too_small}: kept, training will upscale it (set drop_small to drop such images)")
 
     subject, class_ = split_prompt(record.folder_prompt, is_reg)
     fixes = decoded.fixes + (["caption_from_folder"] if record.caption is None else [])

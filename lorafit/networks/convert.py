@@ -50,7 +50,7 @@ def model_skeleton(base: str) -> tuple[str, dict[str, torch.nn.Module]]:
 def convert(
     src: str,
     dst: str,
-    base: str,
+    base: Optional[str] = None,
     to: Optional[Literal["kohya", "diffusers"]] = None,
     save_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None,
 ) -> Path:
@@ -60,10 +60,17 @@ def convert(
         src: The LoRA ``.safetensors`` file to read (either format; detected from its keys).
         dst: The file to write.
         base: The base model the LoRA belongs to (diffusers directory, hub id or single file);
-            only its configs are read, to name modules exactly.
+            only its configs are read, to name modules exactly. Empty means the base recorded in
+            the file's ``ss_sd_model_name`` (lorafit and kohya write it).
         to: Target format; empty means the other one.
         save_dtype: dtype of the written tensors; empty keeps the source file's dtype.
     """
+    if base is None:
+        from lorafit.networks.files import read_safetensors
+
+        base = read_safetensors(src)[1].get("ss_sd_model_name")
+        if not base:
+            raise LorafitError(f"convert: {src} does not record its base model; pass --base <model dir or hub id>")
     family, components = model_skeleton(base)
     weights, source_format, metadata = read_lora_file(src, kohya_name_table(family, components))
     target = to or ("diffusers" if source_format == "kohya" else "kohya")
