@@ -23,6 +23,7 @@ TOOL_VERBS = {
     "convert": ("lorafit.networks.convert:convert", "Convert a LoRA file between kohya and diffusers format."),
     "tiny": ("lorafit.models.tiny:save_tiny_pipeline", "Write a tiny random-weight SD1/SD2/SDXL pipeline."),
     "demo-data": ("lorafit.data.demo_dataset:write_demo_dataset", "Write the generated demo dataset."),
+    "prepare": ("lorafit.data.prepare:prepare", "Check kohya-style image folders and write webdataset shards + report."),
 }
 LIGHTNING_VERBS = ("fit", "validate")
 
@@ -64,10 +65,6 @@ def run_lightning(argv: list[str]):
     # `--print_config` alone prints the YAML with every option's help as a comment.
     argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
     cli_class, module_class, data_class, config_callback = _build_cli_class()
-    # We pass the (rewritten) command line on purpose; Lightning warns whenever args are given.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    # Frozen base modules stay in eval mode by design (no dropout in the frozen parts).
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode")
     return cli_class(
         module_class,
         data_class,
@@ -98,9 +95,23 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_known_warnings() -> None:
+    # We pass the (rewritten) command line on purpose; Lightning warns whenever args are given.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    # Frozen base modules stay in eval mode by design (no dropout in the frozen parts).
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode")
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")  # diffusers -> huggingface_hub
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")  # lightning on torch 2.13
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=os.environ.get("LORAFIT_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    _quiet_known_warnings()
+    # force=True: bind to the current stderr on every call (tests swap it; in-process reuse too).
+    logging.basicConfig(level=os.environ.get("LORAFIT_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False  # Lightning prints its own lines; don't print them twice
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return

@@ -123,10 +123,12 @@ def _load_pipeline(source: str, kind: SourceKind, single_file_config: Optional[s
     try:
         index = DiffusionPipeline.load_config(source, revision=revision)
     except OSError as error:
-        raise LorafitError(
-            f"model.model: could not read {source} ({_first_line(error)}); if it is a hub id, the hub is "
-            "unreachable and it is not in the local cache (HF_HOME); otherwise check the path"
-        )
+        if kind == "hub_id":
+            raise LorafitError(
+                f"model.model: {source} is no local path, and as a hub id it is not in the local cache (HF_HOME) "
+                f"and could not be downloaded ({_first_line(error)}); check the path or the network"
+            )
+        raise LorafitError(f"model.model: could not read {source}: {_first_line(error)}")
     is_sdxl = "text_encoder_2" in index
     cls = _pipeline_class(is_sdxl)
     kwargs = {} if is_sdxl else no_safety
