@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from lorafit.errors import LorafitError
 from lorafit.models.base import BaseModel, Family, PredictionType, load_base_model, resolve_model_source
 from lorafit.models.conditioning import encode_tokens, sdxl_time_ids, tokenize
 from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
@@ -209,6 +210,15 @@ class LoraDiffusionModule(pl.LightningModule):
         checkpoint["lorafit"] = {"noise_seed": self.noise_seed, "started_at": self.started_at, "family": self.family}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning would raise a page of "size mismatch" lines; say in one what went wrong.
+        params = dict(self.named_parameters())
+        for key, tensor in checkpoint.get("state_dict", {}).items():
+            if key not in params or params[key].shape != tensor.shape:
+                found = "is missing here" if key not in params else f"is {tuple(params[key].shape)} here"
+                raise LorafitError(
+                    f"checkpoint LoRA weight {key} {tuple(tensor.shape)} {found}; resume with the same base model "
+                    "and model.* LoRA settings (rank, targets, train_text_encoder) the checkpoint was trained with"
+                )
         info = checkpoint.get("lorafit", {})
         self.noise_seed = info.get("noise_seed", self.noise_seed)
         self.started_at = info.get("started_at", self.started_at)

@@ -87,3 +87,9 @@ def test_demo_commands_end_to_end(tmp_path):
     assert list(run.rglob("events.out.tfevents.*")), "TensorBoard logs missing"
     # The demo dataset has one image without a caption: the folder's prompt is used, and said so.
     assert "have no .txt caption, so their folder name was used" in result.stderr
+
+    validated = _lorafit("validate", "--config", "configs/demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
+                         "--data.train_dir", str(tmp_path / "data"), "--data.val_dir", str(tmp_path / "data"),
+                         "--trainer.default_root_dir", str(run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert "loss/validation" in validated.stdout

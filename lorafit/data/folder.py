@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Union, Sequence
 
 import lightning as L
 import torch
@@ -83,6 +83,8 @@ class FolderDataModule(L.LightningDataModule):
         repeats: If set, every image is seen this many times per epoch, overriding the
             ``N_`` prefix of the folder names.
         seed: Seed of the shuffle; the order of epoch e depends only on (seed, e).
+        val_dir: Optional folder of held-out images + captions (same layout, repeats ignored)
+            for ``loss/validation``, measured at fixed noise and timesteps so epochs compare.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class FolderDataModule(L.LightningDataModule):
         caption_ext: str = ".txt",
         repeats: Optional[int] = None,
         seed: int = 0,
+        val_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         if resolution < 8 or resolution % 8:
@@ -123,6 +126,11 @@ class FolderDataModule(L.LightningDataModule):
             records = [dataclasses.replace(r, repeats=repeats) for r in records]
         self.records: list[ImageRecord] = records
         self.dataset = FolderImageDataset(records, resolution)
+        self.val_dir = val_dir
+        self.val_dataset = None
+        if val_dir is not None:
+            val_records = [dataclasses.replace(r, repeats=1) for r in scan_image_folder(val_dir, caption_ext)]
+            self.val_dataset = FolderImageDataset(val_records, resolution)
 
     @property
     def num_images(self) -> int:
@@ -191,3 +199,14 @@ class FolderDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        if self.val_dataset is None:
+            if self.trainer is not None and self.trainer.state.fn == "validate":
+                raise LorafitError("lorafit validate needs held-out images: set data.val_dir to a folder of them")
+            return []  # no validation during fit
+        world_size, rank = self._world()
+        sampler = DistributedSampler(self.val_dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate_folder_batch)
+
