@@ -8,6 +8,7 @@ is a plain typed function turned into a command by jsonargparse, with ``--help``
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -78,8 +79,26 @@ def run_lightning(argv: list[str]):
     )
 
 
+# Verbs whose first argument takes several values as bare words (`lorafit prepare a b --out x`).
+VARIADIC_FIRST = {"prepare"}
+
+
+def _gather_leading_positionals(argv: list[str]) -> list[str]:
+    """Turn leading bare words into one JSON list, which jsonargparse reads for a list argument.
+
+    jsonargparse gives a list-typed positional exactly one token; a shell user types several.
+    """
+    count = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
+    if count < 2:
+        return argv
+    return [json.dumps(argv[:count]), *argv[count:]]
+
+
 def run_tool(verb: str, argv: list[str]):
     from jsonargparse import auto_cli
+
+    if verb in VARIADIC_FIRST:
+        argv = _gather_leading_positionals(argv)
 
     target, _ = TOOL_VERBS[verb]
     module_name, function_name = target.split(":")

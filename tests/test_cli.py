@@ -93,3 +93,17 @@ def test_demo_commands_end_to_end(tmp_path):
                          "--trainer.default_root_dir", str(run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
     assert validated.returncode == 0, validated.stderr[-3000:]
     assert "loss/validation" in validated.stdout
+
+
+def test_prepare_takes_several_source_folders(tmp_path):
+    from PIL import Image
+
+    for folder, colour in (("a/3_ohwx dog", "red"), ("b/1_sks cat", "blue")):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("RGB", (320, 256), colour).save(tmp_path / folder / "img.png")
+        (tmp_path / folder / "img.txt").write_text(folder.split("_", 1)[1])
+    result = _lorafit("prepare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "shards"),
+                      "--resolution", "256")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = yaml.safe_load((tmp_path / "shards" / "dataset.json").read_text())
+    assert summary["samples_written"] == 2
