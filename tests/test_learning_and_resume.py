@@ -60,3 +60,14 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_models, demo_data
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed run diverged"
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if "lora_B" in k)
+
+
+def test_bf16_mixed_precision_and_step_exports(tiny_models, demo_data, tmp_path):
+    """bf16 autocast with bf16 frozen weights trains; LoRA weights stay float32; step exports land."""
+    trainer, module = train(tiny_models["sdxl"], demo_data, tmp_path, max_steps=4, precision="bf16-mixed",
+                            weight_dtype="bfloat16", export={"every_n_steps": 2, "every_n_epochs": 0})
+    assert module.unet.dtype == torch.bfloat16
+    lora = [p for n, p in module.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora)
+    names = sorted(p.name for p in (tmp_path / "lora").glob("*.safetensors"))
+    assert names == ["test-step-000002.safetensors", "test-step-000004.safetensors", "test.safetensors"]

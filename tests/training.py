@@ -15,7 +15,8 @@ from lorafit.module import LoraDiffusionModule
 
 
 def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_path: Optional[str] = None,
-          seed: int = 0, max_steps: int = -1, batch_size: int = 2, **module_kwargs):
+          seed: int = 0, max_steps: int = -1, batch_size: int = 2, precision: str = "32-true",
+          export: Optional[dict] = None, **module_kwargs):
     """Train and return (trainer, module); LoRA files land in ``root/lora``, checkpoints in ``root/checkpoints``.
 
     ``seed`` seeds the global RNGs only; the data order has its own fixed seed, as in a config file.
@@ -30,10 +31,11 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
         devices=1,
         max_epochs=max_epochs,
         max_steps=max_steps,
+        precision=precision,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[LoraExport(name="test"), ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
+        callbacks=[LoraExport(**{"name": "test", **(export or {})}), ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
                                                             save_top_k=0, every_n_epochs=1)],
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
