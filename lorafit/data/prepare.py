@@ -182,7 +182,7 @@ def prepare(
 
     Args:
         src: Training folder(s) in kohya layout: 'N_<trigger> <class>' folders (e.g. '10_ohwx dog'),
-            nested sub-folders, caption sidecars. Several as a list: '[dir1,dir2]'.
+            nested sub-folders, caption sidecars. Several: `lorafit prepare dir1 dir2 --out x`.
         out: Output folder for train-NNNNNN.tar shards, report.md and dataset.json.
         reg: Regularization folder(s) in the same layout (e.g. '1_dog'); their samples get
             is_reg true and, without a caption file, their folder's class prompt as caption.
