@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lorafit.errors import LorafitError
 from lorafit.models.base import BaseModel, Family, PredictionType, load_base_model, resolve_model_source
-from lorafit.models.conditioning import encode_tokens, sdxl_time_ids, tokenize
+from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, tokenize
 from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
 from lorafit.networks.lora_weights import LoraWeights, from_peft_model
 
@@ -143,10 +143,33 @@ class LoraDiffusionModule(pl.LightningModule):
         seed = step_seed(self.noise_seed, self.current_epoch, batch_idx, self.global_rank)
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def conditioning(self, captions: list[str]):
-        ids = tokenize(self.base.tokenizers, captions, self.device)
+    def text_conditioning(self, batch: dict) -> TextConditioning:
+        """Text embeddings for ``batch``: cached ones when the batch carries them, else encoded now."""
+        if "prompt_embeds" in batch:  # from `lorafit cache` (frozen text encoders only)
+            pooled = batch.get("pooled_prompt_embeds")
+            return TextConditioning(batch["prompt_embeds"].to(self.device),
+                                    None if pooled is None else pooled.to(self.device))
+        ids = tokenize(self.base.tokenizers, batch["captions"], self.device)
         with torch.set_grad_enabled(self.hparams.train_text_encoder and self.training):
             return encode_tokens(self.family, list(self.text_encoders), ids, self.hparams.clip_skip)
+
+    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Scaled VAE latents of ``batch``, sampled from the posterior with ``generator``.
+
+        A cached batch carries the posterior's moments (``latent_moments``: mean and log-variance
+        stacked on channels) instead of pixels; sampling from them with the same generator gives
+        exactly the latents the uncached path would, so cached and uncached training agree.
+        """
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        with torch.no_grad():
+            if "latent_moments" in batch:
+                posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(self.device, torch.float32))
+            else:
+                posterior = self.vae.encode(batch["pixel_values"].to(self.device, self.vae.dtype)).latent_dist
+            latents = posterior.sample(generator=generator)
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            return ((latents - shift) * self.vae.config.scaling_factor).float()
 
     def denoising_loss(self, batch: dict, generator: torch.Generator,
                        timesteps: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -154,12 +177,13 @@ class LoraDiffusionModule(pl.LightningModule):
 
         ``timesteps``/``noise`` may be fixed by the caller (evaluation at fixed points); otherwise
         they are drawn from ``generator``.
+
+        The batch contract (every lorafit DataModule): ``captions`` (list of str), ``original_size``
+        and ``crop_top_left`` (long [B, 2]), ``is_reg`` (bool [B], regularization samples), and
+        either ``pixel_values`` (float [B, 3, H, W] in [-1, 1]) or ``latent_moments`` (cached); it
+        may carry cached ``prompt_embeds``/``pooled_prompt_embeds``.
         """
-        pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
-        with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            latents = ((latents - shift) * self.vae.config.scaling_factor).float()
+        latents = self.latents(batch, generator)
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=self.device)
         if timesteps is None:
@@ -170,11 +194,14 @@ class LoraDiffusionModule(pl.LightningModule):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        text = self.conditioning(batch["captions"])
+        text = self.text_conditioning(batch)
         added = None
         if self.family == "sdxl":
+            # Pixel size of the training image = latent size times the VAE's downscale factor.
+            scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            target_size = (latents.shape[-2] * scale, latents.shape[-1] * scale)
             time_ids = sdxl_time_ids(batch["original_size"].to(self.device), batch["crop_top_left"].to(self.device),
-                                     tuple(pixels.shape[-2:]))
+                                     target_size)
             added = {"text_embeds": text.pooled, "time_ids": time_ids}
         unet_dtype = self.unet.dtype
         prediction = self.unet(noisy.to(unet_dtype), timesteps, text.hidden_states.to(unet_dtype),
