@@ -34,7 +34,7 @@ def _build_cli_class():
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from lorafit.callbacks.export import LoraExport
-    from lorafit.data.folder import FolderDataModule
+    from lorafit.data.datamodule import LoraDataModule
     from lorafit.module import LoraDiffusionModule
 
     class RunDirConfig(SaveConfigCallback):
@@ -59,7 +59,7 @@ def _build_cli_class():
             parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
                                   compute_fn=lambda root: os.path.join(root or ".", "checkpoints"))
 
-    return LorafitCLI, LoraDiffusionModule, FolderDataModule, RunDirConfig
+    return LorafitCLI, LoraDiffusionModule, LoraDataModule, RunDirConfig
 
 
 def run_lightning(argv: list[str]):

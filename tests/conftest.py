@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # No model hub here or in CI: every load must be satisfied locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Prepared folders and shard indexes of the tests stay out of the user's ~/.cache.
+os.environ.setdefault("LORAFIT_CACHE", os.path.join(tempfile.gettempdir(), f"lorafit-test-cache-{os.getuid()}"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

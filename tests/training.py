@@ -10,8 +10,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lorafit.callbacks.export import LoraExport
-from lorafit.data.folder import FolderDataModule
+from lorafit.data.datamodule import LoraDataModule
 from lorafit.module import LoraDiffusionModule
+
+
+def tiny_data(data_dir: str, batch_size: int = 2, **kwargs) -> LoraDataModule:
+    """The DataModule at the tiny models' 64 px (buckets from 64 to 128 px)."""
+    return LoraDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=0, min_bucket_reso=64,
+                          max_bucket_reso=128, **kwargs)
 
 
 def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_path: Optional[str] = None,
@@ -24,7 +30,7 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
     pl.seed_everything(seed)
     module_kwargs = {"rank": 4, "alpha": 2.0, "learning_rate": 1e-3, **module_kwargs}
     module = LoraDiffusionModule(model=model_dir, **module_kwargs)
-    data = FolderDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=0)
+    data = tiny_data(data_dir, batch_size)
     trainer = pl.Trainer(
         default_root_dir=str(root),
         accelerator="cpu",
