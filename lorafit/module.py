@@ -7,6 +7,7 @@ step reads like the paper (encode, noise, predict, regress onto the family's tar
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from typing import Literal, Optional, Union
 
@@ -21,6 +22,7 @@ from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET
 from lorafit.networks.lora_weights import LoraWeights, from_peft_model
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+log = logging.getLogger("lorafit")
 
 
 def step_seed(base_seed: int, epoch: int, batch_idx: int, rank: int) -> int:
@@ -139,6 +141,15 @@ class LoraDiffusionModule(pl.LightningModule):
         if self.noise_seed is None:  # restored from the checkpoint on resume
             self.noise_seed = torch.initial_seed()
 
+    def on_fit_start(self) -> None:
+        cached = getattr(self.trainer.datamodule, "cached", None)
+        if cached and cached.get("family") != self.family:
+            raise LorafitError(f"data.shards hold latents cached with a {cached.get('family')} model "
+                               f"({cached.get('model')}); this model is {self.family}: run `lorafit cache` with it")
+        if cached and cached.get("model") != self.hparams.model:
+            log.warning("cached latents were made with %s; training %s (same family %s): fine if they share a VAE",
+                        cached.get("model"), self.hparams.model, self.family)
+
     def _generator(self, batch_idx: int) -> torch.Generator:
         seed = step_seed(self.noise_seed, self.current_epoch, batch_idx, self.global_rank)
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -146,6 +157,9 @@ class LoraDiffusionModule(pl.LightningModule):
     def text_conditioning(self, batch: dict) -> TextConditioning:
         """Text embeddings for ``batch``: cached ones when the batch carries them, else encoded now."""
         if "prompt_embeds" in batch:  # from `lorafit cache` (frozen text encoders only)
+            if self.hparams.train_text_encoder:
+                raise LorafitError("data.shards hold cached text embeddings, but model.train_text_encoder is true; "
+                                   "cache latents only (lorafit cache without --text_embeddings)")
             pooled = batch.get("pooled_prompt_embeds")
             return TextConditioning(batch["prompt_embeds"].to(self.device),
                                     None if pooled is None else pooled.to(self.device))

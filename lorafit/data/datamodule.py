@@ -334,6 +334,12 @@ class LoraDataModule(L.LightningDataModule):
     # ---- facts for exported metadata ------------------------------------------------------
 
     @property
+    def cached(self) -> Optional[dict]:
+        """What `lorafit cache` fixed in the training shards (model, buckets), or None for images."""
+        index = getattr(self, "index", None)
+        return index.cached if index is not None else None
+
+    @property
     def num_images(self) -> Optional[int]:
         summary = getattr(self, "index", None) and self.index.summary
         return summary.get("instance_samples") if summary else None

@@ -118,6 +118,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "is_reg": torch.tensor([item["is_reg"] for item in items], dtype=torch.bool),
         "keys": [item["key"] for item in items],
     }
+    if "meta" in items[0]:
+        batch["metas"] = [item["meta"] for item in items]
     for name in ("pixel_values", "latent_moments", "prompt_embeds", "pooled_prompt_embeds"):
         if name in items[0]:
             batch[name] = torch.stack([item[name] for item in items])

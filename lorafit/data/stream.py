@@ -76,12 +76,14 @@ class ShardStream(IterableDataset):
 
     def __init__(self, index: DatasetIndex, spec: BucketSpec, transform: SampleTransform, *, batch_size: int,
                  seed: int, reg_ratio: float, shuffle_buffer: int, training: bool, num_workers: int,
-                 repeats_override: Optional[int] = None, world_size: int = 1, rank: int = 0) -> None:
+                 repeats_override: Optional[int] = None, world_size: int = 1, rank: int = 0,
+                 keep_meta: bool = False) -> None:
         self.index, self.spec, self.transform = index, spec, transform
         self.batch_size, self.seed, self.reg_ratio = batch_size, seed, reg_ratio
         self.buffer_size, self.training, self.num_workers = shuffle_buffer, training, num_workers
         self.repeats_override = repeats_override
         self.world_size, self.rank = world_size, rank
+        self.keep_meta = keep_meta  # pass each sample's JSON through (lorafit cache re-writes it)
         self.epoch, self.skip = 0, 0
         self.max_batches: Optional[int] = None
         self._plans: dict[int, EpochPlan] = {}
@@ -128,6 +130,8 @@ class ShardStream(IterableDataset):
         # The source file's path when the shard records it: what a user recognises in an error.
         name = meta.get("source") or f"{PurePosixPath(self.index.shards[draw.shard].url).name}:{sample['__key__']}"
         item: dict[str, Any] = {"key": name, "is_reg": is_reg}
+        if self.keep_meta:
+            item["meta"] = meta
         item["caption"] = self.transform.caption(sample, rng, is_reg)
         if "latent.pth" in sample:
             moments, crop = pick_cached(sample, rng, self.transform.flip_aug and self.training)
