@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lorafit.data.captions import CaptionOps
+from lorafit.data.kohya_folders import IMAGE_EXTENSIONS
 from lorafit.data.sample_transform import BucketSpec, SampleTransform
 from lorafit.data.shard_index import DatasetIndex, default_cache_dir, load_index
 from lorafit.data.stream import ShardStream
@@ -61,6 +62,10 @@ def _tree_fingerprint(roots: list[Path]) -> str:
                 stat = os.stat(os.path.join(dirpath, name))
                 digest.update(f"{os.path.relpath(dirpath, root)}/{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
+
+
+def _has_image(root: Path) -> bool:
+    return any(Path(name).suffix.lower() in IMAGE_EXTENSIONS for _, _, names in os.walk(root) for name in names)
 
 
 class LoraDataModule(L.LightningDataModule):
@@ -159,6 +164,10 @@ class LoraDataModule(L.LightningDataModule):
         for key, folder in (("train_dir", train_dir), ("val_dir", val_dir)):
             if folder is not None and not Path(folder).expanduser().is_dir():
                 raise LorafitError(f"data.{key} {folder} is not a folder; check the path")
+            # A typo'd or empty folder should fail now, not after minutes of model loading.
+            if folder is not None and not _has_image(Path(folder).expanduser()):
+                raise LorafitError(f"data.{key} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                   "check the path")
         self.spec = BucketSpec(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps,
                                bucket_no_upscale, enable_bucket)
         try:

@@ -257,6 +257,10 @@ def prepare(
                            "for the reason of each")
     _write_atomic(out_dir / INDEX_NAME, json.dumps(index, separators=(",", ":")) + "\n")
     _write_atomic(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    from_folder = [e["path"] for e in summary["fixed"] if any("used folder prompt" in n for n in e["notes"])]
+    if from_folder:
+        logger.warning("%d images have no %s caption, so their folder name was used as the caption (e.g. %s); "
+                       "see %s", len(from_folder), settings.caption_ext, from_folder[0], report)
     logger.info("prepared %d of %d images into %d shards in %s (%d skipped, %d fixed or flagged); see %s",
                 summary["samples_written"], summary["images_in"], len(shards), out_dir,
                 summary["reported_skips"], len(summary["fixed"]), report)
