@@ -79,6 +79,11 @@ def build_optimizer(name: str, param_groups: list[dict], learning_rate: float,
                     kwargs: dict[str, Any]) -> torch.optim.Optimizer:
     """Create optimizer ``name`` over ``param_groups`` (each with its own ``lr`` and ``name``)."""
     cls = optimizer_class(name)
+    rates = {group["name"]: group["lr"] for group in param_groups}
+    if name == "Prodigy" and len(set(rates.values())) > 1:
+        # Prodigy estimates one step size for all groups and raises mid-training on differing ones.
+        raise LorafitError(f"model.optimizer: Prodigy adapts one learning rate for all parts, got {rates}; set "
+                           "unet_lr/text_encoder_lr/text_encoder_2_lr equal (usually 1.0) or leave them empty")
     if name == "Adafactor" and kwargs["relative_step"]:
         # Adafactor then computes its own step size and rejects a manual lr (kohya does the same).
         log.warning("Adafactor with relative_step=true ignores the learning rates and lr_scheduler; set "
