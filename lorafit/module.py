@@ -439,7 +439,7 @@ class LoraDiffusionModule(pl.LightningModule):
             self.log("loss/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, on_epoch=False,
                      batch_size=len(batch["captions"]))
             return None  # Lightning skips backward and the optimizer step
-        raise NonFiniteLossError(f"loss is {loss.item()} at {where}; stopped, LoRA files written so far are intact. "
+        raise NonFiniteLossError(f"loss is {loss.item()} at {where}; stopped before any export of it. "
                                  f"{NONFINITE_CAUSES}; model.nonfinite_loss: skip drops such batches instead")
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
@@ -447,7 +447,7 @@ class LoraDiffusionModule(pl.LightningModule):
         # next step builds on it. Exports check the same (LoraExport), so no NaN weights are written.
         if not lora_weights_finite(self):
             raise NonFiniteLossError(f"LoRA weights became NaN/Inf after {self._where(batch, batch_idx)}; stopped, "
-                                     f"LoRA files written so far are intact. {NONFINITE_CAUSES}")
+                                     f"nothing from it was exported. {NONFINITE_CAUSES}")
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Fixed noise per batch position, so validation losses of different epochs compare.

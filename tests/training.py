@@ -26,6 +26,8 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
     ``log_metrics`` logs every step to ``root/metrics.csv`` (read it with :func:`logged_metrics`).
     """
     pl.seed_everything(seed)
+    trainer_kwargs = dict(trainer_kwargs or {})
+    extra_callbacks = trainer_kwargs.pop("callbacks", [])
     module_kwargs = {"rank": 4, "alpha": 2.0, "learning_rate": 1e-3, **module_kwargs}
     module = LoraDiffusionModule(model=model_dir, **module_kwargs)
     data = FolderDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=0)
@@ -41,8 +43,8 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[LoraExport(**{"name": "test", **(export or {})}), ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
-                                                            save_top_k=0, every_n_epochs=1)],
-        **(trainer_kwargs or {}),
+                                                            save_top_k=0, every_n_epochs=1), *extra_callbacks],
+        **trainer_kwargs,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, module
