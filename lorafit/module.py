@@ -20,6 +20,7 @@ from lorafit.models.base import BaseModel, Family, PredictionType, load_base_mod
 from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, tokenize
 from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
 from lorafit.networks.lora_weights import LoraWeights, from_peft_model
+from lorafit.nonfinite import batch_position, nonfinite_loss_error, nonfinite_weights_error, trainable_weights_finite
 from lorafit.optim import (OptimizerName, SchedulerName, build_optimizer, build_scheduler, effective_learning_rates,
                            optimizer_kwargs)
 
@@ -29,21 +30,6 @@ TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 # Logged learning-rate names, as kohya logs them (and the guides read them in TensorBoard).
 LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "text_encoder_2": "lr/textencoder2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-NONFINITE_CAUSES = ("Likely causes: a learning rate too high for the optimizer (model.learning_rate/unet_lr/"
-                    "text_encoder_lr), fp16 overflow (use trainer.precision: bf16-mixed; keep model.vae_dtype: "
-                    "float32 with fp16), or a broken image in the batch")
-
-
-class NonFiniteLossError(LorafitError):
-    """Training met a NaN/Inf loss (or weights) and stopped before writing anything from it."""
-
-
-def lora_weights_finite(module: torch.nn.Module) -> bool:
-    """True when every trainable weight is finite (one device sync, not one per tensor)."""
-    params = [p.detach() for p in module.parameters() if p.requires_grad]
-    return not params or bool(torch.isfinite(torch.stack([p.abs().max().float() for p in params])).all())
 
 
 def step_seed(base_seed: int, epoch: int, batch_idx: int, rank: int) -> int:
@@ -219,7 +205,8 @@ class LoraDiffusionModule(pl.LightningModule):
                                hp.revision, hp.variant)
         self.base = base
         self.unet, self.vae = base.unet, base.vae
-        self.vae.to(DTYPES[self.vae_dtype])
+        if self.vae.dtype != DTYPES[self.vae_dtype]:  # diffusers warns on any .to(dtype), even a no-op
+            self.vae.to(DTYPES[self.vae_dtype])
         self.text_encoders = torch.nn.ModuleList(base.text_encoders)
         if hp.zero_terminal_snr and base.prediction_type != "v_prediction":
             raise LorafitError("model.zero_terminal_snr needs a v-prediction model (at zero SNR an epsilon model "
@@ -425,29 +412,24 @@ class LoraDiffusionModule(pl.LightningModule):
                       batch_size=batch_size)
         return loss
 
-    def _where(self, batch: dict, batch_idx: int) -> str:
-        keys = [str(k) for k in batch.get("keys", [])]
-        shown = ", ".join(keys[:3]) + (f" +{len(keys) - 3} more" if len(keys) > 3 else "")
-        return f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}, samples: {shown or 'unnamed'})"
+    def _position(self, batch: dict, batch_idx: int) -> str:
+        return batch_position(self.global_step, self.current_epoch, batch_idx, batch)
 
     def _nonfinite_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> None:
-        where = self._where(batch, batch_idx)
-        if self.hparams.nonfinite_loss == "skip":
-            self.skipped_nonfinite += 1
-            log.warning("skipped a batch with loss %s at %s; %d skipped so far", loss.item(), where,
-                        self.skipped_nonfinite)
-            self.log("loss/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, on_epoch=False,
-                     batch_size=len(batch["captions"]))
-            return None  # Lightning skips backward and the optimizer step
-        raise NonFiniteLossError(f"loss is {loss.item()} at {where}; stopped before any export of it. "
-                                 f"{NONFINITE_CAUSES}; model.nonfinite_loss: skip drops such batches instead")
+        if self.hparams.nonfinite_loss != "skip":
+            raise nonfinite_loss_error(loss.item(), self._position(batch, batch_idx))
+        self.skipped_nonfinite += 1
+        log.warning("skipped a batch with loss %s at %s; %d skipped so far", loss.item(),
+                    self._position(batch, batch_idx), self.skipped_nonfinite)
+        self.log("loss/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, on_epoch=False,
+                 batch_size=len(batch["captions"]))
+        return None  # Lightning then skips backward and the optimizer step
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # A finite loss can still produce an overflowing update (LR far too high): stop before the
-        # next step builds on it. Exports check the same (LoraExport), so no NaN weights are written.
-        if not lora_weights_finite(self):
-            raise NonFiniteLossError(f"LoRA weights became NaN/Inf after {self._where(batch, batch_idx)}; stopped, "
-                                     f"nothing from it was exported. {NONFINITE_CAUSES}")
+        # next step builds on it. LoraExport checks the same, so no NaN weights are written.
+        if not trainable_weights_finite(self):
+            raise nonfinite_weights_error(self._position(batch, batch_idx))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Fixed noise per batch position, so validation losses of different epochs compare.

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit.cli import main
-from lorafit.module import LoraDiffusionModule, NonFiniteLossError
+from lorafit.module import LoraDiffusionModule
+from lorafit.nonfinite import NonFiniteLossError
 from training import logged_metrics, train, unet_output
 
 

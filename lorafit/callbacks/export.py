@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import lightning.pytorch as pl
 import torch
 
-from lorafit.module import lora_weights_finite
+from lorafit.nonfinite import trainable_weights_finite
 from lorafit.networks.files import save_diffusers, save_kohya
 from lorafit.networks.metadata import TrainingInfo, kohya_metadata
 
@@ -105,7 +105,7 @@ class LoraExport(pl.Callback):
         """Write ``stem`` in every configured format (global rank 0 only, no collectives)."""
         if not trainer.is_global_zero:
             return []
-        if not lora_weights_finite(pl_module):
+        if not trainable_weights_finite(pl_module):
             # Keep the last good files: a NaN LoRA would overwrite them (the run stops right after).
             log.error("not exporting %s: the LoRA weights contain NaN/Inf", stem)
             return []
