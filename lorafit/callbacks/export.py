@@ -13,9 +13,9 @@ from typing import Literal, Optional
 import lightning.pytorch as pl
 import torch
 
-from lorafit.nonfinite import trainable_weights_finite
 from lorafit.networks.files import save_diffusers, save_kohya
 from lorafit.networks.metadata import TrainingInfo, kohya_metadata
+from lorafit.nonfinite import trainable_weights_finite
 
 log = logging.getLogger("lorafit.export")
 
