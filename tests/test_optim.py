@@ -181,3 +181,17 @@ def test_bad_optimizer_settings_get_one_line(tiny_models, demo_data, tmp_path):
               train_text_encoder=True, text_encoder_lr=0.5)
     with pytest.raises(LorafitError, match="every learning rate is 0"):
         train(tiny_models["sd1"], demo_data, tmp_path, max_steps=1, unet_lr=0.0)
+
+
+def test_missing_optional_optimizer_package_names_the_extra(monkeypatch):
+    import sys
+
+    from lorafit.optim import optimizer_class
+
+    for module, name, extra in (("prodigyopt", "Prodigy", "prodigy"), ("lion_pytorch", "Lion", "lion"),
+                                ("bitsandbytes", "AdamW8bit", "bnb")):
+        monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+        if module == "bitsandbytes":
+            monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
+        with pytest.raises(LorafitError, match=rf"model.optimizer: {name} needs .*pip install lorafit\[{extra}\]"):
+            optimizer_class(name)

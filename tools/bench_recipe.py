@@ -6,7 +6,7 @@ own ``add_lora``, ``build_optimizer``, diffusers' gradient checkpointing, MSE on
 reports
 
 - step time: median wall time of ``--steps`` steps after one warm-up step (forward, backward,
-  optimizer step), with ``--threads`` torch threads;
+  optimizer step), with ``--threads`` torch threads, and the median time of the optimizer step alone;
 - peak memory: weights (frozen base + LoRA) + optimizer state (sizes of the live tensors) + the
   step's working peak: the maximum of the bytes allocated minus freed during one step (activations,
   gradients, temporaries), from torch's profiler (``profile_memory``) events summed in time order.
@@ -84,14 +84,19 @@ def make_step(unet, optimizer, latents, hidden, kwargs):
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     generator = torch.Generator().manual_seed(1)
 
+    optimizer_seconds = []
+
     def step():
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
         prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden, **kwargs).sample
         torch.nn.functional.mse_loss(prediction, noise).backward()
+        start = time.perf_counter()
         optimizer.step()
+        optimizer_seconds.append(time.perf_counter() - start)
         optimizer.zero_grad(set_to_none=True)
 
+    step.optimizer_seconds = optimizer_seconds
     return step
 
 
@@ -132,14 +137,17 @@ def run_one(base_unet, latent_size: int, batch: int, rank: int, optimizer_name: 
     step = make_step(unet, optimizer, latents, hidden, extra)
     step()  # warm-up; creates the optimizer state
     times = []
+    step.optimizer_seconds.clear()
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    optimizer_ms = 1000 * statistics.median(step.optimizer_seconds)
     working = working_peak_mib(step)
     weights = tensor_mib(unet.state_dict().values())  # frozen base + LoRA
     state = tensor_mib(t for per_param in optimizer.state.values() for t in per_param.values())
     return {"optimizer": optimizer_name, "checkpointing": checkpointing, "step_s": statistics.median(times),
+            "optimizer_ms": optimizer_ms,
             "lora_params": sum(p.numel() for p in params), "weights_mib": weights, "state_mib": state,
             "working_mib": working, "total": weights + state + working}
 
@@ -155,7 +163,8 @@ def markdown(results: dict[str, list[dict]], settings: dict, command: str) -> st
         "# Benchmark: memory and time knobs of the training recipe",
         "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- device: CPU ({cpu}), {settings['threads']} torch thread(s), shared machine (timings are noisy)",
+        f"- device: CPU ({cpu}), {settings['threads']} torch thread(s), {os.cpu_count()} cores shared with other "
+        f"jobs (load average {settings['load']} at the end of the run: timings are noisy)",
         f"- versions: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
         f"{transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, python {platform.python_version()}",
         f"- command: `{command}`",
@@ -169,10 +178,12 @@ def markdown(results: dict[str, list[dict]], settings: dict, command: str) -> st
     for name, rows in results.items():
         info = settings["models"][name]
         lines += [f"## {name}: {info}", "",
-                  "| optimizer | grad ckpt | step s | peak MiB | weights MiB | optimizer state MiB | working peak MiB |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| optimizer | grad ckpt | step s | of which optimizer ms | peak MiB | weights MiB | "
+                  "optimizer state MiB | working peak MiB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(f"| {r['optimizer']} | {'on' if r['checkpointing'] else 'off'} | {r['step_s']:.3f} | "
+                         f"{r['optimizer_ms']:.1f} | "
                          f"{r['total']:.1f} | {r['weights_mib']:.1f} | {r['state_mib']:.2f} | {r['working_mib']:.1f} |")
         lines.append("")
     return "\n".join(lines)
@@ -208,6 +219,7 @@ def main() -> None:
         settings["models"][name] = (f"{millions:.0f}M-parameter UNet, {latent_size}x{latent_size} latents "
                                     f"({latent_size * 8} px), batch {args.batch}, LoRA rank {args.rank} on attention "
                                     f"({rows[0]['lora_params'] / 1e6:.2f}M LoRA parameters)")
+    settings["load"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     command = "python tools/bench_recipe.py " + " ".join(sys.argv[1:])
     report = markdown(results, settings, command.strip())
     print(report)
