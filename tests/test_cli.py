@@ -107,3 +107,27 @@ def test_prepare_takes_several_source_folders(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = yaml.safe_load((tmp_path / "shards" / "dataset.json").read_text())
     assert summary["samples_written"] == 2
+
+
+PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
+
+
+def test_presets_exist_and_say_what_they_are_in_one_line():
+    names = {p.stem for p in PRESETS}
+    assert {"sd15-character", "sd15-style", "sd15-concept", "sdxl-character", "sdxl-style", "sdxl-lowvram"} <= names
+    for preset in PRESETS:
+        first = preset.read_text().splitlines()[0]
+        assert first.startswith("# ") and len(first) > 40, f"{preset.name}: first line should describe the preset"
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_trains_a_step_on_the_tiny_model(preset, tiny_models, demo_data, tmp_path):
+    """The recipe in each preset (optimizer + args, schedule, loss options) really runs."""
+    family = "sdxl" if preset.stem.startswith("sdxl") else "sd1"
+    main(["fit", "--config", str(preset), "--model.model", tiny_models[family], "--data.train_dir", demo_data,
+          "--data.resolution", "64", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+          "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["model"]["optimizer"] == yaml.safe_load(preset.read_text())["model"]["optimizer"]
+    assert list((tmp_path / "lora").glob("*.safetensors"))
