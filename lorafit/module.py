@@ -7,8 +7,9 @@ step reads like the paper (encode, noise, predict, regress onto the family's tar
 from __future__ import annotations
 
 import hashlib
+import re
 import time
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -16,20 +17,25 @@ import torch.nn.functional as F
 
 from lorafit.errors import LorafitError
 from lorafit.models.base import BaseModel, Family, PredictionType, load_base_model, resolve_model_source
-from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, tokenize
+from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, text_layers_used, tokenize
 from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
 from lorafit.networks.lora_weights import LoraWeights, from_peft_model
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
 
-def step_seed(base_seed: int, epoch: int, batch_idx: int, rank: int) -> int:
-    """A seed for one micro-batch that depends only on where it is in training.
+Generators = Union[torch.Generator, Sequence[torch.Generator]]
+_TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
-    Noise and timesteps drawn from it are the same whether a run was interrupted and resumed or
-    not, and differ between DDP ranks.
+
+def step_seed(base_seed: int, epoch: int, batch_idx: int, slot: int) -> int:
+    """A seed that depends only on where it is in training: epoch, batch index and ``slot``.
+
+    Training uses one per sample, ``slot`` being the sample's place in the step's global batch
+    (see :meth:`LoraDiffusionModule.sample_generators`). Noise and timesteps drawn from it are the
+    same whether a run was interrupted and resumed or not.
     """
-    digest = hashlib.blake2b(f"{base_seed}:{epoch}:{batch_idx}:{rank}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{base_seed}:{epoch}:{batch_idx}:{slot}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -118,6 +124,21 @@ class LoraDiffusionModule(pl.LightningModule):
             config = lora_config(hp.rank, hp.alpha, hp.text_encoder_target_modules, "model.text_encoder_target_modules")
             for encoder in self.text_encoders:
                 add_lora(encoder, config, "model.text_encoder_target_modules")
+            self._freeze_unread_text_layers()
+
+    def _freeze_unread_text_layers(self) -> None:
+        """Freeze LoRA on text-encoder layers after the hidden state the UNet is conditioned on.
+
+        They cannot affect the loss (SDXL's first encoder skips its last layer, as does clip_skip),
+        so they never get a gradient; left trainable, DDP stops with "parameters that were not used
+        in producing the loss". They stay in the exported files at their initial, no-op values.
+        """
+        for index, encoder in enumerate(self.text_encoders):
+            used = text_layers_used(self.family, index, encoder.config.num_hidden_layers, self.hparams.clip_skip)
+            for name, parameter in encoder.named_parameters():
+                match = _TEXT_LAYER.search(name)
+                if "lora_" in name and match and int(match.group(1)) >= used:
+                    parameter.requires_grad_(False)
 
     @property
     def family(self) -> str:
@@ -139,9 +160,23 @@ class LoraDiffusionModule(pl.LightningModule):
         if self.noise_seed is None:  # restored from the checkpoint on resume
             self.noise_seed = torch.initial_seed()
 
-    def _generator(self, batch_idx: int) -> torch.Generator:
-        seed = step_seed(self.noise_seed, self.current_epoch, batch_idx, self.global_rank)
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def sample_generators(self, batch_idx: int, batch_size: int) -> list[torch.Generator]:
+        """One generator per sample of this micro-batch, seeded by the sample's place in the global batch.
+
+        Sample ``j`` of rank ``r`` is sample ``j * world_size + r`` of the step's global batch: the
+        order in which a DistributedSampler deals the epoch out to the ranks. Seeding per sample by
+        that place, not per rank, gives every image the same latent sample, noise and timestep
+        however many processes share the batch, so N processes with batch B train what one process
+        with batch N*B does (up to float summation order). Seeds depend only on the position in
+        training, never on RNG state, so a resumed run draws what an uninterrupted one would.
+        """
+        trainer = self._trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return [
+            torch.Generator(device=self.device).manual_seed(
+                step_seed(self.noise_seed, self.current_epoch, batch_idx, j * world_size + rank))
+            for j in range(batch_size)
+        ]
 
     def text_conditioning(self, batch: dict) -> TextConditioning:
         """Text embeddings for ``batch``: cached ones when the batch carries them, else encoded now."""
@@ -153,8 +188,10 @@ class LoraDiffusionModule(pl.LightningModule):
         with torch.set_grad_enabled(self.hparams.train_text_encoder and self.training):
             return encode_tokens(self.family, list(self.text_encoders), ids, self.hparams.clip_skip)
 
-    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def latents(self, batch: dict, generator: Generators) -> torch.Tensor:
         """Scaled VAE latents of ``batch``, sampled from the posterior with ``generator``.
+
+        ``generator`` is one generator for the batch or a list of one per sample.
 
         A cached batch carries the posterior's moments (``latent_moments``: mean and log-variance
         stacked on channels) instead of pixels; sampling from them with the same generator gives
@@ -171,24 +208,31 @@ class LoraDiffusionModule(pl.LightningModule):
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             return ((latents - shift) * self.vae.config.scaling_factor).float()
 
-    def denoising_loss(self, batch: dict, generator: torch.Generator,
+    def denoising_loss(self, batch: dict, generator: Generators,
                        timesteps: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """MSE between the UNet's prediction and the family's target on noised latents of ``batch``.
 
         ``timesteps``/``noise`` may be fixed by the caller (evaluation at fixed points); otherwise
-        they are drawn from ``generator``.
+        they are drawn from ``generator``: one generator for the batch, or one per sample (each
+        sample's latent sample, noise and timestep then come from its own generator).
 
         The batch contract (every lorafit DataModule): ``captions`` (list of str), ``original_size``
         and ``crop_top_left`` (long [B, 2]), ``is_reg`` (bool [B], regularization samples), and
         either ``pixel_values`` (float [B, 3, H, W] in [-1, 1]) or ``latent_moments`` (cached); it
         may carry cached ``prompt_embeds``/``pooled_prompt_embeds``.
         """
+        from diffusers.utils.torch_utils import randn_tensor
+
         latents = self.latents(batch, generator)
         if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, device=self.device)
+            noise = randn_tensor(latents.shape, generator=generator, device=self.device)
         if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      generator=generator, device=self.device)
+            steps = self.noise_scheduler.config.num_train_timesteps
+            if isinstance(generator, torch.Generator):
+                timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=self.device)
+            else:
+                timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=g.device) for g in generator])
+                timesteps = timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.base.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -209,8 +253,10 @@ class LoraDiffusionModule(pl.LightningModule):
         return F.mse_loss(prediction.float(), target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.denoising_loss(batch, self._generator(batch_idx))
-        self.log("loss/current", loss, prog_bar=True, batch_size=len(batch["captions"]))
+        batch_size = len(batch["captions"])
+        loss = self.denoising_loss(batch, self.sample_generators(batch_idx, batch_size))
+        # sync_dist: the logged value is the mean over all ranks' samples, i.e. the global batch's loss.
+        self.log("loss/current", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -9,7 +9,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lorafit.atomic_io import AtomicCheckpointIO
 from lorafit.callbacks.export import LoraExport
+from lorafit.cli import LAST_CHECKPOINT
 from lorafit.data.folder import FolderDataModule
 from lorafit.module import LoraDiffusionModule
 
@@ -35,8 +37,9 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[LoraExport(**{"name": "test", **(export or {})}), ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
-                                                            save_top_k=0, every_n_epochs=1)],
+        callbacks=[LoraExport(**{"name": "test", **(export or {})}),
+                   ModelCheckpoint(dirpath=str(root / "checkpoints"), **LAST_CHECKPOINT)],
+        plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, module
