@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from fsspec.implementations.local import LocalFileSystem
 
 
 def temporary_sibling(path: Path) -> Path:

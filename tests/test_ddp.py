@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cli_runs import demo_fit_args, lora_file, run_lorafit, tensorboard_scalars
+
 from lorafit.module import LoraDiffusionModule
 
 DDP_MAX_DIFFERENCE = 1e-4
