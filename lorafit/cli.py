@@ -188,6 +188,24 @@ def main(argv: Optional[list[str]] = None) -> None:
         message = " ".join(str(error).split())
         print(f"lorafit: error: {message} (see `lorafit {verb} --help`)", file=sys.stderr)
         raise SystemExit(2)
+    except Exception as error:
+        # jsonargparse wraps errors raised while instantiating a union-typed option (trainer.logger)
+        # in its own ValueError; the LorafitError inside is still the one line to show.
+        cause = _lorafit_cause(error)
+        if cause is None:
+            raise
+        print(f"lorafit: error: {cause}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _lorafit_cause(error: BaseException) -> Optional[LorafitError]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LorafitError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":
