@@ -118,16 +118,21 @@ def sbatch_header(options: SubmitOptions) -> list[str]:
 
 
 def render(options: SubmitOptions) -> str:
-    """The template with its ``#SBATCH`` block replaced by :func:`sbatch_header`."""
+    """The template with its ``#SBATCH`` block replaced by :func:`sbatch_header`.
+
+    In the body, the defaults of the runs directory and of the SLURM overlay become ``--runs-dir``
+    and the overlay's absolute path, so the job finds them whatever directory it was submitted from.
+    """
     _check(options)
     lines = template_path(options).read_text().splitlines()
     directive = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
     if not directive:
         raise LorafitError(f"{template_path(options)} has no #SBATCH lines to fill in")
     first, last = directive[0], directive[-1]
-    body = [line for line in lines[last + 1:]]
-    header = [line for line in lines[:first]]
-    return "\n".join([*header, *sbatch_header(options), *body]) + "\n"
+    body = "\n".join(lines[last + 1:])
+    body = body.replace("${LORAFIT_RUNS:-runs}", f"${{LORAFIT_RUNS:-{options.runs_dir}}}")
+    body = body.replace(f"${{LORAFIT_SLURM_OVERLAY:-{OVERLAY}}}", f"${{LORAFIT_SLURM_OVERLAY:-{REPO / OVERLAY}}}")
+    return "\n".join([*lines[:first], *sbatch_header(options), body]) + "\n"
 
 
 def script_arguments(options: SubmitOptions) -> list[str]:
