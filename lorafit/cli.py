@@ -26,28 +26,48 @@ TOOL_VERBS = {
     "demo-data": ("lorafit.data.demo_dataset:write_demo_dataset", "Write the generated demo dataset."),
     "prepare": ("lorafit.data.prepare:prepare", "Check kohya-style image folders and write webdataset shards + report."),
     "cache": ("lorafit.data.cache:cache", "Encode prepared shards into VAE latent (and text embedding) shards."),
+    "submit": ("lorafit.slurm.submit:main", "Render a SLURM sbatch script for `lorafit fit` and submit it (or print it)."),
 }
 LIGHTNING_VERBS = ("fit", "validate")
+
+# ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
+# Not `save_last=True, save_top_k=0`: since Lightning 2.6 that writes last.ckpt only when a top-k
+# checkpoint is saved at the same step, i.e. never before the end of training, so a killed run had
+# nothing to resume from. Instead the single "top-k" file is named last.ckpt and overwritten in place
+# (atomically, see atomic_io.py); `--ckpt_path last` finds it.
+LAST_CHECKPOINT = {"filename": "last", "save_top_k": 1, "save_last": False, "enable_version_counter": False,
+                   "every_n_epochs": 1}
 
 
 def _build_cli_class():
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from lorafit.callbacks.export import LoraExport
     from lorafit.data.datamodule import LoraDataModule
+    from lorafit.callbacks.requeue import RequeueOnSignal
+    from lorafit.atomic_io import AtomicCheckpointIO, atomic_write_text
+    from lorafit.loggers.wandb import WandbRunLogger
     from lorafit.module import LoraDiffusionModule
 
     class RunDirConfig(SaveConfigCallback):
         """Save the resolved config as ``<default_root_dir>/config.yaml``, beside the LoRA files.
 
-        Overwriting is intended: a resumed or requeued run rewrites the same run's config.
+        Overwriting is intended: a resumed or requeued run rewrites the same run's config (through a
+        temporary file, so a kill mid-write leaves the previous one). W&B also gets the whole config
+        (Lightning itself logs only the model's and data module's arguments).
         """
 
         def save_config(self, trainer, pl_module, stage) -> None:
-            path = Path(trainer.default_root_dir) / self.config_filename
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+            text = self.parser.dump(self.config, skip_none=False)
+            atomic_write_text(Path(trainer.default_root_dir) / self.config_filename, text)
+            wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+            if wandb_loggers:
+                config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+                for logger in wandb_loggers:
+                    logger.log_hyperparams({"config": config})
 
     class LorafitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -55,10 +75,23 @@ def _build_cli_class():
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             # Checkpoints hold only LoRA weights + optimizer state (small); keep last.ckpt for resume
             # under the run directory, whatever logger is configured.
-            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
-                                 "checkpoint.every_n_epochs": 1})
+            parser.set_defaults({f"checkpoint.{key}": value for key, value in LAST_CHECKPOINT.items()})
             parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
                                   compute_fn=lambda root: os.path.join(root or ".", "checkpoints"))
+            # After "checkpoint": Lightning keeps checkpoint callbacks in order at the end of the list.
+            parser.add_lightning_class_args(RequeueOnSignal, "requeue")
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            # Atomic checkpoint files unless the config chose its own CheckpointIO plugin.
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            return trainer
+
+        def before_fit(self) -> None:
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbRunLogger):
+                    logger.bind_run_dir(self.trainer.default_root_dir)
 
     return LorafitCLI, LoraDiffusionModule, LoraDataModule, RunDirConfig
 
@@ -104,6 +137,8 @@ def run_tool(verb: str, argv: list[str]):
     target, _ = TOOL_VERBS[verb]
     module_name, function_name = target.split(":")
     function = getattr(importlib.import_module(module_name), function_name)
+    if getattr(function, "parses_own_args", False):  # e.g. submit, whose flags follow sbatch's spelling
+        return function(argv)
     return auto_cli(function, args=argv, as_positional=True, parser_mode="yaml", prog=f"lorafit {verb}",
                     exit_on_error=False)
 
@@ -154,6 +189,24 @@ def main(argv: Optional[list[str]] = None) -> None:
         message = " ".join(str(error).split())
         print(f"lorafit: error: {message} (see `lorafit {verb} --help`)", file=sys.stderr)
         raise SystemExit(2)
+    except Exception as error:
+        # jsonargparse wraps errors raised while instantiating a union-typed option (trainer.logger)
+        # in its own ValueError; the LorafitError inside is still the one line to show.
+        cause = _lorafit_cause(error)
+        if cause is None:
+            raise
+        print(f"lorafit: error: {cause}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _lorafit_cause(error: BaseException) -> Optional[LorafitError]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LorafitError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from typing import Any, Literal, Optional, Union
 
@@ -17,7 +18,7 @@ import torch
 from lorafit import losses
 from lorafit.errors import LorafitError
 from lorafit.models.base import DTYPES, BaseModel, Family, PredictionType, load_base_model, resolve_model_source
-from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, tokenize
+from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, text_layers_used, tokenize
 from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
 from lorafit.networks.lora_weights import LoraWeights, from_peft_model
 from lorafit.nonfinite import batch_position, nonfinite_loss_error, nonfinite_weights_error, trainable_weights_finite
@@ -31,13 +32,16 @@ TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "text_encoder_2": "lr/textencoder2"}
 
 
-def step_seed(base_seed: int, epoch: int, batch_idx: int, rank: int) -> int:
-    """A seed for one micro-batch that depends only on where it is in training.
+_TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+def step_seed(base_seed: int, epoch: int, batch_idx: int, slot: int) -> int:
+    """A seed that depends only on where it is in training: epoch, batch index and ``slot`` (the rank).
 
     Noise and timesteps drawn from it are the same whether a run was interrupted and resumed or
     not, and differ between DDP ranks.
     """
-    digest = hashlib.blake2b(f"{base_seed}:{epoch}:{batch_idx}:{rank}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{base_seed}:{epoch}:{batch_idx}:{slot}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -226,6 +230,7 @@ class LoraDiffusionModule(pl.LightningModule):
         config = lora_config(hp.rank, hp.alpha, hp.text_encoder_target_modules, "model.text_encoder_target_modules")
         for encoder in self.trained_text_encoders().values():
             add_lora(encoder, config, "model.text_encoder_target_modules")
+        self._freeze_unread_text_layers()
         self._configure_speed()
 
     def _configure_speed(self) -> None:
@@ -241,6 +246,22 @@ class LoraDiffusionModule(pl.LightningModule):
                 encoder.train()
         if hp.compile_unet:
             self.unet.compile()  # in place: parameter names (checkpoints, exports) stay the same
+
+    def _freeze_unread_text_layers(self) -> None:
+        """Freeze LoRA on text-encoder layers after the hidden state the UNet is conditioned on.
+
+        They cannot affect the loss (SDXL's first encoder skips its last layer, as does clip_skip),
+        so they never get a gradient; left trainable, DDP stops with "parameters that were not used
+        in producing the loss". They stay in the exported files at their initial, no-op values.
+        """
+        for index, encoder in enumerate(self.text_encoders):
+            if encoder not in self.trained_text_encoders().values():
+                continue
+            used = text_layers_used(self.family, index, encoder.config.num_hidden_layers, self.hparams.clip_skip)
+            for name, parameter in encoder.named_parameters():
+                match = _TEXT_LAYER.search(name)
+                if "lora_" in name and match and int(match.group(1)) >= used:
+                    parameter.requires_grad_(False)
 
     @property
     def family(self) -> str:
@@ -417,7 +438,8 @@ class LoraDiffusionModule(pl.LightningModule):
         batch_size = len(batch["captions"])
         if not torch.isfinite(loss):
             return self._nonfinite_loss(loss, batch, batch_idx)
-        self.log("loss/current", loss, prog_bar=True, batch_size=batch_size)
+        # sync_dist: the logged value is the mean over all ranks' samples, i.e. the global batch's loss.
+        self.log("loss/current", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
         rates = effective_learning_rates(self.trainer.optimizers[0])
         self.log_dict({LR_LOG_NAMES[name]: rate for name, rate in rates.items()}, on_step=True, on_epoch=False,
                       batch_size=batch_size)

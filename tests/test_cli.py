@@ -13,7 +13,9 @@ import yaml
 from lorafit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# configs/<topic>/*.yaml are overlays: composed after a full config with a second --config.
+OVERLAYS = sorted((REPO / "configs").glob("*/*.yaml"))
 
 
 def _lorafit(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -33,6 +35,20 @@ def test_every_config_prints_a_complete_commented_config(config, capsys):
     assert {"model", "data", "trainer", "export", "checkpoint", "seed_everything"} <= printed.keys()
     assert printed["model"]["model"] == yaml.safe_load(config.read_text())["model"]["model"]
     assert "# LoRA rank" in text, "option help should appear as comments"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_overlay_composes_with_a_full_config(overlay, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for section, values in yaml.safe_load(overlay.read_text()).items():
+        for key, value in values.items():
+            if not isinstance(value, (dict, list)):
+                assert printed[section][key] == value, (section, key)
+            elif isinstance(value, dict) and "class_path" in value:
+                assert printed[section][key]["class_path"] == value["class_path"], (section, key)
 
 
 def _fit_error(tmp_path, capsys, *args: str) -> str:
@@ -61,7 +77,7 @@ def test_bad_input_gets_one_line_before_heavy_work(tmp_path, capsys, demo_data, 
 
 
 def test_help_for_every_verb():
-    for verb in ("fit", "validate", "convert", "tiny", "demo-data", "prepare"):
+    for verb in ("fit", "validate", "convert", "tiny", "demo-data", "prepare", "submit"):
         result = _lorafit(verb, "--help")
         assert result.returncode == 0, result.stderr
         assert "usage:" in result.stdout

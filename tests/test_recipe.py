@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
-from lorafit.data.folder import FolderDataModule, collate_folder_batch
 from lorafit.errors import LorafitError
 from lorafit.module import LoraDiffusionModule
-from training import train
+from training import tiny_batch, train
 
 # The tiny models' schedule (as SD's): scaled_linear betas 0.00085..0.012 over 1000 steps.
 ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
@@ -23,8 +20,7 @@ def _module(model_dir: str, **kwargs) -> LoraDiffusionModule:
 
 
 def _batch(data_dir: str, size: int = 2) -> dict:
-    data = FolderDataModule(train_dir=data_dir, resolution=64, batch_size=size)
-    return next(iter(DataLoader(data.dataset, batch_size=size, collate_fn=collate_folder_batch)))
+    return tiny_batch(data_dir, size)
 
 
 @pytest.mark.parametrize("family, prediction_type", [("sd1", "epsilon"), ("sd2", "v_prediction")])

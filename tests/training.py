@@ -11,8 +11,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from lorafit.atomic_io import AtomicCheckpointIO
 from lorafit.callbacks.export import LoraExport
 from lorafit.data.datamodule import LoraDataModule
+from lorafit.cli import LAST_CHECKPOINT
 from lorafit.module import LoraDiffusionModule
 
 
@@ -20,6 +22,14 @@ def tiny_data(data_dir: str, batch_size: int = 2, **kwargs) -> LoraDataModule:
     """The DataModule at the tiny models' 64 px (buckets from 64 to 128 px)."""
     return LoraDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=0, min_bucket_reso=64,
                           max_bucket_reso=128, **kwargs)
+
+
+def tiny_batch(data_dir: str, size: int = 2) -> dict:
+    """The first ``size`` images of ``data_dir`` as one centred, unaugmented batch."""
+    data = tiny_data(data_dir, batch_size=size, val_dir=data_dir)
+    data.prepare_data()
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))
 
 
 def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_path: Optional[str] = None,
@@ -48,8 +58,9 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[LoraExport(**{"name": "test", **(export or {})}), ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
-                                                            save_top_k=0, every_n_epochs=1), *extra_callbacks],
+        callbacks=[LoraExport(**{"name": "test", **(export or {})}),
+                   ModelCheckpoint(dirpath=str(root / "checkpoints"), **LAST_CHECKPOINT), *extra_callbacks],
+        plugins=[AtomicCheckpointIO()],
         **trainer_kwargs,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

@@ -7,6 +7,7 @@ compares epochs afterwards and keeps the one that balances both.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -58,6 +59,19 @@ class LoraExport(pl.Callback):
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "lora"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        # A run killed mid-export (kill -9, preemption) leaves the hidden temporaries of the atomic
+        # writes in networks/files.py (`.<name>.safetensors.*`); the finished files are whole.
+        # Remove those leftovers when the run (or its resume) starts, on the one rank that writes.
+        if not trainer.is_global_zero:
+            return
+        directory = self._dir(trainer)
+        for leftover in [*directory.glob(".*.safetensors.*"), *directory.glob("diffusers/.*.safetensors.*")]:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -31,6 +31,11 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    # mkstemp creates the file owner-only (0600); give the finished file the permissions any other
+    # new file gets (umask), so collaborators on a shared cluster filesystem can read the LoRA.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
