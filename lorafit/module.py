@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from lorafit.errors import LorafitError
 from lorafit.models.base import BaseModel, Family, PredictionType, load_base_model, resolve_model_source
 from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, tokenize
-from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
-from lorafit.networks.lora_weights import LoraWeights, from_peft_model
+from lorafit.networks.adapters import ADAPTER_NAME, DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
+from lorafit.networks.lora_weights import LoraWeights
+from lorafit.networks.peft_layers import from_peft_model
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
@@ -131,7 +132,7 @@ class LoraDiffusionModule(pl.LightningModule):
         return components
 
     def lora_weights(self) -> LoraWeights:
-        return from_peft_model(self.lora_components())
+        return from_peft_model(self.lora_components(), ADAPTER_NAME)
 
     # ---- training -----------------------------------------------------------------------
 
