@@ -58,10 +58,14 @@ class LoraModuleWeights:
 
     @classmethod
     def from_parts(cls, parts: dict[str, torch.Tensor], alpha: Optional[float]) -> "LoraModuleWeights":
-        down = parts["lora_down.weight"]
+        down, up, dora_scale = parts["lora_down.weight"], parts["lora_up.weight"], parts.get("dora_scale")
+        if dora_scale is not None and tuple(dora_scale.shape) != (up.shape[0],) + (1,) * (up.dim() - 1):
+            # A1111 and LyCORIS wd_on_out=False files normalise per *input* channel ([1, in]); PEFT's
+            # DoRA (and so lorafit's) normalises per output channel and cannot represent those.
+            raise LorafitError(f"dora_scale {tuple(dora_scale.shape)} is not per output channel "
+                               f"({up.shape[0]}, 1...): input-axis DoRA files are not supported")
         # No alpha tensor means alpha = rank (scale 1), as kohya, A1111 and ComfyUI read it.
-        return cls(down, parts["lora_up.weight"], float(down.shape[0]) if alpha is None else alpha,
-                   parts.get("dora_scale"))
+        return cls(down, up, float(down.shape[0]) if alpha is None else alpha, dora_scale)
 
     def to(self, dtype: torch.dtype) -> "LoraModuleWeights":
         scale = None if self.dora_scale is None else self.dora_scale.to(dtype)
@@ -105,7 +109,10 @@ def module_from_parts(parts: dict[str, torch.Tensor], where: str) -> ModuleWeigh
             if missing or unknown:
                 raise LorafitError(f"{where} has parts {sorted(names)}: "
                                    + (f"missing {sorted(missing)}" if missing else f"unsupported {sorted(unknown)}"))
-            return module_type.from_parts(parts, alpha)
+            try:
+                return module_type.from_parts(parts, alpha)
+            except LorafitError as error:
+                raise LorafitError(f"{where}: {error}") from None
     raise LorafitError(f"{where} has parts {sorted(names)}, not LoRA/LoCon/DoRA/LoHa/LoKr (unsupported network type)")
 
 

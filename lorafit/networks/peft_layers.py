@@ -107,7 +107,8 @@ def write_layer(layer: torch.nn.Module, adapter: str, weights: ModuleWeights) ->
         created = next(getattr(layer, n)[adapter] for n in _LOKR_PARAMS if adapter in getattr(layer, n))
         device, dtype = created.device, created.dtype
         for name in _LOKR_PARAMS:
-            getattr(layer, name).pop(adapter, None)
+            if adapter in getattr(layer, name):
+                del getattr(layer, name)[adapter]
         for name, tensor in weights.parts().items():
             getattr(layer, name)[adapter] = torch.nn.Parameter(tensor.to(device, dtype), requires_grad=False)
         rank = weights.rank or 1
