@@ -32,7 +32,7 @@ import torch
 from lorafit.errors import LorafitError
 from lorafit.networks.files import read_lora_file
 from lorafit.networks.kohya_format import kohya_name_table
-from lorafit.networks.peft_layers import adapter_layers, injection_config, write_layer
+from lorafit.networks.peft_layers import adapter_layers, injection_config, outer_name, write_layer
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _REGISTRY = "_lorafit_loras"  # attribute on each adapted component: {name: LoadedLora}
@@ -132,7 +132,7 @@ def _inject(model: torch.nn.Module, name: str, modules: dict, weight: float, whe
         loaded.adapters[peft_name] = kind
         inject_adapter_in_model(injection_config(kind, group), model, adapter_name=peft_name)
         layers = adapter_layers(model, peft_name)
-        by_module = {_outer(layer_name): layer for layer_name, layer in layers.items()}
+        by_module = {outer_name(layer_name): layer for layer_name, layer in layers.items()}
         for module, module_weights in group.items():
             try:
                 write_layer(by_module[module], peft_name, module_weights)
@@ -145,12 +145,6 @@ def _inject(model: torch.nn.Module, name: str, modules: dict, weight: float, whe
         before = [a for a in active_before.get(id(layer), []) if a in available]
         mine = [a for a in loaded.adapters if a in available]
         layer.set_adapter(list(dict.fromkeys(before + mine)), inference_mode=True)
-
-
-def _outer(name: str) -> str:
-    while name.endswith(".base_layer"):
-        name = name.removesuffix(".base_layer")
-    return name
 
 
 def _tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
