@@ -111,3 +111,24 @@ def test_parts_lorafit_cannot_read_are_one_line_errors(tiny_models, tmp_path, ex
         lorafit.load_lora(pipe, path)
     assert "\n" not in str(error.value) and stem in str(error.value)
     assert not any(".base_layer" in n for n, _ in pipe.unet.named_modules()), "a failed load left adapters behind"
+
+
+@pytest.mark.parametrize("parts", [
+    {"lora_down.weight": (2, 31), "lora_up.weight": (32, 2)},
+    {"lokr_w1": (2, 4), "lokr_w2": (8, 8)},  # kron is 16 x 32, the module is 32 x 32
+    {"lokr_w1": (8, 2), "lokr_w2": (8, 8)},  # 64 x 16: as many elements, wrong rows
+    {"hada_w1_a": (32, 2), "hada_w1_b": (2, 16), "hada_w2_a": (32, 2), "hada_w2_b": (2, 16)},
+], ids=["lora", "lokr-size", "lokr-rows", "loha"])
+def test_a_file_for_another_module_shape_is_a_one_line_error_and_loads_nothing(tiny_models, tmp_path, parts):
+    pipe = pipeline(tiny_models["sd1"])
+    base = unet_output(pipe.unet)
+    good, bad = _stem(pipe, TO_K), _stem(pipe, TO_Q)
+    tensors = {f"{good}.lora_down.weight": _random(2, 32), f"{good}.lora_up.weight": _random(32, 2)}
+    tensors.update({f"{bad}.{part}": _random(*shape) for part, shape in parts.items()})
+    path = tmp_path / "wrong.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(LorafitError, match="does not fit") as error:
+        lorafit.load_lora(pipe, path)
+    assert "\n" not in str(error.value) and TO_Q in str(error.value)
+    assert lorafit.loaded_loras(pipe) == {} and torch.equal(unet_output(pipe.unet), base)
+    assert not any(".base_layer" in n for n, _ in pipe.unet.named_modules())
