@@ -19,8 +19,11 @@ from lorafit import losses
 from lorafit.errors import LorafitError
 from lorafit.models.base import DTYPES, BaseModel, Family, PredictionType, load_base_model, resolve_model_source
 from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, text_layers_used, tokenize
-from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
-from lorafit.networks.lora_weights import LoraWeights, from_peft_model
+from lorafit.networks.adapters import ADAPTER_NAME, DEFAULT_TEXT_ENCODER_TARGETS, attach_network
+from lorafit.networks.lora_weights import LoraWeights
+from lorafit.networks.network_types import NetworkSpec, NetworkType
+from lorafit.networks.peft_layers import from_peft_model
+from lorafit.networks.presets import TargetPreset, preset_modules
 from lorafit.nonfinite import batch_position, nonfinite_loss_error, nonfinite_weights_error, trainable_weights_finite
 from lorafit.optim import (OptimizerName, SchedulerName, build_optimizer, build_scheduler, effective_learning_rates,
                            optimizer_kwargs)
@@ -62,9 +65,27 @@ class LoraDiffusionModule(pl.LightningModule):
         rank: LoRA rank (kohya's ``network_dim``).
         alpha: LoRA alpha (kohya's ``network_alpha``); the update is scaled by ``alpha / rank``.
             Empty means ``alpha = rank`` (scale 1). kohya's default is 1.
-        unet_target_modules: UNet modules to adapt: a list of name suffixes or one full-match regex.
-        train_text_encoder: Also train LoRA on the text encoder(s).
+        unet_target_modules: UNet modules to adapt, overriding ``target_preset``: a list of name
+            suffixes or one full-match regex. Empty means the preset decides.
+        train_text_encoder: Also train the network on the text encoder(s).
         text_encoder_target_modules: Text-encoder modules to adapt (suffixes or a regex).
+        network_type: ``lora``; ``locon`` (LoRA also on ResNet/Down/Upsample convs, kohya's
+            ``conv_dim``); ``loha``, ``lokr`` (LyCORIS ``algo``); ``dora`` (LoRA with learnt
+            per-channel magnitude, LyCORIS ``dora_wd``). See docs/network-types.md.
+        target_preset: UNet modules to adapt: ``attn`` (attention projections), ``attn-mlp``
+            (all linears of the transformer blocks, kohya's default) or ``full`` (also ResNet
+            convs, conv_in/out and time embedding, LyCORIS's ``full``).
+        include: Extra modules to adapt: regexes matched against module names (a name matches
+            when it equals the pattern or ends in ``.`` + pattern), UNet and text encoders.
+        exclude: Modules not to adapt, regexes as for ``include`` (applied last).
+        conv_rank: Rank of convolutions with kernels larger than 1x1 (kohya's ``conv_dim``);
+            empty means ``rank``.
+        conv_alpha: Alpha of those convolutions (kohya's ``conv_alpha``, whose default is 1);
+            empty means scale 1 (alpha = the conv's rank) when ``conv_rank`` is set, else ``alpha``.
+        rank_pattern: Rank per module, ``{regex: rank}``, e.g. ``{"up_blocks\\.0\\..*": 32}``;
+            the first matching regex wins over ``rank``/``conv_rank`` (kohya's block dims).
+        alpha_pattern: Alpha per module, ``{regex: alpha}``, as ``rank_pattern``.
+        lokr_factor: LoKr only: the Kronecker factor size (LyCORIS's ``factor``); -1 = as square as possible.
         learning_rate: Base learning rate (kohya's ``learning_rate``), used by every part whose own
             rate (``unet_lr``, ``text_encoder_lr``) is empty.
         text_encoder_lr: Learning rate of the (first) text encoder's LoRA (kohya's
@@ -126,9 +147,18 @@ class LoraDiffusionModule(pl.LightningModule):
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         rank: int = 16,
         alpha: Optional[float] = None,
-        unet_target_modules: Union[list[str], str] = DEFAULT_UNET_TARGETS,
+        unet_target_modules: Optional[Union[list[str], str]] = None,
         train_text_encoder: bool = False,
         text_encoder_target_modules: Union[list[str], str] = DEFAULT_TEXT_ENCODER_TARGETS,
+        network_type: NetworkType = "lora",
+        target_preset: TargetPreset = "attn",
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        conv_rank: Optional[int] = None,
+        conv_alpha: Optional[float] = None,
+        rank_pattern: Optional[dict[str, int]] = None,
+        alpha_pattern: Optional[dict[str, float]] = None,
+        lokr_factor: int = -1,
         learning_rate: float = 1e-4,
         text_encoder_lr: Optional[float] = None,
         weight_decay: Optional[float] = None,
@@ -224,12 +254,17 @@ class LoraDiffusionModule(pl.LightningModule):
         if not any(rate > 0 for rate in rates.values()):
             raise LorafitError(f"model: every learning rate is 0 ({rates}); nothing would train")
         # Parts with learning rate 0 get no LoRA at all: frozen, absent from checkpoints and exports.
+        spec = self.network_spec()
         if rates["unet"] > 0:
-            add_lora(self.unet, lora_config(hp.rank, hp.alpha, hp.unet_target_modules, "model.unet_target_modules"),
-                     "model.unet_target_modules")
-        config = lora_config(hp.rank, hp.alpha, hp.text_encoder_target_modules, "model.text_encoder_target_modules")
+            if hp.unet_target_modules is not None:
+                unet_targets, key = hp.unet_target_modules, "model.unet_target_modules"
+            else:
+                unet_targets = preset_modules(self.unet, hp.target_preset, with_conv_blocks=hp.network_type == "locon")
+                key = "model.target_preset"
+            attach_network(self.unet, spec, unet_targets, hp.include, hp.exclude, key)
         for encoder in self.trained_text_encoders().values():
-            add_lora(encoder, config, "model.text_encoder_target_modules")
+            attach_network(encoder, spec, hp.text_encoder_target_modules, hp.include, hp.exclude,
+                           "model.text_encoder_target_modules")
         self._freeze_unread_text_layers()
         self._configure_speed()
 
@@ -262,6 +297,11 @@ class LoraDiffusionModule(pl.LightningModule):
                 match = _TEXT_LAYER.search(name)
                 if "lora_" in name and match and int(match.group(1)) >= used:
                     parameter.requires_grad_(False)
+
+    def network_spec(self) -> NetworkSpec:
+        hp = self.hparams
+        return NetworkSpec(hp.network_type, hp.rank, hp.alpha, hp.conv_rank, hp.conv_alpha,
+                           dict(hp.rank_pattern or {}), dict(hp.alpha_pattern or {}), hp.lokr_factor)
 
     @property
     def family(self) -> str:
@@ -300,7 +340,7 @@ class LoraDiffusionModule(pl.LightningModule):
         return components
 
     def lora_weights(self) -> LoraWeights:
-        return from_peft_model(self.lora_components())
+        return from_peft_model(self.lora_components(), ADAPTER_NAME)
 
     # ---- training -----------------------------------------------------------------------
 
