@@ -276,7 +276,10 @@ class LoraDiffusionModule(pl.LightningModule):
             for encoder in self.trained_text_encoders().values():
                 # Non-reentrant: the frozen embeddings need no grad, and reentrant checkpointing would
                 # then drop the LoRA gradients inside each layer.
-                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+                    encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 # transformers checkpoints only in train mode; CLIP has no dropout, so nothing else changes.
                 encoder.train()
         if hp.compile_unet:
