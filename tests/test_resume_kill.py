@@ -54,9 +54,13 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> No
 
 
 def _every_file_loads(root: Path) -> int:
+    """Every LoRA and checkpoint under ``root`` loads; LoRA files are readable as the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
     files = [p for p in root.rglob("*.safetensors")]
     for path in files:
         assert load_file(str(path)), path
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
     for path in root.rglob("*.ckpt"):
         assert "state_dict" in torch.load(path, map_location="cpu", weights_only=False), path
     return len(files)
@@ -116,7 +120,7 @@ def test_sigusr1_saves_at_a_step_boundary_requeues_and_resumes_exactly(reference
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = lora_file(root)
     assert all(torch.equal(got[k], expected[k]) for k in expected), "resumed LoRA differs"
-    _every_file_loads(root)
+    assert _every_file_loads(root) == 2 * 9  # no epoch's export lost across the requeue
 
 
 _DYING_WRITER = """

@@ -69,6 +69,7 @@ class RequeueOnSignal(Checkpoint):
         self.signal = signal
         self.requeue = requeue
         self.requested = False
+        self._save_at_epoch_end = False
         self._previous_handler = None
 
     def _signum(self) -> int:
@@ -105,6 +106,18 @@ class RequeueOnSignal(Checkpoint):
         # Every rank takes part in this reduction every step, so all decide at the same step.
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
+        if batch_idx + 1 == trainer.num_training_batches:
+            # Lightning resumes a checkpoint taken after an epoch's last batch by skipping that
+            # epoch's end hooks (its LoRA export, last.ckpt, epoch LR step); save after them instead.
+            self._save_at_epoch_end = True
+            return
+        self._save_requeue_and_exit(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._save_at_epoch_end:  # the same on every rank: decided by the reduction above
+            self._save_requeue_and_exit(trainer)
+
+    def _save_requeue_and_exit(self, trainer: pl.Trainer) -> None:
         path = trainer.strategy.broadcast(str(next_hpc_checkpoint(trainer.default_root_dir)))
         trainer.save_checkpoint(path)
         job = slurm_job_id()
