@@ -34,6 +34,8 @@ def _build_cli_class():
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from lorafit.callbacks.export import LoraExport
+    from lorafit.callbacks.metrics import TrainingMetrics
+    from lorafit.callbacks.samples import SampleImages
     from lorafit.data.folder import FolderDataModule
     from lorafit.module import LoraDiffusionModule
 
@@ -51,6 +53,8 @@ def _build_cli_class():
     class LorafitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(LoraExport, "export")
+            parser.add_lightning_class_args(SampleImages, "samples")
+            parser.add_lightning_class_args(TrainingMetrics, "metrics")
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             # Checkpoints hold only LoRA weights + optimizer state (small); keep last.ckpt for resume
             # under the run directory, whatever logger is configured.

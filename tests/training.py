@@ -16,7 +16,8 @@ from lorafit.module import LoraDiffusionModule
 
 def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_path: Optional[str] = None,
           seed: int = 0, max_steps: int = -1, batch_size: int = 2, precision: str = "32-true",
-          export: Optional[dict] = None, **module_kwargs):
+          export: Optional[dict] = None, callbacks: Optional[list] = None, logger=False,
+          data_kwargs: Optional[dict] = None, trainer_kwargs: Optional[dict] = None, **module_kwargs):
     """Train and return (trainer, module); LoRA files land in ``root/lora``, checkpoints in ``root/checkpoints``.
 
     ``seed`` seeds the global RNGs only; the data order has its own fixed seed, as in a config file.
@@ -24,7 +25,7 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
     pl.seed_everything(seed)
     module_kwargs = {"rank": 4, "alpha": 2.0, "learning_rate": 1e-3, **module_kwargs}
     module = LoraDiffusionModule(model=model_dir, **module_kwargs)
-    data = FolderDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=0)
+    data = FolderDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=0, **(data_kwargs or {}))
     trainer = pl.Trainer(
         default_root_dir=str(root),
         accelerator="cpu",
@@ -32,11 +33,13 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
         max_epochs=max_epochs,
         max_steps=max_steps,
         precision=precision,
-        logger=False,
+        logger=logger,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[LoraExport(**{"name": "test", **(export or {})}), ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
-                                                            save_top_k=0, every_n_epochs=1)],
+                                                            save_top_k=0, every_n_epochs=1),
+                   *(callbacks or [])],
+        **(trainer_kwargs or {}),
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, module
