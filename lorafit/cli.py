@@ -25,7 +25,12 @@ TOOL_VERBS = {
     "tiny": ("lorafit.models.tiny:save_tiny_pipeline", "Write a tiny random-weight SD1/SD2/SDXL pipeline."),
     "demo-data": ("lorafit.data.demo_dataset:write_demo_dataset", "Write the generated demo dataset."),
     "prepare": ("lorafit.data.prepare:prepare", "Check kohya-style image folders and write webdataset shards + report."),
+    "generate": ("lorafit.inference.generate:generate", "Generate images with LoRAs at chosen strengths (hires fix)."),
+    "grid": ("lorafit.inference.grid:grid", "Epoch x strength x prompt grids, selection metrics, HTML report."),
+    "probe": ("lorafit.inference.probe:probe", "Does the base model already know the concept? Images, scores, verdict."),
 }
+# Verbs whose list options may be repeated (`--lora a --lora b`); see lorafit/cli_lists.py.
+REPEATABLE_LISTS = {"generate", "grid", "probe"}
 LIGHTNING_VERBS = ("fit", "validate")
 
 
@@ -107,6 +112,10 @@ def run_tool(verb: str, argv: list[str]):
     target, _ = TOOL_VERBS[verb]
     module_name, function_name = target.split(":")
     function = getattr(importlib.import_module(module_name), function_name)
+    if verb in REPEATABLE_LISTS:
+        from lorafit.cli_lists import gather_repeated_flags
+
+        argv = gather_repeated_flags(function, argv)
     return auto_cli(function, args=argv, as_positional=True, parser_mode="yaml", prog=f"lorafit {verb}",
                     exit_on_error=False)
 
@@ -129,6 +138,11 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
     # transformers warns at import that torchvision is absent (only its image processors use it).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Loading adapters into a module that already has one (several LoRAs at once) is intended.
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    # Per-component "Loading pipeline components" bars would bury the one line per image a tool prints.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
