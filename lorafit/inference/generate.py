@@ -56,7 +56,11 @@ def pick_device(device: str) -> torch.device:
 def load_renderer(model: str, device: str = "auto", dtype: Dtype = "auto", clip_skip: int = 1,
                   single_file_config: Optional[str] = None) -> Renderer:
     """Load ``model`` (diffusers dir, hub id or single file) and wrap it in a :class:`Renderer` on ``device``."""
+    from diffusers.utils import logging as diffusers_logging
+
     resolve_model_source(model, key="--model")
+    # One "Loading pipeline components" bar per load would bury the tools' own output.
+    diffusers_logging.disable_progress_bar()
     target = pick_device(device)
     if dtype == "auto":
         # Half precision is what GPUs sample in; CPUs have no fast float16 path.
