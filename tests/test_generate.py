@@ -97,3 +97,31 @@ def test_lora_spec_and_errors(tmp_path, tiny_models, capsys):
     with pytest.raises(SystemExit):
         main(["generate", tiny_models["sdxl"], "--prompt", "x --w 70"])
     assert "--prompt: --w needs a positive multiple of 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_sd1_sd2_with_clip_skip(family, tiny_models, tmp_path):
+    # SD2 is v-prediction: its samplers must keep the model's prediction type. Clip skip 2 encodes
+    # the prompt from the penultimate layer, as A1111 does, so the image changes.
+    model = tiny_models[family]
+    (last,) = generate(model, "ohwx star", steps=2, sampler="dpmpp_2m", device="cpu", out=str(tmp_path / "a"))
+    (skip,) = generate(model, "ohwx star", steps=2, sampler="dpmpp_2m", clip_skip=2, device="cpu",
+                       out=str(tmp_path / "b"))
+    assert Image.open(last).size == (64, 64)
+    assert np.abs(_pixels(last).astype(int) - _pixels(skip)).max() > 0
+
+
+def test_samplers_follow_the_model_config(tiny_models):
+    import diffusers
+
+    from lorafit.inference.samplers import SAMPLER_NAMES, canonical_sampler, make_scheduler
+
+    config = diffusers.DDIMScheduler.load_config(tiny_models["sd2"], subfolder="scheduler")
+    for name in SAMPLER_NAMES:
+        scheduler = make_scheduler(name, config)
+        assert scheduler.config.prediction_type == "v_prediction", name
+        assert scheduler.config.beta_schedule == "scaled_linear", name
+    assert type(make_scheduler("euler_a", config)).__name__ == "EulerAncestralDiscreteScheduler"
+    assert make_scheduler("dpmpp_2m_karras", config).config.use_karras_sigmas
+    assert make_scheduler("ddim", config).config.clip_sample is False
+    assert canonical_sampler("K_EULER_A") == "euler_a" and canonical_sampler("dpmsolver++") == "dpmpp_2m"

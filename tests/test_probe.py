@@ -90,3 +90,16 @@ def test_gets_close_names_the_closest_phrasing_and_thresholds_are_tunable():
 def test_unreliable_clip_is_said_out_loud():
     verdict = decide([_score("caption", [0.9])], _score("control", [0.95]), ceiling=0.9)
     assert not verdict.reliable and verdict.key == "unknown" and "UNRELIABLE" in verdict.explanation
+
+
+def test_probe_from_captions_only_draws_without_scores(tiny_models, tmp_path, capsys):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("# my concept\nohwx star, a yellow star\n\n")
+    out = tmp_path / "probe"
+    main(["probe", tiny_models["sd1"], "--data", str(captions), "--seed", "0", "--steps", "1", "--device", "cpu",
+          "--out", str(out)])
+    assert "pass --clip_model for scores and a verdict" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == ["00-caption-seed0.png", "01-control-seed0.png"]
+    with pytest.raises(SystemExit):
+        main(["probe", tiny_models["sd1"], "--data", str(captions), "--clip_model", "x", "--out", str(out)])
+    assert "holds captions only" in capsys.readouterr().err

@@ -72,7 +72,8 @@ def probe(
 
     Args:
         model: Base model to probe (diffusers directory, hub id or single file).
-        data: The concept's images and captions: a kohya image folder or a `lorafit prepare` folder.
+        data: The concept's images and captions: a kohya image folder or a `lorafit prepare` folder
+            (or a .txt file of captions, one per line: images only, no scores).
         phrasing: Synonym or related name to try as a prompt ("infinity symbol" for "lemniscate");
             repeat for more.
         description: Visual description to try ("a woman with fox ears and a fox tail"); repeat for more.
@@ -98,6 +99,9 @@ def probe(
         device: auto, cpu, cuda, ...
     """
     reference = load_reference_set(data, reference_images, key="--data")
+    if clip_model and not reference.images:
+        raise LorafitError(f"--data {data} holds captions only; scores compare with training images, so give "
+                           "the image folder (or drop --clip_model to only look at the images)")
     thresholds = Thresholds(good=good, close=close, consistent=consistent)
     seeds = list(seed)
     if not seeds:
@@ -150,7 +154,8 @@ def probe(
     else:
         lines = [f"no --clip_model: compare the rows of {out_dir / 'probe.png'} with the training images by eye "
                  "(pass --clip_model for scores and a verdict)"]
-    sheet, _ = make_sheet([references, *images], [f"seed {s}" for s in seeds], ["training images", *labels],
+    rows, row_labels = ([references], ["training images"]) if references else ([], [])
+    sheet, _ = make_sheet([*rows, *images], [f"seed {s}" for s in seeds], [*row_labels, *labels],
                           title="base model images per phrasing, under sample training images")
     sheet_path = out_dir / "probe.png"
     sheet.save(sheet_path)

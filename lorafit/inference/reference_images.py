@@ -104,11 +104,19 @@ def _from_prepared(root: Path, limit: int, seed: int) -> ReferenceSet:
 
 def load_reference_set(source: str, limit: int = 16, seed: int = 0, caption_ext: str = ".txt",
                        key: str = "--train_images") -> ReferenceSet:
-    """Up to ``limit`` training images with captions from a kohya folder or a prepared dataset folder."""
+    """Up to ``limit`` training images with captions from a kohya folder or a prepared dataset folder.
+
+    A ``.txt`` file gives captions only (one per line, ``#`` comments), without images.
+    """
     root = Path(source).expanduser()
+    if root.is_file() and root.suffix.lower() == ".txt":
+        # Captions alone (one per line): enough to draw, not to compare.
+        lines = [line.strip() for line in root.read_text(encoding="utf-8").splitlines()]
+        captions = [line for line in lines if line and not line.startswith("#")]
+        return ReferenceSet(captions=[captions[i] for i in _pick(len(captions), limit, seed)])
     if not root.is_dir():
-        raise LorafitError(f"{key}: {source} is not a folder; give the training image folder or a "
-                           "`lorafit prepare` output folder")
+        raise LorafitError(f"{key}: {source} is neither a folder nor a .txt file of captions; give the training "
+                           "image folder, a `lorafit prepare` output folder or a captions file")
     if (root / SUMMARY_NAME).is_file():
         return _from_prepared(root, limit, seed)
     return _from_folder(root, limit, seed, caption_ext)
