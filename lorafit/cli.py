@@ -23,11 +23,17 @@ from lorafit.errors import LorafitError
 TOOL_VERBS = {
     "convert": ("lorafit.networks.convert:convert", "Convert a LoRA file between kohya and diffusers format."),
     "tiny": ("lorafit.models.tiny:save_tiny_pipeline", "Write a tiny random-weight SD1/SD2/SDXL pipeline."),
+    "tiny-clip": ("lorafit.models.tiny_clip:save_tiny_clip", "Write a tiny random-weight CLIP model (for trying grid/probe)."),
     "demo-data": ("lorafit.data.demo_dataset:write_demo_dataset", "Write the generated demo dataset."),
     "prepare": ("lorafit.data.prepare:prepare", "Check kohya-style image folders and write webdataset shards + report."),
     "cache": ("lorafit.data.cache:cache", "Encode prepared shards into VAE latent (and text embedding) shards."),
     "submit": ("lorafit.slurm.submit:main", "Render a SLURM sbatch script for `lorafit fit` and submit it (or print it)."),
+    "generate": ("lorafit.inference.generate:generate", "Generate images with LoRAs at chosen strengths (hires fix)."),
+    "grid": ("lorafit.inference.grid:grid", "Epoch x strength x prompt grids, selection metrics, HTML report."),
+    "probe": ("lorafit.inference.probe:probe", "Does the base model already know the concept? Images, scores, verdict."),
 }
+# Verbs whose list options may be repeated (`--lora a --lora b`); see lorafit/cli_lists.py.
+REPEATABLE_LISTS = {"generate", "grid", "probe"}
 LIGHTNING_VERBS = ("fit", "validate")
 
 # ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
@@ -50,6 +56,8 @@ def _build_cli_class():
     from lorafit.callbacks.requeue import RequeueOnSignal
     from lorafit.atomic_io import AtomicCheckpointIO, atomic_write_text
     from lorafit.loggers.wandb import WandbRunLogger
+    from lorafit.callbacks.metrics import TrainingMetrics
+    from lorafit.callbacks.samples import SampleImages
     from lorafit.module import LoraDiffusionModule
 
     class RunDirConfig(SaveConfigCallback):
@@ -72,6 +80,8 @@ def _build_cli_class():
     class LorafitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(LoraExport, "export")
+            parser.add_lightning_class_args(SampleImages, "samples")
+            parser.add_lightning_class_args(TrainingMetrics, "metrics")
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             # Checkpoints hold only LoRA weights + optimizer state (small); keep last.ckpt for resume
             # under the run directory, whatever logger is configured.
@@ -139,6 +149,10 @@ def run_tool(verb: str, argv: list[str]):
     function = getattr(importlib.import_module(module_name), function_name)
     if getattr(function, "parses_own_args", False):  # e.g. submit, whose flags follow sbatch's spelling
         return function(argv)
+    if verb in REPEATABLE_LISTS:
+        from lorafit.cli_lists import gather_repeated_flags
+
+        argv = gather_repeated_flags(function, argv)
     return auto_cli(function, args=argv, as_positional=True, parser_mode="yaml", prog=f"lorafit {verb}",
                     exit_on_error=False)
 
@@ -161,6 +175,11 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
     # transformers warns at import that torchvision is absent (only its image processors use it).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Loading adapters into a module that already has one (several LoRAs at once) is intended.
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    # Per-component "Loading pipeline components" bars would bury the one line per image a tool prints.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

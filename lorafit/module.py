@@ -48,6 +48,11 @@ def step_seed(base_seed: int, epoch: int, batch_idx: int, slot: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def hash_key(key: str) -> int:
+    """A stable 63-bit seed from a sample key (Python's ``hash`` differs between processes)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
 class LoraDiffusionModule(pl.LightningModule):
     """Train LoRA adapters on a frozen SD1.x / SD2.x / SDXL model.
 
@@ -507,10 +512,36 @@ class LoraDiffusionModule(pl.LightningModule):
         if not trainable_weights_finite(self):
             raise nonfinite_weights_error(self._position(batch, batch_idx))
 
+    def _latent_shape(self, batch: dict) -> tuple[int, ...]:
+        if "latent_moments" in batch:  # mean and log-variance stacked on channels
+            b, c2, h, w = batch["latent_moments"].shape
+            return b, c2 // 2, h, w
+        b, _, h, w = batch["pixel_values"].shape
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return b, self.vae.config.latent_channels, h // scale, w // scale
+
+    def fixed_noise(self, batch: dict, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """Noise, timesteps and a posterior generator that depend only on which samples are in ``batch``.
+
+        Each sample's noise and timestep come from a seed derived from its key, so a held-out image
+        is scored at the same point every epoch, and at the same noise and timestep whatever the
+        batch size, order or number of ranks: validation losses of different epochs (and of runs
+        with another batch size) compare. Only the VAE posterior sample is drawn per batch (its
+        spread is tiny next to the noise). Batches without keys fall back to their position.
+        """
+        shape = self._latent_shape(batch)
+        keys = batch.get("keys") or [f"{batch_idx}:{i}" for i in range(shape[0])]
+        noise, timesteps = [], []
+        for key in keys:
+            generator = torch.Generator().manual_seed(hash_key(str(key)))
+            noise.append(torch.randn(shape[1:], generator=generator))
+            timesteps.append(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (), generator=generator))
+        posterior = torch.Generator(device=self.device).manual_seed(hash_key("|".join(map(str, keys))))
+        return torch.stack(noise).to(self.device), torch.stack(timesteps).to(self.device), posterior
+
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # Fixed noise per batch position, so validation losses of different epochs compare.
-        generator = torch.Generator(device=self.device).manual_seed(step_seed(0, 0, batch_idx, 0))
-        loss = self.denoising_loss(batch, generator)
+        noise, timesteps, generator = self.fixed_noise(batch, batch_idx)
+        loss = self.denoising_loss(batch, generator, timesteps=timesteps, noise=noise)
         self.log("loss/validation", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["captions"]))
         return loss
 

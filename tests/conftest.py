@@ -35,3 +35,10 @@ def demo_data(tmp_path_factory) -> str:
     from lorafit.data.demo_dataset import write_demo_dataset
 
     return str(write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_images=4, resolution=64))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    from lorafit.models.tiny_clip import save_tiny_clip
+
+    return str(save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip"))

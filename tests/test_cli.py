@@ -77,7 +77,8 @@ def test_bad_input_gets_one_line_before_heavy_work(tmp_path, capsys, demo_data, 
 
 
 def test_help_for_every_verb():
-    for verb in ("fit", "validate", "convert", "tiny", "demo-data", "prepare", "submit"):
+    for verb in ("fit", "validate", "convert", "tiny", "demo-data", "prepare", "submit", "cache", "generate", "grid",
+                 "probe"):
         result = _lorafit(verb, "--help")
         assert result.returncode == 0, result.stderr
         assert "usage:" in result.stdout
@@ -101,6 +102,8 @@ def test_demo_commands_end_to_end(tmp_path):
     assert saved["model"]["rank"] == 8 and saved["data"]["train_dir"] == str(tmp_path / "data")
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list(run.rglob("events.out.tfevents.*")), "TensorBoard logs missing"
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
+        "epoch-001_step-000020_00.png", "epoch-002_step-000040_00.png"]
     # The demo dataset has one image without a caption: the folder's prompt is used, and said so.
     assert "have no .txt caption, so their folder name was used" in result.stderr
 

@@ -35,7 +35,7 @@ def tiny_batch(data_dir: str, size: int = 2) -> dict:
 def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_path: Optional[str] = None,
           seed: int = 0, max_steps: int = -1, batch_size: int = 2, precision: str = "32-true",
           export: Optional[dict] = None, trainer_kwargs: Optional[dict] = None, log_metrics: bool = False,
-          **module_kwargs):
+          callbacks: Optional[list] = None, logger=None, data_kwargs: Optional[dict] = None, **module_kwargs):
     """Train and return (trainer, module); LoRA files land in ``root/lora``, checkpoints in ``root/checkpoints``.
 
     ``seed`` seeds the global RNGs only; the data order has its own fixed seed, as in a config file.
@@ -46,7 +46,7 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
     extra_callbacks = trainer_kwargs.pop("callbacks", [])
     module_kwargs = {"rank": 4, "alpha": 2.0, "learning_rate": 1e-3, **module_kwargs}
     module = LoraDiffusionModule(model=model_dir, **module_kwargs)
-    data = tiny_data(data_dir, batch_size)
+    data = tiny_data(data_dir, batch_size, **(data_kwargs or {}))
     trainer = pl.Trainer(
         default_root_dir=str(root),
         accelerator="cpu",
@@ -54,12 +54,13 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
         max_epochs=max_epochs,
         max_steps=max_steps,
         precision=precision,
-        logger=CSVLogger(str(root), name="", version="") if log_metrics else False,
+        logger=logger if logger is not None else (CSVLogger(str(root), name="", version="") if log_metrics else False),
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[LoraExport(**{"name": "test", **(export or {})}),
-                   ModelCheckpoint(dirpath=str(root / "checkpoints"), **LAST_CHECKPOINT), *extra_callbacks],
+                   ModelCheckpoint(dirpath=str(root / "checkpoints"), **LAST_CHECKPOINT), *extra_callbacks,
+                   *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         **trainer_kwargs,
     )

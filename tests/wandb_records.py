@@ -41,3 +41,22 @@ def wandb_records(path: str | Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def run_records(run_dir: Path) -> dict[str, list]:
+    """Records of the offline run in ``run_dir`` grouped by type: ``config`` updates and ``history`` rows.
+
+    Returns ``{"config": {key: json}, "history": [{key: json}, ...]}``.
+    """
+    (path,) = list(Path(run_dir).glob("run-*.wandb"))
+    config, history = {}, []
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        # The config arrives in the run record when set before the run started, else as updates.
+        if kind == "run":
+            config.update({item.key: item.value_json for item in record.run.config.update})
+        elif kind == "config":
+            config.update({item.key: item.value_json for item in record.config.update})
+        elif kind == "history":
+            history.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    return {"config": config, "history": history}
