@@ -5,8 +5,10 @@ weights) and each setting, it runs LoRA training steps the way LoraDiffusionModu
 own ``add_lora``, ``build_optimizer``, diffusers' gradient checkpointing, MSE on noised latents) and
 reports
 
-- step time: median wall time of ``--steps`` steps after one warm-up step (forward, backward,
-  optimizer step), with ``--threads`` torch threads, and the median time of the optimizer step alone;
+- step time: median process CPU time and wall time of ``--steps`` steps after one warm-up step
+  (forward, backward, optimizer step), with ``--threads`` torch threads, and the optimizer step's
+  CPU time alone. On a shared machine the CPU time is the steadier number: other jobs stretch the
+  wall time, not the work done;
 - peak memory: weights (frozen base + LoRA) + optimizer state (sizes of the live tensors) + the
   step's working peak: the maximum of the bytes allocated minus freed during one step (activations,
   gradients, temporaries), from torch's profiler (``profile_memory``) events summed in time order.
@@ -91,9 +93,9 @@ def make_step(unet, optimizer, latents, hidden, kwargs):
         timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
         prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden, **kwargs).sample
         torch.nn.functional.mse_loss(prediction, noise).backward()
-        start = time.perf_counter()
+        start = time.process_time()
         optimizer.step()
-        optimizer_seconds.append(time.perf_counter() - start)
+        optimizer_seconds.append(time.process_time() - start)
         optimizer.zero_grad(set_to_none=True)
 
     step.optimizer_seconds = optimizer_seconds
@@ -136,18 +138,19 @@ def run_one(base_unet, latent_size: int, batch: int, rank: int, optimizer_name: 
     (latents, hidden), extra = unet_inputs(unet, latent_size, batch)
     step = make_step(unet, optimizer, latents, hidden, extra)
     step()  # warm-up; creates the optimizer state
-    times = []
+    times, cpu_times = [], []
     step.optimizer_seconds.clear()
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     optimizer_ms = 1000 * statistics.median(step.optimizer_seconds)
     working = working_peak_mib(step)
     weights = tensor_mib(unet.state_dict().values())  # frozen base + LoRA
     state = tensor_mib(t for per_param in optimizer.state.values() for t in per_param.values())
     return {"optimizer": optimizer_name, "checkpointing": checkpointing, "step_s": statistics.median(times),
-            "optimizer_ms": optimizer_ms,
+            "step_cpu_s": statistics.median(cpu_times), "optimizer_ms": optimizer_ms,
             "lora_params": sum(p.numel() for p in params), "weights_mib": weights, "state_mib": state,
             "working_mib": working, "total": weights + state + working}
 
@@ -168,8 +171,9 @@ def markdown(results: dict[str, list[dict]], settings: dict, command: str) -> st
         f"- versions: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
         f"{transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, python {platform.python_version()}",
         f"- command: `{command}`",
-        "- method: step time = median wall time of the timed steps after one warm-up step (forward, backward, "
-        "optimizer step). Peak memory = weights (frozen base + LoRA) + optimizer state (sizes of the live "
+        "- method: step time = median over the timed steps (after one warm-up step) of the process CPU time "
+        "(with one thread: the work done, little affected by other jobs on the machine) and of the wall time "
+        "(affected by them); the optimizer step's CPU time alone in its own column. Peak memory = weights (frozen base + LoRA) + optimizer state (sizes of the live "
         "tensors) + working peak = the maximum over one step of bytes allocated minus freed (activations, "
         "gradients, temporaries), from torch.profiler's profile_memory events summed in time order. CPU tensor "
         "memory is what these knobs change; on a GPU the same parts dominate VRAM.",
@@ -178,12 +182,12 @@ def markdown(results: dict[str, list[dict]], settings: dict, command: str) -> st
     for name, rows in results.items():
         info = settings["models"][name]
         lines += [f"## {name}: {info}", "",
-                  "| optimizer | grad ckpt | step s | of which optimizer ms | peak MiB | weights MiB | "
-                  "optimizer state MiB | working peak MiB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| optimizer | grad ckpt | step CPU s | step wall s | optimizer step CPU ms | peak MiB | "
+                  "weights MiB | optimizer state MiB | working peak MiB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            lines.append(f"| {r['optimizer']} | {'on' if r['checkpointing'] else 'off'} | {r['step_s']:.3f} | "
-                         f"{r['optimizer_ms']:.1f} | "
+            lines.append(f"| {r['optimizer']} | {'on' if r['checkpointing'] else 'off'} | {r['step_cpu_s']:.3f} | "
+                         f"{r['step_s']:.3f} | {r['optimizer_ms']:.1f} | "
                          f"{r['total']:.1f} | {r['weights_mib']:.1f} | {r['state_mib']:.2f} | {r['working_mib']:.1f} |")
         lines.append("")
     return "\n".join(lines)
@@ -212,7 +216,7 @@ def main() -> None:
                 started = time.time()
                 row = run_one(unet, latent_size, args.batch, args.rank, optimizer_name, checkpointing, args.steps)
                 rows.append(row)
-                print(f"{name} {optimizer_name} ckpt={checkpointing}: {row['step_s']:.3f} s/step, peak "
+                print(f"{name} {optimizer_name} ckpt={checkpointing}: {row['step_cpu_s']:.3f} CPU s/step, peak "
                       f"{row['total']:.1f} MiB, state {row['state_mib']:.2f} MiB ({time.time() - started:.0f} s)",
                       flush=True)
         results[name] = rows
