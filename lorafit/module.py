@@ -407,8 +407,7 @@ class LoraDiffusionModule(pl.LightningModule):
         loss = self.denoising_loss(batch, self._generator(batch_idx))
         batch_size = len(batch["captions"])
         if not torch.isfinite(loss):
-            self._nonfinite_loss(loss, batch, batch_idx)  # raises, unless nonfinite_loss is skip
-            return None  # Lightning then skips backward and the optimizer step
+            return self._nonfinite_loss(loss, batch, batch_idx)
         self.log("loss/current", loss, prog_bar=True, batch_size=batch_size)
         rates = effective_learning_rates(self.trainer.optimizers[0])
         self.log_dict({LR_LOG_NAMES[name]: rate for name, rate in rates.items()}, on_step=True, on_epoch=False,
@@ -426,6 +425,7 @@ class LoraDiffusionModule(pl.LightningModule):
                     self._position(batch, batch_idx), self.skipped_nonfinite)
         self.log("loss/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, on_epoch=False,
                  batch_size=len(batch["captions"]))
+        return None  # Lightning then skips backward and the optimizer step
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # A finite loss can still produce an overflowing update (LR far too high): stop before the
