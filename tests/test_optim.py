@@ -119,7 +119,7 @@ def test_logged_learning_rates_follow_the_schedule(schedule, warmup, kwargs, tin
                                            rel=1e-5, abs=1e-12), (schedule, step)
         assert text2[step] == pytest.approx(text[step]), "text_encoder_2_lr defaults to text_encoder_lr"
     if schedule != "constant":
-        assert len(set(round(v, 12) for v in unet.values())) > 1, "the schedule should change the rate"
+        assert len({round(v, 12) for v in unet.values()}) > 1, "the schedule should change the rate"
 
 
 def test_gradient_accumulation_steps_the_schedule_per_optimizer_step(tiny_models, demo_data, tmp_path):

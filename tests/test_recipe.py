@@ -137,7 +137,7 @@ def _lora_grads(module, batch) -> dict[str, torch.Tensor]:
 
 def test_gradient_checkpointing_recomputes_and_keeps_gradients(tiny_models, demo_data):
     batch = _batch(demo_data)
-    kwargs = dict(train_text_encoder=True, learning_rate=1e-3)
+    kwargs = {"train_text_encoder": True, "learning_rate": 1e-3}
     plain = _module(tiny_models["sdxl"], **kwargs)
     checkpointed = _module(tiny_models["sdxl"], gradient_checkpointing=True, **kwargs)
     checkpointed.load_state_dict(plain.state_dict())

@@ -160,30 +160,34 @@ def markdown(results: dict[str, list[dict]], settings: dict, command: str) -> st
     import diffusers
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    method = ("- method: step time = median over the timed steps (after one warm-up step) of the process CPU time "
+              "(with one thread: the work done, little affected by other jobs on the machine) and of the wall time "
+              "(affected by them); the optimizer step's CPU time alone in its own column. Peak memory = weights "
+              "(frozen base + LoRA) + optimizer state (sizes of the live tensors) + working peak = the maximum over "
+              "one step of bytes allocated minus freed (activations, gradients, temporaries), from torch.profiler's "
+              "profile_memory events summed in time order. CPU tensor memory is what these knobs change; on a GPU "
+              "the same parts dominate VRAM.")
     lines = [
         "# Benchmark: memory and time knobs of the training recipe",
         "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- device: CPU ({cpu}), {settings['threads']} torch thread(s), {os.cpu_count()} cores shared with other "
-        f"jobs (load average {settings['load']} at the end of the run: timings are noisy)",
-        f"- versions: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
-        f"{transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, python {platform.python_version()}",
+        (f"- device: CPU ({cpu}), {settings['threads']} torch thread(s), {os.cpu_count()} cores shared with other "
+         f"jobs (load average {settings['load']} at the end of the run: timings are noisy)"),
+        (f"- versions: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
+         f"{transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, python {platform.python_version()}"),
         f"- command: `{command}`",
-        "- method: step time = median over the timed steps (after one warm-up step) of the process CPU time "
-        "(with one thread: the work done, little affected by other jobs on the machine) and of the wall time "
-        "(affected by them); the optimizer step's CPU time alone in its own column. Peak memory = weights (frozen base + LoRA) + optimizer state (sizes of the live "
-        "tensors) + working peak = the maximum over one step of bytes allocated minus freed (activations, "
-        "gradients, temporaries), from torch.profiler's profile_memory events summed in time order. CPU tensor "
-        "memory is what these knobs change; on a GPU the same parts dominate VRAM.",
+        method,
         "",
     ]
     for name, rows in results.items():
         info = settings["models"][name]
         lines += [f"## {name}: {info}", "",
-                  "| optimizer | grad ckpt | step CPU s | step wall s | optimizer step CPU ms | peak MiB | "
-                  "weights MiB | optimizer state MiB | working peak MiB |",
+                  ("| optimizer | grad ckpt | step CPU s | step wall s | optimizer step CPU ms | peak MiB | "
+                   "weights MiB | optimizer state MiB | working peak MiB |"),
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(f"| {r['optimizer']} | {'on' if r['checkpointing'] else 'off'} | {r['step_cpu_s']:.3f} | "
