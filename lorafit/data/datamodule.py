@@ -37,9 +37,11 @@ logger = logging.getLogger("lorafit.data")
 class EpochLoader(DataLoader):
     """A DataLoader that tells its stream which epoch (and resume offset) to play before workers start.
 
-    Workers get a copy of the dataset when ``iter()`` starts them, so the epoch must be set on the
-    dataset right then; Lightning's ``set_epoch`` protocol only reaches samplers, and an iterable
-    dataset has none.
+    Workers get a copy of the dataset when they start, so the epoch must be set on the dataset
+    right then; Lightning's ``set_epoch`` protocol only reaches samplers, and an iterable dataset
+    has none. The workers start at the first ``next()``, not at ``iter()``: Lightning may call
+    ``iter()`` before it restores a checkpoint's loop state (when a scheduler asks for
+    ``estimated_stepping_batches`` during setup), and the epoch read then would be the wrong one.
     """
 
     def __init__(self, dataset: ShardStream, position: Callable[[], tuple[int, int]], **kwargs) -> None:
@@ -47,8 +49,22 @@ class EpochLoader(DataLoader):
         self.position = position
 
     def __iter__(self):
-        self.dataset.epoch, self.dataset.skip = self.position()
-        return super().__iter__()
+        return _LazyEpochIterator(self)
+
+
+class _LazyEpochIterator:
+    def __init__(self, loader: EpochLoader) -> None:
+        self.loader = loader
+        self.iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.iterator is None:
+            self.loader.dataset.epoch, self.loader.dataset.skip = self.loader.position()
+            self.iterator = DataLoader.__iter__(self.loader)
+        return next(self.iterator)
 
 
 def _tree_fingerprint(roots: list[Path]) -> str:
