@@ -34,7 +34,8 @@ def tensorboard_run(tiny_models, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("samples-tb")
     samples = SampleImages(prompts=PROMPTS, steps=2, before_training=True, compare_base=True)
     logger = TensorBoardLogger(save_dir=str(root), name="tb", version=0)
-    common = dict(max_epochs=2, learning_rate=1e-2, data_kwargs={"repeats": 1, "val_dir": demo_data})
+    common = dict(max_epochs=2, learning_rate=1e-2, data_kwargs={"repeats": 1, "val_dir": demo_data},
+                  trainer_kwargs={"log_every_n_steps": 1})
     trainer, module = train(tiny_models["sdxl"], demo_data, root, callbacks=[samples, TrainingMetrics()],
                             logger=logger, **common)
     _, plain = train(tiny_models["sdxl"], demo_data, tmp_path_factory.mktemp("no-samples"), **common)
@@ -94,15 +95,18 @@ def test_tensorboard_images_and_curves(tensorboard_run):
     assert all(e.value > 0 for e in events.Scalars("perf/images_per_sec"))
 
 
-def test_validation_noise_is_fixed_per_sample(tiny_models):
+def test_validation_noise_is_fixed_per_sample(tiny_models, demo_data):
+    from lorafit.data.folder import FolderDataModule, collate_folder_batch
     from lorafit.module import LoraDiffusionModule
 
     module = LoraDiffusionModule(model=tiny_models["sdxl"], rank=4)
     module.configure_model()
-    pixels = torch.zeros(2, 3, 64, 64)
-    noise_a, steps_a, _ = module.fixed_noise({"pixel_values": pixels, "keys": ["img-a", "img-b"]}, batch_idx=0)
-    noise_b, steps_b, _ = module.fixed_noise({"pixel_values": pixels, "keys": ["img-c", "img-b"]}, batch_idx=7)
-    assert noise_a.shape == (2, 4, 8, 8)  # the latent shape: 4 channels at 1/8 of the image side
+    dataset = FolderDataModule(train_dir=demo_data, resolution=64, repeats=1).dataset
+    samples = [dataset[i] for i in range(3)]
+    pair = collate_folder_batch(samples[:2])
+    reversed_pair = collate_folder_batch([samples[2], samples[1]])
+    noise_a, steps_a, _ = module.fixed_noise(pair, batch_idx=0)
+    noise_b, steps_b, _ = module.fixed_noise(reversed_pair, batch_idx=7)
     # The same image gets the same noise and timestep in another batch, position and batch index.
     assert torch.equal(noise_a[1], noise_b[1]) and steps_a[1] == steps_b[1]
     assert not torch.equal(noise_a[0], noise_b[0])

@@ -34,7 +34,6 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
         max_steps=max_steps,
         precision=precision,
         logger=logger,
-        log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[LoraExport(**{"name": "test", **(export or {})}), ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
