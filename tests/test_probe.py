@@ -46,7 +46,7 @@ def test_probe_end_to_end_prints_a_verdict_with_scores(prepared, tiny_models, ti
                      printed[2])
     rows = printed[3:]
     assert [r.split()[0] for r in rows] == ["caption", "caption", "synonym", "description", "control"]
-    assert all(re.search(r"closeness +-?\d+\.\d\d +\d+% good", r) for r in rows)
+    assert all(re.search(r"similarity +-?\d\.\d{3} +closeness +-?\d+\.\d\d +\d+% good", r) for r in rows)
     summary = json.loads((out / "probe.json").read_text())
     assert summary["verdict"] in ("performs_well", "inconsistent", "gets_close", "unknown")
     assert len(summary["scores"]) == 5 and all(len(s["similarities"]) == 2 for s in summary["scores"])

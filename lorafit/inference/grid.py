@@ -263,8 +263,7 @@ def grid(
     sheets = []
     for zi, (zv, sheet_cells) in enumerate(zip(zs, layout)):
         title = _axis_label(z, zv, files, prompts) if z else ""
-        fixed = [_axis_label(a, values[a][0], files, prompts) for a in AXES if a not in (x, y, z)
-                 and a != "epoch" and a != "prompt"]
+        fixed = [_axis_label(a, values[a][0], files, prompts) for a in AXES if a not in (x, y, z)]
         image, _ = make_sheet([[cells.images[c] for c in row] for row in sheet_cells],
                               [_axis_label(x, v, files, prompts) for v in xs] if x else None,
                               [_axis_label(y, v, files, prompts) for v in ys] if y else None,

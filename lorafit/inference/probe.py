@@ -149,8 +149,8 @@ def probe(
                        explanation=verdict.explanation, floor=verdict.floor, ceiling=verdict.ceiling,
                        scores=[{**vars(s), "mean_closeness": s.mean_closeness} for s in scores])
         lines = [f"verdict: {verdict.title}", f"  what to do: {verdict.advice}", f"  {verdict.explanation}"]
-        lines += [f"  {s.kind:<11} closeness {s.mean_closeness:6.2f}  {s.hit_rate(good):4.0%} good  {s.prompt}"
-                  for s in scores]
+        lines += [f"  {s.kind:<11} similarity {sum(s.similarities) / len(s.similarities):6.3f}  closeness "
+                  f"{s.mean_closeness:6.2f}  {s.hit_rate(good):4.0%} good  {s.prompt}" for s in scores]
     else:
         lines = [f"no --clip_model: compare the rows of {out_dir / 'probe.png'} with the training images by eye "
                  "(pass --clip_model for scores and a verdict)"]
