@@ -20,6 +20,7 @@ from lorafit.models.base import BaseModel, Family, PredictionType, load_base_mod
 from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, text_layers_used, tokenize
 from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
 from lorafit.networks.lora_weights import LoraWeights, from_peft_model
+from lorafit.rng_state import gather_rng_states, restore_rng_states
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
@@ -278,9 +279,12 @@ class LoraDiffusionModule(pl.LightningModule):
     # ---- checkpoints: LoRA weights only -------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["lorafit"] = {"noise_seed": self.noise_seed, "started_at": self.started_at, "family": self.family}
+        # Every LoRA weight, trained or frozen (see _freeze_unread_text_layers): a resumed run must
+        # export exactly what the uninterrupted one would, whatever the seed it starts with.
+        keep = {name for name, p in self.named_parameters() if p.requires_grad or "lora_" in name}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["lorafit"] = {"noise_seed": self.noise_seed, "started_at": self.started_at, "family": self.family,
+                                 "rng_states": gather_rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning would raise a page of "size mismatch" lines; say in one what went wrong.
@@ -295,3 +299,5 @@ class LoraDiffusionModule(pl.LightningModule):
         info = checkpoint.get("lorafit", {})
         self.noise_seed = info.get("noise_seed", self.noise_seed)
         self.started_at = info.get("started_at", self.started_at)
+        if info.get("rng_states"):
+            restore_rng_states(info["rng_states"], self.global_rank)
