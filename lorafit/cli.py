@@ -224,7 +224,7 @@ def _lorafit_cause(error: BaseException) -> Optional[LorafitError]:
         if isinstance(error, LorafitError):
             return error
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__  # `raise ... from` only: an error *during* handling is a real one
     return None
 
 

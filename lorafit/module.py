@@ -28,6 +28,8 @@ from lorafit.nonfinite import batch_position, nonfinite_loss_error, nonfinite_we
 from lorafit.optim import (OptimizerName, SchedulerName, build_optimizer, build_scheduler, effective_learning_rates,
                            optimizer_kwargs)
 
+from lorafit.rng_state import gather_rng_states, restore_rng_states
+
 log = logging.getLogger("lorafit.train")
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
@@ -561,10 +563,12 @@ class LoraDiffusionModule(pl.LightningModule):
     # ---- checkpoints: LoRA weights only -------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Every adapter weight, trained or frozen (see _freeze_unread_text_layers): a resumed run must
+        # export exactly what the uninterrupted one would, whatever the seed it starts with.
+        adapter = {name for name, p in self.named_parameters() if p.requires_grad or f".{ADAPTER_NAME}" in name}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in adapter}
         checkpoint["lorafit"] = {"noise_seed": self.noise_seed, "started_at": self.started_at, "family": self.family,
-                                 "skipped_nonfinite": self.skipped_nonfinite}
+                                 "skipped_nonfinite": self.skipped_nonfinite, "rng_states": gather_rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning would raise a page of "size mismatch" lines; say in one what went wrong.
@@ -580,3 +584,5 @@ class LoraDiffusionModule(pl.LightningModule):
         self.noise_seed = info.get("noise_seed", self.noise_seed)
         self.started_at = info.get("started_at", self.started_at)
         self.skipped_nonfinite = info.get("skipped_nonfinite", 0)
+        if info.get("rng_states"):
+            restore_rng_states(info["rng_states"], self.global_rank)

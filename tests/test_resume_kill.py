@@ -180,3 +180,26 @@ def test_kill_9_in_the_middle_of_a_write_leaves_the_previous_file(writer, tmp_pa
         assert tensors and all(t.float().abs().max().item() in (1.0, 4.0) for t in tensors.values())  # 4.0: alpha
     # Beside it only the hidden temporary of the interrupted write, never a visible partial file.
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [target.name]
+
+
+def test_checkpoints_carry_the_global_rng_state_and_load_weights_only(tiny_models, tmp_path):
+    """Anything drawing from the global generators (dropout, augmentation) continues as if never stopped."""
+    import random as python_random
+
+    import numpy as np
+
+    from lorafit.module import LoraDiffusionModule
+
+    module = LoraDiffusionModule(model=tiny_models["sd1"], rank=4)
+    module.configure_model()
+    checkpoint = {"state_dict": module.state_dict()}
+    torch.manual_seed(7), np.random.seed(7), python_random.seed(7)
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "x.ckpt")
+    expected = (torch.rand(3), np.random.rand(3), python_random.random())
+
+    torch.manual_seed(8), np.random.seed(8), python_random.seed(8)
+    loaded = torch.load(tmp_path / "x.ckpt", weights_only=True)  # no pickled NumPy objects inside
+    module.on_load_checkpoint(loaded)
+    got = (torch.rand(3), np.random.rand(3), python_random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]

@@ -122,10 +122,11 @@ def test_sbatch_template_with_2_tasks_and_a_requeued_job_ending_with_the_same_lo
     signalled = subprocess.run(["scancel", "--signal=USR1", job], env=env, capture_output=True, text=True)
     assert signalled.returncode == 0, signalled.stderr
 
-    requeued = _wait(job, env, lambda i: i.get("Restarts") == "1", "requeue")
+    requeued = _wait(job, env, lambda i: i.get("Restarts") == "1" and i.get("JobState") in ("PENDING", "RUNNING",
+                                                                                          "COMPLETED"), "requeue")
     # A requeued job waits ~2 minutes before it may start again (SLURM sets its BeginTime); let it
     # start now to keep the test short. Real clusters just wait.
-    if requeued.get("JobState") == "PENDING":
+    if requeued["JobState"] == "PENDING":
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     info = _wait(job, env, lambda i: i.get("JobState") == "COMPLETED", "completion after the requeue")
     assert info["Restarts"] == "1"
