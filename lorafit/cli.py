@@ -26,6 +26,8 @@ TOOL_VERBS = {
     "tiny-clip": ("lorafit.models.tiny_clip:save_tiny_clip", "Write a tiny random-weight CLIP model (for trying grid/probe)."),
     "demo-data": ("lorafit.data.demo_dataset:write_demo_dataset", "Write the generated demo dataset."),
     "prepare": ("lorafit.data.prepare:prepare", "Check kohya-style image folders and write webdataset shards + report."),
+    "caption": ("lorafit.captioning.caption:caption", "Caption every image of a folder with BLIP-style models or a WD14 tagger."),
+    "review": ("lorafit.review.server:review", "Local page to review and fix captions: tags, search, bulk edits."),
     "cache": ("lorafit.data.cache:cache", "Encode prepared shards into VAE latent (and text embedding) shards."),
     "submit": ("lorafit.slurm.submit:main", "Render a SLURM sbatch script for `lorafit fit` and submit it (or print it)."),
     "generate": ("lorafit.inference.generate:generate", "Generate images with LoRAs at chosen strengths (hires fix)."),
