@@ -74,9 +74,9 @@ class _TinyTagger(torch.nn.Module):
             self.head.bias[names.index("long_hair")] = 6.0
             self.head.bias[names.index("^_^")] = 6.0
             self.head.bias[names.index("ohwx_character")] = 0.0  # p = 0.5: passes 0.35, not 0.85
-            # mean channel values are in 0..1 after /255; B, G, R order
-            self.head.weight[names.index("dog")] = torch.tensor([-12.0, -12.0, 12.0])
-            self.head.weight[names.index("grass")] = torch.tensor([-12.0, 12.0, -12.0])
+            # Mean channel values in 0..1, B, G, R order; strong enough to survive the white padding.
+            self.head.weight[names.index("dog")] = torch.tensor([-20.0, -20.0, 40.0])
+            self.head.weight[names.index("grass")] = torch.tensor([-20.0, 40.0, -20.0])
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         mean = pixels.mean(dim=(1, 2)) / 255.0
