@@ -35,7 +35,7 @@ TOOL_VERBS = {
     "probe": ("lorafit.inference.probe:probe", "Does the base model already know the concept? Images, scores, verdict."),
 }
 # Verbs whose list options may be repeated (`--lora a --lora b`); see lorafit/cli_lists.py.
-REPEATABLE_LISTS = {"generate", "grid", "probe"}
+REPEATABLE_LISTS = {"generate", "grid", "probe", "caption"}
 LIGHTNING_VERBS = ("fit", "validate")
 
 # ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
@@ -140,6 +140,22 @@ def _gather_leading_positionals(argv: list[str]) -> list[str]:
     return [json.dumps(argv[:count]), *argv[count:]]
 
 
+def _underscore_flags(function, argv: list[str]) -> list[str]:
+    """Accept ``--caption-ext`` for ``--caption_ext``: options are parameter names (kohya spells them
+    with underscores too), but many users and issue texts type dashes; only real parameter names
+    are rewritten, so a dashed value is never touched."""
+    import inspect
+
+    names = set(inspect.signature(function).parameters)
+    rewritten = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        if flag.startswith("--") and "-" in flag[2:] and flag[2:].rstrip("+").replace("-", "_") in names:
+            arg = "--" + flag[2:].replace("-", "_") + equals + value
+        rewritten.append(arg)
+    return rewritten
+
+
 def run_tool(verb: str, argv: list[str]):
     from jsonargparse import auto_cli
 
@@ -151,6 +167,7 @@ def run_tool(verb: str, argv: list[str]):
     function = getattr(importlib.import_module(module_name), function_name)
     if getattr(function, "parses_own_args", False):  # e.g. submit, whose flags follow sbatch's spelling
         return function(argv)
+    argv = _underscore_flags(function, argv)
     if verb in REPEATABLE_LISTS:
         from lorafit.cli_lists import gather_repeated_flags
 

@@ -115,8 +115,9 @@ def test_overwrite_and_append_keep_the_previous_text_as_bak(tagger, tmp_path):
 
 def test_blip_captions_through_the_cli_with_progress_and_summary(blip, tmp_path):
     root = _tree(tmp_path / "train")
-    result = run_lorafit("caption", str(root), "--model", str(blip), "--batch_size", "2", "--device", "cpu",
-                         "--caption_ext", ".caption", timeout=600)
+    # Dashed spellings (as the issue writes them) work as well as the parameter names.
+    result = run_lorafit("caption", str(root), "--model", str(blip), "--batch-size", "2", "--device", "cpu",
+                         "--caption-ext", ".caption", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     written = {p.relative_to(root).as_posix(): p.read_text().strip() for p in root.rglob("*.caption")}
     assert set(written) == {"10_ohwx dog/red.caption", "10_ohwx dog/closeups/green.caption", "1_dog/done.caption",
@@ -126,6 +127,14 @@ def test_blip_captions_through_the_cli_with_progress_and_summary(blip, tmp_path)
     assert "broken.jpg" in result.stdout and "captioned 4 images" in result.stdout
     assert "captioning (image-to-text)" in result.stderr and "4/5" not in result.stdout  # tqdm on stderr
     assert (root / "1_dog" / "done.txt").read_text() == "my own careful caption\n"
+
+
+def test_cli_remove_tags_repeats_and_accepts_lists(tagger, tmp_path):
+    image = _solid(tmp_path / "data" / "a.png", (220, 20, 20))
+    result = run_lorafit("caption", str(image.parent), "--model", str(tagger), "--prefix", "ohwx dog,",
+                         "--remove_tags", "solo", "--remove-tags", "long_hair, ^_^", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert image.with_suffix(".txt").read_text() == "ohwx dog, ohwx character, dog\n"
 
 
 def test_a_prepare_output_folder_stands_for_its_source_folders(tagger, tmp_path, capsys):
