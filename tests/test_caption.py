@@ -14,6 +14,7 @@ from cli_runs import run_lorafit
 from lorafit.captioning.caption import caption
 from lorafit.captioning.tags import is_emoticon_tag, join_tags, tag_frequency, tag_to_prompt, with_prefix
 from lorafit.errors import LorafitError
+from review_fixtures import request, running_server
 
 RATINGS = {"general", "sensitive", "questionable", "explicit"}
 
@@ -152,6 +153,12 @@ def test_a_prepare_output_folder_stands_for_its_source_folders(tagger, tmp_path,
     assert "grass" in (root / "3_ohwx dog" / "b.txt").read_text()
     assert "--overwrite" in capsys.readouterr().out  # tells the user to re-shard
     assert not list((tmp_path / "shards").glob("*.txt"))
+
+    # The review page on the prepared folder shows (and edits) the source images, and says so.
+    with running_server(tmp_path / "shards") as server:
+        status, body = request(server, "GET", "/api/items")
+    assert status == 200 and [item["id"] for item in body["items"]] == ["0/3_ohwx dog/a.png", "0/3_ohwx dog/b.png"]
+    assert "--overwrite" in body["reminder"]
 
 
 def test_bad_tagger_files_get_one_line_errors(tagger, tmp_path):
