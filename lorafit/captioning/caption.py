@@ -17,7 +17,7 @@ from typing import Literal, Optional, Union
 
 from tqdm import tqdm
 
-from lorafit.captioning.dataset_roots import dataset_roots
+from lorafit.captioning.dataset_roots import DatasetRoots, dataset_roots
 from lorafit.captioning.tags import (append_caption, format_frequency, join_tags, parse_tag_list, split_tags,
                                      tag_frequency, with_prefix)
 from lorafit.captioning.tags import remove_tags as drop_tags  # `remove_tags` is also caption()'s option
@@ -39,6 +39,8 @@ class Job:
 
 @dataclass
 class Tally:
+    """What a run did, for the summary it prints and returns."""
+
     written: list[str] = field(default_factory=list)  # caption texts, for the frequency summary
     skipped_existing: int = 0
     empty: list[str] = field(default_factory=list)
@@ -69,7 +71,7 @@ def _read_existing(sidecar: Path) -> str:
     return sidecar.read_text(encoding="utf-8-sig")
 
 
-def _jobs(directory: Union[str, os.PathLike], caption_ext: str, mode: Mode, tally: Tally) -> tuple[list[Job], object]:
+def _jobs(directory: Union[str, os.PathLike], caption_ext: str, mode: Mode, tally: Tally) -> tuple[list[Job], DatasetRoots]:
     from lorafit.data.kohya_folders import scan_tree
 
     roots = dataset_roots(directory)
@@ -99,12 +101,7 @@ def _load_captioner(model: str, model_type: str, general_threshold: float, chara
             model_type = "wd14" if "tagger" in model.lower() else "image-to-text"
     if model_type == "wd14":
         folder = local if local.is_dir() else wd14_tagger.fetch_tagger(model)
-        onnx_device = "cpu" if device == "auto" else device
-        if device == "auto":
-            # onnxruntime-gpu is a separate package; use CUDA only when it is there.
-            ort = wd14_tagger._onnxruntime()
-            onnx_device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-        return wd14_tagger.WD14Tagger(folder, general_threshold, character_threshold, onnx_device)
+        return wd14_tagger.WD14Tagger(folder, general_threshold, character_threshold, device)
     from lorafit.captioning.image_to_text import ImageToTextCaptioner
 
     return ImageToTextCaptioner(local if local.is_dir() else model, device, dtype, max_new_tokens, num_beams)

@@ -93,13 +93,14 @@ class WD14Tagger:
         model_dir: Folder holding ``model.onnx`` and ``selected_tags.csv``.
         general_threshold: Probability a general tag needs to be written (kohya's --general_threshold).
         character_threshold: Probability a character tag needs (kohya's --character_threshold).
-        device: ``cpu``, ``cuda`` or ``cuda:N``; CUDA needs the onnxruntime-gpu package.
+        device: ``auto`` (CUDA when onnxruntime has it), ``cpu``, ``cuda`` or ``cuda:N``; CUDA needs
+            the onnxruntime-gpu package.
     """
 
     kind = "wd14"
 
     def __init__(self, model_dir: str | os.PathLike, general_threshold: float = 0.35,
-                 character_threshold: float = 0.35, device: str = "cpu") -> None:
+                 character_threshold: float = 0.35, device: str = "auto") -> None:
         model_dir = Path(model_dir)
         if not is_tagger_dir(model_dir):
             raise LorafitError(f"--model {model_dir} does not hold {MODEL_FILE} and {TAGS_FILE}; "
@@ -122,6 +123,10 @@ class WD14Tagger:
     def _session(model_path: Path, device: str):
         ort = _onnxruntime()
         providers = ["CPUExecutionProvider"]
+        if device == "auto":
+            # CUDA comes with the separate onnxruntime-gpu package; use it only when it is there.
+            cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+            device = "cuda" if cuda else "cpu"
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise LorafitError(f"--device {device}: this onnxruntime has no CUDA support; "
