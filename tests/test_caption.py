@@ -7,14 +7,14 @@ import re
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from caption_models import BLIP_WORDS, save_tiny_blip, save_tiny_tagger
 from cli_runs import run_lorafit
+from PIL import Image
+from review_fixtures import request, running_server
+
 from lorafit.captioning.caption import caption
 from lorafit.captioning.tags import is_emoticon_tag, join_tags, tag_frequency, tag_to_prompt, with_prefix
 from lorafit.errors import LorafitError
-from review_fixtures import request, running_server
 
 RATINGS = {"general", "sensitive", "questionable", "explicit"}
 

@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from review_fixtures import make_tree, running_server
 
 
 def _browser_or_fail() -> tuple[str, str]:
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     try:
-        import selenium  # noqa: F401
+        import selenium
     except ImportError:
         selenium = None
     if chromium and driver and selenium is not None:
@@ -91,8 +90,7 @@ def test_review_page_edits_filters_bulk_removes_and_detects_conflicts(browser, t
                            root / "1_dog" / "c.txt")
     with running_server(root) as server:
         browser.get(server.url)
-        cards = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#items .card") if len(
-            browser.find_elements(By.CSS_SELECTOR, "#items .card")) == 3 else None, what="three image cards")
+        _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#items .card")) == 3, what="three image cards")
 
         def card(name):
             return next(c for c in browser.find_elements(By.CSS_SELECTOR, "#items .card") if c.get_attribute(

@@ -9,8 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from cli_runs import lorafit_command, lorafit_env, REPO
+from cli_runs import REPO, lorafit_command, lorafit_env
 from review_fixtures import SECRET, make_tree, request, running_server
 
 
@@ -62,7 +61,8 @@ def test_the_server_binds_only_the_loopback_address(tree):
     with running_server(tree) as server:
         assert server.server_address[0] == "127.0.0.1"
         # A page on another site reaching us through DNS rebinding carries its own Host name.
-        status, body = request(server, "GET", "/api/items", headers={"Host": f"evil.example:{server.server_address[1]}"})
+        port = server.server_address[1]
+        status, _ = request(server, "GET", "/api/items", headers={"Host": f"evil.example:{port}"})
         assert status == 403
 
 

@@ -18,8 +18,15 @@ from typing import Literal, Optional, Union
 from tqdm import tqdm
 
 from lorafit.captioning.dataset_roots import DatasetRoots, dataset_roots
-from lorafit.captioning.tags import (append_caption, format_frequency, join_tags, parse_tag_list, split_tags,
-                                     tag_frequency, with_prefix)
+from lorafit.captioning.tags import (
+    append_caption,
+    format_frequency,
+    join_tags,
+    parse_tag_list,
+    split_tags,
+    tag_frequency,
+    with_prefix,
+)
 from lorafit.captioning.tags import remove_tags as drop_tags  # `remove_tags` is also caption()'s option
 from lorafit.errors import LorafitError
 

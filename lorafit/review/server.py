@@ -49,10 +49,10 @@ def _static(name: str) -> bytes:
 class ReviewHandler(BaseHTTPRequestHandler):
     """Serves the page and the API for the :class:`CaptionStore` the server holds."""
 
-    server: "ReviewServer"
+    server: ReviewServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
@@ -71,7 +71,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
         return host in (LOOPBACK, "localhost")
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         if not self._host_allowed():
             return self._json(HTTPStatus.FORBIDDEN, {"error": "requests must be addressed to 127.0.0.1"})
         url = urlsplit(self.path)
@@ -95,7 +95,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         self._send(HTTPStatus.OK, path.read_bytes(), content_type)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if not self._host_allowed():
             return self._json(HTTPStatus.FORBIDDEN, {"error": "requests must be addressed to 127.0.0.1"})
         if urlsplit(self.path).path != "/api/save":
