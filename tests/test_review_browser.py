@@ -59,9 +59,15 @@ def browser():
 
 
 def _wait(condition, timeout: float = 30.0, what: str = "condition"):
+    """Polls ``condition`` until truthy; an element the page re-rendered meanwhile counts as not yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         time.sleep(0.1)
@@ -126,10 +132,12 @@ def test_review_page_edits_filters_bulk_removes_and_detects_conflicts(browser, t
         browser.switch_to.active_element.send_keys(Keys.END, ", smiling")
         browser.switch_to.active_element.send_keys(Keys.CONTROL, "s")
         _wait(lambda: a_txt.read_text() == "ohwx dog, solo, watermark, smiling\n", what="a.txt edit saved")
+        _wait(lambda: "dirty" not in card("a.png").get_attribute("class"), what="page done saving a.png")
         assert Path(f"{a_txt}.bak").read_text() == "ohwx dog, solo, watermark\n"
 
         # Filter by clicking a tag chip: only the image with that tag stays.
-        browser.find_element(By.CSS_SELECTOR, '#tags .chip[data-tag="grass"]').click()
+        _wait(lambda: browser.find_element(By.CSS_SELECTOR, '#tags .chip[data-tag="grass"]').click() or True,
+              what="a click on the grass chip")
         shown = browser.find_elements(By.CSS_SELECTOR, "#items .card")
         assert [c.get_attribute("data-id") for c in shown] == ["0/10_ohwx dog/nested/b.png"]
         browser.find_element(By.ID, "search").clear()

@@ -119,7 +119,9 @@ function refreshCard(item, rewriteText = false, card = cardElement(item)) {
   if (rewriteText) card.querySelector(".caption").value = item.text;
 }
 
+let tagTimer = null;
 function renderTags() {
+  clearTimeout(tagTimer);  // a pending delayed refresh is now redundant
   const counts = new Map(), spelling = new Map();
   for (const item of state.items) {
     for (const key of new Set(splitTags(item.text).map((t) => { const k = tagKey(t); if (!spelling.has(k)) spelling.set(k, t); return k; }))) {
@@ -142,7 +144,6 @@ function renderTags() {
   });
   $("tags").replaceChildren(...chips);
 }
-let tagTimer = null;
 function renderTagsSoon() { clearTimeout(tagTimer); tagTimer = setTimeout(renderTags, 300); }
 
 function renderSummary() {
