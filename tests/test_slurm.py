@@ -7,9 +7,8 @@ test is not run, unless LORAFIT_SLURM_TESTS=1 demands it (CI), in which case a c
 be started is a failure.
 
 Both jobs train the tiny SD1 model on the CPU with 2 tasks (gloo DDP): 4 images, 2 per task, so
-one optimizer step per epoch. Resuming is therefore always at an epoch boundary, where the folder
-data module's position is exact, and the requeued job's final LoRA must be bitwise equal to the
-uninterrupted job's.
+one optimizer step per epoch, which keeps the jobs short. The requeued job's final LoRA must be
+bitwise equal to the uninterrupted job's.
 """
 
 from __future__ import annotations
