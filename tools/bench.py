@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda or cpu; default: cuda if available")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator, autotune)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per loop")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time both loops this many times, interleaved; the best time of each counts")
     parser.add_argument("--loops", default="lightning,reference", help="which loops to time: lightning,reference")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--output", default=None, help="append one JSON line per row to this file")
@@ -86,9 +88,9 @@ def main(argv=None) -> list[dict]:
         bf16 = setting.precision != "fp32"
         if bf16 not in peaks:
             peaks[bf16] = peak_tflops(device, bf16)
-        measured = run_setting(setting, device, args.warmup, args.steps, loops)
+        measured = run_setting(setting, device, args.warmup, args.steps, loops, args.repeats)
         row = result_row(setting, measured, peaks[bf16][0], name, env)
-        row.update(peak_source=peaks[bf16][1], warmup=args.warmup, steps=args.steps,
+        row.update(peak_source=peaks[bf16][1], warmup=args.warmup, steps=args.steps, repeats=args.repeats,
                    command="python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
         rows.append(row)
         print(markdown_table([row]).splitlines()[-1], flush=True)

@@ -143,17 +143,26 @@ def time_lightning(module: BenchLoraModule, setting: BenchSetting, batches: list
 
 
 def run_setting(setting: BenchSetting, device: torch.device, warmup: int, steps: int,
-                loops: tuple[str, ...] = ("lightning", "reference")) -> dict:
-    """Build the model for ``setting`` and time the chosen loops; a dict of seconds per step and peak bytes."""
+                loops: tuple[str, ...] = ("lightning", "reference"), repeats: int = 1) -> dict:
+    """Build the model for ``setting`` and time the chosen loops, interleaved ``repeats`` times.
+
+    Returns seconds per step (the best repeat: on a shared machine the slowest runs measure the
+    neighbours) and peak bytes (the highest repeat) of each loop.
+    """
     module = build_module(setting, device)
     batches = make_batches(setting)
-    result = {}
     timers = {"lightning": time_lightning, "reference": time_reference}
+    seconds: dict[str, list[float]] = {loop: [] for loop in loops}
+    peaks: dict[str, list[int]] = {loop: [] for loop in loops}
     with sdpa_context(setting.sdpa):
-        for loop in loops:
-            timer = timers[loop](module, setting, batches, device, warmup, steps)
-            result[f"{loop}_step_s"] = timer.seconds / steps
-            result[f"{loop}_peak_bytes"] = timer.peak
+        for _ in range(repeats):
+            for loop in loops:
+                timer = timers[loop](module, setting, batches, device, warmup, steps)
+                seconds[loop].append(timer.seconds / steps)
+                if timer.peak is not None:
+                    peaks[loop].append(timer.peak)
+    result = {f"{loop}_step_s": min(seconds[loop]) for loop in loops}
+    result.update({f"{loop}_peak_bytes": max(peaks[loop]) if peaks[loop] else None for loop in loops})
     result["trainable_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     del module
     if device.type == "cuda":
