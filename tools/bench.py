@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="time both loops this many times, interleaved; the best time of each counts")
     parser.add_argument("--loops", default="lightning,reference", help="which loops to time: lightning,reference")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="only print the FLOP budget of the full-size UNets (meta device, no timing) and exit")
     parser.add_argument("--output", default=None, help="append one JSON line per row to this file")
     return parser.parse_args(argv)
 
@@ -66,6 +68,21 @@ def settings_from(args) -> list:
     return grid(BenchSetting(), **{name: values for name, values in choices.items() if values})
 
 
+def print_flop_budget() -> None:
+    """Forward, LoRA step and checkpointed step FLOPs of full-size SD1.5 at 512² and SDXL at 1024²."""
+    from lorafit.bench.flops import forward_flops, step_flops
+    from lorafit.bench.module import BenchLoraModule
+
+    print("| model | forward TFLOP | LoRA step TFLOP (rank 32, attn) | step with gradient checkpointing |")
+    print("|---|---|---|---|")
+    for family, resolution in (("sd1", 512), ("sdxl", 1024)):
+        forward = forward_flops(family, resolution)
+        step, checkpointed = (step_flops(BenchLoraModule(family, build_device="meta", rank=32, target_preset="attn"),
+                                         resolution, 1, gradient_checkpointing=gc) for gc in (False, True))
+        print(f"| {family} {resolution}² | {forward / 1e12:.3f} | {step / 1e12:.3f} ({step / forward:.2f}x) | "
+              f"{checkpointed / 1e12:.3f} ({checkpointed / forward:.2f}x) |")
+
+
 def main(argv=None) -> list[dict]:
     import torch
 
@@ -74,6 +91,9 @@ def main(argv=None) -> list[dict]:
     from lorafit.bench.runner import run_setting
 
     args = parse_args(argv)
+    if args.count_flops:
+        print_flop_budget()
+        return []
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
