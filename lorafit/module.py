@@ -246,8 +246,7 @@ class LoraDiffusionModule(pl.LightningModule):
         from diffusers import DDPMScheduler
 
         hp = self.hparams
-        base = load_base_model(hp.model, hp.family, hp.prediction_type, hp.single_file_config, hp.weight_dtype,
-                               hp.revision, hp.variant)
+        base = self.load_base()
         self.base = base
         self.unet, self.vae = base.unet, base.vae
         if self.vae.dtype != DTYPES[self.vae_dtype]:  # diffusers warns on any .to(dtype), even a no-op
@@ -279,6 +278,12 @@ class LoraDiffusionModule(pl.LightningModule):
                            "model.text_encoder_target_modules")
         self._freeze_unread_text_layers()
         self._configure_speed()
+
+    def load_base(self) -> BaseModel:
+        """The frozen base model named by ``model`` (tools/bench.py builds one from configs instead)."""
+        hp = self.hparams
+        return load_base_model(hp.model, hp.family, hp.prediction_type, hp.single_file_config, hp.weight_dtype,
+                               hp.revision, hp.variant)
 
     def _configure_speed(self) -> None:
         hp = self.hparams
