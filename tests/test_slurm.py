@@ -34,7 +34,8 @@ DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch")
 @pytest.fixture(scope="module")
 def slurm_env():
     requested = os.environ.get("LORAFIT_SLURM_TESTS") == "1"
-    if not requested and not all(shutil.which(tool) for tool in DAEMONS):
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    if not requested and not all(shutil.which(tool, path=search) for tool in DAEMONS):
         pytest.skip("SLURM is not installed (set LORAFIT_SLURM_TESTS=1 to install slurm-wlm + munge and run "
                     "this test on a local cluster: tools/local_slurm.sh)")
     status = subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True, text=True)
