@@ -50,10 +50,13 @@ class DenoisingStep:
             if self.hparams.train_text_encoder:
                 raise LorafitError("data.shards hold cached text embeddings, but model.train_text_encoder is true; "
                                    "cache latents only (lorafit cache without --text_embeddings)")
+            if self.hparams.max_token_length:
+                raise LorafitError("data.shards hold cached text embeddings of 75 tokens, but model.max_token_length "
+                                   "is set; cache latents only (lorafit cache without --text_embeddings)")
             pooled = batch.get("pooled_prompt_embeds")
             return TextConditioning(batch["prompt_embeds"].to(self.device),
                                     None if pooled is None else pooled.to(self.device))
-        ids = tokenize(self.base.tokenizers, batch["captions"], self.device)
+        ids = tokenize(self.base.tokenizers, batch["captions"], self.device, self.hparams.max_token_length)
         with torch.set_grad_enabled(bool(self.trained_text_encoders()) and self.training):
             return encode_tokens(self.family, list(self.text_encoders), ids, self.hparams.clip_skip)
 

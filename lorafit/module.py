@@ -103,6 +103,9 @@ class LoraDiffusionModule(DenoisingStep, pl.LightningModule):
         betas: Optimizer betas (AdamW, Lion, Prodigy); empty keeps the optimizer's default.
         clip_skip: SD1/SD2: use the hidden state this many layers from the end (2 = A1111 "clip
             skip 2"). SDXL always uses the penultimate layer.
+        max_token_length: kohya's ``max_token_length``: caption tokens read (150 or 225) instead of
+            CLIP's 75, encoded in 75-token chunks whose hidden states are joined (kohya's method;
+            A1111 and ComfyUI join chunks at generation time). Empty: longer captions are cut at 75.
         unet_lr: Learning rate of the UNet LoRA (kohya's ``unet_lr``); empty means ``learning_rate``,
             0 leaves the UNet without LoRA (text-encoder-only training).
         text_encoder_2_lr: SDXL: learning rate of the second text encoder (OpenCLIP bigG); empty
@@ -173,6 +176,7 @@ class LoraDiffusionModule(DenoisingStep, pl.LightningModule):
         weight_decay: Optional[float] = None,
         betas: Optional[tuple[float, float]] = None,
         clip_skip: int = 1,
+        max_token_length: Optional[int] = None,
         # ---- training recipe: learning rates, optimizer, schedule
         unet_lr: Optional[float] = None,
         text_encoder_2_lr: Optional[float] = None,
@@ -232,6 +236,8 @@ class LoraDiffusionModule(DenoisingStep, pl.LightningModule):
             raise LorafitError(f"model.min_snr_gamma: {hp.min_snr_gamma} must be > 0 (5 is usual); leave empty for off")
         if hp.loss_type in ("huber", "smooth_l1") and not 0 < hp.huber_c <= 1:
             raise LorafitError(f"model.huber_c: {hp.huber_c} must be in (0, 1]")
+        if hp.max_token_length is not None and hp.max_token_length < 1:
+            raise LorafitError(f"model.max_token_length: {hp.max_token_length}; use 150 or 225, or leave it empty for 75")
         if hp.max_timestep is not None and not 0 <= hp.min_timestep < hp.max_timestep:
             raise LorafitError(f"model.min_timestep/max_timestep: need 0 <= {hp.min_timestep} < {hp.max_timestep}")
 

@@ -114,6 +114,7 @@ class LoraExport(pl.Callback):
             seed=pl_module.noise_seed,
             mixed_precision=str(trainer.precision),
             clip_skip=hp.clip_skip,
+            max_token_length=hp.get("max_token_length"),
             trains_text_encoder=bool(pl_module.trained_text_encoders()),
             tag_frequency=tag_frequency,
             started_at=pl_module.started_at,

@@ -152,7 +152,8 @@ class SampleImages(pl.Callback):
         if not self.prompts or not trainer.is_global_zero:
             return []
         if self._renderer is None:
-            self._renderer = Renderer(pl_module.base, clip_skip=pl_module.hparams.clip_skip)
+            self._renderer = Renderer(pl_module.base, clip_skip=pl_module.hparams.clip_skip,
+                                      max_token_length=pl_module.hparams.get("max_token_length"))
         step = trainer.global_step
         paths = []
         with sampling_state(pl_module):

@@ -54,7 +54,7 @@ def pick_device(device: str) -> torch.device:
 
 
 def load_renderer(model: str, device: str = "auto", dtype: Dtype = "auto", clip_skip: int = 1,
-                  single_file_config: Optional[str] = None) -> Renderer:
+                  single_file_config: Optional[str] = None, max_token_length: Optional[int] = None) -> Renderer:
     """Load ``model`` (diffusers dir, hub id or single file) and wrap it in a :class:`Renderer` on ``device``."""
     from diffusers.utils import logging as diffusers_logging
 
@@ -66,7 +66,7 @@ def load_renderer(model: str, device: str = "auto", dtype: Dtype = "auto", clip_
         # Half precision is what GPUs sample in; CPUs have no fast float16 path.
         dtype = "float16" if target.type == "cuda" else "float32"
     base = load_base_model(model, single_file_config=single_file_config, weight_dtype=dtype)
-    renderer = Renderer(base, clip_skip=clip_skip)
+    renderer = Renderer(base, clip_skip=clip_skip, max_token_length=max_token_length)
     renderer.pipe.to(target)
     return renderer
 
@@ -104,6 +104,7 @@ def generate(
     hires_denoise: float = 0.4,
     hires_steps: Optional[int] = None,
     clip_skip: int = 1,
+    max_token_length: Optional[int] = None,
     prompt_file: Optional[str] = None,
     out: str = "outputs",
     single_file_config: Optional[str] = None,
@@ -128,6 +129,8 @@ def generate(
         hires_denoise: Hires fix: denoising strength of the second pass (the guides use 0.4).
         hires_steps: Hires fix: steps of the second pass; empty = as many as the first.
         clip_skip: A1111 clip skip the LoRA was trained with (SD1/SD2; 2 for many anime models).
+        max_token_length: Prompt tokens read, in 75-token chunks as kohya trains with
+            ``max_token_length`` 150/225; empty = 75 (longer prompts are cut, as in diffusers).
         prompt_file: A kohya prompt file (.txt/.toml/.json); one image per prompt and seed.
         out: Output folder; files are numbered NNNNN-<seed>.png after the ones already there.
         single_file_config: For single-file models offline: a diffusers directory of the same architecture.
@@ -145,7 +148,7 @@ def generate(
     if not seeds:
         raise LorafitError("--seed: give at least one seed")
 
-    renderer = load_renderer(model, device, dtype, clip_skip, single_file_config)
+    renderer = load_renderer(model, device, dtype, clip_skip, single_file_config, max_token_length)
     apply_loras(renderer, loras)
     side = renderer.default_size
     out_dir = Path(out)

@@ -87,11 +87,14 @@ class Renderer:
     Args:
         base: The model parts (a loaded base model, or a training module's ``base``).
         clip_skip: A1111-style clip skip the LoRA was trained with (SD1/SD2 only).
+        max_token_length: Prompt tokens read (kohya's 150/225, in 75-token chunks, as training
+            reads captions); empty = 75, as diffusers does.
     """
 
-    def __init__(self, base: BaseModel, clip_skip: int = 1):
+    def __init__(self, base: BaseModel, clip_skip: int = 1, max_token_length: Optional[int] = None):
         self.base = base
         self.clip_skip = clip_skip
+        self.max_token_length = max_token_length
         self.pipe = build_pipeline(base)
         self._img2img = None
 
@@ -100,16 +103,27 @@ class Renderer:
         return default_size(self.pipe)
 
     def _common(self, request: SamplePrompt) -> dict:
-        if self.base.family == "sdxl" or self.clip_skip <= 1:
+        if not self.max_token_length and (self.base.family == "sdxl" or self.clip_skip <= 1):
             return dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                         guidance_scale=request.cfg)
         # Clip skip on SD1/SD2: diffusers 0.42's own clip_skip path reaches for
-        # ``text_encoder.text_model``, which transformers 5 removed; the embeddings are encoded
-        # here instead, by the same function training conditions the UNet with.
+        # ``text_encoder.text_model``, which transformers 5 removed; long prompts: diffusers cuts
+        # them at 77 tokens. Either way the embeddings are encoded here, by the same function
+        # training conditions the UNet with.
         device = self.pipe._execution_device
-        ids = tokenize(self.base.tokenizers, [request.prompt, request.negative_prompt], device)
-        hidden = encode_tokens(self.base.family, self.base.text_encoders, ids, self.clip_skip).hidden_states
-        return dict(prompt_embeds=hidden[:1], negative_prompt_embeds=hidden[1:], guidance_scale=request.cfg)
+        ids = tokenize(self.base.tokenizers, [request.prompt, request.negative_prompt or ""], device,
+                       self.max_token_length)
+        text = encode_tokens(self.base.family, self.base.text_encoders, ids, self.clip_skip)
+        hidden, pooled = text.hidden_states, text.pooled
+        if self.base.family == "sdxl" and not request.negative_prompt and \
+                getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+            # As the SDXL pipeline does: no negative prompt = zero embeddings, not those of "".
+            hidden = torch.cat([hidden[:1], torch.zeros_like(hidden[1:])])
+            pooled = torch.cat([pooled[:1], torch.zeros_like(pooled[1:])])
+        embeds = dict(prompt_embeds=hidden[:1], negative_prompt_embeds=hidden[1:], guidance_scale=request.cfg)
+        if pooled is not None:
+            embeds.update(pooled_prompt_embeds=pooled[:1], negative_pooled_prompt_embeds=pooled[1:])
+        return embeds
 
     def _scheduler(self, request: SamplePrompt):
         return make_scheduler(request.sampler, self.base.scheduler_config, self.base.prediction_type)

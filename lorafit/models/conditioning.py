@@ -23,18 +23,39 @@ class TextConditioning:
     pooled: Optional[torch.Tensor] = None  # SDXL only
 
 
-def tokenize(tokenizers: list, captions: list[str], device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """Pad/truncate every caption to each tokenizer's context length (77 for CLIP)."""
-    return [
-        tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        for tokenizer in tokenizers
-    ]
+def tokenize(tokenizers: list, captions: list[str], device: torch.device | str = "cpu",
+             max_token_length: Optional[int] = None) -> list[torch.Tensor]:
+    """Token ids per tokenizer: [B, 77] (CLIP's context, longer captions truncated), or with
+    ``max_token_length`` (kohya's 150/225) [B, n, 77]: n chunks of 75 caption tokens, each framed
+    by its own start and end token, as kohya tokenizes long captions."""
+    if not max_token_length:
+        return [
+            tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device)
+            for tokenizer in tokenizers
+        ]
+    return [_chunked_ids(tokenizer, captions, max_token_length).to(device) for tokenizer in tokenizers]
+
+
+def _chunked_ids(tokenizer, captions: list[str], max_token_length: int) -> torch.Tensor:
+    body = tokenizer.model_max_length - 2  # caption tokens per chunk (75 for CLIP)
+    chunks = -(-max_token_length // body)
+    ids = tokenizer(list(captions), padding="max_length", max_length=chunks * body + 2, truncation=True,
+                    return_tensors="pt").input_ids
+    start, last = ids[:, :1], ids[:, -1:]  # last: the end token, or padding when the caption is short
+    framed = []
+    for k in range(chunks):
+        chunk = torch.cat([start, ids[:, 1 + k * body:1 + (k + 1) * body], last], dim=1)
+        # Tokenizers that pad with a token other than the end token (SD2, SDXL's second): a chunk
+        # cut inside the caption must still end with the end token, and an empty chunk must read
+        # as an empty prompt ("<start><end><pad>...") rather than as padding only.
+        stops = (tokenizer.eos_token_id, tokenizer.pad_token_id)
+        cut = ~torch.isin(chunk[:, -2], torch.tensor(stops))
+        chunk[cut, -1] = tokenizer.eos_token_id
+        empty = chunk[:, 1] == tokenizer.pad_token_id
+        chunk[empty, 1] = tokenizer.eos_token_id
+        framed.append(chunk)
+    return torch.stack(framed, dim=1)
 
 
 def _final_layer_norm(text_encoder) -> torch.nn.Module:
@@ -53,6 +74,8 @@ def encode_tokens(family: str, text_encoders: list, input_ids: list[torch.Tensor
         clip_skip: SD1/2 only: 1 = last layer, 2 = penultimate (A1111's "clip skip"). SDXL always
             uses the penultimate layer, as its pipeline does.
     """
+    if input_ids[0].dim() == 3:
+        return _encode_chunks(family, text_encoders, input_ids, clip_skip)
     if family == "sdxl":
         hidden, pooled = [], None
         for encoder, ids in zip(text_encoders, input_ids):
@@ -65,6 +88,20 @@ def encode_tokens(family: str, text_encoders: list, input_ids: list[torch.Tensor
         return TextConditioning(hidden_states=encoder(ids)[0])
     out = encoder(ids, output_hidden_states=True)
     return TextConditioning(hidden_states=_final_layer_norm(encoder)(out.hidden_states[-clip_skip]))
+
+
+def _encode_chunks(family: str, text_encoders: list, input_ids: list[torch.Tensor], clip_skip: int) -> TextConditioning:
+    """Long captions (``tokenize(..., max_token_length)``): every chunk is encoded on its own and the
+    hidden states joined as kohya does: the first chunk's start token, each chunk's caption tokens,
+    the last chunk's end token (1 + 75n + 1 positions). SDXL's pooled embedding is the first
+    chunk's, as in kohya."""
+    batch, chunks, context = input_ids[0].shape
+    flat = encode_tokens(family, text_encoders, [ids.reshape(batch * chunks, context) for ids in input_ids], clip_skip)
+    hidden = flat.hidden_states.reshape(batch, chunks, context, -1)
+    joined = torch.cat([hidden[:, 0, :1], hidden[:, :, 1:-1].reshape(batch, chunks * (context - 2), -1),
+                        hidden[:, -1, -1:]], dim=1)
+    pooled = None if flat.pooled is None else flat.pooled.reshape(batch, chunks, -1)[:, 0]
+    return TextConditioning(hidden_states=joined, pooled=pooled)
 
 
 def text_layers_used(family: str, encoder_index: int, num_layers: int, clip_skip: int = 1) -> int:

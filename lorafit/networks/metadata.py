@@ -44,6 +44,7 @@ class TrainingInfo:
     seed: Optional[int] = None
     mixed_precision: str = ""
     clip_skip: Optional[int] = None
+    max_token_length: Optional[int] = None
     trains_text_encoder: bool = False
     tag_frequency: Optional[dict] = None
     started_at: float = 0.0
@@ -88,6 +89,7 @@ def kohya_metadata(info: TrainingInfo) -> dict[str, str]:
         "ss_seed": info.seed,
         "ss_clip_skip": info.clip_skip if info.family != "sdxl" else None,
         "modelspec.encoder_layer": info.clip_skip if info.family != "sdxl" else None,
+        "ss_max_token_length": info.max_token_length,
     }
     meta.update({k: _number(v) for k, v in optional.items() if v is not None})
     if info.tag_frequency is not None:
