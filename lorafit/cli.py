@@ -24,6 +24,8 @@ TOOL_VERBS = {
     "convert": ("lorafit.networks.convert:convert", "Convert a LoRA file between kohya and diffusers format."),
     "tiny": ("lorafit.models.tiny:save_tiny_pipeline", "Write a tiny random-weight SD1/SD2/SDXL pipeline."),
     "demo-data": ("lorafit.data.demo_dataset:write_demo_dataset", "Write the generated demo dataset."),
+    "toy-data": ("lorafit.toyworld.concept_data:write_concept_dataset",
+                 "Write the toy world's LoRA dataset: pictures of the held-out star, trigger word ohwx."),
     "prepare": ("lorafit.data.prepare:prepare", "Check kohya-style image folders and write webdataset shards + report."),
 }
 LIGHTNING_VERBS = ("fit", "validate")
