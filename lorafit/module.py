@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from lorafit.errors import LorafitError
 from lorafit.models.base import BaseModel, Family, PredictionType, load_base_model, resolve_model_source
 from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, tokenize
-from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora, lora_config
-from lorafit.networks.lora_weights import LoraWeights, from_peft_model
+from lorafit.networks.adapters import ADAPTER_NAME, DEFAULT_TEXT_ENCODER_TARGETS, attach_network
+from lorafit.networks.lora_weights import LoraWeights
+from lorafit.networks.network_types import NetworkSpec, NetworkType
+from lorafit.networks.peft_layers import from_peft_model
+from lorafit.networks.presets import TargetPreset, preset_modules
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
@@ -50,9 +53,27 @@ class LoraDiffusionModule(pl.LightningModule):
         rank: LoRA rank (kohya's ``network_dim``).
         alpha: LoRA alpha (kohya's ``network_alpha``); the update is scaled by ``alpha / rank``.
             Empty means ``alpha = rank`` (scale 1). kohya's default is 1.
-        unet_target_modules: UNet modules to adapt: a list of name suffixes or one full-match regex.
-        train_text_encoder: Also train LoRA on the text encoder(s).
+        unet_target_modules: UNet modules to adapt, overriding ``target_preset``: a list of name
+            suffixes or one full-match regex. Empty means the preset decides.
+        train_text_encoder: Also train the network on the text encoder(s).
         text_encoder_target_modules: Text-encoder modules to adapt (suffixes or a regex).
+        network_type: ``lora``; ``locon`` (LoRA also on ResNet/Down/Upsample convs, kohya's
+            ``conv_dim``); ``loha``, ``lokr`` (LyCORIS ``algo``); ``dora`` (LoRA with learnt
+            per-channel magnitude, LyCORIS ``dora_wd``). See docs/network-types.md.
+        target_preset: UNet modules to adapt: ``attn`` (attention projections), ``attn-mlp``
+            (all linears of the transformer blocks, kohya's default) or ``full`` (also ResNet
+            convs, conv_in/out and time embedding, LyCORIS's ``full``).
+        include: Extra modules to adapt: regexes matched against module names (a name matches
+            when it equals the pattern or ends in ``.`` + pattern), UNet and text encoders.
+        exclude: Modules not to adapt, regexes as for ``include`` (applied last).
+        conv_rank: Rank of convolutions with kernels larger than 1x1 (kohya's ``conv_dim``);
+            empty means ``rank``.
+        conv_alpha: Alpha of those convolutions (kohya's ``conv_alpha``, whose default is 1);
+            empty means scale 1 (alpha = the conv's rank) when ``conv_rank`` is set, else ``alpha``.
+        rank_pattern: Rank per module, ``{regex: rank}``, e.g. ``{"up_blocks\\.0\\..*": 32}``;
+            the first matching regex wins over ``rank``/``conv_rank`` (kohya's block dims).
+        alpha_pattern: Alpha per module, ``{regex: alpha}``, as ``rank_pattern``.
+        lokr_factor: LoKr only: the Kronecker factor size (LyCORIS's ``factor``); -1 = as square as possible.
         learning_rate: AdamW learning rate of the UNet LoRA (kohya's ``unet_lr``).
         text_encoder_lr: Learning rate of the text-encoder LoRA; empty means ``learning_rate``.
         weight_decay: AdamW weight decay.
@@ -73,9 +94,18 @@ class LoraDiffusionModule(pl.LightningModule):
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         rank: int = 16,
         alpha: Optional[float] = None,
-        unet_target_modules: Union[list[str], str] = DEFAULT_UNET_TARGETS,
+        unet_target_modules: Optional[Union[list[str], str]] = None,
         train_text_encoder: bool = False,
         text_encoder_target_modules: Union[list[str], str] = DEFAULT_TEXT_ENCODER_TARGETS,
+        network_type: NetworkType = "lora",
+        target_preset: TargetPreset = "attn",
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        conv_rank: Optional[int] = None,
+        conv_alpha: Optional[float] = None,
+        rank_pattern: Optional[dict[str, int]] = None,
+        alpha_pattern: Optional[dict[str, float]] = None,
+        lokr_factor: int = -1,
         learning_rate: float = 1e-4,
         text_encoder_lr: Optional[float] = None,
         weight_decay: float = 1e-2,
@@ -112,12 +142,22 @@ class LoraDiffusionModule(pl.LightningModule):
         self.text_encoders = torch.nn.ModuleList(base.text_encoders)
         # Training noise follows the model's own beta schedule; DDPM is the forward process.
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=base.prediction_type)
-        add_lora(self.unet, lora_config(hp.rank, hp.alpha, hp.unet_target_modules, "model.unet_target_modules"),
-                 "model.unet_target_modules")
+        spec = self.network_spec()
+        if hp.unet_target_modules is not None:
+            unet_targets, key = hp.unet_target_modules, "model.unet_target_modules"
+        else:
+            unet_targets = preset_modules(self.unet, hp.target_preset, with_conv_blocks=hp.network_type == "locon")
+            key = "model.target_preset"
+        attach_network(self.unet, spec, unet_targets, hp.include, hp.exclude, key)
         if hp.train_text_encoder:
-            config = lora_config(hp.rank, hp.alpha, hp.text_encoder_target_modules, "model.text_encoder_target_modules")
             for encoder in self.text_encoders:
-                add_lora(encoder, config, "model.text_encoder_target_modules")
+                attach_network(encoder, spec, hp.text_encoder_target_modules, hp.include, hp.exclude,
+                               "model.text_encoder_target_modules")
+
+    def network_spec(self) -> NetworkSpec:
+        hp = self.hparams
+        return NetworkSpec(hp.network_type, hp.rank, hp.alpha, hp.conv_rank, hp.conv_alpha,
+                           dict(hp.rank_pattern or {}), dict(hp.alpha_pattern or {}), hp.lokr_factor)
 
     @property
     def family(self) -> str:
@@ -131,7 +171,7 @@ class LoraDiffusionModule(pl.LightningModule):
         return components
 
     def lora_weights(self) -> LoraWeights:
-        return from_peft_model(self.lora_components())
+        return from_peft_model(self.lora_components(), ADAPTER_NAME)
 
     # ---- training -----------------------------------------------------------------------
 

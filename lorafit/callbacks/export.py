@@ -13,8 +13,10 @@ from typing import Literal, Optional
 import lightning.pytorch as pl
 import torch
 
-from lorafit.networks.files import save_diffusers, save_kohya
+from lorafit.networks.files import DIFFUSERS_KINDS, save_diffusers, save_kohya
+from lorafit.networks.lora_weights import network_kinds
 from lorafit.networks.metadata import TrainingInfo, kohya_metadata
+from lorafit.networks.network_types import KOHYA_NETWORK_MODULE
 
 log = logging.getLogger("lorafit.export")
 
@@ -30,7 +32,8 @@ class LoraExport(pl.Callback):
         every_n_epochs: Export after every this many epochs (0 = never by epoch).
         every_n_steps: Export after every this many optimizer steps (0 = never by step).
         save_dtype: dtype of the tensors in the files (kohya's ``save_precision``).
-        formats: Which formats to write: ``kohya`` (A1111/ComfyUI/kohya) and/or ``diffusers``.
+        formats: Which formats to write: ``kohya`` (kohya/LyCORIS keys: A1111, ComfyUI, kohya) and/or
+            ``diffusers`` (LoRA, LoCon and DoRA only; diffusers has no LoHa/LoKr format).
         dirpath: Directory for the files; empty means ``<trainer.default_root_dir>/lora``.
     """
 
@@ -51,6 +54,7 @@ class LoraExport(pl.Callback):
         self.dirpath = dirpath
         self.written: list[Path] = []
         self._last_step_export = -1
+        self._warned_no_diffusers = False
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "lora"
@@ -95,6 +99,8 @@ class LoraExport(pl.Callback):
             trains_text_encoder=hp.train_text_encoder,
             tag_frequency=tag_frequency,
             started_at=pl_module.started_at,
+            network_module=KOHYA_NETWORK_MODULE[hp.network_type],
+            network_args=pl_module.network_spec().kohya_network_args(),
         )
 
     def export(self, trainer: pl.Trainer, pl_module, stem: str, epochs_done: int) -> list[Path]:
@@ -110,7 +116,15 @@ class LoraExport(pl.Callback):
             paths.append(save_kohya(directory / f"{stem}.safetensors", pl_module.family, weights,
                                     pl_module.unet.config, metadata, dtype))
         if "diffusers" in self.formats:
-            paths.append(save_diffusers(directory / "diffusers" / f"{stem}.safetensors", pl_module.family, weights, dtype))
+            kinds = network_kinds(weights)
+            if kinds <= DIFFUSERS_KINDS:
+                paths.append(save_diffusers(directory / "diffusers" / f"{stem}.safetensors", pl_module.family, weights,
+                                            dtype))
+            elif not self._warned_no_diffusers:
+                # diffusers has no LoHa/LoKr format; the kohya/LyCORIS file loads with lorafit.load_lora.
+                log.warning("no diffusers-format file for %s networks (diffusers cannot load them); "
+                            "the kohya/LyCORIS file loads in A1111, ComfyUI and lorafit.load_lora", sorted(kinds))
+                self._warned_no_diffusers = True
         for path in paths:
             log.info("saved LoRA %s", path)
         self.written.extend(paths)

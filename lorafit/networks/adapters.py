@@ -1,4 +1,7 @@
-"""Attach LoRA adapters (PEFT) to the UNet and, optionally, the text encoders.
+"""Attach network adapters (PEFT) to the UNet and, optionally, the text encoders.
+
+Which modules and which PEFT config are decided in ``presets.py`` and ``network_types.py``; this
+module injects the config and makes exactly the adapter's weights trainable.
 
 Alpha convention: the LoRA update is ``W + (alpha / rank) * up @ down``, as in PEFT, kohya and
 A1111. lorafit's default is ``alpha = rank`` (scale 1, the diffusers/SimpleTuner convention);
@@ -40,25 +43,32 @@ def lora_config(rank: int, alpha: Optional[float], targets: Targets, key: str):
     )
 
 
-def add_lora(model: torch.nn.Module, config, key: str) -> int:
-    """Inject ``config`` into ``model`` (frozen base), return the number of LoRA'd modules.
+# PEFT's parameter-name prefixes of the network kinds lorafit trains (LoRA/DoRA, LoHa, LoKr).
+_ADAPTER_PREFIXES = (".lora_", ".hada_", ".lokr_")
+
+
+def add_network(model: torch.nn.Module, config, key: str) -> int:
+    """Inject ``config`` into ``model`` (frozen base), return the number of adapted modules.
 
     Fails with one line when the targets match nothing, the usual result of a typo in a regex.
     """
     from peft import inject_adapter_in_model
 
+    from lorafit.networks.peft_layers import adapter_layers
+
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     except ValueError as error:
         raise LorafitError(f"{key}: {config.target_modules!r} matches no module of {type(model).__name__} ({error})")
-    count = 0
     for name, param in model.named_parameters():
-        if ".lora_" in name:
-            # LoRA weights train in float32 even over bf16/fp16 base weights: fp16 updates underflow.
+        if any(prefix in name for prefix in _ADAPTER_PREFIXES):
+            # Adapter weights train in float32 even over bf16/fp16 base weights: fp16 updates underflow.
             param.data = param.data.float()
             param.requires_grad_(True)
-            count += 1
-    return count // 2
+    return len(adapter_layers(model, ADAPTER_NAME))
+
+
+add_lora = add_network  # the name tests and older code use
 
 
 def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -72,23 +82,11 @@ def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-format LoRA weights of ``model`` (``<module>.lora_A.weight`` / ``.lora_B.weight``)."""
-    from peft import get_peft_model_state_dict
+def attach_network(model: torch.nn.Module, spec, base_targets, include: Optional[list[str]],
+                   exclude: Optional[list[str]], key: str) -> int:
+    """Select ``model``'s modules (``presets.select_modules``) and inject ``spec``'s network on them."""
+    from lorafit.networks.network_types import network_config
+    from lorafit.networks.presets import select_modules
 
-    return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-
-
-def adapter_config_dict(model: torch.nn.Module) -> dict:
-    """The adapter's LoraConfig as a JSON-able dict (diffusers stores it as ``lora_adapter_metadata``)."""
-    config = model.peft_config[ADAPTER_NAME].to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-
-
-def module_alphas(model: torch.nn.Module) -> dict[str, tuple[int, float]]:
-    """(rank, alpha) per LoRA'd module, read from the live layers so per-module patterns count."""
-    result = {}
-    for name, module in lora_modules(model).items():
-        rank = module.r[ADAPTER_NAME]
-        result[name] = (rank, float(module.lora_alpha[ADAPTER_NAME]))
-    return result
+    targets = select_modules(model, base_targets, include, exclude, key)
+    return add_network(model, network_config(spec, targets), key)

@@ -1,4 +1,4 @@
-"""``lorafit convert``: a LoRA file from kohya format to diffusers format and back, exactly.
+"""``lorafit convert``: a network file from kohya/LyCORIS format to diffusers format and back, exactly.
 
 kohya names depend on the base model's module layout (SGM block numbers for SDXL), so a
 conversion needs the base model's *configs*; its weights are never read. The modules are built
@@ -17,6 +17,7 @@ from lorafit.errors import LorafitError
 from lorafit.models.base import detect_family, load_base_model, resolve_model_source
 from lorafit.networks.files import read_lora_file, save_diffusers, save_kohya
 from lorafit.networks.kohya_format import kohya_name_table
+from lorafit.networks.lora_weights import network_kinds
 
 log = logging.getLogger("lorafit.convert")
 
@@ -54,7 +55,10 @@ def convert(
     to: Optional[Literal["kohya", "diffusers"]] = None,
     save_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None,
 ) -> Path:
-    """Convert a LoRA file between kohya (A1111/ComfyUI) and diffusers/PEFT format.
+    """Convert a network file between kohya/LyCORIS (A1111/ComfyUI) and diffusers/PEFT format.
+
+    LoRA, LoCon and DoRA convert both ways; LoHa/LoKr exist only in kohya/LyCORIS format (``--to
+    kohya`` rewrites them, e.g. to another ``--save_dtype``).
 
     Args:
         src: The LoRA ``.safetensors`` file to read (either format; detected from its keys).
@@ -80,7 +84,7 @@ def convert(
         dtype = _DTYPES[save_dtype]
     else:
         first = next(m for modules in weights.values() for m in modules.values())
-        dtype = first.down.dtype
+        dtype = next(iter(first.parts().values())).dtype
     if target == "kohya":
         from lorafit.networks.metadata import modelspec_architecture
 
@@ -88,7 +92,9 @@ def convert(
         kept = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec."))}
         kept.setdefault("modelspec.sai_model_spec", "1.0.0")
         kept.setdefault("modelspec.architecture", modelspec_architecture(family, prediction))
-        kept.setdefault("ss_network_module", "networks.lora")
+        # LyCORIS writes lycoris.kohya for its kinds; A1111/ComfyUI go by the keys, kohya by this.
+        kinds = network_kinds(weights)
+        kept.setdefault("ss_network_module", "networks.lora" if kinds <= {"lora"} else "lycoris.kohya")
         path = save_kohya(dst, family, weights, components["unet"].config, kept, dtype)
     else:
         dropped = sorted(k for k in metadata if k.startswith("ss_"))

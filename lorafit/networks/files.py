@@ -1,4 +1,4 @@
-"""Write and read LoRA files in kohya and diffusers/PEFT format, atomically.
+"""Write and read network files in kohya/LyCORIS and diffusers/PEFT format, atomically.
 
 Every write goes to a temporary name in the same directory and is renamed into place, so a run
 killed mid-save (OOM, SLURM preemption, Ctrl-C) leaves the previous file whole.
@@ -19,10 +19,21 @@ from safetensors.torch import save_file
 
 from lorafit.errors import LorafitError
 from lorafit.networks.kohya_format import from_kohya_state_dict, is_kohya_state_dict, to_kohya_state_dict
-from lorafit.networks.lora_weights import LoraModuleWeights, LoraWeights, alpha_from_config, cast, peft_config_for
+from lorafit.networks.lora_weights import (
+    LoraModuleWeights,
+    LoraWeights,
+    alpha_from_config,
+    cast,
+    network_kinds,
+    peft_config_for,
+)
 
 LoraFormat = Literal["kohya", "diffusers"]
 _DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+DIFFUSERS_KINDS = {"lora", "dora"}  # network kinds the diffusers/PEFT LoRA format can hold
+# Key suffix -> part, for PEFT names and the older diffusers ``lora.down``/``lora.up`` names.
+_DIFFUSERS_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
+                    ".lora.up.weight": "up", ".lora_magnitude_vector": "magnitude"}
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict] = None) -> Path:
@@ -50,20 +61,29 @@ def save_kohya(path: str | Path, family: str, weights: LoraWeights, unet_config=
 def save_diffusers(path: str | Path, family: str, weights: LoraWeights, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``weights`` in diffusers/PEFT format with ``lora_adapter_metadata`` (alpha survives a reload).
 
+    The format holds LoRA/LoCon and DoRA (PEFT's ``lora_magnitude_vector``); diffusers has no
+    LoHa/LoKr format, so those are refused here (write kohya/LyCORIS format instead).
+
     The file is written by diffusers' own ``save_lora_weights`` into a temporary directory next to
     the target, then renamed: the format stays whatever ``pipe.load_lora_weights`` expects.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    kinds = network_kinds(weights)
+    if not kinds <= DIFFUSERS_KINDS:
+        raise LorafitError(f"{path}: diffusers format cannot hold {sorted(kinds - DIFFUSERS_KINDS)} networks; "
+                           "write the kohya/LyCORIS format instead")
     weights = cast(weights, dtype)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     layers, configs = {}, {}
     for component, modules in weights.items():
-        layers[f"{component}_lora_layers"] = {
-            f"{name}.lora_{ab}.weight": (m.down if ab == "A" else m.up)
-            for name, m in modules.items()
-            for ab in ("A", "B")
-        }
+        tensors = {}
+        for name, m in modules.items():
+            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = m.down, m.up
+            if m.dora_scale is not None:  # PEFT's shape: [out] for a Linear, [1, out, 1, 1] for a conv
+                magnitude = m.dora_scale.flatten()
+                tensors[f"{name}.lora_magnitude_vector"] = magnitude if m.down.dim() == 2 else magnitude.reshape(1, -1, 1, 1)
+        layers[f"{component}_lora_layers"] = tensors
         configs[f"{component}_lora_adapter_metadata"] = peft_config_for(modules)
     if "text_encoder_2" in weights and family != "sdxl":
         raise LorafitError(f"{path}: a second text encoder LoRA needs an SDXL base")
@@ -92,23 +112,25 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 def _from_diffusers_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoraWeights:
     packed = json.loads(metadata.get(_DIFFUSERS_METADATA_KEY, "{}"))
     weights: LoraWeights = {}
-    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    parts_of: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")
-        for down_name, up_name in (("lora_A.weight", "lora_B.weight"), ("lora.down.weight", "lora.up.weight")):
-            if rest.endswith(down_name) or rest.endswith(up_name):
-                module = rest.rsplit(".", 3 if down_name.startswith("lora.") else 2)[0]
-                pairs.setdefault((component, module), {})["down" if rest.endswith(down_name) else "up"] = tensor
+        for suffix, part in _DIFFUSERS_PARTS.items():
+            if rest.endswith(suffix):
+                parts_of.setdefault((component, rest.removesuffix(suffix)), {})[part] = tensor
                 break
         else:
-            raise LorafitError(f"{source}: key {key} is neither kohya nor diffusers/PEFT LoRA format")
-    for (component, module), parts in sorted(pairs.items()):
-        if set(parts) != {"down", "up"}:
+            raise LorafitError(f"{source}: key {key} is neither kohya/LyCORIS nor diffusers/PEFT LoRA format")
+    for (component, module), parts in sorted(parts_of.items()):
+        if not {"down", "up"} <= set(parts):
             raise LorafitError(f"{source}: {component}.{module} lacks its {'up' if 'down' in parts else 'down'} matrix")
         config = {k.partition(".")[2]: v for k, v in packed.items() if k.startswith(f"{component}.")}
         # Without lora_adapter_metadata diffusers reloads with alpha = rank; read it the same way.
         alpha = alpha_from_config(config, module) if config else float(parts["down"].shape[0])
-        weights.setdefault(component, {})[module] = LoraModuleWeights(parts["down"], parts["up"], alpha)
+        dora_scale = parts.get("magnitude")
+        if dora_scale is not None:  # back to LyCORIS's [out, 1(, 1, 1)]
+            dora_scale = dora_scale.flatten().reshape(-1, *[1] * (parts["down"].dim() - 1))
+        weights.setdefault(component, {})[module] = LoraModuleWeights(parts["down"], parts["up"], alpha, dora_scale)
     return weights
 
 

@@ -1,7 +1,9 @@
-"""kohya / A1111 LoRA files: key names, both directions.
+"""kohya / LyCORIS (A1111, ComfyUI) network files: key names, both directions.
 
-Keys are ``<stem>.lora_down.weight``, ``<stem>.lora_up.weight`` and ``<stem>.alpha``, where the
-stem is a prefix plus the module path with dots turned into underscores:
+Keys are ``<stem>.<part>`` where the part names the tensor (``lora_down.weight``, ``lora_up.weight``
+and ``dora_scale`` for LoRA/LoCon/DoRA; ``hada_w1_a``... for LoHa; ``lokr_w1``... for LoKr, see the
+module-weight classes) plus ``<stem>.alpha``, and the stem is a prefix plus the module path with
+dots turned into underscores:
 
 - SD1/SD2 UNet: ``lora_unet_`` + the diffusers path (``lora_unet_down_blocks_0_attentions_0_...``).
 - SDXL UNet: ``lora_unet_`` + the *original SGM* path (``lora_unet_input_blocks_4_1_...``); this is
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.networks.lora_weights import LoraModuleWeights, LoraWeights
+from lorafit.networks.lora_weights import LoraWeights, module_from_parts
 
 _TE_PREFIX = {
     ("sd1", "text_encoder"): "lora_te",
@@ -52,8 +54,9 @@ def kohya_stem(family: str, component: str, module: str, unet_config=None) -> st
 def kohya_name_table(family: str, components: dict[str, torch.nn.Module]) -> dict[str, tuple[str, str]]:
     """stem -> (component, module) for every Linear/Conv2d module a LoRA could sit on.
 
-    PEFT wraps targeted layers (``to_q`` becomes a LoraLayer whose ``base_layer`` is the Linear),
-    so names ending in ``.base_layer`` are mapped back to the wrapper's name.
+    PEFT wraps targeted layers (``to_q`` becomes a LoraLayer whose ``base_layer`` is the Linear;
+    several adapter types on one layer nest), so ``.base_layer`` suffixes map back to the outermost
+    wrapper's name.
     """
     table: dict[str, tuple[str, str]] = {}
     for component, model in components.items():
@@ -61,20 +64,21 @@ def kohya_name_table(family: str, components: dict[str, torch.nn.Module]) -> dic
         for name, module in model.named_modules():
             if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in name:
                 continue
-            name = name.removesuffix(".base_layer")
+            while name.endswith(".base_layer"):
+                name = name.removesuffix(".base_layer")
             table[kohya_stem(family, component, name, unet_config)] = (component, name)
     return table
 
 
 def to_kohya_state_dict(family: str, weights: LoraWeights, unet_config=None) -> dict[str, torch.Tensor]:
-    """kohya tensors for ``weights``; ``.alpha`` is the true alpha as a float32 scalar."""
+    """kohya/LyCORIS tensors for ``weights``; ``.alpha`` is the true alpha as a float32 scalar."""
     out: dict[str, torch.Tensor] = {}
     for component, modules in weights.items():
-        for module, lora in modules.items():
+        for module, weights_of_module in modules.items():
             stem = kohya_stem(family, component, module, unet_config)
-            out[f"{stem}.lora_down.weight"] = lora.down.contiguous()
-            out[f"{stem}.lora_up.weight"] = lora.up.contiguous()
-            out[f"{stem}.alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
+            for part, tensor in weights_of_module.parts().items():
+                out[f"{stem}.{part}"] = tensor.contiguous()
+            out[f"{stem}.alpha"] = torch.tensor(weights_of_module.alpha, dtype=torch.float32)
     return out
 
 
@@ -86,9 +90,8 @@ def from_kohya_state_dict(state_dict: dict[str, torch.Tensor], table: dict[str, 
                           source: str = "LoRA file") -> LoraWeights:
     """Invert :func:`to_kohya_state_dict` using a :func:`kohya_name_table` of the target model.
 
-    A missing ``.alpha`` means alpha = rank (kohya's own reading). Unknown stems and non-LoRA
-    keys (LoHa/LoKr/DoRA parts this loader does not read) are an error naming the first one:
-    silently dropping part of a LoRA is how "my LoRA does nothing" bugs start.
+    Unknown stems and parts no supported type reads are an error naming the first one: silently
+    dropping part of a network is how "my LoRA does nothing" bugs start.
     """
     stems: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
@@ -98,13 +101,6 @@ def from_kohya_state_dict(state_dict: dict[str, torch.Tensor], table: dict[str, 
     for stem, parts in sorted(stems.items()):
         if stem not in table:
             raise LorafitError(f"{source}: key {stem} names no module of this base model (wrong family or base?)")
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise LorafitError(f"{source}: {stem} has {sorted(parts)}, not lora_down/lora_up (unsupported network type)")
-        extra = set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}
-        if extra:
-            raise LorafitError(f"{source}: {stem} has unsupported parts {sorted(extra)}")
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
         component, module = table[stem]
-        weights.setdefault(component, {})[module] = LoraModuleWeights(down=down, up=up, alpha=alpha)
+        weights.setdefault(component, {})[module] = module_from_parts(parts, f"{source}: {stem}")
     return weights

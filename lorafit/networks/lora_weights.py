@@ -1,72 +1,140 @@
-"""One in-memory form of a LoRA, between the live PEFT model and every file format we read or write.
+"""One in-memory form of a trained network, between the live PEFT model and every file format.
 
 A ``LoraWeights`` maps component (``unet``, ``text_encoder``, ``text_encoder_2`` — diffusers'
-names) to module name (as ``named_modules()`` of that component spells it) to the module's
-``down``/``up`` matrices and its true ``alpha``. Formats (kohya, diffusers/PEFT) only rename keys
-and pack metadata around this, so conversions are exact by construction.
+names) to module name (as ``named_modules()`` of that component spells it) to that module's
+weights: a :class:`LoraModuleWeights` (LoRA, LoCon, DoRA) or one of the LyCORIS kinds in
+:mod:`lorafit.networks.lycoris_weights` (LoHa, LoKr). Each kind keeps its tensors under the
+kohya/LyCORIS part names (``lora_down.weight``, ``hada_w1_a``, ``lokr_w1`` ...) and its true
+``alpha``, so formats only rename keys around it and conversions are exact by construction.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar, Optional, Union
 
 import torch
 
-from lorafit.networks.adapters import adapter_state_dict, module_alphas
+from lorafit.errors import LorafitError
+from lorafit.networks.lycoris_weights import LohaModuleWeights, LokrModuleWeights
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass
 class LoraModuleWeights:
-    """``W' = W + alpha / rank * up @ down`` (rank = ``down.shape[0]``)."""
+    """LoRA (LoCon on convolutions): ``W' = W + alpha / rank * up @ down``; rank = ``down.shape[0]``.
+
+    With ``dora_scale`` it is DoRA: ``W' = dora_scale * V / ||V||`` with ``V = W + alpha / rank *
+    up @ down`` and the norm taken per output channel. ``dora_scale`` is stored as LyCORIS writes it
+    with ``wd_on_out=True`` (its default): ``[out, 1]`` for a Linear, ``[out, 1, 1, 1]`` for a conv.
+    Convolutions: ``down`` is ``[rank, in, kh, kw]``, ``up`` is ``[out, rank, 1, 1]``.
+    """
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    dora_scale: Optional[torch.Tensor] = None
+
+    REQUIRED: ClassVar[frozenset] = frozenset({"lora_down.weight", "lora_up.weight"})
+    OPTIONAL: ClassVar[frozenset] = frozenset({"dora_scale"})
+
+    @property
+    def kind(self) -> str:
+        return "dora" if self.dora_scale is not None else "lora"
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The tensors under their kohya/LyCORIS part names (``alpha`` is written separately)."""
+        parts = {"lora_down.weight": self.down, "lora_up.weight": self.up}
+        if self.dora_scale is not None:
+            parts["dora_scale"] = self.dora_scale
+        return parts
 
-LoraWeights = dict[str, dict[str, LoraModuleWeights]]
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], alpha: Optional[float]) -> "LoraModuleWeights":
+        down, up, dora_scale = parts["lora_down.weight"], parts["lora_up.weight"], parts.get("dora_scale")
+        if dora_scale is not None and tuple(dora_scale.shape) != (up.shape[0],) + (1,) * (up.dim() - 1):
+            # A1111 and LyCORIS wd_on_out=False files normalise per *input* channel ([1, in]); PEFT's
+            # DoRA (and so lorafit's) normalises per output channel and cannot represent those.
+            raise LorafitError(f"dora_scale {tuple(dora_scale.shape)} is not per output channel "
+                               f"({up.shape[0]}, 1...): input-axis DoRA files are not supported")
+        # No alpha tensor means alpha = rank (scale 1), as kohya, A1111 and ComfyUI read it.
+        return cls(down, up, float(down.shape[0]) if alpha is None else alpha, dora_scale)
+
+    def to(self, dtype: torch.dtype) -> "LoraModuleWeights":
+        scale = None if self.dora_scale is None else self.dora_scale.to(dtype)
+        return replace(self, down=self.down.to(dtype), up=self.up.to(dtype), dora_scale=scale)
+
+    def delta_weight(self, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W' - W`` (float32); DoRA needs the base weight ``W`` for its normalisation."""
+        scale = self.alpha / self.rank
+        down, up = self.down.float(), self.up.float()
+        if down.dim() == 4:
+            lora = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+        else:
+            lora = up @ down
+        lora = scale * lora
+        if self.dora_scale is None:
+            return lora
+        if base_weight is None:
+            raise ValueError("a DoRA module's update depends on the base weight; pass base_weight")
+        merged = base_weight.float() + lora
+        norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
+        return self.dora_scale.float().reshape(norm.shape) * merged / norm - base_weight.float()
 
 
-def from_peft_model(components: dict[str, torch.nn.Module]) -> LoraWeights:
-    """Read the adapter of each live component (detached CPU copies, float32)."""
-    result: LoraWeights = {}
-    for component, model in components.items():
-        state = adapter_state_dict(model)
-        alphas = module_alphas(model)
-        modules = {}
-        for name, (_, alpha) in alphas.items():
-            modules[name] = LoraModuleWeights(
-                down=state[f"{name}.lora_A.weight"].detach().to("cpu", torch.float32).clone(),
-                up=state[f"{name}.lora_B.weight"].detach().to("cpu", torch.float32).clone(),
-                alpha=alpha,
-            )
-        if modules:
-            result[component] = modules
-    return result
+ModuleWeights = Union[LoraModuleWeights, LohaModuleWeights, LokrModuleWeights]
+LoraWeights = dict[str, dict[str, ModuleWeights]]
+MODULE_TYPES: tuple[type, ...] = (LoraModuleWeights, LohaModuleWeights, LokrModuleWeights)
+
+
+def module_from_parts(parts: dict[str, torch.Tensor], where: str) -> ModuleWeights:
+    """Build the module weights of whichever kind ``parts`` (kohya/LyCORIS part name -> tensor) are.
+
+    Unknown or missing parts are an error naming ``where``: silently dropping part of a network is
+    how "my LoRA does nothing" bugs start.
+    """
+    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
+    names = set(parts) - {"alpha"}
+    for module_type in MODULE_TYPES:
+        if names & module_type.REQUIRED or (names and names <= module_type.OPTIONAL):
+            missing = module_type.REQUIRED - names
+            unknown = names - module_type.REQUIRED - module_type.OPTIONAL
+            if missing or unknown:
+                raise LorafitError(f"{where} has parts {sorted(names)}: "
+                                   + (f"missing {sorted(missing)}" if missing else f"unsupported {sorted(unknown)}"))
+            try:
+                return module_type.from_parts(parts, alpha)
+            except LorafitError as error:
+                raise LorafitError(f"{where}: {error}") from None
+    raise LorafitError(f"{where} has parts {sorted(names)}, not LoRA/LoCon/DoRA/LoHa/LoKr (unsupported network type)")
 
 
 def cast(weights: LoraWeights, dtype: torch.dtype) -> LoraWeights:
-    """A copy with every matrix in ``dtype`` (alphas are plain floats and stay exact)."""
-    return {
-        component: {name: LoraModuleWeights(m.down.to(dtype), m.up.to(dtype), m.alpha) for name, m in modules.items()}
-        for component, modules in weights.items()
-    }
+    """A copy with every tensor in ``dtype`` (alphas are plain floats and stay exact)."""
+    return {component: {name: m.to(dtype) for name, m in modules.items()} for component, modules in weights.items()}
+
+
+def network_kinds(weights: LoraWeights) -> set[str]:
+    """The kinds present (``lora``, ``dora``, ``loha``, ``lokr``)."""
+    return {m.kind for modules in weights.values() for m in modules.values()}
 
 
 def peft_config_for(modules: dict[str, LoraModuleWeights]) -> dict:
-    """A LoraConfig dict reproducing every module's rank and alpha.
+    """A LoraConfig dict reproducing every module's rank and alpha (diffusers' ``lora_adapter_metadata``).
 
     The most common rank/alpha become ``r``/``lora_alpha``; any other module gets an exact
     (escaped, full-name) entry in ``rank_pattern``/``alpha_pattern``, which PEFT matches as regexes.
     """
+    kinds = {m.kind for m in modules.values()}
+    if not kinds <= {"lora", "dora"} or len(kinds) != 1:
+        raise LorafitError(f"diffusers/PEFT LoRA format holds plain LoRA or DoRA modules, not a mix of {sorted(kinds)}")
     ranks = Counter(m.rank for m in modules.values())
     alphas = Counter(m.alpha for m in modules.values())
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
@@ -77,7 +145,7 @@ def peft_config_for(modules: dict[str, LoraModuleWeights]) -> dict:
         "rank_pattern": {re.escape(n): m.rank for n, m in modules.items() if m.rank != rank},
         "alpha_pattern": {re.escape(n): m.alpha for n, m in modules.items() if m.alpha != alpha},
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": kinds == {"dora"},
         "use_rslora": False,
         "lora_dropout": 0.0,
         "bias": "none",
@@ -92,12 +160,7 @@ def alpha_from_config(config: dict, module: str) -> float:
     return float(config.get("lora_alpha", config.get("r", 8)))
 
 
-def delta_weight(module: LoraModuleWeights) -> torch.Tensor:
-    """The full update ``alpha / rank * up @ down`` (reshaped for convolutions), for tests and merges."""
-    scale = module.alpha / module.rank
-    down, up = module.down.float(), module.up.float()
-    if down.dim() == 4:
-        if down.shape[2:] == (1, 1):
-            return scale * (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], down.shape[1], 1, 1)
-        return scale * torch.einsum("or,rikl->oikl", up.flatten(1), down)
-    return scale * up @ down
+def delta_weight(module: ModuleWeights, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The full update ``W' - W`` of one module (reshaped to the base weight's shape when given)."""
+    delta = module.delta_weight(base_weight)
+    return delta if base_weight is None else delta.reshape(base_weight.shape)

@@ -48,13 +48,14 @@ class TrainingInfo:
     tag_frequency: Optional[dict] = None
     started_at: float = 0.0
     network_args: dict = field(default_factory=dict)
+    network_module: str = "networks.lora"  # kohya's for LoRA/LoCon; LyCORIS files say lycoris.kohya
 
 
 def kohya_metadata(info: TrainingInfo) -> dict[str, str]:
     """``ss_*`` and ``modelspec.*`` keys for a kohya-format file."""
     width, height = info.resolution
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": info.network_module,
         "ss_network_dim": str(info.rank),
         "ss_network_alpha": _number(info.alpha),
         "ss_network_args": json.dumps(info.network_args) if info.network_args else "",

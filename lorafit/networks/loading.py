@@ -1,0 +1,207 @@
+"""Load lorafit's network files into a diffusers pipeline at a strength, several at once.
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(...)
+    load_lora(pipe, "runs/x/lora/x.safetensors", weight=0.8)            # adapter name "x"
+    load_lora(pipe, "style.safetensors", weight=0.5, adapter_name="style")
+    set_lora_weight(pipe, "x", 1.0)
+    unload_lora(pipe, "style")
+
+Why not ``pipe.load_lora_weights`` (diffusers 0.42): its kohya path builds ``alpha_pattern`` keys
+from the converted key names (``...attn1.processor.to_q_lora.down.weight``), which match no module,
+so every attention module whose alpha differs from the most common one silently gets the wrong
+scale (checked in ``tests/test_load_lora.py``); it drops ``dora_scale`` keys with a warning
+(``lora_pipeline.py``: "filter out the keys associated to 'dora_scale'") and refuses LoHa/LoKr
+keys. This loader reads every format lorafit writes (kohya/LyCORIS incl. SDXL SGM names, diffusers
++ metadata) into :class:`LoraWeights` and injects PEFT adapters itself, one per file and kind.
+
+Strength follows A1111/ComfyUI: ``W + weight * (W' - W)``. For LoRA/LoHa/LoKr that is PEFT's
+adapter scale. For DoRA PEFT's scale would also change the direction inside the norm, so the
+DoRA part's output is multiplied by ``weight`` instead (a forward hook); 0 is the base model exactly.
+DoRA applies to the weight as patched by the adapters loaded before it, as in ComfyUI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lorafit.errors import LorafitError
+from lorafit.networks.files import read_lora_file
+from lorafit.networks.kohya_format import kohya_name_table
+from lorafit.networks.peft_layers import adapter_layers, injection_config, write_layer
+
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_REGISTRY = "_lorafit_loras"  # attribute on each adapted component: {name: LoadedLora}
+
+
+@dataclass
+class LoadedLora:
+    """One loaded file in one component: its PEFT adapter name per kind, its strength, DoRA hooks."""
+
+    weight: float
+    adapters: dict[str, str] = field(default_factory=dict)  # PEFT adapter name -> kind
+    hooks: list = field(default_factory=list)
+
+
+def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
+    """The UNet and text encoders of ``pipe`` that exist (any SD/SDXL pipeline, img2img included)."""
+    components = {name: getattr(pipe, name, None) for name in _COMPONENTS}
+    components = {name: module for name, module in components.items() if module is not None}
+    if "unet" not in components:
+        raise LorafitError(f"{type(pipe).__name__} has no UNet; load_lora needs an SD1/SD2/SDXL pipeline")
+    return components
+
+
+def _family(components: dict[str, torch.nn.Module]) -> str:
+    from lorafit.models.base import detect_family
+
+    return detect_family(components["unet"].config, "text_encoder_2" in components)
+
+
+def _registry(module: torch.nn.Module) -> dict[str, LoadedLora]:
+    if not hasattr(module, _REGISTRY):
+        object.__setattr__(module, _REGISTRY, {})
+    return getattr(module, _REGISTRY)
+
+
+def loaded_loras(pipe) -> dict[str, float]:
+    """Name -> strength of every file loaded into ``pipe`` with :func:`load_lora`."""
+    found: dict[str, float] = {}
+    for module in pipeline_components(pipe).values():
+        found.update({name: loaded.weight for name, loaded in _registry(module).items()})
+    return found
+
+
+def _adapter_name(path: Path, adapter_name: Optional[str], components: dict[str, torch.nn.Module]) -> str:
+    name = adapter_name or re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise LorafitError(f"adapter_name {name!r}: use letters, digits, '_' and '-' only")
+    taken = {a for module in components.values() for loaded in _registry(module).values() for a in loaded.adapters}
+    taken |= {a for module in components.values() for a in getattr(module, "peft_config", {})}
+    if name in taken or any(a.startswith(f"{name}__") for a in taken):
+        raise LorafitError(f"adapter name {name!r} is already loaded; pass adapter_name=... or unload_lora(pipe, {name!r})")
+    return name
+
+
+def load_lora(pipe, path: str | Path, weight: float = 1.0, adapter_name: Optional[str] = None) -> str:
+    """Load a LoRA/LoCon/DoRA/LoHa/LoKr file (kohya/LyCORIS or diffusers format) into ``pipe``.
+
+    Args:
+        pipe: A diffusers SD1/SD2/SDXL pipeline (txt2img, img2img, inpaint ...).
+        path: The ``.safetensors`` file.
+        weight: Strength: 1 = as trained, 0 = the base model exactly; other values scale the update.
+        adapter_name: Name to refer to it later; default: the file name without extension.
+
+    Returns:
+        The adapter name, for :func:`set_lora_weight` and :func:`unload_lora`.
+    """
+    from peft import inject_adapter_in_model
+
+    path = Path(path)
+    components = pipeline_components(pipe)
+    name = _adapter_name(path, adapter_name, components)
+    table = kohya_name_table(_family(components), components)
+    weights, _, _ = read_lora_file(path, table)
+    missing = sorted(set(weights) - set(components))
+    if missing:
+        raise LorafitError(f"{path}: has weights for {missing}, which {type(pipe).__name__} does not have")
+    for component, modules in weights.items():
+        model = components[component]
+        active_before = {id(layer): list(layer.active_adapters) for layer in _tuner_layers(model)}
+        loaded = LoadedLora(weight=weight)
+        kinds = sorted({m.kind for m in modules.values()})
+        for kind in kinds:
+            # One PEFT adapter per kind: a LoraConfig cannot hold LoHa modules, nor DoRA and plain LoRA.
+            peft_name = name if len(kinds) == 1 else f"{name}__{kind}"
+            group = {module: m for module, m in modules.items() if m.kind == kind}
+            inject_adapter_in_model(injection_config(kind, group), model, adapter_name=peft_name)
+            layers = adapter_layers(model, peft_name)
+            by_module = {_outer(layer_name): layer for layer_name, layer in layers.items()}
+            for module, module_weights in group.items():
+                write_layer(by_module[module], peft_name, module_weights)
+            loaded.adapters[peft_name] = kind
+            if kind == "dora":
+                loaded.hooks += [_dora_strength_hook(layer, peft_name, loaded) for layer in layers.values()]
+        for layer in _tuner_layers(model):
+            before = [a for a in active_before.get(id(layer), []) if a in layer._all_available_adapter_names()]
+            mine = [a for a in loaded.adapters if a in layer._all_available_adapter_names()]
+            layer.set_adapter(list(dict.fromkeys(before + mine)), inference_mode=True)
+        _registry(model)[name] = loaded
+    set_lora_weight(pipe, name, weight)
+    return name
+
+
+def _outer(name: str) -> str:
+    while name.endswith(".base_layer"):
+        name = name.removesuffix(".base_layer")
+    return name
+
+
+def _tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _dora_strength_hook(layer: torch.nn.Module, peft_name: str, loaded: LoadedLora):
+    # The DoRA module returns this adapter's whole contribution (W' - W) x; scaling it by the
+    # strength interpolates between the base and the DoRA weight, as A1111/ComfyUI do.
+    def scale_output(module, args, output):
+        return output if loaded.weight == 1.0 else output * loaded.weight
+
+    return layer.lora_magnitude_vector[peft_name].register_forward_hook(scale_output)
+
+
+def set_lora_weight(pipe, adapter_name: str, weight: float) -> None:
+    """Change the strength of a loaded file (1 = as trained, 0 = off)."""
+    found = False
+    for model in pipeline_components(pipe).values():
+        loaded = _registry(model).get(adapter_name)
+        if loaded is None:
+            continue
+        found = True
+        loaded.weight = float(weight)
+        for peft_name, kind in loaded.adapters.items():
+            for layer in adapter_layers(model, peft_name).values():
+                layer.set_scale(peft_name, 1.0 if kind == "dora" else float(weight))
+    if not found:
+        raise LorafitError(f"no LoRA named {adapter_name!r} is loaded (loaded: {sorted(loaded_loras(pipe)) or 'none'})")
+
+
+def unload_lora(pipe, adapter_name: Optional[str] = None) -> None:
+    """Remove one loaded file (or all, when ``adapter_name`` is None) and restore the plain modules."""
+    names = [adapter_name] if adapter_name else sorted(loaded_loras(pipe))
+    if adapter_name and adapter_name not in loaded_loras(pipe):
+        raise LorafitError(f"no LoRA named {adapter_name!r} is loaded (loaded: {sorted(loaded_loras(pipe)) or 'none'})")
+    for model in pipeline_components(pipe).values():
+        registry = _registry(model)
+        for name in names:
+            loaded = registry.pop(name, None)
+            if loaded is None:
+                continue
+            for hook in loaded.hooks:
+                hook.remove()
+            for peft_name in loaded.adapters:
+                for layer in adapter_layers(model, peft_name).values():
+                    layer.delete_adapter(peft_name)
+                getattr(model, "peft_config", {}).pop(peft_name, None)
+        _unwrap_empty_layers(model)
+
+
+def _unwrap_empty_layers(model: torch.nn.Module) -> None:
+    """Put the original module back wherever a PEFT wrapper holds no adapter any more."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in sorted(wrappers, key=lambda item: -item[0].count(".")):  # inner wrappers first
+        if layer._all_available_adapter_names():
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    if hasattr(model, "peft_config") and not model.peft_config:
+        del model.peft_config
