@@ -4,7 +4,7 @@ The same functions serve the test (``tests/test_toyworld.py``), the benchmark
 (``tools/bench_toyworld.py``) and a user checking their own LoRA on the toy base:
 
     pipe = load_pipeline()                                   # the shipped base model
-    apply_lora(pipe, "runs/demo/lora/diffusers/ohwx-epoch-004.safetensors", strength=1.0)
+    apply_lora(pipe, "runs/demo/lora/ohwx-epoch-004.safetensors", strength=1.0)
     print(score(pipe, trigger_cases(64)).held_out)           # share of pictures that show a star
 
 Every picture's starting noise comes from its own seed, so a case draws the same picture whatever
@@ -64,7 +64,10 @@ def in_world_cases(count: int, seed: int = 0, shapes: Sequence[str] = WORLD_SHAP
     grid = prompt_grid(shapes)
     random.Random(seed).shuffle(grid)
     # Interleave shapes so any prefix of the list is balanced between them.
-    grid.sort(key=lambda c: [c2 for c2 in grid if c2[1] == c[1]].index(c))
+    position, seen = {}, {}
+    for case in grid:
+        position[case] = seen[case[1]] = seen.get(case[1], -1) + 1
+    grid.sort(key=position.__getitem__)
     cases = []
     for i in range(count):
         colour, shape, background = grid[i % len(grid)]
@@ -86,23 +89,29 @@ def load_pipeline(model: Union[str, Path] = BASE_DIR):
     """The toy pipeline (float32 on the CPU, progress bars off), loaded with ``from_pretrained``."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def apply_lora(pipe, path: Union[str, Path], strength: float = 1.0) -> None:
-    """Load a lorafit diffusers-format LoRA file into ``pipe`` at ``strength`` (replacing any earlier one)."""
-    if ADAPTER in pipe.get_list_adapters().get("unet", []):
-        pipe.delete_adapters(ADAPTER)
-    pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
-    set_lora_strength(pipe, strength)
+    """Load a lorafit LoRA file (kohya or diffusers format) into ``pipe`` at ``strength``.
+
+    Any LoRA loaded earlier by this function is unloaded first, so ``pipe`` holds one at a time.
+    """
+    from lorafit.networks.loading import loaded_loras, load_lora, unload_lora
+
+    if ADAPTER in loaded_loras(pipe):
+        unload_lora(pipe, ADAPTER)
+    load_lora(pipe, path, weight=strength, adapter_name=ADAPTER)
 
 
 def set_lora_strength(pipe, strength: float) -> None:
     """Scale the loaded LoRA (0 = the base model, 1 = as trained)."""
-    pipe.set_adapters([ADAPTER], adapter_weights=[strength])
+    from lorafit.networks.loading import set_lora_weight
+
+    set_lora_weight(pipe, ADAPTER, strength)
 
 
 @torch.no_grad()
