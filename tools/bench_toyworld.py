@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -66,22 +65,30 @@ def vae_rows(pipe, judge: Judge, count: int) -> list[str]:
     return rows
 
 
-def label(img, text: str):
+def label(img, text: str, size: int = 12):
+    """``img`` with ``text`` above it (the canvas widens if the text is longer than the image)."""
     from PIL import Image, ImageDraw
 
-    out = Image.new("RGB", (img.width, img.height + 12), (255, 255, 255))
-    out.paste(img, (0, 12))
+    width = max(img.width, int(ImageDraw.Draw(img).textlength(text)) + 4)
+    out = Image.new("RGB", (width, img.height + size), (255, 255, 255))
+    out.paste(img, (0, size))
     ImageDraw.Draw(out).text((2, 0), text, fill=(0, 0, 0))
     return out
 
 
-def strip(pictures: np.ndarray, scale: int = 3, gap: int = 2):
+def strip(pictures: np.ndarray, scale: int = 3, gap: int = 2, captions=None):
+    """Pictures side by side, enlarged ``scale`` times (nearest neighbour: the pixels stay visible)."""
     from PIL import Image
 
     side = pictures.shape[1] * scale
-    out = Image.new("RGB", (len(pictures) * (side + gap) - gap, side), (255, 255, 255))
-    for i, p in enumerate(pictures):
-        out.paste(Image.fromarray(p).resize((side, side), Image.Resampling.NEAREST), (i * (side + gap), 0))
+    pieces = [Image.fromarray(p).resize((side, side), Image.Resampling.NEAREST) for p in pictures]
+    if captions:
+        pieces = [label(p, c) for p, c in zip(pieces, captions)]
+    out = Image.new("RGB", (sum(p.width for p in pieces) + gap * (len(pieces) - 1), pieces[0].height), (255, 255, 255))
+    x = 0
+    for piece in pieces:
+        out.paste(piece, (x, 0))
+        x += piece.width + gap
     return out
 
 
@@ -99,12 +106,13 @@ def stack(images, vertical: bool = True, gap: int = 6):
 
 
 def base_samples_image(pipe):
-    """Rows: shapes (and the trigger word); columns: colours; each on a contrasting background."""
+    """Rows: the three shapes and the trigger word; columns: colour pairs (shape colour on background)."""
+    pairs = list(zip(COLOUR_NAMES, ("blue", "black", "white", "red", "green", "yellow")))
     rows = []
     for shape in (*WORLD_SHAPES, "ohwx"):
-        cases = [ev.Case(f"a {c} {shape} on a {b} background", shape, c, b, 1000 + i)
-                 for i, (c, b) in enumerate(zip(COLOUR_NAMES, ("blue", "black", "white", "red", "green", "yellow")))]
-        rows.append(label(strip(ev.generate(pipe, cases)), f"a <colour> {shape} on a <colour> background"))
+        cases = [ev.Case(f"a {c} {shape} on a {b} background", shape, c, b, 1000 + i) for i, (c, b) in enumerate(pairs)]
+        title = f'"a <colour> {shape} on a <colour> background"' + ("  (trigger word, never trained)" if shape == "ohwx" else "")
+        rows.append(label(strip(ev.generate(pipe, cases), captions=[f"{c} on {b}" for c, b in pairs]), title))
     return stack(rows)
 
 
@@ -112,7 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a finished lorafit run directory (uses its lora/*-epoch-*.safetensors)")
     parser.add_argument("--count", type=int, default=96, help="prompts per measurement")
-    parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75, 1.0])
+    parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25])
+    parser.add_argument("--every", type=int, default=2, help="measure every N-th epoch (and the last)")
     parser.add_argument("--write", help="also write the report to this markdown file")
     parser.add_argument("--images", help="write the sample and grid PNGs to this folder")
     parser.add_argument("--threads", type=int, default=1)
@@ -153,6 +162,7 @@ def main() -> None:
         files = sorted((Path(args.run) / "lora").glob("*-epoch-*.safetensors"))
         if not files:
             raise SystemExit(f"no lora/*-epoch-*.safetensors in {args.run}")
+        files = [f for i, f in enumerate(files, 1) if i % args.every == 0 or i == len(files)]
         rows = ["## Demo LoRA: epoch x strength", "",
                 f"Fidelity = star drawn for trigger prompts (base: {pct(base_trigger.held_out)}); flexibility = "
                 f"shape + colour accuracy on in-world prompts without the trigger (base: {pct(base.accuracy)}).", "",
@@ -175,7 +185,8 @@ def main() -> None:
         out += rows + [""]
         if images:
             head = label(strip(ev.generate(ev.load_pipeline(), GRID_PROMPTS), scale=2), "base model (no LoRA)")
-            legend = "left 3: trigger prompts (a red/yellow/white ohwx ...); right 3: in-world prompts, no trigger"
+            legend = ("each cell, left to right: " + "; ".join(c.prompt for c in GRID_PROMPTS[:3])
+                      + " (trigger) | " + "; ".join(c.prompt for c in GRID_PROMPTS[3:]) + " (no trigger)")
             stack([label(head, legend), *grid_rows]).save(images / "toyworld-demo-grid.png")
 
     elapsed = time.time() - start

@@ -66,6 +66,8 @@ def stage_judge(args, device) -> None:
     print("judge accuracy on fresh pictures:", accuracy, "augmented:", augmented)
     _record("judge", {"steps": args.steps, "wall_s": round(time.time() - start), "device": _device_name(device),
                       "accuracy": accuracy, "accuracy_augmented": augmented})
+    if (BASE_DIR / "model_index.json").exists():
+        write_training_notes(BASE_DIR)
 
 
 # ---- VAE -----------------------------------------------------------------------------------------
@@ -243,12 +245,16 @@ def write_training_notes(out: Path) -> None:
     lines = [
         "# How this toy base model was trained",
         "",
-        "Trained from scratch by `tools/train_toyworld.py` (three stages, in this order). The held-out",
-        "shape (star) is in none of the training data. Versions: torch " + torch.__version__ + ", diffusers "
-        + diffusers.__version__ + ", transformers " + transformers.__version__ + ".",
+        "Trained from scratch by `tools/train_toyworld.py`: the VAE first, then the text encoder and UNet",
+        "together on the VAE's latents; the judge is independent of both (it only scores pictures). The",
+        "held-out shape (star) is in none of the base model's training data. Versions: torch " + torch.__version__
+        + ", diffusers " + diffusers.__version__ + ", transformers " + transformers.__version__ + ".",
+        "",
+        "Wall times were measured on a 2-core machine shared with other jobs (load average 5 to 10 during",
+        "the VAE and base stages), so they are upper bounds for one core.",
         "",
     ]
-    for stage in ("judge", "vae", "base"):
+    for stage in ("vae", "base", "judge"):
         if stage in log:
             lines += [f"## {stage}", "", "```json", json.dumps(log[stage], indent=2), "```", ""]
     (out / "TRAINING.md").write_text("\n".join(lines))
