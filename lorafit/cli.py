@@ -23,45 +23,89 @@ from lorafit.errors import LorafitError
 TOOL_VERBS = {
     "convert": ("lorafit.networks.convert:convert", "Convert a LoRA file between kohya and diffusers format."),
     "tiny": ("lorafit.models.tiny:save_tiny_pipeline", "Write a tiny random-weight SD1/SD2/SDXL pipeline."),
+    "tiny-clip": ("lorafit.models.tiny_clip:save_tiny_clip", "Write a tiny random-weight CLIP model (for trying grid/probe)."),
     "demo-data": ("lorafit.data.demo_dataset:write_demo_dataset", "Write the generated demo dataset."),
     "toy-data": ("lorafit.toyworld.concept_data:write_concept_dataset",
                  "Write the toy world's LoRA dataset: pictures of the held-out star, trigger word ohwx."),
     "prepare": ("lorafit.data.prepare:prepare", "Check kohya-style image folders and write webdataset shards + report."),
+    "cache": ("lorafit.data.cache:cache", "Encode prepared shards into VAE latent (and text embedding) shards."),
+    "submit": ("lorafit.slurm.submit:main", "Render a SLURM sbatch script for `lorafit fit` and submit it (or print it)."),
+    "generate": ("lorafit.inference.generate:generate", "Generate images with LoRAs at chosen strengths (hires fix)."),
+    "grid": ("lorafit.inference.grid:grid", "Epoch x strength x prompt grids, selection metrics, HTML report."),
+    "probe": ("lorafit.inference.probe:probe", "Does the base model already know the concept? Images, scores, verdict."),
 }
+# Verbs whose list options may be repeated (`--lora a --lora b`); see lorafit/cli_lists.py.
+REPEATABLE_LISTS = {"generate", "grid", "probe"}
 LIGHTNING_VERBS = ("fit", "validate")
+
+# ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
+# Not `save_last=True, save_top_k=0`: since Lightning 2.6 that writes last.ckpt only when a top-k
+# checkpoint is saved at the same step, i.e. never before the end of training, so a killed run had
+# nothing to resume from. Instead the single "top-k" file is named last.ckpt and overwritten in place
+# (atomically, see atomic_io.py); `--ckpt_path last` finds it.
+LAST_CHECKPOINT = {"filename": "last", "save_top_k": 1, "save_last": False, "enable_version_counter": False,
+                   "every_n_epochs": 1}
 
 
 def _build_cli_class():
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from lorafit.callbacks.export import LoraExport
-    from lorafit.data.folder import FolderDataModule
+    from lorafit.data.datamodule import LoraDataModule
+    from lorafit.callbacks.requeue import RequeueOnSignal
+    from lorafit.atomic_io import AtomicCheckpointIO, atomic_write_text
+    from lorafit.loggers.wandb import WandbRunLogger
+    from lorafit.callbacks.metrics import TrainingMetrics
+    from lorafit.callbacks.samples import SampleImages
     from lorafit.module import LoraDiffusionModule
 
     class RunDirConfig(SaveConfigCallback):
         """Save the resolved config as ``<default_root_dir>/config.yaml``, beside the LoRA files.
 
-        Overwriting is intended: a resumed or requeued run rewrites the same run's config.
+        Overwriting is intended: a resumed or requeued run rewrites the same run's config (through a
+        temporary file, so a kill mid-write leaves the previous one). W&B also gets the whole config
+        (Lightning itself logs only the model's and data module's arguments).
         """
 
         def save_config(self, trainer, pl_module, stage) -> None:
-            path = Path(trainer.default_root_dir) / self.config_filename
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+            text = self.parser.dump(self.config, skip_none=False)
+            atomic_write_text(Path(trainer.default_root_dir) / self.config_filename, text)
+            wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+            if wandb_loggers:
+                config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+                for logger in wandb_loggers:
+                    logger.log_hyperparams({"config": config})
 
     class LorafitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(LoraExport, "export")
+            parser.add_lightning_class_args(SampleImages, "samples")
+            parser.add_lightning_class_args(TrainingMetrics, "metrics")
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             # Checkpoints hold only LoRA weights + optimizer state (small); keep last.ckpt for resume
             # under the run directory, whatever logger is configured.
-            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
-                                 "checkpoint.every_n_epochs": 1})
+            parser.set_defaults({f"checkpoint.{key}": value for key, value in LAST_CHECKPOINT.items()})
             parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
                                   compute_fn=lambda root: os.path.join(root or ".", "checkpoints"))
+            # After "checkpoint": Lightning keeps checkpoint callbacks in order at the end of the list.
+            parser.add_lightning_class_args(RequeueOnSignal, "requeue")
 
-    return LorafitCLI, LoraDiffusionModule, FolderDataModule, RunDirConfig
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            # Atomic checkpoint files unless the config chose its own CheckpointIO plugin.
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            return trainer
+
+        def before_fit(self) -> None:
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbRunLogger):
+                    logger.bind_run_dir(self.trainer.default_root_dir)
+
+    return LorafitCLI, LoraDiffusionModule, LoraDataModule, RunDirConfig
 
 
 def run_lightning(argv: list[str]):
@@ -105,6 +149,12 @@ def run_tool(verb: str, argv: list[str]):
     target, _ = TOOL_VERBS[verb]
     module_name, function_name = target.split(":")
     function = getattr(importlib.import_module(module_name), function_name)
+    if getattr(function, "parses_own_args", False):  # e.g. submit, whose flags follow sbatch's spelling
+        return function(argv)
+    if verb in REPEATABLE_LISTS:
+        from lorafit.cli_lists import gather_repeated_flags
+
+        argv = gather_repeated_flags(function, argv)
     return auto_cli(function, args=argv, as_positional=True, parser_mode="yaml", prog=f"lorafit {verb}",
                     exit_on_error=False)
 
@@ -127,6 +177,11 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
     # transformers warns at import that torchvision is absent (only its image processors use it).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Loading adapters into a module that already has one (several LoRAs at once) is intended.
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    # Per-component "Loading pipeline components" bars would bury the one line per image a tool prints.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -155,6 +210,24 @@ def main(argv: Optional[list[str]] = None) -> None:
         message = " ".join(str(error).split())
         print(f"lorafit: error: {message} (see `lorafit {verb} --help`)", file=sys.stderr)
         raise SystemExit(2)
+    except Exception as error:
+        # jsonargparse wraps errors raised while instantiating a union-typed option (trainer.logger)
+        # in its own ValueError; the LorafitError inside is still the one line to show.
+        cause = _lorafit_cause(error)
+        if cause is None:
+            raise
+        print(f"lorafit: error: {cause}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _lorafit_cause(error: BaseException) -> Optional[LorafitError]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LorafitError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__  # `raise ... from` only: an error *during* handling is a real one
+    return None
 
 
 if __name__ == "__main__":

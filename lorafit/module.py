@@ -7,33 +7,52 @@ step reads like the paper (encode, noise, predict, regress onto the family's tar
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import time
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
+from lorafit import losses
 from lorafit.errors import LorafitError
-from lorafit.models.base import BaseModel, Family, PredictionType, load_base_model, resolve_model_source
-from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, tokenize
+from lorafit.models.base import DTYPES, BaseModel, Family, PredictionType, load_base_model, resolve_model_source
+from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, text_layers_used, tokenize
 from lorafit.networks.adapters import ADAPTER_NAME, DEFAULT_TEXT_ENCODER_TARGETS, attach_network
 from lorafit.networks.lora_weights import LoraWeights
 from lorafit.networks.network_types import NetworkSpec, NetworkType
 from lorafit.networks.peft_layers import from_peft_model
 from lorafit.networks.presets import TargetPreset, preset_modules
+from lorafit.nonfinite import batch_position, nonfinite_loss_error, nonfinite_weights_error, trainable_weights_finite
+from lorafit.optim import (OptimizerName, SchedulerName, build_optimizer, build_scheduler, effective_learning_rates,
+                           optimizer_kwargs)
+
+from lorafit.rng_state import gather_rng_states, restore_rng_states
+
+log = logging.getLogger("lorafit.train")
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+# Logged learning-rate names, as kohya logs them (and the guides read them in TensorBoard).
+LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "text_encoder_2": "lr/textencoder2"}
 
 
-def step_seed(base_seed: int, epoch: int, batch_idx: int, rank: int) -> int:
-    """A seed for one micro-batch that depends only on where it is in training.
+_TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+def step_seed(base_seed: int, epoch: int, batch_idx: int, slot: int) -> int:
+    """A seed that depends only on where it is in training: epoch, batch index and ``slot`` (the rank).
 
     Noise and timesteps drawn from it are the same whether a run was interrupted and resumed or
     not, and differ between DDP ranks.
     """
-    digest = hashlib.blake2b(f"{base_seed}:{epoch}:{batch_idx}:{rank}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{base_seed}:{epoch}:{batch_idx}:{slot}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def hash_key(key: str) -> int:
+    """A stable 63-bit seed from a sample key (Python's ``hash`` differs between processes)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
 class LoraDiffusionModule(pl.LightningModule):
@@ -74,13 +93,54 @@ class LoraDiffusionModule(pl.LightningModule):
             the first matching regex wins over ``rank``/``conv_rank`` (kohya's block dims).
         alpha_pattern: Alpha per module, ``{regex: alpha}``, as ``rank_pattern``.
         lokr_factor: LoKr only: the Kronecker factor size (LyCORIS's ``factor``); -1 = as square as possible.
-        learning_rate: AdamW learning rate of the UNet LoRA (kohya's ``unet_lr``).
-        text_encoder_lr: Learning rate of the text-encoder LoRA; empty means ``learning_rate``.
-        weight_decay: AdamW weight decay.
-        adam_betas: AdamW betas.
-        adam_epsilon: AdamW epsilon.
+        learning_rate: Base learning rate (kohya's ``learning_rate``), used by every part whose own
+            rate (``unet_lr``, ``text_encoder_lr``) is empty.
+        text_encoder_lr: Learning rate of the (first) text encoder's LoRA (kohya's
+            ``text_encoder_lr``); empty means ``learning_rate``, 0 leaves it without LoRA, frozen.
+        weight_decay: Weight decay; empty keeps the optimizer's default (AdamW 0.01, others 0).
+        betas: Optimizer betas (AdamW, Lion, Prodigy); empty keeps the optimizer's default.
         clip_skip: SD1/SD2: use the hidden state this many layers from the end (2 = A1111 "clip
             skip 2"). SDXL always uses the penultimate layer.
+        unet_lr: Learning rate of the UNet LoRA (kohya's ``unet_lr``); empty means ``learning_rate``,
+            0 leaves the UNet without LoRA (text-encoder-only training).
+        text_encoder_2_lr: SDXL: learning rate of the second text encoder (OpenCLIP bigG); empty
+            means ``text_encoder_lr``, 0 leaves it frozen.
+        optimizer: kohya's ``optimizer_type``: ``AdamW``, ``AdamW8bit``/``Lion8bit`` (bitsandbytes),
+            ``Adafactor`` (transformers), ``Prodigy`` (prodigyopt; use learning rates near 1.0),
+            ``Lion`` (lion-pytorch; ~3-10x lower learning rate than AdamW).
+        optimizer_args: Extra constructor arguments (kohya's ``optimizer_args``), e.g. for Adafactor
+            ``{scale_parameter: false, relative_step: false, warmup_init: false}``, for Prodigy
+            ``{d_coef: 2, use_bias_correction: true}``, for AdamW ``{eps: 1.0e-8}``.
+        lr_scheduler: Learning-rate schedule (diffusers/kohya names), stepped per optimizer step.
+        lr_warmup_steps: Linear warmup length: optimizer steps if >= 1, a fraction of the run if < 1.
+        lr_scheduler_num_cycles: Hard restarts of ``cosine_with_restarts`` (kohya's ``lr_scheduler_num_cycles``).
+        lr_scheduler_power: Exponent of ``polynomial`` decay (kohya's ``lr_scheduler_power``).
+        noise_offset: Offset noise strength, ~0.05-0.1 (kohya's ``noise_offset``): lets the model
+            learn very dark or bright images.
+        noise_offset_random_strength: Scale the offset by a uniform [0, 1) draw per batch.
+        multires_noise_iterations: Pyramid (multi-resolution) noise levels, ~6-10; 0 = off.
+        multires_noise_discount: Weight decay per pyramid level (kohya's default 0.3).
+        ip_noise_gamma: Input-perturbation noise strength, ~0.1 (kohya's ``ip_noise_gamma``).
+        ip_noise_gamma_random_strength: Scale ``ip_noise_gamma`` by a uniform [0, 1) draw per batch.
+        min_snr_gamma: Min-SNR-gamma loss weighting, 5 is the paper's value; empty = off.
+        debiased_estimation_loss: Weight the loss by 1/sqrt(SNR) (eps) or 1/(SNR+1) (v-prediction).
+        zero_terminal_snr: Rescale the noise schedule to zero SNR at the last timestep (Lin et al.
+            2023); needs a v-prediction model (``prediction_type``).
+        min_timestep: Smallest training timestep (inclusive).
+        max_timestep: Largest training timestep (exclusive); empty = the schedule's length (1000).
+        loss_type: ``l2`` (MSE), ``l1``, ``huber`` or ``smooth_l1`` (kohya's pseudo-Huber forms).
+        huber_schedule: How the Huber ``c`` varies with the timestep: ``constant``, ``exponential``, ``snr``.
+        huber_c: Huber ``c`` (kohya's ``huber_c``).
+        huber_scale: Multiplies ``c`` in the constant and exponential schedules (kohya's ``huber_scale``).
+        prior_loss_weight: Loss weight of regularization images (batch ``is_reg``), kohya's ``prior_loss_weight``.
+        gradient_checkpointing: Recompute activations in the backward pass of the UNet and the trained
+            text encoders: much less activation memory for one extra forward pass per step.
+        vae_dtype: dtype of the VAE; empty means ``weight_dtype``, except float32 when that is float16
+            (SD VAEs overflow in fp16; kohya's ``no_half_vae``). The VAE never runs under autocast.
+        compile_unet: ``torch.compile`` the UNet (after the LoRA is attached): faster steps on GPU
+            after a slow first one.
+        nonfinite_loss: On a NaN/Inf loss: ``stop`` the run with a message (nothing is exported from
+            the bad step) or ``skip`` the batch (counted as ``loss/skipped_nonfinite``; one device only).
     """
 
     def __init__(
@@ -108,14 +168,45 @@ class LoraDiffusionModule(pl.LightningModule):
         lokr_factor: int = -1,
         learning_rate: float = 1e-4,
         text_encoder_lr: Optional[float] = None,
-        weight_decay: float = 1e-2,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        adam_epsilon: float = 1e-8,
+        weight_decay: Optional[float] = None,
+        betas: Optional[tuple[float, float]] = None,
         clip_skip: int = 1,
+        # ---- training recipe: learning rates, optimizer, schedule
+        unet_lr: Optional[float] = None,
+        text_encoder_2_lr: Optional[float] = None,
+        optimizer: OptimizerName = "AdamW",
+        optimizer_args: Optional[dict[str, Any]] = None,
+        lr_scheduler: SchedulerName = "constant",
+        lr_warmup_steps: float = 0,
+        lr_scheduler_num_cycles: int = 1,
+        lr_scheduler_power: float = 1.0,
+        # ---- training recipe: noise, timesteps, loss
+        noise_offset: float = 0.0,
+        noise_offset_random_strength: bool = False,
+        multires_noise_iterations: int = 0,
+        multires_noise_discount: float = 0.3,
+        ip_noise_gamma: float = 0.0,
+        ip_noise_gamma_random_strength: bool = False,
+        min_snr_gamma: Optional[float] = None,
+        debiased_estimation_loss: bool = False,
+        zero_terminal_snr: bool = False,
+        min_timestep: int = 0,
+        max_timestep: Optional[int] = None,
+        loss_type: losses.LossType = "l2",
+        huber_schedule: losses.HuberSchedule = "snr",
+        huber_c: float = 0.1,
+        huber_scale: float = 1.0,
+        prior_loss_weight: float = 1.0,
+        # ---- training recipe: memory and speed, failure handling
+        gradient_checkpointing: bool = False,
+        vae_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+        compile_unet: bool = False,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         self.save_hyperparameters()
         resolve_model_source(model)  # a bad path fails here, before any weights are read
+        self._check_recipe()
         self.base: Optional[BaseModel] = None
         self.unet: Optional[torch.nn.Module] = None
         self.vae: Optional[torch.nn.Module] = None
@@ -123,9 +214,24 @@ class LoraDiffusionModule(pl.LightningModule):
         self.noise_scheduler = None
         self.noise_seed: Optional[int] = None
         self.started_at = time.time()
+        self.skipped_nonfinite = 0
         # Checkpoints hold only the LoRA weights (see on_save_checkpoint), so loading them must
         # not demand the frozen base weights.
         self.strict_loading = False
+
+    def _check_recipe(self) -> None:
+        """Fail on impossible recipe values now, with one line, before any weights are read."""
+        hp = self.hparams
+        for key in ("learning_rate", "unet_lr", "text_encoder_lr", "text_encoder_2_lr"):
+            if (hp[key] or 0) < 0:
+                raise LorafitError(f"model.{key}: {hp[key]} is negative; use 0 to freeze that part")
+        optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas, hp.optimizer_args)  # raises on conflicts
+        if hp.min_snr_gamma is not None and hp.min_snr_gamma <= 0:
+            raise LorafitError(f"model.min_snr_gamma: {hp.min_snr_gamma} must be > 0 (5 is usual); leave empty for off")
+        if hp.loss_type in ("huber", "smooth_l1") and not 0 < hp.huber_c <= 1:
+            raise LorafitError(f"model.huber_c: {hp.huber_c} must be in (0, 1]")
+        if hp.max_timestep is not None and not 0 <= hp.min_timestep < hp.max_timestep:
+            raise LorafitError(f"model.min_timestep/max_timestep: need 0 <= {hp.min_timestep} < {hp.max_timestep}")
 
     # ---- model construction -------------------------------------------------------------
 
@@ -139,20 +245,68 @@ class LoraDiffusionModule(pl.LightningModule):
                                hp.revision, hp.variant)
         self.base = base
         self.unet, self.vae = base.unet, base.vae
+        if self.vae.dtype != DTYPES[self.vae_dtype]:  # diffusers warns on any .to(dtype), even a no-op
+            self.vae.to(DTYPES[self.vae_dtype])
         self.text_encoders = torch.nn.ModuleList(base.text_encoders)
+        if hp.zero_terminal_snr and base.prediction_type != "v_prediction":
+            raise LorafitError("model.zero_terminal_snr needs a v-prediction model (at zero SNR an epsilon model "
+                               "cannot recover the image); set model.prediction_type: v_prediction or turn it off")
         # Training noise follows the model's own beta schedule; DDPM is the forward process.
-        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=base.prediction_type)
+        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=base.prediction_type,
+                                                         rescale_betas_zero_snr=hp.zero_terminal_snr)
+        if not 0 <= hp.min_timestep < self.max_timestep <= self.noise_scheduler.config.num_train_timesteps:
+            raise LorafitError(f"model.min_timestep/max_timestep: need 0 <= {hp.min_timestep} < {self.max_timestep} "
+                               f"<= {self.noise_scheduler.config.num_train_timesteps}")
+        rates = self.learning_rates()
+        if not any(rate > 0 for rate in rates.values()):
+            raise LorafitError(f"model: every learning rate is 0 ({rates}); nothing would train")
+        # Parts with learning rate 0 get no LoRA at all: frozen, absent from checkpoints and exports.
         spec = self.network_spec()
-        if hp.unet_target_modules is not None:
-            unet_targets, key = hp.unet_target_modules, "model.unet_target_modules"
-        else:
-            unet_targets = preset_modules(self.unet, hp.target_preset, with_conv_blocks=hp.network_type == "locon")
-            key = "model.target_preset"
-        attach_network(self.unet, spec, unet_targets, hp.include, hp.exclude, key)
-        if hp.train_text_encoder:
-            for encoder in self.text_encoders:
-                attach_network(encoder, spec, hp.text_encoder_target_modules, hp.include, hp.exclude,
-                               "model.text_encoder_target_modules")
+        if rates["unet"] > 0:
+            if hp.unet_target_modules is not None:
+                unet_targets, key = hp.unet_target_modules, "model.unet_target_modules"
+            else:
+                unet_targets = preset_modules(self.unet, hp.target_preset, with_conv_blocks=hp.network_type == "locon")
+                key = "model.target_preset"
+            attach_network(self.unet, spec, unet_targets, hp.include, hp.exclude, key)
+        for encoder in self.trained_text_encoders().values():
+            attach_network(encoder, spec, hp.text_encoder_target_modules, hp.include, hp.exclude,
+                           "model.text_encoder_target_modules")
+        self._freeze_unread_text_layers()
+        self._configure_speed()
+
+    def _configure_speed(self) -> None:
+        hp = self.hparams
+        if hp.gradient_checkpointing:
+            # Even with a frozen UNet, the text encoders' gradients flow back through it.
+            self.unet.enable_gradient_checkpointing()
+            for encoder in self.trained_text_encoders().values():
+                # Non-reentrant: the frozen embeddings need no grad, and reentrant checkpointing would
+                # then drop the LoRA gradients inside each layer.
+                if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+                    encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                # transformers checkpoints only in train mode; CLIP has no dropout, so nothing else changes.
+                encoder.train()
+        if hp.compile_unet:
+            self.unet.compile()  # in place: parameter names (checkpoints, exports) stay the same
+
+    def _freeze_unread_text_layers(self) -> None:
+        """Freeze LoRA on text-encoder layers after the hidden state the UNet is conditioned on.
+
+        They cannot affect the loss (SDXL's first encoder skips its last layer, as does clip_skip),
+        so they never get a gradient; left trainable, DDP stops with "parameters that were not used
+        in producing the loss". They stay in the exported files at their initial, no-op values.
+        """
+        for index, encoder in enumerate(self.text_encoders):
+            if encoder not in self.trained_text_encoders().values():
+                continue
+            used = text_layers_used(self.family, index, encoder.config.num_hidden_layers, self.hparams.clip_skip)
+            for name, parameter in encoder.named_parameters():
+                match = _TEXT_LAYER.search(name)
+                if "lora_" in name and match and int(match.group(1)) >= used:
+                    parameter.requires_grad_(False)
 
     def network_spec(self) -> NetworkSpec:
         hp = self.hparams
@@ -163,11 +317,36 @@ class LoraDiffusionModule(pl.LightningModule):
     def family(self) -> str:
         return self.base.family
 
+    @property
+    def vae_dtype(self) -> str:
+        hp = self.hparams
+        if hp.vae_dtype:
+            return hp.vae_dtype
+        return "float32" if hp.weight_dtype == "float16" else hp.weight_dtype
+
+    @property
+    def max_timestep(self) -> int:
+        configured = self.hparams.max_timestep
+        return self.noise_scheduler.config.num_train_timesteps if configured is None else configured
+
+    def learning_rates(self) -> dict[str, float]:
+        """Learning rate of each part that may train (``unet``, ``text_encoder``, ``text_encoder_2``); 0 = frozen."""
+        hp = self.hparams
+        rates = {"unet": hp.learning_rate if hp.unet_lr is None else hp.unet_lr}
+        if hp.train_text_encoder:
+            first = hp.learning_rate if hp.text_encoder_lr is None else hp.text_encoder_lr
+            second = first if hp.text_encoder_2_lr is None else hp.text_encoder_2_lr
+            rates.update(zip(TEXT_ENCODER_NAMES, (first, second)[:len(self.text_encoders)]))
+        return rates
+
+    def trained_text_encoders(self) -> dict[str, torch.nn.Module]:
+        rates = self.learning_rates()
+        return {name: encoder for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders) if rates.get(name, 0) > 0}
+
     def lora_components(self) -> dict[str, torch.nn.Module]:
         """The adapted modules by diffusers component name (``unet``, ``text_encoder``, ...)."""
-        components = {"unet": self.unet}
-        if self.hparams.train_text_encoder:
-            components.update(zip(TEXT_ENCODER_NAMES, self.text_encoders))
+        components = {"unet": self.unet} if self.learning_rates()["unet"] > 0 else {}
+        components.update(self.trained_text_encoders())
         return components
 
     def lora_weights(self) -> LoraWeights:
@@ -178,6 +357,18 @@ class LoraDiffusionModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.noise_seed is None:  # restored from the checkpoint on resume
             self.noise_seed = torch.initial_seed()
+        if self.hparams.nonfinite_loss == "skip" and self.trainer.world_size > 1:
+            raise LorafitError("model.nonfinite_loss: skip works on one device only (Lightning cannot skip a batch "
+                               "on one rank of several); use stop")
+
+    def on_fit_start(self) -> None:
+        cached = getattr(self.trainer.datamodule, "cached", None)
+        if cached and cached.get("family") != self.family:
+            raise LorafitError(f"data.shards hold latents cached with a {cached.get('family')} model "
+                               f"({cached.get('model')}); this model is {self.family}: run `lorafit cache` with it")
+        if cached and cached.get("model") != self.hparams.model:
+            log.warning("cached latents were made with %s; training %s (same family %s): fine if they share a VAE",
+                        cached.get("model"), self.hparams.model, self.family)
 
     def _generator(self, batch_idx: int) -> torch.Generator:
         seed = step_seed(self.noise_seed, self.current_epoch, batch_idx, self.global_rank)
@@ -186,11 +377,14 @@ class LoraDiffusionModule(pl.LightningModule):
     def text_conditioning(self, batch: dict) -> TextConditioning:
         """Text embeddings for ``batch``: cached ones when the batch carries them, else encoded now."""
         if "prompt_embeds" in batch:  # from `lorafit cache` (frozen text encoders only)
+            if self.hparams.train_text_encoder:
+                raise LorafitError("data.shards hold cached text embeddings, but model.train_text_encoder is true; "
+                                   "cache latents only (lorafit cache without --text_embeddings)")
             pooled = batch.get("pooled_prompt_embeds")
             return TextConditioning(batch["prompt_embeds"].to(self.device),
                                     None if pooled is None else pooled.to(self.device))
         ids = tokenize(self.base.tokenizers, batch["captions"], self.device)
-        with torch.set_grad_enabled(self.hparams.train_text_encoder and self.training):
+        with torch.set_grad_enabled(bool(self.trained_text_encoders()) and self.training):
             return encode_tokens(self.family, list(self.text_encoders), ids, self.hparams.clip_skip)
 
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -198,11 +392,12 @@ class LoraDiffusionModule(pl.LightningModule):
 
         A cached batch carries the posterior's moments (``latent_moments``: mean and log-variance
         stacked on channels) instead of pixels; sampling from them with the same generator gives
-        exactly the latents the uncached path would, so cached and uncached training agree.
+        exactly the latents the uncached path would, so cached and uncached training agree. The VAE
+        runs in ``vae_dtype`` with autocast off: fp16 autocast would overflow it just like fp16 weights.
         """
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             if "latent_moments" in batch:
                 posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(self.device, torch.float32))
             else:
@@ -211,70 +406,169 @@ class LoraDiffusionModule(pl.LightningModule):
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             return ((latents - shift) * self.vae.config.scaling_factor).float()
 
+    def noised(self, latents: torch.Tensor, generator: torch.Generator, timesteps: Optional[torch.Tensor] = None,
+               noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noise, noisy latents, timesteps): the forward process with the recipe's noise options.
+
+        Drawn noise gets the offset and pyramid options and the noisy input gets input perturbation;
+        a caller-given ``noise`` is used as it is (evaluation at fixed points).
+        """
+        hp = self.hparams
+        given = noise is not None
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        if timesteps is None:
+            timesteps = losses.sample_timesteps(latents.shape[0], generator, hp.min_timestep, self.max_timestep,
+                                                self.device)
+        if given:
+            return noise, self.noise_scheduler.add_noise(latents, noise, timesteps), timesteps
+        noise = losses.offset_noise(noise, hp.noise_offset, generator, hp.noise_offset_random_strength)
+        noise = losses.pyramid_noise(noise, generator, hp.multires_noise_iterations, hp.multires_noise_discount)
+        model_noise = losses.perturbed_noise(noise, hp.ip_noise_gamma, generator, hp.ip_noise_gamma_random_strength)
+        return noise, self.noise_scheduler.add_noise(latents, model_noise, timesteps), timesteps
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction)."""
+        if self.base.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: dict) -> torch.Tensor:
+        """The UNet's output on ``noisy`` latents, with SDXL's size/crop micro-conditioning."""
+        added = None
+        if self.family == "sdxl":
+            # Pixel size of the training image = latent size times the VAE's downscale factor.
+            scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            target_size = (noisy.shape[-2] * scale, noisy.shape[-1] * scale)
+            time_ids = sdxl_time_ids(batch["original_size"].to(self.device), batch["crop_top_left"].to(self.device),
+                                     target_size)
+            added = {"text_embeds": text.pooled, "time_ids": time_ids}
+        unet_dtype = self.unet.dtype
+        return self.unet(noisy.to(unet_dtype), timesteps, text.hidden_states.to(unet_dtype),
+                         added_cond_kwargs=added).sample
+
+    def weighted_loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                      is_reg: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-sample loss, weighted by prior-loss, min-SNR and debiased weights, averaged over the batch."""
+        hp = self.hparams
+        alphas_cumprod = self.noise_scheduler.alphas_cumprod
+        huber_c = None
+        if hp.loss_type in ("huber", "smooth_l1"):
+            huber_c = losses.huber_threshold(timesteps, hp.huber_schedule, hp.huber_c, hp.huber_scale, alphas_cumprod,
+                                             self.noise_scheduler.config.num_train_timesteps)
+        per_sample = losses.per_sample_loss(prediction, target, hp.loss_type, huber_c)
+        snr = losses.signal_to_noise(alphas_cumprod, timesteps)
+        prediction_type = self.base.prediction_type
+        return losses.weighted_mean(
+            per_sample,
+            losses.prior_weights(is_reg, per_sample.shape[0], hp.prior_loss_weight, per_sample.device),
+            losses.min_snr_weight(snr, hp.min_snr_gamma, prediction_type) if hp.min_snr_gamma else None,
+            losses.debiased_weight(snr, prediction_type) if hp.debiased_estimation_loss else None,
+        )
+
     def denoising_loss(self, batch: dict, generator: torch.Generator,
                        timesteps: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """MSE between the UNet's prediction and the family's target on noised latents of ``batch``.
+        """The training loss on ``batch``: encode, noise, predict, weighted loss against the family's target.
 
         ``timesteps``/``noise`` may be fixed by the caller (evaluation at fixed points); otherwise
         they are drawn from ``generator``.
 
         The batch contract (every lorafit DataModule): ``captions`` (list of str), ``original_size``
-        and ``crop_top_left`` (long [B, 2]), ``is_reg`` (bool [B], regularization samples), and
-        either ``pixel_values`` (float [B, 3, H, W] in [-1, 1]) or ``latent_moments`` (cached); it
-        may carry cached ``prompt_embeds``/``pooled_prompt_embeds``.
+        and ``crop_top_left`` (long [B, 2]), ``is_reg`` (bool [B], regularization samples; absent =
+        none), and either ``pixel_values`` (float [B, 3, H, W] in [-1, 1]) or ``latent_moments``
+        (cached); it may carry cached ``prompt_embeds``/``pooled_prompt_embeds``.
         """
         latents = self.latents(batch, generator)
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      generator=generator, device=self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.base.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        text = self.text_conditioning(batch)
-        added = None
-        if self.family == "sdxl":
-            # Pixel size of the training image = latent size times the VAE's downscale factor.
-            scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-            target_size = (latents.shape[-2] * scale, latents.shape[-1] * scale)
-            time_ids = sdxl_time_ids(batch["original_size"].to(self.device), batch["crop_top_left"].to(self.device),
-                                     target_size)
-            added = {"text_embeds": text.pooled, "time_ids": time_ids}
-        unet_dtype = self.unet.dtype
-        prediction = self.unet(noisy.to(unet_dtype), timesteps, text.hidden_states.to(unet_dtype),
-                               added_cond_kwargs=added).sample
-        return F.mse_loss(prediction.float(), target.float())
+        noise, noisy, timesteps = self.noised(latents, generator, timesteps, noise)
+        prediction = self.predict(noisy, timesteps, self.text_conditioning(batch), batch)
+        return self.weighted_loss(prediction, self.target(latents, noise, timesteps), timesteps, batch.get("is_reg"))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         loss = self.denoising_loss(batch, self._generator(batch_idx))
-        self.log("loss/current", loss, prog_bar=True, batch_size=len(batch["captions"]))
+        batch_size = len(batch["captions"])
+        if not torch.isfinite(loss):
+            return self._nonfinite_loss(loss, batch, batch_idx)
+        # sync_dist: the logged value is the mean over all ranks' samples, i.e. the global batch's loss.
+        self.log("loss/current", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+        rates = effective_learning_rates(self.trainer.optimizers[0])
+        self.log_dict({LR_LOG_NAMES[name]: rate for name, rate in rates.items()}, on_step=True, on_epoch=False,
+                      batch_size=batch_size)
         return loss
 
+    def _position(self, batch: dict, batch_idx: int) -> str:
+        return batch_position(self.global_step, self.current_epoch, batch_idx, batch)
+
+    def _nonfinite_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> None:
+        if self.hparams.nonfinite_loss != "skip":
+            raise nonfinite_loss_error(loss.item(), self._position(batch, batch_idx))
+        self.skipped_nonfinite += 1
+        log.warning("skipped a batch with loss %s at %s; %d skipped so far", loss.item(),
+                    self._position(batch, batch_idx), self.skipped_nonfinite)
+        self.log("loss/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, on_epoch=False,
+                 batch_size=len(batch["captions"]))
+        return None  # Lightning then skips backward and the optimizer step
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # A finite loss can still produce an overflowing update (LR far too high): stop before the
+        # next step builds on it. LoraExport checks the same, so no NaN weights are written.
+        if not trainable_weights_finite(self):
+            raise nonfinite_weights_error(self._position(batch, batch_idx))
+
+    def _latent_shape(self, batch: dict) -> tuple[int, ...]:
+        if "latent_moments" in batch:  # mean and log-variance stacked on channels
+            b, c2, h, w = batch["latent_moments"].shape
+            return b, c2 // 2, h, w
+        b, _, h, w = batch["pixel_values"].shape
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return b, self.vae.config.latent_channels, h // scale, w // scale
+
+    def fixed_noise(self, batch: dict, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """Noise, timesteps and a posterior generator that depend only on which samples are in ``batch``.
+
+        Each sample's noise and timestep come from a seed derived from its key, so a held-out image
+        is scored at the same point every epoch, and at the same noise and timestep whatever the
+        batch size, order or number of ranks: validation losses of different epochs (and of runs
+        with another batch size) compare. Only the VAE posterior sample is drawn per batch (its
+        spread is tiny next to the noise). Batches without keys fall back to their position.
+        """
+        shape = self._latent_shape(batch)
+        keys = batch.get("keys") or [f"{batch_idx}:{i}" for i in range(shape[0])]
+        noise, timesteps = [], []
+        for key in keys:
+            generator = torch.Generator().manual_seed(hash_key(str(key)))
+            noise.append(torch.randn(shape[1:], generator=generator))
+            timesteps.append(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (), generator=generator))
+        posterior = torch.Generator(device=self.device).manual_seed(hash_key("|".join(map(str, keys))))
+        return torch.stack(noise).to(self.device), torch.stack(timesteps).to(self.device), posterior
+
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # Fixed noise per batch position, so validation losses of different epochs compare.
-        generator = torch.Generator(device=self.device).manual_seed(step_seed(0, 0, batch_idx, 0))
-        loss = self.denoising_loss(batch, generator)
+        noise, timesteps, generator = self.fixed_noise(batch, batch_idx)
+        loss = self.denoising_loss(batch, generator, timesteps=timesteps, noise=noise)
         self.log("loss/validation", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["captions"]))
         return loss
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": hp.learning_rate}]
-        if hp.train_text_encoder:
-            params = [p for encoder in self.text_encoders for p in encoder.parameters() if p.requires_grad]
-            groups.append({"params": params, "lr": hp.text_encoder_lr or hp.learning_rate})
-        return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.adam_betas), eps=hp.adam_epsilon,
-                                 weight_decay=hp.weight_decay)
+        parts = {"unet": self.unet, **dict(zip(TEXT_ENCODER_NAMES, self.text_encoders))}
+        groups = [{"name": name, "lr": rate, "params": [p for p in parts[name].parameters() if p.requires_grad]}
+                  for name, rate in self.learning_rates().items() if rate > 0]
+        kwargs = optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas, hp.optimizer_args)
+        optimizer = build_optimizer(hp.optimizer, groups, hp.learning_rate, kwargs)
+        scheduler = build_scheduler(hp.lr_scheduler, optimizer, self.trainer.estimated_stepping_batches,
+                                    hp.lr_warmup_steps, hp.lr_scheduler_num_cycles, hp.lr_scheduler_power)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # ---- checkpoints: LoRA weights only -------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["lorafit"] = {"noise_seed": self.noise_seed, "started_at": self.started_at, "family": self.family}
+        # Every adapter weight, trained or frozen (see _freeze_unread_text_layers): a resumed run must
+        # export exactly what the uninterrupted one would, whatever the seed it starts with.
+        adapter = {name for name, p in self.named_parameters() if p.requires_grad or f".{ADAPTER_NAME}" in name}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in adapter}
+        checkpoint["lorafit"] = {"noise_seed": self.noise_seed, "started_at": self.started_at, "family": self.family,
+                                 "skipped_nonfinite": self.skipped_nonfinite, "rng_states": gather_rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning would raise a page of "size mismatch" lines; say in one what went wrong.
@@ -289,3 +583,6 @@ class LoraDiffusionModule(pl.LightningModule):
         info = checkpoint.get("lorafit", {})
         self.noise_seed = info.get("noise_seed", self.noise_seed)
         self.started_at = info.get("started_at", self.started_at)
+        self.skipped_nonfinite = info.get("skipped_nonfinite", 0)
+        if info.get("rng_states"):
+            restore_rng_states(info["rng_states"], self.global_rank)

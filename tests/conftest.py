@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # No model hub here or in CI: every load must be satisfied locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Prepared folders and shard indexes of the tests stay out of the user's ~/.cache.
+os.environ.setdefault("LORAFIT_CACHE", os.path.join(tempfile.gettempdir(), f"lorafit-test-cache-{os.getuid()}"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -32,3 +35,10 @@ def demo_data(tmp_path_factory) -> str:
     from lorafit.data.demo_dataset import write_demo_dataset
 
     return str(write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_images=4, resolution=64))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    from lorafit.models.tiny_clip import save_tiny_clip
+
+    return str(save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip"))

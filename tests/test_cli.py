@@ -13,7 +13,9 @@ import yaml
 from lorafit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# configs/<topic>/*.yaml are overlays: composed after a full config with a second --config.
+OVERLAYS = sorted((REPO / "configs").glob("*/*.yaml"))
 
 
 def _lorafit(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -35,8 +37,25 @@ def test_every_config_prints_a_complete_commented_config(config, capsys):
     assert "# LoRA rank" in text, "option help should appear as comments"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_overlay_composes_with_a_full_config(overlay, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for section, values in yaml.safe_load(overlay.read_text()).items():
+        if not isinstance(values, dict):  # a top-level value such as seed_everything
+            assert printed[section] == values, section
+            continue
+        for key, value in values.items():
+            if not isinstance(value, (dict, list)):
+                assert printed[section][key] == value, (section, key)
+            elif isinstance(value, dict) and "class_path" in value:
+                assert printed[section][key]["class_path"] == value["class_path"], (section, key)
+
+
 def _fit_error(tmp_path, capsys, *args: str) -> str:
-    config = REPO / "configs" / "demo.yaml"
+    config = REPO / "configs" / "tiny-demo.yaml"
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run"), *args])
     assert exit_info.value.code == 2
@@ -61,7 +80,8 @@ def test_bad_input_gets_one_line_before_heavy_work(tmp_path, capsys, demo_data, 
 
 
 def test_help_for_every_verb():
-    for verb in ("fit", "validate", "convert", "tiny", "demo-data", "toy-data", "prepare"):
+    for verb in ("fit", "validate", "convert", "tiny", "demo-data", "toy-data", "prepare", "submit", "cache", "generate", "grid",
+                 "probe"):
         result = _lorafit(verb, "--help")
         assert result.returncode == 0, result.stderr
         assert "usage:" in result.stdout
@@ -70,29 +90,31 @@ def test_help_for_every_verb():
 
 
 def test_demo_commands_end_to_end(tmp_path):
-    """The demo config's CLI path on another family: tiny SDXL model, generated data, `lorafit fit`.
+    """The plumbing demo: tiny SDXL model, generated data, `lorafit fit` on configs/tiny-demo.yaml.
 
-    tests/test_toyworld.py runs the demo itself (toy base model, `lorafit toy-data`) and measures
-    what it learns.
+    tests/test_toyworld.py runs the README demo itself (configs/demo.yaml on the toy base model)
+    and measures what it learns.
     """
     assert _lorafit("tiny", "sdxl", str(tmp_path / "tiny-sdxl")).returncode == 0
     assert _lorafit("demo-data", str(tmp_path / "data")).returncode == 0
     run = tmp_path / "run"
-    result = _lorafit("fit", "--config", "configs/demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
+    result = _lorafit("fit", "--config", "configs/tiny-demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
                       "--data.train_dir", str(tmp_path / "data"), "--trainer.default_root_dir", str(run),
                       "--trainer.max_epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in (run / "lora").glob("*.safetensors"))
-    assert names == ["ohwx-epoch-001.safetensors", "ohwx-epoch-002.safetensors", "ohwx.safetensors"]
+    assert names == ["ohwx-star-epoch-001.safetensors", "ohwx-star-epoch-002.safetensors", "ohwx-star.safetensors"]
     assert len(list((run / "lora" / "diffusers").glob("*.safetensors"))) == 3
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["rank"] == 8 and saved["data"]["train_dir"] == str(tmp_path / "data")
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list(run.rglob("events.out.tfevents.*")), "TensorBoard logs missing"
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
+        "epoch-001_step-000020_00.png", "epoch-002_step-000040_00.png"]
     # The demo dataset has one image without a caption: the folder's prompt is used, and said so.
     assert "have no .txt caption, so their folder name was used" in result.stderr
 
-    validated = _lorafit("validate", "--config", "configs/demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
+    validated = _lorafit("validate", "--config", "configs/tiny-demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
                          "--data.train_dir", str(tmp_path / "data"), "--data.val_dir", str(tmp_path / "data"),
                          "--trainer.default_root_dir", str(run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
     assert validated.returncode == 0, validated.stderr[-3000:]
@@ -111,3 +133,28 @@ def test_prepare_takes_several_source_folders(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = yaml.safe_load((tmp_path / "shards" / "dataset.json").read_text())
     assert summary["samples_written"] == 2
+
+
+PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
+
+
+def test_presets_exist_and_say_what_they_are_in_one_line():
+    names = {p.stem for p in PRESETS}
+    assert {"sd15-character", "sd15-style", "sd15-concept", "sdxl-character", "sdxl-style", "sdxl-lowvram"} <= names
+    for preset in PRESETS:
+        first = preset.read_text().splitlines()[0]
+        assert first.startswith("# ") and len(first) > 40, f"{preset.name}: first line should describe the preset"
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_trains_a_step_on_the_tiny_model(preset, tiny_models, demo_data, tmp_path):
+    """The recipe in each preset (optimizer + args, schedule, loss options) really runs."""
+    family = "sdxl" if preset.stem.startswith("sdxl") else "sd1"
+    main(["fit", "--config", str(preset), "--model.model", tiny_models[family], "--data.train_dir", demo_data,
+          "--data.resolution", "64", "--data.min_bucket_reso", "64", "--data.max_bucket_reso", "128",
+          "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+          "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["model"]["optimizer"] == yaml.safe_load(preset.read_text())["model"]["optimizer"]
+    assert list((tmp_path / "lora").glob("*.safetensors"))

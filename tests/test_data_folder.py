@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from lorafit.data.demo_dataset import CONCEPT_FOLDER, write_demo_dataset
-from lorafit.data.folder import FolderDataModule
 from lorafit.data.images import load_rgb, resize_center_crop
 from lorafit.data.kohya_folders import parse_folder_name, scan_image_folder
 from lorafit.errors import LorafitError
@@ -248,135 +244,6 @@ def test_resize_center_crop_portrait_and_odd_sizes():
     assert original_size == (30, 77) and crop_top_left == (0, 12)
     pixels, _, crop = resize_center_crop(Image.new("RGB", (16, 16), (255, 255, 255)), 16)
     assert crop == (0, 0) and torch.allclose(pixels, torch.ones_like(pixels))
-
-
-# ----------------------------------------------------------------------------- DataModule
-
-
-def _tree(root: Path) -> Path:
-    """2 images x 3 repeats + 2 images x 1 repeat = 8 samples per epoch."""
-    for i, color in enumerate([(255, 0, 0), (0, 255, 0)]):
-        _caption(_png(root / "3_ohwx dog" / f"d{i}.png", color, (24, 16)), "ohwx dog, Grass, sunny")
-    for i, color in enumerate([(0, 0, 255), (9, 9, 9)]):
-        _png(root / "1_cat" / f"c{i}.png", color, (16, 16))  # no captions: folder prompt "cat"
-    return root
-
-
-def _epoch_keys(dm: FolderDataModule, epoch: int) -> list[str]:
-    loader = dm.train_dataloader()
-    loader.sampler.set_epoch(epoch)
-    return [key for batch in loader for key in batch["keys"]]
-
-
-def test_datamodule_batches_follow_the_contract(tmp_path):
-    dm = FolderDataModule(str(_tree(tmp_path)), resolution=8, batch_size=3)
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["pixel_values"].dtype == torch.float32
-    assert batch["original_size"].dtype == torch.long and batch["original_size"].shape == (3, 2)
-    assert batch["crop_top_left"].dtype == torch.long and batch["crop_top_left"].shape == (3, 2)
-    assert len(batch["captions"]) == len(batch["keys"]) == 3
-    for key, caption, size in zip(batch["keys"], batch["captions"], batch["original_size"].tolist()):
-        assert caption == ("ohwx dog, Grass, sunny" if "3_ohwx dog" in key else "cat")
-        assert size == ([16, 24] if "3_ohwx dog" in key else [16, 16])
-    assert dm.num_images == 4 and dm.num_samples == 8
-    assert dm.summary()["folders"] == {
-        "3_ohwx dog": {"images": 2, "repeats": 3},
-        "1_cat": {"images": 2, "repeats": 1},
-    }
-    assert dm.tag_frequency() == {"3_ohwx dog": {"ohwx dog": 2, "grass": 2, "sunny": 2}, "1_cat": {"cat": 2}}
-
-
-def test_every_record_appears_repeats_times_per_epoch(tmp_path):
-    dm = FolderDataModule(str(_tree(tmp_path)), resolution=8, batch_size=3)
-    for epoch in (0, 1):
-        counts = Counter(_epoch_keys(dm, epoch))
-        assert counts == {str(r.path): r.repeats for r in dm.records}
-        assert sorted(counts.values()) == [1, 1, 3, 3]
-
-    overridden = FolderDataModule(str(tmp_path), resolution=8, repeats=2)
-    assert set(Counter(_epoch_keys(overridden, 0)).values()) == {2}
-
-
-def test_two_ranks_get_disjoint_equal_slices(tmp_path):
-    _tree(tmp_path)
-    per_rank = []
-    for rank in (0, 1):
-        dm = FolderDataModule(str(tmp_path), resolution=8, batch_size=3, seed=7)
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
-        per_rank.append(list(dm.train_dataloader().sampler))
-    assert len(per_rank[0]) == len(per_rank[1]) == 4
-    assert set(per_rank[0]).isdisjoint(per_rank[1])
-    assert sorted(per_rank[0] + per_rank[1]) == list(range(8))
-
-    # 8 samples over 3 ranks does not divide: ranks are padded to equal batch counts so no rank
-    # waits in a collective for a peer that has run out of batches.
-    batches = []
-    for rank in range(3):
-        dm = FolderDataModule(str(tmp_path), resolution=8, batch_size=2, seed=7)
-        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank)
-        batches.append(len(list(dm.train_dataloader())))
-    assert batches == [2, 2, 2]
-
-
-def test_epoch_order_is_resume_safe(tmp_path):
-    _tree(tmp_path)
-    first = FolderDataModule(str(tmp_path), resolution=8, batch_size=2, seed=3)
-    fresh = FolderDataModule(str(tmp_path), resolution=8, batch_size=2, seed=3)
-    assert _epoch_keys(first, 1) == _epoch_keys(fresh, 1)  # a resumed run replays epoch 1 exactly
-    assert _epoch_keys(first, 0) != _epoch_keys(first, 1)
-    other_seed = FolderDataModule(str(tmp_path), resolution=8, batch_size=2, seed=4)
-    assert _epoch_keys(other_seed, 1) != _epoch_keys(first, 1)
-
-
-class _KeyRecorder(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(()))
-        self.seen: list[list[str]] = []
-
-    def on_train_epoch_start(self) -> None:
-        self.seen.append([])
-
-    def training_step(self, batch, batch_idx):
-        self.seen[-1].extend(batch["keys"])
-        return (self.weight - batch["pixel_values"].mean()) ** 2
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def test_lightning_keeps_the_sampler_and_advances_its_epoch(tmp_path):
-    _tree(tmp_path)
-    dm = FolderDataModule(str(tmp_path), resolution=8, batch_size=2, seed=5)
-    model = _KeyRecorder()
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path / "run",
-    )
-    trainer.fit(model, datamodule=dm)
-    reference = FolderDataModule(str(tmp_path), resolution=8, batch_size=2, seed=5)
-    assert model.seen == [_epoch_keys(reference, 0), _epoch_keys(reference, 1)]
-
-
-def test_datamodule_rejects_bad_settings(tmp_path):
-    _tree(tmp_path)
-    with pytest.raises(LorafitError, match="data.resolution"):
-        FolderDataModule(str(tmp_path), resolution=100)
-    with pytest.raises(LorafitError, match="data.batch_size"):
-        FolderDataModule(str(tmp_path), batch_size=0)
-    with pytest.raises(LorafitError, match="data.repeats"):
-        FolderDataModule(str(tmp_path), repeats=0)
-    with pytest.raises(LorafitError, match="does not exist"):
-        FolderDataModule(str(tmp_path / "typo"))
-
-
-# ----------------------------------------------------------------------------- demo dataset
 
 
 def test_demo_dataset_is_deterministic_and_scannable(tmp_path, caplog):

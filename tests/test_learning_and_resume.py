@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
-
-from lorafit.data.folder import FolderDataModule, collate_folder_batch
 from lorafit.module import LoraDiffusionModule
-from training import train
+from training import tiny_data, train
 
 # LoRA on attention plus the ResNet/in/out convolutions (LoCon-style targets) gives a random-weight
 # tiny UNet enough capacity to fit the data quickly.
@@ -17,8 +14,10 @@ CONV_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out", "conv
 @torch.no_grad()
 def fixed_point_loss(module: LoraDiffusionModule, data_dir: str) -> float:
     """Denoising loss on all training images at fixed timesteps and fixed noise."""
-    data = FolderDataModule(train_dir=data_dir, resolution=64, batch_size=4)
-    batch = next(iter(DataLoader(data.dataset, batch_size=len(data.dataset), collate_fn=collate_folder_batch)))
+    data = tiny_data(data_dir, batch_size=4, val_dir=data_dir)  # held-out pass: each image once, centred
+    data.prepare_data()
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
     losses = []
     for t in (100, 400, 700):
         generator = torch.Generator().manual_seed(t)

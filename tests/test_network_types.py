@@ -91,6 +91,11 @@ def test_diffusers_loads_what_it_supports(trained):
         assert not any(text_ok)
     else:
         assert all(text_ok)
+    # diffusers' kohya path: LoCon convs load exactly; DoRA's dora_scale is dropped (plain LoRA, wrong).
+    kohya = pipeline(model_dir)
+    kohya.load_lora_weights(str(lora / "test.safetensors"))
+    error = (unet_output(kohya.unet) - expected["unet"]).abs().max().item()
+    assert error > 1e-3 if network_type == "dora" else error < 1e-4
 
 
 def test_kohya_keys_shapes_and_metadata(trained):

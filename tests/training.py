@@ -2,29 +2,51 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
+from lorafit.atomic_io import AtomicCheckpointIO
 from lorafit.callbacks.export import LoraExport
-from lorafit.data.folder import FolderDataModule
+from lorafit.data.datamodule import LoraDataModule
+from lorafit.cli import LAST_CHECKPOINT
 from lorafit.module import LoraDiffusionModule
+
+
+def tiny_data(data_dir: str, batch_size: int = 2, **kwargs) -> LoraDataModule:
+    """The DataModule at the tiny models' 64 px (buckets from 64 to 128 px)."""
+    return LoraDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=0, min_bucket_reso=64,
+                          max_bucket_reso=128, **kwargs)
+
+
+def tiny_batch(data_dir: str, size: int = 2) -> dict:
+    """The first ``size`` images of ``data_dir`` as one centred, unaugmented batch."""
+    data = tiny_data(data_dir, batch_size=size, val_dir=data_dir)
+    data.prepare_data()
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))
 
 
 def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_path: Optional[str] = None,
           seed: int = 0, max_steps: int = -1, batch_size: int = 2, precision: str = "32-true",
-          export: Optional[dict] = None, **module_kwargs):
+          export: Optional[dict] = None, trainer_kwargs: Optional[dict] = None, log_metrics: bool = False,
+          callbacks: Optional[list] = None, logger=None, data_kwargs: Optional[dict] = None, **module_kwargs):
     """Train and return (trainer, module); LoRA files land in ``root/lora``, checkpoints in ``root/checkpoints``.
 
     ``seed`` seeds the global RNGs only; the data order has its own fixed seed, as in a config file.
+    ``log_metrics`` logs every step to ``root/metrics.csv`` (read it with :func:`logged_metrics`).
     """
     pl.seed_everything(seed)
+    trainer_kwargs = {"log_every_n_steps": 1, **(trainer_kwargs or {})}
+    extra_callbacks = trainer_kwargs.pop("callbacks", [])
     module_kwargs = {"rank": 4, "alpha": 2.0, "learning_rate": 1e-3, **module_kwargs}
     module = LoraDiffusionModule(model=model_dir, **module_kwargs)
-    data = FolderDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=0)
+    data = tiny_data(data_dir, batch_size, **(data_kwargs or {}))
     trainer = pl.Trainer(
         default_root_dir=str(root),
         accelerator="cpu",
@@ -32,14 +54,23 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
         max_epochs=max_epochs,
         max_steps=max_steps,
         precision=precision,
-        logger=False,
+        logger=logger if logger is not None else (CSVLogger(str(root), name="", version="") if log_metrics else False),
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[LoraExport(**{"name": "test", **(export or {})}), ModelCheckpoint(dirpath=str(root / "checkpoints"), save_last=True,
-                                                            save_top_k=0, every_n_epochs=1)],
+        callbacks=[LoraExport(**{"name": "test", **(export or {})}),
+                   ModelCheckpoint(dirpath=str(root / "checkpoints"), **LAST_CHECKPOINT), *extra_callbacks,
+                   *(callbacks or [])],
+        plugins=[AtomicCheckpointIO()],
+        **trainer_kwargs,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, module
+
+
+def logged_metrics(root: Path, name: str) -> dict[int, float]:
+    """``{step: value}`` of metric ``name`` from a ``train(..., log_metrics=True)`` run."""
+    with open(Path(root) / "metrics.csv") as handle:
+        return {int(row["step"]): float(row[name]) for row in csv.DictReader(handle) if row.get(name)}
 
 
 def fixed_unet_inputs(unet, seed: int = 1):

@@ -7,6 +7,7 @@ compares epochs afterwards and keeps the one that balances both.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -16,11 +17,14 @@ import torch
 from lorafit.networks.files import DIFFUSERS_KINDS, save_diffusers, save_kohya
 from lorafit.networks.lora_weights import network_kinds
 from lorafit.networks.metadata import TrainingInfo, kohya_metadata
+from lorafit.nonfinite import trainable_weights_finite
 from lorafit.networks.network_types import KOHYA_NETWORK_MODULE
 
 log = logging.getLogger("lorafit.export")
 
-SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# kohya's save_precision spellings (float, fp16, bf16) are accepted too.
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class LoraExport(pl.Callback):
@@ -31,7 +35,8 @@ class LoraExport(pl.Callback):
             ``<name>-step-NNNNNN.safetensors`` and, at the end, ``<name>.safetensors``.
         every_n_epochs: Export after every this many epochs (0 = never by epoch).
         every_n_steps: Export after every this many optimizer steps (0 = never by step).
-        save_dtype: dtype of the tensors in the files (kohya's ``save_precision``).
+        save_dtype: dtype of the tensors in the files (kohya's ``save_precision``; its spellings
+            ``float``/``fp16``/``bf16`` work too). LoRA weights train in float32 whatever this is.
         formats: Which formats to write: ``kohya`` (kohya/LyCORIS keys: A1111, ComfyUI, kohya) and/or
             ``diffusers`` (LoRA, LoCon and DoRA only; diffusers has no LoHa/LoKr format).
         dirpath: Directory for the files; empty means ``<trainer.default_root_dir>/lora``.
@@ -42,7 +47,7 @@ class LoraExport(pl.Callback):
         name: str = "lora",
         every_n_epochs: int = 1,
         every_n_steps: int = 0,
-        save_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        save_dtype: Literal["float32", "float16", "bfloat16", "float", "fp32", "fp16", "bf16"] = "float32",
         formats: list[Literal["kohya", "diffusers"]] = ["kohya", "diffusers"],
         dirpath: Optional[str] = None,
     ):
@@ -58,6 +63,19 @@ class LoraExport(pl.Callback):
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "lora"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        # A run killed mid-export (kill -9, preemption) leaves the hidden temporaries of the atomic
+        # writes in networks/files.py (`.<name>.safetensors.*`); the finished files are whole.
+        # Remove those leftovers when the run (or its resume) starts, on the one rank that writes.
+        if not trainer.is_global_zero:
+            return
+        directory = self._dir(trainer)
+        for leftover in [*directory.glob(".*.safetensors.*"), *directory.glob("diffusers/.*.safetensors.*")]:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -92,11 +110,11 @@ class LoraExport(pl.Callback):
             epoch=epochs_done,
             num_train_images=getattr(data, "num_images", None),
             learning_rate=hp.learning_rate,
-            text_encoder_lr=hp.text_encoder_lr or hp.learning_rate,
+            text_encoder_lr=pl_module.learning_rates().get("text_encoder"),
             seed=pl_module.noise_seed,
             mixed_precision=str(trainer.precision),
             clip_skip=hp.clip_skip,
-            trains_text_encoder=hp.train_text_encoder,
+            trains_text_encoder=bool(pl_module.trained_text_encoders()),
             tag_frequency=tag_frequency,
             started_at=pl_module.started_at,
             network_module=KOHYA_NETWORK_MODULE[hp.network_type],
@@ -107,12 +125,17 @@ class LoraExport(pl.Callback):
         """Write ``stem`` in every configured format (global rank 0 only, no collectives)."""
         if not trainer.is_global_zero:
             return []
+        if not trainable_weights_finite(pl_module):
+            # Keep the last good files: a NaN LoRA would overwrite them (the run stops right after).
+            log.error("not exporting %s: the LoRA weights contain NaN/Inf", stem)
+            return []
         weights = pl_module.lora_weights()
         dtype = SAVE_DTYPES[self.save_dtype]
         directory = self._dir(trainer)
         paths = []
         if "kohya" in self.formats:
-            metadata = kohya_metadata(self.training_info(trainer, pl_module, epochs_done))
+            metadata = {**kohya_metadata(self.training_info(trainer, pl_module, epochs_done)),
+                        **recipe_metadata(trainer, pl_module)}
             paths.append(save_kohya(directory / f"{stem}.safetensors", pl_module.family, weights,
                                     pl_module.unet.config, metadata, dtype))
         if "diffusers" in self.formats:
@@ -129,3 +152,36 @@ class LoraExport(pl.Callback):
             log.info("saved LoRA %s", path)
         self.written.extend(paths)
         return paths
+
+
+def recipe_metadata(trainer: pl.Trainer, pl_module) -> dict[str, str]:
+    """kohya's ``ss_*`` keys for the training recipe (optimizer, schedule, noise, loss), as strings."""
+    from lorafit.optim import describe, optimizer_kwargs
+
+    hp = pl_module.hparams
+    rates = pl_module.learning_rates()
+    values = {
+        "ss_unet_lr": rates["unet"],
+        "ss_optimizer": describe(hp.optimizer, optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas,
+                                                                hp.optimizer_args)),
+        "ss_lr_scheduler": hp.lr_scheduler,
+        "ss_lr_warmup_steps": hp.lr_warmup_steps,
+        "ss_max_grad_norm": trainer.gradient_clip_val or 0.0,
+        "ss_gradient_accumulation_steps": trainer.accumulate_grad_batches,
+        "ss_gradient_checkpointing": hp.gradient_checkpointing,
+        "ss_noise_offset": hp.noise_offset or None,
+        "ss_noise_offset_random_strength": hp.noise_offset_random_strength,
+        "ss_multires_noise_iterations": hp.multires_noise_iterations or None,
+        "ss_multires_noise_discount": hp.multires_noise_discount,
+        "ss_ip_noise_gamma": hp.ip_noise_gamma or None,
+        "ss_ip_noise_gamma_random_strength": hp.ip_noise_gamma_random_strength,
+        "ss_min_snr_gamma": hp.min_snr_gamma,
+        "ss_debiased_estimation": hp.debiased_estimation_loss,
+        "ss_zero_terminal_snr": hp.zero_terminal_snr,
+        "ss_loss_type": hp.loss_type,
+        "ss_huber_schedule": hp.huber_schedule,
+        "ss_huber_c": hp.huber_c,
+        "ss_huber_scale": hp.huber_scale,
+        "ss_prior_loss_weight": hp.prior_loss_weight,
+    }
+    return {key: str(value) for key, value in values.items() if value is not None}

@@ -85,6 +85,16 @@ def _upright(img: Image.Image, name: str) -> tuple[Image.Image, Optional[str]]:
     return upright, ("exif_transpose" if orientation in range(2, 9) else None)
 
 
+def _draft(img: Image.Image, upright_size: tuple[int, int]) -> None:
+    # The draft size is in stored (pre-EXIF) orientation: swap for the rotating orientations 5-8.
+    try:
+        rotated = img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: _upright reports it; draft as stored
+        rotated = False
+    width, height = upright_size
+    img.draft(img.mode, (height, width) if rotated else (width, height))  # scale only, keep the mode
+
+
 class DecodedImage(NamedTuple):
     """An upright RGB image and what it took to get there.
 
@@ -102,7 +112,8 @@ class DecodedImage(NamedTuple):
     fixes: list[str]
 
 
-def decode_rgb_with_fixes(fp: IO[bytes], name: str, background: Color = (255, 255, 255)) -> DecodedImage:
+def decode_rgb_with_fixes(fp: IO[bytes], name: str, background: Color = (255, 255, 255),
+                          draft_size: Optional[tuple[int, int]] = None) -> DecodedImage:
     """Like :func:`decode_rgb`, and also says which corrections were needed.
 
     ``lorafit prepare`` stores a file's original bytes only when ``fixes`` is empty, and lists
@@ -112,6 +123,10 @@ def decode_rgb_with_fixes(fp: IO[bytes], name: str, background: Color = (255, 25
         fp: Binary file object positioned at the start of the image.
         name: Path or key shown in error messages.
         background: Colour that transparent pixels are composited onto.
+        draft_size: Upright ``(width, height)`` the caller will resize to. A JPEG is then decoded
+            at the smallest 1/2, 1/4 or 1/8 DCT scale still at least that large: a 4000 px photo
+            for a 1024 px bucket decodes about 4x faster and the resize has less to do, with the
+            same result after the final high-quality resize.
 
     Raises:
         LorafitError: the data is not an image Pillow reads, or is truncated/corrupt.
@@ -122,6 +137,8 @@ def decode_rgb_with_fixes(fp: IO[bytes], name: str, background: Color = (255, 25
             # Asked before decoding: on a loaded GIF the check would seek away from frame 0.
             animated = getattr(img, "is_animated", False)
             img.seek(0)  # first frame of animated GIF/WebP/APNG and first page of a TIFF
+            if draft_size is not None and img.format == "JPEG":
+                _draft(img, draft_size)
             # Decode now, inside the try: Pillow is lazy and would otherwise report a truncated
             # file much later, far from the file name.
             img.load()

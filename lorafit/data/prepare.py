@@ -4,6 +4,9 @@ Run once per dataset; training then always streams shards. The output folder hol
 
     train-000000.tar ...   samples: <key>.jpg|png|webp (image), <key>.txt (caption), <key>.json
     report.md              what was written, skipped (with why) and fixed, per folder/bucket/tag
+    index.json             per shard, each sample's [w, h, repeats, is_reg] in shard order: lets
+                           the training DataModule plan equal, disjoint epochs for every DDP rank
+                           without opening a shard (lorafit.data.shard_index)
     dataset.json           summary, written last: a folder without it is an unfinished run
 
 Per-sample ``<key>.json`` fields: ``w``/``h`` (size after EXIF orientation), ``repeats``,
@@ -39,6 +42,7 @@ logger = logging.getLogger("lorafit.data")
 
 SHARD_PATTERN = "train-%06d.tar"
 SUMMARY_NAME = "dataset.json"
+INDEX_NAME = "index.json"
 REPORT_NAME = "report.md"
 
 
@@ -79,8 +83,9 @@ def _clear_output(out: Path, overwrite: bool) -> None:
             raise LorafitError(f"output folder {out} is not empty; choose a new folder or pass "
                                "--overwrite true to replace the prepared dataset in it")
         # The summary goes first: from this moment the folder no longer claims a finished dataset.
-        ours = [out / SUMMARY_NAME, out / REPORT_NAME] + sorted(out.glob("train-*.tar"))
-        ours += [_tmp_name(out / SUMMARY_NAME), _tmp_name(out / REPORT_NAME)]  # from a crashed run
+        names = (SUMMARY_NAME, REPORT_NAME, INDEX_NAME)
+        ours = [out / name for name in names] + sorted(out.glob("train-*.tar"))
+        ours += [_tmp_name(out / name) for name in names]  # from a crashed run
         for path in ours:
             if path.is_file():
                 path.unlink()
@@ -124,12 +129,13 @@ def _shard_writer(out_dir: Path, max_samples: int, max_bytes: int) -> wds.ShardW
 
 
 def _write_shards(scans: list[tuple[TreeScan, bool]], settings: SampleSettings, out_dir: Path,
-                  max_samples: int, max_bytes: int, tally: PrepareTally) -> list[dict]:
-    """Writes every usable image as a sample, tallying each file; returns the shard list."""
+                  max_samples: int, max_bytes: int, tally: PrepareTally) -> tuple[list[dict], dict]:
+    """Writes every usable image as a sample, tallying each file; returns the shard list and index."""
     for scan, _ in scans:
         for path in scan.other_files:
             tally.add_ignored(path, f"not an image or a {settings.caption_ext} caption of one")
     shard_counts: dict[str, int] = {}
+    index: dict[str, list] = {}
     seen: dict[str, Path] = {}
     total = sum(scan.image_count for scan, _ in scans)
     with tqdm(total=total, desc="lorafit prepare", unit="img") as bar, \
@@ -151,10 +157,14 @@ def _write_shards(scans: list[tuple[TreeScan, bool]], settings: SampleSettings, 
                 # After write(): ShardWriter may have just rolled over to the next file.
                 name = os.path.basename(writer.fname)
                 shard_counts[name] = shard_counts.get(name, 0) + 1
+                meta = sample.meta
+                index.setdefault(name, []).append([meta["w"], meta["h"], meta["repeats"], int(is_reg)])
                 tally.add_written(scan.root, record, is_reg, sample)
                 bar.set_postfix(skipped=len(tally.skipped), refresh=False)
-    return [{"name": name, "samples": n, "bytes": (out_dir / name).stat().st_size}
-            for name, n in sorted(shard_counts.items())]
+    shards = [{"name": name, "samples": n, "bytes": (out_dir / name).stat().st_size}
+              for name, n in sorted(shard_counts.items())]
+    return shards, {"format": "lorafit-index", "version": 1,
+                    "shards": [{"name": name, "samples": index[name]} for name, _ in sorted(shard_counts.items())]}
 
 
 def prepare(
@@ -230,7 +240,7 @@ def prepare(
     _clear_output(out_dir, overwrite)
 
     tally = PrepareTally()
-    shards = _write_shards(scans, settings, out_dir, max_samples_per_shard, max_shard_bytes, tally)
+    shards, index = _write_shards(scans, settings, out_dir, max_samples_per_shard, max_shard_bytes, tally)
     run_settings = {
         "src": [str(r) for r in src_roots], "reg": [str(r) for r in reg_roots],
         "caption_ext": settings.caption_ext, "resolution": resolution, "min_bucket_reso": min_bucket_reso,
@@ -245,7 +255,12 @@ def prepare(
     if summary["samples_written"] == 0:
         raise LorafitError(f"none of the {summary['images_in']} images could be used; see {report} "
                            "for the reason of each")
+    _write_atomic(out_dir / INDEX_NAME, json.dumps(index, separators=(",", ":")) + "\n")
     _write_atomic(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    from_folder = [e["path"] for e in summary["fixed"] if any("used folder prompt" in n for n in e["notes"])]
+    if from_folder:
+        logger.warning("%d images have no %s caption, so their folder name was used as the caption (e.g. %s); "
+                       "see %s", len(from_folder), settings.caption_ext, from_folder[0], report)
     logger.info("prepared %d of %d images into %d shards in %s (%d skipped, %d fixed or flagged); see %s",
                 summary["samples_written"], summary["images_in"], len(shards), out_dir,
                 summary["reported_skips"], len(summary["fixed"]), report)

@@ -67,6 +67,25 @@ def encode_tokens(family: str, text_encoders: list, input_ids: list[torch.Tensor
     return TextConditioning(hidden_states=_final_layer_norm(encoder)(out.hidden_states[-clip_skip]))
 
 
+def text_layers_used(family: str, encoder_index: int, num_layers: int, clip_skip: int = 1) -> int:
+    """How many of a text encoder's transformer layers :func:`encode_tokens` reads, counted from the input.
+
+    The layers after them cannot change the conditioning, so LoRA on them gets no gradient: kept
+    trainable, DDP would fail on parameters "not used in producing the loss".
+
+    Args:
+        family: ``sd1``, ``sd2`` or ``sdxl``.
+        encoder_index: 0 for the first text encoder, 1 for SDXL's second.
+        num_layers: The encoder's ``config.num_hidden_layers``.
+        clip_skip: As in :func:`encode_tokens`.
+    """
+    if family == "sdxl":
+        # hidden_states[-2] skips the last layer; the second encoder's pooled output still uses it.
+        return num_layers if encoder_index == 1 else num_layers - 1
+    # hidden_states[-k] is the output of layer num_layers - k (0-based): layers 0..num_layers-k.
+    return num_layers - max(clip_skip, 1) + 1
+
+
 def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int],
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per sample.

@@ -19,7 +19,7 @@ import torch
 from lorafit.errors import LorafitError
 
 ADAPTER_NAME = "default"
-# The UNet's attention projections: the issue's default and what diffusers' examples train.
+# The UNet's attention projections (the `attn` preset), for an explicit `unet_target_modules` list.
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # kohya trains CLIP's attention and MLP linears (CLIPAttention + CLIPMLP) in the text encoders.
 DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

@@ -15,7 +15,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.models.base import detect_family, load_base_model, resolve_model_source
-from lorafit.networks.files import read_lora_file, save_diffusers, save_kohya
+from lorafit.networks.files import DIFFUSERS_KINDS, read_lora_file, save_diffusers, save_kohya
 from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.lora_weights import network_kinds
 
@@ -78,6 +78,10 @@ def convert(
     family, components = model_skeleton(base)
     weights, source_format, metadata = read_lora_file(src, kohya_name_table(family, components))
     target = to or ("diffusers" if source_format == "kohya" else "kohya")
+    if target == "diffusers" and not network_kinds(weights) <= DIFFUSERS_KINDS:
+        kinds = sorted(network_kinds(weights) - DIFFUSERS_KINDS)
+        raise LorafitError(f"convert: {src} is a {'/'.join(kinds)} network, which diffusers has no format for; "
+                           "use --to kohya to rewrite it in kohya/LyCORIS format")
     if Path(dst).resolve() == Path(src).resolve():
         raise LorafitError(f"convert: {dst} is the source file; choose another output path")
     if save_dtype:

@@ -36,6 +36,17 @@ _DIFFUSERS_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.dow
                     ".lora.up.weight": "up", ".lora_magnitude_vector": "magnitude"}
 
 
+def _usual_permissions(path: str | Path) -> None:
+    """Give ``path`` the permissions any new file gets (0666 minus the umask).
+
+    safetensors (0.8) and mkstemp create files owner-only (0600); a LoRA should be readable by
+    whoever the user's umask allows, e.g. collaborators on a shared cluster filesystem.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict] = None) -> Path:
     """``safetensors.save_file`` through a temporary file and an atomic rename."""
     path = Path(path)
@@ -44,6 +55,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
     os.close(handle)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _usual_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -92,6 +104,7 @@ def save_diffusers(path: str | Path, family: str, weights: LoraWeights, dtype: t
     tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         pipeline_class.save_lora_weights(tmp_dir, weight_name=path.name, safe_serialization=True, **layers, **configs)
+        _usual_permissions(Path(tmp_dir) / path.name)
         os.replace(Path(tmp_dir) / path.name, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -32,7 +32,7 @@ import torch
 from lorafit.errors import LorafitError
 from lorafit.networks.files import read_lora_file
 from lorafit.networks.kohya_format import kohya_name_table
-from lorafit.networks.peft_layers import adapter_layers, injection_config, write_layer
+from lorafit.networks.peft_layers import adapter_layers, injection_config, outer_name, write_layer
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _REGISTRY = "_lorafit_loras"  # attribute on each adapted component: {name: LoadedLora}
@@ -99,8 +99,6 @@ def load_lora(pipe, path: str | Path, weight: float = 1.0, adapter_name: Optiona
     Returns:
         The adapter name, for :func:`set_lora_weight` and :func:`unload_lora`.
     """
-    from peft import inject_adapter_in_model
-
     path = Path(path)
     components = pipeline_components(pipe)
     name = _adapter_name(path, adapter_name, components)
@@ -109,36 +107,44 @@ def load_lora(pipe, path: str | Path, weight: float = 1.0, adapter_name: Optiona
     missing = sorted(set(weights) - set(components))
     if missing:
         raise LorafitError(f"{path}: has weights for {missing}, which {type(pipe).__name__} does not have")
-    for component, modules in weights.items():
-        model = components[component]
-        active_before = {id(layer): list(layer.active_adapters) for layer in _tuner_layers(model)}
-        loaded = LoadedLora(weight=weight)
-        kinds = sorted({m.kind for m in modules.values()})
-        for kind in kinds:
-            # One PEFT adapter per kind: a LoraConfig cannot hold LoHa modules, nor DoRA and plain LoRA.
-            peft_name = name if len(kinds) == 1 else f"{name}__{kind}"
-            group = {module: m for module, m in modules.items() if m.kind == kind}
-            inject_adapter_in_model(injection_config(kind, group), model, adapter_name=peft_name)
-            layers = adapter_layers(model, peft_name)
-            by_module = {_outer(layer_name): layer for layer_name, layer in layers.items()}
-            for module, module_weights in group.items():
-                write_layer(by_module[module], peft_name, module_weights)
-            loaded.adapters[peft_name] = kind
-            if kind == "dora":
-                loaded.hooks += [_dora_strength_hook(layer, peft_name, loaded) for layer in layers.values()]
-        for layer in _tuner_layers(model):
-            before = [a for a in active_before.get(id(layer), []) if a in layer._all_available_adapter_names()]
-            mine = [a for a in loaded.adapters if a in layer._all_available_adapter_names()]
-            layer.set_adapter(list(dict.fromkeys(before + mine)), inference_mode=True)
-        _registry(model)[name] = loaded
+    try:
+        for component, modules in weights.items():
+            _inject(components[component], name, modules, weight, f"{path}: {component}")
+    except Exception:
+        _remove(components, [name])  # a half-loaded file must not stay active
+        raise
     set_lora_weight(pipe, name, weight)
     return name
 
 
-def _outer(name: str) -> str:
-    while name.endswith(".base_layer"):
-        name = name.removesuffix(".base_layer")
-    return name
+def _inject(model: torch.nn.Module, name: str, modules: dict, weight: float, where: str) -> None:
+    """Inject one file's modules of one component, one PEFT adapter per network kind, and activate them."""
+    from peft import inject_adapter_in_model
+
+    active_before = {id(layer): list(layer.active_adapters) for layer in _tuner_layers(model)}
+    loaded = LoadedLora(weight=weight)
+    _registry(model)[name] = loaded  # registered first, so a failure below can be cleaned up
+    kinds = sorted({m.kind for m in modules.values()})
+    for kind in kinds:
+        # One PEFT adapter per kind: a LoraConfig cannot hold LoHa modules, nor DoRA and plain LoRA.
+        peft_name = name if len(kinds) == 1 else f"{name}__{kind}"
+        group = {module: m for module, m in modules.items() if m.kind == kind}
+        loaded.adapters[peft_name] = kind
+        inject_adapter_in_model(injection_config(kind, group), model, adapter_name=peft_name)
+        layers = adapter_layers(model, peft_name)
+        by_module = {outer_name(layer_name): layer for layer_name, layer in layers.items()}
+        for module, module_weights in group.items():
+            try:
+                write_layer(by_module[module], peft_name, module_weights)
+            except LorafitError as error:
+                raise LorafitError(f"{where} {module}: {error}") from None
+        if kind == "dora":
+            loaded.hooks += [_dora_strength_hook(layer, peft_name, loaded) for layer in layers.values()]
+    for layer in _tuner_layers(model):
+        available = layer._all_available_adapter_names()
+        before = [a for a in active_before.get(id(layer), []) if a in available]
+        mine = [a for a in loaded.adapters if a in available]
+        layer.set_adapter(list(dict.fromkeys(before + mine)), inference_mode=True)
 
 
 def _tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -177,7 +183,11 @@ def unload_lora(pipe, adapter_name: Optional[str] = None) -> None:
     names = [adapter_name] if adapter_name else sorted(loaded_loras(pipe))
     if adapter_name and adapter_name not in loaded_loras(pipe):
         raise LorafitError(f"no LoRA named {adapter_name!r} is loaded (loaded: {sorted(loaded_loras(pipe)) or 'none'})")
-    for model in pipeline_components(pipe).values():
+    _remove(pipeline_components(pipe), names)
+
+
+def _remove(components: dict[str, torch.nn.Module], names: list[str]) -> None:
+    for model in components.values():
         registry = _registry(model)
         for name in names:
             loaded = registry.pop(name, None)

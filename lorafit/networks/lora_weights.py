@@ -40,6 +40,7 @@ class LoraModuleWeights:
 
     REQUIRED: ClassVar[frozenset] = frozenset({"lora_down.weight", "lora_up.weight"})
     OPTIONAL: ClassVar[frozenset] = frozenset({"dora_scale"})
+    PREFIXES: ClassVar[tuple] = ("lora_", "dora_")
 
     @property
     def kind(self) -> str:
@@ -103,7 +104,7 @@ def module_from_parts(parts: dict[str, torch.Tensor], where: str) -> ModuleWeigh
     alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
     names = set(parts) - {"alpha"}
     for module_type in MODULE_TYPES:
-        if names & module_type.REQUIRED or (names and names <= module_type.OPTIONAL):
+        if any(name.startswith(module_type.PREFIXES) for name in names):
             missing = module_type.REQUIRED - names
             unknown = names - module_type.REQUIRED - module_type.OPTIONAL
             if missing or unknown:

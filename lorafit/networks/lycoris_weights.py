@@ -36,6 +36,7 @@ class LohaModuleWeights:
     kind: ClassVar[str] = "loha"
     REQUIRED: ClassVar[frozenset] = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"})
     OPTIONAL: ClassVar[frozenset] = frozenset()  # hada_t1/t2 (Tucker convs) are not supported
+    PREFIXES: ClassVar[tuple] = ("hada_",)
 
     @property
     def rank(self) -> int:
@@ -78,6 +79,7 @@ class LokrModuleWeights:
     kind: ClassVar[str] = "lokr"
     REQUIRED: ClassVar[frozenset] = frozenset()  # either factor may be full or factored; checked below
     OPTIONAL: ClassVar[frozenset] = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"})
+    PREFIXES: ClassVar[tuple] = ("lokr_",)  # lokr_t2 (Tucker convs) is not supported
 
     def __post_init__(self):
         for factor in ("w1", "w2"):

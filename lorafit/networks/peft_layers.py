@@ -86,16 +86,22 @@ def read_layer(layer: torch.nn.Module, adapter: str) -> ModuleWeights:
 def write_layer(layer: torch.nn.Module, adapter: str, weights: ModuleWeights) -> None:
     """Put ``weights`` into ``adapter`` of an injected ``layer`` (scale included), in its device and dtype."""
 
-    def assign(parameter: torch.nn.Parameter, tensor: torch.Tensor) -> None:
-        if parameter.shape != tensor.reshape(parameter.shape).shape:
+    def assign(parameter: torch.nn.Parameter, tensor: torch.Tensor, reshape: bool = False) -> None:
+        if (tensor.numel() != parameter.numel()) if reshape else (tensor.shape != parameter.shape):
             raise LorafitError(f"shape {tuple(tensor.shape)} does not fit {tuple(parameter.shape)}")
         parameter.data = tensor.reshape(parameter.shape).to(parameter.device, parameter.dtype)
 
+    base_shape = tuple(layer.get_base_layer().weight.shape)
+    if not isinstance(weights, LoraModuleWeights):  # LoRA's shapes are checked parameter by parameter
+        delta = weights.delta_weight()
+        rows = delta.shape[0]
+        if delta.numel() != torch.Size(base_shape).numel() or rows != base_shape[0]:
+            raise LorafitError(f"{weights.kind} update of shape {tuple(delta.shape)} does not fit weight {base_shape}")
     if isinstance(weights, LoraModuleWeights):
         assign(layer.lora_A[adapter].weight, weights.down)
         assign(layer.lora_B[adapter].weight, weights.up)
         if weights.dora_scale is not None:
-            assign(layer.lora_magnitude_vector[adapter].weight, weights.dora_scale)
+            assign(layer.lora_magnitude_vector[adapter].weight, weights.dora_scale, reshape=True)
         layer.lora_alpha[adapter] = weights.alpha
         layer.scaling[adapter] = weights.alpha / weights.rank
     elif isinstance(weights, LohaModuleWeights):

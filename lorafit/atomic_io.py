@@ -1,0 +1,80 @@
+"""Files written atomically (a temporary file beside the target, then a rename): checkpoints, configs.
+
+Lightning's ``TorchCheckpointIO`` writes local files through an fsspec transaction whose temporary
+file lives in the system temp directory. On a cluster that is usually another filesystem than the
+run directory (node-local ``/tmp`` vs shared scratch), so the final "move" is a copy, and a job
+killed during it (OOM, preemption, ``kill -9``) leaves a truncated ``last.ckpt`` that cannot be
+resumed from. Writing next to the target and ``os.replace``-ing it is atomic on every POSIX
+filesystem: a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Optional
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def temporary_sibling(path: Path) -> Path:
+    """The temporary name a write of ``path`` goes through, in the same directory.
+
+    Hidden, and free of ``ckpt_`` and ``last``: Lightning finds HPC checkpoints by any file name
+    containing ``ckpt_`` (a temporary ``.hpc_ckpt_2.ckpt.tmp`` would count as version 2) and last
+    checkpoints by a ``last*.ckpt`` name. Fixed per target, so a leftover of a killed write is
+    simply overwritten by the next one.
+    """
+    digest = hashlib.sha1(path.name.encode()).hexdigest()[:12]
+    return path.with_name(f".partial-{digest}.tmp")
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    # Make the rename itself durable (a power cut after it must not bring back the old file).
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary sibling, flushed to disk, then renamed over ``path``."""
+    return _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename."""
+    return _atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves are atomic (temporary sibling + ``os.replace``).
+
+    Remote paths (``s3://`` ...) keep Lightning's own code path. ``lorafit fit`` installs this
+    plugin unless the config names another ``CheckpointIO``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options for local paths")
+        atomic_torch_save(checkpoint, path)

@@ -1,0 +1,133 @@
+"""Checkpoint and requeue on SLURM's warning signal, at a step boundary all ranks agree on.
+
+SLURM sends ``SIGUSR1`` some time before a job's end (``#SBATCH --signal=SIGUSR1@90``) or on
+request (``scancel --signal=USR1 JOB``). Lightning's own auto-requeue (``SLURMEnvironment``)
+saves the checkpoint *inside* the signal handler. That is wrong in two ways for exact resumes:
+the handler runs between any two Python bytecodes, so the checkpoint can hold weights already
+updated by a step the progress counters do not yet count (the resumed run applies it twice);
+and under DDP the save ends in a barrier, a collective that the other ranks, interrupted at a
+different point of their step, meet with a gradient all-reduce, which hangs or corrupts.
+
+Here the handler only raises a flag. After the next optimizer step every rank learns whether
+any rank got the signal (one tiny all-reduce per step), then all save together, at the same
+clean point ModelCheckpoint's step checkpoints use, rank 0 runs ``scontrol requeue``, and the
+processes exit. The requeued job resumes from ``hpc_ckpt_N.ckpt`` in the run directory (the name
+Lightning's SLURM resume looks for; the sbatch templates pass the newest checkpoint explicitly).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal as signal_module
+import subprocess
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Checkpoint
+
+log = logging.getLogger("lorafit.requeue")
+
+
+class TrainingRequeued(SystemExit):
+    """Raised on every rank after the checkpoint is saved; exits the process with status 0."""
+
+
+def next_hpc_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """``hpc_ckpt_<N+1>.ckpt`` in ``run_dir``, N being the highest number already there (0 if none)."""
+    run_dir = Path(run_dir)
+    numbers = [int(m.group(1)) for p in (run_dir.glob("hpc_ckpt_*.ckpt") if run_dir.is_dir() else [])
+               if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    return run_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes: ``ARRAYJOB_TASK`` for array jobs, else the job id."""
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{array_job}_{array_task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class RequeueOnSignal(Checkpoint):
+    """On ``signal``, save ``hpc_ckpt_N.ckpt`` after the current optimizer step, requeue the SLURM job, exit.
+
+    Outside SLURM the checkpoint is saved and training stops; resume it with
+    ``--ckpt_path <run dir>/hpc_ckpt_N.ckpt``.
+
+    A ``Checkpoint`` subclass so that Lightning runs it after every other callback (it moves
+    checkpoint callbacks to the end): the saved state then includes what they did at this step.
+
+    Args:
+        signal: Signal that asks for checkpoint + requeue: the one in ``#SBATCH --signal`` (SIGUSR1).
+            Empty disables the handler.
+        requeue: Run ``scontrol requeue $SLURM_JOB_ID`` after saving (under SLURM only).
+    """
+
+    def __init__(self, signal: str | None = "SIGUSR1", requeue: bool = True):
+        self.signal = signal
+        self.requeue = requeue
+        self.requested = False
+        self._save_at_epoch_end = False
+        self._previous_handler = None
+
+    def _signum(self) -> int:
+        name = self.signal.upper()
+        return getattr(signal_module, name if name.startswith("SIG") else f"SIG{name}")
+
+    def _on_signal(self, signum, frame) -> None:
+        # Nothing else may happen here: see the module docstring.
+        self.requested = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        # After Lightning registered its own handlers (which would save inside the handler).
+        if self.signal:
+            self._previous_handler = signal_module.signal(self._signum(), self._on_signal)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handler()
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal_module.signal(self._signum(), self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self.signal:
+            return
+        # Mid-accumulation the summed gradients are not in the checkpoint; wait for the step.
+        accumulate = trainer.accumulate_grad_batches
+        if (batch_idx + 1) % accumulate and batch_idx + 1 != trainer.num_training_batches:
+            return
+        # Every rank takes part in this reduction every step, so all decide at the same step.
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        if batch_idx + 1 == trainer.num_training_batches:
+            # Lightning resumes a checkpoint taken after an epoch's last batch by skipping that
+            # epoch's end hooks (its LoRA export, last.ckpt, epoch LR step); save after them instead.
+            self._save_at_epoch_end = True
+            return
+        self._save_requeue_and_exit(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._save_at_epoch_end:  # the same on every rank: decided by the reduction above
+            self._save_requeue_and_exit(trainer)
+
+    def _save_requeue_and_exit(self, trainer: pl.Trainer) -> None:
+        path = trainer.strategy.broadcast(str(next_hpc_checkpoint(trainer.default_root_dir)))
+        trainer.save_checkpoint(path)
+        job = slurm_job_id()
+        if trainer.is_global_zero:
+            if job and self.requeue:
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                if result.returncode:
+                    log.error("saved %s but `scontrol requeue %s` failed: %s", path, job, result.stderr.strip())
+                else:
+                    log.info("saved %s and requeued SLURM job %s; it resumes from there", path, job)
+            else:
+                log.info("saved %s; resume with --ckpt_path %s", path, path)
+        raise TrainingRequeued(0)

@@ -1,0 +1,71 @@
+"""Repeatable list flags for the tool verbs: ``--lora a:0.8 --lora b --seed 1 --seed 2``.
+
+jsonargparse reads a list argument from one value (``--seed [1,2]``) or appends with ``--seed+ 3``
+(onto the default, so ``--seed+ 3`` with default ``[0]`` gives ``[0, 3]``); given twice, a plain
+flag keeps only the last value. Shell users expect each repetition to add an item, so before
+parsing, every occurrence of a list-typed flag is gathered into one JSON list. A value written
+as a list (``--seed '[1, 2]'``) is spliced in, so both spellings work and can be mixed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import typing
+from typing import Any, Callable
+
+import yaml
+
+
+def _element_type(annotation: Any) -> Any:
+    """The item type if ``annotation`` is (an Optional/Union with) a list, else None."""
+    if typing.get_origin(annotation) is list:
+        args = typing.get_args(annotation)
+        return args[0] if args else str
+    if typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            found = _element_type(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def list_flags(function: Callable) -> dict[str, Any]:
+    """``{"--name": item type}`` for every list-typed parameter of ``function``."""
+    hints = typing.get_type_hints(function)
+    flags = {}
+    for name in inspect.signature(function).parameters:
+        element = _element_type(hints.get(name))
+        if element is not None:
+            flags[f"--{name}"] = element
+    return flags
+
+
+def _items(value: str, element: Any) -> list:
+    if value.lstrip().startswith("["):
+        loaded = yaml.safe_load(value)
+        return loaded if isinstance(loaded, list) else [loaded]
+    # Strings stay verbatim (a prompt may contain ": " or "#"); numbers are read as YAML would.
+    return [value if element is str else yaml.safe_load(value)]
+
+
+def gather_repeated_flags(function: Callable, argv: list[str]) -> list[str]:
+    """Rewrite ``argv`` so each list flag of ``function`` appears once, as a JSON list of all its values."""
+    flags = list_flags(function)
+    gathered: dict[str, list] = {}
+    rest: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        flag, has_value, value = arg.partition("=")
+        if flag in flags and (has_value or index + 1 < len(argv)):
+            if not has_value:
+                index += 1
+                value = argv[index]
+            gathered.setdefault(flag, []).extend(_items(value, flags[flag]))
+        else:
+            rest.append(arg)
+        index += 1
+    for flag, values in gathered.items():
+        rest += [flag, json.dumps(values)]
+    return rest

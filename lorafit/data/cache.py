@@ -1,0 +1,179 @@
+"""``lorafit cache``: encode prepared shards once into VAE latents (and text embeddings) shards.
+
+Encoding every image through the VAE at every step is most of a LoRA step's cost at SDXL sizes,
+and the result is the same each epoch when crops are fixed: kohya's ``cache_latents``. The cache
+stores the VAE posterior's *moments* (mean and log-variance), not one sample of it, so training
+still draws fresh latent noise each step, and draws exactly what the uncached path would draw
+with the same generator: cached and uncached training give the same loss (tested).
+
+Output: ``train-NNNNNN.tar`` with ``<key>.latent.pth`` (+ ``latent_flip.pth`` with ``--flip_aug``:
+the mirrored image's moments), ``<key>.prompt_embeds.pth`` (+ pooled for SDXL) with
+``--text_embeddings``, the caption and JSON, plus ``index.json`` and ``dataset.json`` whose
+``cached`` section records what the latents fix (bucket settings, model), which the DataModule
+checks against its own settings.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+from tqdm import tqdm
+
+from lorafit.data.captions import CaptionOps
+from lorafit.data.epoch_plan import plan_epoch
+from lorafit.data.sample_transform import BucketSpec, SampleTransform
+from lorafit.data.shard_index import load_index
+from lorafit.data.stream import ShardStream
+from lorafit.errors import LorafitError
+
+logger = logging.getLogger("lorafit.data")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(tensor.detach().to("cpu", dtype).contiguous().clone(), buffer)
+    return buffer.getvalue()
+
+
+def _flipped_crop(original_size, crop_top_left, bucket, choose) -> list[int]:
+    """``crop_top_left`` of the mirrored crop: the left offset is then measured from the right edge."""
+    height, width = original_size
+    resized_w = choose((width, height)).resized_size[0]
+    top, left = crop_top_left
+    return [top, resized_w - left - bucket[0]]
+
+
+def cache(
+    src: Union[str, list[str]],
+    *,
+    out: str,
+    model: str,
+    single_file_config: Optional[str] = None,
+    text_embeddings: bool = False,
+    clip_skip: int = 1,
+    flip_aug: bool = False,
+    resolution: int = 512,
+    min_bucket_reso: int = 256,
+    max_bucket_reso: int = 1024,
+    bucket_reso_steps: int = 64,
+    bucket_no_upscale: bool = False,
+    enable_bucket: bool = True,
+    batch_size: int = 4,
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+    device: Optional[str] = None,
+    max_samples_per_shard: int = 1000,
+    overwrite: bool = False,
+) -> dict:
+    """Encode prepared shards into latent (and text-embedding) shards that training streams instead.
+
+    Use the same bucket settings as the training config's data section (the DataModule refuses
+    cached shards made for other settings). Random crops and colour augmentation cannot be cached;
+    flips can (``--flip_aug true`` stores both orientations).
+
+    Args:
+        src: A `lorafit prepare` output folder, or shard paths / a brace pattern / URLs.
+        out: Output folder for the cached shards, index.json and dataset.json.
+        model: The base model training will use (its VAE, and text encoders for --text_embeddings).
+        single_file_config: For a single-file model: a diffusers directory of the same architecture.
+        text_embeddings: Also cache text-encoder outputs (only for training with frozen text
+            encoders and captions that do not change per step).
+        clip_skip: SD1/SD2 text-encoder layer, as in the training config (model.clip_skip).
+        flip_aug: Also cache the horizontally mirrored image, for data.flip_aug.
+        resolution: data.resolution of the training config.
+        min_bucket_reso: data.min_bucket_reso.
+        max_bucket_reso: data.max_bucket_reso.
+        bucket_reso_steps: data.bucket_reso_steps.
+        bucket_no_upscale: data.bucket_no_upscale.
+        enable_bucket: data.enable_bucket.
+        batch_size: Images per VAE call (memory vs speed; results do not depend on it).
+        dtype: Storage dtype of the cached tensors (float32 = training sees exactly uncached values).
+        device: Device for the encoders (default: cuda when available, else cpu).
+        max_samples_per_shard: Start a new output shard after this many samples.
+        overwrite: Replace a non-empty output folder.
+
+    Returns:
+        The summary written to dataset.json.
+    """
+    import webdataset as wds
+
+    from lorafit.models.base import load_base_model
+    from lorafit.models.conditioning import encode_tokens, tokenize
+
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise LorafitError(f"output folder {out_dir} is not empty; choose a new one or pass --overwrite true")
+        shutil.rmtree(out_dir)
+    index = load_index(src, "SRC")
+    spec = BucketSpec(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale,
+                      enable_bucket)
+    choose = spec.chooser()
+    stream = ShardStream(index, spec, SampleTransform(CaptionOps()), batch_size=batch_size, seed=0, reg_ratio=1.0,
+                         shuffle_buffer=0, training=False, num_workers=0, keep_meta=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_base_model(model, single_file_config=single_file_config)
+    vae = base.vae.to(device).eval()
+    encoders = [encoder.to(device).eval() for encoder in base.text_encoders]
+    storage = DTYPES[dtype]
+    total = sum(sum(row) for row in plan_epoch(index, choose, seed=0, epoch=0, world_size=1, workers=0,
+                                               batch_size=batch_size, repeats=False).copies)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, list] = {}
+    written = 0
+    with torch.no_grad(), tqdm(total=total, desc="lorafit cache", unit="img") as bar, \
+            wds.ShardWriter(str(out_dir / "train-%06d.tar"), maxcount=max_samples_per_shard, verbose=0,
+                            encoder=False, mtime=0.0) as writer:
+        for batch in stream:
+            pixels = batch["pixel_values"].to(device, vae.dtype)
+            moments = vae.encode(pixels).latent_dist.parameters
+            flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters if flip_aug else None
+            if text_embeddings:
+                text = encode_tokens(base.family, encoders, tokenize(base.tokenizers, batch["captions"], device),
+                                     clip_skip)
+            bucket = (pixels.shape[-1], pixels.shape[-2])
+            for j, meta in enumerate(batch["metas"]):
+                crop = batch["crop_top_left"][j].tolist()
+                original = batch["original_size"][j].tolist()
+                sample = {"__key__": f"{written:08d}", "txt": batch["captions"][j].encode("utf-8"),
+                          "latent.pth": _tensor_bytes(moments[j], storage)}
+                info = {**meta, "original_size": original, "crop_top_left": crop, "bucket": list(bucket)}
+                if flipped is not None:
+                    sample["latent_flip.pth"] = _tensor_bytes(flipped[j], storage)
+                    info["crop_top_left_flip"] = _flipped_crop(original, crop, bucket, choose)
+                if text_embeddings:
+                    sample["prompt_embeds.pth"] = _tensor_bytes(text.hidden_states[j], storage)
+                    if text.pooled is not None:
+                        sample["pooled_prompt_embeds.pth"] = _tensor_bytes(text.pooled[j], storage)
+                sample["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
+                writer.write(sample)
+                name = os.path.basename(writer.fname)
+                entries.setdefault(name, []).append(
+                    [meta.get("w", original[1]), meta.get("h", original[0]), meta.get("repeats", 1),
+                     int(bool(meta.get("is_reg", False))), *bucket])
+                written += 1
+                bar.update(1)
+    source_summary = dict(index.summary or {})
+    summary = {
+        **{k: v for k, v in source_summary.items() if k in ("instance_samples", "reg_samples", "ss_tag_frequency",
+                                                             "images_in", "folders")},
+        "samples_written": written,
+        "shards": [{"name": name, "samples": len(rows)} for name, rows in sorted(entries.items())],
+        "cached": {"model": model, "resolution": resolution, "bucket_spec": repr(spec), "flip_aug": flip_aug,
+                   "text_embeddings": text_embeddings, "clip_skip": clip_skip, "dtype": dtype,
+                   "family": base.family},
+    }
+    (out_dir / "index.json").write_text(json.dumps(
+        {"format": "lorafit-index", "version": 1,
+         "shards": [{"name": name, "samples": rows} for name, rows in sorted(entries.items())]}))
+    (out_dir / "dataset.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    logger.info("cached %d samples into %s", written, out_dir)
+    return summary

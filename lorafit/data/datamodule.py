@@ -1,0 +1,374 @@
+"""LoraDataModule: the ``data:`` section of a config. Streams aspect-bucketed shards to every rank.
+
+Two ways in, one path through: ``shards`` (a ``lorafit prepare``/``lorafit cache`` folder, a brace
+pattern, ``pipe:``/http URLs) or ``train_dir`` (a kohya folder tree, prepared once into the cache
+by ``prepare_data`` on one process per node, then streamed like any shards).
+
+The epoch is planned before it is read (:mod:`lorafit.data.epoch_plan`), from the trainer's rank
+and world size taken in ``setup()`` (spawned DataLoader workers have no RANK variables). The
+plan's epoch is read from the trainer when the loader starts its workers, and a checkpoint
+records how many batches of the epoch were trained, so a resumed run continues the interrupted
+epoch's exact batch sequence instead of starting it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lorafit.data.captions import CaptionOps
+from lorafit.data.kohya_folders import IMAGE_EXTENSIONS
+from lorafit.data.sample_transform import BucketSpec, SampleTransform
+from lorafit.data.shard_index import DatasetIndex, default_cache_dir, load_index
+from lorafit.data.stream import ShardStream
+from lorafit.errors import LorafitError
+
+logger = logging.getLogger("lorafit.data")
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its stream which epoch (and resume offset) to play before workers start.
+
+    Workers get a copy of the dataset when they start, so the epoch must be set on the dataset
+    right then; Lightning's ``set_epoch`` protocol only reaches samplers, and an iterable dataset
+    has none. The workers start at the first ``next()``, not at ``iter()``: Lightning may call
+    ``iter()`` before it restores a checkpoint's loop state (when a scheduler asks for
+    ``estimated_stepping_batches`` during setup), and the epoch read then would be the wrong one.
+    """
+
+    def __init__(self, dataset: ShardStream, position: Callable[[], tuple[int, int]], **kwargs) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.position = position
+
+    def __iter__(self):
+        return _LazyEpochIterator(self)
+
+
+class _LazyEpochIterator:
+    def __init__(self, loader: EpochLoader) -> None:
+        self.loader = loader
+        self.iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.iterator is None:
+            self.loader.dataset.epoch, self.loader.dataset.skip = self.loader.position()
+            self.iterator = DataLoader.__iter__(self.loader)
+        return next(self.iterator)
+
+
+def _tree_fingerprint(roots: list[Path]) -> str:
+    """Changes whenever a file under ``roots`` is added, removed, renamed or modified."""
+    digest = hashlib.sha1()
+    for root in roots:
+        digest.update(str(root.resolve()).encode())
+        for dirpath, dirnames, filenames in sorted(os.walk(root)):
+            dirnames.sort()
+            for name in sorted(filenames):
+                stat = os.stat(os.path.join(dirpath, name))
+                digest.update(f"{os.path.relpath(dirpath, root)}/{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _has_image(root: Path) -> bool:
+    return any(Path(name).suffix.lower() in IMAGE_EXTENSIONS for _, _, names in os.walk(root) for name in names)
+
+
+class LoraDataModule(L.LightningDataModule):
+    """Aspect-bucketed, repeat-aware, DDP-exact batches from webdataset shards or a kohya folder.
+
+    Batches follow the contract of :meth:`lorafit.module.LoraDiffusionModule.denoising_loss`; all
+    images of a batch share one bucket size.
+
+    Args:
+        train_dir: kohya-style folder tree (``10_ohwx dog/`` = 10 repeats, caption sidecars),
+            prepared once into ``cache_dir`` (again only when a file changes). Or use ``shards``.
+        reg_dir: With ``train_dir``: regularization folder(s) (e.g. ``1_dog/``) mixed into training.
+        shards: Prepared data: a folder written by ``lorafit prepare``/``lorafit cache``, a brace
+            pattern (``data/train-{000000..000127}.tar``), paths, or ``pipe:``/http URLs.
+        val_dir: Held-out kohya folder for ``loss/validation`` (fixed noise, so epochs compare).
+        val_shards: Held-out shards instead of ``val_dir``.
+        resolution: Training resolution; buckets hold at most resolution^2 pixels (512 SD1, 768
+            SD2-v, 1024 SDXL).
+        batch_size: Images per batch per device (kohya ``train_batch_size``).
+        num_workers: DataLoader processes decoding images (0 = in the training process).
+        caption_ext: Caption sidecar extension for ``train_dir``/``val_dir`` (.txt or .caption).
+        repeats: Override every instance image's repeats (else the ``N_`` folder prefix counts).
+        seed: Seed of the data order and augmentation; epoch e's batches depend only on it and e.
+        enable_bucket: Aspect-ratio buckets (kohya ``enable_bucket``); off = square center crops.
+        min_bucket_reso: Smallest bucket side (kohya ``min_bucket_reso``).
+        max_bucket_reso: Largest bucket side (kohya ``max_bucket_reso``: 1024 SD1/2, 2048 SDXL).
+        bucket_reso_steps: Bucket side granularity (64; SDXL also allows 32).
+        bucket_no_upscale: Small images get their own smaller bucket, never upscaled.
+        random_crop: Random instead of centred crop of the excess (kohya ``random_crop``).
+        flip_aug: Random horizontal flips (kohya ``flip_aug``): for symmetric subjects only.
+        color_aug: Random hue shift (kohya ``color_aug``).
+        trigger_word: Prepended as the first tag of instance captions lacking it (not reg captions).
+        shuffle_caption: Shuffle the comma-separated tags (kohya ``shuffle_caption``).
+        keep_tokens: Leading tags kept in place (kohya ``keep_tokens``; 1 keeps the trigger first).
+        caption_separator: Tag separator (kohya ``caption_separator``).
+        caption_dropout_rate: Chance of an empty caption (kohya ``caption_dropout_rate``).
+        caption_tag_dropout_rate: Chance of dropping each tag (kohya ``caption_tag_dropout_rate``).
+        reg_ratio: Regularization samples per instance sample in an epoch (kohya: 1.0).
+        shuffle_buffer: Samples held by each worker's shuffle buffer (more = better mixing, more RAM).
+        cache_dir: Where prepared folders and shard indexes go; default ``$LORAFIT_CACHE`` or
+            ``~/.cache/lorafit``.
+        worker_start_method: ``fork``, ``spawn`` or ``forkserver`` for the workers (default: platform's).
+    """
+
+    def __init__(
+        self,
+        train_dir: Optional[str] = None,
+        reg_dir: Union[str, list[str], None] = None,
+        shards: Union[str, list[str], None] = None,
+        val_dir: Optional[str] = None,
+        val_shards: Union[str, list[str], None] = None,
+        resolution: int = 512,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        caption_ext: str = ".txt",
+        repeats: Optional[int] = None,
+        seed: int = 0,
+        enable_bucket: bool = True,
+        min_bucket_reso: int = 256,
+        max_bucket_reso: int = 1024,
+        bucket_reso_steps: int = 64,
+        bucket_no_upscale: bool = False,
+        random_crop: bool = False,
+        flip_aug: bool = False,
+        color_aug: bool = False,
+        trigger_word: Optional[str] = None,
+        shuffle_caption: bool = False,
+        keep_tokens: int = 0,
+        caption_separator: str = ",",
+        caption_dropout_rate: float = 0.0,
+        caption_tag_dropout_rate: float = 0.0,
+        reg_ratio: float = 1.0,
+        shuffle_buffer: int = 256,
+        cache_dir: Optional[str] = None,
+        worker_start_method: Optional[Literal["fork", "spawn", "forkserver"]] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if (train_dir is None) == (shards is None):
+            raise LorafitError("set exactly one of data.train_dir (a kohya folder) and data.shards (prepared data)")
+        if reg_dir is not None and train_dir is None:
+            raise LorafitError("data.reg_dir goes with data.train_dir; with data.shards, prepare the reg "
+                               "folder into the shards (`lorafit prepare SRC --reg DIR`)")
+        if val_dir is not None and val_shards is not None:
+            raise LorafitError("set at most one of data.val_dir and data.val_shards")
+        for key, value, low in (("resolution", resolution, 8), ("batch_size", batch_size, 1),
+                                ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 0)):
+            if value < low:
+                raise LorafitError(f"data.{key} is {value}; use {low} or more")
+        if resolution % 8:
+            raise LorafitError(f"data.resolution is {resolution}; use a multiple of 8 (e.g. 512, 768, 1024)")
+        if repeats is not None and repeats < 1:
+            raise LorafitError(f"data.repeats is {repeats}; use 1 or more, or leave it unset for folder names")
+        if reg_ratio < 0:
+            raise LorafitError(f"data.reg_ratio is {reg_ratio}; use 0 or more (1.0 = as many reg as instance samples)")
+        for key, folder in (("train_dir", train_dir), ("val_dir", val_dir)):
+            if folder is not None and not Path(folder).expanduser().is_dir():
+                raise LorafitError(f"data.{key} {folder} is not a folder; check the path")
+            # A typo'd or empty folder should fail now, not after minutes of model loading.
+            if folder is not None and not _has_image(Path(folder).expanduser()):
+                raise LorafitError(f"data.{key} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                   "check the path")
+        self.spec = BucketSpec(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps,
+                               bucket_no_upscale, enable_bucket)
+        try:
+            self.spec.table()  # a bad bucket setting fails now, with its key, not in a worker
+        except LorafitError as err:
+            raise LorafitError(f"data.{err}") from None
+        captions = CaptionOps(trigger_word, shuffle_caption, keep_tokens, caption_separator,
+                              caption_dropout_rate, caption_tag_dropout_rate)
+        self.transform = SampleTransform(captions, "random" if random_crop else "center", flip_aug, color_aug)
+        # Held-out samples: the same caption (with trigger word) every time, centred, unaugmented.
+        self.eval_transform = SampleTransform(CaptionOps(trigger_word))
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.train_stream: Optional[ShardStream] = None
+        self.val_stream: Optional[ShardStream] = None
+        self._resume: Optional[tuple[int, int]] = None
+        self._playing: Optional[int] = None
+
+    # ---- sources ------------------------------------------------------------------------
+
+    def _prepared_dir(self, folder: str, reg: Union[str, list[str], None]) -> Path:
+        hp = self.hparams
+        roots = [Path(folder).expanduser()] + [Path(r).expanduser() for r in ([reg] if isinstance(reg, str) else reg or [])]
+        key = hashlib.sha1(f"{_tree_fingerprint(roots)}:{hp.caption_ext}:{self.spec}".encode()).hexdigest()[:16]
+        return self.cache_dir / "prepared" / f"{roots[0].resolve().name}-{key}"
+
+    def _prepare_folder(self, folder: str, reg) -> Path:
+        from lorafit.data.prepare import prepare
+
+        out = self._prepared_dir(folder, reg)
+        if (out / "dataset.json").is_file():
+            return out
+        hp = self.hparams
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("preparing %s into %s (once; reused until a file changes)", folder, out)
+        prepare(folder, out=str(tmp), reg=reg, caption_ext=hp.caption_ext, resolution=hp.resolution,
+                min_bucket_reso=hp.min_bucket_reso, max_bucket_reso=hp.max_bucket_reso,
+                bucket_reso_steps=hp.bucket_reso_steps, bucket_no_upscale=hp.bucket_no_upscale)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)  # complete or absent: a crash mid-prepare is redone, not half-used
+        return out
+
+    def _sources(self, split: str) -> tuple[Any, str]:
+        hp = self.hparams
+        if split == "train":
+            if hp.train_dir is not None:
+                return str(self._prepared_dir(hp.train_dir, hp.reg_dir)), "data.train_dir"
+            return hp.shards, "data.shards"
+        if hp.val_dir is not None:
+            return str(self._prepared_dir(hp.val_dir, None)), "data.val_dir"
+        return hp.val_shards, "data.val_shards"
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node before setup(): the only place that writes.
+        hp = self.hparams
+        if hp.train_dir is not None:
+            self._prepare_folder(hp.train_dir, hp.reg_dir)
+        else:
+            load_index(hp.shards, "data.shards", str(self.cache_dir))
+        if hp.val_dir is not None:
+            self._prepare_folder(hp.val_dir, None)
+        elif hp.val_shards is not None:
+            load_index(hp.val_shards, "data.val_shards", str(self.cache_dir))
+
+    # ---- streams ------------------------------------------------------------------------
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (1, 0) if trainer is None else (int(trainer.world_size), int(trainer.global_rank))
+
+    def _stream(self, index: DatasetIndex, training: bool) -> ShardStream:
+        hp = self.hparams
+        world_size, rank = self._world()
+        return ShardStream(index, self.spec, self.transform if training else self.eval_transform,
+                           batch_size=hp.batch_size, seed=hp.seed, reg_ratio=hp.reg_ratio,
+                           shuffle_buffer=hp.shuffle_buffer, training=training, num_workers=hp.num_workers,
+                           repeats_override=hp.repeats, world_size=world_size, rank=rank)
+
+    def setup(self, stage: str) -> None:
+        if self.train_stream is None and stage == "fit":
+            source, key = self._sources("train")
+            index = load_index(source, key, str(self.cache_dir), scan=False)
+            self._check_cached(index, key)
+            self.train_stream = self._stream(index, training=True)
+            first = self.train_stream.plan(0)
+            if first.batches_per_rank == 0:
+                world = self._world()[0]
+                raise LorafitError(
+                    f"{key}: {sum(map(sum, first.copies))} samples per epoch cannot give each of {world} rank(s) "
+                    f"x {max(1, self.hparams.num_workers)} worker(s) a batch; lower data.num_workers, "
+                    "data.batch_size or trainer.devices, or add images/repeats")
+            # Every epoch is cut to the first one's length: len(dataloader) stays true for Lightning.
+            self.train_stream.max_batches = first.batches_per_rank
+            self.index = index
+            self._log_plan(first)
+        if self.val_stream is None and (self.hparams.val_dir or self.hparams.val_shards):
+            source, key = self._sources("val")
+            self.val_stream = self._stream(load_index(source, key, str(self.cache_dir), scan=False), training=False)
+
+    def _check_cached(self, index: DatasetIndex, key: str) -> None:
+        cached = index.cached
+        if not cached:
+            return
+        hp = self.hparams
+        if cached["resolution"] != hp.resolution or cached.get("bucket_spec") != repr(self.spec):
+            raise LorafitError(f"{key} holds latents cached for {cached['bucket_spec']}; set the same data.* bucket "
+                               "settings or run `lorafit cache` again")
+        if hp.random_crop or hp.color_aug:
+            raise LorafitError("cached latents fix each crop and colour; turn data.random_crop/data.color_aug off "
+                               "or train from uncached shards")
+        if hp.flip_aug and not cached.get("flip_aug"):
+            raise LorafitError("data.flip_aug needs latents cached with flips: run `lorafit cache ... --flip_aug true`")
+        if cached.get("text_embeddings") and not self.transform.captions.is_identity:
+            raise LorafitError("these shards hold cached text embeddings, so captions cannot change per draw; "
+                               "turn off trigger_word/shuffle_caption/caption dropout or cache latents only")
+
+    def _log_plan(self, plan) -> None:
+        samples = sum(sum(row) for row in plan.copies)
+        logger.info("data: %d samples per epoch (repeats and reg included), %d batches per rank of %d, %d rank(s)",
+                    samples, plan.batches_per_rank, self.batch_size, self._world()[0])
+        if plan.dropped_samples:
+            logger.info("data: %d samples per epoch are left out so every rank runs the same number of batches",
+                        plan.dropped_samples)
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches to skip) for the epoch about to be iterated."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        # The epoch Lightning is about to play (what it passes to samplers' set_epoch, too).
+        epoch = trainer.fit_loop.epoch_progress.current.processed
+        self._playing = epoch
+        skip = 0
+        if self._resume is not None:
+            resume_epoch, resume_skip = self._resume
+            self._resume = None
+            skip = resume_skip if resume_epoch == epoch else 0
+        return epoch, skip
+
+    def _loader(self, stream: ShardStream, position) -> EpochLoader:
+        hp = self.hparams
+        return EpochLoader(stream, position, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available(),
+                           multiprocessing_context=hp.worker_start_method if hp.num_workers else None)
+
+    def train_dataloader(self) -> EpochLoader:
+        return self._loader(self.train_stream, self._position)
+
+    def val_dataloader(self):
+        if self.val_stream is None:
+            if self.trainer is not None and self.trainer.state.fn == "validate":
+                raise LorafitError("lorafit validate needs held-out images: set data.val_dir or data.val_shards")
+            return []
+        return self._loader(self.val_stream, lambda: (0, 0))
+
+    # ---- resume ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: the epoch being played and how many of its batches were trained."""
+        trainer = self.trainer
+        if trainer is None or self._playing is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= len(self.train_stream):  # the epoch is over: a resume starts the next one
+            return {"epoch": self._playing + 1, "batches_done": 0}
+        return {"epoch": self._playing, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self._resume = (int(state["epoch"]), int(state["batches_done"]))
+
+    # ---- facts for exported metadata ------------------------------------------------------
+
+    @property
+    def cached(self) -> Optional[dict]:
+        """What `lorafit cache` fixed in the training shards (model, buckets), or None for images."""
+        index = getattr(self, "index", None)
+        return index.cached if index is not None else None
+
+    @property
+    def num_images(self) -> Optional[int]:
+        summary = getattr(self, "index", None) and self.index.summary
+        return summary.get("instance_samples") if summary else None
+
+    def tag_frequency(self) -> Optional[dict]:
+        summary = getattr(self, "index", None) and self.index.summary
+        return summary.get("ss_tag_frequency") if summary else None

@@ -1,0 +1,170 @@
+"""The streaming half of the data path: read planned shards, shuffle, bucket-batch, transform.
+
+Per DataLoader worker: read the shard parts the epoch plan gave this slot (webdataset's tar
+reader, so local paths, ``pipe:`` commands and http URLs all work), emit each sample as many
+times as the plan says, shuffle through a seeded buffer, group into one-bucket batches, and only
+then decode: skipped batches (resume) and cut batches (equal ranks) cost no image decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Iterable, Iterator, Optional
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lorafit.data.epoch_plan import EpochPlan, epoch_rng, plan_epoch
+from lorafit.data.sample_transform import BucketSpec, SampleTransform, collate, decode_tensor, pick_cached
+from lorafit.data.shard_index import DatasetIndex
+from lorafit.errors import LorafitError
+
+
+@dataclass
+class Draw:
+    """One appearance of a sample in the epoch: copy ``copy`` of sample ``i`` of shard ``shard``."""
+
+    shard: int
+    i: int
+    copy: int
+    entry: tuple
+    sample: dict
+
+
+def shuffle_buffer(items: Iterable[Draw], size: int, rng: random.Random) -> Iterator[Draw]:
+    """Seeded streaming shuffle: hold up to ``size`` items, emit a random one as each new one arrives."""
+    buffer: list[Draw] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            k = rng.randrange(len(buffer))
+            buffer[k], buffer[-1] = buffer[-1], buffer[k]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def bucket_batches(draws: Iterable[Draw], bucket_of, batch_size: int, splits: int = 0) -> Iterator[list[Draw]]:
+    """Full batches as buckets fill (the first ``splits`` of them as two halves), then each bucket's
+    partial batch in bucket order: exactly the count the epoch plan computed."""
+    queues: dict[tuple[int, int], list[Draw]] = {}
+    for draw in draws:
+        queue = queues.setdefault(bucket_of(draw.entry).bucket, [])
+        queue.append(draw)
+        if len(queue) == batch_size:
+            if splits:
+                splits -= 1
+                half = (batch_size + 1) // 2
+                yield queue[:half]
+                yield queue[half:]
+            else:
+                yield list(queue)
+            queue.clear()
+    for bucket in sorted(queues):
+        if queues[bucket]:
+            yield queues[bucket]
+
+
+class ShardStream(IterableDataset):
+    """Batches of one epoch for one rank; each DataLoader worker streams its own planned slot.
+
+    ``rank``/``world_size`` are set by the DataModule from the trainer (environment variables are
+    not set in spawned workers); ``epoch``/``skip`` are set before each epoch's workers start.
+    """
+
+    def __init__(self, index: DatasetIndex, spec: BucketSpec, transform: SampleTransform, *, batch_size: int,
+                 seed: int, reg_ratio: float, shuffle_buffer: int, training: bool, num_workers: int,
+                 repeats_override: Optional[int] = None, world_size: int = 1, rank: int = 0,
+                 keep_meta: bool = False) -> None:
+        self.index, self.spec, self.transform = index, spec, transform
+        self.batch_size, self.seed, self.reg_ratio = batch_size, seed, reg_ratio
+        self.buffer_size, self.training, self.num_workers = shuffle_buffer, training, num_workers
+        self.repeats_override = repeats_override
+        self.world_size, self.rank = world_size, rank
+        self.keep_meta = keep_meta  # pass each sample's JSON through (lorafit cache re-writes it)
+        self.epoch, self.skip = 0, 0
+        self.max_batches: Optional[int] = None
+        self._plans: dict[int, EpochPlan] = {}
+
+    def plan(self, epoch: Optional[int] = None) -> EpochPlan:
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(
+                self.index, self.spec.chooser(), seed=self.seed, epoch=epoch if self.training else 0,
+                world_size=self.world_size, workers=self.num_workers, batch_size=self.batch_size,
+                reg_ratio=self.reg_ratio, repeats=self.training, repeats_override=self.repeats_override,
+                max_batches=self.max_batches)}
+        return self._plans[epoch]
+
+    def __len__(self) -> int:
+        return self.plan().batches_per_rank
+
+    def _draws(self, plan: EpochPlan, slot: int) -> Iterator[Draw]:
+        from webdataset.tariterators import tarfile_samples
+
+        for unit in plan.units[slot]:
+            shard = self.index.shards[unit.shard]
+            copies = plan.copies[unit.shard]
+            count = 0
+            for i, sample in enumerate(tarfile_samples([{"url": shard.url}])):
+                count = i + 1
+                if i >= len(shard.samples):
+                    break
+                if copies[i] and unit.takes(i):
+                    for copy in range(copies[i]):
+                        yield Draw(unit.shard, i, copy, shard.samples[i], sample)
+            if count != len(shard.samples):
+                raise LorafitError(
+                    f"shard {shard.url} does not match its index ({len(shard.samples)} samples listed, "
+                    f"{'more' if count > len(shard.samples) else count} found); re-run `lorafit prepare` or "
+                    "delete the index cache (~/.cache/lorafit/index)"
+                )
+
+    def _item(self, draw: Draw, bucket_of) -> dict[str, Any]:
+        rng = epoch_rng(self.seed, self.epoch, draw.shard, draw.i, draw.copy)
+        is_reg = bool(draw.entry[3])
+        sample = draw.sample
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        # The source file's path when the shard records it: what a user recognises in an error.
+        name = meta.get("source") or f"{PurePosixPath(self.index.shards[draw.shard].url).name}:{sample['__key__']}"
+        item: dict[str, Any] = {"key": name, "is_reg": is_reg}
+        if self.keep_meta:
+            item["meta"] = meta
+        item["caption"] = self.transform.caption(sample, rng, is_reg)
+        if "latent.pth" in sample:
+            moments, crop = pick_cached(sample, rng, self.transform.flip_aug and self.training)
+            item.update(latent_moments=moments, original_size=tuple(meta["original_size"]), crop_top_left=tuple(crop))
+            if "prompt_embeds.pth" in sample:
+                item["prompt_embeds"] = decode_tensor(sample["prompt_embeds.pth"])
+                if "pooled_prompt_embeds.pth" in sample:
+                    item["pooled_prompt_embeds"] = decode_tensor(sample["pooled_prompt_embeds.pth"])
+            return item
+        pixels, original, crop = self.transform.pixels(sample, bucket_of(draw.entry), rng, name)
+        item.update(pixel_values=pixels, original_size=original, crop_top_left=crop)
+        return item
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != max(1, self.num_workers):
+            raise RuntimeError(f"planned for {self.num_workers} workers, running in {info.num_workers}")
+        if info is None and self.num_workers > 0:
+            raise RuntimeError("planned for DataLoader workers but iterated in the main process")
+        plan = self.plan()
+        role = plan.resume_roles(self.rank, self.skip)[worker] if self.training else (worker, 0)
+        if role is None:  # resuming: this worker's planned batches were all trained already
+            return
+        planned_worker, skip = role
+        slot = plan.slot(self.rank, planned_worker)
+        bucket_of = self.spec.chooser()
+        draws = self._draws(plan, slot)
+        if self.training and self.buffer_size > 1:
+            draws = shuffle_buffer(draws, self.buffer_size, epoch_rng(self.seed, self.epoch, "buffer", slot))
+        for n, group in enumerate(bucket_batches(draws, bucket_of, self.batch_size, plan.splits[slot])):
+            if n >= plan.quotas[slot]:
+                return
+            if n < skip:
+                continue
+            yield collate([self._item(draw, bucket_of) for draw in group])

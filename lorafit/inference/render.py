@@ -1,0 +1,168 @@
+"""Turn one :class:`SamplePrompt` into an image with a diffusers pipeline built from a model's parts.
+
+The same code renders training samples (from the LoRA'd modules being trained, no second copy),
+``lorafit generate``, the grid cells and the probe, so a grid cell and a ``generate`` call with
+the same settings give the same pixels.
+
+Reproducibility: the initial noise comes from a CPU ``torch.Generator`` seeded with the image's
+seed, so a seed means the same starting noise on CPU and GPU and whatever else was sampled before
+(each image also gets a fresh scheduler). Images are rendered one at a time for the same reason:
+in a batch, an image's noise would depend on its position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import torch
+from PIL import Image
+
+from lorafit.errors import LorafitError
+from lorafit.inference.prompts import SamplePrompt
+from lorafit.inference.samplers import make_scheduler
+from lorafit.models.base import BaseModel
+from lorafit.models.conditioning import encode_tokens, tokenize
+
+
+def build_pipeline(base: BaseModel):
+    """A txt2img pipeline over ``base``'s own modules (shared, not copied; LoRA layers included)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = make_scheduler("euler", base.scheduler_config, base.prediction_type)
+    if base.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=base.vae, text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1],
+            tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=base.unet, scheduler=scheduler,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], unet=base.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def default_size(pipe) -> int:
+    """The model's native side in pixels (UNet sample size times the VAE's downscale)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's "hires fix": upscale the first image, then img2img over it at ``denoise`` strength.
+
+    Attributes:
+        scale: Upscale factor (the seeds use 1.5); 1 turns the fix off.
+        denoise: img2img denoising strength (the seeds use 0.4).
+        steps: Denoising steps actually run in the second pass; None = the first pass's steps
+            (A1111's "Hires steps: 0").
+    """
+
+    scale: float = 1.5
+    denoise: float = 0.4
+    steps: Optional[int] = None
+
+    def __post_init__(self):
+        if self.scale < 1.0:
+            raise LorafitError(f"hires_scale must be >= 1 (1 = off), got {self.scale}")
+        if not 0.0 < self.denoise <= 1.0:
+            raise LorafitError(f"hires_denoise must be in (0, 1], got {self.denoise}")
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """Upscaled size, rounded down to the VAE's 8-pixel grid."""
+        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+class Renderer:
+    """Renders fully specified :class:`SamplePrompt` s with a pipeline over ``base``'s modules.
+
+    Args:
+        base: The model parts (a loaded base model, or a training module's ``base``).
+        clip_skip: A1111-style clip skip the LoRA was trained with (SD1/SD2 only).
+    """
+
+    def __init__(self, base: BaseModel, clip_skip: int = 1):
+        self.base = base
+        self.clip_skip = clip_skip
+        self.pipe = build_pipeline(base)
+        self._img2img = None
+
+    @property
+    def default_size(self) -> int:
+        return default_size(self.pipe)
+
+    def _common(self, request: SamplePrompt) -> dict:
+        if self.base.family == "sdxl" or self.clip_skip <= 1:
+            return dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+                        guidance_scale=request.cfg)
+        # Clip skip on SD1/SD2: diffusers 0.42's own clip_skip path reaches for
+        # ``text_encoder.text_model``, which transformers 5 removed; the embeddings are encoded
+        # here instead, by the same function training conditions the UNet with.
+        device = self.pipe._execution_device
+        ids = tokenize(self.base.tokenizers, [request.prompt, request.negative_prompt], device)
+        hidden = encode_tokens(self.base.family, self.base.text_encoders, ids, self.clip_skip).hidden_states
+        return dict(prompt_embeds=hidden[:1], negative_prompt_embeds=hidden[1:], guidance_scale=request.cfg)
+
+    def _scheduler(self, request: SamplePrompt):
+        return make_scheduler(request.sampler, self.base.scheduler_config, self.base.prediction_type)
+
+    @torch.no_grad()
+    def __call__(self, request: SamplePrompt, hires: Optional[HiresFix] = None) -> Image.Image:
+        """One image for a request whose fields are all set (see ``SamplePrompt.with_defaults``)."""
+        self.pipe.scheduler = self._scheduler(request)
+        image = self.pipe(width=request.width, height=request.height, num_inference_steps=request.steps,
+                          generator=_generator(request.seed), output_type="pil", **self._common(request)).images[0]
+        if hires is None or hires.scale == 1.0:
+            return image
+        return self._hires_pass(request, image, hires)
+
+    def _hires_pass(self, request: SamplePrompt, image: Image.Image, hires: HiresFix) -> Image.Image:
+        from diffusers import AutoPipelineForImage2Image
+
+        if self._img2img is None:
+            self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)  # shares every module
+            self._img2img.set_progress_bar_config(disable=True)
+        self._img2img.scheduler = self._scheduler(request)
+        upscaled = image.resize(hires.size(image.width, image.height), Image.LANCZOS)
+        # diffusers runs int(steps * strength) of the schedule; asking for steps / strength makes
+        # the second pass run the requested number, as A1111's hires fix does.
+        wanted = hires.steps or request.steps
+        schedule = max(wanted, int(round(wanted / hires.denoise)))
+        return self._img2img(image=upscaled, strength=hires.denoise, num_inference_steps=schedule,
+                             generator=_generator(request.seed), output_type="pil",
+                             **self._common(request)).images[0]
+
+
+def _tuner_layers(modules: Iterable[torch.nn.Module]) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [layer for module in modules for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Run the base model: every PEFT adapter in ``modules`` off, then back on as it was.
+
+    PEFT's ``enable_adapters`` also flips ``requires_grad`` of the adapter weights, so the flags
+    are restored explicitly: sampling mid-training must not freeze the LoRA it samples.
+    """
+    modules = list(modules)
+    layers = [layer for layer in _tuner_layers(modules) if not layer.disable_adapters]
+    flags = {p: p.requires_grad for m in modules for p in m.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, flag in flags.items():
+            param.requires_grad_(flag)

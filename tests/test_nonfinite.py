@@ -1,0 +1,109 @@
+"""A NaN/Inf loss stops training with one clear line (or is skipped), and no bad LoRA file is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafit.cli import main
+from lorafit.module import LoraDiffusionModule
+from lorafit.nonfinite import NonFiniteLossError
+from training import logged_metrics, train, unet_output
+
+
+@pytest.fixture
+def inf_loss_at_step(monkeypatch):
+    """Make the training loss infinite at the given optimizer step(s)."""
+    def poison(*steps: int):
+        original = LoraDiffusionModule.weighted_loss
+
+        def weighted_loss(self, *args, **kwargs):
+            loss = original(self, *args, **kwargs)
+            if self.training and self.trainer.global_step in steps:
+                return loss * float("inf")
+            return loss
+
+        monkeypatch.setattr(LoraDiffusionModule, "weighted_loss", weighted_loss)
+    return poison
+
+
+def test_injected_inf_stops_with_a_message_and_the_last_export_still_loads(inf_loss_at_step, tiny_models,
+                                                                            demo_data, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    class Remember(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.module = pl_module
+
+    inf_loss_at_step(2)
+    remember = Remember()
+    with pytest.raises(NonFiniteLossError) as error:
+        train(tiny_models["sdxl"], demo_data, tmp_path, max_epochs=10, max_steps=6, batch_size=1,
+              export={"every_n_steps": 1, "every_n_epochs": 0}, trainer_kwargs={"callbacks": [remember]})
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("loss is inf at step 2 (epoch 0, batch 2, samples: ")
+    assert ".png" in message, "the message names the images of the batch"
+    assert "learning rate too high" in message and "fp16" in message and "nonfinite_loss: skip" in message
+
+    lora = tmp_path / "lora"
+    assert sorted(p.name for p in lora.glob("*.safetensors")) == ["test-step-000001.safetensors",
+                                                                  "test-step-000002.safetensors"]
+    assert not (lora / "test.safetensors").exists(), "no final export after a stop"
+    assert not list(lora.rglob("*.tmp"))
+    # The last file holds exactly the weights the run stopped with (the bad step changed nothing).
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_models["sdxl"])
+    pipe.load_lora_weights(str(lora / "diffusers" / "test-step-000002.safetensors"))
+    torch.testing.assert_close(unet_output(pipe.unet), unet_output(remember.module.unet), rtol=1e-4, atol=1e-4)
+    assert all(torch.isfinite(t).all() for t in load_file(str(lora / "test-step-000002.safetensors")).values())
+
+
+def test_overflowing_learning_rate_stops_the_run(tiny_models, demo_data, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"LoRA weights became NaN/Inf after step|loss is (nan|inf)"):
+        train(tiny_models["sd1"], demo_data, tmp_path, max_epochs=10, max_steps=6, batch_size=1,
+              learning_rate=1e30, export={"every_n_steps": 1})
+    for path in (tmp_path / "lora").rglob("*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(path)).values()), path
+    assert not (tmp_path / "lora" / "test.safetensors").exists()
+
+
+def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(tiny_models, demo_data, tmp_path):
+    """An Inf gradient (finite loss) turns AdamW's update into NaN: caught after the step, never exported."""
+    from lightning.pytorch.callbacks import Callback
+
+    class InfGradient(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 1:
+                next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+    with pytest.raises(NonFiniteLossError, match=r"^LoRA weights became NaN/Inf after step 2 \(epoch 0, batch 1"):
+        train(tiny_models["sd1"], demo_data, tmp_path, max_epochs=10, max_steps=6, batch_size=1,
+              export={"every_n_steps": 1, "every_n_epochs": 0}, trainer_kwargs={"callbacks": [InfGradient()]})
+    assert sorted(p.name for p in (tmp_path / "lora").glob("*.safetensors")) == ["test-step-000001.safetensors"]
+
+
+def test_skip_mode_drops_the_batch_counts_it_and_finishes(inf_loss_at_step, tiny_models, demo_data, tmp_path):
+    inf_loss_at_step(1, 3)
+    _, module = train(tiny_models["sdxl"], demo_data, tmp_path, max_epochs=10, max_steps=4, batch_size=1,
+                      log_metrics=True, nonfinite_loss="skip")
+    assert module.skipped_nonfinite >= 2
+    assert max(logged_metrics(tmp_path, "loss/skipped_nonfinite").values()) == module.skipped_nonfinite
+    assert (tmp_path / "lora" / "test.safetensors").is_file()
+    assert all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["lorafit"]["skipped_nonfinite"] == module.skipped_nonfinite
+
+
+def test_cli_prints_the_stop_as_one_line(tiny_models, demo_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny-demo.yaml"), "--model.model", tiny_models["sdxl"], "--data.train_dir",
+              demo_data, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "3",
+              "--model.learning_rate", "1e30", "--trainer.logger", "false"])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorafit: error:")]
+    assert len(err) == 1 and ("NaN/Inf" in err[0] or "loss is" in err[0]), err
