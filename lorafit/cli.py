@@ -28,6 +28,8 @@ TOOL_VERBS = {
     "toy-data": ("lorafit.toyworld.concept_data:write_concept_dataset",
                  "Write the toy world's LoRA dataset: pictures of the held-out star, trigger word ohwx."),
     "prepare": ("lorafit.data.prepare:prepare", "Check kohya-style image folders and write webdataset shards + report."),
+    "caption": ("lorafit.captioning.caption:caption", "Caption every image of a folder with BLIP-style models or a WD14 tagger."),
+    "review": ("lorafit.review.server:review", "Local page to review and fix captions: tags, search, bulk edits."),
     "cache": ("lorafit.data.cache:cache", "Encode prepared shards into VAE latent (and text embedding) shards."),
     "submit": ("lorafit.slurm.submit:main", "Render a SLURM sbatch script for `lorafit fit` and submit it (or print it)."),
     "generate": ("lorafit.inference.generate:generate", "Generate images with LoRAs at chosen strengths (hires fix)."),
@@ -35,7 +37,7 @@ TOOL_VERBS = {
     "probe": ("lorafit.inference.probe:probe", "Does the base model already know the concept? Images, scores, verdict."),
 }
 # Verbs whose list options may be repeated (`--lora a --lora b`); see lorafit/cli_lists.py.
-REPEATABLE_LISTS = {"generate", "grid", "probe"}
+REPEATABLE_LISTS = {"generate", "grid", "probe", "caption"}
 LIGHTNING_VERBS = ("fit", "validate")
 
 # ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
@@ -140,6 +142,22 @@ def _gather_leading_positionals(argv: list[str]) -> list[str]:
     return [json.dumps(argv[:count]), *argv[count:]]
 
 
+def _underscore_flags(function, argv: list[str]) -> list[str]:
+    """Accept ``--caption-ext`` for ``--caption_ext``: options are parameter names (kohya spells them
+    with underscores too), but many users and issue texts type dashes; only real parameter names
+    are rewritten, so a dashed value is never touched."""
+    import inspect
+
+    names = set(inspect.signature(function).parameters)
+    rewritten = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        if flag.startswith("--") and "-" in flag[2:] and flag[2:].rstrip("+").replace("-", "_") in names:
+            arg = "--" + flag[2:].replace("-", "_") + equals + value
+        rewritten.append(arg)
+    return rewritten
+
+
 def run_tool(verb: str, argv: list[str]):
     from jsonargparse import auto_cli
 
@@ -151,6 +169,7 @@ def run_tool(verb: str, argv: list[str]):
     function = getattr(importlib.import_module(module_name), function_name)
     if getattr(function, "parses_own_args", False):  # e.g. submit, whose flags follow sbatch's spelling
         return function(argv)
+    argv = _underscore_flags(function, argv)
     if verb in REPEATABLE_LISTS:
         from lorafit.cli_lists import gather_repeated_flags
 

@@ -55,6 +55,11 @@ def hash_key(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
+def _global_shape(batch: dict, shape: torch.Size) -> tuple[int, ...]:
+    """``shape`` with the batch dimension of the whole global batch (data.global_batch)."""
+    return (int(batch["global_size"]), *shape[1:])
+
+
 class LoraDiffusionModule(pl.LightningModule):
     """Train LoRA adapters on a frozen SD1.x / SD2.x / SDXL model.
 
@@ -370,8 +375,10 @@ class LoraDiffusionModule(pl.LightningModule):
             log.warning("cached latents were made with %s; training %s (same family %s): fine if they share a VAE",
                         cached.get("model"), self.hparams.model, self.family)
 
-    def _generator(self, batch_idx: int) -> torch.Generator:
-        seed = step_seed(self.noise_seed, self.current_epoch, batch_idx, self.global_rank)
+    def _generator(self, batch: dict, batch_idx: int) -> torch.Generator:
+        # A global batch (data.global_batch) is one draw shared by all ranks, each keeping its rows.
+        slot = 0 if "global_rows" in batch else self.global_rank
+        seed = step_seed(self.noise_seed, self.current_epoch, batch_idx, slot)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def text_conditioning(self, batch: dict) -> TextConditioning:
@@ -402,29 +409,40 @@ class LoraDiffusionModule(pl.LightningModule):
                 posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(self.device, torch.float32))
             else:
                 posterior = self.vae.encode(batch["pixel_values"].to(self.device, self.vae.dtype)).latent_dist
-            latents = posterior.sample(generator=generator)
+            if "global_rows" in batch:  # this rank's rows of the global batch's draw
+                eps = torch.randn(_global_shape(batch, posterior.mean.shape), generator=generator,
+                                  device=posterior.mean.device, dtype=posterior.mean.dtype)
+                latents = posterior.mean + posterior.std * eps[batch["global_rows"].to(eps.device)]
+            else:
+                latents = posterior.sample(generator=generator)
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             return ((latents - shift) * self.vae.config.scaling_factor).float()
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator, timesteps: Optional[torch.Tensor] = None,
-               noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               noise: Optional[torch.Tensor] = None, global_rows: Optional[torch.Tensor] = None,
+               global_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, noisy latents, timesteps): the forward process with the recipe's noise options.
 
         Drawn noise gets the offset and pyramid options and the noisy input gets input perturbation;
-        a caller-given ``noise`` is used as it is (evaluation at fixed points).
+        a caller-given ``noise`` is used as it is (evaluation at fixed points). With ``global_rows``
+        every draw is made for the whole global batch of ``global_size`` and these rows are kept,
+        so the ranks of a global batch together draw exactly what one process would.
         """
         hp = self.hparams
         given = noise is not None
+        shape = latents.shape if global_rows is None else (global_size, *latents.shape[1:])
         if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, device=self.device)
+            noise = torch.randn(shape, generator=generator, device=self.device)
         if timesteps is None:
-            timesteps = losses.sample_timesteps(latents.shape[0], generator, hp.min_timestep, self.max_timestep,
-                                                self.device)
+            timesteps = losses.sample_timesteps(shape[0], generator, hp.min_timestep, self.max_timestep, self.device)
         if given:
             return noise, self.noise_scheduler.add_noise(latents, noise, timesteps), timesteps
         noise = losses.offset_noise(noise, hp.noise_offset, generator, hp.noise_offset_random_strength)
         noise = losses.pyramid_noise(noise, generator, hp.multires_noise_iterations, hp.multires_noise_discount)
         model_noise = losses.perturbed_noise(noise, hp.ip_noise_gamma, generator, hp.ip_noise_gamma_random_strength)
+        if global_rows is not None:
+            rows = global_rows.to(noise.device)
+            noise, model_noise, timesteps = noise[rows], model_noise[rows], timesteps[rows.to(timesteps.device)]
         return noise, self.noise_scheduler.add_noise(latents, model_noise, timesteps), timesteps
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -448,8 +466,11 @@ class LoraDiffusionModule(pl.LightningModule):
                          added_cond_kwargs=added).sample
 
     def weighted_loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                      is_reg: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-sample loss, weighted by prior-loss, min-SNR and debiased weights, averaged over the batch."""
+                      is_reg: Optional[torch.Tensor] = None, share: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-sample loss, weighted by prior-loss, min-SNR and debiased weights, averaged over the batch.
+
+        ``share`` weighs a rank's rows of a global batch (see lorafit.data.stream.global_share).
+        """
         hp = self.hparams
         alphas_cumprod = self.noise_scheduler.alphas_cumprod
         huber_c = None
@@ -464,6 +485,7 @@ class LoraDiffusionModule(pl.LightningModule):
             losses.prior_weights(is_reg, per_sample.shape[0], hp.prior_loss_weight, per_sample.device),
             losses.min_snr_weight(snr, hp.min_snr_gamma, prediction_type) if hp.min_snr_gamma else None,
             losses.debiased_weight(snr, prediction_type) if hp.debiased_estimation_loss else None,
+            share,
         )
 
     def denoising_loss(self, batch: dict, generator: torch.Generator,
@@ -479,12 +501,14 @@ class LoraDiffusionModule(pl.LightningModule):
         (cached); it may carry cached ``prompt_embeds``/``pooled_prompt_embeds``.
         """
         latents = self.latents(batch, generator)
-        noise, noisy, timesteps = self.noised(latents, generator, timesteps, noise)
+        noise, noisy, timesteps = self.noised(latents, generator, timesteps, noise, batch.get("global_rows"),
+                                              batch.get("global_size"))
         prediction = self.predict(noisy, timesteps, self.text_conditioning(batch), batch)
-        return self.weighted_loss(prediction, self.target(latents, noise, timesteps), timesteps, batch.get("is_reg"))
+        return self.weighted_loss(prediction, self.target(latents, noise, timesteps), timesteps, batch.get("is_reg"),
+                                  batch.get("global_weights"))
 
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
-        loss = self.denoising_loss(batch, self._generator(batch_idx))
+        loss = self.denoising_loss(batch, self._generator(batch, batch_idx))
         batch_size = len(batch["captions"])
         if not torch.isfinite(loss):
             return self._nonfinite_loss(loss, batch, batch_idx)

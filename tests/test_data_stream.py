@@ -55,7 +55,7 @@ def _epoch(dm: LoraDataModule, epoch: int = 0, skip: int = 0) -> list[dict]:
 
 
 def _module(prepared: Path, **kwargs) -> LoraDataModule:
-    dm = LoraDataModule(shards=str(prepared), batch_size=2, seed=3, **BUCKETS, **kwargs)
+    dm = LoraDataModule(shards=str(prepared), seed=3, **{"batch_size": 2, **BUCKETS, **kwargs})
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -110,6 +110,42 @@ def test_resume_skips_exactly_the_trained_batches_with_workers(prepared):
     assert tail == full[5:]
     pixels = [b["pixel_values"] for b in _epoch(dm, epoch=2)][5:]
     assert all(torch.equal(a["pixel_values"], b) for a, b in zip(_epoch(dm, epoch=2, skip=5), pixels))
+
+
+def _as_rank(dm: LoraDataModule, rank: int, world_size: int) -> LoraDataModule:
+    """``dm``'s training stream as rank ``rank`` of ``world_size`` would play it (no trainer needed)."""
+    stream = dm.train_stream
+    stream.rank, stream.world_size, stream._plans, stream.max_batches = rank, world_size, {}, None
+    stream.max_batches = stream.plan(0).batches_per_rank  # as setup() does with the trainer's world
+    stream._plans = {}
+    return dm
+
+
+@pytest.mark.parametrize("world_size,workers", [(2, 0), (3, 2)])
+def test_global_batches_deal_the_one_process_batches_over_the_ranks(prepared, world_size, workers):
+    """Rank r of N gets rows r, r+N, ... of each batch one process makes with an N times larger batch,
+    with loss weights that make the ranks' averaged mean losses the one-process mean."""
+    one = _epoch(_module(prepared, batch_size=2 * world_size, num_workers=workers), epoch=1, skip=1)
+    ranks = [_epoch(_as_rank(_module(prepared, global_batch=True, num_workers=workers), r, world_size),
+                    epoch=1, skip=1) for r in range(world_size)]
+    assert all(len(batches) == len(one) for batches in ranks)
+    uneven = 0
+    for step, full in enumerate(one):
+        shares = [batches[step] for batches in ranks]
+        assert all(share["global_size"] == len(full["keys"]) for share in shares)
+        # Each of the full batch's samples is trained by exactly one rank, with the same pixels.
+        owned = {}
+        for share in shares:
+            for row, key, pixels, weight in zip(share["global_rows"].tolist(), share["keys"],
+                                                share["pixel_values"], share["global_weights"].tolist()):
+                assert key == full["keys"][row] and torch.equal(pixels, full["pixel_values"][row])
+                if weight:
+                    assert row not in owned
+                    owned[row] = weight / len(share["keys"]) / world_size  # its share of the averaged loss
+        assert sorted(owned) == list(range(len(full["keys"])))
+        assert all(abs(w - 1 / len(full["keys"])) < 1e-6 for w in owned.values())  # float32 weights
+        uneven += len({len(share["keys"]) for share in shares}) > 1 or len(full["keys"]) < world_size
+    assert uneven, "no partial global batch: the test data should exercise uneven shares"
 
 
 def _synthetic(shard_sizes: list[int], reg_every: int = 0) -> DatasetIndex:

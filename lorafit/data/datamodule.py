@@ -124,6 +124,11 @@ class LoraDataModule(L.LightningDataModule):
         cache_dir: Where prepared folders and shard indexes go; default ``$LORAFIT_CACHE`` or
             ``~/.cache/lorafit``.
         worker_start_method: ``fork``, ``spawn`` or ``forkserver`` for the workers (default: platform's).
+        global_batch: DDP only: every rank reads the whole epoch and trains its share of each global
+            batch of ``devices x batch_size`` samples, so N devices train exactly what one device
+            would with an N times larger batch (same batches, noise and loss; float tolerance).
+            Costs N times the shard reading (decoding is not repeated); off = each rank reads its
+            own shards.
     """
 
     def __init__(
@@ -157,6 +162,7 @@ class LoraDataModule(L.LightningDataModule):
         shuffle_buffer: int = 256,
         cache_dir: Optional[str] = None,
         worker_start_method: Optional[Literal["fork", "spawn", "forkserver"]] = None,
+        global_batch: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -262,7 +268,8 @@ class LoraDataModule(L.LightningDataModule):
         return ShardStream(index, self.spec, self.transform if training else self.eval_transform,
                            batch_size=hp.batch_size, seed=hp.seed, reg_ratio=hp.reg_ratio,
                            shuffle_buffer=hp.shuffle_buffer, training=training, num_workers=hp.num_workers,
-                           repeats_override=hp.repeats, world_size=world_size, rank=rank)
+                           repeats_override=hp.repeats, world_size=world_size, rank=rank,
+                           global_batch=hp.global_batch)
 
     def setup(self, stage: str) -> None:
         if self.train_stream is None and stage == "fit":
@@ -304,8 +311,10 @@ class LoraDataModule(L.LightningDataModule):
 
     def _log_plan(self, plan) -> None:
         samples = sum(sum(row) for row in plan.copies)
-        logger.info("data: %d samples per epoch (repeats and reg included), %d batches per rank of %d, %d rank(s)",
-                    samples, plan.batches_per_rank, self.batch_size, self._world()[0])
+        world = self._world()[0]
+        logger.info("data: %d samples per epoch (repeats and reg included), %d batches per rank of %d, %d rank(s)%s",
+                    samples, plan.batches_per_rank, self.batch_size, world,
+                    f", global batches of {world * self.batch_size}" if self.hparams.global_batch else "")
         if plan.dropped_samples:
             logger.info("data: %d samples per epoch are left out so every rank runs the same number of batches",
                         plan.dropped_samples)

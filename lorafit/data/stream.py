@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Iterable, Iterator, Optional
 
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lorafit.data.epoch_plan import EpochPlan, epoch_rng, plan_epoch
@@ -77,13 +78,16 @@ class ShardStream(IterableDataset):
     def __init__(self, index: DatasetIndex, spec: BucketSpec, transform: SampleTransform, *, batch_size: int,
                  seed: int, reg_ratio: float, shuffle_buffer: int, training: bool, num_workers: int,
                  repeats_override: Optional[int] = None, world_size: int = 1, rank: int = 0,
-                 keep_meta: bool = False) -> None:
+                 keep_meta: bool = False, global_batch: bool = False) -> None:
         self.index, self.spec, self.transform = index, spec, transform
         self.batch_size, self.seed, self.reg_ratio = batch_size, seed, reg_ratio
         self.buffer_size, self.training, self.num_workers = shuffle_buffer, training, num_workers
         self.repeats_override = repeats_override
         self.world_size, self.rank = world_size, rank
         self.keep_meta = keep_meta  # pass each sample's JSON through (lorafit cache re-writes it)
+        # Global batches (training only): every rank plays the one-process plan with batches of
+        # world_size x batch_size and keeps its share of each; see global_share().
+        self.global_batch = global_batch and training
         self.epoch, self.skip = 0, 0
         self.max_batches: Optional[int] = None
         self._plans: dict[int, EpochPlan] = {}
@@ -91,9 +95,11 @@ class ShardStream(IterableDataset):
     def plan(self, epoch: Optional[int] = None) -> EpochPlan:
         epoch = self.epoch if epoch is None else epoch
         if epoch not in self._plans:
+            world, batch = (1, self.batch_size * self.world_size) if self.global_batch else (self.world_size,
+                                                                                           self.batch_size)
             self._plans = {epoch: plan_epoch(
                 self.index, self.spec.chooser(), seed=self.seed, epoch=epoch if self.training else 0,
-                world_size=self.world_size, workers=self.num_workers, batch_size=self.batch_size,
+                world_size=world, workers=self.num_workers, batch_size=batch,
                 reg_ratio=self.reg_ratio, repeats=self.training, repeats_override=self.repeats_override,
                 max_batches=self.max_batches)}
         return self._plans[epoch]
@@ -153,18 +159,41 @@ class ShardStream(IterableDataset):
         if info is None and self.num_workers > 0:
             raise RuntimeError("planned for DataLoader workers but iterated in the main process")
         plan = self.plan()
-        role = plan.resume_roles(self.rank, self.skip)[worker] if self.training else (worker, 0)
+        plan_rank = 0 if self.global_batch else self.rank  # global batches: every rank plays rank 0's plan
+        role = plan.resume_roles(plan_rank, self.skip)[worker] if self.training else (worker, 0)
         if role is None:  # resuming: this worker's planned batches were all trained already
             return
         planned_worker, skip = role
-        slot = plan.slot(self.rank, planned_worker)
+        slot = plan.slot(plan_rank, planned_worker)
         bucket_of = self.spec.chooser()
         draws = self._draws(plan, slot)
         if self.training and self.buffer_size > 1:
             draws = shuffle_buffer(draws, self.buffer_size, epoch_rng(self.seed, self.epoch, "buffer", slot))
-        for n, group in enumerate(bucket_batches(draws, bucket_of, self.batch_size, plan.splits[slot])):
+        batch_size = self.batch_size * self.world_size if self.global_batch else self.batch_size
+        for n, group in enumerate(bucket_batches(draws, bucket_of, batch_size, plan.splits[slot])):
             if n >= plan.quotas[slot]:
                 return
             if n < skip:
                 continue
-            yield collate([self._item(draw, bucket_of) for draw in group])
+            if not self.global_batch:
+                yield collate([self._item(draw, bucket_of) for draw in group])
+                continue
+            rows, weights = global_share(len(group), self.rank, self.world_size)
+            batch = collate([self._item(group[row], bucket_of) for row in rows])
+            batch.update(global_size=len(group), global_rows=torch.tensor(rows), global_weights=weights)
+            yield batch
+
+
+def global_share(size: int, rank: int, world_size: int) -> tuple[list[int], torch.Tensor]:
+    """Rank ``rank``'s rows of a global batch of ``size`` samples, and the weight of each in its loss.
+
+    Rows ``rank, rank + world_size, ...``: the samples of a one-process batch dealt round robin.
+    The loss weights make the all-reduce exact also for an uneven split: DDP averages the ranks'
+    mean losses, so a row weighs ``world_size * len(rows) / size`` and every sample ends up with
+    ``1 / size`` of the step, as in one process. A rank left without a sample (a global batch
+    smaller than the world) takes row 0 again with weight 0: it runs the step without counting.
+    """
+    rows = list(range(rank, size, world_size))
+    if not rows:
+        return [0], torch.zeros(1)
+    return rows, torch.full((len(rows),), world_size * len(rows) / size)
