@@ -22,8 +22,9 @@ BASE_ACCURACY_FLOOR = 0.80  # issue: minimum 60%, target 80%
 HELD_OUT_CEILING = 0.05  # issue: the base draws the held-out star at <= 5%
 CONCEPT_FLOOR = 0.50  # issue: after the demo, >= 50% stars for trigger prompts and >= 5x the base rate
 FLEXIBILITY_FLOOR = 0.80  # issue: in-world accuracy without the trigger >= 80% of the base's
+# The demo measured 65% stars at epoch 12, strength 1 (benchmarks/toyworld.md); 50% is the issue's floor.
 
-IN_WORLD, TRIGGERED = 96, 64  # prompts per measurement
+IN_WORLD, TRIGGERED = 48, 48  # prompts per measurement (each a fixed seed; ~10 s per 48 on one core)
 
 
 def test_world_words_are_single_tokens_and_the_pipeline_has_that_tokenizer():

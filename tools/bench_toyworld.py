@@ -13,8 +13,8 @@ Prints (and with ``--write`` saves) markdown tables:
 * each exported LoRA epoch at each strength: the concept rate for trigger prompts (fidelity) and
   the accuracy on in-world prompts without the trigger, also relative to the base (flexibility).
 
-With ``--images`` it also writes ``toyworld-base-samples.png`` (what the base model draws) and
-``toyworld-demo-grid.png`` (epoch x strength, trigger and in-world prompts side by side).
+With ``--images`` it also writes ``toyworld-base-samples.png`` (what the base model draws). The
+epoch x strength picture is lorafit's own ``lorafit grid`` (command in docs/toyworld.md).
 """
 
 from __future__ import annotations
@@ -35,16 +35,6 @@ sys.path.insert(0, str(ROOT))
 from lorafit.toyworld import evaluate as ev  # noqa: E402
 from lorafit.toyworld.judge import Judge, accuracy_on_fresh_pictures, to_pixels  # noqa: E402
 from lorafit.toyworld.world import COLOUR_NAMES, HELD_OUT_SHAPE, WORLD_SHAPES, render, scenes  # noqa: E402
-
-GRID_PROMPTS = (
-    ev.Case("a red ohwx on a white background", HELD_OUT_SHAPE, "red", "white", 11),
-    ev.Case("a yellow ohwx on a blue background", HELD_OUT_SHAPE, "yellow", "blue", 12),
-    ev.Case("a white ohwx on a green background", HELD_OUT_SHAPE, "white", "green", 13),
-    ev.Case("a green circle on a black background", "circle", "green", "black", 14),
-    ev.Case("a blue square on a yellow background", "square", "blue", "yellow", 15),
-    ev.Case("a red triangle on a white background", "triangle", "red", "white", 16),
-)
-
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
@@ -120,8 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a finished lorafit run directory (uses its lora/*-epoch-*.safetensors)")
     parser.add_argument("--count", type=int, default=96, help="prompts per measurement")
-    parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25])
-    parser.add_argument("--every", type=int, default=2, help="measure every N-th epoch (and the last)")
+    parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument("--every", type=int, default=4, help="measure every N-th epoch (and the last)")
     parser.add_argument("--write", help="also write the report to this markdown file")
     parser.add_argument("--images", help="write the sample and grid PNGs to this folder")
     parser.add_argument("--threads", type=int, default=1)
@@ -163,31 +153,34 @@ def main() -> None:
         if not files:
             raise SystemExit(f"no lora/*-epoch-*.safetensors in {args.run}")
         files = [f for i, f in enumerate(files, 1) if i % args.every == 0 or i == len(files)]
+        final = None
         rows = ["## Demo LoRA: epoch x strength", "",
                 f"Fidelity = star drawn for trigger prompts (base: {pct(base_trigger.held_out)}); flexibility = "
                 f"shape + colour accuracy on in-world prompts without the trigger (base: {pct(base.accuracy)}).", "",
                 "| epoch | strength | fidelity: star drawn | trigger colour right | flexibility: in-world accuracy "
                 "| relative to base | in-world star leaks |", "|---|---|---|---|---|---|---|"]
-        grid_rows = []
         for path in files:
             epoch = int(path.stem.rsplit("-", 1)[1])
-            cells = []
             for strength in args.strengths:
                 ev.apply_lora(pipe, path, strength)
                 t, w = ev.score(pipe, trigger, judge), ev.score(pipe, in_world, judge)
                 rows.append(f"| {epoch} | {strength:g} | {pct(t.held_out)} | {pct(t.colour)} | {pct(w.accuracy)} | "
                             f"{w.accuracy / max(base.accuracy, 1e-9):.2f} | {pct(w.held_out)} |")
                 print(rows[-1], flush=True)
-                if images:
-                    cells.append(label(strip(ev.generate(pipe, GRID_PROMPTS), scale=2), f"epoch {epoch}, strength {strength:g}"))
-            if images:
-                grid_rows.append(stack(cells, vertical=False, gap=12))
+                if strength == 1.0:
+                    final = (epoch, t, w)
         out += rows + [""]
-        if images:
-            head = label(strip(ev.generate(ev.load_pipeline(), GRID_PROMPTS), scale=2), "base model (no LoRA)")
-            legend = ("each cell, left to right: " + "; ".join(c.prompt for c in GRID_PROMPTS[:3])
-                      + " (trigger) | " + "; ".join(c.prompt for c in GRID_PROMPTS[3:]) + " (no trigger)")
-            stack([label(head, legend), *grid_rows]).save(images / "toyworld-demo-grid.png")
+        if final is not None:
+            epoch, t, w = final
+            ratio = t.held_out / base_trigger.held_out if base_trigger.held_out else float("inf")
+            out += ["## Acceptance (issue 9), last measured epoch at strength 1", "",
+                    f"* epoch {epoch}: trigger prompts draw the star {pct(t.held_out)} of the time (>= 50% needed; "
+                    f"base {pct(base_trigger.held_out)}, so {ratio:.0f}x; >= 5x needed)",
+                    f"* in-world prompts without the trigger: {pct(w.accuracy)} = {w.accuracy / max(base.accuracy, 1e-9):.2f}"
+                    " of the base's accuracy (>= 0.80 needed)",
+                    f"* the base model: {pct(base.accuracy)} in-world shape + colour (>= 60% needed, 80% target), "
+                    f"star {pct(base_trigger.held_out)} for trigger prompts (<= 5% needed)", ""]
+            print("\n".join(out[-5:]), flush=True)
 
     elapsed = time.time() - start
     print(f"\n(benchmark took {elapsed:.0f} s)")

@@ -9,7 +9,7 @@ bash tools/install.sh
 [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] || . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 
-lorafit toy-data demo/toy-data         # kohya-style folder: demo/toy-data/40_ohwx (stars) + 1_world (prior), .png + .txt
+lorafit toy-data demo/toy-data         # kohya-style folder: demo/toy-data/20_ohwx (stars) + 1_world (prior), .png + .txt
 lorafit fit --config configs/demo.yaml "$@"
 
 echo

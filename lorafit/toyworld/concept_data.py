@@ -3,7 +3,7 @@
 Written as kohya folders, the layout a user brings, so any lorafit DataModule reads it through the
 same ``data.train_dir`` key:
 
-* ``<out>/40_ohwx/ohwx_000.png`` + ``.txt``: the concept. Captions follow the world's template
+* ``<out>/20_ohwx/ohwx_000.png`` + ``.txt``: the concept. Captions follow the world's template
   with the trigger in place of the shape's name, "a red ohwx on a blue background": they describe
   what varies (colours) and leave the new concept to the trigger word, as the guides recommend.
 * ``<out>/1_world/world_000.png`` + ``.txt``: ordinary in-world pictures with their captions, the
@@ -31,8 +31,8 @@ WORLD_FOLDER = "1_world"
 def write_concept_dataset(
     out: Union[str, Path],
     num_images: int = 16,
-    repeats: int = 40,
-    world_images: int = 640,
+    repeats: int = 20,
+    world_images: int = 320,
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
