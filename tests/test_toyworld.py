@@ -69,11 +69,14 @@ def test_concept_dataset_is_a_seeded_kohya_folder(tmp_path):
     from lorafit.data.kohya_folders import scan_image_folder
     from lorafit.toyworld.concept_data import write_concept_dataset
 
-    a = write_concept_dataset(tmp_path / "a", num_images=5, repeats=3, seed=1)
-    b = write_concept_dataset(tmp_path / "b", num_images=5, repeats=3, seed=1)
+    a = write_concept_dataset(tmp_path / "a", num_images=5, repeats=3, world_images=4, seed=1)
+    b = write_concept_dataset(tmp_path / "b", num_images=5, repeats=3, world_images=4, seed=1)
     records = scan_image_folder(str(a), ".txt")
-    assert len(records) == 5 and {r.repeats for r in records} == {3}
-    assert all(f" {TRIGGER} on a " in r.training_caption for r in records)
+    concept = [r for r in records if r.repeats == 3]
+    world = [r for r in records if r.repeats == 1]
+    assert len(concept) == 5 and len(world) == 4 and len(records) == 9
+    assert all(f" {TRIGGER} on a " in r.training_caption for r in concept)
+    assert not any(TRIGGER in r.training_caption or HELD_OUT_SHAPE in r.training_caption for r in world)
     files = sorted(p.relative_to(a) for p in a.rglob("*.*"))
     assert files == sorted(p.relative_to(b) for p in b.rglob("*.*"))
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)

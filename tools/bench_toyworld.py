@@ -172,10 +172,11 @@ def main() -> None:
         out += rows + [""]
         if final is not None:
             epoch, t, w = final
-            ratio = t.held_out / base_trigger.held_out if base_trigger.held_out else float("inf")
+            ratio = (f"{t.held_out / base_trigger.held_out:.1f}x the base's rate" if base_trigger.held_out
+                     else "the base drew none, so any rate above 0 is more than 5x")
             out += ["## Acceptance (issue 9), last measured epoch at strength 1", "",
                     f"* epoch {epoch}: trigger prompts draw the star {pct(t.held_out)} of the time (>= 50% needed; "
-                    f"base {pct(base_trigger.held_out)}, so {ratio:.0f}x; >= 5x needed)",
+                    f"base {pct(base_trigger.held_out)}: {ratio}; >= 5x needed)",
                     f"* in-world prompts without the trigger: {pct(w.accuracy)} = {w.accuracy / max(base.accuracy, 1e-9):.2f}"
                     " of the base's accuracy (>= 0.80 needed)",
                     f"* the base model: {pct(base.accuracy)} in-world shape + colour (>= 60% needed, 80% target), "
