@@ -48,11 +48,9 @@ def test_two_ddp_processes_equal_one_process_with_twice_the_batch(family, tiny_m
     # Logs come from rank 0 only, and the logged loss is the global batch's mean (sync_dist).
     assert len(list((tmp_path / "ddp").rglob("events.out.tfevents.*"))) == 1
     assert tensorboard_scalars(tmp_path / "ddp", "loss/current")
-    difference = max_abs_difference(two, one)
-    # Control: each rank reading its own shards trains on other batches, which the test must see.
-    control = max_abs_difference(fit(tmp_path / "sharded", *ddp), one)
-    print(f"{family}: global batches differ by {difference:.3g}, sharded ones by {control:.3g}")
-    assert difference < TOLERANCE and control > 1e-3
+    assert max_abs_difference(two, one) < TOLERANCE
+    if family == "sd1":  # Control (one family is enough): ranks reading their own shards train other batches.
+        assert max_abs_difference(fit(tmp_path / "sharded", *ddp), one) > 1e-3
 
 
 @pytest.mark.parametrize("family,clip_skip", [("sd1", 1), ("sd1", 2), ("sdxl", 1)])

@@ -61,6 +61,27 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_models, demo_data
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if "lora_B" in k)
 
 
+def test_mid_epoch_resume_continues_the_interrupted_epoch_exactly(tiny_models, demo_data, tmp_path):
+    """A checkpoint taken mid-epoch (a requeue, `every_n_train_steps`) resumes at the next batch of
+    that epoch, with 2 DataLoader workers: no batch is trained twice or skipped, so the LoRA is the
+    uninterrupted run's, bit for bit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    kwargs = dict(learning_rate=5e-3, batch_size=2, data_kwargs={"num_workers": 2})
+    _, straight = train(tiny_models["sd1"], demo_data, tmp_path / "straight", max_epochs=2, **kwargs)
+    steps_per_epoch = straight.trainer.num_training_batches
+    stop = steps_per_epoch + 3  # inside the second epoch
+    mid = ModelCheckpoint(dirpath=str(tmp_path / "mid"), every_n_train_steps=stop, save_top_k=-1, filename="mid")
+    train(tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=2, max_steps=stop, callbacks=[mid], **kwargs)
+    checkpoint = tmp_path / "mid" / "mid.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == stop
+    _, resumed = train(tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=2,
+                       ckpt_path=str(checkpoint), seed=7, **kwargs)
+    assert resumed.trainer.global_step == straight.trainer.global_step == 2 * steps_per_epoch
+    expected, got = _lora_tensors(straight), _lora_tensors(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "mid-epoch resume diverged"
+
+
 def test_bf16_mixed_precision_and_step_exports(tiny_models, demo_data, tmp_path):
     """bf16 autocast with bf16 frozen weights trains; LoRA weights stay float32; step exports land."""
     trainer, module = train(tiny_models["sdxl"], demo_data, tmp_path, max_steps=4, precision="bf16-mixed",

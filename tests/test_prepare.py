@@ -94,6 +94,7 @@ def _write_tree(base: Path) -> tuple[Path, Path]:
     (dog / "notes.jpg").write_text("this is a text file renamed to .jpg\n")
     (dog / "readme.md").write_text("not an image")
     (dog / "ghost.txt").write_text("a caption whose image was deleted")
+    (dog / "a.txt.bak").write_text("the caption before `lorafit review` changed it")
 
     _save(_noise((300, 400), seed=6), cat / "c.bmp", "sks cat, bitmap")
     gradient = (np.arange(320 * 256, dtype=np.uint32).reshape(320, 256) % 65536).astype(np.uint16)
@@ -172,6 +173,7 @@ def test_prepare_messy_tree(tree, tmp_path):
     assert "a.jpg" in _report_line(report, "dup.jpg")
     for name in ("readme.md", "ghost.txt"):
         assert "not an image or a .txt caption" in _report_line(report, name)
+    assert "a.txt.bak" not in report  # caption backups of lorafit caption/review are expected, not noise
     assert {Path(e["path"]).name for e in summary["skipped"]} == set(SKIPPED)
     for heading in ("## Folders", "## Images per repeat weight", "## Buckets", "## Top caption tags"):
         assert heading in report

@@ -2,9 +2,8 @@
 
 The run (tiny SD1, 4 images, batch 4: one step per epoch, 8 epochs) exports a LoRA and rewrites
 checkpoints/last.ckpt every epoch. Resuming from an end-of-epoch checkpoint is exact: the result
-is bitwise equal to an uninterrupted run. (Resuming *mid*-epoch is exact only with a data module
-that restores its position; the folder data module restarts the epoch, see docs/slurm.md. With one
-step per epoch every step boundary is an epoch boundary, so the SIGUSR1 test below is exact too.)
+is bitwise equal to an uninterrupted run. (Mid-epoch resume is exact too, since the data module
+restores its position: tests/test_learning_and_resume.py.)
 """
 
 from __future__ import annotations

@@ -7,9 +7,8 @@ test is not run, unless LORAFIT_SLURM_TESTS=1 demands it (CI), in which case a c
 be started is a failure.
 
 Both jobs train the tiny SD1 model on the CPU with 2 tasks (gloo DDP): 4 images, 2 per task, so
-one optimizer step per epoch. Resuming is therefore always at an epoch boundary, where the folder
-data module's position is exact, and the requeued job's final LoRA must be bitwise equal to the
-uninterrupted job's.
+one optimizer step per epoch, which keeps the jobs short. The requeued job's final LoRA must be
+bitwise equal to the uninterrupted job's.
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch")
 @pytest.fixture(scope="module")
 def slurm_env():
     requested = os.environ.get("LORAFIT_SLURM_TESTS") == "1"
-    if not requested and not all(shutil.which(tool) for tool in DAEMONS):
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    if not requested and not all(shutil.which(tool, path=search) for tool in DAEMONS):
         pytest.skip("SLURM is not installed (set LORAFIT_SLURM_TESTS=1 to install slurm-wlm + munge and run "
                     "this test on a local cluster: tools/local_slurm.sh)")
     status = subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True, text=True)

@@ -11,6 +11,8 @@
 # state, spool, logs, pid files. Clients find the cluster through SLURM_CONF=$LORAFIT_SLURM_DIR/slurm.conf.
 # Ports: $LORAFIT_SLURM_PORT (slurmctld, default 6817) and the next one (slurmd).
 set -euo pipefail
+# The daemons and runuser live in sbin, which a non-login shell's PATH (CI, env -i) may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 dir=${LORAFIT_SLURM_DIR:-/tmp/lorafit-slurm}
 conf=$dir/slurm.conf

@@ -133,6 +133,9 @@ def _write_shards(scans: list[tuple[TreeScan, bool]], settings: SampleSettings, 
     """Writes every usable image as a sample, tallying each file; returns the shard list and index."""
     for scan, _ in scans:
         for path in scan.other_files:
+            # `lorafit caption`/`review` keep the previous caption as x.txt.bak: expected, not worth a line.
+            if path.name.endswith(f"{settings.caption_ext}.bak"):
+                continue
             tally.add_ignored(path, f"not an image or a {settings.caption_ext} caption of one")
     shard_counts: dict[str, int] = {}
     index: dict[str, list] = {}

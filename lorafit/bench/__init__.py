@@ -1,0 +1,6 @@
+"""Training-step benchmark on the real SD1.5/SDXL architectures with random weights (tools/bench.py).
+
+architectures: published configs -> random-weight models; module: lorafit's module on them;
+flops: FlopCounter counts on meta; settings: the grid and presets; runner: lorafit's Lightning step
+and the plain reference loop timed side by side; devices: clocks, memory, peaks; report: rows.
+"""

@@ -1,0 +1,170 @@
+"""Time one setting two ways, side by side: lorafit's Lightning step and a plain PyTorch loop.
+
+Both run on the same ``BenchLoraModule`` (same UNet, same LoRA layers, same optimizer class and
+arguments) and the same batches, so their ratio isolates what Lightning and lorafit's step add.
+The reference is written as diffusers' training examples write it: autocast around the UNet,
+``loss.backward()``, ``optimizer.step()``, ``zero_grad(set_to_none=True)``; no Lightning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from lorafit.bench.architectures import synthetic_batch
+from lorafit.bench.devices import PeakMemory, synchronize
+from lorafit.bench.module import BenchLoraModule
+from lorafit.bench.settings import BenchSetting
+from lorafit.callbacks.metrics import TrainingMetrics
+from lorafit.optim import build_optimizer, optimizer_kwargs
+
+
+def sdpa_context(backend: str):
+    """Force one scaled-dot-product-attention kernel (``default`` lets PyTorch choose)."""
+    if backend == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend])
+
+
+def build_module(setting: BenchSetting, device: torch.device) -> BenchLoraModule:
+    """lorafit's module for ``setting``, base built straight on ``device`` and LoRA attached."""
+    module = BenchLoraModule(setting.family, setting.width_divisor, build_device=str(device),
+                             with_vae=setting.latents == "vae", **setting.module_kwargs())
+    module.configure_model()  # what Trainer.fit calls first; idempotent, so fit() keeps this UNet
+    if setting.channels_last:
+        module.unet.to(memory_format=torch.channels_last)
+    return module.to(device)
+
+
+def make_batches(setting: BenchSetting, count: int = 2) -> list[dict]:
+    """A few distinct CPU batches, copied to the device by each loop (as a DataLoader's would be)."""
+    generator = torch.Generator().manual_seed(0)
+    return [synthetic_batch(setting.family, setting.resolution, setting.batch_size, setting.width_divisor,
+                            setting.latents == "cached", generator=generator) for _ in range(count)]
+
+
+class _Timer:
+    """Wall time of ``steps`` steps after ``warmup`` steps, with the device synchronised at both ends."""
+
+    def __init__(self, device: torch.device, warmup: int, steps: int):
+        self.device, self.warmup, self.steps = device, warmup, steps
+        self.memory = PeakMemory(device)
+        self.started = self.seconds = 0.0
+        self.peak: Optional[int] = None
+
+    def before(self, index: int) -> None:
+        if index == self.warmup:
+            synchronize(self.device)
+            self.memory.reset()
+            self.started = time.perf_counter()
+
+    def after(self, index: int) -> None:
+        if index == self.warmup + self.steps - 1:
+            synchronize(self.device)
+            self.seconds = time.perf_counter() - self.started
+            self.peak = self.memory.peak_bytes()
+
+
+def time_reference(module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device,
+                   warmup: int, steps: int) -> _Timer:
+    """The diffusers-example loop on ``module.unet``; returns its timer."""
+    unet, vae, scheduler = module.unet, module.vae, module.noise_scheduler
+    hp = module.hparams
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = build_optimizer(hp.optimizer, [{"name": "unet", "lr": hp.learning_rate, "params": params}],
+                                hp.learning_rate, optimizer_kwargs(hp.optimizer, optimizer_args=hp.optimizer_args))
+    autocast = setting.precision != "fp32"
+    scaling = vae.config.scaling_factor
+    timer = _Timer(device, warmup, steps)
+    unet.train()
+    for index in range(warmup + steps):
+        timer.before(index)
+        batch = batches[index % len(batches)]
+        with torch.no_grad():
+            if "latent_moments" in batch:
+                mean, logvar = batch["latent_moments"].to(device, non_blocking=True).chunk(2, dim=1)
+                latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            else:
+                latents = vae.encode(batch["pixel_values"].to(device, vae.dtype, non_blocking=True)).latent_dist.sample()
+            latents = latents.float() * scaling
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        embeds = batch["prompt_embeds"].to(device, non_blocking=True)
+        added = None
+        if setting.family == "sdxl":
+            side = setting.resolution
+            time_ids = torch.tensor([[side, side, 0, 0, side, side]], device=device).repeat(latents.shape[0], 1)
+            added = {"text_embeds": batch["pooled_prompt_embeds"].to(device, non_blocking=True), "time_ids": time_ids}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            prediction = unet(noisy.to(unet.dtype), timesteps, embeds.to(unet.dtype), added_cond_kwargs=added).sample
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timer.after(index)
+    del optimizer  # its state must not count towards the next measurement's memory
+    return timer
+
+
+class _LightningTimer(pl.Callback):
+    def __init__(self, timer: _Timer):
+        self.timer = timer
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.timer.before(batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.timer.after(batch_idx)
+
+
+def time_lightning(module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device,
+                   warmup: int, steps: int) -> _Timer:
+    """``Trainer.fit`` of ``module`` with the per-step callback every ``lorafit fit`` has (TrainingMetrics)."""
+    timer = _Timer(device, warmup, steps)
+    total = warmup + steps
+    loader = torch.utils.data.DataLoader([batches[i % len(batches)] for i in range(total)], batch_size=None)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(accelerator=device.type, devices=1, precision=setting.trainer_precision, max_steps=total,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=root,
+                             callbacks=[TrainingMetrics(), _LightningTimer(timer)])
+        trainer.fit(module, train_dataloaders=loader)
+    return timer
+
+
+def run_setting(setting: BenchSetting, device: torch.device, warmup: int, steps: int,
+                loops: tuple[str, ...] = ("lightning", "reference"), repeats: int = 1) -> dict:
+    """Build the model for ``setting`` and time the chosen loops, interleaved ``repeats`` times.
+
+    Returns seconds per step (the best repeat: on a shared machine the slowest runs measure the
+    neighbours) and peak bytes (the highest repeat) of each loop.
+    """
+    module = build_module(setting, device)
+    batches = make_batches(setting)
+    timers = {"lightning": time_lightning, "reference": time_reference}
+    seconds: dict[str, list[float]] = {loop: [] for loop in loops}
+    peaks: dict[str, list[int]] = {loop: [] for loop in loops}
+    with sdpa_context(setting.sdpa):
+        for _ in range(repeats):
+            for loop in loops:
+                timer = timers[loop](module, setting, batches, device, warmup, steps)
+                seconds[loop].append(timer.seconds / steps)
+                if timer.peak is not None:
+                    peaks[loop].append(timer.peak)
+    result = {f"{loop}_step_s": min(seconds[loop]) for loop in loops}
+    result.update({f"{loop}_peak_bytes": max(peaks[loop]) if peaks[loop] else None for loop in loops})
+    result["trainable_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    del module
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result

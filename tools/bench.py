@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Benchmark lorafit's LoRA training step on the real SD1.5/SDXL architectures (random weights).
+
+Every row times lorafit's Lightning step and a plain PyTorch loop on the same model, side by side,
+and reports images/s, step time, peak memory, MFU from a FlopCounter count of the same step, and
+the Lightning/reference time ratio. See docs/performance.md.
+
+    # what CPU CI can run (real block layout at 1/8 width):
+    python tools/bench.py --preset cpu --output benchmarks/results-cpu.jsonl
+    # the H100 grid (~25 min):
+    python tools/bench.py --preset h100 --steps 20 --warmup 5 --output benchmarks/results-h100.jsonl
+    # one setting, any knob from the command line (comma lists make a grid):
+    python tools/bench.py --family sdxl --resolution 1024 --batch-size 1,4 --gradient-checkpointing false,true
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true/false")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from lorafit.bench.settings import BenchSetting, PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a predefined list of settings (overrides the grid)")
+    for field in dataclasses.fields(BenchSetting):
+        kind = _bool if field.type in ("bool", bool) else int if field.type in ("int", int) else str
+        parser.add_argument(f"--{field.name.replace('_', '-')}", default=None, metavar="V[,V...]",
+                            help=f"default {field.default}; comma-separated values make a grid",
+                            type=lambda text, kind=kind: [kind(v) for v in text.split(",")])
+    parser.add_argument("--device", default=None, help="cuda or cpu; default: cuda if available")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator, autotune)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per loop")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time both loops this many times, interleaved; the best time of each counts")
+    parser.add_argument("--loops", default="lightning,reference", help="which loops to time: lightning,reference")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="only print the FLOP budget of the full-size UNets (meta device, no timing) and exit")
+    parser.add_argument("--output", default=None, help="append one JSON line per row to this file")
+    return parser.parse_args(argv)
+
+
+def settings_from(args) -> list:
+    from lorafit.bench.settings import BenchSetting, PRESETS, grid
+
+    if args.preset:
+        return PRESETS[args.preset]
+    choices = {field.name: getattr(args, field.name) for field in dataclasses.fields(BenchSetting)}
+    return grid(BenchSetting(), **{name: values for name, values in choices.items() if values})
+
+
+def print_flop_budget() -> None:
+    """Forward, LoRA step and checkpointed step FLOPs of full-size SD1.5 at 512² and SDXL at 1024²."""
+    from lorafit.bench.flops import forward_flops, step_flops
+    from lorafit.bench.module import BenchLoraModule
+
+    print("| model | forward TFLOP | LoRA step TFLOP (rank 32, attn) | step with gradient checkpointing |")
+    print("|---|---|---|---|")
+    for family, resolution in (("sd1", 512), ("sdxl", 1024)):
+        forward = forward_flops(family, resolution)
+        step, checkpointed = (step_flops(BenchLoraModule(family, build_device="meta", rank=32, target_preset="attn"),
+                                         resolution, 1, gradient_checkpointing=gc) for gc in (False, True))
+        print(f"| {family} {resolution}² | {forward / 1e12:.3f} | {step / 1e12:.3f} ({step / forward:.2f}x) | "
+              f"{checkpointed / 1e12:.3f} ({checkpointed / forward:.2f}x) |")
+
+
+def main(argv=None) -> list[dict]:
+    import torch
+
+    from lorafit.bench.devices import describe_device, environment, peak_tflops
+    from lorafit.bench.report import markdown_table, result_row, write_jsonl
+    from lorafit.bench.runner import run_setting
+
+    args = parse_args(argv)
+    if args.count_flops:
+        print_flop_budget()
+        return []
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what every trainer sets; bf16 rows are unaffected
+    env, name = environment(), describe_device(device)
+    loops = tuple(loop.strip() for loop in args.loops.split(",") if loop.strip())
+    peaks: dict[bool, tuple[float, str]] = {}
+    rows = []
+    for setting in settings_from(args):
+        bf16 = setting.precision != "fp32"
+        if bf16 not in peaks:
+            peaks[bf16] = peak_tflops(device, bf16)
+        measured = run_setting(setting, device, args.warmup, args.steps, loops, args.repeats)
+        row = result_row(setting, measured, peaks[bf16][0], name, env)
+        row.update(peak_source=peaks[bf16][1], warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+                   command="python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        rows.append(row)
+        print(markdown_table([row]).splitlines()[-1], flush=True)
+        if args.output:
+            write_jsonl([row], args.output)
+    print(f"\n{env['date']} · {name} · torch {env['torch']} · lightning {env['lightning']} · diffusers "
+          f"{env['diffusers']} · peft {env['peft']} · commit {env['commit']}")
+    print("MFU peaks: " + "; ".join(f"{'bf16' if k else 'fp32'} {v:.3g} TFLOP/s ({src})" for k, (v, src) in peaks.items()))
+    print(markdown_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
