@@ -25,6 +25,8 @@ TOOL_VERBS = {
     "tiny": ("lorafit.models.tiny:save_tiny_pipeline", "Write a tiny random-weight SD1/SD2/SDXL pipeline."),
     "tiny-clip": ("lorafit.models.tiny_clip:save_tiny_clip", "Write a tiny random-weight CLIP model (for trying grid/probe)."),
     "demo-data": ("lorafit.data.demo_dataset:write_demo_dataset", "Write the generated demo dataset."),
+    "toy-data": ("lorafit.toyworld.concept_data:write_concept_dataset",
+                 "Write the toy world's LoRA dataset: pictures of the held-out star, trigger word ohwx."),
     "prepare": ("lorafit.data.prepare:prepare", "Check kohya-style image folders and write webdataset shards + report."),
     "caption": ("lorafit.captioning.caption:caption", "Caption every image of a folder with BLIP-style models or a WD14 tagger."),
     "review": ("lorafit.review.server:review", "Local page to review and fix captions: tags, search, bulk edits."),

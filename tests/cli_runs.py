@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+DEMO_CONFIG = REPO / "configs" / "tiny-demo.yaml"
 
 
 def lorafit_env(**extra: str) -> dict[str, str]:

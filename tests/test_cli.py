@@ -55,7 +55,7 @@ def test_every_overlay_composes_with_a_full_config(overlay, capsys):
 
 
 def _fit_error(tmp_path, capsys, *args: str) -> str:
-    config = REPO / "configs" / "demo.yaml"
+    config = REPO / "configs" / "tiny-demo.yaml"
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run"), *args])
     assert exit_info.value.code == 2
@@ -80,7 +80,7 @@ def test_bad_input_gets_one_line_before_heavy_work(tmp_path, capsys, demo_data, 
 
 
 def test_help_for_every_verb():
-    for verb in ("fit", "validate", "convert", "tiny", "demo-data", "prepare", "submit", "cache", "generate", "grid",
+    for verb in ("fit", "validate", "convert", "tiny", "demo-data", "toy-data", "prepare", "submit", "cache", "generate", "grid",
                  "probe"):
         result = _lorafit(verb, "--help")
         assert result.returncode == 0, result.stderr
@@ -90,11 +90,15 @@ def test_help_for_every_verb():
 
 
 def test_demo_commands_end_to_end(tmp_path):
-    """What tools/demo.sh runs after installing: tiny model, generated data, `lorafit fit` on the demo config."""
+    """The plumbing demo: tiny SDXL model, generated data, `lorafit fit` on configs/tiny-demo.yaml.
+
+    tests/test_toyworld.py runs the README demo itself (configs/demo.yaml on the toy base model)
+    and measures what it learns.
+    """
     assert _lorafit("tiny", "sdxl", str(tmp_path / "tiny-sdxl")).returncode == 0
     assert _lorafit("demo-data", str(tmp_path / "data")).returncode == 0
     run = tmp_path / "run"
-    result = _lorafit("fit", "--config", "configs/demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
+    result = _lorafit("fit", "--config", "configs/tiny-demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
                       "--data.train_dir", str(tmp_path / "data"), "--trainer.default_root_dir", str(run),
                       "--trainer.max_epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,7 +114,7 @@ def test_demo_commands_end_to_end(tmp_path):
     # The demo dataset has one image without a caption: the folder's prompt is used, and said so.
     assert "have no .txt caption, so their folder name was used" in result.stderr
 
-    validated = _lorafit("validate", "--config", "configs/demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
+    validated = _lorafit("validate", "--config", "configs/tiny-demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
                          "--data.train_dir", str(tmp_path / "data"), "--data.val_dir", str(tmp_path / "data"),
                          "--trainer.default_root_dir", str(run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
     assert validated.returncode == 0, validated.stderr[-3000:]

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _fit(tmp_path, tiny_models, demo_data, *args: str):
-    main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--model.model", tiny_models["sdxl"],
+    main(["fit", "--config", str(REPO / "configs" / "tiny-demo.yaml"), "--model.model", tiny_models["sdxl"],
           "--data.train_dir", demo_data, "--trainer.default_root_dir", str(tmp_path / "run"),
           "--trainer.max_epochs", "1", "--trainer.logger", "false", *args])
 

@@ -101,7 +101,7 @@ def test_skip_mode_drops_the_batch_counts_it_and_finishes(inf_loss_at_step, tiny
 
 def test_cli_prints_the_stop_as_one_line(tiny_models, demo_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), "--model.model", tiny_models["sdxl"], "--data.train_dir",
+        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny-demo.yaml"), "--model.model", tiny_models["sdxl"], "--data.train_dir",
               demo_data, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "3",
               "--model.learning_rate", "1e30", "--trainer.logger", "false"])
     assert exit_info.value.code == 2
