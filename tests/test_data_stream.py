@@ -201,6 +201,16 @@ def test_training_on_prepared_shards_sd1_and_sdxl(tiny_models, prepared, tmp_pat
         assert (root / "lora" / "t.safetensors").is_file()
 
 
+def test_without_buckets_any_resolution_works_whatever_the_bucket_range(demo_data, tmp_path):
+    """enable_bucket false: square center crops at `resolution`; the (unused) bucket range of the
+    defaults, 256 to 1024, must not refuse a 32 px run."""
+    dm = LoraDataModule(train_dir=demo_data, resolution=32, enable_bucket=False, batch_size=2, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    dm.setup("fit")
+    batches = _epoch(dm)
+    assert batches and all(tuple(b["pixel_values"].shape[1:]) == (3, 32, 32) for b in batches)
+
+
 def test_bad_data_settings_name_their_key(prepared, tmp_path):
     with pytest.raises(LorafitError, match="exactly one of data.train_dir"):
         LoraDataModule()

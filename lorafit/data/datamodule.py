@@ -227,9 +227,13 @@ class LoraDataModule(L.LightningDataModule):
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         logger.info("preparing %s into %s (once; reused until a file changes)", folder, out)
+        # Without buckets every image becomes one square: the bucket range must not stop prepare
+        # (a 32 px run would fail the default min_bucket_reso of 256).
+        bucket_range = ((hp.min_bucket_reso, hp.max_bucket_reso, hp.bucket_reso_steps) if hp.enable_bucket
+                        else (hp.resolution, hp.resolution, 8))
         prepare(folder, out=str(tmp), reg=reg, caption_ext=hp.caption_ext, resolution=hp.resolution,
-                min_bucket_reso=hp.min_bucket_reso, max_bucket_reso=hp.max_bucket_reso,
-                bucket_reso_steps=hp.bucket_reso_steps, bucket_no_upscale=hp.bucket_no_upscale)
+                min_bucket_reso=bucket_range[0], max_bucket_reso=bucket_range[1], bucket_reso_steps=bucket_range[2],
+                bucket_no_upscale=hp.bucket_no_upscale and hp.enable_bucket)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)  # complete or absent: a crash mid-prepare is redone, not half-used
         return out
