@@ -78,3 +78,17 @@ def test_training_samples_and_files_use_the_long_captions(tiny_models, demo_data
     # Without max_token_length the tail of the prompt is cut, so both prompts give the same image.
     cut = Renderer(module.base)
     assert list(cut(request).getdata()) == list(cut(replace(request, prompt=LONG_B)).getdata())
+
+
+def test_generate_reads_long_prompts_with_max_token_length(tiny_models, tmp_path):
+    from PIL import Image
+
+    from lorafit.inference.generate import generate
+
+    def pixels(prompt, out, **kwargs):
+        [path] = generate(model=tiny_models["sd1"], prompt=prompt, seed=3, steps=2, width=64, height=64,
+                          sampler="euler", out=str(tmp_path / out), device="cpu", **kwargs)
+        return list(Image.open(path).getdata())
+
+    assert pixels(LONG_A, "a", max_token_length=150) != pixels(LONG_B, "b", max_token_length=150)
+    assert pixels(LONG_A, "c") == pixels(LONG_B, "d")  # cut at 75 tokens: the collar never reaches the UNet

@@ -183,6 +183,7 @@ def grid(
     hires_denoise: float = 0.4,
     hires_steps: Optional[int] = None,
     clip_skip: int = 1,
+    max_token_length: Optional[int] = None,
     clip_model: Optional[str] = None,
     train_images: Optional[str] = None,
     subject: Optional[str] = None,
@@ -216,6 +217,8 @@ def grid(
         hires_denoise: Hires fix denoising strength.
         hires_steps: Hires fix steps; empty = as many as the first pass.
         clip_skip: A1111 clip skip the LoRA was trained with (SD1/SD2).
+        max_token_length: Prompt tokens read in 75-token chunks, as the LoRA was trained with
+            (kohya's 150/225); empty = 75.
         clip_model: transformers CLIPModel (hub id or directory) for the selection metrics; empty = no metrics.
         train_images: Training images for fidelity: the kohya image folder or a `lorafit prepare` folder.
         subject: Trigger phrase put into the flexibility prompts ("ohwx dog"); empty = the
@@ -241,7 +244,7 @@ def grid(
         selection = SelectionPlan(files, len(prompts), values["seed"], values["cfg"][0], selection_strength,
                                   flexibility_prompt, subject, class_word, train_images, reference_images)
     hires = HiresFix(hires_scale, hires_denoise, hires_steps)
-    renderer = load_renderer(model, device, dtype, clip_skip, single_file_config)
+    renderer = load_renderer(model, device, dtype, clip_skip, single_file_config, max_token_length)
     side = renderer.default_size
     defaults = dict(width=width or side, height=height or width or side, steps=steps,
                     sampler=canonical_sampler(sampler, "--sampler"), negative_prompt=negative_prompt)

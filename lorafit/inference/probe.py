@@ -63,6 +63,7 @@ def probe(
     consistent: float = 0.75,
     reference_images: int = 16,
     clip_skip: int = 1,
+    max_token_length: Optional[int] = None,
     out: str = "probe",
     single_file_config: Optional[str] = None,
     dtype: Dtype = "auto",
@@ -93,6 +94,8 @@ def probe(
         consistent: Share of seeds that must be good for "already performs well".
         reference_images: At most this many training images are compared against.
         clip_skip: A1111 clip skip (SD1/SD2) to draw with.
+        max_token_length: Prompt tokens read in 75-token chunks, as the LoRA was trained with
+            (kohya's 150/225); empty = 75.
         out: Output folder for probe.png, images/, index.html and probe.json.
         single_file_config: For single-file models offline: a diffusers directory of the same architecture.
         dtype: Weight dtype; auto = float16 on GPU, float32 on CPU.
@@ -110,7 +113,7 @@ def probe(
     if not tried:
         raise LorafitError(f"--data {data}: no captions found; add --phrasing or --description prompts")
     tried.append(("control", control_prompt))
-    renderer = load_renderer(model, device, dtype, clip_skip, single_file_config)
+    renderer = load_renderer(model, device, dtype, clip_skip, single_file_config, max_token_length)
     side = renderer.default_size
     w, h = width or side, height or width or side
     sampler = canonical_sampler(sampler, "--sampler")
