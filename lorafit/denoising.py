@@ -44,6 +44,12 @@ def _global_shape(batch: dict, shape: torch.Size) -> tuple[int, ...]:
 class DenoisingStep:
     """The training/validation loss of a frozen diffusion model with adapters (see module docstring)."""
 
+    def _generator(self, batch: dict, batch_idx: int) -> torch.Generator:
+        # A global batch (data.global_batch) is one draw shared by all ranks, each keeping its rows.
+        slot = 0 if "global_rows" in batch else self.global_rank
+        seed = step_seed(self.noise_seed, self.current_epoch, batch_idx, slot)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def text_conditioning(self, batch: dict) -> TextConditioning:
         """Text embeddings for ``batch``: cached ones when the batch carries them, else encoded now."""
         if "prompt_embeds" in batch:  # from `lorafit cache` (frozen text encoders only)

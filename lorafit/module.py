@@ -1,13 +1,13 @@
 """LoraDiffusionModule: a frozen Stable Diffusion model with trainable LoRA adapters.
 
-Orchestration only: loading lives in ``models/``, adapters in ``networks/``, and the denoising
-step (encode, noise, predict, regress onto the family's target) in ``denoising.py``.
+Orchestration only: loading lives in ``models/``, adapters in ``networks/``, the denoising step
+(encode, noise, predict, regress onto the family's target) in ``denoising.py``, the NaN/Inf guard
+in ``nonfinite.py`` and what a checkpoint holds in ``checkpoint_state.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any, Literal, Optional, Union
 
@@ -15,7 +15,8 @@ import lightning.pytorch as pl
 import torch
 
 from lorafit import losses
-from lorafit.denoising import DenoisingStep, step_seed
+from lorafit.checkpoint_state import LoraCheckpointState
+from lorafit.denoising import DenoisingStep
 from lorafit.errors import LorafitError
 from lorafit.models.base import (
     DTYPES,
@@ -25,18 +26,13 @@ from lorafit.models.base import (
     load_base_model,
     resolve_model_source,
 )
-from lorafit.models.conditioning import text_layers_used
+from lorafit.models.conditioning import freeze_unread_text_lora
 from lorafit.networks.adapters import ADAPTER_NAME, DEFAULT_TEXT_ENCODER_TARGETS, attach_network
 from lorafit.networks.lora_weights import LoraWeights
 from lorafit.networks.network_types import NetworkSpec, NetworkType
 from lorafit.networks.peft_layers import from_peft_model
 from lorafit.networks.presets import TargetPreset, preset_modules
-from lorafit.nonfinite import (
-    batch_position,
-    nonfinite_loss_error,
-    nonfinite_weights_error,
-    trainable_weights_finite,
-)
+from lorafit.nonfinite import NonfiniteGuard
 from lorafit.optim import (
     OptimizerName,
     SchedulerName,
@@ -45,7 +41,6 @@ from lorafit.optim import (
     effective_learning_rates,
     optimizer_kwargs,
 )
-from lorafit.rng_state import gather_rng_states, restore_rng_states
 
 log = logging.getLogger("lorafit.train")
 
@@ -54,10 +49,9 @@ TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "text_encoder_2": "lr/textencoder2"}
 
 
-_TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
 
-class LoraDiffusionModule(DenoisingStep, pl.LightningModule):
+class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, pl.LightningModule):
     """Train LoRA adapters on a frozen SD1.x / SD2.x / SDXL model.
 
     Args:
@@ -306,20 +300,11 @@ class LoraDiffusionModule(DenoisingStep, pl.LightningModule):
             self.unet.compile()  # in place: parameter names (checkpoints, exports) stay the same
 
     def _freeze_unread_text_layers(self) -> None:
-        """Freeze LoRA on text-encoder layers after the hidden state the UNet is conditioned on.
-
-        They cannot affect the loss (SDXL's first encoder skips its last layer, as does clip_skip),
-        so they never get a gradient; left trainable, DDP stops with "parameters that were not used
-        in producing the loss". They stay in the exported files at their initial, no-op values.
-        """
+        # Left trainable, LoRA that cannot reach the loss stops DDP ("parameters that were not used
+        # in producing the loss"); see freeze_unread_text_lora.
         for index, encoder in enumerate(self.text_encoders):
-            if encoder not in self.trained_text_encoders().values():
-                continue
-            used = text_layers_used(self.family, index, encoder.config.num_hidden_layers, self.hparams.clip_skip)
-            for name, parameter in encoder.named_parameters():
-                match = _TEXT_LAYER.search(name)
-                if "lora_" in name and match and int(match.group(1)) >= used:
-                    parameter.requires_grad_(False)
+            if encoder in self.trained_text_encoders().values():
+                freeze_unread_text_lora(self.family, index, encoder, self.hparams.clip_skip)
 
     def network_spec(self) -> NetworkSpec:
         hp = self.hparams
@@ -383,12 +368,6 @@ class LoraDiffusionModule(DenoisingStep, pl.LightningModule):
             log.warning("cached latents were made with %s; training %s (same family %s): fine if they share a VAE",
                         cached.get("model"), self.hparams.model, self.family)
 
-    def _generator(self, batch: dict, batch_idx: int) -> torch.Generator:
-        # A global batch (data.global_batch) is one draw shared by all ranks, each keeping its rows.
-        slot = 0 if "global_rows" in batch else self.global_rank
-        seed = step_seed(self.noise_seed, self.current_epoch, batch_idx, slot)
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         loss = self.denoising_loss(batch, self._generator(batch, batch_idx))
         batch_size = len(batch["captions"])
@@ -400,25 +379,6 @@ class LoraDiffusionModule(DenoisingStep, pl.LightningModule):
         self.log_dict({LR_LOG_NAMES[name]: rate for name, rate in rates.items()}, on_step=True, on_epoch=False,
                       batch_size=batch_size)
         return loss
-
-    def _position(self, batch: dict, batch_idx: int) -> str:
-        return batch_position(self.global_step, self.current_epoch, batch_idx, batch)
-
-    def _nonfinite_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> None:
-        if self.hparams.nonfinite_loss != "skip":
-            raise nonfinite_loss_error(loss.item(), self._position(batch, batch_idx))
-        self.skipped_nonfinite += 1
-        log.warning("skipped a batch with loss %s at %s; %d skipped so far", loss.item(),
-                    self._position(batch, batch_idx), self.skipped_nonfinite)
-        self.log("loss/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, on_epoch=False,
-                 batch_size=len(batch["captions"]))
-        return None  # Lightning then skips backward and the optimizer step
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        # A finite loss can still produce an overflowing update (LR far too high): stop before the
-        # next step builds on it. LoraExport checks the same, so no NaN weights are written.
-        if not trainable_weights_finite(self):
-            raise nonfinite_weights_error(self._position(batch, batch_idx))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         noise, timesteps, generator = self.fixed_noise(batch, batch_idx)
@@ -438,30 +398,3 @@ class LoraDiffusionModule(DenoisingStep, pl.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-    # ---- checkpoints: LoRA weights only -------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Every adapter weight, trained or frozen (see _freeze_unread_text_layers): a resumed run must
-        # export exactly what the uninterrupted one would, whatever the seed it starts with.
-        adapter = {name for name, p in self.named_parameters() if p.requires_grad or f".{ADAPTER_NAME}" in name}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in adapter}
-        checkpoint["lorafit"] = {"noise_seed": self.noise_seed, "started_at": self.started_at, "family": self.family,
-                                 "skipped_nonfinite": self.skipped_nonfinite, "rng_states": gather_rng_states()}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning would raise a page of "size mismatch" lines; say in one what went wrong.
-        params = dict(self.named_parameters())
-        for key, tensor in checkpoint.get("state_dict", {}).items():
-            if key not in params or params[key].shape != tensor.shape:
-                found = "is missing here" if key not in params else f"is {tuple(params[key].shape)} here"
-                raise LorafitError(
-                    f"checkpoint LoRA weight {key} {tuple(tensor.shape)} {found}; resume with the same base model "
-                    "and model.* LoRA settings (rank, targets, train_text_encoder) the checkpoint was trained with"
-                )
-        info = checkpoint.get("lorafit", {})
-        self.noise_seed = info.get("noise_seed", self.noise_seed)
-        self.started_at = info.get("started_at", self.started_at)
-        self.skipped_nonfinite = info.get("skipped_nonfinite", 0)
-        if info.get("rng_states"):
-            restore_rng_states(info["rng_states"], self.global_rank)

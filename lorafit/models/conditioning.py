@@ -9,6 +9,7 @@ the pooled projection of the second.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -121,6 +122,22 @@ def text_layers_used(family: str, encoder_index: int, num_layers: int, clip_skip
         return num_layers if encoder_index == 1 else num_layers - 1
     # hidden_states[-k] is the output of layer num_layers - k (0-based): layers 0..num_layers-k.
     return num_layers - max(clip_skip, 1) + 1
+
+
+_TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+def freeze_unread_text_lora(family: str, encoder_index: int, encoder: torch.nn.Module, clip_skip: int = 1) -> None:
+    """Freeze LoRA on the text-encoder layers after the hidden state the UNet is conditioned on.
+
+    They cannot affect the loss (SDXL's first encoder skips its last layer, as does clip_skip), so
+    they never get a gradient. They stay in the exported files at their initial, no-op values.
+    """
+    used = text_layers_used(family, encoder_index, encoder.config.num_hidden_layers, clip_skip)
+    for name, parameter in encoder.named_parameters():
+        match = _TEXT_LAYER.search(name)
+        if "lora_" in name and match and int(match.group(1)) >= used:
+            parameter.requires_grad_(False)
 
 
 def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int],
