@@ -17,6 +17,7 @@ class LoraCheckpointState:
     """Lightning's checkpoint hooks for the training module (see module docstring)."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.ensure_finite()  # a checkpoint with NaN weights would replace the last good one (nonfinite.py)
         # Every adapter weight, trained or frozen (see _freeze_unread_text_layers): a resumed run must
         # export exactly what the uninterrupted one would, whatever the seed it starts with.
         adapter = {name for name, p in self.named_parameters() if p.requires_grad or f".{ADAPTER_NAME}" in name}

@@ -44,15 +44,17 @@ def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: i
 
     Adds upsampled lower-resolution noise (level ``i`` weighted ``discount**i`` and ``r**i`` times
     coarser, ``r`` uniform in [2, 4) per level) and rescales the sum to unit standard deviation.
-    kohya draws ``r`` from Python's ``random``; here it comes from ``generator``, so runs stay
-    reproducible.
+    kohya draws ``r`` from Python's ``random``; here it comes from a host generator seeded with
+    ``generator``'s seed, so runs stay reproducible. (The sizes must be known on the host: drawing
+    ``r`` on the GPU and reading it would make the host wait for the GPU at every level.)
     """
     if iterations <= 0:
         return noise
     batch, channels, height, width = noise.shape
+    factors = torch.Generator().manual_seed(generator.initial_seed())
     result = noise
     for level in range(iterations):  # level 0 adds one more full-size draw, as in kohya
-        factor = torch.rand(1, generator=generator, device=noise.device).item() * 2 + 2
+        factor = torch.rand(1, generator=factors).item() * 2 + 2
         h, w = max(1, int(height / factor ** level)), max(1, int(width / factor ** level))
         coarse = torch.randn((batch, channels, h, w), generator=generator, device=noise.device)
         result = result + F.interpolate(coarse, size=(height, width), mode="bilinear") * discount ** level

@@ -371,14 +371,28 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, pl
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         loss = self.denoising_loss(batch, self._generator(batch, batch_idx))
         batch_size = len(batch["captions"])
-        if not torch.isfinite(loss):
-            return self._nonfinite_loss(loss, batch, batch_idx)
+        if not self._watch_loss(loss, batch, batch_idx):
+            return None
         # sync_dist: the logged value is the mean over all ranks' samples, i.e. the global batch's loss.
-        self.log("loss/current", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+        # Only loggers read it (every trainer.log_every_n_steps); the progress bar shows a host copy
+        # (on_train_batch_end), since reading a device value every step would stall the GPU.
+        self.log("loss/current", loss, sync_dist=True, batch_size=batch_size)
         rates = effective_learning_rates(self.trainer.optimizers[0])
-        self.log_dict({LR_LOG_NAMES[name]: rate for name, rate in rates.items()}, on_step=True, on_epoch=False,
-                      batch_size=batch_size)
+        # Host tensors: Lightning would copy a Python float to the GPU, waiting for the queue.
+        self.log_dict({LR_LOG_NAMES[name]: torch.tensor(rate) for name, rate in rates.items()}, on_step=True,
+                      on_epoch=False, batch_size=batch_size)
         return loss
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # A finite loss can still produce an overflowing update (LR far too high): the NaN/Inf check
+        # runs a step late, without stalling the GPU; LoraExport and checkpoints wait for it.
+        previous_loss = self.check_previous_step(batch, batch_idx)
+        if previous_loss is not None:
+            self.log("loss", torch.tensor(previous_loss), prog_bar=True, logger=False, on_step=True,
+                     on_epoch=False, batch_size=len(batch["captions"]))
+
+    def on_train_epoch_end(self) -> None:
+        self.ensure_finite()
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         noise, timesteps, generator = self.fixed_noise(batch, batch_idx)

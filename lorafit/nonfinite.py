@@ -1,17 +1,24 @@
-"""What to do when training meets a NaN/Inf: detect it cheaply, say where and why in one line.
+"""What to do when training meets a NaN/Inf: detect it without stalling the GPU, say where in one line.
 
-A diverged run must not overwrite the last good LoRA file. The module stops before the bad step
-is applied (loss) or right after it (weights), and the exporter refuses NaN weights, so every file
-on disk is one written before the problem.
+A diverged run must not overwrite the last good LoRA file. After every step the loss and the norm
+of the trainable weights go to the host through :class:`lorafit.host_readback.HostReadback` and
+are checked one step later, so the check costs no host sync (a NaN weight makes the next loss NaN
+anyway). Before anything is written (LoRA export, checkpoint) and at the end of each epoch the
+check waits for the latest values, so no file ever holds a non-finite weight, and the error names
+the step and images where it started. ``model.nonfinite_loss: skip`` has to decide before the
+backward pass, so it reads each loss at once (one host sync per step).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from typing import Optional
 
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.host_readback import HostReadback
 
 log = logging.getLogger("lorafit.train")
 
@@ -24,14 +31,25 @@ class NonFiniteLossError(LorafitError):
     """Training met a NaN/Inf loss (or weights) and stopped before exporting anything from it."""
 
 
-def trainable_weights_finite(module: torch.nn.Module) -> bool:
-    """True when every trainable weight of ``module`` is finite (one device sync, not one per tensor)."""
+def trainable_weights_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The 2-norm of all trainable weights of ``module`` as a device tensor (no host sync): NaN/Inf
+    exactly when a weight is (or when weights near 1e19 overflow it, which is divergence too).
+    PyTorch's fused multi-tensor norm makes this a few kernels on a GPU, not one per weight."""
     params = [p.detach() for p in module.parameters() if p.requires_grad]
-    return not params or bool(torch.isfinite(torch.stack([p.abs().max().float() for p in params])).all())
+    if not params:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(params, error_if_nonfinite=False)
 
 
-def batch_position(step: int, epoch: int, batch_idx: int, batch: dict) -> str:
+def trainable_weights_finite(module: torch.nn.Module) -> bool:
+    """True when every trainable weight of ``module`` is finite (one host sync)."""
+    return bool(torch.isfinite(trainable_weights_norm(module)))
+
+
+def batch_position(step: int, epoch: int, batch_idx: Optional[int] = None, batch: Optional[dict] = None) -> str:
     """``step 12 (epoch 1, batch 3, samples: a.png, b.png +2 more)``: where in training, which images."""
+    if batch is None:
+        return f"step {step} (epoch {epoch})"
     keys = [str(k) for k in batch.get("keys", [])]
     shown = ", ".join(keys[:3]) + (f" +{len(keys) - 3} more" if len(keys) > 3 else "")
     return f"step {step} (epoch {epoch}, batch {batch_idx}, samples: {shown or 'unnamed'})"
@@ -49,23 +67,59 @@ def nonfinite_weights_error(where: str) -> NonFiniteLossError:
 
 class NonfiniteGuard:
     """The training module's NaN/Inf handling (a mixin of LoraDiffusionModule): ``model.nonfinite_loss``
-    stops or skips on a bad loss; a bad weight after a step always stops."""
+    stops or skips on a bad loss; a bad weight after a step always stops (see module docstring)."""
 
-    def _position(self, batch: dict, batch_idx: int) -> str:
+    _pending_loss: Optional[tuple[torch.Tensor, str]] = None
+
+    @property
+    def _readback(self) -> HostReadback:
+        if "_nonfinite_readback" not in self.__dict__:
+            self.__dict__["_nonfinite_readback"] = HostReadback()
+        return self.__dict__["_nonfinite_readback"]
+
+    def _position(self, batch: Optional[dict] = None, batch_idx: Optional[int] = None) -> str:
         return batch_position(self.global_step, self.current_epoch, batch_idx, batch)
 
-    def _nonfinite_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> None:
+    def _watch_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> bool:
+        """Whether the step goes on with ``loss``: ``stop`` queues it for a check a step later,
+        ``skip`` reads it now and drops the batch when it is not finite."""
         if self.hparams.nonfinite_loss != "skip":
-            raise nonfinite_loss_error(loss.item(), self._position(batch, batch_idx))
+            self._pending_loss = (loss.detach().float(), self._position(batch, batch_idx))
+            return True
+        if torch.isfinite(loss):
+            return True
         self.skipped_nonfinite += 1
         log.warning("skipped a batch with loss %s at %s; %d skipped so far", loss.item(),
                     self._position(batch, batch_idx), self.skipped_nonfinite)
-        self.log("loss/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, on_epoch=False,
-                 batch_size=len(batch["captions"]))
-        return None  # Lightning then skips backward and the optimizer step
+        self.log("loss/skipped_nonfinite", torch.tensor(float(self.skipped_nonfinite)), on_step=True,
+                 on_epoch=False, batch_size=len(batch["captions"]))
+        return False  # training_step then returns None: Lightning skips backward and the optimizer step
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        # A finite loss can still produce an overflowing update (LR far too high): stop before the
-        # next step builds on it. LoraExport checks the same, so no NaN weights are written.
-        if not trainable_weights_finite(self):
-            raise nonfinite_weights_error(self._position(batch, batch_idx))
+    def _queue_checks(self, batch: Optional[dict] = None, batch_idx: Optional[int] = None) -> None:
+        """Send this step's loss and the weights' norm to the host (no wait)."""
+        norm = trainable_weights_norm(self).float()
+        loss, loss_position = self._pending_loss or (torch.zeros((), device=norm.device), "")
+        self._pending_loss = None
+        self._readback.push(torch.stack([loss, norm]), (loss_position, self._position(batch, batch_idx)))
+
+    def _raise_on_nonfinite(self, keep: int) -> Optional[float]:
+        """Check every queued step but the newest ``keep``; returns the newest checked loss."""
+        loss = None
+        for (loss, norm), (loss_position, weights_position) in self._readback.collect(keep):
+            if not math.isfinite(loss):
+                self._readback.clear()
+                raise nonfinite_loss_error(loss, loss_position)
+            if not math.isfinite(norm):
+                self._readback.clear()
+                raise nonfinite_weights_error(weights_position)
+        return loss
+
+    def check_previous_step(self, batch: dict, batch_idx: int) -> Optional[float]:
+        """Queue this step's checks and run the previous step's: its loss, or None on the first step."""
+        self._queue_checks(batch, batch_idx)
+        return self._raise_on_nonfinite(keep=1)
+
+    def ensure_finite(self, batch: Optional[dict] = None, batch_idx: Optional[int] = None) -> None:
+        """Wait for every check up to now (before a file is written): raise NonFiniteLossError on NaN/Inf."""
+        self._queue_checks(batch, batch_idx)
+        self._raise_on_nonfinite(keep=0)

@@ -8,10 +8,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lightning.pytorch.callbacks import Callback
+
 from lorafit.cli import main
 from lorafit.module import LoraDiffusionModule
 from lorafit.nonfinite import NonFiniteLossError
 from training import logged_metrics, train, unet_output
+
+
+class StepsStarted(Callback):
+    def __init__(self):
+        self.started = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.started.append(trainer.global_step)
 
 
 @pytest.fixture
@@ -32,11 +42,12 @@ def inf_loss_at_step(monkeypatch):
 
 def test_injected_inf_stops_with_a_message_and_the_last_export_still_loads(inf_loss_at_step, tiny_models,
                                                                             demo_data, tmp_path):
-    from lightning.pytorch.callbacks import Callback
-
     class Remember(Callback):
-        def on_train_start(self, trainer, pl_module):
-            self.module = pl_module
+        """The UNet's output just before the bad step (global step 2)."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                self.before_bad_step = unet_output(pl_module.unet)
 
     inf_loss_at_step(2)
     remember = Remember()
@@ -54,13 +65,26 @@ def test_injected_inf_stops_with_a_message_and_the_last_export_still_loads(inf_l
                                                                   "test-step-000002.safetensors"]
     assert not (lora / "test.safetensors").exists(), "no final export after a stop"
     assert not list(lora.rglob("*.tmp"))
-    # The last file holds exactly the weights the run stopped with (the bad step changed nothing).
+    # The last file holds exactly the weights from before the bad step.
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(tiny_models["sdxl"])
     pipe.load_lora_weights(str(lora / "diffusers" / "test-step-000002.safetensors"))
-    torch.testing.assert_close(unet_output(pipe.unet), unet_output(remember.module.unet), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(unet_output(pipe.unet), remember.before_bad_step, rtol=1e-4, atol=1e-4)
     assert all(torch.isfinite(t).all() for t in load_file(str(lora / "test-step-000002.safetensors")).values())
+
+
+def test_a_bad_step_stops_the_run_one_step_later_without_any_export(inf_loss_at_step, tiny_models, demo_data,
+                                                                     tmp_path):
+    """Without per-step exports the check runs a step late (no GPU stall), still naming the bad step."""
+    inf_loss_at_step(1)
+    steps = StepsStarted()
+    with pytest.raises(NonFiniteLossError, match=r"^loss is inf at step 1 \(epoch 0, batch 1, samples: "):
+        train(tiny_models["sd1"], demo_data, tmp_path, max_epochs=10, max_steps=6, batch_size=1,
+              trainer_kwargs={"callbacks": [steps]})
+    assert steps.started == [0, 1, 2], "stopped at the end of the step after the bad one"
+    assert not list((tmp_path / "lora").rglob("*.safetensors"))
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 def test_overflowing_learning_rate_stops_the_run(tiny_models, demo_data, tmp_path):
@@ -74,7 +98,6 @@ def test_overflowing_learning_rate_stops_the_run(tiny_models, demo_data, tmp_pat
 
 def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(tiny_models, demo_data, tmp_path):
     """An Inf gradient (finite loss) turns AdamW's update into NaN: caught after the step, never exported."""
-    from lightning.pytorch.callbacks import Callback
 
     class InfGradient(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):

@@ -42,7 +42,8 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
     ``log_metrics`` logs every step to ``root/metrics.csv`` (read it with :func:`logged_metrics`).
     """
     pl.seed_everything(seed)
-    trainer_kwargs = {"log_every_n_steps": 1, **(trainer_kwargs or {})}
+    trainer_kwargs = {"log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                      **(trainer_kwargs or {})}
     extra_callbacks = trainer_kwargs.pop("callbacks", [])
     module_kwargs = {"rank": 4, "alpha": 2.0, "learning_rate": 1e-3, **module_kwargs}
     module = LoraDiffusionModule(model=model_dir, **module_kwargs)
@@ -55,8 +56,6 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
         max_steps=max_steps,
         precision=precision,
         logger=logger if logger is not None else (CSVLogger(str(root), name="", version="") if log_metrics else False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[LoraExport(**{"name": "test", **(export or {})}),
                    ModelCheckpoint(dirpath=str(root / "checkpoints"), **LAST_CHECKPOINT), *extra_callbacks,
                    *(callbacks or [])],

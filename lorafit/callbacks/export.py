@@ -17,7 +17,6 @@ import torch
 from lorafit.networks.files import DIFFUSERS_KINDS, save_diffusers, save_kohya
 from lorafit.networks.lora_weights import network_kinds
 from lorafit.networks.metadata import TrainingInfo, kohya_metadata
-from lorafit.nonfinite import trainable_weights_finite
 from lorafit.networks.network_types import KOHYA_NETWORK_MODULE
 
 log = logging.getLogger("lorafit.export")
@@ -82,7 +81,8 @@ class LoraExport(pl.Callback):
         # With gradient accumulation this hook runs per micro-batch; export once per optimizer step.
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step_export:
             self._last_step_export = step
-            self.export(trainer, pl_module, f"{self.name}-step-{step:06d}", epochs_done=trainer.current_epoch)
+            self.export(trainer, pl_module, f"{self.name}-step-{step:06d}", epochs_done=trainer.current_epoch,
+                        batch=batch, batch_idx=batch_idx)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
@@ -122,13 +122,14 @@ class LoraExport(pl.Callback):
             network_args=pl_module.network_spec().kohya_network_args(),
         )
 
-    def export(self, trainer: pl.Trainer, pl_module, stem: str, epochs_done: int) -> list[Path]:
+    def export(self, trainer: pl.Trainer, pl_module, stem: str, epochs_done: int, batch: Optional[dict] = None,
+               batch_idx: Optional[int] = None) -> list[Path]:
         """Write ``stem`` in every configured format (global rank 0 only, no collectives)."""
+        # Keep the last good files: a NaN LoRA would overwrite them. This waits for the NaN/Inf checks
+        # of the steps so far (nonfinite.py) and stops the run on one. Every rank checks, so all stop
+        # together (the weights are the same on all ranks) instead of leaving some in a collective.
+        pl_module.ensure_finite(batch, batch_idx)
         if not trainer.is_global_zero:
-            return []
-        if not trainable_weights_finite(pl_module):
-            # Keep the last good files: a NaN LoRA would overwrite them (the run stops right after).
-            log.error("not exporting %s: the LoRA weights contain NaN/Inf", stem)
             return []
         weights = pl_module.lora_weights()
         dtype = SAVE_DTYPES[self.save_dtype]

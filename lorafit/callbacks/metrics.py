@@ -12,7 +12,10 @@
   round of samples.
 
 The step losses are rank 0's (no collective per step); ``loss/epoch`` is averaged over ranks once
-per epoch.
+per epoch. The losses are summed and averaged on the device and only loggers read them (every
+``trainer.log_every_n_steps``): reading them each step would make the host wait for the GPU
+(lorafit/bench/host_syncs.py). The step time is the host's; it equals the device's over a window
+because the module's NaN check (nonfinite.py) keeps the host at most one step ahead.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ class TrainingMetrics(pl.Callback):
 
     def __init__(self, average_window: Optional[int] = None):
         self.average_window = average_window
-        self._losses: collections.deque = collections.deque()
+        self._losses: Optional[torch.Tensor] = None  # ring buffer of the last `window` step losses, on the device
+        self._count = 0  # losses written into the ring so far (the next goes to _count % window)
         self._speed: collections.deque = collections.deque()
-        self._epoch_sum = 0.0
+        self._epoch_sum: Optional[torch.Tensor] = None
         self._epoch_count = 0
         self._batch_started = 0.0
 
@@ -51,11 +55,22 @@ class TrainingMetrics(pl.Callback):
         return int(batches) if isinstance(batches, int) or (batches and math.isfinite(batches)) else _FALLBACK_WINDOW
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._epoch_sum, self._epoch_count = 0.0, 0
+        self._epoch_sum, self._epoch_count = None, 0
         window = self._window(trainer)
-        if self._losses.maxlen != window:
-            self._losses = collections.deque(self._losses, maxlen=window)
+        if self._speed.maxlen != window:
             self._speed = collections.deque(self._speed, maxlen=window)
+            self._resize_ring(window)
+
+    def _resize_ring(self, window: int) -> None:
+        """A ring of ``window`` slots holding the newest losses so far, oldest first."""
+        if self._losses is None:
+            return
+        size = self._losses.numel()
+        start = self._count % size if self._count > size else 0
+        kept = torch.cat([self._losses[start:], self._losses[:start]])[:min(self._count, size)][-window:]
+        self._losses = torch.zeros(window, device=kept.device)
+        self._losses[:len(kept)] = kept
+        self._count = len(kept)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_started = time.perf_counter()
@@ -66,22 +81,28 @@ class TrainingMetrics(pl.Callback):
         if loss is None:
             return
         # Lightning hands back the loss divided by accumulate_grad_batches (what it backpropagates).
-        value = float(loss.detach()) * trainer.accumulate_grad_batches
-        self._losses.append(value)
-        self._epoch_sum += value
+        value = loss.detach().float() * trainer.accumulate_grad_batches
+        if self._losses is None:
+            self._losses = torch.zeros(self._speed.maxlen or self._window(trainer), device=value.device)
+        window = self._losses.numel()
+        self._losses[self._count % window] = value
+        self._count += 1
+        self._epoch_sum = value if self._epoch_sum is None else self._epoch_sum + value
         self._epoch_count += 1
         images = len(batch["captions"]) if isinstance(batch, dict) and "captions" in batch else 0
         self._speed.append((images, elapsed))
         batch_size = images or None
-        pl_module.log("loss/average", sum(self._losses) / len(self._losses), on_step=True, on_epoch=False,
+        pl_module.log("loss/average", self._losses[:min(self._count, window)].mean(), on_step=True, on_epoch=False,
                       batch_size=batch_size)
         seconds = sum(s for _, s in self._speed)
         if images and seconds > 0:
             per_sec = sum(n for n, _ in self._speed) / seconds * trainer.world_size
-            pl_module.log("perf/images_per_sec", per_sec, on_step=True, on_epoch=False, batch_size=batch_size)
+            # A host tensor: Lightning would copy a Python float to the GPU, waiting for the queue.
+            pl_module.log("perf/images_per_sec", torch.tensor(per_sec), on_step=True, on_epoch=False,
+                          batch_size=batch_size)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._epoch_count:
-            mean = torch.tensor(self._epoch_sum / self._epoch_count, device=pl_module.device)
+            mean = self._epoch_sum / self._epoch_count
             # Every rank reaches this hook, so the one collective (sync_dist) per epoch is safe.
             pl_module.log("loss/epoch", mean, on_step=False, on_epoch=True, sync_dist=True)

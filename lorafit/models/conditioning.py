@@ -149,6 +149,7 @@ def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, targ
         crop_top_left: [B, 2] (top, left) of the crop in the resized image.
         target_size: (height, width) of the training image.
     """
-    batch = original_size.shape[0]
-    target = torch.tensor(target_size, device=original_size.device).expand(batch, 2)
+    # Filled on the device: torch.tensor(target_size, device=...) would be a blocking host-to-GPU copy.
+    target = torch.empty_like(original_size)
+    target[:, 0], target[:, 1] = target_size
     return torch.cat([original_size, crop_top_left, target], dim=1).to(dtype)
