@@ -12,13 +12,23 @@ resumed, DDP and global-batch runs draw exactly what an uninterrupted run would.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Optional
 
 import torch
 
 from lorafit import losses
 from lorafit.errors import LorafitError
-from lorafit.models.conditioning import TextConditioning, encode_tokens, sdxl_time_ids, tokenize
+from lorafit.models.conditioning import (
+    TextConditioning,
+    caption_chunks,
+    encode_tokens,
+    hidden_length,
+    sdxl_time_ids,
+    tokenize,
+)
+
+log = logging.getLogger("lorafit.train")
 
 
 def step_seed(base_seed: int, epoch: int, batch_idx: int, slot: int) -> int:
@@ -41,6 +51,16 @@ def _global_shape(batch: dict, shape: torch.Size) -> tuple[int, ...]:
     return (int(batch["global_size"]), *shape[1:])
 
 
+def _tokens(max_token_length: Optional[int]) -> str:
+    return str(max_token_length) if max_token_length else "empty (75 tokens)"
+
+
+def _recache(max_token_length: Optional[int]) -> str:
+    if max_token_length:
+        return f"run `lorafit cache ... --text_embeddings true --max_token_length {max_token_length}` again"
+    return "run `lorafit cache ... --text_embeddings true` again without --max_token_length"
+
+
 class DenoisingStep:
     """The training/validation loss of a frozen diffusion model with adapters (see module docstring)."""
 
@@ -56,15 +76,52 @@ class DenoisingStep:
             if self.hparams.train_text_encoder:
                 raise LorafitError("data.shards hold cached text embeddings, but model.train_text_encoder is true; "
                                    "cache latents only (lorafit cache without --text_embeddings)")
-            if self.hparams.max_token_length:
-                raise LorafitError("data.shards hold cached text embeddings of 75 tokens, but model.max_token_length "
-                                   "is set; cache latents only (lorafit cache without --text_embeddings)")
+            # Also checked from the shards' metadata at fit start (check_cache); this catches
+            # cached validation shards and `lorafit validate`, which that check does not see.
+            length = hidden_length(self.base.tokenizers[0], self.hparams.max_token_length)
+            if batch["prompt_embeds"].shape[1] != length:
+                raise LorafitError(
+                    f"the data's cached text embeddings have {batch['prompt_embeds'].shape[1]} token positions, but "
+                    f"model.max_token_length {_tokens(self.hparams.max_token_length)} needs {length}; "
+                    f"{_recache(self.hparams.max_token_length)}")
             pooled = batch.get("pooled_prompt_embeds")
             return TextConditioning(batch["prompt_embeds"].to(self.device),
                                     None if pooled is None else pooled.to(self.device))
         ids = tokenize(self.base.tokenizers, batch["captions"], self.device, self.hparams.max_token_length)
         with torch.set_grad_enabled(bool(self.trained_text_encoders()) and self.training):
             return encode_tokens(self.family, list(self.text_encoders), ids, self.hparams.clip_skip)
+
+    def check_cache(self, cached: Optional[dict]) -> None:
+        """Refuse cached shards that differ from what this model would encode from the images and captions.
+
+        ``cached`` is the training shards' ``cached`` section (dataset.json of `lorafit cache`), None
+        for uncached shards; called at fit start so a mismatch fails before the first step rather
+        than training on latents of another VAE or text embeddings of the wrong length or layer.
+        """
+        if not cached:
+            return
+        hp = self.hparams
+        if cached.get("family") != self.family:
+            raise LorafitError(f"data.shards hold latents cached with a {cached.get('family')} model "
+                               f"({cached.get('model')}); this model is {self.family}: run `lorafit cache` with it")
+        if cached.get("model") != hp.model:
+            log.warning("cached latents were made with %s; training %s (same family %s): fine if they share a VAE",
+                        cached.get("model"), hp.model, self.family)
+        if not cached.get("text_embeddings"):
+            return
+        tokenizer = self.base.tokenizers[0]
+        made = cached.get("max_token_length")  # absent: caches made before the option, 75 tokens
+        # Compare chunk counts: 100 and 150 both read two 75-token chunks and encode identically.
+        if caption_chunks(tokenizer, made) != caption_chunks(tokenizer, hp.max_token_length):
+            raise LorafitError(
+                f"data.shards hold text embeddings cached with max_token_length {made or '75 (none given)'}, but "
+                f"model.max_token_length is {_tokens(hp.max_token_length)}; {_recache(hp.max_token_length)}, "
+                + (f"or set model.max_token_length: {made}" if made else "or leave model.max_token_length empty"))
+        if self.family != "sdxl" and cached.get("clip_skip", 1) != hp.clip_skip:
+            raise LorafitError(
+                f"data.shards hold text embeddings cached with clip_skip {cached.get('clip_skip', 1)}, but "
+                f"model.clip_skip is {hp.clip_skip}; run `lorafit cache ... --text_embeddings true --clip_skip "
+                f"{hp.clip_skip}` again, or set model.clip_skip: {cached.get('clip_skip', 1)}")
 
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Scaled VAE latents of ``batch``, sampled from the posterior with ``generator``.

@@ -360,13 +360,7 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, pl
                                "on one rank of several); use stop")
 
     def on_fit_start(self) -> None:
-        cached = getattr(self.trainer.datamodule, "cached", None)
-        if cached and cached.get("family") != self.family:
-            raise LorafitError(f"data.shards hold latents cached with a {cached.get('family')} model "
-                               f"({cached.get('model')}); this model is {self.family}: run `lorafit cache` with it")
-        if cached and cached.get("model") != self.hparams.model:
-            log.warning("cached latents were made with %s; training %s (same family %s): fine if they share a VAE",
-                        cached.get("model"), self.hparams.model, self.family)
+        self.check_cache(getattr(self.trainer.datamodule, "cached", None))
 
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         loss = self.denoising_loss(batch, self._generator(batch, batch_idx))

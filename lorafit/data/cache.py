@@ -8,9 +8,11 @@ with the same generator: cached and uncached training give the same loss (tested
 
 Output: ``train-NNNNNN.tar`` with ``<key>.latent.pth`` (+ ``latent_flip.pth`` with ``--flip_aug``:
 the mirrored image's moments), ``<key>.prompt_embeds.pth`` (+ pooled for SDXL) with
-``--text_embeddings``, the caption and JSON, plus ``index.json`` and ``dataset.json`` whose
-``cached`` section records what the latents fix (bucket settings, model), which the DataModule
-checks against its own settings.
+``--text_embeddings`` (77 token positions, or 1 + 75n + 1 with ``--max_token_length``: kohya's
+long captions in n chunks), the caption and JSON, plus ``index.json`` and ``dataset.json`` whose
+``cached`` section records what the cache fixes: bucket settings, which the DataModule checks
+against its own, and model family, clip_skip and max_token_length, which the model checks at fit
+start (LoraDiffusionModule.check_cache).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def cache(
     single_file_config: Optional[str] = None,
     text_embeddings: bool = False,
     clip_skip: int = 1,
+    max_token_length: Optional[int] = None,
     flip_aug: bool = False,
     resolution: int = 512,
     min_bucket_reso: int = 256,
@@ -87,6 +90,9 @@ def cache(
         text_embeddings: Also cache text-encoder outputs (only for training with frozen text
             encoders and captions that do not change per step).
         clip_skip: SD1/SD2 text-encoder layer, as in the training config (model.clip_skip).
+        max_token_length: kohya's ``max_token_length`` for --text_embeddings, as in the training
+            config (model.max_token_length): caption tokens read (150 or 225) in 75-token chunks
+            whose hidden states are joined (1 + 75n + 1 positions). Empty: 75, longer captions cut.
         flip_aug: Also cache the horizontally mirrored image, for data.flip_aug.
         resolution: data.resolution of the training config.
         min_bucket_reso: data.min_bucket_reso.
@@ -108,6 +114,11 @@ def cache(
     from lorafit.models.base import load_base_model
     from lorafit.models.conditioning import encode_tokens, tokenize
 
+    if max_token_length is not None and max_token_length < 1:
+        raise LorafitError(f"--max_token_length: {max_token_length}; use 150 or 225, or leave it empty for 75")
+    if max_token_length and not text_embeddings:
+        logger.warning("--max_token_length only changes cached text embeddings; without --text_embeddings true "
+                       "it has no effect (training encodes captions with model.max_token_length)")
     out_dir = Path(out).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
@@ -137,8 +148,8 @@ def cache(
             moments = vae.encode(pixels).latent_dist.parameters
             flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters if flip_aug else None
             if text_embeddings:
-                text = encode_tokens(base.family, encoders, tokenize(base.tokenizers, batch["captions"], device),
-                                     clip_skip)
+                ids = tokenize(base.tokenizers, batch["captions"], device, max_token_length)
+                text = encode_tokens(base.family, encoders, ids, clip_skip)
             bucket = (pixels.shape[-1], pixels.shape[-2])
             for j, meta in enumerate(batch["metas"]):
                 crop = batch["crop_top_left"][j].tolist()
@@ -168,8 +179,8 @@ def cache(
         "samples_written": written,
         "shards": [{"name": name, "samples": len(rows)} for name, rows in sorted(entries.items())],
         "cached": {"model": model, "resolution": resolution, "bucket_spec": repr(spec), "flip_aug": flip_aug,
-                   "text_embeddings": text_embeddings, "clip_skip": clip_skip, "dtype": dtype,
-                   "family": base.family},
+                   "text_embeddings": text_embeddings, "clip_skip": clip_skip, "max_token_length": max_token_length,
+                   "dtype": dtype, "family": base.family},
     }
     (out_dir / "index.json").write_text(json.dumps(
         {"format": "lorafit-index", "version": 1,

@@ -120,6 +120,10 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "meta" in items[0]:
         batch["metas"] = [item["meta"] for item in items]
+    lengths = sorted({item["prompt_embeds"].shape[0] for item in items if "prompt_embeds" in item})
+    if len(lengths) > 1:  # one cache has one length; data.shards mixing two caches would fail in torch.stack
+        raise LorafitError(f"a batch holds cached text embeddings of {lengths} token positions: data.shards mix "
+                           "caches made with different --max_token_length; cache all shards with the same one")
     for name in ("pixel_values", "latent_moments", "prompt_embeds", "pooled_prompt_embeds"):
         if name in items[0]:
             batch[name] = torch.stack([item[name] for item in items])

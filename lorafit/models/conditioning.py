@@ -38,9 +38,22 @@ def tokenize(tokenizers: list, captions: list[str], device: torch.device | str =
     return [_chunked_ids(tokenizer, captions, max_token_length).to(device) for tokenizer in tokenizers]
 
 
+def caption_chunks(tokenizer, max_token_length: Optional[int]) -> int:
+    """How many chunks of ``model_max_length - 2`` (75) caption tokens :func:`tokenize` makes: 1 without
+    ``max_token_length``, 2 for kohya's 150, 3 for 225."""
+    body = tokenizer.model_max_length - 2
+    return -(-(max_token_length or body) // body)
+
+
+def hidden_length(tokenizer, max_token_length: Optional[int]) -> int:
+    """Token positions of the hidden states :func:`encode_tokens` returns: 77 without
+    ``max_token_length``, else the joined chunks' 1 + 75n + 1 (152 for 150, 227 for 225)."""
+    return caption_chunks(tokenizer, max_token_length) * (tokenizer.model_max_length - 2) + 2
+
+
 def _chunked_ids(tokenizer, captions: list[str], max_token_length: int) -> torch.Tensor:
     body = tokenizer.model_max_length - 2  # caption tokens per chunk (75 for CLIP)
-    chunks = -(-max_token_length // body)
+    chunks = caption_chunks(tokenizer, max_token_length)
     ids = tokenizer(list(captions), padding="max_length", max_length=chunks * body + 2, truncation=True,
                     return_tensors="pt").input_ids
     start, last = ids[:, :1], ids[:, -1:]  # last: the end token, or padding when the caption is short
