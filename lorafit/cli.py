@@ -55,13 +55,13 @@ def _build_cli_class():
     from lightning.pytorch.loggers import WandbLogger
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from lorafit.callbacks.export import LoraExport
-    from lorafit.data.datamodule import LoraDataModule
-    from lorafit.callbacks.requeue import RequeueOnSignal
     from lorafit.atomic_io import AtomicCheckpointIO, atomic_write_text
-    from lorafit.loggers.wandb import WandbRunLogger
+    from lorafit.callbacks.export import LoraExport
     from lorafit.callbacks.metrics import TrainingMetrics
+    from lorafit.callbacks.requeue import RequeueOnSignal
     from lorafit.callbacks.samples import SampleImages
+    from lorafit.data.datamodule import LoraDataModule
+    from lorafit.loggers.wandb import WandbRunLogger
     from lorafit.module import LoraDiffusionModule
 
     class RunDirConfig(SaveConfigCallback):

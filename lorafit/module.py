@@ -7,7 +7,6 @@ in ``nonfinite.py`` and what a checkpoint holds in ``checkpoint_state.py``.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Literal, Optional, Union
 
@@ -18,6 +17,7 @@ from lorafit import losses
 from lorafit.checkpoint_state import LoraCheckpointState
 from lorafit.denoising import DenoisingStep
 from lorafit.errors import LorafitError
+from lorafit.host_parts import HostParts
 from lorafit.models.base import (
     DTYPES,
     BaseModel,
@@ -42,16 +42,12 @@ from lorafit.optim import (
     optimizer_kwargs,
 )
 
-log = logging.getLogger("lorafit.train")
-
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 # Logged learning-rate names, as kohya logs them (and the guides read them in TensorBoard).
 LR_LOG_NAMES = {"unet": "lr/unet", "text_encoder": "lr/textencoder", "text_encoder_2": "lr/textencoder2"}
 
 
-
-
-class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, pl.LightningModule):
+class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, HostParts, pl.LightningModule):
     """Train LoRA adapters on a frozen SD1.x / SD2.x / SDXL model.
 
     Args:
@@ -275,6 +271,9 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, pl
                            "model.text_encoder_target_modules")
         self._freeze_unread_text_layers()
         self._configure_speed()
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if hasattr(datamodule, "unused_model_parts"):  # before Lightning moves the module to the device
+            self.park_unused_parts(datamodule.unused_model_parts())
 
     def load_base(self) -> BaseModel:
         """The frozen base model named by ``model`` (tools/bench.py builds one from configs instead)."""
@@ -369,24 +368,13 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, pl
             return None
         # sync_dist: the logged value is the mean over all ranks' samples, i.e. the global batch's loss.
         # Only loggers read it (every trainer.log_every_n_steps); the progress bar shows a host copy
-        # (on_train_batch_end), since reading a device value every step would stall the GPU.
+        # (NonfiniteGuard.on_train_batch_end), since reading a device value every step stalls the GPU.
         self.log("loss/current", loss, sync_dist=True, batch_size=batch_size)
         rates = effective_learning_rates(self.trainer.optimizers[0])
         # Host tensors: Lightning would copy a Python float to the GPU, waiting for the queue.
         self.log_dict({LR_LOG_NAMES[name]: torch.tensor(rate) for name, rate in rates.items()}, on_step=True,
                       on_epoch=False, batch_size=batch_size)
         return loss
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        # A finite loss can still produce an overflowing update (LR far too high): the NaN/Inf check
-        # runs a step late, without stalling the GPU; LoraExport and checkpoints wait for it.
-        previous_loss = self.check_previous_step(batch, batch_idx)
-        if previous_loss is not None:
-            self.log("loss", torch.tensor(previous_loss), prog_bar=True, logger=False, on_step=True,
-                     on_epoch=False, batch_size=len(batch["captions"]))
-
-    def on_train_epoch_end(self) -> None:
-        self.ensure_finite()
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         noise, timesteps, generator = self.fixed_noise(batch, batch_idx)

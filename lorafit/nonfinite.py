@@ -114,10 +114,18 @@ class NonfiniteGuard:
                 raise nonfinite_weights_error(weights_position)
         return loss
 
-    def check_previous_step(self, batch: dict, batch_idx: int) -> Optional[float]:
-        """Queue this step's checks and run the previous step's: its loss, or None on the first step."""
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # Queue this step's checks and run the previous step's. A finite loss can still produce an
+        # overflowing update (LR far too high); the next step's check, or the one before any file is
+        # written, catches it. The previous step's loss, on the host now, goes to the progress bar.
         self._queue_checks(batch, batch_idx)
-        return self._raise_on_nonfinite(keep=1)
+        previous_loss = self._raise_on_nonfinite(keep=1)
+        if previous_loss is not None:
+            self.log("loss", torch.tensor(previous_loss), prog_bar=True, logger=False, on_step=True,
+                     on_epoch=False, batch_size=len(batch["captions"]))
+
+    def on_train_epoch_end(self) -> None:
+        self.ensure_finite()
 
     def ensure_finite(self, batch: Optional[dict] = None, batch_idx: Optional[int] = None) -> None:
         """Wait for every check up to now (before a file is written): raise NonFiniteLossError on NaN/Inf."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from training import train
 
 from lorafit.bench.host_syncs import CountHostSyncs, HostSyncCounter
 from lorafit.callbacks.metrics import TrainingMetrics
 from lorafit.host_readback import HostReadback
-from training import train
 
 
 def test_the_counter_sees_every_kind_of_host_sync_and_nothing_else():

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+from training import logged_metrics, train, unet_output
 
 from lorafit.cli import main
 from lorafit.module import LoraDiffusionModule
 from lorafit.nonfinite import NonFiniteLossError
-from training import logged_metrics, train, unet_output
 
 
 class StepsStarted(Callback):

@@ -156,7 +156,8 @@ class SampleImages(pl.Callback):
                                       max_token_length=pl_module.hparams.get("max_token_length"))
         step = trainer.global_step
         paths = []
-        with sampling_state(pl_module):
+        # Parts kept on the host for cached data (host_parts.py) come to the device for this round.
+        with sampling_state(pl_module), pl_module.host_parts_on_device():
             for index, request in enumerate(self.requests(trainer, self._renderer)):
                 image = self._render(pl_module, request, epoch, step)
                 parameters = a1111_parameters(request, str(pl_module.hparams.model),

@@ -377,6 +377,16 @@ class LoraDataModule(L.LightningDataModule):
         index = getattr(self, "index", None)
         return index.cached if index is not None else None
 
+    def unused_model_parts(self) -> set[str]:
+        """Model parts no training or validation batch runs: ``vae`` when every dataset holds cached
+        latents, ``text_encoders`` when they all hold cached text embeddings too (kept off the GPU)."""
+        indexes = [stream.index for stream in (self.train_stream, self.val_stream) if stream is not None]
+        if not indexes or not all(index.cached for index in indexes):
+            return set()
+        if all(index.cached.get("text_embeddings") for index in indexes):
+            return {"vae", "text_encoders"}
+        return {"vae"}
+
     @property
     def num_images(self) -> Optional[int]:
         summary = getattr(self, "index", None) and self.index.summary

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lorafit.data.buckets import BucketChoice, Size, make_bucket_table, select_bucket
-from lorafit.data.buckets import plan_resize_crop
+from lorafit.data.buckets import BucketChoice, Size, make_bucket_table, plan_resize_crop, select_bucket
 from lorafit.data.captions import CaptionOps
 from lorafit.data.images import decode_rgb_with_fixes
 from lorafit.data.shard_index import IMAGE_EXTS

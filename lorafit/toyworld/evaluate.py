@@ -22,7 +22,15 @@ import numpy as np
 import torch
 
 from lorafit.toyworld.judge import Judge, Verdict
-from lorafit.toyworld.world import COLOUR_NAMES, HELD_OUT_SHAPE, RESOLUTION, TRIGGER, WORLD_SHAPES, prompt, prompt_grid
+from lorafit.toyworld.world import (
+    COLOUR_NAMES,
+    HELD_OUT_SHAPE,
+    RESOLUTION,
+    TRIGGER,
+    WORLD_SHAPES,
+    prompt,
+    prompt_grid,
+)
 
 BASE_DIR = Path(__file__).parent / "base"
 ADAPTER = "lora"
@@ -100,7 +108,7 @@ def apply_lora(pipe, path: Union[str, Path], strength: float = 1.0) -> None:
 
     Any LoRA loaded earlier by this function is unloaded first, so ``pipe`` holds one at a time.
     """
-    from lorafit.networks.loading import loaded_loras, load_lora, unload_lora
+    from lorafit.networks.loading import load_lora, loaded_loras, unload_lora
 
     if ADAPTER in loaded_loras(pipe):
         unload_lora(pipe, ADAPTER)
