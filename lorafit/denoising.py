@@ -77,9 +77,10 @@ class DenoisingStep:
                 raise LorafitError("data.shards hold cached text embeddings, but model.train_text_encoder is true; "
                                    "cache latents only (lorafit cache without --text_embeddings)")
             # Also checked from the shards' metadata at fit start (check_cache); this catches
-            # cached validation shards and `lorafit validate`, which that check does not see.
-            length = hidden_length(self.base.tokenizers[0], self.hparams.max_token_length)
-            if batch["prompt_embeds"].shape[1] != length:
+            # cached validation shards and `lorafit validate`, which that check does not see. (The
+            # benchmark's random-weight models have no tokenizer: their embeddings are synthetic.)
+            length = self.base.tokenizers and hidden_length(self.base.tokenizers[0], self.hparams.max_token_length)
+            if length and batch["prompt_embeds"].shape[1] != length:
                 raise LorafitError(
                     f"the data's cached text embeddings have {batch['prompt_embeds'].shape[1]} token positions, but "
                     f"model.max_token_length {_tokens(self.hparams.max_token_length)} needs {length}; "

@@ -42,6 +42,9 @@ def test_bench_cpu_run_writes_a_complete_row(tmp_path):
     for key in ("date", "torch", "lightning", "diffusers", "peft", "device", "command", "peak_source"):
         assert row[key], key
     assert "--preset ci" in row["command"]
+    # lorafit's step makes the host wait for nothing; the reference uploads SDXL's time ids each step.
+    assert row["host_syncs_per_step"] == 0, row["host_sync_sites"]
+    assert row["reference_host_syncs_per_step"] == 1 and "tensor at" in next(iter(row["reference_host_sync_sites"]))
 
 
 def test_full_size_unets_have_the_published_parameter_counts():

@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1,
                         help="time both loops this many times, interleaved; the best time of each counts")
     parser.add_argument("--loops", default="lightning,reference", help="which loops to time: lightning,reference")
+    parser.add_argument("--count-syncs", type=_bool, default=True,
+                        help="also count host syncs per step of both loops (short extra runs; default true)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--count-flops", action="store_true",
                         help="only print the FLOP budget of the full-size UNets (meta device, no timing) and exit")
@@ -108,7 +110,7 @@ def main(argv=None) -> list[dict]:
         bf16 = setting.precision != "fp32"
         if bf16 not in peaks:
             peaks[bf16] = peak_tflops(device, bf16)
-        measured = run_setting(setting, device, args.warmup, args.steps, loops, args.repeats)
+        measured = run_setting(setting, device, args.warmup, args.steps, loops, args.repeats, args.count_syncs)
         row = result_row(setting, measured, peaks[bf16][0], name, env)
         row.update(peak_source=peaks[bf16][1], warmup=args.warmup, steps=args.steps, repeats=args.repeats,
                    command="python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))

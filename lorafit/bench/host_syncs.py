@@ -100,6 +100,8 @@ class HostSyncCounter(TorchFunctionMode):
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         from_device = any(self.is_on_device(t) for t in inputs)
         explicit = kwargs.get("device")
+        if name == "to" and explicit is None:
+            explicit = next((a for a in args[1:] if isinstance(a, (str, torch.device))), None)
         on_device = explicit is not None and torch.device(explicit).type == self.device.type
         if from_device and (name in READS or (self._to_host(name, args, kwargs) and not kwargs.get("non_blocking"))):
             self._record(name)
@@ -144,7 +146,7 @@ class CountHostSyncs(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.first and self.counter is None:
             self.counter = HostSyncCounter(pl_module.device)
-            self.counter.mark_on_device(pl_module, *_optimizer_tensors(trainer.optimizers))
+            self.counter.mark_on_device(pl_module, *optimizer_state_on_device(trainer.optimizers))
             self.counter.__enter__()
         elif trainer.global_step == self.last and self._counting:
             self.counter.__exit__(None, None, None)
@@ -169,7 +171,7 @@ class CountHostSyncs(pl.Callback):
         return {site: n for site, n in (self.counter.sites if self.counter else {}).items() if _LORAFIT_ROOT in site}
 
 
-def _optimizer_tensors(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.Tensor]:
+def optimizer_state_on_device(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.Tensor]:
     """Optimizer state that lives with the parameters (moments); PyTorch keeps step counters on the
     host unless the optimizer is fused or capturable, and then they follow the parameters too."""
     tensors = []

@@ -17,7 +17,8 @@ from lorafit.bench.module import BenchLoraModule
 from lorafit.bench.settings import BenchSetting
 
 COLUMNS = ("setting", "images_per_s", "step_ms", "peak_gib", "tflop_per_image", "mfu", "hfu",
-           "reference_images_per_s", "lightning_over_reference")
+           "reference_images_per_s", "lightning_over_reference", "host_syncs_per_step",
+           "reference_host_syncs_per_step")
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,6 +57,10 @@ def result_row(setting: BenchSetting, measured: dict, peak_tflops: float, device
                    reference_peak_gib=_gib(measured.get("reference_peak_bytes")))
     if step and reference:
         row["lightning_over_reference"] = step / reference
+    for loop, prefix in (("lightning", ""), ("reference", "reference_")):
+        if f"{loop}_host_syncs" in measured:
+            row[f"{prefix}host_syncs_per_step"] = measured[f"{loop}_host_syncs"]
+            row[f"{prefix}host_sync_sites"] = measured[f"{loop}_host_sync_sites"]
     return row
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lorafit.bench.architectures import synthetic_batch
 from lorafit.bench.devices import PeakMemory, synchronize
+from lorafit.bench.host_syncs import CountHostSyncs, HostSyncCounter, optimizer_state_on_device
 from lorafit.bench.module import BenchLoraModule
 from lorafit.bench.settings import BenchSetting
 from lorafit.callbacks.metrics import TrainingMetrics
@@ -75,8 +76,9 @@ class _Timer:
 
 
 def time_reference(module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device,
-                   warmup: int, steps: int) -> _Timer:
-    """The diffusers-example loop on ``module.unet``; returns its timer."""
+                   warmup: int, steps: int, counter: Optional[HostSyncCounter] = None) -> _Timer:
+    """The diffusers-example loop on ``module.unet``; returns its timer. ``counter`` counts the
+    host syncs of the timed steps (it slows them: time and count in separate runs)."""
     unet, vae, scheduler = module.unet, module.vae, module.noise_scheduler
     hp = module.hparams
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -88,6 +90,9 @@ def time_reference(module: BenchLoraModule, setting: BenchSetting, batches: list
     unet.train()
     for index in range(warmup + steps):
         timer.before(index)
+        if counter is not None and index == warmup:
+            counter.mark_on_device(module, *optimizer_state_on_device([optimizer]))
+            counter.__enter__()
         batch = batches[index % len(batches)]
         with torch.no_grad():
             if "latent_moments" in batch:
@@ -112,6 +117,8 @@ def time_reference(module: BenchLoraModule, setting: BenchSetting, batches: list
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timer.after(index)
+    if counter is not None:
+        counter.__exit__(None, None, None)
     del optimizer  # its state must not count towards the next measurement's memory
     return timer
 
@@ -142,12 +149,30 @@ def time_lightning(module: BenchLoraModule, setting: BenchSetting, batches: list
     return timer
 
 
+def count_host_syncs(module: BenchLoraModule, setting: BenchSetting, batches: list[dict],
+                     device: torch.device, steps: int = 3) -> dict:
+    """Host syncs per step (lorafit/bench/host_syncs.py) of lorafit's step, as ``lorafit fit`` runs it
+    (progress bar and training curves on), and of the reference loop."""
+    count = CountHostSyncs(first=1, last=1 + steps)
+    loader = torch.utils.data.DataLoader([batches[i % len(batches)] for i in range(steps + 2)], batch_size=None)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(accelerator=device.type, devices=1, precision=setting.trainer_precision,
+                             max_steps=steps + 2, logger=False, enable_checkpointing=False, enable_progress_bar=True,
+                             enable_model_summary=False, default_root_dir=root, callbacks=[TrainingMetrics(), count])
+        trainer.fit(module, train_dataloaders=loader)
+    reference = HostSyncCounter(device)
+    time_reference(module, setting, batches, device, warmup=1, steps=steps, counter=reference)
+    return {"lightning_host_syncs": count.per_step, "reference_host_syncs": reference.count / steps,
+            "lightning_host_sync_sites": dict(count.counter.sites), "reference_host_sync_sites": dict(reference.sites)}
+
+
 def run_setting(setting: BenchSetting, device: torch.device, warmup: int, steps: int,
-                loops: tuple[str, ...] = ("lightning", "reference"), repeats: int = 1) -> dict:
+                loops: tuple[str, ...] = ("lightning", "reference"), repeats: int = 1, count_syncs: bool = True) -> dict:
     """Build the model for ``setting`` and time the chosen loops, interleaved ``repeats`` times.
 
     Returns seconds per step (the best repeat: on a shared machine the slowest runs measure the
-    neighbours) and peak bytes (the highest repeat) of each loop.
+    neighbours) and peak bytes (the highest repeat) of each loop, and (``count_syncs``) both loops'
+    host syncs per step, counted in separate short runs after the timed ones.
     """
     module = build_module(setting, device)
     batches = make_batches(setting)
@@ -163,6 +188,9 @@ def run_setting(setting: BenchSetting, device: torch.device, warmup: int, steps:
                     peaks[loop].append(timer.peak)
     result = {f"{loop}_step_s": min(seconds[loop]) for loop in loops}
     result.update({f"{loop}_peak_bytes": max(peaks[loop]) if peaks[loop] else None for loop in loops})
+    if count_syncs:
+        with sdpa_context(setting.sdpa):
+            result.update(count_host_syncs(module, setting, batches, device))
     result["trainable_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     del module
     if device.type == "cuda":
