@@ -27,6 +27,7 @@ from lorafit.models.base import (
     resolve_model_source,
 )
 from lorafit.models.conditioning import freeze_unread_text_lora
+from lorafit.models.speed import apply_speed_settings
 from lorafit.networks.adapters import ADAPTER_NAME, DEFAULT_TEXT_ENCODER_TARGETS, attach_network
 from lorafit.networks.lora_weights import LoraWeights
 from lorafit.networks.network_types import NetworkSpec, NetworkType
@@ -132,10 +133,15 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
             text encoders: much less activation memory for one extra forward pass per step.
         vae_dtype: dtype of the VAE; empty means ``weight_dtype``, except float32 when that is float16
             (SD VAEs overflow in fp16; kohya's ``no_half_vae``). The VAE never runs under autocast.
+        channels_last: Store the UNet's weights and activations channels-last, the layout GPU
+            tensor cores run convolutions fastest in (mostly pays for SD1.5; measure it with
+            ``tools/bench.py --channels-last false,true``).
         compile_unet: ``torch.compile`` the UNet (after the LoRA is attached): faster steps on GPU
             after a slow first one.
-        nonfinite_loss: On a NaN/Inf loss: ``stop`` the run with a message (nothing is exported from
-            the bad step) or ``skip`` the batch (counted as ``loss/skipped_nonfinite``; one device only).
+        nonfinite_loss: On a NaN/Inf loss: ``stop`` the run with a message naming the step and images
+            (checked a step late so the GPU never waits; nothing from the bad step is exported) or
+            ``skip`` the batch (counted as ``loss/skipped_nonfinite``; one device only; reads every
+            loss on the host, one GPU sync per step).
     """
 
     def __init__(
@@ -196,6 +202,7 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         # ---- training recipe: memory and speed, failure handling
         gradient_checkpointing: bool = False,
         vae_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+        channels_last: bool = False,
         compile_unet: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
     ):
@@ -270,7 +277,8 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
             attach_network(encoder, spec, hp.text_encoder_target_modules, hp.include, hp.exclude,
                            "model.text_encoder_target_modules")
         self._freeze_unread_text_layers()
-        self._configure_speed()
+        apply_speed_settings(self.unet, self.trained_text_encoders().values(), hp.gradient_checkpointing,
+                             hp.channels_last, hp.compile_unet)
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if hasattr(datamodule, "unused_model_parts"):  # before Lightning moves the module to the device
             self.park_unused_parts(datamodule.unused_model_parts())
@@ -280,23 +288,6 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         hp = self.hparams
         return load_base_model(hp.model, hp.family, hp.prediction_type, hp.single_file_config, hp.weight_dtype,
                                hp.revision, hp.variant)
-
-    def _configure_speed(self) -> None:
-        hp = self.hparams
-        if hp.gradient_checkpointing:
-            # Even with a frozen UNet, the text encoders' gradients flow back through it.
-            self.unet.enable_gradient_checkpointing()
-            for encoder in self.trained_text_encoders().values():
-                # Non-reentrant: the frozen embeddings need no grad, and reentrant checkpointing would
-                # then drop the LoRA gradients inside each layer.
-                if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
-                    encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-                else:
-                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                # transformers checkpoints only in train mode; CLIP has no dropout, so nothing else changes.
-                encoder.train()
-        if hp.compile_unet:
-            self.unet.compile()  # in place: parameter names (checkpoints, exports) stay the same
 
     def _freeze_unread_text_layers(self) -> None:
         # Left trainable, LoRA that cannot reach the loss stops DDP ("parameters that were not used

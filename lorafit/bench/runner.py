@@ -41,8 +41,6 @@ def build_module(setting: BenchSetting, device: torch.device) -> BenchLoraModule
     module = BenchLoraModule(setting.family, setting.width_divisor, build_device=str(device),
                              with_vae=setting.latents == "vae", **setting.module_kwargs())
     module.configure_model()  # what Trainer.fit calls first; idempotent, so fit() keeps this UNet
-    if setting.channels_last:
-        module.unet.to(memory_format=torch.channels_last)
     return module.to(device)
 
 

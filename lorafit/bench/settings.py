@@ -74,7 +74,8 @@ class BenchSetting:
         return dict(rank=self.rank, alpha=float(self.rank), target_preset=self.targets,
                     weight_dtype="bfloat16" if self.precision == "bf16-weights" else "float32",
                     optimizer=optimizer, optimizer_args=args, learning_rate=1e-4,
-                    gradient_checkpointing=self.gradient_checkpointing, compile_unet=self.compile)
+                    gradient_checkpointing=self.gradient_checkpointing, channels_last=self.channels_last,
+                    compile_unet=self.compile)
 
     @property
     def trainer_precision(self) -> str:

@@ -54,7 +54,8 @@ def read_layer(layer: torch.nn.Module, adapter: str) -> ModuleWeights:
     from peft.tuners.lora import LoraLayer
 
     def copy(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to("cpu", torch.float32).clone()
+        # contiguous: a channels-last conv weight (model.channels_last) would not serialize as-is.
+        return tensor.detach().to("cpu", torch.float32).contiguous().clone()
 
     if isinstance(layer, LoraLayer):
         down, up = copy(layer.lora_A[adapter].weight), copy(layer.lora_B[adapter].weight)
