@@ -15,6 +15,7 @@ import torch
 
 from lorafit import losses
 from lorafit.checkpoint_state import LoraCheckpointState
+from lorafit.collectives import all_reduce_in_place
 from lorafit.denoising import DenoisingStep
 from lorafit.errors import LorafitError
 from lorafit.host_parts import HostParts
@@ -357,10 +358,10 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         batch_size = len(batch["captions"])
         if not self._watch_loss(loss, batch, batch_idx):
             return None
-        # sync_dist: the logged value is the mean over all ranks' samples, i.e. the global batch's loss.
-        # Only loggers read it (every trainer.log_every_n_steps); the progress bar shows a host copy
-        # (NonfiniteGuard.on_train_batch_end), since reading a device value every step stalls the GPU.
-        self.log("loss/current", loss, sync_dist=True, batch_size=batch_size)
+        # The mean over all ranks' samples, i.e. the global batch's loss; reduced without Lightning's
+        # sync_dist, whose barrier would stall every step (collectives.py). Only loggers read it (every
+        # trainer.log_every_n_steps); the progress bar shows a host copy (NonfiniteGuard).
+        self.log("loss/current", all_reduce_in_place(loss.detach().clone(), "mean"), batch_size=batch_size)
         rates = effective_learning_rates(self.trainer.optimizers[0])
         # Host tensors: Lightning would copy a Python float to the GPU, waiting for the queue.
         self.log_dict({LR_LOG_NAMES[name]: torch.tensor(rate) for name, rate in rates.items()}, on_step=True,

@@ -72,3 +72,22 @@ def test_exactly_the_text_encoder_layers_without_gradient_are_frozen(family, cli
     no_gradient = {name for name, p in lora.items() if p.grad is None}
     assert frozen == no_gradient
     assert bool(frozen) == (family == "sdxl" or clip_skip > 1)
+
+
+def test_a_ddp_step_never_makes_the_host_wait(tiny_models, demo_data, tmp_path):
+    """What a SLURM job runs per step on each rank: the global-batch loss reduction and the requeue
+    callback's agreement on the signal, with the progress bar on: no host sync (bench/host_syncs.py),
+    in particular no barrier, which Lightning's sync_dist would add."""
+    import json
+
+    counter = {"class_path": "lorafit.bench.host_syncs.CountHostSyncs",
+               "init_args": {"first": 1, "last": 4, "output": str(tmp_path / "syncs")}}
+    result = run_lorafit(*demo_fit_args(tiny_models["sdxl"], demo_data, tmp_path / "run", *COMMON[2:],
+                                        "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                        "--data.batch_size", "1", "--trainer.max_steps", "5",
+                                        "--trainer.log_every_n_steps", "50", "--trainer.enable_progress_bar", "true",
+                                        "--requeue.signal", "SIGUSR1", f"--trainer.callbacks+={json.dumps(counter)}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        counted = json.loads((tmp_path / f"syncs.rank{rank}.json").read_text())
+        assert counted["per_step"] == 0, counted["sites"]

@@ -37,6 +37,22 @@ def test_the_counter_sees_every_kind_of_host_sync_and_nothing_else():
     assert kinds == ["__bool__", "__format__", "__getitem__", "item", "nonzero", "tensor"], counter.sites
 
 
+def test_the_counter_sees_barriers(tmp_path):
+    """A barrier waits for the GPU under NCCL; Lightning's sync_dist calls one before each all-reduce."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        counter = HostSyncCounter(torch.device("cpu"))
+        with counter:
+            dist.barrier()
+        assert [site.split(" at ")[0] for site in counter.sites] == ["barrier"]
+        dist.barrier()  # unwrapped again: not counted
+        assert counter.count == 1
+    finally:
+        dist.destroy_process_group()
+
+
 def test_host_readback_returns_values_in_order_and_keeps_the_newest():
     readback = HostReadback()
     for step in range(3):

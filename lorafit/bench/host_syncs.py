@@ -11,7 +11,9 @@ has run (a *host sync*), and the device then idles while the host queues the nex
   ``self.log(name, float)`` does exactly this;
 - operations whose output size depends on the values, which the host must know to allocate it:
   ``nonzero``, ``masked_select``, ``unique``, indexing with a boolean mask, one-argument ``where``,
-  ``repeat_interleave`` with tensor repeats.
+  ``repeat_interleave`` with tensor repeats;
+- ``torch.distributed.barrier()``, which with NCCL waits for the GPU (Lightning's
+  ``strategy.reduce`` and ``self.log(..., sync_dist=True)`` call it before each all-reduce).
 
 A CPU has nothing to wait for, but the same calls happen in the same places. To count them on a
 CPU the counter tracks which tensors *would* be on the device: the module's parameters and
@@ -25,6 +27,7 @@ at zero. (On a real GPU, ``torch.cuda.set_sync_debug_mode("warn")`` gives the sa
 from __future__ import annotations
 
 import collections
+import json
 import traceback
 import weakref
 from pathlib import Path
@@ -91,6 +94,21 @@ class HostSyncCounter(TorchFunctionMode):
             return torch.device(target).type == "cpu"
         return target is not None and target.type == "cpu" != self.device.type
 
+    def __enter__(self):
+        # barrier is no tensor operation, so no TorchFunctionMode sees it: wrap it while counting.
+        self._barrier = torch.distributed.barrier
+
+        def counted_barrier(*args, **kwargs):
+            self._record("barrier")
+            return self._barrier(*args, **kwargs)
+
+        torch.distributed.barrier = counted_barrier
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.distributed.barrier = self._barrier
+        return super().__exit__(*exc)
+
     def _record(self, name: str) -> None:
         self.sites[f"{name} at {_site(traceback.extract_stack())}"] += 1
 
@@ -136,11 +154,14 @@ class CountHostSyncs(pl.Callback):
     """Count host syncs from the start of optimizer step ``first`` to the start of step ``last``.
 
     The window covers whole steps back to back: the step, the optimizer, every callback, the
-    progress bar and logging. ``per_step`` is the mean over the window.
+    progress bar and logging. ``per_step`` is the mean over the window. With ``output``, each rank
+    writes ``{"per_step", "sites"}`` to ``<output>.rank<N>.json`` when training ends (for runs in
+    other processes: ``--trainer.callbacks+=`` on the command line).
     """
 
-    def __init__(self, first: int = 2, last: int = 5):
+    def __init__(self, first: int = 2, last: int = 5, output: Optional[str] = None):
         self.first, self.last = first, last
+        self.output = output
         self.counter: Optional[HostSyncCounter] = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -161,6 +182,9 @@ class CountHostSyncs(pl.Callback):
         if self._counting:
             self.counter.__exit__(None, None, None)
             raise RuntimeError(f"CountHostSyncs: training ended before step {self.last}; set max_steps above it")
+        if self.output:  # one file per rank: <output>.rank<N>.json
+            path = Path(f"{self.output}.rank{trainer.global_rank}.json")
+            path.write_text(json.dumps({"per_step": self.per_step, "sites": dict(self.counter.sites)}, indent=1))
 
     @property
     def per_step(self) -> float:

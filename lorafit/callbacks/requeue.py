@@ -8,10 +8,11 @@ updated by a step the progress counters do not yet count (the resumed run applie
 and under DDP the save ends in a barrier, a collective that the other ranks, interrupted at a
 different point of their step, meet with a gradient all-reduce, which hangs or corrupts.
 
-Here the handler only raises a flag. After the next optimizer step every rank learns whether
-any rank got the signal (one tiny all-reduce per step), then all save together, at the same
-clean point ModelCheckpoint's step checkpoints use, rank 0 runs ``scontrol requeue``, and the
-processes exit. The requeued job resumes from ``hpc_ckpt_N.ckpt`` in the run directory (the name
+Here the handler only raises a flag. After each optimizer step the ranks sum their flags (one
+tiny all-reduce on the device per step) and read the sum a step later through a pinned host copy
+(lorafit/host_readback.py), so no step waits for the GPU; every rank reads the same sum at the
+same step, so all save together, at the same clean point ModelCheckpoint's step checkpoints use,
+one step after the signal. Rank 0 runs ``scontrol requeue``, and the processes exit. The requeued job resumes from ``hpc_ckpt_N.ckpt`` in the run directory (the name
 Lightning's SLURM resume looks for; the sbatch templates pass the newest checkpoint explicitly).
 """
 
@@ -25,7 +26,11 @@ import subprocess
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Checkpoint
+
+from lorafit.collectives import all_reduce_in_place, defer_lightning_sigterm_check
+from lorafit.host_readback import HostReadback
 
 log = logging.getLogger("lorafit.requeue")
 
@@ -71,6 +76,8 @@ class RequeueOnSignal(Checkpoint):
         self.requested = False
         self._save_at_epoch_end = False
         self._previous_handler = None
+        self._flag: torch.Tensor | None = None  # this rank's flag on the device, summed over ranks in place
+        self._agreed = HostReadback()
 
     def _signum(self) -> int:
         name = self.signal.upper()
@@ -79,6 +86,11 @@ class RequeueOnSignal(Checkpoint):
     def _on_signal(self, signum, frame) -> None:
         # Nothing else may happen here: see the module docstring.
         self.requested = True
+
+    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        # Signals again: Lightning's own per-step SIGTERM check under DDP stalls each step (collectives.py).
+        if stage == "fit":
+            defer_lightning_sigterm_check(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         # After Lightning registered its own handlers (which would save inside the handler).
@@ -101,20 +113,32 @@ class RequeueOnSignal(Checkpoint):
             return
         # Mid-accumulation the summed gradients are not in the checkpoint; wait for the step.
         accumulate = trainer.accumulate_grad_batches
-        if (batch_idx + 1) % accumulate and batch_idx + 1 != trainer.num_training_batches:
+        last_batch = batch_idx + 1 == trainer.num_training_batches
+        if (batch_idx + 1) % accumulate and not last_batch:
             return
-        # Every rank takes part in this reduction every step, so all decide at the same step.
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        # Every rank takes part in this reduction every step, and reads the previous step's sum
+        # (the same on every rank), so all decide at the same step.
+        if self._flag is None:
+            self._flag = torch.zeros((), device=pl_module.device)
+        self._flag.fill_(float(self.requested))  # a fill, not a copy from the host: nothing waits
+        self._agreed.push(all_reduce_in_place(self._flag, "sum"))
+        if not self._asked(keep=1):
             return
-        if batch_idx + 1 == trainer.num_training_batches:
+        if last_batch:
             # Lightning resumes a checkpoint taken after an epoch's last batch by skipping that
             # epoch's end hooks (its LoRA export, last.ckpt, epoch LR step); save after them instead.
             self._save_at_epoch_end = True
             return
         self._save_requeue_and_exit(trainer)
 
+    def _asked(self, keep: int) -> bool:
+        """Whether any rank got the signal by the step before the newest ``keep`` ones."""
+        return any(total > 0 for (total,), _ in self._agreed.collect(keep))
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if self._save_at_epoch_end:  # the same on every rank: decided by the reduction above
+        # The epoch's last step decides now rather than a step later, in the next epoch. The same on
+        # every rank: decided by the reductions above.
+        if self._save_at_epoch_end or (self.signal and self._asked(keep=0)):
             self._save_requeue_and_exit(trainer)
 
     def _save_requeue_and_exit(self, trainer: pl.Trainer) -> None:
