@@ -58,7 +58,8 @@ def _build_cli_class():
     from lorafit.callbacks.export import LoraExport
     from lorafit.data.datamodule import LoraDataModule
     from lorafit.callbacks.requeue import RequeueOnSignal
-    from lorafit.atomic_io import AtomicCheckpointIO, atomic_write_text
+    from lorafit.atomic_io import atomic_write_text
+    from lorafit.checkpoint_io import AtomicCheckpointIO
     from lorafit.loggers.wandb import WandbRunLogger
     from lorafit.callbacks.metrics import TrainingMetrics
     from lorafit.callbacks.samples import SampleImages
