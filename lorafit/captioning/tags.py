@@ -108,13 +108,13 @@ def caption_line(text: str) -> tuple[str, str, str]:
 
     The caption line is the first non-blank line, the one training reads (kohya's rule, see
     kohya_folders.read_caption). ``before`` holds the blank lines above it, ``after`` its line
-    ending and every later line, all exactly as they were (``\r\n`` endings too). A text with no
+    ending and every later line, all exactly as they were (``\\r\\n`` endings too). A text with no
     non-blank line gives ``(text, "", "")``.
     """
     lines = text.splitlines(keepends=True)
     for index, line in enumerate(lines):
         if line.strip():
-            body = line.rstrip("\r\n")
+            body = line.splitlines()[0]  # without its line break, whichever of splitlines' it is
             return "".join(lines[:index]), body, line[len(body):] + "".join(lines[index + 1:])
     return text, "", ""
 
