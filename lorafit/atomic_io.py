@@ -6,6 +6,11 @@ run directory (node-local ``/tmp`` vs shared scratch), so the final "move" is a 
 killed during it (OOM, preemption, ``kill -9``) leaves a truncated ``last.ckpt`` that cannot be
 resumed from. Writing next to the target and ``os.replace``-ing it is atomic on every POSIX
 filesystem: a reader sees the old file or the new one, never half of one.
+
+This module imports neither torch nor Lightning at import time (torch only inside
+:func:`atomic_torch_save`): ``lorafit caption`` and ``lorafit review`` write caption files through
+it, and importing torch + Lightning would make their first write take seconds. The checkpoint
+plugin, which subclasses a Lightning class, lives in :mod:`lorafit.checkpoint_io`.
 """
 
 from __future__ import annotations
@@ -13,12 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
-
-import torch
-from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing import Any, BinaryIO, Callable
 
 
 def temporary_sibling(path: Path) -> Path:
@@ -57,6 +57,8 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary sibling, flushed to disk, then renamed over ``path``."""
+    import torch
+
     return _atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
@@ -65,16 +67,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local saves are atomic (temporary sibling + ``os.replace``).
+def __getattr__(name: str):
+    # `lorafit.atomic_io.AtomicCheckpointIO` (its home before lorafit.checkpoint_io) may be named in
+    # configs (trainer.plugins class_path) and code; resolve it on first use, importing Lightning then.
+    if name == "AtomicCheckpointIO":
+        from lorafit.checkpoint_io import AtomicCheckpointIO
 
-    Remote paths (``s3://`` ...) keep Lightning's own code path. ``lorafit fit`` installs this
-    plugin unless the config names another ``CheckpointIO``.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        if not isinstance(get_filesystem(path), LocalFileSystem):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options for local paths")
-        atomic_torch_save(checkpoint, path)
+        return AtomicCheckpointIO
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from lorafit.errors import LorafitError
 from lorafit.networks.adapters import ADAPTER_NAME
+from lorafit.resume_settings import prepare_resume
 from lorafit.rng_state import gather_rng_states, restore_rng_states
 
 
@@ -26,6 +27,7 @@ class LoraCheckpointState:
                                  "skipped_nonfinite": self.skipped_nonfinite, "rng_states": gather_rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        prepare_resume(checkpoint, self)  # refuses a changed network, applies the config's learning rates
         # Lightning would raise a page of "size mismatch" lines; say in one what went wrong.
         params = dict(self.named_parameters())
         for key, tensor in checkpoint.get("state_dict", {}).items():

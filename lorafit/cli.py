@@ -55,14 +55,16 @@ def _build_cli_class():
     from lightning.pytorch.loggers import WandbLogger
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from lorafit.atomic_io import AtomicCheckpointIO, atomic_write_text
+    from lorafit.atomic_io import atomic_write_text
     from lorafit.callbacks.export import LoraExport
     from lorafit.callbacks.metrics import TrainingMetrics
     from lorafit.callbacks.requeue import RequeueOnSignal
     from lorafit.callbacks.samples import SampleImages
+    from lorafit.checkpoint_io import AtomicCheckpointIO
     from lorafit.data.datamodule import LoraDataModule
     from lorafit.loggers.wandb import WandbRunLogger
     from lorafit.module import LoraDiffusionModule
+    from lorafit.resume_settings import refuse_changed_network_in_file
 
     class RunDirConfig(SaveConfigCallback):
         """Save the resolved config as ``<default_root_dir>/config.yaml``, beside the LoRA files.
@@ -95,6 +97,16 @@ def _build_cli_class():
             # After "checkpoint": Lightning keeps checkpoint callbacks in order at the end of the list.
             parser.add_lightning_class_args(RequeueOnSignal, "requeue")
 
+        def _parse_ckpt_path(self) -> None:
+            """Keeps the config's model.* settings when resuming (Lightning's version replaces them).
+
+            When --ckpt_path names a file (not `last`), LightningCLI overwrites the model's config
+            with the hyperparameters saved in the checkpoint, silently: a resumed run kept the old
+            learning rate, and a changed network_type or rank was ignored. In lorafit every
+            ckpt_path resumes with the config as written; the module then refuses, with one line,
+            settings that do not fit the checkpoint's network (lorafit/resume_settings.py).
+            """
+
         def instantiate_trainer(self, **kwargs):
             trainer = super().instantiate_trainer(**kwargs)
             # Atomic checkpoint files unless the config chose its own CheckpointIO plugin.
@@ -102,10 +114,24 @@ def _build_cli_class():
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
             return trainer
 
+        def _check_resume_settings(self) -> None:
+            # Before the trainer's setup rewrites the run's config.yaml; the module checks again on load.
+            config = self.config[self.subcommand]
+            ckpt_path, callback = config.get("ckpt_path"), self.trainer.checkpoint_callback
+            if ckpt_path == "last":  # lorafit's layout (LAST_CHECKPOINT); another one is checked on load only
+                named_last = config.get("checkpoint.filename") == "last" and callback is not None and callback.dirpath
+                ckpt_path = os.path.join(callback.dirpath, "last.ckpt") if named_last else None
+            if ckpt_path and os.path.isfile(ckpt_path):
+                refuse_changed_network_in_file(ckpt_path, self.model.hparams)
+
         def before_fit(self) -> None:
+            self._check_resume_settings()
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbRunLogger):
                     logger.bind_run_dir(self.trainer.default_root_dir)
+
+        def before_validate(self) -> None:
+            self._check_resume_settings()
 
     return LorafitCLI, LoraDiffusionModule, LoraDataModule, RunDirConfig
 

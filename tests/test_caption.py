@@ -114,6 +114,26 @@ def test_overwrite_and_append_keep_the_previous_text_as_bak(tagger, tmp_path):
     assert result["written"] == 0 and result["skipped_existing"] == 1 and sidecar.read_text() == before
 
 
+def test_append_adds_to_the_caption_line_and_keeps_the_other_lines_of_the_file(tagger, tmp_path):
+    # Training reads the first non-empty line only; the lines around it are the user's notes and stay.
+    root = tmp_path / "data"
+    image = _solid(root / "5_ohwx dog" / "a.png", (220, 20, 20))
+    sidecar = image.with_suffix(".txt")
+    original = b"\r\nmy tag, solo\r\nA red dog on a white floor, for a sentence caption later.\r\n\r\nnote: crop it\r\n"
+    sidecar.write_bytes(original)
+
+    caption(str(root), model=str(tagger), mode="append", prefix="ohwx dog,", device="cpu")
+    lines = sidecar.read_bytes().split(b"\r\n")
+    assert lines[0] == b"" and lines[2:] == [b"A red dog on a white floor, for a sentence caption later.", b"",
+                                              b"note: crop it", b""]
+    tags = lines[1].decode().split(", ")
+    assert tags[:3] == ["ohwx dog", "my tag", "solo"] and "dog" in tags and tags.count("solo") == 1
+    assert Path(f"{sidecar}.bak").read_bytes() == original
+    # What training reads: the caption line, with the new tags.
+    from lorafit.data.kohya_folders import read_caption
+    assert read_caption(sidecar) == lines[1].decode()
+
+
 def test_blip_captions_through_the_cli_with_progress_and_summary(blip, tmp_path):
     root = _tree(tmp_path / "train")
     # Dashed spellings (as the issue writes them) work as well as the parameter names.

@@ -172,3 +172,47 @@ def test_review_page_edits_filters_bulk_removes_and_detects_conflicts(browser, t
 
         shot = _save_screenshot(browser, tmp_path)
     assert shot.stat().st_size > 10_000
+
+
+def test_tag_chips_and_bulk_operations_use_the_caption_line_and_keep_the_other_lines(browser, tmp_path):
+    # Training reads the first non-empty line of a caption file; the lines below it (a description
+    # kept for later, notes) are the user's: tags are counted on, added to and removed from the first.
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    root = make_tree(tmp_path)
+    a_txt, b_txt = root / "10_ohwx dog" / "a.txt", root / "10_ohwx dog" / "nested" / "b.txt"
+    notes = "A dog on a lawn, looking left.\n\nnote: crop the watermark, then retrain\n"
+    a_txt.write_text("ohwx dog, solo, watermark\n" + notes)
+    with running_server(root) as server:
+        browser.get(server.url)
+        _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#items .card")) == 3, what="three image cards")
+        chips = {c.get_attribute("data-tag"): c.find_element(By.CLASS_NAME, "count").text
+                 for c in browser.find_elements(By.CSS_SELECTOR, "#tags .chip")}
+        assert chips["watermark"] == "2" and "note: crop the watermark" not in chips and "then retrain" not in chips
+
+        def apply(op: str, tag: str) -> None:
+            Select(browser.find_element(By.ID, "bulk-op")).select_by_value(op)
+            Select(browser.find_element(By.ID, "bulk-scope")).select_by_value("all")
+            field = browser.find_element(By.ID, "bulk-tag")
+            field.clear()
+            field.send_keys(tag)
+            browser.find_element(By.ID, "bulk-apply").click()  # says "...saving..." until the answer
+            _wait(lambda: browser.find_element(By.ID, "status").text.startswith("saved"), what=f"bulk {op} saved")
+
+        apply("add", "smiling")
+        assert a_txt.read_text() == "ohwx dog, solo, watermark, smiling\n" + notes
+        apply("remove", "watermark")
+        assert a_txt.read_text() == "ohwx dog, solo, smiling\n" + notes
+        assert b_txt.read_text() == "dog, grass, smiling\n"
+        assert Path(f"{a_txt}.bak").read_text() == "ohwx dog, solo, watermark, smiling\n" + notes
+
+        # Excluding a tag hides the captions holding it; a piece of the notes line is no caption's tag.
+        def shown_after_filter(text: str) -> list[str]:
+            search = browser.find_element(By.ID, "search")
+            search.clear()
+            search.send_keys(text)  # the input event re-renders before send_keys returns
+            return [c.get_attribute("data-id") for c in browser.find_elements(By.CSS_SELECTOR, "#items .card")]
+
+        assert shown_after_filter("-grass") == ["0/10_ohwx dog/a.png", "0/1_dog/c.png"]
+        assert len(shown_after_filter("-then retrain")) == 3

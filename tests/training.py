@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from lorafit.atomic_io import AtomicCheckpointIO
+from lorafit.checkpoint_io import AtomicCheckpointIO
 from lorafit.callbacks.export import LoraExport
 from lorafit.data.datamodule import LoraDataModule
 from lorafit.cli import LAST_CHECKPOINT

@@ -75,7 +75,9 @@ def replace_caption(sidecar: Path, text: str, previous: Optional[str]) -> None:
 def _read_existing(sidecar: Path) -> str:
     if not sidecar.is_file():
         return ""
-    return sidecar.read_text(encoding="utf-8-sig")
+    # Bytes, not read_text: text mode would turn \r\n into \n, and append keeps the lines it does
+    # not change (and the .bak) exactly as the user wrote them.
+    return sidecar.read_bytes().decode("utf-8-sig")
 
 
 def _jobs(directory: Union[str, os.PathLike], caption_ext: str, mode: Mode, tally: Tally) -> tuple[list[Job], DatasetRoots]:
@@ -121,8 +123,8 @@ def _named(image: Union[str, Path], reason: str) -> str:
 
 def _compose(raw: str, job: Job, mode: Mode, unwanted: list[str], prefix: Optional[str]) -> str:
     text = join_tags(drop_tags(split_tags(raw), unwanted))
-    if mode == "append":
-        text = append_caption(job.existing, text)
+    if mode == "append":  # the tags and prefix go to the caption line; the file's other lines stay
+        return append_caption(job.existing, text, prefix)
     return with_prefix(text, prefix)
 
 
@@ -183,7 +185,9 @@ def caption(
         prefix: Text put in front of every caption, e.g. the trigger word "ohwx dog,"
             (kohya's --caption_prefix); never added twice.
         mode: Images that already have a caption: skip them (default, never touches your work),
-            overwrite the caption, or append the new tags to it; both keep the old text as .bak.
+            overwrite the caption file, or append the new tags to the caption line (the first
+            non-empty line, the one training reads; the file's other lines are kept as they are).
+            Both keep the old text as .bak.
         remove_tags: Tags never written, comma-separated or repeated (kohya's --undesired_tags);
             compared case-insensitively, "long_hair" matches "long hair".
         general_threshold: WD14: probability a general tag needs (kohya's --general_threshold).

@@ -2,8 +2,10 @@
 
 Booru taggers and most LoRA guides write captions as ``"ohwx dog, outdoors, grass"``: a list of
 tags separated by commas. Sentence captions (BLIP) are the one-tag case of the same format, so
-the same helpers serve both. The review page's JavaScript applies the same rules (split on commas,
-trim, compare case-insensitively) so a tag removed there is the tag removed here.
+the same helpers serve both. Only the caption line counts (the first non-blank line, the one
+training reads); other lines of a caption file are the user's and are kept. The review page's
+JavaScript applies the same rules (caption line, split on commas, trim, compare case-insensitively)
+so a tag removed there is the tag removed here.
 """
 
 from __future__ import annotations
@@ -101,11 +103,39 @@ def with_prefix(caption: str, prefix: Optional[str]) -> str:
     return prefix + ("" if prefix[-1].isspace() else " ") + caption
 
 
-def append_caption(existing: str, new: str) -> str:
-    """``existing`` followed by the tags of ``new`` it does not hold yet (``--mode append``)."""
-    if not existing.strip():
-        return new
-    return join_tags(split_tags(existing) + split_tags(new))
+def caption_line(text: str) -> tuple[str, str, str]:
+    """``text`` cut around its caption line: ``(before, line, after)``, joined back they are ``text``.
+
+    The caption line is the first non-blank line, the one training reads (kohya's rule, see
+    kohya_folders.read_caption). ``before`` holds the blank lines above it, ``after`` its line
+    ending and every later line, all exactly as they were (``\\r\\n`` endings too). A text with no
+    non-blank line gives ``(text, "", "")``.
+    """
+    lines = text.splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        if line.strip():
+            body = line.splitlines()[0]  # without its line break, whichever of splitlines' it is
+            return "".join(lines[:index]), body, line[len(body):] + "".join(lines[index + 1:])
+    return text, "", ""
+
+
+def append_caption(existing: str, new: str, prefix: Optional[str] = None) -> str:
+    """``existing`` with the tags of ``new`` it does not hold yet added to its caption line (``--mode append``).
+
+    Only the caption line (see :func:`caption_line`) changes: the tags of ``new`` go after the
+    user's, ``prefix`` in front (:func:`with_prefix`). Blank lines above it and every line below it
+    (notes, a longer description kept for later) stay as they were, in order; training never reads
+    them, but they are the user's. An ``existing`` text without a caption line gives ``new``.
+
+    Args:
+        existing: The caption file's text as read.
+        new: The new caption (comma-separated tags or a sentence).
+        prefix: Trigger word put in front of the caption line, once (kohya's ``--caption_prefix``).
+    """
+    before, line, after = caption_line(existing)
+    if not line:
+        return with_prefix(new, prefix)
+    return before + with_prefix(join_tags(split_tags(line) + split_tags(new)), prefix) + after
 
 
 def tag_frequency(captions: Iterable[str]) -> Counter:

@@ -18,13 +18,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import IO, NamedTuple, Optional, Union
+from typing import IO, TYPE_CHECKING, NamedTuple, Optional, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lorafit.errors import LorafitError
+
+if TYPE_CHECKING:  # torch is imported where used: `lorafit caption` decodes images and never needs it
+    import torch
 
 logger = logging.getLogger("lorafit.data")
 
@@ -230,6 +232,8 @@ def resize_center_crop(img: Image.Image, size: int) -> tuple[torch.Tensor, tuple
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
     img = img.crop((left, top, left + size, top + size))
+
+    import torch
 
     pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
     tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)

@@ -7,6 +7,17 @@ const EMOTICON_HALF = /^[^A-Za-z]{1,3}$|^[^A-Za-z]?[A-Za-z][^A-Za-z]?$/;
 const isEmoticon = (tag) => { const h = tag.split("_"); return h.length === 2 && h.every((x) => EMOTICON_HALF.test(x)); };
 const tagKey = (tag) => { const t = tag.trim().toLowerCase(); return isEmoticon(t) ? t : t.replaceAll("_", " "); };
 const splitTags = (text) => text.split(",").map((t) => t.trim()).filter(Boolean);
+// The caption line: the first non-blank line, the only one training reads (tags.py caption_line).
+// Tag chips, tag filters and bulk operations work on it; the file's other lines are left as they are.
+const LINE_BREAK = /(\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029])/;  // the breaks of Python's str.splitlines
+function captionLine(text) {
+  const parts = text.split(LINE_BREAK);  // line, break, line, break, ..., line
+  for (let i = 0; i < parts.length; i += 2) {
+    if (parts[i].trim()) return { before: parts.slice(0, i).join(""), line: parts[i], after: parts.slice(i + 1).join("") };
+  }
+  return { before: text, line: "", after: "" };
+}
+const captionTags = (text) => splitTags(captionLine(text).line);
 function joinTags(tags) {
   const seen = new Set(), kept = [];
   for (const tag of tags) { const k = tagKey(tag); if (k && !seen.has(k)) { seen.add(k); kept.push(tag.trim()); } }
@@ -23,9 +34,10 @@ const OPERATIONS = {
   prepend: (tags, trigger) => [trigger, ...tags.filter((t) => tagKey(t) !== tagKey(trigger))],
 };
 function applyOperation(text, op, ...args) {
-  const before = splitTags(text);
-  const after = splitTags(joinTags(OPERATIONS[op](before, ...args)));
-  return sameTags(before, after) ? text : after.join(", ");
+  const { before, line, after } = captionLine(text);
+  const old = splitTags(line);
+  const changed = splitTags(joinTags(OPERATIONS[op](old, ...args)));
+  return sameTags(old, changed) ? text : before + changed.join(", ") + after;
 }
 
 // ---- state --------------------------------------------------------------------------------------
@@ -55,7 +67,7 @@ function filterTerms() {
     term.startsWith("-") ? { exclude: true, key: tagKey(term.slice(1)) } : { exclude: false, key: tagKey(term) });
 }
 function matches(item, terms) {
-  const keys = new Set(splitTags(item.text).map(tagKey));
+  const keys = new Set(captionTags(item.text).map(tagKey));
   const haystack = `${item.path} ${item.text}`.toLowerCase();
   return terms.every(({ exclude, key }) => {
     if (!key) return true;
@@ -124,7 +136,7 @@ function renderTags() {
   clearTimeout(tagTimer);  // a pending delayed refresh is now redundant
   const counts = new Map(), spelling = new Map();
   for (const item of state.items) {
-    for (const key of new Set(splitTags(item.text).map((t) => { const k = tagKey(t); if (!spelling.has(k)) spelling.set(k, t); return k; }))) {
+    for (const key of new Set(captionTags(item.text).map((t) => { const k = tagKey(t); if (!spelling.has(k)) spelling.set(k, t); return k; }))) {
       counts.set(key, (counts.get(key) || 0) + 1);
     }
   }
