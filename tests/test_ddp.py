@@ -53,14 +53,19 @@ def test_two_ddp_processes_equal_one_process_with_twice_the_batch(family, tiny_m
         assert max_abs_difference(fit(tmp_path / "sharded", *ddp), one) > 1e-3
 
 
-@pytest.mark.parametrize("family,clip_skip", [("sd1", 1), ("sd1", 2), ("sdxl", 1)])
-def test_exactly_the_text_encoder_layers_without_gradient_are_frozen(family, clip_skip, tiny_models, demo_data):
+@pytest.mark.parametrize("family,clip_skip,network_type", [("sd1", 1, "lora"), ("sd1", 2, "lora"), ("sdxl", 1, "lora"),
+                                                          ("sdxl", 1, "loha"), ("sd1", 2, "lokr")])
+def test_exactly_the_text_encoder_layers_without_gradient_are_frozen(family, clip_skip, network_type, tiny_models,
+                                                                      demo_data):
     """The frozen set is what autograd says cannot reach the loss (else DDP would stop on them)."""
     from training import tiny_batch
 
-    module = LoraDiffusionModule(model=tiny_models[family], rank=4, train_text_encoder=True, clip_skip=clip_skip)
+    from lorafit.networks.adapters import ADAPTER_NAME
+
+    module = LoraDiffusionModule(model=tiny_models[family], rank=4, train_text_encoder=True, clip_skip=clip_skip,
+                                 network_type=network_type)
     module.configure_model()
-    lora = {name: p for name, p in module.text_encoders.named_parameters() if "lora_" in name}
+    lora = {name: p for name, p in module.text_encoders.named_parameters() if f".{ADAPTER_NAME}" in name}
     frozen = {name for name, p in lora.items() if not p.requires_grad}
     for p in lora.values():
         p.requires_grad_(True)

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from lorafit.networks.adapters import ADAPTER_NAME
+
 
 @dataclass
 class TextConditioning:
@@ -149,7 +151,8 @@ def freeze_unread_text_lora(family: str, encoder_index: int, encoder: torch.nn.M
     used = text_layers_used(family, encoder_index, encoder.config.num_hidden_layers, clip_skip)
     for name, parameter in encoder.named_parameters():
         match = _TEXT_LAYER.search(name)
-        if "lora_" in name and match and int(match.group(1)) >= used:
+        # Every network type's weights carry the adapter name (lora_A.default, hada_w1_a.default, ...).
+        if f".{ADAPTER_NAME}" in name and match and int(match.group(1)) >= used:
             parameter.requires_grad_(False)
 
 
