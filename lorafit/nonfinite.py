@@ -83,11 +83,10 @@ class NonfiniteGuard:
     def _watch_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> bool:
         """Whether the step goes on with ``loss``: ``stop`` queues it for a check a step later,
         ``skip`` reads it now and drops the batch when it is not finite."""
-        if self.hparams.nonfinite_loss != "skip":
-            self._pending_loss = (loss.detach().float(), self._position(batch, batch_idx))
+        self._pending_loss = (loss.detach().float(), self._position(batch, batch_idx))
+        if self.hparams.nonfinite_loss != "skip" or torch.isfinite(loss):
             return True
-        if torch.isfinite(loss):
-            return True
+        self._pending_loss = None
         self.skipped_nonfinite += 1
         log.warning("skipped a batch with loss %s at %s; %d skipped so far", loss.item(),
                     self._position(batch, batch_idx), self.skipped_nonfinite)
@@ -98,21 +97,23 @@ class NonfiniteGuard:
     def _queue_checks(self, batch: Optional[dict] = None, batch_idx: Optional[int] = None) -> None:
         """Send this step's loss and the weights' norm to the host (no wait)."""
         norm = trainable_weights_norm(self).float()
-        loss, loss_position = self._pending_loss or (torch.zeros((), device=norm.device), "")
+        # No loss this step (a skipped batch, or a check outside a step): a placeholder, not checked.
+        loss, loss_position = self._pending_loss or (torch.zeros((), device=norm.device), None)
         self._pending_loss = None
         self._readback.push(torch.stack([loss, norm]), (loss_position, self._position(batch, batch_idx)))
 
     def _raise_on_nonfinite(self, keep: int) -> Optional[float]:
         """Check every queued step but the newest ``keep``; returns the newest checked loss."""
-        loss = None
+        newest = None
         for (loss, norm), (loss_position, weights_position) in self._readback.collect(keep):
-            if not math.isfinite(loss):
+            if loss_position is not None and not math.isfinite(loss):
                 self._readback.clear()
                 raise nonfinite_loss_error(loss, loss_position)
             if not math.isfinite(norm):
                 self._readback.clear()
                 raise nonfinite_weights_error(weights_position)
-        return loss
+            newest = loss if loss_position is not None else newest
+        return newest
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # Queue this step's checks and run the previous step's. A finite loss can still produce an
