@@ -12,8 +12,9 @@ Here the handler only raises a flag. After each optimizer step the ranks sum the
 tiny all-reduce on the device per step) and read the sum a step later through a pinned host copy
 (lorafit/host_readback.py), so no step waits for the GPU; every rank reads the same sum at the
 same step, so all save together, at the same clean point ModelCheckpoint's step checkpoints use,
-one step after the signal. Rank 0 runs ``scontrol requeue``, and the processes exit. The requeued job resumes from ``hpc_ckpt_N.ckpt`` in the run directory (the name
-Lightning's SLURM resume looks for; the sbatch templates pass the newest checkpoint explicitly).
+one step after the signal. Rank 0 runs ``scontrol requeue``, and the processes exit. The requeued
+job resumes from ``hpc_ckpt_N.ckpt`` in the run directory (the name Lightning's SLURM resume looks
+for; the sbatch templates pass the newest checkpoint explicitly).
 """
 
 from __future__ import annotations
