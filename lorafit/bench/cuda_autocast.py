@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -135,13 +136,20 @@ def cuda_autocast_policy() -> Iterator[None]:
     policies = cuda_policies()
     library = torch.library.Library("aten", "IMPL")
     try:
-        for name, policy in policies.items():
-            library.impl(name.removesuffix(".default"), _kernel(name, policy), "AutocastCPU")
-        for op in torch._C._dispatch_get_all_op_names():
-            name = op.removeprefix("aten::")
-            if op.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCPU") \
-                    and (name if "." in name else f"{name}.default") not in policies:
-                library.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
+        with warnings.catch_warnings():  # replacing the registered kernels is the point
+            warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+            _register(library, policies)
         yield
     finally:
         library._destroy()
+
+
+def _register(library: torch.library.Library, policies: dict[str, str]) -> None:
+    """CUDA's kernel for every op CUDA autocast casts; a fall-through for the CPU-only rest."""
+    for name, policy in policies.items():
+        library.impl(name.removesuffix(".default"), _kernel(name, policy), "AutocastCPU")
+    for op in torch._C._dispatch_get_all_op_names():
+        name = op.removeprefix("aten::")
+        if op.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCPU") \
+                and (name if "." in name else f"{name}.default") not in policies:
+            library.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import time
 import types
-import warnings
 from typing import Optional
 
 import torch
@@ -85,6 +84,7 @@ class LoraMemTracker(MemTracker):
 def estimate_step_memory(setting: BenchSetting, steps: int = 2) -> dict:
     """Peak memory of ``steps`` training steps of ``setting`` on fake tensors (see module docstring).
 
+    ``steps=0`` counts the loaded model only (weights, LoRA, the batch), without a step.
     Returns ``peak_bytes``, ``breakdown`` (bytes by kind at the peak), ``resident_bytes`` (what
     stays between steps: weights, gradients, optimizer state, batch), the frozen and the LoRA
     parameter counts, and notes on what the setting asks for that the estimate does not model.
@@ -174,8 +174,8 @@ def _snapshot(tracker: MemTracker, kind: str = "current") -> dict[str, int]:
 
 
 def _tracked_steps(setting: BenchSetting, steps: int, fake: Optional[FakeTensorMode]) -> dict:
-    if steps < 1:
-        raise LorafitError(f"memory estimate: steps must be >= 1, got {steps}")
+    if steps < 0:
+        raise LorafitError(f"memory estimate: steps must be >= 0, got {steps}")
     started = time.perf_counter()
     module, notes = build_estimate_module(setting, fake)
     optimizer = _optimizer(module, fake)
@@ -185,8 +185,6 @@ def _tracked_steps(setting: BenchSetting, steps: int, fake: Optional[FakeTensorM
     tracker = LoraMemTracker()
     tracker.track_external(module, *[value for value in batch.values() if isinstance(value, torch.Tensor)])
     with contextlib.ExitStack() as stack:
-        stack.enter_context(warnings.catch_warnings())
-        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
         stack.enter_context(flash_attention_memory())
         if autocast:
             stack.enter_context(cuda_autocast_policy())
@@ -211,17 +209,21 @@ def _tracked_steps(setting: BenchSetting, steps: int, fake: Optional[FakeTensorM
             "notes": notes, "seconds": time.perf_counter() - started}
 
 
-GIB = 2 ** 30
+UNITS = {"GiB": 2 ** 30, "MiB": 2 ** 20}
 TABLE_KINDS = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "batch")
 
 
 def memory_table(results: list[dict]) -> str:
-    """Estimates as a Markdown table in GiB: the peak, its breakdown, and what stays between steps."""
-    lines = ["| setting | peak GiB | " + " | ".join(kind.replace("_", " ") for kind in TABLE_KINDS)
-             + " | between steps GiB | LoRA params | notes |", "|---" * (len(TABLE_KINDS) + 5) + "|"]
+    """Estimates as a Markdown table: the peak, its breakdown, and what stays between steps.
+
+    In GiB, or in MiB when every peak is below 1 GiB (the small CPU-sized settings)."""
+    unit = "GiB" if any(result["peak_bytes"] >= UNITS["GiB"] for result in results) else "MiB"
+    scale = UNITS[unit]
+    lines = [f"| setting | peak {unit} | " + " | ".join(kind.replace("_", " ") for kind in TABLE_KINDS)
+             + f" | between steps {unit} | LoRA params | notes |", "|---" * (len(TABLE_KINDS) + 5) + "|"]
     for result in results:
-        kinds = " | ".join(f"{result['breakdown'][kind] / GIB:.3f}" for kind in TABLE_KINDS)
-        lines.append(f"| {result['setting']} | **{result['peak_bytes'] / GIB:.2f}** | {kinds} | "
-                     f"{result['resident_bytes'] / GIB:.2f} | {result['lora_params'] / 1e6:.1f} M | "
+        kinds = " | ".join(f"{result['breakdown'][kind] / scale:.3f}" for kind in TABLE_KINDS)
+        lines.append(f"| {result['setting']} | **{result['peak_bytes'] / scale:.2f}** | {kinds} | "
+                     f"{result['resident_bytes'] / scale:.2f} | {result['lora_params'] / 1e6:.2f} M | "
                      f"{'; '.join(result['notes'])} |")
     return "\n".join(lines)
