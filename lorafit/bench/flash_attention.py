@@ -1,11 +1,12 @@
 """What a GPU's fused attention allocates, as a stand-in for ``F.scaled_dot_product_attention``.
 
 On a CPU or the meta device ``scaled_dot_product_attention`` may run its math form, which keeps
-the whole attention matrix ([B, heads, L, L]) for the backward pass: 640 MiB per self-attention at
-SDXL 1024² (4096 tokens, 10 heads, bf16), several GiB for the step. The flash kernel an H100 runs
+the whole attention matrix ([B, heads, L, L]) for the backward pass: 320 MiB per self-attention at
+SDXL 1024² (4096 tokens, 10 heads, bf16), over 5 GiB for the step. The flash kernel an H100 runs
 keeps only its output and the softmax's log-sum-exp. The memory estimate therefore routes every
-SDPA call through :class:`FlashAttentionMemory` (:func:`flash_attention_memory`), which allocates exactly the tensors of PyTorch's
-CUDA flash-attention (``aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp``,
+SDPA call (:func:`flash_attention_memory`) through :class:`FlashAttentionMemory`, which allocates
+exactly the tensors of PyTorch's CUDA flash attention (``aten/src/ATen/native/transformers/cuda/
+flash_attn/flash_api.cpp``,
 ``mha_fwd``/``mha_bwd``, and ``_flash_attention_backward`` in ``attention_backward.cu``):
 
 forward, kept for backward: ``out`` [B, L, heads, D] (in q's dtype; returned as the [B, heads, L, D]
