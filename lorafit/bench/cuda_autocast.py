@@ -10,13 +10,13 @@ follow CUDA's lists, for as long as it is active.
 
 The lists are read from this torch's own ``ATen/autocast_mode.h`` (the ``AT_FORALL_*`` macros its
 CUDA kernels are registered from) and checked against the ops that really have an ``AutocastCUDA``
-kernel in the dispatcher, so they are the installed version's, not a copy that could drift. A CUDA
-build cannot run this either: its fake CUDA tensors need a device guard ("PyTorch is not linked
-with support for cuda devices" on a CPU-only build), hence the CPU stand-in.
+kernel in the dispatcher, so they are the installed version's, not a copy that could drift. (Fake
+CUDA tensors with real CUDA autocast are not an option on a CPU-only build: they need a device
+guard, "PyTorch is not linked with support for cuda devices".)
 
-One difference is kept on purpose: CUDA caches the bf16 copy of each trainable (leaf, fp32) weight
-for the whole autocast region; these kernels cast on every use. LoRA weights are used once per
-forward and the linear saves its bf16 copy for backward anyway, so the bytes alive are the same.
+The ops both autocasts run in lower precision (linear, convolutions, matmuls) keep their CPU
+kernels: they cast the same way and share autocast's cache, which keeps the bf16 copy of each
+trainable float32 weight (the LoRA) until the autocast region ends, as on CUDA.
 """
 
 from __future__ import annotations
@@ -144,9 +144,16 @@ def cuda_autocast_policy() -> Iterator[None]:
         library._destroy()
 
 
+def _has_cpu_kernel(name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name.removesuffix('.default')}", "AutocastCPU")
+
+
 def _register(library: torch.library.Library, policies: dict[str, str]) -> None:
-    """CUDA's kernel for every op CUDA autocast casts; a fall-through for the CPU-only rest."""
+    """CUDA's kernel for every op CUDA autocast casts, except the lower-precision ops CPU autocast
+    casts alike (module docstring); a fall-through for the CPU-only rest."""
     for name, policy in policies.items():
+        if policy == "lower_precision_fp" and _has_cpu_kernel(name):
+            continue
         library.impl(name.removesuffix(".default"), _kernel(name, policy), "AutocastCPU")
     for op in torch._C._dispatch_get_all_op_names():
         name = op.removeprefix("aten::")
