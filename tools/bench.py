@@ -11,6 +11,8 @@ the Lightning/reference time ratio. See docs/performance.md.
     python tools/bench.py --preset h100 --steps 20 --warmup 5 --output benchmarks/results-h100.jsonl
     # one setting, any knob from the command line (comma lists make a grid):
     python tools/bench.py --family sdxl --resolution 1024 --batch-size 1,4 --gradient-checkpointing false,true
+    # no GPU: ESTIMATE the peak GPU memory of the same settings on fake tensors (docs/memory-estimate.md):
+    python tools/bench.py --preset low-vram --estimate-memory
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--count-flops", action="store_true",
                         help="only print the FLOP budget of the full-size UNets (meta device, no timing) and exit")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="instead of timing, ESTIMATE each setting's peak GPU memory on fake tensors (no device "
+                             "needed; lorafit/bench/memory.py, docs/memory-estimate.md) and print a table")
+    parser.add_argument("--check-real", action="store_true",
+                        help="with --estimate-memory: also run each setting on real CPU tensors under the same "
+                             "tracker and print both counts (small settings only: width divisor 8, low resolution)")
     parser.add_argument("--output", default=None, help="append one JSON line per row to this file")
     return parser.parse_args(argv)
 
@@ -85,6 +93,33 @@ def print_flop_budget() -> None:
               f"{checkpointed / 1e12:.3f} ({checkpointed / forward:.2f}x) |")
 
 
+def print_memory_estimates(settings: list, output=None, command: str = "", check_real: bool = False) -> list[dict]:
+    """Estimated peak GiB and its breakdown for each setting (2 steps each, fake tensors); with
+    ``check_real`` also the same count on real CPU tensors, as a ``real CPU`` note."""
+    from lorafit.bench.devices import environment
+    from lorafit.bench.memory import estimate_step_memory, measure_step_memory, memory_table
+    from lorafit.bench.report import write_jsonl
+
+    env = environment()
+    rows = []
+    for setting in settings:
+        result = estimate_step_memory(setting)
+        if check_real:
+            real = measure_step_memory(setting)
+            result["real_cpu_peak_bytes"] = real["peak_bytes"]
+            result["notes"].append(f"real CPU tensors: {real['peak_bytes']:,} B, estimate {result['peak_bytes']:,} B "
+                                   f"({result['peak_bytes'] / real['peak_bytes'] - 1:+.5%})")
+        row = {**result, **dataclasses.asdict(setting), **env, "command": command, "kind": "memory-estimate"}
+        rows.append(row)
+        print(memory_table([row]).splitlines()[-1], f"({result['seconds']:.0f} s)", flush=True)
+        if output:
+            write_jsonl([row], output)
+    print(f"\nESTIMATE (fake tensors, no GPU) · {env['date']} · torch {env['torch']} · lightning {env['lightning']} · "
+          f"diffusers {env['diffusers']} · peft {env['peft']} · commit {env['commit']}\n")
+    print(memory_table(rows))
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     import torch
 
@@ -96,7 +131,10 @@ def main(argv=None) -> list[dict]:
     if args.count_flops:
         print_flop_budget()
         return []
+    command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     warnings.filterwarnings("ignore", category=UserWarning)
+    if args.estimate_memory:
+        return print_memory_estimates(settings_from(args), args.output, command, args.check_real)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -113,7 +151,7 @@ def main(argv=None) -> list[dict]:
         measured = run_setting(setting, device, args.warmup, args.steps, loops, args.repeats, args.count_syncs)
         row = result_row(setting, measured, peaks[bf16][0], name, env)
         row.update(peak_source=peaks[bf16][1], warmup=args.warmup, steps=args.steps, repeats=args.repeats,
-                   command="python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                   command=command)
         rows.append(row)
         print(markdown_table([row]).splitlines()[-1], flush=True)
         if args.output:
