@@ -27,7 +27,6 @@ compares the two, which checks that the fake-tensor count is the count of the re
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 import types
 from typing import Optional
