@@ -12,7 +12,7 @@ activation gradients, recomputed checkpoints), optimizer state and the batch.
 What makes the count a GPU's rather than a CPU's:
 
 - attention allocates what CUDA's flash kernel allocates (:mod:`lorafit.bench.flash_attention`),
-  not the math form's [L, L] score matrix;
+  not the math form's [L, L] score matrix (unless the setting asks for ``sdpa=math``);
 - autocast follows CUDA's op lists (:mod:`lorafit.bench.cuda_autocast`: norms, softmax and
   upsampling in float32);
 - torch's plain AdamW runs its ``foreach`` implementation, CUDA's default (on a CPU it would
@@ -27,7 +27,6 @@ compares the two, which checks that the fake-tensor count is the count of the re
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 import types
 from typing import Optional
