@@ -59,7 +59,7 @@ def cuda_policies(header: Path = HEADER) -> dict[str, str]:
     text = header.read_text()
     policies: dict[str, str] = {}
     for macro, policy in POLICY_MACROS.items():
-        block = re.search(rf"#define {macro}\(_\)(.*?)(?<!\\)\n", text, re.S)
+        block = re.search(rf"#define {macro}\(_\)(.*?)(?<!\\)\n", text, re.DOTALL)
         if block is None:
             raise LorafitError(f"memory estimate: {header} has no {macro}; this torch's autocast lists changed")
         for name, overload in re.findall(r"_\((\w+)(?:,\s*(\w+))?\)", block.group(1)):

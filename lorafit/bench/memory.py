@@ -12,7 +12,7 @@ activation gradients, recomputed checkpoints), optimizer state and the batch.
 What makes the count a GPU's rather than a CPU's:
 
 - attention allocates what CUDA's flash kernel allocates (:mod:`lorafit.bench.flash_attention`),
-  not the math form's [L, L] score matrix;
+  not the math form's [L, L] score matrix (unless the setting asks for ``sdpa=math``);
 - autocast follows CUDA's op lists (:mod:`lorafit.bench.cuda_autocast`: norms, softmax and
   upsampling in float32);
 - torch's plain AdamW runs its ``foreach`` implementation, CUDA's default (on a CPU it would
@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lorafit.bench.architectures import count_params, synthetic_batch
 from lorafit.bench.cuda_autocast import cuda_autocast_policy
@@ -113,8 +114,8 @@ def build_estimate_module(setting: BenchSetting, fake: Optional[FakeTensorMode] 
         notes.append("compile not modelled (eager step)")
     if setting.optimizer == "adamw":
         kwargs["optimizer_args"] = {**kwargs["optimizer_args"], "foreach": True}  # CUDA's default (see docstring)
-    if setting.sdpa not in ("default", "flash"):
-        notes.append(f"sdpa={setting.sdpa} counted as flash (same O(L) memory)")
+    if setting.sdpa in ("efficient", "cudnn"):
+        notes.append(f"sdpa={setting.sdpa} counted as flash (the same O(L) tensors)")
     module = BenchLoraModule(setting.family, setting.width_divisor, build_device="meta" if fake else "cpu",
                              with_vae=setting.latents == "vae", **kwargs)
     with _outside(fake):
@@ -184,7 +185,8 @@ def _tracked_steps(setting: BenchSetting, steps: int, fake: Optional[FakeTensorM
     tracker = LoraMemTracker()
     tracker.track_external(module, *[value for value in batch.values() if isinstance(value, torch.Tensor)])
     with contextlib.ExitStack() as stack:
-        stack.enter_context(flash_attention_memory())
+        # sdpa=math keeps the attention matrix on a GPU too: then SDPA runs its math form here as well.
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH) if setting.sdpa == "math" else flash_attention_memory())
         if autocast:
             stack.enter_context(cuda_autocast_policy())
         stack.enter_context(tracker)
