@@ -132,18 +132,24 @@ class _LightningTimer(pl.Callback):
         self.timer.after(batch_idx)
 
 
-def time_lightning(module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device,
-                   warmup: int, steps: int) -> _Timer:
-    """``Trainer.fit`` of ``module`` with the per-step callback every ``lorafit fit`` has (TrainingMetrics)."""
-    timer = _Timer(device, warmup, steps)
-    total = warmup + steps
+def _fit(module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device, total: int,
+         callbacks: list[pl.Callback], progress_bar: bool) -> None:
+    """``Trainer.fit`` of ``module`` for ``total`` steps on ``batches`` (cycled), with TrainingMetrics, the
+    per-step callback every ``lorafit fit`` has, and ``callbacks``."""
     loader = torch.utils.data.DataLoader([batches[i % len(batches)] for i in range(total)], batch_size=None)
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(accelerator=device.type, devices=1, precision=setting.trainer_precision, max_steps=total,
-                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=progress_bar,
                              enable_model_summary=False, default_root_dir=root,
-                             callbacks=[TrainingMetrics(), _LightningTimer(timer)])
+                             callbacks=[TrainingMetrics(), *callbacks])
         trainer.fit(module, train_dataloaders=loader)
+
+
+def time_lightning(module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device,
+                   warmup: int, steps: int) -> _Timer:
+    """lorafit's Lightning step, timed; returns its timer."""
+    timer = _Timer(device, warmup, steps)
+    _fit(module, setting, batches, device, warmup + steps, [_LightningTimer(timer)], progress_bar=False)
     return timer
 
 
@@ -152,12 +158,7 @@ def count_host_syncs(module: BenchLoraModule, setting: BenchSetting, batches: li
     """Host syncs per step (lorafit/bench/host_syncs.py) of lorafit's step, as ``lorafit fit`` runs it
     (progress bar and training curves on), and of the reference loop."""
     count = CountHostSyncs(first=1, last=1 + steps)
-    loader = torch.utils.data.DataLoader([batches[i % len(batches)] for i in range(steps + 2)], batch_size=None)
-    with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(accelerator=device.type, devices=1, precision=setting.trainer_precision,
-                             max_steps=steps + 2, logger=False, enable_checkpointing=False, enable_progress_bar=True,
-                             enable_model_summary=False, default_root_dir=root, callbacks=[TrainingMetrics(), count])
-        trainer.fit(module, train_dataloaders=loader)
+    _fit(module, setting, batches, device, steps + 2, [count], progress_bar=True)
     reference = HostSyncCounter(device)
     time_reference(module, setting, batches, device, warmup=1, steps=steps, counter=reference)
     return {"lightning_host_syncs": count.per_step, "reference_host_syncs": reference.count / steps,
