@@ -17,8 +17,16 @@ BLIP_WORDS = ["a", "photo", "of", "dog", "cat", "the", "on", "grass", "sitting",
 # (name, category) rows of the tiny tagger: ratings first as in the real CSVs, then general tags
 # (one with an underscore, one emoticon), then characters.
 TAGGER_TAGS = [
-    ("general", 9), ("sensitive", 9), ("questionable", 9), ("explicit", 9),
-    ("dog", 0), ("long_hair", 0), ("outdoors", 0), ("^_^", 0), ("grass", 0), ("solo", 0),
+    ("general", 9),
+    ("sensitive", 9),
+    ("questionable", 9),
+    ("explicit", 9),
+    ("dog", 0),
+    ("long_hair", 0),
+    ("outdoors", 0),
+    ("^_^", 0),
+    ("grass", 0),
+    ("solo", 0),
     ("ohwx_character", 4),
 ]
 TAGGER_SIZE = 32
@@ -35,15 +43,31 @@ def save_tiny_blip(directory: Path) -> Path:
     vocab_file.write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizer(vocab=str(vocab_file))
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder starts from [DEC]
-    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
     config = BlipConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                         num_attention_heads=2, num_hidden_layers=1, max_position_embeddings=64,
-                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            encoder_hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            max_position_embeddings=64,
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=32,
     )
     torch.manual_seed(0)
@@ -86,9 +110,15 @@ class _TinyTagger(torch.nn.Module):
 def save_tiny_tagger(directory: Path) -> Path:
     """``model.onnx`` (input ``[batch, 32, 32, 3]``) and ``selected_tags.csv`` of a tiny tagger."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(_TinyTagger().eval(), (torch.zeros(1, TAGGER_SIZE, TAGGER_SIZE, 3),), str(directory / "model.onnx"),
-                      input_names=["input_1"], output_names=["predictions_sigmoid"],
-                      dynamic_axes={"input_1": {0: "batch"}, "predictions_sigmoid": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(
+        _TinyTagger().eval(),
+        (torch.zeros(1, TAGGER_SIZE, TAGGER_SIZE, 3),),
+        str(directory / "model.onnx"),
+        input_names=["input_1"],
+        output_names=["predictions_sigmoid"],
+        dynamic_axes={"input_1": {0: "batch"}, "predictions_sigmoid": {0: "batch"}},
+        dynamo=False,
+    )
     with open(directory / "selected_tags.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["tag_id", "name", "category", "count"])

@@ -27,16 +27,30 @@ def lorafit_command(*args: str) -> list[str]:
 
 
 def run_lorafit(*args: str, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(lorafit_command(*args), cwd=REPO, env=lorafit_env(**env), capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        lorafit_command(*args), cwd=REPO, env=lorafit_env(**env), capture_output=True, text=True, timeout=timeout
+    )
     return result
 
 
 def demo_fit_args(model: str, data: str, root: Path, *args: str) -> list[str]:
     """`lorafit fit` on the demo config with a tiny model, quiet, logging every step."""
-    return ["fit", "--config", str(DEMO_CONFIG), "--model.model", model, "--data.train_dir", data,
-            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-            "--trainer.log_every_n_steps", "1", *args]
+    return [
+        "fit",
+        "--config",
+        str(DEMO_CONFIG),
+        "--model.model",
+        model,
+        "--data.train_dir",
+        data,
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        *args,
+    ]
 
 
 def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # Prepared folders and shard indexes of the tests stay out of the user's ~/.cache.
 os.environ.setdefault("LORAFIT_CACHE", os.path.join(tempfile.gettempdir(), f"lorafit-test-cache-{os.getuid()}"))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Tests run in parallel workers (pytest-xdist); one thread each avoids oversubscribing 2 cores.
 torch.set_num_threads(int(os.environ.get("LORAFIT_TEST_THREADS", "1")))
@@ -24,7 +24,7 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    from lorafit.models.tiny import save_tiny_pipeline
+    from lorafit.families.tiny import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: str(save_tiny_pipeline(family, root / family)) for family in FAMILIES}
@@ -39,6 +39,6 @@ def demo_data(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> str:
-    from lorafit.models.tiny_clip import save_tiny_clip
+    from lorafit.inference.tiny_clip import save_tiny_clip
 
     return str(save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip"))

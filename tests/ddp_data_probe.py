@@ -25,7 +25,8 @@ class RecordKeys(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.seen.setdefault(self.current_epoch, []).append(
-            {"keys": batch["keys"], "shape": list(batch["pixel_values"].shape)})
+            {"keys": batch["keys"], "shape": list(batch["pixel_values"].shape)}
+        )
         return (self.weight * batch["pixel_values"].mean()).sum()
 
     def configure_optimizers(self):
@@ -38,11 +39,27 @@ class RecordKeys(L.LightningModule):
 def main() -> None:
     shards, out, workers, start_method, epochs = sys.argv[1:6]
     Path(out).mkdir(parents=True, exist_ok=True)
-    data = LoraDataModule(shards=shards, batch_size=2, num_workers=int(workers), seed=5,
-                          worker_start_method=None if start_method == "default" else start_method,
-                          resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=int(epochs), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    data = LoraDataModule(
+        shards=shards,
+        batch_size=2,
+        num_workers=int(workers),
+        seed=5,
+        worker_start_method=None if start_method == "default" else start_method,
+        resolution=64,
+        min_bucket_reso=32,
+        max_bucket_reso=128,
+        bucket_reso_steps=32,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=int(epochs),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(RecordKeys(out), datamodule=data)
 
 

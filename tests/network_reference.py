@@ -28,7 +28,7 @@ def components(pipe) -> dict[str, torch.nn.Module]:
 
 
 def family(pipe) -> str:
-    from lorafit.models.base import detect_family
+    from lorafit.families.loading import detect_family
 
     return detect_family(pipe.unet.config, getattr(pipe, "text_encoder_2", None) is not None)
 
@@ -48,7 +48,8 @@ def merge_into(pipe, path, strength: float = 1.0):
 
 @torch.no_grad()
 def text_outputs(pipe) -> list[torch.Tensor]:
-    ids = pipe.tokenizer(["ohwx star, a yellow star"], padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        ["ohwx star, a yellow star"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
     return [encoder(ids, output_hidden_states=True).hidden_states[-2] for encoder in encoders]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from PIL import Image
 
@@ -49,8 +49,9 @@ def running_server(root: Path) -> Iterator[ReviewServer]:
         server.server_close()
 
 
-def request(server: ReviewServer, method: str, path: str, body: Optional[dict] = None,
-            headers: Optional[dict] = None) -> tuple[int, dict | bytes]:
+def request(
+    server: ReviewServer, method: str, path: str, body: dict | None = None, headers: dict | None = None
+) -> tuple[int, dict | bytes]:
     """One raw HTTP request (http.client sends the path as given: no ``..`` clean-up on the way)."""
     connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
     data = None if body is None else json.dumps(body).encode()

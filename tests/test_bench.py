@@ -29,14 +29,23 @@ def test_bench_cpu_run_writes_a_complete_row(tmp_path):
     from lorafit.bench.report import COLUMNS
 
     output = tmp_path / "rows.jsonl"
-    rows = _bench_tool().main(["--preset", "ci", "--device", "cpu", "--warmup", "1", "--steps", "1",
-                               "--output", str(output)])
+    rows = _bench_tool().main(
+        ["--preset", "ci", "--device", "cpu", "--warmup", "1", "--steps", "1", "--output", str(output)]
+    )
     assert len(rows) == 1
     row = json.loads(output.read_text().splitlines()[0])
     for column in COLUMNS:
         assert row[column] is not None, column
-    for column in ("images_per_s", "step_ms", "peak_gib", "tflop_per_image", "mfu", "reference_images_per_s",
-                   "lightning_over_reference", "peak_tflops"):
+    for column in (
+        "images_per_s",
+        "step_ms",
+        "peak_gib",
+        "tflop_per_image",
+        "mfu",
+        "reference_images_per_s",
+        "lightning_over_reference",
+        "peak_tflops",
+    ):
         assert row[column] > 0, column
     assert row["family"] == "sdxl" and row["width_divisor"] == 8 and row["trainable_params"] > 0
     for key in ("date", "torch", "lightning", "diffusers", "peft", "device", "command", "peak_source"):

@@ -162,9 +162,7 @@ def test_verify_bucket_reso_steps_per_family():
         verify_bucket_reso_steps(64, "flux")
 
 
-@pytest.mark.parametrize(
-    ("table", "cases"), [(KOHYA_512, KOHYA_SELECT_512), (KOHYA_SDXL_1024, KOHYA_SELECT_SDXL)]
-)
+@pytest.mark.parametrize(("table", "cases"), [(KOHYA_512, KOHYA_SELECT_512), (KOHYA_SDXL_1024, KOHYA_SELECT_SDXL)])
 def test_select_bucket_matches_kohya(table, cases):
     side = 512 if table is KOHYA_512 else 1024
     for (w, h), bucket, resized, nu_bucket, nu_resized in cases:

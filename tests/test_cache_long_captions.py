@@ -21,9 +21,9 @@ from lorafit.data.datamodule import LoraDataModule
 from lorafit.data.prepare import prepare
 from lorafit.data.sample_transform import collate
 from lorafit.errors import LorafitError
-from lorafit.models.base import load_base_model
-from lorafit.models.conditioning import tokenize
-from lorafit.module import LoraDiffusionModule
+from lorafit.families.clip_text import tokenize
+from lorafit.families.loading import load_base_model
+from lorafit.training.module import LoraDiffusionModule
 
 # The tiny tokenizers give a token per character (spaces excepted): HEAD is ~160 tokens, into the
 # third 75-token chunk, and the captions differ only after it, so only a 225-token reading sees them.
@@ -44,8 +44,23 @@ def long_shards(tmp_path_factory, tiny_models) -> tuple[Path, Path]:
         path.with_suffix(".txt").write_text(HEAD + tail)
     prepare(str(base / "train"), out=str(base / "prepared"), **BUCKETS)
     flags = [f"--{key}={value}" for key, value in BUCKETS.items()]
-    main(["cache", str(base / "prepared"), "--out", str(base / "cached"), "--model", tiny_models["sdxl"],
-          "--text_embeddings", "true", "--max_token_length", "225", "--batch_size", "3", *flags])
+    main(
+        [
+            "cache",
+            str(base / "prepared"),
+            "--out",
+            str(base / "cached"),
+            "--model",
+            tiny_models["sdxl"],
+            "--text_embeddings",
+            "true",
+            "--max_token_length",
+            "225",
+            "--batch_size",
+            "3",
+            *flags,
+        ]
+    )
     return base / "prepared", base / "cached"
 
 
@@ -57,8 +72,11 @@ def _cached_samples(cached: Path) -> dict[str, dict]:
     samples = {}
     for batch in dm.val_dataloader():
         for j, caption in enumerate(batch["captions"]):
-            samples[caption] = {"prompt_embeds": batch["prompt_embeds"][j], "pooled": batch["pooled_prompt_embeds"][j],
-                                "batch_shape": tuple(batch["prompt_embeds"].shape)}
+            samples[caption] = {
+                "prompt_embeds": batch["prompt_embeds"][j],
+                "pooled": batch["pooled_prompt_embeds"][j],
+                "batch_shape": tuple(batch["prompt_embeds"].shape),
+            }
     return samples
 
 
@@ -88,10 +106,12 @@ def test_cached_long_embeddings_are_what_training_would_encode(tiny_models, long
     captions = sorted(samples)
     with torch.no_grad():
         encoded = module.text_conditioning({"captions": captions})
-    torch.testing.assert_close(torch.stack([samples[c]["prompt_embeds"] for c in captions]), encoded.hidden_states,
-                               rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.stack([samples[c]["pooled"] for c in captions]), encoded.pooled,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.stack([samples[c]["prompt_embeds"] for c in captions]), encoded.hidden_states, rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        torch.stack([samples[c]["pooled"] for c in captions]), encoded.pooled, rtol=1e-5, atol=1e-6
+    )
 
 
 def _lora(root: Path) -> dict[str, torch.Tensor]:
@@ -112,8 +132,14 @@ def test_training_from_the_long_cache_gives_the_uncached_lora(tiny_models, long_
     assert _sources(cached) == _sources(prepared)
     runs = {"images": (prepared, 225), "cache": (cached, 225), "cut": (prepared, None)}
     for name, (shards, max_token_length) in runs.items():
-        train(tiny_models["sdxl"], None, tmp_path / name, max_epochs=2, max_token_length=max_token_length,
-              data_kwargs={"shards": str(shards)})
+        train(
+            tiny_models["sdxl"],
+            None,
+            tmp_path / name,
+            max_epochs=2,
+            max_token_length=max_token_length,
+            data_kwargs={"shards": str(shards)},
+        )
     from_images, from_cache, cut = _lora(tmp_path / "images"), _lora(tmp_path / "cache"), _lora(tmp_path / "cut")
     assert from_images.keys() == from_cache.keys() == cut.keys()
     # Not bit-identical: the encoders ran on batches of other sizes at cache time (float rounding),
@@ -131,17 +157,36 @@ def _distance(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -
 
 def test_training_refuses_a_cache_of_another_max_token_length(tiny_models, long_shards, tmp_path, capsys):
     _, cached = long_shards
-    base_args = ["fit", "--model.model", tiny_models["sdxl"], "--model.rank", "4", "--data.shards", str(cached),
-                 *[f"--data.{key}={value}" for key, value in BUCKETS.items()], "--trainer.max_steps", "1",
-                 "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar",
-                 "false", "--trainer.default_root_dir", str(tmp_path)]
+    base_args = [
+        "fit",
+        "--model.model",
+        tiny_models["sdxl"],
+        "--model.rank",
+        "4",
+        "--data.shards",
+        str(cached),
+        *[f"--data.{key}={value}" for key, value in BUCKETS.items()],
+        "--trainer.max_steps",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     for model_setting, shown in (([], "empty (75 tokens)"), (["--model.max_token_length", "150"], "150")):
         with pytest.raises(SystemExit):
             main(base_args + model_setting)
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorafit: error:")]
         assert len(lines) == 1, lines
-        assert ("max_token_length 225" in lines[0] and f"model.max_token_length is {shown}" in lines[0]
-                and "lorafit cache" in lines[0]), lines[0]
+        assert (
+            "max_token_length 225" in lines[0]
+            and f"model.max_token_length is {shown}" in lines[0]
+            and "lorafit cache" in lines[0]
+        ), lines[0]
     assert not (tmp_path / "lora").exists()
 
 
@@ -165,16 +210,26 @@ def test_cached_embeddings_of_the_wrong_length_fail_per_batch(tiny_models, long_
     module = LoraDiffusionModule(model=tiny_models["sdxl"], rank=4, max_token_length=150)
     module.configure_model()
     sample = next(iter(_cached_samples(cached).values()))
-    batch = {"captions": ["x"], "prompt_embeds": sample["prompt_embeds"][None], "pooled_prompt_embeds":
-             sample["pooled"][None]}
+    batch = {
+        "captions": ["x"],
+        "prompt_embeds": sample["prompt_embeds"][None],
+        "pooled_prompt_embeds": sample["pooled"][None],
+    }
     with pytest.raises(LorafitError, match=r"227 token positions, but model.max_token_length 150 needs 152"):
         module.text_conditioning(batch)
 
 
 def test_collate_names_mixed_caches_instead_of_a_stack_error():
     def item(length):
-        return {"caption": "c", "original_size": (64, 64), "crop_top_left": (0, 0), "is_reg": False, "key": "k",
-                "latent_moments": torch.zeros(8, 8, 8), "prompt_embeds": torch.zeros(length, 16)}
+        return {
+            "caption": "c",
+            "original_size": (64, 64),
+            "crop_top_left": (0, 0),
+            "is_reg": False,
+            "key": "k",
+            "latent_moments": torch.zeros(8, 8, 8),
+            "prompt_embeds": torch.zeros(length, 16),
+        }
 
     assert collate([item(227), item(227)])["prompt_embeds"].shape == (2, 227, 16)
     with pytest.raises(LorafitError, match=r"\[77, 227\] token positions.*--max_token_length"):
@@ -186,12 +241,18 @@ def test_cache_rejects_a_nonpositive_max_token_length(long_shards, tiny_models, 
     with pytest.raises(LorafitError, match="--max_token_length: 0"):
         from lorafit.data.cache import cache
 
-        cache(str(prepared), out=str(tmp_path / "c"), model=tiny_models["sdxl"], text_embeddings=True,
-              max_token_length=0, **BUCKETS)
+        cache(
+            str(prepared),
+            out=str(tmp_path / "c"),
+            model=tiny_models["sdxl"],
+            text_embeddings=True,
+            max_token_length=0,
+            **BUCKETS,
+        )
 
 
 def test_tokenize_with_max_token_length_matches_hidden_length(tiny_models):
-    from lorafit.models.conditioning import hidden_length
+    from lorafit.families.clip_text import hidden_length
 
     base = load_base_model(tiny_models["sd1"])
     [ids] = tokenize(base.tokenizers, [HEAD], max_token_length=225)

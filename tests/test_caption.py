@@ -59,8 +59,9 @@ def _captions(root: Path) -> dict[str, str]:
 
 def test_tagger_captions_every_image_of_a_tree_skips_existing_and_reports_a_corrupt_one(tagger, tmp_path, capsys):
     root = _tree(tmp_path / "train")
-    result = caption(str(root), model=str(tagger), prefix="ohwx dog,", remove_tags="outdoors, long_hair",
-                     batch_size=2, device="cpu")
+    result = caption(
+        str(root), model=str(tagger), prefix="ohwx dog,", remove_tags="outdoors, long_hair", batch_size=2, device="cpu"
+    )
     out = capsys.readouterr().out
 
     captions = _captions(root)
@@ -124,25 +125,45 @@ def test_append_adds_to_the_caption_line_and_keeps_the_other_lines_of_the_file(t
 
     caption(str(root), model=str(tagger), mode="append", prefix="ohwx dog,", device="cpu")
     lines = sidecar.read_bytes().split(b"\r\n")
-    assert lines[0] == b"" and lines[2:] == [b"A red dog on a white floor, for a sentence caption later.", b"",
-                                              b"note: crop it", b""]
+    assert lines[0] == b"" and lines[2:] == [
+        b"A red dog on a white floor, for a sentence caption later.",
+        b"",
+        b"note: crop it",
+        b"",
+    ]
     tags = lines[1].decode().split(", ")
     assert tags[:3] == ["ohwx dog", "my tag", "solo"] and "dog" in tags and tags.count("solo") == 1
     assert Path(f"{sidecar}.bak").read_bytes() == original
     # What training reads: the caption line, with the new tags.
     from lorafit.data.kohya_folders import read_caption
+
     assert read_caption(sidecar) == lines[1].decode()
 
 
 def test_blip_captions_through_the_cli_with_progress_and_summary(blip, tmp_path):
     root = _tree(tmp_path / "train")
     # Dashed spellings (as the issue writes them) work as well as the parameter names.
-    result = run_lorafit("caption", str(root), "--model", str(blip), "--batch-size", "2", "--device", "cpu",
-                         "--caption-ext", ".caption", timeout=600)
+    result = run_lorafit(
+        "caption",
+        str(root),
+        "--model",
+        str(blip),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--caption-ext",
+        ".caption",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     written = {p.relative_to(root).as_posix(): p.read_text().strip() for p in root.rglob("*.caption")}
-    assert set(written) == {"10_ohwx dog/red.caption", "10_ohwx dog/closeups/green.caption", "1_dog/done.caption",
-                            "loose.caption"}  # done.txt is a .txt caption: with .caption the image is uncaptioned
+    assert set(written) == {
+        "10_ohwx dog/red.caption",
+        "10_ohwx dog/closeups/green.caption",
+        "1_dog/done.caption",
+        "loose.caption",
+    }  # done.txt is a .txt caption: with .caption the image is uncaptioned
     for text in written.values():
         assert text and set(text.split()) <= set(BLIP_WORDS), text
     assert "broken.jpg" in result.stdout and "captioned 4 images" in result.stdout
@@ -152,8 +173,19 @@ def test_blip_captions_through_the_cli_with_progress_and_summary(blip, tmp_path)
 
 def test_cli_remove_tags_repeats_and_accepts_lists(tagger, tmp_path):
     image = _solid(tmp_path / "data" / "a.png", (220, 20, 20))
-    result = run_lorafit("caption", str(image.parent), "--model", str(tagger), "--prefix", "ohwx dog,",
-                         "--remove_tags", "solo", "--remove-tags", "long_hair, ^_^", timeout=600)
+    result = run_lorafit(
+        "caption",
+        str(image.parent),
+        "--model",
+        str(tagger),
+        "--prefix",
+        "ohwx dog,",
+        "--remove_tags",
+        "solo",
+        "--remove-tags",
+        "long_hair, ^_^",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert image.with_suffix(".txt").read_text() == "ohwx dog, ohwx character, dog\n"
 
@@ -198,7 +230,14 @@ def test_bad_tagger_files_get_one_line_errors(tagger, tmp_path):
 
 def test_tag_spelling_rules():
     assert [tag_to_prompt(t) for t in ("long_hair", "^_^", "o_o", "(o)_(o)", "||_||", "no_bra", "6_9")] == [
-        "long hair", "^_^", "o_o", "(o)_(o)", "||_||", "no bra", "6_9"]
+        "long hair",
+        "^_^",
+        "o_o",
+        "(o)_(o)",
+        "||_||",
+        "no bra",
+        "6_9",
+    ]
     assert not is_emoticon_tag("hair_bun") and is_emoticon_tag(">_<")
     assert with_prefix(with_prefix("dog, grass", "ohwx dog,"), "ohwx dog,") == "ohwx dog, dog, grass"
     assert join_tags(["a", "A ", "b", "a"]) == "a, b"

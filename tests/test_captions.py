@@ -34,8 +34,9 @@ def test_shuffle_keeps_the_first_tokens_and_every_tag():
     for out in outputs:
         tags = out.split(", ")
         assert tags[0] == "ohwx dog" and sorted(tags) == sorted(CAPTION.split(", "))
-    assert CaptionOps(shuffle_caption=True).apply(CAPTION, random.Random(3)) == \
-        CaptionOps(shuffle_caption=True).apply(CAPTION, random.Random(3))
+    assert CaptionOps(shuffle_caption=True).apply(CAPTION, random.Random(3)) == CaptionOps(shuffle_caption=True).apply(
+        CAPTION, random.Random(3)
+    )
 
 
 def test_caption_and_tag_dropout_rates():

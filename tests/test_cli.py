@@ -80,8 +80,20 @@ def test_bad_input_gets_one_line_before_heavy_work(tmp_path, capsys, demo_data, 
 
 
 def test_help_for_every_verb():
-    for verb in ("fit", "validate", "convert", "tiny", "demo-data", "toy-data", "prepare", "submit", "cache", "generate", "grid",
-                 "probe"):
+    for verb in (
+        "fit",
+        "validate",
+        "convert",
+        "tiny",
+        "demo-data",
+        "toy-data",
+        "prepare",
+        "submit",
+        "cache",
+        "generate",
+        "grid",
+        "probe",
+    ):
         result = _lorafit(verb, "--help")
         assert result.returncode == 0, result.stderr
         assert "usage:" in result.stdout
@@ -98,9 +110,19 @@ def test_demo_commands_end_to_end(tmp_path):
     assert _lorafit("tiny", "sdxl", str(tmp_path / "tiny-sdxl")).returncode == 0
     assert _lorafit("demo-data", str(tmp_path / "data")).returncode == 0
     run = tmp_path / "run"
-    result = _lorafit("fit", "--config", "configs/tiny-demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
-                      "--data.train_dir", str(tmp_path / "data"), "--trainer.default_root_dir", str(run),
-                      "--trainer.max_epochs", "2")
+    result = _lorafit(
+        "fit",
+        "--config",
+        "configs/tiny-demo.yaml",
+        "--model.model",
+        str(tmp_path / "tiny-sdxl"),
+        "--data.train_dir",
+        str(tmp_path / "data"),
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.max_epochs",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in (run / "lora").glob("*.safetensors"))
     assert names == ["ohwx-star-epoch-001.safetensors", "ohwx-star-epoch-002.safetensors", "ohwx-star.safetensors"]
@@ -110,13 +132,27 @@ def test_demo_commands_end_to_end(tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list(run.rglob("events.out.tfevents.*")), "TensorBoard logs missing"
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
-        "epoch-001_step-000020_00.png", "epoch-002_step-000040_00.png"]
+        "epoch-001_step-000020_00.png",
+        "epoch-002_step-000040_00.png",
+    ]
     # The demo dataset has one image without a caption: the folder's prompt is used, and said so.
     assert "have no .txt caption, so their folder name was used" in result.stderr
 
-    validated = _lorafit("validate", "--config", "configs/tiny-demo.yaml", "--model.model", str(tmp_path / "tiny-sdxl"),
-                         "--data.train_dir", str(tmp_path / "data"), "--data.val_dir", str(tmp_path / "data"),
-                         "--trainer.default_root_dir", str(run), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    validated = _lorafit(
+        "validate",
+        "--config",
+        "configs/tiny-demo.yaml",
+        "--model.model",
+        str(tmp_path / "tiny-sdxl"),
+        "--data.train_dir",
+        str(tmp_path / "data"),
+        "--data.val_dir",
+        str(tmp_path / "data"),
+        "--trainer.default_root_dir",
+        str(run),
+        "--ckpt_path",
+        str(run / "checkpoints" / "last.ckpt"),
+    )
     assert validated.returncode == 0, validated.stderr[-3000:]
     assert "loss/validation" in validated.stdout
 
@@ -128,8 +164,9 @@ def test_prepare_takes_several_source_folders(tmp_path):
         (tmp_path / folder).mkdir(parents=True)
         Image.new("RGB", (320, 256), colour).save(tmp_path / folder / "img.png")
         (tmp_path / folder / "img.txt").write_text(folder.split("_", 1)[1])
-    result = _lorafit("prepare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "shards"),
-                      "--resolution", "256")
+    result = _lorafit(
+        "prepare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "shards"), "--resolution", "256"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = yaml.safe_load((tmp_path / "shards" / "dataset.json").read_text())
     assert summary["samples_written"] == 2
@@ -150,11 +187,37 @@ def test_presets_exist_and_say_what_they_are_in_one_line():
 def test_every_preset_trains_a_step_on_the_tiny_model(preset, tiny_models, demo_data, tmp_path):
     """The recipe in each preset (optimizer + args, schedule, loss options) really runs."""
     family = "sdxl" if preset.stem.startswith("sdxl") else "sd1"
-    main(["fit", "--config", str(preset), "--model.model", tiny_models[family], "--data.train_dir", demo_data,
-          "--data.resolution", "64", "--data.min_bucket_reso", "64", "--data.max_bucket_reso", "128",
-          "--data.num_workers", "0", "--trainer.accelerator", "cpu",
-          "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.logger", "false",
-          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(preset),
+            "--model.model",
+            tiny_models[family],
+            "--data.train_dir",
+            demo_data,
+            "--data.resolution",
+            "64",
+            "--data.min_bucket_reso",
+            "64",
+            "--data.max_bucket_reso",
+            "128",
+            "--data.num_workers",
+            "0",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["model"]["optimizer"] == yaml.safe_load(preset.read_text())["model"]["optimizer"]
     assert list((tmp_path / "lora").glob("*.safetensors"))

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lorafit.bench.host_syncs import HostSyncCounter
-from lorafit.collectives import DeferredSigtermCheck, all_reduce_in_place
+from lorafit.distributed.collectives import DeferredSigtermCheck, all_reduce_in_place
 
 
 @pytest.fixture

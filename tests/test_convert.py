@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from training import unet_output
 
 from lorafit.cli import main
+from lorafit.networks.adapters import add_lora, lora_config, lora_modules
 from lorafit.networks.files import read_lora_file, save_kohya
 from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.lora_weights import LoraModuleWeights, delta_weight
-from lorafit.networks.adapters import add_lora, lora_config, lora_modules
-from training import unet_output
 
 
 def _random_lora(pipe, family: str, seed: int = 0):
@@ -28,9 +28,11 @@ def _random_lora(pipe, family: str, seed: int = 0):
         for index, (name, layer) in enumerate(sorted(lora_modules(model).items())):
             down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             # Alternate alphas so the per-module alpha patterns are exercised, not just the default.
-            modules[name] = LoraModuleWeights(torch.randn(down.shape, generator=generator) * 0.1,
-                                              torch.randn(up.shape, generator=generator) * 0.1,
-                                              alpha=1.0 if index % 2 else 4.0)
+            modules[name] = LoraModuleWeights(
+                torch.randn(down.shape, generator=generator) * 0.1,
+                torch.randn(up.shape, generator=generator) * 0.1,
+                alpha=1.0 if index % 2 else 4.0,
+            )
         weights[component] = modules
         model.delete_adapters("default") if hasattr(model, "delete_adapters") else None
     return weights

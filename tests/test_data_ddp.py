@@ -14,9 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_data_stream import BUCKETS, FOLDERS, REG, _source_meta, _write
 
 from lorafit.data.prepare import prepare
-from test_data_stream import BUCKETS, FOLDERS, REG, _source_meta, _write
 
 PROBE = Path(__file__).with_name("ddp_data_probe.py")
 
@@ -29,20 +29,26 @@ def shard_sets(tmp_path_factory) -> dict[str, Path]:
     sets = {}
     # 12 samples in shards of 5, 5, 2 (uneven), and in one shard (fewer shards than 2 ranks x 2 workers).
     for name, per_shard in (("uneven", 5), ("single", 100)):
-        prepare(str(base / "train"), out=str(base / name), reg=str(base / "reg"), max_samples_per_shard=per_shard,
-                **BUCKETS)
+        prepare(
+            str(base / "train"), out=str(base / name), reg=str(base / "reg"), max_samples_per_shard=per_shard, **BUCKETS
+        )
         sets[name] = base / name
     return sets
 
 
 # Spawned workers start a fresh Python per worker and epoch (slow on 2 cores): one epoch suffices there.
-@pytest.mark.parametrize(("shards", "workers", "start_method", "epochs"),
-                         [("uneven", 0, "default", 2), ("single", 2, "spawn", 1)])
-def test_two_ranks_see_disjoint_samples_and_equal_batches(shard_sets, tmp_path, shards, workers, start_method,
-                                                          epochs):
+@pytest.mark.parametrize(
+    ("shards", "workers", "start_method", "epochs"), [("uneven", 0, "default", 2), ("single", 2, "spawn", 1)]
+)
+def test_two_ranks_see_disjoint_samples_and_equal_batches(shard_sets, tmp_path, shards, workers, start_method, epochs):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROBE.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, str(PROBE), str(shard_sets[shards]), str(tmp_path), str(workers),
-                             start_method, str(epochs)], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(PROBE), str(shard_sets[shards]), str(tmp_path), str(workers), start_method, str(epochs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     meta = _source_meta(shard_sets[shards])

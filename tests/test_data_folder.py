@@ -162,7 +162,7 @@ def test_load_rgb_applies_exif_orientation(tmp_path):
 
     img = load_rgb(path)
     assert img.mode == "RGB" and img.size == (20, 40)
-    r, g, b = img.getpixel((17, 2))
+    r, _g, b = img.getpixel((17, 2))
     assert r > 200 and b < 60
     assert img.getpixel((2, 2))[2] > 200  # the top-left is blue after rotation
 
@@ -203,7 +203,7 @@ def test_load_rgb_takes_first_gif_frame(tmp_path):
     frames = [Image.new("RGB", (8, 8), c).convert("P") for c in [(255, 0, 0), (0, 0, 255)]]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
     assert getattr(Image.open(tmp_path / "anim.gif"), "n_frames", 1) == 2
-    r, g, b = load_rgb(tmp_path / "anim.gif").getpixel((4, 4))
+    r, _g, b = load_rgb(tmp_path / "anim.gif").getpixel((4, 4))
     assert r > 200 and b < 50
 
 

@@ -43,8 +43,7 @@ def prepared(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("stream")
     _write(base / "train", FOLDERS, 1)
     _write(base / "reg", REG, 2)
-    prepare(str(base / "train"), out=str(base / "shards"), reg=str(base / "reg"), max_samples_per_shard=4,
-            **BUCKETS)
+    prepare(str(base / "train"), out=str(base / "shards"), reg=str(base / "reg"), max_samples_per_shard=4, **BUCKETS)
     return base / "shards"
 
 
@@ -126,8 +125,10 @@ def test_global_batches_deal_the_one_process_batches_over_the_ranks(prepared, wo
     """Rank r of N gets rows r, r+N, ... of each batch one process makes with an N times larger batch,
     with loss weights that make the ranks' averaged mean losses the one-process mean."""
     one = _epoch(_module(prepared, batch_size=2 * world_size, num_workers=workers), epoch=1, skip=1)
-    ranks = [_epoch(_as_rank(_module(prepared, global_batch=True, num_workers=workers), r, world_size),
-                    epoch=1, skip=1) for r in range(world_size)]
+    ranks = [
+        _epoch(_as_rank(_module(prepared, global_batch=True, num_workers=workers), r, world_size), epoch=1, skip=1)
+        for r in range(world_size)
+    ]
     assert all(len(batches) == len(one) for batches in ranks)
     uneven = 0
     for step, full in enumerate(one):
@@ -136,8 +137,9 @@ def test_global_batches_deal_the_one_process_batches_over_the_ranks(prepared, wo
         # Each of the full batch's samples is trained by exactly one rank, with the same pixels.
         owned = {}
         for share in shares:
-            for row, key, pixels, weight in zip(share["global_rows"].tolist(), share["keys"],
-                                                share["pixel_values"], share["global_weights"].tolist()):
+            for row, key, pixels, weight in zip(
+                share["global_rows"].tolist(), share["keys"], share["pixel_values"], share["global_weights"].tolist()
+            ):
                 assert key == full["keys"][row] and torch.equal(pixels, full["pixel_values"][row])
                 if weight:
                     assert row not in owned
@@ -152,8 +154,15 @@ def _synthetic(shard_sizes: list[int], reg_every: int = 0) -> DatasetIndex:
     rng = random.Random(0)
     shards = []
     for s, n in enumerate(shard_sizes):
-        samples = [(rng.choice([64, 96, 128]), rng.choice([64, 96]), rng.choice([1, 2, 5]),
-                    int(reg_every and i % reg_every == 0)) for i in range(n)]
+        samples = [
+            (
+                rng.choice([64, 96, 128]),
+                rng.choice([64, 96]),
+                rng.choice([1, 2, 5]),
+                int(reg_every and i % reg_every == 0),
+            )
+            for i in range(n)
+        ]
         shards.append(ShardIndex(f"shard-{s}.tar", samples))
     return DatasetIndex(shards)
 
@@ -165,7 +174,7 @@ def test_plan_ranks_equal_and_disjoint(shard_sizes, world, workers):
     index = _synthetic(shard_sizes, reg_every=4)
     choose = BucketSpec(**BUCKETS).chooser()
     plan = plan_epoch(index, choose, seed=1, epoch=0, world_size=world, workers=workers, batch_size=3, reg_ratio=1.0)
-    per_rank = [sum(plan.quotas[r * plan.workers:(r + 1) * plan.workers]) for r in range(world)]
+    per_rank = [sum(plan.quotas[r * plan.workers : (r + 1) * plan.workers]) for r in range(world)]
     assert len(set(per_rank)) == 1 and per_rank[0] > 0
     owner: dict[tuple[int, int], int] = {}
     for slot, units in enumerate(plan.units):
@@ -181,9 +190,8 @@ def test_plan_ranks_equal_and_disjoint(shard_sizes, world, workers):
 
 def test_plan_with_more_slots_than_samples_still_gives_every_rank_batches():
     index = _synthetic([25], reg_every=4)
-    plan = plan_epoch(index, BucketSpec(**BUCKETS).chooser(), seed=1, epoch=0, world_size=8, workers=4,
-                      batch_size=3)
-    per_rank = {sum(plan.quotas[r * 4:(r + 1) * 4]) for r in range(8)}
+    plan = plan_epoch(index, BucketSpec(**BUCKETS).chooser(), seed=1, epoch=0, world_size=8, workers=4, batch_size=3)
+    per_rank = {sum(plan.quotas[r * 4 : (r + 1) * 4]) for r in range(8)}
     assert per_rank == {plan.batches_per_rank} and plan.batches_per_rank > 0
     assert 0 < plan.dropped_samples < sum(map(sum, plan.copies)) / 2
 
@@ -193,11 +201,39 @@ def test_training_on_prepared_shards_sd1_and_sdxl(tiny_models, prepared, tmp_pat
 
     for family in ("sd1", "sdxl"):
         root = tmp_path / family
-        main(["fit", "--model.model", tiny_models[family], "--model.rank", "4", "--data.shards", str(prepared),
-              "--data.resolution", "64", "--data.min_bucket_reso", "32", "--data.max_bucket_reso", "128",
-              "--data.bucket_reso_steps", "32", "--data.batch_size", "2", "--trainer.max_steps", "3",
-              "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--trainer.default_root_dir", str(root), "--export.name", "t"])
+        main(
+            [
+                "fit",
+                "--model.model",
+                tiny_models[family],
+                "--model.rank",
+                "4",
+                "--data.shards",
+                str(prepared),
+                "--data.resolution",
+                "64",
+                "--data.min_bucket_reso",
+                "32",
+                "--data.max_bucket_reso",
+                "128",
+                "--data.bucket_reso_steps",
+                "32",
+                "--data.batch_size",
+                "2",
+                "--trainer.max_steps",
+                "3",
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.logger",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.default_root_dir",
+                str(root),
+                "--export.name",
+                "t",
+            ]
+        )
         assert (root / "lora" / "t.safetensors").is_file()
 
 

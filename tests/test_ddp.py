@@ -20,23 +20,37 @@ import pytest
 import torch
 from cli_runs import demo_fit_args, lora_file, max_abs_difference, run_lorafit, tensorboard_scalars
 
-from lorafit.module import LoraDiffusionModule
+from lorafit.training.module import LoraDiffusionModule
 
 # Both train the text encoder(s), whose unread last layers (SD1 with clip skip 2, SDXL's CLIP-L)
 # must not stop DDP.
 FAMILY_ARGS = {"sd1": ["--model.clip_skip", "2"], "sdxl": []}
 # Two epochs of the 4 demo images x 5 repeats (demo_data), no sample images (not under test here).
-COMMON = ["--trainer.max_epochs", "2", "--trainer.precision", "64-true", "--samples.prompts", "[]",
-          "--export.name", "ddp", "--data.resolution", "64", "--data.min_bucket_reso", "64",
-          "--data.max_bucket_reso", "128", "--model.rank", "4"]
+COMMON = [
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.precision",
+    "64-true",
+    "--samples.prompts",
+    "[]",
+    "--export.name",
+    "ddp",
+    "--data.resolution",
+    "64",
+    "--data.min_bucket_reso",
+    "64",
+    "--data.max_bucket_reso",
+    "128",
+    "--model.rank",
+    "4",
+]
 TOLERANCE = 1e-7
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_two_ddp_processes_equal_one_process_with_twice_the_batch(family, tiny_models, demo_data, tmp_path):
     def fit(root, *args):
-        result = run_lorafit(*demo_fit_args(tiny_models[family], demo_data, root, *FAMILY_ARGS[family], *COMMON,
-                                            *args))
+        result = run_lorafit(*demo_fit_args(tiny_models[family], demo_data, root, *FAMILY_ARGS[family], *COMMON, *args))
         assert result.returncode == 0, result.stderr[-3000:]
         weights = lora_file(root, "ddp")
         assert weights and all(torch.isfinite(w).all() for w in weights.values())
@@ -53,17 +67,21 @@ def test_two_ddp_processes_equal_one_process_with_twice_the_batch(family, tiny_m
         assert max_abs_difference(fit(tmp_path / "sharded", *ddp), one) > 1e-3
 
 
-@pytest.mark.parametrize("family,clip_skip,network_type", [("sd1", 1, "lora"), ("sd1", 2, "lora"), ("sdxl", 1, "lora"),
-                                                          ("sdxl", 1, "loha"), ("sd1", 2, "lokr")])
-def test_exactly_the_text_encoder_layers_without_gradient_are_frozen(family, clip_skip, network_type, tiny_models,
-                                                                      demo_data):
+@pytest.mark.parametrize(
+    "family,clip_skip,network_type",
+    [("sd1", 1, "lora"), ("sd1", 2, "lora"), ("sdxl", 1, "lora"), ("sdxl", 1, "loha"), ("sd1", 2, "lokr")],
+)
+def test_exactly_the_text_encoder_layers_without_gradient_are_frozen(
+    family, clip_skip, network_type, tiny_models, demo_data
+):
     """The frozen set is what autograd says cannot reach the loss (else DDP would stop on them)."""
     from training import tiny_batch
 
     from lorafit.networks.adapters import ADAPTER_NAME
 
-    module = LoraDiffusionModule(model=tiny_models[family], rank=4, train_text_encoder=True, clip_skip=clip_skip,
-                                 network_type=network_type)
+    module = LoraDiffusionModule(
+        model=tiny_models[family], rank=4, train_text_encoder=True, clip_skip=clip_skip, network_type=network_type
+    )
     module.configure_model()
     lora = {name: p for name, p in module.text_encoders.named_parameters() if f".{ADAPTER_NAME}" in name}
     frozen = {name for name, p in lora.items() if not p.requires_grad}
@@ -85,13 +103,33 @@ def test_a_ddp_step_never_makes_the_host_wait(tiny_models, demo_data, tmp_path):
     in particular no barrier, which Lightning's sync_dist would add."""
     import json
 
-    counter = {"class_path": "lorafit.bench.host_syncs.CountHostSyncs",
-               "init_args": {"first": 1, "last": 4, "output": str(tmp_path / "syncs")}}
-    result = run_lorafit(*demo_fit_args(tiny_models["sdxl"], demo_data, tmp_path / "run", *COMMON[2:],
-                                        "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                                        "--data.batch_size", "1", "--trainer.max_steps", "5",
-                                        "--trainer.log_every_n_steps", "50", "--trainer.enable_progress_bar", "true",
-                                        "--requeue.signal", "SIGUSR1", f"--trainer.callbacks+={json.dumps(counter)}"))
+    counter = {
+        "class_path": "lorafit.bench.host_syncs.CountHostSyncs",
+        "init_args": {"first": 1, "last": 4, "output": str(tmp_path / "syncs")},
+    }
+    result = run_lorafit(
+        *demo_fit_args(
+            tiny_models["sdxl"],
+            demo_data,
+            tmp_path / "run",
+            *COMMON[2:],
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--data.batch_size",
+            "1",
+            "--trainer.max_steps",
+            "5",
+            "--trainer.log_every_n_steps",
+            "50",
+            "--trainer.enable_progress_bar",
+            "true",
+            "--requeue.signal",
+            "SIGUSR1",
+            f"--trainer.callbacks+={json.dumps(counter)}",
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         counted = json.loads((tmp_path / f"syncs.rank{rank}.json").read_text())

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from training import train
 
 from lorafit.cli import main
 from lorafit.errors import LorafitError
 from lorafit.inference.generate import apply_loras, generate, load_renderer, parse_lora_spec
 from lorafit.inference.prompts import SamplePrompt
 from lorafit.networks.loading import set_lora_weight
-from training import train
 
 COMMON = dict(steps=2, seed=[3], device="cpu")
 
@@ -20,8 +20,15 @@ COMMON = dict(steps=2, seed=[3], device="cpu")
 def run(tiny_models, demo_data, tmp_path_factory):
     """A tiny-SDXL run with three epoch files (UNet and text-encoder LoRA, trained hard enough to show)."""
     root = tmp_path_factory.mktemp("gen-run")
-    train(tiny_models["sdxl"], demo_data, root, max_epochs=3, learning_rate=3e-2, train_text_encoder=True,
-          data_kwargs={"repeats": 1})
+    train(
+        tiny_models["sdxl"],
+        demo_data,
+        root,
+        max_epochs=3,
+        learning_rate=3e-2,
+        train_text_encoder=True,
+        data_kwargs={"repeats": 1},
+    )
     return root
 
 
@@ -68,8 +75,28 @@ def test_two_loras_compose_with_independent_strengths(run, tiny_models):
 def test_cli_batch_of_seeds_with_hires_fix(run, tiny_models, tmp_path, capsys):
     lora = run / "lora" / "test-epoch-001.safetensors"
     out = tmp_path / "hires"
-    main(["generate", tiny_models["sdxl"], "--prompt", "ohwx star --n blurry", "--lora", f"{lora}:0.8",
-          "--seed", "1", "--seed", "2", "--steps", "2", "--hires_scale", "1.5", "--device", "cpu", "--out", str(out)])
+    main(
+        [
+            "generate",
+            tiny_models["sdxl"],
+            "--prompt",
+            "ohwx star --n blurry",
+            "--lora",
+            f"{lora}:0.8",
+            "--seed",
+            "1",
+            "--seed",
+            "2",
+            "--steps",
+            "2",
+            "--hires_scale",
+            "1.5",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["00000-1.png", "00001-2.png"]
     assert all(Image.open(f).size == (96, 96) for f in files)  # 64 px x 1.5
@@ -79,8 +106,22 @@ def test_cli_batch_of_seeds_with_hires_fix(run, tiny_models, tmp_path, capsys):
     for field in ("Seed: 2", "Size: 64x64", "Denoising strength: 0.4", "Hires upscale: 1.5"):
         assert field in parameters
     # A second call numbers its files after the existing ones instead of overwriting them.
-    main(["generate", tiny_models["sdxl"], "--prompt", "ohwx star", "--seed", "5", "--steps", "1",
-          "--device", "cpu", "--out", str(out)])
+    main(
+        [
+            "generate",
+            tiny_models["sdxl"],
+            "--prompt",
+            "ohwx star",
+            "--seed",
+            "5",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert (out / "00002-5.png").is_file()
 
 
@@ -105,8 +146,9 @@ def test_sd1_sd2_with_clip_skip(family, tiny_models, tmp_path):
     # the prompt from the penultimate layer, as A1111 does, so the image changes.
     model = tiny_models[family]
     (last,) = generate(model, "ohwx star", steps=2, sampler="dpmpp_2m", device="cpu", out=str(tmp_path / "a"))
-    (skip,) = generate(model, "ohwx star", steps=2, sampler="dpmpp_2m", clip_skip=2, device="cpu",
-                       out=str(tmp_path / "b"))
+    (skip,) = generate(
+        model, "ohwx star", steps=2, sampler="dpmpp_2m", clip_skip=2, device="cpu", out=str(tmp_path / "b")
+    )
     assert Image.open(last).size == (64, 64)
     assert np.abs(_pixels(last).astype(int) - _pixels(skip)).max() > 0
 

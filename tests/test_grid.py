@@ -9,12 +9,12 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from PIL import Image
+from training import train
 
 from lorafit.cli import main
 from lorafit.errors import LorafitError
 from lorafit.inference.grid import check_axes, find_lora_files
 from lorafit.inference.selection import EpochScore, suggest_epoch
-from training import train
 
 CELL, GAP = 64, 4
 PROMPTS = ["ohwx star, a yellow star", "a photo of a cat"]
@@ -25,10 +25,36 @@ def grid_run(tiny_models, tiny_clip, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("grid-run")
     train(tiny_models["sdxl"], demo_data, root, max_epochs=3, learning_rate=3e-2, data_kwargs={"repeats": 1})
     out = root / "grid"
-    argv = ["grid", tiny_models["sdxl"], "--loras", str(root), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-            "--strength", "0", "--strength", "0.5", "--strength", "1", "--steps", "2", "--cfg", "1",
-            "--clip_model", tiny_clip, "--train_images", demo_data,
-            "--flexibility_prompt", "a watercolor painting of {subject}", "--device", "cpu", "--out", str(out)]
+    argv = [
+        "grid",
+        tiny_models["sdxl"],
+        "--loras",
+        str(root),
+        "--prompt",
+        PROMPTS[0],
+        "--prompt",
+        PROMPTS[1],
+        "--strength",
+        "0",
+        "--strength",
+        "0.5",
+        "--strength",
+        "1",
+        "--steps",
+        "2",
+        "--cfg",
+        "1",
+        "--clip_model",
+        tiny_clip,
+        "--train_images",
+        demo_data,
+        "--flexibility_prompt",
+        "a watercolor painting of {subject}",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     main(argv)
     return out
 
@@ -37,7 +63,7 @@ def _cell(sheet: np.ndarray, row: int, col: int) -> np.ndarray:
     # Cells sit at the bottom right, after the label bands: the last one ends GAP px from the edge.
     height, width = sheet.shape[:2]
     y, x = height - (3 - row) * (CELL + GAP), width - (3 - col) * (CELL + GAP)
-    return sheet[y:y + CELL, x:x + CELL]
+    return sheet[y : y + CELL, x : x + CELL]
 
 
 def _cell_file(out, epoch: str, strength: str, prompt: int) -> np.ndarray:
@@ -61,7 +87,7 @@ def test_one_labelled_sheet_per_prompt_of_the_right_size(grid_run):
         top = sheet[:label_height, label_width:]
         assert (top.min(axis=2) < 100).sum() > 50
         for row in range(3):
-            band = sheet[height - (3 - row) * (CELL + GAP): height - (3 - row) * (CELL + GAP) + CELL, :label_width]
+            band = sheet[height - (3 - row) * (CELL + GAP) : height - (3 - row) * (CELL + GAP) + CELL, :label_width]
             assert (band.min(axis=2) < 100).sum() > 20
 
 
@@ -120,16 +146,23 @@ def test_html_report_lists_metrics_per_epoch_and_a_suggestion(grid_run):
 
 
 def test_suggestion_rule():
-    scores = [EpochScore("base model", 0.50, 0.30, is_base=True), EpochScore("epoch 1", 0.60, 0.30),
-              EpochScore("epoch 2", 0.80, 0.28), EpochScore("epoch 3", 0.82, 0.20)]
+    scores = [
+        EpochScore("base model", 0.50, 0.30, is_base=True),
+        EpochScore("epoch 1", 0.60, 0.30),
+        EpochScore("epoch 2", 0.80, 0.28),
+        EpochScore("epoch 3", 0.82, 0.20),
+    ]
     best, reason = suggest_epoch(scores)
     # Fidelity rescaled 0 / .91 / 1, flexibility 1 / .8 / 0: epoch 2 balances both.
     assert best.label == "epoch 2" and best.balance == pytest.approx((0.2 / 0.22 + 0.8) / 2)
     assert reason.startswith("epoch 2 has the best balance") and "Caution" not in reason
     tie = [EpochScore("epoch 1", 0.6, 0.3), EpochScore("epoch 2", 0.7, 0.2)]
     assert suggest_epoch(tie)[0].label == "epoch 1"  # equal balance: the earlier, more flexible file
-    undertrained = [EpochScore("base model", 0.9, 0.3, is_base=True), EpochScore("epoch 1", 0.6, 0.3),
-                    EpochScore("epoch 2", 0.7, 0.2)]
+    undertrained = [
+        EpochScore("base model", 0.9, 0.3, is_base=True),
+        EpochScore("epoch 1", 0.6, 0.3),
+        EpochScore("epoch 2", 0.7, 0.2),
+    ]
     assert "Caution: no epoch resembles the training images more than the base model" in suggest_epoch(undertrained)[1]
 
 
@@ -139,8 +172,9 @@ def test_lora_files_and_axes(tmp_path):
     for stem in ("x-epoch-010", "x-epoch-002", "x", "x-step-000050"):
         (lora / f"{stem}.safetensors").write_bytes(b"")
     assert [f.label for f in find_lora_files(str(tmp_path / "run"))] == ["epoch 2", "epoch 10"]
-    assert [f.label for f in find_lora_files([str(lora / "x.safetensors"), str(lora / "x-step-000050.safetensors")])] \
-        == ["x", "step 50"]
+    assert [
+        f.label for f in find_lora_files([str(lora / "x.safetensors"), str(lora / "x-step-000050.safetensors")])
+    ] == ["x", "step 50"]
     with pytest.raises(LorafitError, match="no \\*-epoch-NNN.safetensors"):
         find_lora_files(str(tmp_path))
     values = {"epoch": [0, 1], "strength": [1.0], "prompt": [0], "seed": [1, 2], "cfg": [7.0]}

@@ -6,14 +6,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from PIL import Image
+from test_data_stream import BUCKETS, FOLDERS, _write
 
 from lorafit.callbacks.export import LoraExport
 from lorafit.callbacks.samples import SampleImages
 from lorafit.data.cache import cache
 from lorafit.data.datamodule import LoraDataModule
 from lorafit.data.prepare import prepare
-from lorafit.module import LoraDiffusionModule
-from test_data_stream import BUCKETS, FOLDERS, _write
+from lorafit.training.module import LoraDiffusionModule
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +22,26 @@ def caches(tmp_path_factory, tiny_models):
     _write(base / "train", FOLDERS, 1)
     prepare(str(base / "train"), out=str(base / "prepared"), **BUCKETS)
     cache(str(base / "prepared"), out=str(base / "latents"), model=tiny_models["sdxl"], **BUCKETS)
-    cache(str(base / "prepared"), out=str(base / "latents+text"), model=tiny_models["sdxl"], text_embeddings=True,
-          **BUCKETS)
+    cache(
+        str(base / "prepared"),
+        out=str(base / "latents+text"),
+        model=tiny_models["sdxl"],
+        text_embeddings=True,
+        **BUCKETS,
+    )
     return {name: str(base / name) for name in ("prepared", "latents", "latents+text")}
 
 
-@pytest.mark.parametrize("train, val, unused", [
-    ("latents+text", None, {"vae", "text_encoders"}),
-    ("latents", None, {"vae"}),
-    ("prepared", None, set()),
-    ("latents+text", "prepared", set()),  # validation images still need the VAE and text encoders
-    ("latents+text", "latents", {"vae"}),
-])
+@pytest.mark.parametrize(
+    "train, val, unused",
+    [
+        ("latents+text", None, {"vae", "text_encoders"}),
+        ("latents", None, {"vae"}),
+        ("prepared", None, set()),
+        ("latents+text", "prepared", set()),  # validation images still need the VAE and text encoders
+        ("latents+text", "latents", {"vae"}),
+    ],
+)
 def test_the_data_says_which_parts_no_batch_runs(caches, train, val, unused):
     data = LoraDataModule(shards=caches[train], val_shards=caches[val] if val else None, batch_size=2, **BUCKETS)
     data.prepare_data()
@@ -55,9 +63,17 @@ def _fit(model: str, shards: str, root, **module_kwargs):
     module = LoraDiffusionModule(model=model, rank=4, **module_kwargs)
     placement = _Placement()
     samples = SampleImages(prompts=["a photo of ohwx --w 64 --h 64 --s 2 --d 1"], every_n_epochs=1)
-    trainer = pl.Trainer(default_root_dir=str(root), accelerator="cpu", devices=1, max_steps=2, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         callbacks=[placement, samples, LoraExport(name="parts")])
+    trainer = pl.Trainer(
+        default_root_dir=str(root),
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[placement, samples, LoraExport(name="parts")],
+    )
     trainer.fit(module, datamodule=LoraDataModule(shards=shards, batch_size=2, **BUCKETS))
     return module, placement, samples
 

@@ -8,7 +8,7 @@ from training import train
 
 from lorafit.bench.host_syncs import CountHostSyncs, HostSyncCounter
 from lorafit.callbacks.metrics import TrainingMetrics
-from lorafit.host_readback import HostReadback
+from lorafit.distributed.host_readback import HostReadback
 
 
 def test_the_counter_sees_every_kind_of_host_sync_and_nothing_else():
@@ -20,13 +20,13 @@ def test_the_counter_sees_every_kind_of_host_sync_and_nothing_else():
     expected_loss = float((weight * 2).sum())
     with counter:
         loss = (weight * 2).sum()
-        loss.item()                                  # read
-        if (weight > 0).any():                       # read (bool)
+        loss.item()  # read
+        if (weight > 0).any():  # read (bool)
             pass
-        f"{loss:.3f}"                                # read (formatting)
-        torch.tensor([1.0, 2.0], device="cpu")       # upload from host numbers
-        weight[weight > 0]                           # size depends on values
-        torch.nonzero(weight)                        # size depends on values
+        f"{loss:.3f}"  # read (formatting)
+        torch.tensor([1.0, 2.0], device="cpu")  # upload from host numbers
+        weight[weight > 0]  # size depends on values
+        torch.nonzero(weight)  # size depends on values
         # Not syncs: host values, device-side fills, copies read a step later.
         host_step.item()
         float(torch.tensor(2.0) * 3)
@@ -66,12 +66,25 @@ RECIPES = {
     "sdxl-defaults": ("sdxl", {}),
     # Every per-step option that draws or weights something, text-encoder training, accumulation,
     # clipping and a warmup schedule: none of them may read a value on the host.
-    "sd1-full-recipe": ("sd1", dict(train_text_encoder=True, min_snr_gamma=5.0, noise_offset=0.05,
-                                    noise_offset_random_strength=True, multires_noise_iterations=4,
-                                    ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True, loss_type="huber",
-                                    lr_scheduler="cosine_with_restarts", lr_warmup_steps=2, min_timestep=100,
-                                    max_timestep=900, debiased_estimation_loss=True,
-                                    trainer_kwargs={"accumulate_grad_batches": 2, "gradient_clip_val": 1.0})),
+    "sd1-full-recipe": (
+        "sd1",
+        dict(
+            train_text_encoder=True,
+            min_snr_gamma=5.0,
+            noise_offset=0.05,
+            noise_offset_random_strength=True,
+            multires_noise_iterations=4,
+            ip_noise_gamma=0.1,
+            ip_noise_gamma_random_strength=True,
+            loss_type="huber",
+            lr_scheduler="cosine_with_restarts",
+            lr_warmup_steps=2,
+            min_timestep=100,
+            max_timestep=900,
+            debiased_estimation_loss=True,
+            trainer_kwargs={"accumulate_grad_batches": 2, "gradient_clip_val": 1.0},
+        ),
+    ),
     "sdxl-dora": ("sdxl", dict(network_type="dora")),
 }
 
@@ -83,8 +96,17 @@ def test_a_training_step_never_waits_for_the_gpu(recipe, tiny_models, demo_data,
     # What `lorafit fit` runs each step: progress bar, training curves, loggers on their own schedule.
     trainer_kwargs = {"enable_progress_bar": True, "log_every_n_steps": 50, **kwargs.pop("trainer_kwargs", {})}
     count = CountHostSyncs(first=1, last=4)  # the demo data's first epoch has 10 steps at batch 1
-    trainer, _ = train(tiny_models[family], demo_data, tmp_path, max_epochs=1, max_steps=6, batch_size=1,
-                       trainer_kwargs=trainer_kwargs, callbacks=[TrainingMetrics(), count], **kwargs)
+    trainer, _ = train(
+        tiny_models[family],
+        demo_data,
+        tmp_path,
+        max_epochs=1,
+        max_steps=6,
+        batch_size=1,
+        trainer_kwargs=trainer_kwargs,
+        callbacks=[TrainingMetrics(), count],
+        **kwargs,
+    )
     assert trainer.current_epoch == 0 or trainer.global_step == 6
     assert count.per_step == 0, dict(count.counter.sites)
 
@@ -92,8 +114,17 @@ def test_a_training_step_never_waits_for_the_gpu(recipe, tiny_models, demo_data,
 def test_skipping_nonfinite_losses_costs_one_read_per_step(tiny_models, demo_data, tmp_path):
     """``nonfinite_loss: skip`` must decide before the backward pass: the one sync the docs promise."""
     count = CountHostSyncs(first=1, last=4)
-    train(tiny_models["sd1"], demo_data, tmp_path, max_epochs=1, max_steps=6, batch_size=1,
-          trainer_kwargs={"enable_progress_bar": True}, callbacks=[TrainingMetrics(), count], nonfinite_loss="skip")
+    train(
+        tiny_models["sd1"],
+        demo_data,
+        tmp_path,
+        max_epochs=1,
+        max_steps=6,
+        batch_size=1,
+        trainer_kwargs={"enable_progress_bar": True},
+        callbacks=[TrainingMetrics(), count],
+        nonfinite_loss="skip",
+    )
     assert count.per_step == 1
     assert list(count.lorafit_sites()) == [next(iter(count.counter.sites))]
     assert "nonfinite.py" in next(iter(count.counter.sites))

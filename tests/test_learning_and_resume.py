@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from lorafit.module import LoraDiffusionModule
 from training import tiny_data, train
+
+from lorafit.training.module import LoraDiffusionModule
 
 # LoRA on attention plus the ResNet/in/out convolutions (LoCon-style targets) gives a random-weight
 # tiny UNet enough capacity to fit the data quickly.
@@ -31,8 +32,16 @@ def test_training_lowers_the_denoising_loss(tiny_models, demo_data, tmp_path):
     fresh = LoraDiffusionModule(model=tiny_models["sd1"], rank=8, alpha=8, unet_target_modules=CONV_TARGETS)
     fresh.configure_model()
     before = fixed_point_loss(fresh, demo_data)
-    _, trained = train(tiny_models["sd1"], demo_data, tmp_path, max_epochs=3, rank=8, alpha=8,
-                       learning_rate=1e-2, unet_target_modules=CONV_TARGETS)
+    _, trained = train(
+        tiny_models["sd1"],
+        demo_data,
+        tmp_path,
+        max_epochs=3,
+        rank=8,
+        alpha=8,
+        learning_rate=1e-2,
+        unet_target_modules=CONV_TARGETS,
+    )
     after = fixed_point_loss(trained, demo_data)
     # Measured: 1.097 -> 0.347 (ratio 0.32) after 30 steps; assert with generous headroom.
     assert after < 0.6 * before, (before, after)
@@ -52,8 +61,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_models, demo_data
     saved = torch.load(checkpoint, weights_only=False)["state_dict"]
     assert saved and all("lora_" in k for k in saved)
     # A different global seed on restart must not matter: noise depends on the saved seed and position.
-    _, resumed = train(tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=2,
-                       ckpt_path=str(checkpoint), seed=123, **kwargs)
+    _, resumed = train(
+        tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=2, ckpt_path=str(checkpoint), seed=123, **kwargs
+    )
 
     expected, got = _lora_tensors(straight), _lora_tensors(resumed)
     assert expected.keys() == got.keys()
@@ -75,8 +85,9 @@ def test_mid_epoch_resume_continues_the_interrupted_epoch_exactly(tiny_models, d
     train(tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=2, max_steps=stop, callbacks=[mid], **kwargs)
     checkpoint = tmp_path / "mid" / "mid.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == stop
-    _, resumed = train(tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=2,
-                       ckpt_path=str(checkpoint), seed=7, **kwargs)
+    _, resumed = train(
+        tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=2, ckpt_path=str(checkpoint), seed=7, **kwargs
+    )
     assert resumed.trainer.global_step == straight.trainer.global_step == 2 * steps_per_epoch
     expected, got = _lora_tensors(straight), _lora_tensors(resumed)
     assert all(torch.equal(expected[k], got[k]) for k in expected), "mid-epoch resume diverged"
@@ -84,8 +95,15 @@ def test_mid_epoch_resume_continues_the_interrupted_epoch_exactly(tiny_models, d
 
 def test_bf16_mixed_precision_and_step_exports(tiny_models, demo_data, tmp_path):
     """bf16 autocast with bf16 frozen weights trains; LoRA weights stay float32; step exports land."""
-    trainer, module = train(tiny_models["sdxl"], demo_data, tmp_path, max_steps=4, precision="bf16-mixed",
-                            weight_dtype="bfloat16", export={"every_n_steps": 2, "every_n_epochs": 0})
+    _trainer, module = train(
+        tiny_models["sdxl"],
+        demo_data,
+        tmp_path,
+        max_steps=4,
+        precision="bf16-mixed",
+        weight_dtype="bfloat16",
+        export={"every_n_steps": 2, "every_n_epochs": 0},
+    )
     assert module.unet.dtype == torch.bfloat16
     lora = [p for n, p in module.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora)

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+from network_reference import merge_into, pipeline, text_outputs
 from safetensors.torch import save_file
+from training import train, unet_output
 
 import lorafit
 from lorafit.errors import LorafitError
 from lorafit.networks.kohya_format import kohya_stem
-from network_reference import merge_into, pipeline, text_outputs
-from training import train, unet_output
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])
 def trained(request, tiny_models, demo_data, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(f"load-{family}")
-    _, module = train(tiny_models[family], demo_data, root, max_epochs=1, rank=4, alpha=2.0, learning_rate=1e-2,
-                      train_text_encoder=True, export={"every_n_epochs": 0})
+    _, module = train(
+        tiny_models[family],
+        demo_data,
+        root,
+        max_epochs=1,
+        rank=4,
+        alpha=2.0,
+        learning_rate=1e-2,
+        train_text_encoder=True,
+        export={"every_n_epochs": 0},
+    )
     expected = {"unet": unet_output(module.unet), "text": text_outputs(_Encoders(module))}
     return family, root / "lora", expected
 
@@ -38,8 +47,11 @@ def _foreign_kohya_file(pipe, family: str, path, seed: int = 3):
     parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     if family == "sdxl":
         parts["text_encoder_2"] = pipe.text_encoder_2
-    suffixes = {"unet": ("to_k", "to_out.0", "conv2", "ff.net.2"), "text_encoder": ("k_proj", "fc2"),
-                "text_encoder_2": ("out_proj",)}
+    suffixes = {
+        "unet": ("to_k", "to_out.0", "conv2", "ff.net.2"),
+        "text_encoder": ("k_proj", "fc2"),
+        "text_encoder_2": ("out_proj",),
+    }
     tensors = {}
     for component, model in parts.items():
         for index, (name, layer) in enumerate(n for n in model.named_modules() if n[0].endswith(suffixes[component])):
@@ -47,8 +59,9 @@ def _foreign_kohya_file(pipe, family: str, path, seed: int = 3):
             weight = layer.weight
             rank = 2 + index % 3  # ranks differ too
             tensors[f"{stem}.lora_down.weight"] = torch.randn(rank, *weight.shape[1:], generator=generator) * 0.2
-            tensors[f"{stem}.lora_up.weight"] = torch.randn(weight.shape[0], rank, *[1] * (weight.dim() - 2),
-                                                            generator=generator) * 0.2
+            tensors[f"{stem}.lora_up.weight"] = (
+                torch.randn(weight.shape[0], rank, *[1] * (weight.dim() - 2), generator=generator) * 0.2
+            )
             if index % 4:  # no alpha = alpha equals rank
                 tensors[f"{stem}.alpha"] = torch.tensor(float(index % 4))
     save_file({k: v.half() for k, v in tensors.items()}, str(path))

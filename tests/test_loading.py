@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.models.base import load_base_model, resolve_model_source
+from lorafit.families.loading import load_base_model, resolve_model_source
 
 EXPECTED = {"sd1": ("sd1", "epsilon"), "sd2": ("sd2", "v_prediction"), "sdxl": ("sdxl", "epsilon")}
 
@@ -50,8 +50,9 @@ def test_hub_id_loads_from_offline_cache(tiny_models, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_single_file_checkpoint_loads_with_local_config(tiny_models, tmp_path, family):
-    from lorafit.models.original_checkpoint import save_original_checkpoint
     from diffusers import DiffusionPipeline
+
+    from lorafit.families.original_checkpoint import save_original_checkpoint
 
     pipe = DiffusionPipeline.from_pretrained(tiny_models[family])
     path = save_original_checkpoint(pipe, tmp_path / "model.safetensors")

@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from training import tiny_batch, train
 
+from lorafit.families.clip_text import encode_tokens, tokenize
+from lorafit.families.loading import load_base_model
 from lorafit.inference.prompts import SamplePrompt
 from lorafit.inference.render import Renderer
-from lorafit.models.base import load_base_model
-from lorafit.models.conditioning import encode_tokens, tokenize
 
 # The tiny tokenizers are byte-level (a token per character, spaces excepted): HEAD is ~100 tokens,
 # past the first 75-token chunk, and the two captions differ only after it.
@@ -34,7 +34,7 @@ def test_chunks_frame_75_caption_tokens_each_with_start_and_end(family, tiny_mod
         # The long caption: all its tokens, 75 per chunk.
         plain = tokenizer(LONG_A).input_ids[1:-1]
         body = ids[0, :, 1:-1].reshape(-1).tolist()
-        assert 75 < len(plain) <= 150 and body[:len(plain)] == plain and set(body[len(plain):]) <= {end, pad}
+        assert 75 < len(plain) <= 150 and body[: len(plain)] == plain and set(body[len(plain) :]) <= {end, pad}
         assert ids[0, 0, -1] == end  # the first chunk, cut inside the caption, is closed by the end token
         assert end in ids[0, 1, 1:].tolist()  # the second holds the caption's own end
         # The short one: its tokens then end/padding; its empty second chunk reads as an empty prompt.
@@ -61,8 +61,9 @@ def test_words_after_75_tokens_reach_the_text_conditioning_only_with_max_token_l
 
 
 def test_training_samples_and_files_use_the_long_captions(tiny_models, demo_data, tmp_path):
-    trainer, module = train(tiny_models["sdxl"], demo_data, tmp_path, max_steps=2, max_token_length=150,
-                            train_text_encoder=True)
+    _trainer, module = train(
+        tiny_models["sdxl"], demo_data, tmp_path, max_steps=2, max_token_length=150, train_text_encoder=True
+    )
     with safe_open(str(tmp_path / "lora" / "test.safetensors"), framework="pt") as f:
         assert f.metadata()["ss_max_token_length"] == "150"
     batch = tiny_batch(demo_data, 2)
@@ -71,8 +72,9 @@ def test_training_samples_and_files_use_the_long_captions(tiny_models, demo_data
         assert module.text_conditioning(batch).hidden_states.shape[1] == 152
 
     renderer = Renderer(module.base, max_token_length=150)
-    request = SamplePrompt(prompt=LONG_A, negative_prompt="", steps=2, cfg=5.0, width=64, height=64, seed=1,
-                           sampler="euler")
+    request = SamplePrompt(
+        prompt=LONG_A, negative_prompt="", steps=2, cfg=5.0, width=64, height=64, seed=1, sampler="euler"
+    )
     first, other = renderer(request), renderer(replace(request, prompt=LONG_B))
     assert first.size == (64, 64) and list(first.getdata()) != list(other.getdata())
     # Without max_token_length the tail of the prompt is cut, so both prompts give the same image.
@@ -86,8 +88,18 @@ def test_generate_reads_long_prompts_with_max_token_length(tiny_models, tmp_path
     from lorafit.inference.generate import generate
 
     def pixels(prompt, out, **kwargs):
-        [path] = generate(model=tiny_models["sd1"], prompt=prompt, seed=3, steps=2, width=64, height=64,
-                          sampler="euler", out=str(tmp_path / out), device="cpu", **kwargs)
+        [path] = generate(
+            model=tiny_models["sd1"],
+            prompt=prompt,
+            seed=3,
+            steps=2,
+            width=64,
+            height=64,
+            sampler="euler",
+            out=str(tmp_path / out),
+            device="cpu",
+            **kwargs,
+        )
         return list(Image.open(path).getdata())
 
     assert pixels(LONG_A, "a", max_token_length=150) != pixels(LONG_B, "b", max_token_length=150)

@@ -1,4 +1,4 @@
-"""Noise and loss options against formulas written out here, independently of lorafit/losses.py."""
+"""Noise and loss options against formulas written out here, independently of lorafit/training/losses.py."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from lorafit import losses
+from lorafit.training import losses
 
 # SD1/SD2/SDXL's training schedule ("scaled_linear", 1000 steps), written out.
-BETAS = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
 ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, dim=0)
 
 
@@ -36,8 +36,9 @@ def test_offset_noise_random_strength_scales_by_a_uniform_draw():
     generator = _gen(3)
     strength = torch.rand(1, generator=generator).item() * 0.2  # kohya: rand(1) * noise_offset
     shift = torch.randn(2, 4, 1, 1, generator=generator)
-    torch.testing.assert_close(losses.offset_noise(noise, 0.2, _gen(3), random_strength=True),
-                               (strength * shift).expand(2, 4, 4, 4))
+    torch.testing.assert_close(
+        losses.offset_noise(noise, 0.2, _gen(3), random_strength=True), (strength * shift).expand(2, 4, 4, 4)
+    )
     # Statistically: the offset's spread is the offset strength times a standard normal.
     shifts = torch.stack([losses.offset_noise(torch.zeros(1, 4, 2, 2), 0.1, _gen(s))[0, :, 0, 0] for s in range(500)])
     assert 0.09 < float(shifts.std()) < 0.11
@@ -50,9 +51,9 @@ def test_pyramid_noise_matches_the_multires_formula():
     expected = noise.clone()
     for i in range(iterations):  # kohya's pyramid_noise_like, the factor from a host generator of the same seed
         r = torch.rand(1, generator=factors).item() * 2 + 2
-        h, w = max(1, int(16 / r ** i)), max(1, int(16 / r ** i))
+        h, w = max(1, int(16 / r**i)), max(1, int(16 / r**i))
         upsample = torch.nn.Upsample(size=(16, 16), mode="bilinear")
-        expected = expected + upsample(torch.randn(2, 4, h, w, generator=generator)) * discount ** i
+        expected = expected + upsample(torch.randn(2, 4, h, w, generator=generator)) * discount**i
         if h == 1 or w == 1:
             break
     expected = expected / expected.std()
@@ -64,13 +65,15 @@ def test_pyramid_noise_matches_the_multires_formula():
 
 def test_pyramid_noise_is_spatially_correlated():
     """Low-frequency content is the point: neighbouring pixels correlate, unlike white noise."""
+
     def neighbour_correlation(x):
         a, b = x[..., :, :-1].flatten(), x[..., :, 1:].flatten()
         return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
     white = torch.randn(8, 4, 32, 32, generator=_gen(2))
-    correlations = [neighbour_correlation(losses.pyramid_noise(white, _gen(seed), iterations=8, discount=0.8))
-                     for seed in range(8)]
+    correlations = [
+        neighbour_correlation(losses.pyramid_noise(white, _gen(seed), iterations=8, discount=0.8)) for seed in range(8)
+    ]
     assert abs(neighbour_correlation(white)) < 0.05
     assert min(correlations) > 0.1 and sum(correlations) / len(correlations) > 0.2, correlations
 
@@ -81,8 +84,10 @@ def test_input_perturbation_adds_scaled_fresh_noise():
     torch.testing.assert_close(out, noise + 0.1 * torch.randn(2, 4, 8, 8, generator=_gen(9)))
     generator = _gen(9)
     strength = torch.rand(1, generator=generator).item() * 0.1
-    torch.testing.assert_close(losses.perturbed_noise(noise, 0.1, _gen(9), random_strength=True),
-                               noise + strength * torch.randn(2, 4, 8, 8, generator=generator))
+    torch.testing.assert_close(
+        losses.perturbed_noise(noise, 0.1, _gen(9), random_strength=True),
+        noise + strength * torch.randn(2, 4, 8, 8, generator=generator),
+    )
 
 
 def test_timesteps_stay_in_min_max_range():
@@ -146,8 +151,12 @@ def test_per_sample_losses():
     def mean(values):
         return sum(values) / len(values)
 
-    assert losses.per_sample_loss(prediction, target, "l2").tolist() == pytest.approx([mean([d * d for d in r]) for r in diffs])
-    assert losses.per_sample_loss(prediction, target, "l1").tolist() == pytest.approx([mean([abs(d) for d in r]) for r in diffs])
+    assert losses.per_sample_loss(prediction, target, "l2").tolist() == pytest.approx(
+        [mean([d * d for d in r]) for r in diffs]
+    )
+    assert losses.per_sample_loss(prediction, target, "l1").tolist() == pytest.approx(
+        [mean([abs(d) for d in r]) for r in diffs]
+    )
     huber = [mean([2 * ci * (math.sqrt(d * d + ci * ci) - ci) for d in r]) for r, ci in zip(diffs, c.tolist())]
     assert losses.per_sample_loss(prediction, target, "huber", c).tolist() == pytest.approx(huber, rel=1e-5)
     smooth = [mean([2 * (math.sqrt(d * d + ci * ci) - ci) for d in r]) for r, ci in zip(diffs, c.tolist())]

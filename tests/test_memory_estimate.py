@@ -19,8 +19,9 @@ from lorafit.bench.settings import BenchSetting
 # (foreach): what a full-size estimate models, CPU-sized. (Gradient checkpointing, the other
 # optimizers, the VAE and SDXL compare the same way: benchmarks/memory.md, `--check-real`; a test
 # of each would take minutes.)
-SMALL = BenchSetting(family="sd1", resolution=64, batch_size=1, width_divisor=8, rank=4, precision="bf16-weights",
-                     optimizer="adamw")
+SMALL = BenchSetting(
+    family="sd1", resolution=64, batch_size=1, width_divisor=8, rank=4, precision="bf16-weights", optimizer="adamw"
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +91,16 @@ def test_autocast_follows_cuda_lists_while_active_and_cpu_lists_after():
 
     def dtypes(x, weight):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return {"linear": F.linear(x.flatten(1), weight).dtype, "matmul": (x @ x).dtype,
-                    "baddbmm": torch.baddbmm(x[0], x[0], x[0]).dtype, "conv2d": F.conv2d(x, x).dtype,
-                    "group_norm": F.group_norm(x, 2).dtype, "layer_norm": F.layer_norm(x, (4,)).dtype,
-                    "softmax": x.softmax(-1).dtype, "upsample": F.interpolate(x, scale_factor=2.0).dtype}
+            return {
+                "linear": F.linear(x.flatten(1), weight).dtype,
+                "matmul": (x @ x).dtype,
+                "baddbmm": torch.baddbmm(x[0], x[0], x[0]).dtype,
+                "conv2d": F.conv2d(x, x).dtype,
+                "group_norm": F.group_norm(x, 2).dtype,
+                "layer_norm": F.layer_norm(x, (4,)).dtype,
+                "softmax": x.softmax(-1).dtype,
+                "upsample": F.interpolate(x, scale_factor=2.0).dtype,
+            }
 
     # float32 inputs, as the UNet's float32 LoRA weights and norm outputs are
     x, weight = torch.randn(8, 8, 4, 4), torch.randn(8, 128)
@@ -105,7 +112,7 @@ def test_autocast_follows_cuda_lists_while_active_and_cpu_lists_after():
         with FakeTensorMode(allow_non_fake_inputs=True):  # the estimate's tensors
             assert dtypes(torch.empty(8, 8, 4, 4), torch.empty(8, 128)) == cuda
     # CPU autocast leaves norms, softmax and upsampling in the input's dtype: the policy is gone again.
-    assert dtypes(x.bfloat16(), weight) == {name: torch.bfloat16 for name in cuda}
+    assert dtypes(x.bfloat16(), weight) == dict.fromkeys(cuda, torch.bfloat16)
 
 
 def test_estimate_on_fake_tensors_equals_the_real_cpu_step(small_runs):

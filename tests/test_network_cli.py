@@ -7,21 +7,36 @@ from pathlib import Path
 
 import pytest
 import torch
+from network_reference import pipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
+from training import unet_output
 
 import lorafit
 from lorafit.cli import main
-from network_reference import pipeline
-from training import unet_output
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _fit(tmp_path, tiny_models, demo_data, *args: str):
-    main(["fit", "--config", str(REPO / "configs" / "tiny-demo.yaml"), "--model.model", tiny_models["sdxl"],
-          "--data.train_dir", demo_data, "--trainer.default_root_dir", str(tmp_path / "run"),
-          "--trainer.max_epochs", "1", "--trainer.logger", "false", *args])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "tiny-demo.yaml"),
+            "--model.model",
+            tiny_models["sdxl"],
+            "--data.train_dir",
+            demo_data,
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.logger",
+            "false",
+            *args,
+        ]
+    )
 
 
 def test_network_options_from_a_config_file_reach_the_exported_file(tmp_path, tiny_models, demo_data):
@@ -57,8 +72,17 @@ def test_a_lokr_run_resumes_from_its_checkpoint(tmp_path, tiny_models, demo_data
     first = load_file(str(lora / "ohwx-star-epoch-001.safetensors"))
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["state_dict"] and all(".lokr_" in k for k in checkpoint["state_dict"])  # adapter only
-    _fit(tmp_path, tiny_models, demo_data, "--model.network_type", "lokr", "--trainer.max_epochs", "2",
-         "--ckpt_path", str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    _fit(
+        tmp_path,
+        tiny_models,
+        demo_data,
+        "--model.network_type",
+        "lokr",
+        "--trainer.max_epochs",
+        "2",
+        "--ckpt_path",
+        str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+    )
     second = load_file(str(lora / "ohwx-star-epoch-002.safetensors"))
     assert second.keys() == first.keys() and any(k.endswith(".lokr_w1") for k in second)
     assert any(not torch.equal(first[k], second[k]) for k in first), "the resumed epoch trained nothing"

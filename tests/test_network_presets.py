@@ -14,8 +14,10 @@ from lorafit.networks.presets import preset_modules, select_modules
 def unets(tiny_models):
     from diffusers import UNet2DConditionModel
 
-    return {family: UNet2DConditionModel.from_pretrained(tiny_models[family], subfolder="unet")
-            for family in ("sd1", "sdxl")}
+    return {
+        family: UNet2DConditionModel.from_pretrained(tiny_models[family], subfolder="unet")
+        for family in ("sd1", "sdxl")
+    }
 
 
 _ATTENTION = (".to_q", ".to_k", ".to_v", ".to_out.0")
@@ -54,23 +56,38 @@ def test_full_preset_adds_resnets_samplers_conv_in_out_and_time_embedding(unets)
     unet = unets["sd1"]
     full = preset_modules(unet, "full")
     assert preset_modules(unet, "attn-mlp") < full
-    for name in ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2",
-                 "down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.time_emb_proj",
-                 "down_blocks.1.resnets.0.conv_shortcut", "down_blocks.0.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv"):
+    for name in (
+        "conv_in",
+        "conv_out",
+        "time_embedding.linear_1",
+        "time_embedding.linear_2",
+        "down_blocks.0.resnets.0.conv1",
+        "down_blocks.0.resnets.0.time_emb_proj",
+        "down_blocks.1.resnets.0.conv_shortcut",
+        "down_blocks.0.downsamplers.0.conv",
+        "up_blocks.0.upsamplers.0.conv",
+    ):
         assert name in full
     locon = preset_modules(unet, "attn", with_conv_blocks=True)
-    assert "down_blocks.0.resnets.0.conv2" in locon and "conv_in" not in locon and "up_blocks.1.attentions.0.proj_in" not in locon
+    assert (
+        "down_blocks.0.resnets.0.conv2" in locon
+        and "conv_in" not in locon
+        and "up_blocks.1.attentions.0.proj_in" not in locon
+    )
 
 
 def test_include_and_exclude_regexes(unets):
     unet = unets["sd1"]
-    chosen = select_modules(unet, preset_modules(unet, "attn"), include=[r"ff\.net\.2", "conv_in"],
-                            exclude=[r"up_blocks\..*", "to_k"])
+    chosen = select_modules(
+        unet, preset_modules(unet, "attn"), include=[r"ff\.net\.2", "conv_in"], exclude=[r"up_blocks\..*", "to_k"]
+    )
     assert "conv_in" in chosen and "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2" in chosen
     assert not any(n.startswith("up_blocks.") or n.endswith(".to_k") for n in chosen)
     # Suffix lists and one full-match regex keep PEFT's meaning of target_modules.
     assert set(select_modules(unet, ["to_q"])) == {n for n in preset_modules(unet, "attn") if n.endswith("to_q")}
-    assert set(select_modules(unet, r".*attn2\.to_v")) == {n for n in preset_modules(unet, "attn") if n.endswith("attn2.to_v")}
+    assert set(select_modules(unet, r".*attn2\.to_v")) == {
+        n for n in preset_modules(unet, "attn") if n.endswith("attn2.to_v")
+    }
 
 
 def test_bad_targets_are_one_line_errors(unets):
@@ -87,8 +104,15 @@ def test_bad_targets_are_one_line_errors(unets):
 
 def test_rank_and_alpha_per_module(unets):
     modules = dict(unets["sd1"].named_modules())
-    spec = NetworkSpec("locon", rank=8, alpha=4.0, conv_rank=2, conv_alpha=1.0,
-                       rank_pattern={r"up_blocks\.1\..*": 16}, alpha_pattern={r"ff\.net\.2": 0.5})
+    spec = NetworkSpec(
+        "locon",
+        rank=8,
+        alpha=4.0,
+        conv_rank=2,
+        conv_alpha=1.0,
+        rank_pattern={r"up_blocks\.1\..*": 16},
+        alpha_pattern={r"ff\.net\.2": 0.5},
+    )
     q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     conv = "down_blocks.0.resnets.0.conv1"
     assert module_rank_alpha(spec, q, modules[q]) == (8, 4.0)

@@ -11,18 +11,27 @@ import json
 
 import pytest
 import torch
+from app_reference import apply_kohya_file
+from network_reference import pipeline, text_outputs
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-import lorafit
-from app_reference import apply_kohya_file
-from lorafit.cli import main
-from network_reference import pipeline, text_outputs
 from training import train, unet_output
 
+import lorafit
+from lorafit.cli import main
+
 CASES = {
-    "sd1-locon": ("sd1", "locon", {"target_preset": "attn-mlp", "conv_rank": 2, "conv_alpha": 1.0,
-                                   "rank_pattern": {r"up_blocks\.1\..*": 8}, "alpha_pattern": {r"ff\.net\.2": 1.0}}),
+    "sd1-locon": (
+        "sd1",
+        "locon",
+        {
+            "target_preset": "attn-mlp",
+            "conv_rank": 2,
+            "conv_alpha": 1.0,
+            "rank_pattern": {r"up_blocks\.1\..*": 8},
+            "alpha_pattern": {r"ff\.net\.2": 1.0},
+        },
+    ),
     "sdxl-locon": ("sdxl", "locon", {}),
     "sd1-loha": ("sd1", "loha", {"target_preset": "full"}),
     "sdxl-lokr": ("sdxl", "lokr", {"target_preset": "full", "conv_rank": 2}),
@@ -42,8 +51,19 @@ class _Encoders:
 def trained(request, tiny_models, demo_data, tmp_path_factory):
     family, network_type, options = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    _, module = train(tiny_models[family], demo_data, root, max_epochs=1, rank=4, alpha=2.0, learning_rate=1e-2,
-                      train_text_encoder=True, network_type=network_type, export={"every_n_epochs": 0}, **options)
+    _, module = train(
+        tiny_models[family],
+        demo_data,
+        root,
+        max_epochs=1,
+        rank=4,
+        alpha=2.0,
+        learning_rate=1e-2,
+        train_text_encoder=True,
+        network_type=network_type,
+        export={"every_n_epochs": 0},
+        **options,
+    )
     expected = {"unet": unet_output(module.unet), "text": text_outputs(_Encoders(module))}
     base = unet_output(pipeline(tiny_models[family]).unet)
     assert (base - expected["unet"]).abs().max() > 1e-3, "training changed nothing; the comparisons prove nothing"
@@ -56,7 +76,7 @@ def _close(got, want, tolerance: float = 1e-4) -> bool:
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_lorafit_loader_reproduces_training_model(trained, fmt):
-    family, network_type, lora, expected, model_dir = trained
+    _family, network_type, lora, expected, model_dir = trained
     path = lora / ("test.safetensors" if fmt == "kohya" else "diffusers/test.safetensors")
     if fmt == "diffusers" and network_type not in DIFFUSERS_LOADS:
         assert not path.exists(), "a diffusers-format file diffusers cannot load was written"
@@ -69,14 +89,14 @@ def test_lorafit_loader_reproduces_training_model(trained, fmt):
 
 def test_apps_read_the_kohya_file_as_trained(trained):
     """A1111/ComfyUI's formulas for the type (LyCORIS's for DoRA), applied to the raw file."""
-    family, network_type, lora, expected, model_dir = trained
+    family, _network_type, lora, expected, model_dir = trained
     pipe = apply_kohya_file(pipeline(model_dir), family, lora / "test.safetensors")
     assert _close(unet_output(pipe.unet), expected["unet"])
     assert all(_close(got, want) for got, want in zip(text_outputs(pipe), expected["text"]))
 
 
 def test_diffusers_loads_what_it_supports(trained):
-    family, network_type, lora, expected, model_dir = trained
+    _family, network_type, lora, expected, model_dir = trained
     pipe = pipeline(model_dir)
     if network_type not in DIFFUSERS_LOADS:
         with pytest.raises(ValueError):  # diffusers 0.42 refuses LoHa/LoKr keys
@@ -111,7 +131,11 @@ def test_kohya_keys_shapes_and_metadata(trained):
         down, up = tensors[f"{conv1}.lora_down.weight"], tensors[f"{conv1}.lora_up.weight"]
         assert down.dim() == 4 and down.shape[2:] == (3, 3) and up.shape[2:] == (1, 1)
     if network_type == "locon":
-        assert metadata["ss_network_module"] == "networks.lora" and not parts - {"lora_down.weight", "lora_up.weight", "alpha"}
+        assert metadata["ss_network_module"] == "networks.lora" and not parts - {
+            "lora_down.weight",
+            "lora_up.weight",
+            "alpha",
+        }
         if family == "sd1":
             assert args == {"conv_dim": "2", "conv_alpha": "1.0"} and tensors[f"{conv1}.alpha"].item() == 1.0
             assert tensors[f"{conv1}.lora_down.weight"].shape[0] == 2
@@ -133,7 +157,7 @@ def test_kohya_keys_shapes_and_metadata(trained):
 
 
 def test_kohya_lorafit_kohya_round_trip_is_byte_stable(trained, tmp_path):
-    family, network_type, lora, _, model_dir = trained
+    _family, network_type, lora, _, model_dir = trained
     source = lora / "test.safetensors"
     main(["convert", str(source), str(tmp_path / "same.safetensors"), "--base", model_dir, "--to", "kohya"])
     rounds = [tmp_path / "same.safetensors"]
@@ -153,7 +177,7 @@ def test_kohya_lorafit_kohya_round_trip_is_byte_stable(trained, tmp_path):
 
 def test_strength_follows_the_apps(trained):
     """0 is the base model bit for bit; 0.5 is W + 0.5 (W' - W), DoRA included."""
-    family, network_type, lora, _, model_dir = trained
+    family, _network_type, lora, _, model_dir = trained
     pipe = pipeline(model_dir)
     base = unet_output(pipe.unet)
     name = lorafit.load_lora(pipe, lora / "test.safetensors", weight=0.0)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from training import logged_metrics, train, unet_output
 
 from lorafit.cli import main
-from lorafit.module import LoraDiffusionModule
-from lorafit.nonfinite import NonFiniteLossError
+from lorafit.training.module import LoraDiffusionModule
+from lorafit.training.nonfinite import NonFiniteLossError
 
 
 class StepsStarted(Callback):
@@ -26,6 +26,7 @@ class StepsStarted(Callback):
 @pytest.fixture
 def inf_loss_at_step(monkeypatch):
     """Make the training loss infinite at the given optimizer step(s)."""
+
     def poison(*steps: int):
         original = LoraDiffusionModule.weighted_loss
 
@@ -36,11 +37,13 @@ def inf_loss_at_step(monkeypatch):
             return loss
 
         monkeypatch.setattr(LoraDiffusionModule, "weighted_loss", weighted_loss)
+
     return poison
 
 
-def test_injected_inf_stops_with_a_message_and_the_last_export_still_loads(inf_loss_at_step, tiny_models,
-                                                                            demo_data, tmp_path):
+def test_injected_inf_stops_with_a_message_and_the_last_export_still_loads(
+    inf_loss_at_step, tiny_models, demo_data, tmp_path
+):
     class Remember(Callback):
         """The UNet's output just before the bad step (global step 2)."""
 
@@ -51,8 +54,16 @@ def test_injected_inf_stops_with_a_message_and_the_last_export_still_loads(inf_l
     inf_loss_at_step(2)
     remember = Remember()
     with pytest.raises(NonFiniteLossError) as error:
-        train(tiny_models["sdxl"], demo_data, tmp_path, max_epochs=10, max_steps=6, batch_size=1,
-              export={"every_n_steps": 1, "every_n_epochs": 0}, trainer_kwargs={"callbacks": [remember]})
+        train(
+            tiny_models["sdxl"],
+            demo_data,
+            tmp_path,
+            max_epochs=10,
+            max_steps=6,
+            batch_size=1,
+            export={"every_n_steps": 1, "every_n_epochs": 0},
+            trainer_kwargs={"callbacks": [remember]},
+        )
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("loss is inf at step 2 (epoch 0, batch 2, samples: ")
@@ -60,8 +71,10 @@ def test_injected_inf_stops_with_a_message_and_the_last_export_still_loads(inf_l
     assert "learning rate too high" in message and "fp16" in message and "nonfinite_loss: skip" in message
 
     lora = tmp_path / "lora"
-    assert sorted(p.name for p in lora.glob("*.safetensors")) == ["test-step-000001.safetensors",
-                                                                  "test-step-000002.safetensors"]
+    assert sorted(p.name for p in lora.glob("*.safetensors")) == [
+        "test-step-000001.safetensors",
+        "test-step-000002.safetensors",
+    ]
     assert not (lora / "test.safetensors").exists(), "no final export after a stop"
     assert not list(lora.rglob("*.tmp"))
     # The last file holds exactly the weights from before the bad step.
@@ -73,14 +86,20 @@ def test_injected_inf_stops_with_a_message_and_the_last_export_still_loads(inf_l
     assert all(torch.isfinite(t).all() for t in load_file(str(lora / "test-step-000002.safetensors")).values())
 
 
-def test_a_bad_step_stops_the_run_one_step_later_without_any_export(inf_loss_at_step, tiny_models, demo_data,
-                                                                     tmp_path):
+def test_a_bad_step_stops_the_run_one_step_later_without_any_export(inf_loss_at_step, tiny_models, demo_data, tmp_path):
     """Without per-step exports the check runs a step late (no GPU stall), still naming the bad step."""
     inf_loss_at_step(1)
     steps = StepsStarted()
     with pytest.raises(NonFiniteLossError, match=r"^loss is inf at step 1 \(epoch 0, batch 1, samples: "):
-        train(tiny_models["sd1"], demo_data, tmp_path, max_epochs=10, max_steps=6, batch_size=1,
-              trainer_kwargs={"callbacks": [steps]})
+        train(
+            tiny_models["sd1"],
+            demo_data,
+            tmp_path,
+            max_epochs=10,
+            max_steps=6,
+            batch_size=1,
+            trainer_kwargs={"callbacks": [steps]},
+        )
     assert steps.started == [0, 1, 2], "stopped at the end of the step after the bad one"
     assert not list((tmp_path / "lora").rglob("*.safetensors"))
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
@@ -88,8 +107,16 @@ def test_a_bad_step_stops_the_run_one_step_later_without_any_export(inf_loss_at_
 
 def test_overflowing_learning_rate_stops_the_run(tiny_models, demo_data, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"LoRA weights became NaN/Inf after step|loss is (nan|inf)"):
-        train(tiny_models["sd1"], demo_data, tmp_path, max_epochs=10, max_steps=6, batch_size=1,
-              learning_rate=1e30, export={"every_n_steps": 1})
+        train(
+            tiny_models["sd1"],
+            demo_data,
+            tmp_path,
+            max_epochs=10,
+            max_steps=6,
+            batch_size=1,
+            learning_rate=1e30,
+            export={"every_n_steps": 1},
+        )
     for path in (tmp_path / "lora").rglob("*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(str(path)).values()), path
     assert not (tmp_path / "lora" / "test.safetensors").exists()
@@ -104,15 +131,31 @@ def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(tiny_model
                 next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
 
     with pytest.raises(NonFiniteLossError, match=r"^LoRA weights became NaN/Inf after step 2 \(epoch 0, batch 1"):
-        train(tiny_models["sd1"], demo_data, tmp_path, max_epochs=10, max_steps=6, batch_size=1,
-              export={"every_n_steps": 1, "every_n_epochs": 0}, trainer_kwargs={"callbacks": [InfGradient()]})
+        train(
+            tiny_models["sd1"],
+            demo_data,
+            tmp_path,
+            max_epochs=10,
+            max_steps=6,
+            batch_size=1,
+            export={"every_n_steps": 1, "every_n_epochs": 0},
+            trainer_kwargs={"callbacks": [InfGradient()]},
+        )
     assert sorted(p.name for p in (tmp_path / "lora").glob("*.safetensors")) == ["test-step-000001.safetensors"]
 
 
 def test_skip_mode_drops_the_batch_counts_it_and_finishes(inf_loss_at_step, tiny_models, demo_data, tmp_path):
     inf_loss_at_step(1, 3)
-    _, module = train(tiny_models["sdxl"], demo_data, tmp_path, max_epochs=10, max_steps=4, batch_size=1,
-                      log_metrics=True, nonfinite_loss="skip")
+    _, module = train(
+        tiny_models["sdxl"],
+        demo_data,
+        tmp_path,
+        max_epochs=10,
+        max_steps=4,
+        batch_size=1,
+        log_metrics=True,
+        nonfinite_loss="skip",
+    )
     assert module.skipped_nonfinite >= 2
     assert max(logged_metrics(tmp_path, "loss/skipped_nonfinite").values()) == module.skipped_nonfinite
     assert (tmp_path / "lora" / "test.safetensors").is_file()
@@ -123,9 +166,25 @@ def test_skip_mode_drops_the_batch_counts_it_and_finishes(inf_loss_at_step, tiny
 
 def test_cli_prints_the_stop_as_one_line(tiny_models, demo_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny-demo.yaml"), "--model.model", tiny_models["sdxl"], "--data.train_dir",
-              demo_data, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "3",
-              "--model.learning_rate", "1e30", "--trainer.logger", "false"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(Path(__file__).resolve().parents[1] / "configs" / "tiny-demo.yaml"),
+                "--model.model",
+                tiny_models["sdxl"],
+                "--data.train_dir",
+                demo_data,
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--trainer.max_steps",
+                "3",
+                "--model.learning_rate",
+                "1e30",
+                "--trainer.logger",
+                "false",
+            ]
+        )
     assert exit_info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorafit: error:")]
     assert len(err) == 1 and ("NaN/Inf" in err[0] or "loss is" in err[0]), err

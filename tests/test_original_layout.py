@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.models.original_checkpoint import original_state_dict, save_original_checkpoint
-from lorafit.models.original_layout import (
+from lorafit.families.original_checkpoint import original_state_dict, save_original_checkpoint
+from lorafit.families.original_layout import (
     original_module_to_unet,
     original_unet_names,
     unet_module_to_original,
 )
-from lorafit.models.tiny import FAMILIES, build_tiny_pipeline
+from lorafit.families.tiny import FAMILIES, build_tiny_pipeline
 
 SDXL_UNET = dict(
     sample_size=128,
@@ -39,7 +39,10 @@ SD2_UNET = dict(
     sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
 )
 CLIP_L = dict(
-    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
     hidden_act="quick_gelu",
 )
 # SD2 keeps 23 of OpenCLIP ViT-H's 24 layers (it conditions on the penultimate one).
@@ -99,9 +102,7 @@ def test_sdxl_names_match_kohya_sgm_paths():
             "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
         ),
         "mid_block.attentions.0.proj_in": "middle_block.1.proj_in",
-        "up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2": (
-            "output_blocks.2.1.transformer_blocks.9.ff.net.2"
-        ),
+        "up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2": ("output_blocks.2.1.transformer_blocks.9.ff.net.2"),
         "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
         "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
         "up_blocks.2.resnets.2.conv_shortcut": "output_blocks.8.0.skip_connection",
@@ -147,31 +148,43 @@ def test_names_without_original_counterpart_raise():
 @pytest.mark.parametrize(
     "family, model_type, keys",
     [
-        ("sd1", "v1", {
-            "model.diffusion_model.output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),
-            "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
-            "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
-            "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
-            "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
-            "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
-            "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
-        }),
-        ("sd2", "v2", {
-            "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
-            "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),
-            "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight": (3072, 1024),
-            "cond_stage_model.model.positional_embedding": (77, 1024),
-            "cond_stage_model.model.ln_final.weight": (1024,),
-        }),
-        ("sdxl", "xl_base", {
-            "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
-            "model.diffusion_model.input_blocks.6.0.op.weight": (640, 640, 3, 3),
-            "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
-            "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
-            "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
-            "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
-            "conditioner.embedders.1.model.text_projection": (1280, 1280),
-        }),
+        (
+            "sd1",
+            "v1",
+            {
+                "model.diffusion_model.output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),
+                "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+                "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+                "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+                "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+                "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+                "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+            },
+        ),
+        (
+            "sd2",
+            "v2",
+            {
+                "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+                "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),
+                "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight": (3072, 1024),
+                "cond_stage_model.model.positional_embedding": (77, 1024),
+                "cond_stage_model.model.ln_final.weight": (1024,),
+            },
+        ),
+        (
+            "sdxl",
+            "xl_base",
+            {
+                "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+                "model.diffusion_model.input_blocks.6.0.op.weight": (640, 640, 3, 3),
+                "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+                "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+                "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+                "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+                "conditioner.embedders.1.model.text_projection": (1280, 1280),
+            },
+        ),
     ],
 )
 def test_real_size_layout_is_what_diffusers_reads(family, model_type, keys):

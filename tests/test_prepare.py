@@ -101,8 +101,7 @@ def _write_tree(base: Path) -> tuple[Path, Path]:
     _save(Image.fromarray(gradient), cat / "nested" / "d16.tiff", "sks cat, 16-bit scan")
     _save(_noise((320, 256), "CMYK", seed=7), cat / "nested" / "cmyk.jpg", "sks cat, print", quality=90)
     frames = [Image.new("RGB", (288, 288), c) for c in ((200, 40, 40), (40, 40, 200))]  # GIF stores P
-    _save(frames[0], cat / "nested" / "anim.gif", "sks cat, animated", save_all=True,
-          append_images=frames[1:])
+    _save(frames[0], cat / "nested" / "anim.gif", "sks cat, animated", save_all=True, append_images=frames[1:])
     _save(_noise((64, 64), seed=8), cat / "nested" / "tiny.png", "sks cat, tiny")
     _save(_noise((256, 256), seed=9), cat / "badcap.png")
     (cat / "badcap.txt").write_bytes(b"\xff\xfe\x00not utf-8\xc3")
@@ -181,8 +180,12 @@ def test_prepare_messy_tree(tree, tmp_path):
     # Per-folder counts, repeat weights, kohya tag frequency, bucket histogram.
     folders = {(Path(f["root"]).name, f["folder"]): f for f in summary["folders"]}
     assert {k: (f["images_in"], f["written"], f["skipped"]) for k, f in folders.items()} == {
-        ("train", "10_ohwx dog"): (8, 4, 4), ("train", "5_sks cat"): (6, 5, 1),
-        ("train", "1_style"): (2, 2, 0), ("train", "misc"): (1, 0, 1), ("reg", "1_dog"): (2, 2, 0)}
+        ("train", "10_ohwx dog"): (8, 4, 4),
+        ("train", "5_sks cat"): (6, 5, 1),
+        ("train", "1_style"): (2, 2, 0),
+        ("train", "misc"): (1, 0, 1),
+        ("reg", "1_dog"): (2, 2, 0),
+    }
     per_repeat = summary["images_per_repeat"]
     assert {r: v["images"] for r, v in per_repeat["instance"].items()} == {"10": 4, "5": 5, "1": 2}
     assert per_repeat["instance"]["10"]["samples_per_epoch"] == 40
@@ -196,10 +199,20 @@ def test_prepare_messy_tree(tree, tmp_path):
     samples = _read_shards(out)
     assert len(samples) == 13
     assert set(samples) == {
-        "10_ohwx dog/a.jpg", "10_ohwx dog/rot.jpg", "10_ohwx dog/alpha.png", "10_ohwx dog/nocap.webp",
-        "5_sks cat/c.bmp", "5_sks cat/nested/d16.tiff", "5_sks cat/nested/cmyk.jpg",
-        "5_sks cat/nested/anim.gif", "5_sks cat/nested/tiny.png", "1_style/s.png", "1_style/g.png",
-        "1_dog/r1.jpg", "1_dog/r2.png"}
+        "10_ohwx dog/a.jpg",
+        "10_ohwx dog/rot.jpg",
+        "10_ohwx dog/alpha.png",
+        "10_ohwx dog/nocap.webp",
+        "5_sks cat/c.bmp",
+        "5_sks cat/nested/d16.tiff",
+        "5_sks cat/nested/cmyk.jpg",
+        "5_sks cat/nested/anim.gif",
+        "5_sks cat/nested/tiny.png",
+        "1_style/s.png",
+        "1_style/g.png",
+        "1_dog/r1.jpg",
+        "1_dog/r2.png",
+    }
     for rel, sample in samples.items():
         meta = sample["meta"]
         image_keys = {"jpg", "png", "webp"} & set(sample)
@@ -214,8 +227,20 @@ def test_prepare_messy_tree(tree, tmp_path):
     a = samples["10_ohwx dog/a.jpg"]
     assert a["jpg"] == (train / "10_ohwx dog" / "a.jpg").read_bytes()  # clean JPEG: original bytes
     assert a["txt"].decode() == "ohwx dog, on grass, Sunny"  # the caption itself is kept as written
-    assert a["meta"].items() >= {"w": 400, "h": 300, "repeats": 10, "subject": "ohwx", "class": "dog",
-                                 "is_reg": False, "stored": "original", "fixes": [], "small": False}.items()
+    assert (
+        a["meta"].items()
+        >= {
+            "w": 400,
+            "h": 300,
+            "repeats": 10,
+            "subject": "ohwx",
+            "class": "dog",
+            "is_reg": False,
+            "stored": "original",
+            "fixes": [],
+            "small": False,
+        }.items()
+    )
     rot = samples["10_ohwx dog/rot.jpg"]["meta"]
     assert (rot["w"], rot["h"], rot["stored"], rot["fixes"]) == (256, 400, "jpeg", ["exif_transpose"])
     alpha = samples["10_ohwx dog/alpha.png"]
@@ -224,10 +249,13 @@ def test_prepare_messy_tree(tree, tmp_path):
     assert nocap["txt"].decode() == "ohwx dog" and nocap["meta"]["caption_source"] == "folder"
     assert nocap["meta"]["stored"] == "original" and "webp" in nocap
     cat_fixes = {rel: samples[rel]["meta"]["fixes"] for rel in samples if rel.startswith("5_sks cat")}
-    assert cat_fixes == {"5_sks cat/c.bmp": [], "5_sks cat/nested/d16.tiff": ["16bit_to_8bit"],
-                         "5_sks cat/nested/cmyk.jpg": ["cmyk_to_rgb"],
-                         "5_sks cat/nested/anim.gif": ["first_frame", "palette_to_rgb"],
-                         "5_sks cat/nested/tiny.png": []}
+    assert cat_fixes == {
+        "5_sks cat/c.bmp": [],
+        "5_sks cat/nested/d16.tiff": ["16bit_to_8bit"],
+        "5_sks cat/nested/cmyk.jpg": ["cmyk_to_rgb"],
+        "5_sks cat/nested/anim.gif": ["first_frame", "palette_to_rgb"],
+        "5_sks cat/nested/tiny.png": [],
+    }
     assert all(samples[rel]["meta"]["repeats"] == 5 for rel in cat_fixes)
     assert samples["5_sks cat/c.bmp"]["meta"]["stored"] == "png"
     assert samples["5_sks cat/nested/cmyk.jpg"]["meta"]["stored"] == "jpeg"
@@ -253,8 +281,9 @@ def test_overwrite_and_interrupted_runs(tree, tmp_path, monkeypatch):
         prepare([str(train)], out=str(out), **SETTINGS)
 
     (out / "keep.me").write_text("not ours")
-    summary = prepare([str(train)], out=str(out), reg=str(reg), overwrite=True, drop_small=True,
-                      max_samples_per_shard=4, **SETTINGS)
+    summary = prepare(
+        [str(train)], out=str(out), reg=str(reg), overwrite=True, drop_small=True, max_samples_per_shard=4, **SETTINGS
+    )
     assert (summary["samples_written"], summary["reported_skips"]) == (12, 7)
     assert "dropped because drop_small" in _report_line((out / "report.md").read_text(), "tiny.png")
     assert sorted(p.name for p in out.glob("*.tar")) == [f"train-00000{i}.tar" for i in range(3)]
@@ -285,7 +314,7 @@ def test_overwrite_and_interrupted_runs(tree, tmp_path, monkeypatch):
 
 
 def test_layout_and_setting_errors(tree, tmp_path):
-    train, reg, _ = tree
+    train, _reg, _ = tree
     with pytest.raises(LorafitError, match="--out .* is inside SRC folder"):
         prepare(str(train), out=str(train / "shards"), **SETTINGS)
     assert not (train / "shards").exists()
@@ -302,10 +331,11 @@ def test_layout_and_setting_errors(tree, tmp_path):
 
 
 def test_no_upscale_and_byte_sized_shards(tree, tmp_path):
-    train, reg, _ = tree
+    train, _reg, _ = tree
     out = tmp_path / "out"
-    summary = prepare(str(train), out=str(out), bucket_no_upscale=True, alpha_background="#000000",
-                      max_shard_bytes=1, **SETTINGS)
+    summary = prepare(
+        str(train), out=str(out), bucket_no_upscale=True, alpha_background="#000000", max_shard_bytes=1, **SETTINGS
+    )
     assert len(summary["shards"]) == summary["samples_written"] == 11  # 1 byte: one sample per shard
     samples = _read_shards(out)
     for sample in samples.values():
@@ -319,21 +349,44 @@ def test_no_upscale_and_byte_sized_shards(tree, tmp_path):
 def test_prepare_as_a_command(tree, tmp_path, capsys):
     train, reg, _ = tree
     out = tmp_path / "out"
-    args = [str(train), "--out", str(out), "--reg", str(reg), "--resolution", "512", "--max_bucket_reso",
-            "1024", "--max_samples_per_shard", "5", "--caption_ext", "txt"]
+    args = [
+        str(train),
+        "--out",
+        str(out),
+        "--reg",
+        str(reg),
+        "--resolution",
+        "512",
+        "--max_bucket_reso",
+        "1024",
+        "--max_samples_per_shard",
+        "5",
+        "--caption_ext",
+        "txt",
+    ]
     summary = auto_cli(prepare, args=args, as_positional=True, parser_mode="yaml")
     assert (summary["samples_written"], len(summary["shards"])) == (13, 3)
     assert summary["settings"]["caption_ext"] == ".txt"
 
-    several = auto_cli(prepare, args=[f"[{train},{reg}]", "--out", str(tmp_path / "o2")],
-                       as_positional=True, parser_mode="yaml")
+    several = auto_cli(
+        prepare, args=[f"[{train},{reg}]", "--out", str(tmp_path / "o2")], as_positional=True, parser_mode="yaml"
+    )
     assert several["samples_written"] == 13 and several["reg_samples"] == 0
 
     with pytest.raises(SystemExit) as exit_info:
         auto_cli(prepare, args=["--help"], as_positional=True, parser_mode="yaml")
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    for expected in ("src", "--out OUT", "--reg", "Regularization folder(s)", "--drop_small",
-                     "--bucket_no_upscale", "--alpha_background", "--overwrite", "default: 1024"):
+    for expected in (
+        "src",
+        "--out OUT",
+        "--reg",
+        "Regularization folder(s)",
+        "--drop_small",
+        "--bucket_no_upscale",
+        "--alpha_background",
+        "--overwrite",
+        "default: 1024",
+    ):
         assert expected in help_text, expected
     assert os.listdir(out)  # the command wrote its dataset

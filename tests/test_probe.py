@@ -33,17 +33,46 @@ def test_reference_set_from_prepared_dataset_and_folder(prepared, demo_data):
 
 def test_probe_end_to_end_prints_a_verdict_with_scores(prepared, tiny_models, tiny_clip, tmp_path, capsys):
     out = tmp_path / "probe"
-    main(["probe", tiny_models["sdxl"], "--data", str(prepared), "--phrasing", "a star shape",
-          "--description", "a yellow five-pointed star on a plain background", "--captions", "2",
-          "--seed", "0", "--seed", "1", "--steps", "2", "--cfg", "1", "--clip_model", tiny_clip,
-          "--device", "cpu", "--out", str(out)])
+    main(
+        [
+            "probe",
+            tiny_models["sdxl"],
+            "--data",
+            str(prepared),
+            "--phrasing",
+            "a star shape",
+            "--description",
+            "a yellow five-pointed star on a plain background",
+            "--captions",
+            "2",
+            "--seed",
+            "0",
+            "--seed",
+            "1",
+            "--steps",
+            "2",
+            "--cfg",
+            "1",
+            "--clip_model",
+            tiny_clip,
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out.splitlines()
-    titles = ("already performs well", "recognizes the concept but lacks consistency",
-              "gets close to the concept", "doesn't recognize the concept")
+    titles = (
+        "already performs well",
+        "recognizes the concept but lacks consistency",
+        "gets close to the concept",
+        "doesn't recognize the concept",
+    )
     assert printed[0].startswith("verdict: the base model ") and any(t in printed[0] for t in titles)
     assert printed[1].startswith("  what to do: ")
-    assert re.search(r"control prompt -?\d\.\d{3} \(closeness 0\) to training images among themselves -?\d\.\d{3}",
-                     printed[2])
+    assert re.search(
+        r"control prompt -?\d\.\d{3} \(closeness 0\) to training images among themselves -?\d\.\d{3}", printed[2]
+    )
     rows = printed[3:]
     assert [r.split()[0] for r in rows] == ["caption", "caption", "synonym", "description", "control"]
     assert all(re.search(r"similarity +-?\d\.\d{3} +closeness +-?\d+\.\d\d +\d+% good", r) for r in rows)
@@ -65,8 +94,8 @@ def _score(kind: str, similarities: list[float]) -> PhrasingScore:
     "caption, description, expected",
     [
         ([0.89, 0.90, 0.88, 0.92], [0.60, 0.61, 0.62, 0.60], "performs_well"),  # 4/4 seeds near the ceiling
-        ([0.89, 0.62, 0.61, 0.60], [0.60, 0.61, 0.62, 0.60], "inconsistent"),   # 1/4 seeds
-        ([0.75, 0.76, 0.74, 0.77], [0.60, 0.61, 0.62, 0.60], "gets_close"),     # mean closeness ~0.5-0.6
+        ([0.89, 0.62, 0.61, 0.60], [0.60, 0.61, 0.62, 0.60], "inconsistent"),  # 1/4 seeds
+        ([0.75, 0.76, 0.74, 0.77], [0.60, 0.61, 0.62, 0.60], "gets_close"),  # mean closeness ~0.5-0.6
         ([0.62, 0.63, 0.60, 0.61], [0.64, 0.62, 0.63, 0.60], "unknown"),
     ],
 )
@@ -96,8 +125,22 @@ def test_probe_from_captions_only_draws_without_scores(tiny_models, tmp_path, ca
     captions = tmp_path / "captions.txt"
     captions.write_text("# my concept\nohwx star, a yellow star\n\n")
     out = tmp_path / "probe"
-    main(["probe", tiny_models["sd1"], "--data", str(captions), "--seed", "0", "--steps", "1", "--device", "cpu",
-          "--out", str(out)])
+    main(
+        [
+            "probe",
+            tiny_models["sd1"],
+            "--data",
+            str(captions),
+            "--seed",
+            "0",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert "pass --clip_model for scores and a verdict" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "images").glob("*.png")) == ["00-caption-seed0.png", "01-control-seed0.png"]
     with pytest.raises(SystemExit):

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorafit.errors import LorafitError
-from lorafit.module import LoraDiffusionModule
 from training import tiny_batch, train
 
+from lorafit.errors import LorafitError
+from lorafit.training.module import LoraDiffusionModule
+
 # The tiny models' schedule (as SD's): scaled_linear betas 0.00085..0.012 over 1000 steps.
-ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
+ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)
 
 
 def _module(model_dir: str, **kwargs) -> LoraDiffusionModule:
@@ -31,7 +32,9 @@ def test_target_and_min_snr_weighting_per_prediction_type(family, prediction_typ
     latents, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
     timesteps = torch.tensor([5, 400, 900])
     alpha_bar = ALPHAS_CUMPROD[timesteps].float().view(-1, 1, 1, 1)
-    expected_target = noise if prediction_type == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    expected_target = (
+        noise if prediction_type == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    )
     target = module.target(latents, noise, timesteps)
     torch.testing.assert_close(target, expected_target, rtol=1e-4, atol=1e-5)
 
@@ -60,7 +63,7 @@ def test_zero_terminal_snr_rescales_the_schedule(tiny_models):
     # Lin et al. 2023, Algorithm 1: shift sqrt(alpha_bar) so the last is 0, rescale so the first is unchanged.
     root = ALPHAS_CUMPROD.sqrt()
     rescaled = (root - root[-1]) * root[0] / (root[0] - root[-1])
-    torch.testing.assert_close(module.noise_scheduler.alphas_cumprod.double(), rescaled ** 2, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(module.noise_scheduler.alphas_cumprod.double(), rescaled**2, rtol=1e-4, atol=1e-6)
     assert module.noise_scheduler.alphas_cumprod[-1] == 0
     # min-SNR on v-prediction stays finite at zero SNR: weight min(0, gamma) / (0 + 1) = 0.
     module.hparams.min_snr_gamma = 5.0
@@ -78,8 +81,9 @@ def test_prior_loss_weight_scales_regularization_samples(tiny_models, demo_data)
     def loss(is_reg=None):
         marked = batch if is_reg is None else {**batch, "is_reg": torch.tensor(is_reg)}
         with torch.no_grad():  # same generator seed and batch shape: same latents for every call
-            return module.denoising_loss(marked, torch.Generator().manual_seed(0), timesteps=torch.tensor([300, 600]),
-                                         noise=noise).item()
+            return module.denoising_loss(
+                marked, torch.Generator().manual_seed(0), timesteps=torch.tensor([300, 600]), noise=noise
+            ).item()
 
     plain = loss()  # (l0 + l1) / 2; absent is_reg = no regularization samples
     assert loss([False, False]) == pytest.approx(plain)
@@ -129,8 +133,12 @@ def test_loss_types_reach_the_training_loss(loss_type, tiny_models):
 
 def _lora_grads(module, batch) -> dict[str, torch.Tensor]:
     module.zero_grad()
-    loss = module.denoising_loss(batch, torch.Generator().manual_seed(0), timesteps=torch.tensor([200, 700]),
-                                 noise=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)))
+    loss = module.denoising_loss(
+        batch,
+        torch.Generator().manual_seed(0),
+        timesteps=torch.tensor([200, 700]),
+        noise=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
+    )
     loss.backward()
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad and p.grad is not None}
 
@@ -216,11 +224,24 @@ class _GradNorms:
 @pytest.mark.parametrize("optimizer", ["AdamW", "AdamW8bit"])
 def test_max_grad_norm_and_accumulation_are_lightnings_and_work_here(optimizer, tiny_models, demo_data, tmp_path):
     unclipped, clipped = _GradNorms(), _GradNorms()
-    train(tiny_models["sd1"], demo_data, tmp_path / "a", max_steps=2, optimizer=optimizer, learning_rate=1e-2,
-          trainer_kwargs={"callbacks": [unclipped.callback]})
-    trainer, _ = train(tiny_models["sd1"], demo_data, tmp_path / "b", max_steps=2, optimizer=optimizer,
-                       learning_rate=1e-2, trainer_kwargs={"callbacks": [clipped.callback], "gradient_clip_val": 1e-4,
-                                                           "accumulate_grad_batches": 2})
+    train(
+        tiny_models["sd1"],
+        demo_data,
+        tmp_path / "a",
+        max_steps=2,
+        optimizer=optimizer,
+        learning_rate=1e-2,
+        trainer_kwargs={"callbacks": [unclipped.callback]},
+    )
+    trainer, _ = train(
+        tiny_models["sd1"],
+        demo_data,
+        tmp_path / "b",
+        max_steps=2,
+        optimizer=optimizer,
+        learning_rate=1e-2,
+        trainer_kwargs={"callbacks": [clipped.callback], "gradient_clip_val": 1e-4, "accumulate_grad_batches": 2},
+    )
     assert min(unclipped.norms) > 1e-3, "without clipping the gradients are larger than the clip value"
     assert clipped.norms and max(clipped.norms) <= 1e-4 * 1.001
     assert trainer.global_step == 2 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4

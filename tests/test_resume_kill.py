@@ -21,8 +21,16 @@ import torch
 from cli_runs import REPO, demo_fit_args, lora_file, lorafit_command, lorafit_env, run_lorafit
 from safetensors.torch import load_file
 
-RUN_ARGS = ["--model.train_text_encoder", "false", "--data.repeats", "1", "--data.batch_size", "4",
-            "--trainer.max_epochs", "8"]
+RUN_ARGS = [
+    "--model.train_text_encoder",
+    "false",
+    "--data.repeats",
+    "1",
+    "--data.batch_size",
+    "4",
+    "--trainer.max_epochs",
+    "8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +45,15 @@ def reference(tiny_models, demo_data, tmp_path_factory):
 
 
 def _start(args: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(lorafit_command(*args), cwd=REPO, env=lorafit_env(**env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        lorafit_command(*args),
+        cwd=REPO,
+        env=lorafit_env(**env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
@@ -56,7 +71,7 @@ def _every_file_loads(root: Path) -> int:
     """Every LoRA and checkpoint under ``root`` loads; LoRA files are readable as the umask allows."""
     umask = os.umask(0)
     os.umask(umask)
-    files = [p for p in root.rglob("*.safetensors")]
+    files = list(root.rglob("*.safetensors"))
     for path in files:
         assert load_file(str(path)), path
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
@@ -98,7 +113,7 @@ def test_sigusr1_saves_at_a_step_boundary_requeues_and_resumes_exactly(reference
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     scontrol.chmod(0o755)
     root = tmp_path / "run"
     args = demo_fit_args(tiny_models["sd1"], demo_data, root, *RUN_ARGS)
@@ -125,7 +140,7 @@ def test_sigusr1_saves_at_a_step_boundary_requeues_and_resumes_exactly(reference
 _DYING_WRITER = """
 import os, signal, sys, torch
 import safetensors.torch
-from lorafit.atomic_io import atomic_torch_save
+from lorafit.io.atomic import atomic_torch_save
 from lorafit.networks import files
 from lorafit.networks.lora_weights import LoraModuleWeights
 
@@ -169,8 +184,13 @@ def test_kill_9_in_the_middle_of_a_write_leaves_the_previous_file(writer, tmp_pa
     child kills itself exactly there. The target must still be the whole version 1.
     """
     target = tmp_path / ("last.ckpt" if writer == "checkpoint" else "lora.safetensors")
-    result = subprocess.run([sys.executable, "-c", _DYING_WRITER, writer, str(target)], env=lorafit_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _DYING_WRITER, writer, str(target)],
+        env=lorafit_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     if writer == "checkpoint":
         assert torch.load(target, weights_only=False) == {"version": 1}
@@ -187,7 +207,7 @@ def test_checkpoints_carry_the_global_rng_state_and_load_weights_only(tiny_model
 
     import numpy as np
 
-    from lorafit.module import LoraDiffusionModule
+    from lorafit.training.module import LoraDiffusionModule
 
     module = LoraDiffusionModule(model=tiny_models["sd1"], rank=4)
     module.configure_model()

@@ -10,15 +10,16 @@ import pytest
 import yaml
 from cli_runs import demo_fit_args, run_lorafit, tensorboard_scalars
 
-from lorafit.resume_settings import changed_network_settings
+from lorafit.training.resume_settings import changed_network_settings
 
 
 @pytest.fixture(scope="module")
 def one_epoch_run(tiny_models, demo_data, tmp_path_factory) -> tuple[Path, str, str]:
     """A 1-epoch run of the demo config (LoRA rank 8, alpha 4, learning rate 1e-3, text encoders trained)."""
     root = tmp_path_factory.mktemp("resume") / "run"
-    result = run_lorafit(*demo_fit_args(tiny_models["sdxl"], demo_data, root, "--trainer.max_epochs", "1",
-                                        "--samples.prompts", "[]"))
+    result = run_lorafit(
+        *demo_fit_args(tiny_models["sdxl"], demo_data, root, "--trainer.max_epochs", "1", "--samples.prompts", "[]")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root, tiny_models["sdxl"], demo_data
 
@@ -29,8 +30,20 @@ def _resume(one_epoch_run, tmp_path: Path, *settings: str, ckpt: str = "last"):
     root = tmp_path / "run"
     shutil.copytree(original, root)
     ckpt_path = str(root / "checkpoints" / "last.ckpt") if ckpt == "file" else ckpt
-    result = run_lorafit(*demo_fit_args(model, data, root, "--trainer.max_epochs", "2", "--samples.prompts", "[]",
-                                        *settings, "--ckpt_path", ckpt_path))
+    result = run_lorafit(
+        *demo_fit_args(
+            model,
+            data,
+            root,
+            "--trainer.max_epochs",
+            "2",
+            "--samples.prompts",
+            "[]",
+            *settings,
+            "--ckpt_path",
+            ckpt_path,
+        )
+    )
     return result, root
 
 
@@ -79,10 +92,25 @@ def test_a_changed_learning_rate_is_used_when_resuming_from_a_checkpoint_file(on
 
 
 def test_which_settings_count_as_changed():
-    saved = {"network_type": "lora", "rank": 8, "alpha": 4, "include": None, "rank_pattern": {},
-             "text_encoder_target_modules": ("q_proj", "v_proj"), "clip_skip": 1, "learning_rate": 1e-3}
-    same = {**saved, "alpha": 4.0, "include": [], "rank_pattern": None,
-            "text_encoder_target_modules": ["q_proj", "v_proj"], "learning_rate": 0.5, "lokr_factor": 4}
+    saved = {
+        "network_type": "lora",
+        "rank": 8,
+        "alpha": 4,
+        "include": None,
+        "rank_pattern": {},
+        "text_encoder_target_modules": ("q_proj", "v_proj"),
+        "clip_skip": 1,
+        "learning_rate": 1e-3,
+    }
+    same = {
+        **saved,
+        "alpha": 4.0,
+        "include": [],
+        "rank_pattern": None,
+        "text_encoder_target_modules": ["q_proj", "v_proj"],
+        "learning_rate": 0.5,
+        "lokr_factor": 4,
+    }
     assert changed_network_settings(saved, same, "sd1") == []  # lokr_factor: not in the checkpoint, not compared
     assert changed_network_settings(saved, {**same, "clip_skip": 2}, "sdxl") == []  # SDXL ignores clip_skip
     assert changed_network_settings(saved, {**same, "clip_skip": 2}, "sd1") == [("clip_skip", 1, 2)]
@@ -92,10 +120,12 @@ def test_which_settings_count_as_changed():
 def test_the_configured_rates_and_arguments_replace_the_saved_ones_at_the_same_point_of_the_schedule():
     import torch
 
-    from lorafit.resume_settings import use_configured_optimizer_settings
+    from lorafit.training.resume_settings import use_configured_optimizer_settings
 
     def optimizer_and_schedule(rates: dict[str, float], betas=(0.9, 0.999)):
-        groups = [{"name": name, "lr": rate, "params": [torch.nn.Parameter(torch.ones(2))]} for name, rate in rates.items()]
+        groups = [
+            {"name": name, "lr": rate, "params": [torch.nn.Parameter(torch.ones(2))]} for name, rate in rates.items()
+        ]
         optimizer = torch.optim.AdamW(groups, betas=betas)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
         return optimizer, warmup

@@ -29,12 +29,17 @@ def _browser_or_fail() -> tuple[str, str]:
         selenium = None
     if chromium and driver and selenium is not None:
         return chromium, driver
-    missing = ", ".join(name for name, found in (("chromium", chromium), ("chromedriver", driver),
-                                                 ("selenium (pip)", selenium)) if not found)
+    missing = ", ".join(
+        name
+        for name, found in (("chromium", chromium), ("chromedriver", driver), ("selenium (pip)", selenium))
+        if not found
+    )
     if os.environ.get("LORAFIT_BROWSER_TESTS") == "0":
         pytest.skip(f"LORAFIT_BROWSER_TESTS=0: browser test switched off ({missing} missing)")
-    pytest.fail(f"{missing} not installed: run `bash tools/install_browser.sh` and `pip install selenium` "
-                "(in lorafit[dev]), or set LORAFIT_BROWSER_TESTS=0 to skip this test on purpose")
+    pytest.fail(
+        f"{missing} not installed: run `bash tools/install_browser.sh` and `pip install selenium` "
+        "(in lorafit[dev]), or set LORAFIT_BROWSER_TESTS=0 to skip this test on purpose"
+    )
 
 
 @pytest.fixture()
@@ -47,8 +52,15 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1280,900", "--disable-extensions", "--no-first-run"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,900",
+        "--disable-extensions",
+        "--no-first-run",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(60)
@@ -92,23 +104,34 @@ def test_review_page_edits_filters_bulk_removes_and_detects_conflicts(browser, t
     from selenium.webdriver.support.ui import Select
 
     root = make_tree(tmp_path)
-    a_txt, b_txt, c_txt = (root / "10_ohwx dog" / "a.txt", root / "10_ohwx dog" / "nested" / "b.txt",
-                           root / "1_dog" / "c.txt")
+    a_txt, b_txt, c_txt = (
+        root / "10_ohwx dog" / "a.txt",
+        root / "10_ohwx dog" / "nested" / "b.txt",
+        root / "1_dog" / "c.txt",
+    )
     with running_server(root) as server:
         browser.get(server.url)
         _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#items .card")) == 3, what="three image cards")
 
         def card(name):
-            return next(c for c in browser.find_elements(By.CSS_SELECTOR, "#items .card") if c.get_attribute(
-                "data-id").endswith(name))
+            return next(
+                c
+                for c in browser.find_elements(By.CSS_SELECTOR, "#items .card")
+                if c.get_attribute("data-id").endswith(name)
+            )
 
         # Tag chips count over the whole dataset; images load from the server.
-        chips = {c.get_attribute("data-tag"): c.find_element(By.CLASS_NAME, "count").text
-                 for c in browser.find_elements(By.CSS_SELECTOR, "#tags .chip")}
+        chips = {
+            c.get_attribute("data-tag"): c.find_element(By.CLASS_NAME, "count").text
+            for c in browser.find_elements(By.CSS_SELECTOR, "#tags .chip")
+        }
         assert chips["watermark"] == "2" and chips["dog"] == "1" and chips["ohwx dog"] == "1"
-        _wait(lambda: browser.execute_script(
-            "return [...document.querySelectorAll('#items img')].every(i => i.complete && i.naturalWidth === 48)"),
-            what="images to load")
+        _wait(
+            lambda: browser.execute_script(
+                "return [...document.querySelectorAll('#items img')].every(i => i.complete && i.naturalWidth === 48)"
+            ),
+            what="images to load",
+        )
 
         # Edit the uncaptioned image: type, Ctrl+S saves (a new file, nothing to back up).
         box = card("c.png").find_element(By.CLASS_NAME, "caption")
@@ -136,8 +159,10 @@ def test_review_page_edits_filters_bulk_removes_and_detects_conflicts(browser, t
         assert Path(f"{a_txt}.bak").read_text() == "ohwx dog, solo, watermark\n"
 
         # Filter by clicking a tag chip: only the image with that tag stays.
-        _wait(lambda: browser.find_element(By.CSS_SELECTOR, '#tags .chip[data-tag="grass"]').click() or True,
-              what="a click on the grass chip")
+        _wait(
+            lambda: browser.find_element(By.CSS_SELECTOR, '#tags .chip[data-tag="grass"]').click() or True,
+            what="a click on the grass chip",
+        )
         shown = browser.find_elements(By.CSS_SELECTOR, "#items .card")
         assert [c.get_attribute("data-id") for c in shown] == ["0/10_ohwx dog/nested/b.png"]
         browser.find_element(By.ID, "search").clear()
@@ -149,15 +174,19 @@ def test_review_page_edits_filters_bulk_removes_and_detects_conflicts(browser, t
         browser.find_element(By.ID, "bulk-tag").send_keys("watermark")
         Select(browser.find_element(By.ID, "bulk-scope")).select_by_value("all")
         browser.find_element(By.ID, "bulk-apply").click()
-        _wait(lambda: "watermark" not in a_txt.read_text() and "watermark" not in b_txt.read_text(),
-              what="bulk removal on disk")
+        _wait(
+            lambda: "watermark" not in a_txt.read_text() and "watermark" not in b_txt.read_text(),
+            what="bulk removal on disk",
+        )
         assert a_txt.read_text() == "ohwx dog, solo, smiling\n"
         assert b_txt.read_text() == "dog, grass\n"
         assert Path(f"{a_txt}.bak").read_text() == "ohwx dog, solo, watermark, smiling\n"
         assert Path(f"{b_txt}.bak").read_text() == "dog, watermark, grass\n"
         assert c_txt.read_text() == "dog, red ball\n" and not Path(f"{c_txt}.bak").exists()  # untouched
-        _wait(lambda: not browser.find_elements(By.CSS_SELECTOR, '#tags .chip[data-tag="watermark"]'),
-              what="the watermark chip to disappear")
+        _wait(
+            lambda: not browser.find_elements(By.CSS_SELECTOR, '#tags .chip[data-tag="watermark"]'),
+            what="the watermark chip to disappear",
+        )
 
         # Someone edits b.txt behind the page's back; saving the page's edit must not clobber it.
         b_txt.write_text("changed in an editor\n")
@@ -187,8 +216,10 @@ def test_tag_chips_and_bulk_operations_use_the_caption_line_and_keep_the_other_l
     with running_server(root) as server:
         browser.get(server.url)
         _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#items .card")) == 3, what="three image cards")
-        chips = {c.get_attribute("data-tag"): c.find_element(By.CLASS_NAME, "count").text
-                 for c in browser.find_elements(By.CSS_SELECTOR, "#tags .chip")}
+        chips = {
+            c.get_attribute("data-tag"): c.find_element(By.CLASS_NAME, "count").text
+            for c in browser.find_elements(By.CSS_SELECTOR, "#tags .chip")
+        }
         assert chips["watermark"] == "2" and "note: crop the watermark" not in chips and "then retrain" not in chips
 
         def apply(op: str, tag: str) -> None:

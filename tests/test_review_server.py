@@ -31,8 +31,14 @@ def _non_loopback_address() -> str | None:
 
 
 def test_the_cli_serves_on_a_free_loopback_port_and_prints_the_url(tree):
-    process = subprocess.Popen(lorafit_command("review", str(tree)), cwd=REPO, env=lorafit_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        lorafit_command("review", str(tree)),
+        cwd=REPO,
+        env=lorafit_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines = []
         for line in process.stdout:
@@ -68,15 +74,15 @@ def test_the_server_binds_only_the_loopback_address(tree):
 
 TRAVERSALS = [
     "0/../outside/secret.png",
-    "0/%2e%2e/outside/secret.png",           # percent-encoded ..
-    "0/%2E%2E%2Foutside%2Fsecret.png",       # encoded slashes too
+    "0/%2e%2e/outside/secret.png",  # percent-encoded ..
+    "0/%2E%2E%2Foutside%2Fsecret.png",  # encoded slashes too
     "0/10_ohwx%20dog/../../outside/secret.png",
-    "0//etc/passwd",                          # absolute path after the root number
+    "0//etc/passwd",  # absolute path after the root number
     "/etc/passwd",
-    "0/linked/secret.png",                    # a folder symlink leading out of the root
-    "0/escape.png",                           # a file symlink leading out of the root
-    "1/a.png",                                # no such root
-    "0/10_ohwx dog/a.txt",                    # not an image
+    "0/linked/secret.png",  # a folder symlink leading out of the root
+    "0/escape.png",  # a file symlink leading out of the root
+    "1/a.png",  # no such root
+    "0/10_ohwx dog/a.txt",  # not an image
     "0/.hidden.png",
 ]
 
@@ -88,21 +94,26 @@ def test_every_file_parameter_refuses_paths_outside_the_dataset(tree, image_id):
         status, body = request(server, "GET", f"/api/image?id={image_id.replace(' ', '%20')}")
         assert status in (400, 403, 404), (status, body)
         assert b"PNG" not in (body if isinstance(body, bytes) else b"")
-        status, body = request(server, "POST", "/api/save",
-                               {"changes": [{"id": image_id, "text": "pwned", "version": "absent"}]})
+        status, body = request(
+            server, "POST", "/api/save", {"changes": [{"id": image_id, "text": "pwned", "version": "absent"}]}
+        )
         assert status in (400, 403, 404), (status, body)
     assert (outside / "secret.txt").read_text() == SECRET + "\n"
     assert sorted(p.name for p in outside.iterdir()) == ["secret.png", "secret.txt"]
     assert not list(tree.parent.rglob("*pwned*")) and "pwned" not in "".join(
-        p.read_text() for p in tree.parent.rglob("*.txt") if p.is_file())
+        p.read_text() for p in tree.parent.rglob("*.txt") if p.is_file()
+    )
 
 
 def test_listing_leaves_out_images_behind_symlinks_out_of_the_root(tree):
     with running_server(tree) as server:
         status, body = request(server, "GET", "/api/items")
     assert status == 200
-    assert [item["id"] for item in body["items"]] == ["0/10_ohwx dog/a.png", "0/10_ohwx dog/nested/b.png",
-                                                      "0/1_dog/c.png"]
+    assert [item["id"] for item in body["items"]] == [
+        "0/10_ohwx dog/a.png",
+        "0/10_ohwx dog/nested/b.png",
+        "0/1_dog/c.png",
+    ]
     assert "2 images reached through symlinks" in body["notes"][0]
     assert SECRET not in str(body)
 
@@ -114,9 +125,17 @@ def test_saving_is_atomic_keeps_a_bak_and_refuses_stale_versions_with_409(tree):
         a, c = items["0/10_ohwx dog/a.png"], items["0/1_dog/c.png"]
         assert a["text"] == "ohwx dog, solo, watermark" and c["version"] == "absent"
 
-        status, body = request(server, "POST", "/api/save", {"changes": [
-            {"id": a["id"], "text": "ohwx dog, solo, smiling", "version": a["version"]},
-            {"id": c["id"], "text": "dog, red ball", "version": "absent"}]})
+        status, body = request(
+            server,
+            "POST",
+            "/api/save",
+            {
+                "changes": [
+                    {"id": a["id"], "text": "ohwx dog, solo, smiling", "version": a["version"]},
+                    {"id": c["id"], "text": "dog, red ball", "version": "absent"},
+                ]
+            },
+        )
         assert status == 200 and [r["status"] for r in body["results"]] == ["saved", "saved"]
         assert a_txt.read_text() == "ohwx dog, solo, smiling\n"
         assert Path(f"{a_txt}.bak").read_text() == "ohwx dog, solo, watermark\n"
@@ -126,15 +145,23 @@ def test_saving_is_atomic_keeps_a_bak_and_refuses_stale_versions_with_409(tree):
 
         # Another tab (or an editor) saves a.txt; this page's version is now stale.
         a_txt.write_text("edited elsewhere\n")
-        status, body = request(server, "POST", "/api/save", {"changes": [
-            {"id": a["id"], "text": "my stale edit", "version": body["results"][0]["version"]}]})
+        status, body = request(
+            server,
+            "POST",
+            "/api/save",
+            {"changes": [{"id": a["id"], "text": "my stale edit", "version": body["results"][0]["version"]}]},
+        )
         assert status == 409
         assert body["results"][0]["status"] == "conflict" and body["results"][0]["text"] == "edited elsewhere"
         assert a_txt.read_text() == "edited elsewhere\n"  # not overwritten silently
 
         # Saving on top of the version the conflict reported is the user's explicit choice.
-        status, body = request(server, "POST", "/api/save", {"changes": [
-            {"id": a["id"], "text": "my edit wins", "version": body["results"][0]["version"]}]})
+        status, body = request(
+            server,
+            "POST",
+            "/api/save",
+            {"changes": [{"id": a["id"], "text": "my edit wins", "version": body["results"][0]["version"]}]},
+        )
         assert status == 200 and a_txt.read_text() == "my edit wins\n"
         assert Path(f"{a_txt}.bak").read_text() == "edited elsewhere\n"
 

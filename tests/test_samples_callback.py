@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from training import train
 
 from lorafit.callbacks.metrics import TrainingMetrics
 from lorafit.callbacks.samples import SampleImages
-from training import train
 
 PROMPTS = ["ohwx star, a yellow star --s 2 --d 5", "a photo of a cat --n blurry --s 2 --ss ddim"]
 
@@ -24,7 +24,7 @@ def _halves(path) -> tuple[np.ndarray, np.ndarray]:
     """The base-model and LoRA cells of a compare_base sample (64 px cells; labels above, 4 px gaps)."""
     image = np.asarray(Image.open(path).convert("RGB"))
     top = image.shape[0] - 4 - 64
-    return image[top:top + 64, 4:68], image[top:top + 64, 72:136]
+    return image[top : top + 64, 4:68], image[top : top + 64, 72:136]
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +34,21 @@ def tensorboard_run(tiny_models, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("samples-tb")
     samples = SampleImages(prompts=PROMPTS, steps=2, before_training=True, compare_base=True)
     logger = TensorBoardLogger(save_dir=str(root), name="tb", version=0)
-    common = dict(max_epochs=2, learning_rate=1e-2, data_kwargs={"repeats": 1, "val_dir": demo_data},
-                  trainer_kwargs={"log_every_n_steps": 1})
-    trainer, module = train(tiny_models["sdxl"], demo_data, root, callbacks=[samples, TrainingMetrics()],
-                            logger=logger, **common)
+    common = dict(
+        max_epochs=2,
+        learning_rate=1e-2,
+        data_kwargs={"repeats": 1, "val_dir": demo_data},
+        trainer_kwargs={"log_every_n_steps": 1},
+    )
+    _trainer, module = train(
+        tiny_models["sdxl"], demo_data, root, callbacks=[samples, TrainingMetrics()], logger=logger, **common
+    )
     _, plain = train(tiny_models["sdxl"], demo_data, tmp_path_factory.mktemp("no-samples"), **common)
     return root, samples, module, plain
 
 
 def test_samples_written_every_epoch_with_parameters(tensorboard_run):
-    root, samples, _, _ = tensorboard_run
+    root, _samples, _, _ = tensorboard_run
     names = sorted(p.name for p in (root / "samples").glob("*.png"))
     assert names == [f"epoch-{e:03d}_step-{s:06d}_{i:02d}.png" for e, s in ((0, 0), (1, 2), (2, 4)) for i in (0, 1)]
     parameters = Image.open(root / "samples" / "epoch-002_step-000004_01.png").text["parameters"]
@@ -96,16 +101,25 @@ def test_tensorboard_images_and_curves(tensorboard_run):
 
 
 def test_validation_noise_is_fixed_per_sample(tiny_models, demo_data):
-    from lorafit.data.sample_transform import collate
-    from lorafit.module import LoraDiffusionModule
     from training import tiny_batch
+
+    from lorafit.data.sample_transform import collate
+    from lorafit.training.module import LoraDiffusionModule
 
     module = LoraDiffusionModule(model=tiny_models["sdxl"], rank=4)
     module.configure_model()
     batch = tiny_batch(demo_data, 3)
-    samples = [{"pixel_values": batch["pixel_values"][i], "caption": batch["captions"][i],
-                "original_size": batch["original_size"][i].tolist(), "crop_top_left": batch["crop_top_left"][i].tolist(),
-                "is_reg": False, "key": batch["keys"][i]} for i in range(3)]
+    samples = [
+        {
+            "pixel_values": batch["pixel_values"][i],
+            "caption": batch["captions"][i],
+            "original_size": batch["original_size"][i].tolist(),
+            "crop_top_left": batch["crop_top_left"][i].tolist(),
+            "is_reg": False,
+            "key": batch["keys"][i],
+        }
+        for i in range(3)
+    ]
     pair = collate(samples[:2])
     reversed_pair = collate([samples[2], samples[1]])
     noise_a, steps_a, _ = module.fixed_noise(pair, batch_idx=0)
@@ -118,7 +132,6 @@ def test_validation_noise_is_fixed_per_sample(tiny_models, demo_data):
 def test_wandb_offline_run_holds_images_and_config(tiny_models, demo_data, tmp_path, monkeypatch):
     import wandb  # the wandb extra; part of the dev dependencies, so CI runs this
     from lightning.pytorch.loggers import WandbLogger
-
     from wandb_records import run_records
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -126,8 +139,15 @@ def test_wandb_offline_run_holds_images_and_config(tiny_models, demo_data, tmp_p
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lorafit-test")
     samples = SampleImages(prompts=[PROMPTS[0]], steps=2)
     try:
-        train(tiny_models["sdxl"], demo_data, tmp_path, max_epochs=1, callbacks=[samples], logger=logger,
-              data_kwargs={"repeats": 1})
+        train(
+            tiny_models["sdxl"],
+            demo_data,
+            tmp_path,
+            max_epochs=1,
+            callbacks=[samples],
+            logger=logger,
+            data_kwargs={"repeats": 1},
+        )
     finally:
         # Lightning leaves the run open. finish() returns before wandb's service process has
         # written the run file out; teardown() stops that process, which flushes it.

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from cli_runs import DEMO_CONFIG, REPO, lorafit_command, lorafit_env
+from safetensors.torch import load_file
 
 LOCAL_SLURM = REPO / "tools" / "local_slurm.sh"
 SLURM_DIR = Path(os.environ.get("LORAFIT_SLURM_DIR", "/tmp/lorafit-slurm"))
@@ -36,8 +35,10 @@ def slurm_env():
     requested = os.environ.get("LORAFIT_SLURM_TESTS") == "1"
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
     if not requested and not all(shutil.which(tool, path=search) for tool in DAEMONS):
-        pytest.skip("SLURM is not installed (set LORAFIT_SLURM_TESTS=1 to install slurm-wlm + munge and run "
-                    "this test on a local cluster: tools/local_slurm.sh)")
+        pytest.skip(
+            "SLURM is not installed (set LORAFIT_SLURM_TESTS=1 to install slurm-wlm + munge and run "
+            "this test on a local cluster: tools/local_slurm.sh)"
+        )
     status = subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True, text=True)
     was_running = "slurmctld running" in status.stdout
     up = subprocess.run(["bash", str(LOCAL_SLURM), "up"], capture_output=True, text=True, timeout=900)
@@ -77,13 +78,27 @@ def _wait(job: str, env: dict, until, what: str, timeout: float = 900) -> dict[s
 
 
 def _fit_args(tiny_models, demo_data) -> list[str]:
-    return ["--model.model", tiny_models["sd1"], "--data.train_dir", demo_data, "--data.repeats", "1",
-            "--data.batch_size", "2", "--trainer.max_epochs", "12", "--model.train_text_encoder", "false",
-            "--trainer.accelerator", "cpu"]
+    return [
+        "--model.model",
+        tiny_models["sd1"],
+        "--data.train_dir",
+        demo_data,
+        "--data.repeats",
+        "1",
+        "--data.batch_size",
+        "2",
+        "--trainer.max_epochs",
+        "12",
+        "--model.train_text_encoder",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+    ]
 
 
 def test_sbatch_template_with_2_tasks_and_a_requeued_job_ending_with_the_same_lora(
-        slurm_env, tiny_models, demo_data, tmp_path):
+    slurm_env, tiny_models, demo_data, tmp_path
+):
     runs = tmp_path / "runs"
     runs.mkdir()
     env = _job_env(slurm_env, runs)
@@ -91,9 +106,22 @@ def test_sbatch_template_with_2_tasks_and_a_requeued_job_ending_with_the_same_lo
 
     # 1. The template as a user submits it, sized for this CPU node: 2 tasks, no GPU.
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
-         f"--output={runs}/slurm-%x-%j.out", "slurm/train_single_node.sbatch", str(DEMO_CONFIG), *fit_args],
-        cwd=REPO, env=env, capture_output=True, text=True)
+        [
+            "sbatch",
+            "--parsable",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            f"--output={runs}/slurm-%x-%j.out",
+            "slurm/train_single_node.sbatch",
+            str(DEMO_CONFIG),
+            *fit_args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip()
     info = _wait(job, env, lambda i: i.get("JobState") == "COMPLETED", "completion")
@@ -108,22 +136,45 @@ def test_sbatch_template_with_2_tasks_and_a_requeued_job_ending_with_the_same_lo
     # 2. Through `lorafit submit`, then SIGUSR1 to the training tasks mid-run (what
     #    `#SBATCH --signal=SIGUSR1@90` does 90 s before the time limit).
     submitted = subprocess.run(
-        lorafit_command("submit", "--config", str(DEMO_CONFIG), "--cpu", "--ntasks-per-node", "2",
-                        "--cpus-per-task", "1", "--job-name", "requeued", "--runs-dir", str(runs), "--", *fit_args),
-        cwd=tmp_path, env=env, capture_output=True, text=True)
+        lorafit_command(
+            "submit",
+            "--config",
+            str(DEMO_CONFIG),
+            "--cpu",
+            "--ntasks-per-node",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--job-name",
+            "requeued",
+            "--runs-dir",
+            str(runs),
+            "--",
+            *fit_args,
+        ),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
     run_dir = runs / f"requeued-{job}"
     deadline = time.monotonic() + 900
     while not (run_dir / "lora" / "ohwx-star-epoch-002.safetensors").exists():
-        assert time.monotonic() < deadline and _job(job, env).get("JobState") in ("PENDING", "RUNNING"), \
+        assert time.monotonic() < deadline and _job(job, env).get("JobState") in ("PENDING", "RUNNING"), (
             "job 2 did not reach epoch 2"
+        )
         time.sleep(0.2)
     signalled = subprocess.run(["scancel", "--signal=USR1", job], env=env, capture_output=True, text=True)
     assert signalled.returncode == 0, signalled.stderr
 
-    requeued = _wait(job, env, lambda i: i.get("Restarts") == "1" and i.get("JobState") in ("PENDING", "RUNNING",
-                                                                                          "COMPLETED"), "requeue")
+    requeued = _wait(
+        job,
+        env,
+        lambda i: i.get("Restarts") == "1" and i.get("JobState") in ("PENDING", "RUNNING", "COMPLETED"),
+        "requeue",
+    )
     # A requeued job waits ~2 minutes before it may start again (SLURM sets its BeginTime); let it
     # start now to keep the test short. Real clusters just wait.
     if requeued["JobState"] == "PENDING":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file
-
 from training import train, unet_output
 
 
@@ -15,8 +14,11 @@ def test_channels_last_trains_the_same_locon_and_exports_loadable_files(tiny_mod
 
     conv = fast.unet.down_blocks[0].resnets[0].conv1
     assert conv.base_layer.weight.is_contiguous(memory_format=torch.channels_last)
-    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-               for name, p in fast.unet.named_parameters() if "lora_" in name), "the conv LoRA weights too"
+    assert any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for name, p in fast.unet.named_parameters()
+        if "lora_" in name
+    ), "the conv LoRA weights too"
 
     expected = load_file(str(tmp_path / "plain" / "lora" / "test.safetensors"))
     written = load_file(str(tmp_path / "channels-last" / "lora" / "test.safetensors"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from cli_runs import REPO
+
 from lorafit.cli import main
 
 CONFIG = str(REPO / "configs" / "sd15.yaml")
@@ -26,9 +26,17 @@ def _dry_run(capsys, *args: str) -> tuple[list[str], list[str], str]:
 
 def test_defaults_render_the_single_node_template(capsys):
     options, body, submit_line = _dry_run(capsys)
-    assert options == ["--job-name=lorafit", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1",
-                       "--cpus-per-task=8", "--signal=SIGUSR1@90", "--requeue", "--open-mode=append",
-                       "--output=runs/slurm-%x-%j.out"]
+    assert options == [
+        "--job-name=lorafit",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=1",
+        "--cpus-per-task=8",
+        "--signal=SIGUSR1@90",
+        "--requeue",
+        "--open-mode=append",
+        "--output=runs/slurm-%x-%j.out",
+    ]
     template = (REPO / "slurm" / "train_single_node.sbatch").read_text()
     template = template.replace("configs/trainer/slurm.yaml}", f"{REPO}/configs/trainer/slurm.yaml}}")
     assert body == [line for line in template.splitlines() if not line.startswith("#")]
@@ -36,22 +44,27 @@ def test_defaults_render_the_single_node_template(capsys):
     assert submit_line == f"# submit with: sbatch <this script> {CONFIG}"
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--nodes", "3"], ["--nodes=3"]),
-    (["--gpus-per-node", "4"], ["--ntasks-per-node=4", "--gpus-per-node=4"]),
-    (["--gpus_per_node", "2"], ["--ntasks-per-node=2", "--gpus-per-node=2"]),
-    (["--partition", "a100"], ["--partition=a100"]),
-    (["--time", "1-12:00:00"], ["--time=1-12:00:00"]),
-    (["--account", "proj42"], ["--account=proj42"]),
-    (["--qos", "high"], ["--qos=high"]),
-    (["--mem", "64G"], ["--mem=64G"]),
-    (["--cpus-per-task", "16"], ["--cpus-per-task=16"]),
-    (["--job-name", "dog-lora"], ["--job-name=dog-lora"]),
-    (["--signal-seconds", "300"], ["--signal=SIGUSR1@300"]),
-    (["--runs-dir", "/scratch/me/runs"], ["--output=/scratch/me/runs/slurm-%x-%j.out"]),  # and the run dir, below
-    (["--sbatch=--exclusive", "--sbatch=--constraint=h100", "--sbatch", "reservation=x"],
-     ["--exclusive", "--constraint=h100", "--reservation=x"]),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--nodes", "3"], ["--nodes=3"]),
+        (["--gpus-per-node", "4"], ["--ntasks-per-node=4", "--gpus-per-node=4"]),
+        (["--gpus_per_node", "2"], ["--ntasks-per-node=2", "--gpus-per-node=2"]),
+        (["--partition", "a100"], ["--partition=a100"]),
+        (["--time", "1-12:00:00"], ["--time=1-12:00:00"]),
+        (["--account", "proj42"], ["--account=proj42"]),
+        (["--qos", "high"], ["--qos=high"]),
+        (["--mem", "64G"], ["--mem=64G"]),
+        (["--cpus-per-task", "16"], ["--cpus-per-task=16"]),
+        (["--job-name", "dog-lora"], ["--job-name=dog-lora"]),
+        (["--signal-seconds", "300"], ["--signal=SIGUSR1@300"]),
+        (["--runs-dir", "/scratch/me/runs"], ["--output=/scratch/me/runs/slurm-%x-%j.out"]),  # and the run dir, below
+        (
+            ["--sbatch=--exclusive", "--sbatch=--constraint=h100", "--sbatch", "reservation=x"],
+            ["--exclusive", "--constraint=h100", "--reservation=x"],
+        ),
+    ],
+)
 def test_each_option_lands_in_the_header(capsys, args, expected):
     options, _, _ = _dry_run(capsys, *args)
     for line in expected:
@@ -88,7 +101,7 @@ def test_more_configs_and_fit_arguments_go_to_lorafit_fit(capsys, tmp_path):
 
 def test_own_template(capsys, tmp_path):
     template = tmp_path / "mine.sbatch"
-    template.write_text("#!/usr/bin/env bash\n#SBATCH --foo=1\n#SBATCH --bar=2\necho mine \"$@\"\n")
+    template.write_text('#!/usr/bin/env bash\n#SBATCH --foo=1\n#SBATCH --bar=2\necho mine "$@"\n')
     options, body, _ = _dry_run(capsys, "--template", str(template))
     assert "--foo=1" not in options and "--job-name=lorafit" in options
     assert body == ['echo mine "$@"']
@@ -102,16 +115,19 @@ def test_rendered_scripts_are_valid_bash(capsys, tmp_path):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "needs --config"),
-    (["--config", "nope.yaml"], "--config nope.yaml does not exist"),
-    (["--config", CONFIG, "--time", "soon"], "--time 'soon' is not a SLURM time"),
-    (["--config", CONFIG, "--gpus-per-node", "4", "--ntasks-per-node", "2"], "one task per GPU"),
-    (["--config", CONFIG, "--nodes", "0"], "--nodes is 0"),
-    (["--config", CONFIG, "--job-name", "my lora"], "--job-name 'my lora'"),
-    (["--config", CONFIG, "--nodes", "two"], "--nodes"),
-    (["--config", CONFIG, "--model.rank", "8"], "put `lorafit fit` arguments after `--`"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "needs --config"),
+        (["--config", "nope.yaml"], "--config nope.yaml does not exist"),
+        (["--config", CONFIG, "--time", "soon"], "--time 'soon' is not a SLURM time"),
+        (["--config", CONFIG, "--gpus-per-node", "4", "--ntasks-per-node", "2"], "one task per GPU"),
+        (["--config", CONFIG, "--nodes", "0"], "--nodes is 0"),
+        (["--config", CONFIG, "--job-name", "my lora"], "--job-name 'my lora'"),
+        (["--config", CONFIG, "--nodes", "two"], "--nodes"),
+        (["--config", CONFIG, "--model.rank", "8"], "put `lorafit fit` arguments after `--`"),
+    ],
+)
 def test_bad_options_get_one_line(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["submit", "--dry-run", *args])
@@ -123,7 +139,7 @@ def test_bad_options_get_one_line(capsys, args, message):
 def test_submit_saves_the_script_and_calls_sbatch(capsys, tmp_path, monkeypatch):
     fake = tmp_path / "bin" / "sbatch"
     fake.parent.mkdir()
-    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'sbatch.args'}\necho 1234\n")
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "sbatch.args"}\necho 1234\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
     runs = tmp_path / "runs"

@@ -83,7 +83,7 @@ def test_concept_dataset_is_a_seeded_kohya_folder(tmp_path):
 
 
 def test_base_model_is_a_small_sd1_pipeline():
-    from lorafit.models.base import load_base_model
+    from lorafit.families.loading import load_base_model
 
     base = load_base_model(str(ev.BASE_DIR))
     assert (base.family, base.prediction_type) == ("sd1", "epsilon")
@@ -112,9 +112,23 @@ def demo_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("demo")
     main(["toy-data", str(root / "data")])
-    main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--model.model", str(ev.BASE_DIR),
-          "--data.train_dir", str(root / "data"), "--trainer.default_root_dir", str(root / "run"),
-          "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--model.model",
+            str(ev.BASE_DIR),
+            "--data.train_dir",
+            str(root / "data"),
+            "--trainer.default_root_dir",
+            str(root / "run"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger",
+            "false",
+        ]
+    )
     return root / "run"
 
 
@@ -126,7 +140,10 @@ def test_demo_lora_teaches_the_star_and_keeps_the_world(demo_run, base_scores):
     trigger = ev.score(pipe, ev.trigger_cases(TRIGGERED))
     in_world = ev.score(pipe, ev.in_world_cases(IN_WORLD))
     assert trigger.held_out >= max(CONCEPT_FLOOR, 5 * base_trigger.held_out), trigger.as_dict()
-    assert in_world.accuracy >= FLEXIBILITY_FLOOR * base_in_world.accuracy, (in_world.as_dict(), base_in_world.as_dict())
+    assert in_world.accuracy >= FLEXIBILITY_FLOOR * base_in_world.accuracy, (
+        in_world.as_dict(),
+        base_in_world.as_dict(),
+    )
     # Strength 0 is the base model again.
     ev.set_lora_strength(pipe, 0.0)
     assert ev.score(pipe, ev.trigger_cases(16)).held_out <= HELD_OUT_CEILING

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-
 from training import train, unet_output
 
 RANK, ALPHA = 4, 2.0  # rank != alpha, so a file that loses alpha reloads with the wrong scale
@@ -30,13 +29,21 @@ def trained(request, tiny_models, demo_data, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(f"run-{family}")
     before = {k: v.clone() for k, v in _pipeline(tiny_models[family]).unet.state_dict().items()}
-    trainer, module = train(tiny_models[family], demo_data, root, max_epochs=2, rank=RANK, alpha=ALPHA,
-                            learning_rate=1e-2, train_text_encoder=True)
+    _trainer, module = train(
+        tiny_models[family],
+        demo_data,
+        root,
+        max_epochs=2,
+        rank=RANK,
+        alpha=ALPHA,
+        learning_rate=1e-2,
+        train_text_encoder=True,
+    )
     return family, root, module, before
 
 
 def test_per_epoch_files_in_both_formats(trained):
-    family, root, module, _ = trained
+    _family, root, _module, _ = trained
     lora = root / "lora"
     for stem in ("test-epoch-001", "test-epoch-002", "test"):
         assert (lora / f"{stem}.safetensors").is_file()
@@ -63,7 +70,7 @@ def test_exported_lora_reproduces_training_model_in_diffusers(trained, tiny_mode
 
 
 def test_kohya_keys_alpha_and_metadata(trained):
-    family, root, module, _ = trained
+    family, root, _module, _ = trained
     with safe_open(str(root / "lora" / "test.safetensors"), framework="pt") as f:
         keys = set(f.keys())
         metadata = f.metadata()

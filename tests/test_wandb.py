@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from cli_runs import REPO, demo_fit_args, lorafit_env, run_lorafit
+
 from lorafit.cli import main
 from lorafit.loggers.wandb import stable_run_id
 
@@ -35,9 +35,21 @@ def test_offline_run_logs_config_and_loss_and_a_resume_continues_the_same_run(ti
     from wandb_records import wandb_records  # needs wandb: a dev dependency (the `wandb` extra)
 
     root = tmp_path / "run"
-    args = [*demo_fit_args(tiny_models["sd1"], demo_data, root, "--config", WANDB_OVERLAY,
-                           "--trainer.logger.init_args.offline", "true", "--model.train_text_encoder", "false",
-                           "--data.batch_size", "4")]
+    args = [
+        *demo_fit_args(
+            tiny_models["sd1"],
+            demo_data,
+            root,
+            "--config",
+            WANDB_OVERLAY,
+            "--trainer.logger.init_args.offline",
+            "true",
+            "--model.train_text_encoder",
+            "false",
+            "--data.batch_size",
+            "4",
+        )
+    ]
     first = run_lorafit(*args, "--trainer.max_epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = run_lorafit(*args, "--trainer.max_epochs", "2", "--ckpt_path", "last")
@@ -62,23 +74,38 @@ def test_offline_run_logs_config_and_loss_and_a_resume_continues_the_same_run(ti
     assert all(0 < loss < 10 for loss in [*first_curve.values(), *second_curve.values()])
 
 
-def test_without_wandb_the_overlay_fails_in_one_line_naming_the_extra(tiny_models, demo_data, tmp_path, capsys,
-                                                                        monkeypatch):
+def test_without_wandb_the_overlay_fails_in_one_line_naming_the_extra(
+    tiny_models, demo_data, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     with pytest.raises(SystemExit) as exit_info:
         main(demo_fit_args(tiny_models["sd1"], demo_data, tmp_path / "run", "--config", WANDB_OVERLAY))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("lorafit: error: trainer.logger: W&B logging needs the wandb package: "
-                       "pip install lorafit[wandb]"), err
+    assert err[-1] == (
+        "lorafit: error: trainer.logger: W&B logging needs the wandb package: pip install lorafit[wandb]"
+    ), err
     assert not (tmp_path / "run" / "lora").exists()
 
 
 def test_without_wandb_training_with_tensorboard_works(tiny_models, demo_data, tmp_path):
-    args = demo_fit_args(tiny_models["sd1"], demo_data, tmp_path / "run", "--trainer.max_steps", "2",
-                         "--model.train_text_encoder", "false")
-    result = subprocess.run([sys.executable, "-c", NO_WANDB, *args], cwd=REPO, env=lorafit_env(),
-                            capture_output=True, text=True, timeout=900)
+    args = demo_fit_args(
+        tiny_models["sd1"],
+        demo_data,
+        tmp_path / "run",
+        "--trainer.max_steps",
+        "2",
+        "--model.train_text_encoder",
+        "false",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", NO_WANDB, *args],
+        cwd=REPO,
+        env=lorafit_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "lora" / "ohwx-star.safetensors").is_file()
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))

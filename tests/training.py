@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from lorafit.checkpoint_io import AtomicCheckpointIO
 from lorafit.callbacks.export import LoraExport
+from lorafit.cli.lightning_cli import LAST_CHECKPOINT
 from lorafit.data.datamodule import LoraDataModule
-from lorafit.cli import LAST_CHECKPOINT
-from lorafit.module import LoraDiffusionModule
+from lorafit.training.checkpoint_io import AtomicCheckpointIO
+from lorafit.training.module import LoraDiffusionModule
 
 
 def tiny_data(data_dir: str, batch_size: int = 2, **kwargs) -> LoraDataModule:
     """The DataModule at the tiny models' 64 px (buckets from 64 to 128 px)."""
-    return LoraDataModule(train_dir=data_dir, resolution=64, batch_size=batch_size, seed=0, min_bucket_reso=64,
-                          max_bucket_reso=128, **kwargs)
+    return LoraDataModule(
+        train_dir=data_dir,
+        resolution=64,
+        batch_size=batch_size,
+        seed=0,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        **kwargs,
+    )
 
 
 def tiny_batch(data_dir: str, size: int = 2) -> dict:
@@ -32,18 +38,36 @@ def tiny_batch(data_dir: str, size: int = 2) -> dict:
     return next(iter(data.val_dataloader()))
 
 
-def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_path: Optional[str] = None,
-          seed: int = 0, max_steps: int = -1, batch_size: int = 2, precision: str = "32-true",
-          export: Optional[dict] = None, trainer_kwargs: Optional[dict] = None, log_metrics: bool = False,
-          callbacks: Optional[list] = None, logger=None, data_kwargs: Optional[dict] = None, **module_kwargs):
+def train(
+    model_dir: str,
+    data_dir: str,
+    root: Path,
+    max_epochs: int = 1,
+    ckpt_path: str | None = None,
+    seed: int = 0,
+    max_steps: int = -1,
+    batch_size: int = 2,
+    precision: str = "32-true",
+    export: dict | None = None,
+    trainer_kwargs: dict | None = None,
+    log_metrics: bool = False,
+    callbacks: list | None = None,
+    logger=None,
+    data_kwargs: dict | None = None,
+    **module_kwargs,
+):
     """Train and return (trainer, module); LoRA files land in ``root/lora``, checkpoints in ``root/checkpoints``.
 
     ``seed`` seeds the global RNGs only; the data order has its own fixed seed, as in a config file.
     ``log_metrics`` logs every step to ``root/metrics.csv`` (read it with :func:`logged_metrics`).
     """
     pl.seed_everything(seed)
-    trainer_kwargs = {"log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
-                      **(trainer_kwargs or {})}
+    trainer_kwargs = {
+        "log_every_n_steps": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        **(trainer_kwargs or {}),
+    }
     extra_callbacks = trainer_kwargs.pop("callbacks", [])
     module_kwargs = {"rank": 4, "alpha": 2.0, "learning_rate": 1e-3, **module_kwargs}
     module = LoraDiffusionModule(model=model_dir, **module_kwargs)
@@ -56,9 +80,12 @@ def train(model_dir: str, data_dir: str, root: Path, max_epochs: int = 1, ckpt_p
         max_steps=max_steps,
         precision=precision,
         logger=logger if logger is not None else (CSVLogger(str(root), name="", version="") if log_metrics else False),
-        callbacks=[LoraExport(**{"name": "test", **(export or {})}),
-                   ModelCheckpoint(dirpath=str(root / "checkpoints"), **LAST_CHECKPOINT), *extra_callbacks,
-                   *(callbacks or [])],
+        callbacks=[
+            LoraExport(**{"name": "test", **(export or {})}),
+            ModelCheckpoint(dirpath=str(root / "checkpoints"), **LAST_CHECKPOINT),
+            *extra_callbacks,
+            *(callbacks or []),
+        ],
         plugins=[AtomicCheckpointIO()],
         **trainer_kwargs,
     )

@@ -30,7 +30,7 @@ def wandb_records(path: str | Path) -> list:
             offset += room
             continue
         _, length, kind = HEADER.unpack_from(data, offset)
-        chunk = data[offset + HEADER.size: offset + HEADER.size + length]
+        chunk = data[offset + HEADER.size : offset + HEADER.size + length]
         offset += HEADER.size + length
         if kind == 0 and length == 0:
             continue

@@ -39,38 +39,59 @@ def _bool(text: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from lorafit.bench.settings import BenchSetting, PRESETS
+    from lorafit.bench.settings import PRESETS, BenchSetting
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a predefined list of settings (overrides the grid)")
     for field in dataclasses.fields(BenchSetting):
         kind = _bool if field.type in ("bool", bool) else int if field.type in ("int", int) else str
-        parser.add_argument(f"--{field.name.replace('_', '-')}", default=None, metavar="V[,V...]",
-                            help=f"default {field.default}; comma-separated values make a grid",
-                            type=lambda text, kind=kind: [kind(v) for v in text.split(",")])
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            default=None,
+            metavar="V[,V...]",
+            help=f"default {field.default}; comma-separated values make a grid",
+            type=lambda text, kind=kind: [kind(v) for v in text.split(",")],
+        )
     parser.add_argument("--device", default=None, help="cuda or cpu; default: cuda if available")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator, autotune)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per loop")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="time both loops this many times, interleaved; the best time of each counts")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time both loops this many times, interleaved; the best time of each counts",
+    )
     parser.add_argument("--loops", default="lightning,reference", help="which loops to time: lightning,reference")
-    parser.add_argument("--count-syncs", type=_bool, default=True,
-                        help="also count host syncs per step of both loops (short extra runs; default true)")
+    parser.add_argument(
+        "--count-syncs",
+        type=_bool,
+        default=True,
+        help="also count host syncs per step of both loops (short extra runs; default true)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--count-flops", action="store_true",
-                        help="only print the FLOP budget of the full-size UNets (meta device, no timing) and exit")
-    parser.add_argument("--estimate-memory", action="store_true",
-                        help="instead of timing, ESTIMATE each setting's peak GPU memory on fake tensors (no device "
-                             "needed; lorafit/bench/memory.py, docs/memory-estimate.md) and print a table")
-    parser.add_argument("--check-real", action="store_true",
-                        help="with --estimate-memory: also run each setting on real CPU tensors under the same "
-                             "tracker and print both counts (small settings only: width divisor 8, low resolution)")
+    parser.add_argument(
+        "--count-flops",
+        action="store_true",
+        help="only print the FLOP budget of the full-size UNets (meta device, no timing) and exit",
+    )
+    parser.add_argument(
+        "--estimate-memory",
+        action="store_true",
+        help="instead of timing, ESTIMATE each setting's peak GPU memory on fake tensors (no device "
+        "needed; lorafit/bench/memory.py, docs/memory-estimate.md) and print a table",
+    )
+    parser.add_argument(
+        "--check-real",
+        action="store_true",
+        help="with --estimate-memory: also run each setting on real CPU tensors under the same "
+        "tracker and print both counts (small settings only: width divisor 8, low resolution)",
+    )
     parser.add_argument("--output", default=None, help="append one JSON line per row to this file")
     return parser.parse_args(argv)
 
 
 def settings_from(args) -> list:
-    from lorafit.bench.settings import BenchSetting, PRESETS, grid
+    from lorafit.bench.settings import PRESETS, BenchSetting, grid
 
     if args.preset:
         return PRESETS[args.preset]
@@ -87,10 +108,19 @@ def print_flop_budget() -> None:
     print("|---|---|---|---|")
     for family, resolution in (("sd1", 512), ("sdxl", 1024)):
         forward = forward_flops(family, resolution)
-        step, checkpointed = (step_flops(BenchLoraModule(family, build_device="meta", rank=32, target_preset="attn"),
-                                         resolution, 1, gradient_checkpointing=gc) for gc in (False, True))
-        print(f"| {family} {resolution}² | {forward / 1e12:.3f} | {step / 1e12:.3f} ({step / forward:.2f}x) | "
-              f"{checkpointed / 1e12:.3f} ({checkpointed / forward:.2f}x) |")
+        step, checkpointed = (
+            step_flops(
+                BenchLoraModule(family, build_device="meta", rank=32, target_preset="attn"),
+                resolution,
+                1,
+                gradient_checkpointing=gc,
+            )
+            for gc in (False, True)
+        )
+        print(
+            f"| {family} {resolution}² | {forward / 1e12:.3f} | {step / 1e12:.3f} ({step / forward:.2f}x) | "
+            f"{checkpointed / 1e12:.3f} ({checkpointed / forward:.2f}x) |"
+        )
 
 
 def print_memory_estimates(settings: list, output=None, command: str = "", check_real: bool = False) -> list[dict]:
@@ -107,15 +137,19 @@ def print_memory_estimates(settings: list, output=None, command: str = "", check
         if check_real:
             real = measure_step_memory(setting)
             result["real_cpu_peak_bytes"] = real["peak_bytes"]
-            result["notes"].append(f"real CPU tensors: {real['peak_bytes']:,} B, estimate {result['peak_bytes']:,} B "
-                                   f"({result['peak_bytes'] / real['peak_bytes'] - 1:+.5%})")
+            result["notes"].append(
+                f"real CPU tensors: {real['peak_bytes']:,} B, estimate {result['peak_bytes']:,} B "
+                f"({result['peak_bytes'] / real['peak_bytes'] - 1:+.5%})"
+            )
         row = {**result, **dataclasses.asdict(setting), **env, "command": command, "kind": "memory-estimate"}
         rows.append(row)
         print(memory_table([row]).splitlines()[-1], f"({result['seconds']:.0f} s)", flush=True)
         if output:
             write_jsonl([row], output)
-    print(f"\nESTIMATE (fake tensors, no GPU) · {env['date']} · torch {env['torch']} · lightning {env['lightning']} · "
-          f"diffusers {env['diffusers']} · peft {env['peft']} · commit {env['commit']}\n")
+    print(
+        f"\nESTIMATE (fake tensors, no GPU) · {env['date']} · torch {env['torch']} · lightning {env['lightning']} · "
+        f"diffusers {env['diffusers']} · peft {env['peft']} · commit {env['commit']}\n"
+    )
     print(memory_table(rows))
     return rows
 
@@ -150,15 +184,20 @@ def main(argv=None) -> list[dict]:
             peaks[bf16] = peak_tflops(device, bf16)
         measured = run_setting(setting, device, args.warmup, args.steps, loops, args.repeats, args.count_syncs)
         row = result_row(setting, measured, peaks[bf16][0], name, env)
-        row.update(peak_source=peaks[bf16][1], warmup=args.warmup, steps=args.steps, repeats=args.repeats,
-                   command=command)
+        row.update(
+            peak_source=peaks[bf16][1], warmup=args.warmup, steps=args.steps, repeats=args.repeats, command=command
+        )
         rows.append(row)
         print(markdown_table([row]).splitlines()[-1], flush=True)
         if args.output:
             write_jsonl([row], args.output)
-    print(f"\n{env['date']} · {name} · torch {env['torch']} · lightning {env['lightning']} · diffusers "
-          f"{env['diffusers']} · peft {env['peft']} · commit {env['commit']}")
-    print("MFU peaks: " + "; ".join(f"{'bf16' if k else 'fp32'} {v:.3g} TFLOP/s ({src})" for k, (v, src) in peaks.items()))
+    print(
+        f"\n{env['date']} · {name} · torch {env['torch']} · lightning {env['lightning']} · diffusers "
+        f"{env['diffusers']} · peft {env['peft']} · commit {env['commit']}"
+    )
+    print(
+        "MFU peaks: " + "; ".join(f"{'bf16' if k else 'fp32'} {v:.3g} TFLOP/s ({src})" for k, (v, src) in peaks.items())
+    )
     print(markdown_table(rows))
     return rows
 

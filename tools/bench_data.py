@@ -71,8 +71,15 @@ def raw_decode_resize(paths: list[Path], rounds: int) -> float:
 
 
 def pipeline_epoch(shards: Path, rounds: int, **kwargs) -> tuple[float, float]:
-    dm = LoraDataModule(shards=str(shards), resolution=RESOLUTION, max_bucket_reso=MAX_BUCKET, batch_size=BATCH,
-                        repeats=1, shuffle_buffer=64, **kwargs)
+    dm = LoraDataModule(
+        shards=str(shards),
+        resolution=RESOLUTION,
+        max_bucket_reso=MAX_BUCKET,
+        batch_size=BATCH,
+        repeats=1,
+        shuffle_buffer=64,
+        **kwargs,
+    )
     dm.prepare_data()
     dm.setup("fit")
     images = batches = 0
@@ -100,16 +107,39 @@ def write_cached(folder: Path, count: int) -> None:
         for i in range(count):
             buffer = io.BytesIO()
             torch.save(torch.randn(8, 128, 128).half(), buffer)
-            meta = {"w": 1024, "h": 1024, "repeats": 1, "is_reg": False, "original_size": [1024, 1024],
-                    "crop_top_left": [0, 0]}
-            sink.write({"__key__": f"{i:08d}", "latent.pth": buffer.getvalue(), "txt": b"ohwx dog",
-                        "json": json.dumps(meta).encode()})
+            meta = {
+                "w": 1024,
+                "h": 1024,
+                "repeats": 1,
+                "is_reg": False,
+                "original_size": [1024, 1024],
+                "crop_top_left": [0, 0],
+            }
+            sink.write(
+                {
+                    "__key__": f"{i:08d}",
+                    "latent.pth": buffer.getvalue(),
+                    "txt": b"ohwx dog",
+                    "json": json.dumps(meta).encode(),
+                }
+            )
             rows.append([1024, 1024, 1, 0, 1024, 1024])
     (folder / "index.json").write_text(json.dumps({"shards": [{"name": "train-000000.tar", "samples": rows}]}))
-    (folder / "dataset.json").write_text(json.dumps({
-        "shards": [{"name": "train-000000.tar", "samples": count}],
-        "cached": {"resolution": RESOLUTION, "bucket_spec": repr(spec), "flip_aug": False,
-                   "text_embeddings": False, "family": "sdxl", "model": "bench"}}))
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "shards": [{"name": "train-000000.tar", "samples": count}],
+                "cached": {
+                    "resolution": RESOLUTION,
+                    "bucket_spec": repr(spec),
+                    "flip_aug": False,
+                    "text_embeddings": False,
+                    "family": "sdxl",
+                    "model": "bench",
+                },
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -135,11 +165,13 @@ def main() -> None:
         ("ratio lorafit / raw (target >= 0.8)", f"{ours / raw:.2f}x"),
         ("cached SDXL latents (fp16 8x128x128), batches of 4 (1 core)", f"{cached_batches:.1f} batches/s"),
     ]
-    header = (f"## {datetime.date.today()} - {platform.processor() or platform.machine()}, "
-              f"torch {torch.__version__}, Pillow {Image.__version__}\n\n"
-              f"`python tools/bench_data.py --images {args.images} --rounds {args.rounds}`: {args.images} JPEGs "
-              f"of 1024-1920 px, resolution {RESOLUTION}, max_bucket_reso {MAX_BUCKET}.\n\n"
-              "| measure | result |\n|---|---|\n")
+    header = (
+        f"## {datetime.date.today()} - {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, Pillow {Image.__version__}\n\n"
+        f"`python tools/bench_data.py --images {args.images} --rounds {args.rounds}`: {args.images} JPEGs "
+        f"of 1024-1920 px, resolution {RESOLUTION}, max_bucket_reso {MAX_BUCKET}.\n\n"
+        "| measure | result |\n|---|---|\n"
+    )
     text = header + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
     print(text)
     out = Path(args.out)

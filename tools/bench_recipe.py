@@ -34,12 +34,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lorafit.networks.adapters import DEFAULT_UNET_TARGETS, add_lora, lora_config  # noqa: E402
-from lorafit.optim import build_optimizer, optimizer_kwargs  # noqa: E402
+from lorafit.networks.adapters import DEFAULT_UNET_TARGETS, add_lora, lora_config
+from lorafit.training.optim import build_optimizer, optimizer_kwargs
 
 OPTIMIZERS = {
     "AdamW": {},
@@ -49,7 +49,7 @@ OPTIMIZERS = {
 
 
 def tiny_unet():
-    from lorafit.models.tiny import build_tiny_pipeline
+    from lorafit.families.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("sdxl").unet, 8
 
@@ -59,8 +59,13 @@ def mid_unet():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(256, 512, 1024, 1024), layers_per_block=1,
-                                cross_attention_dim=768, attention_head_dim=8)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(256, 512, 1024, 1024),
+        layers_per_block=1,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
     return unet, 16
 
 
@@ -75,8 +80,10 @@ def unet_inputs(unet, latent_size: int, batch: int) -> tuple[tuple, dict]:
     kwargs = {}
     if config.addition_embed_type == "text_time":
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, generator=generator),
-                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=generator),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch),
+        }
     return (latents, hidden), kwargs
 
 
@@ -124,8 +131,9 @@ def tensor_mib(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)) / 2**20
 
 
-def run_one(base_unet, latent_size: int, batch: int, rank: int, optimizer_name: str, checkpointing: bool,
-            steps: int) -> dict:
+def run_one(
+    base_unet, latent_size: int, batch: int, rank: int, optimizer_name: str, checkpointing: bool, steps: int
+) -> dict:
     unet = copy.deepcopy(base_unet)
     unet.requires_grad_(False)
     add_lora(unet, lora_config(rank, rank, DEFAULT_UNET_TARGETS, "bench"), "bench")
@@ -149,10 +157,18 @@ def run_one(base_unet, latent_size: int, batch: int, rank: int, optimizer_name: 
     working = working_peak_mib(step)
     weights = tensor_mib(unet.state_dict().values())  # frozen base + LoRA
     state = tensor_mib(t for per_param in optimizer.state.values() for t in per_param.values())
-    return {"optimizer": optimizer_name, "checkpointing": checkpointing, "step_s": statistics.median(times),
-            "step_cpu_s": statistics.median(cpu_times), "optimizer_ms": optimizer_ms,
-            "lora_params": sum(p.numel() for p in params), "weights_mib": weights, "state_mib": state,
-            "working_mib": working, "total": weights + state + working}
+    return {
+        "optimizer": optimizer_name,
+        "checkpointing": checkpointing,
+        "step_s": statistics.median(times),
+        "step_cpu_s": statistics.median(cpu_times),
+        "optimizer_ms": optimizer_ms,
+        "lora_params": sum(p.numel() for p in params),
+        "weights_mib": weights,
+        "state_mib": state,
+        "working_mib": working,
+        "total": weights + state + working,
+    }
 
 
 def markdown(results: dict[str, list[dict]], settings: dict, command: str) -> str:
@@ -164,35 +180,48 @@ def markdown(results: dict[str, list[dict]], settings: dict, command: str) -> st
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as info:
             cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    method = ("- method: step time = median over the timed steps (after one warm-up step) of the process CPU time "
-              "(with one thread: the work done, little affected by other jobs on the machine) and of the wall time "
-              "(affected by them); the optimizer step's CPU time alone in its own column. Peak memory = weights "
-              "(frozen base + LoRA) + optimizer state (sizes of the live tensors) + working peak = the maximum over "
-              "one step of bytes allocated minus freed (activations, gradients, temporaries), from torch.profiler's "
-              "profile_memory events summed in time order. CPU tensor memory is what these knobs change; on a GPU "
-              "the same parts dominate VRAM.")
+    method = (
+        "- method: step time = median over the timed steps (after one warm-up step) of the process CPU time "
+        "(with one thread: the work done, little affected by other jobs on the machine) and of the wall time "
+        "(affected by them); the optimizer step's CPU time alone in its own column. Peak memory = weights "
+        "(frozen base + LoRA) + optimizer state (sizes of the live tensors) + working peak = the maximum over "
+        "one step of bytes allocated minus freed (activations, gradients, temporaries), from torch.profiler's "
+        "profile_memory events summed in time order. CPU tensor memory is what these knobs change; on a GPU "
+        "the same parts dominate VRAM."
+    )
     lines = [
         "# Benchmark: memory and time knobs of the training recipe",
         "",
         f"- date: {datetime.date.today().isoformat()}",
-        (f"- device: CPU ({cpu}), {settings['threads']} torch thread(s), {os.cpu_count()} cores shared with other "
-         f"jobs (load average {settings['load']} at the end of the run: timings are noisy)"),
-        (f"- versions: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
-         f"{transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, python {platform.python_version()}"),
+        (
+            f"- device: CPU ({cpu}), {settings['threads']} torch thread(s), {os.cpu_count()} cores shared with other "
+            f"jobs (load average {settings['load']} at the end of the run: timings are noisy)"
+        ),
+        (
+            f"- versions: torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
+            f"{transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, python {platform.python_version()}"
+        ),
         f"- command: `{command}`",
         method,
         "",
     ]
     for name, rows in results.items():
         info = settings["models"][name]
-        lines += [f"## {name}: {info}", "",
-                  ("| optimizer | grad ckpt | step CPU s | step wall s | optimizer step CPU ms | peak MiB | "
-                   "weights MiB | optimizer state MiB | working peak MiB |"),
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {name}: {info}",
+            "",
+            (
+                "| optimizer | grad ckpt | step CPU s | step wall s | optimizer step CPU ms | peak MiB | "
+                "weights MiB | optimizer state MiB | working peak MiB |"
+            ),
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in rows:
-            lines.append(f"| {r['optimizer']} | {'on' if r['checkpointing'] else 'off'} | {r['step_cpu_s']:.3f} | "
-                         f"{r['step_s']:.3f} | {r['optimizer_ms']:.1f} | "
-                         f"{r['total']:.1f} | {r['weights_mib']:.1f} | {r['state_mib']:.2f} | {r['working_mib']:.1f} |")
+            lines.append(
+                f"| {r['optimizer']} | {'on' if r['checkpointing'] else 'off'} | {r['step_cpu_s']:.3f} | "
+                f"{r['step_s']:.3f} | {r['optimizer_ms']:.1f} | "
+                f"{r['total']:.1f} | {r['weights_mib']:.1f} | {r['state_mib']:.2f} | {r['working_mib']:.1f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -220,13 +249,17 @@ def main() -> None:
                 started = time.time()
                 row = run_one(unet, latent_size, args.batch, args.rank, optimizer_name, checkpointing, args.steps)
                 rows.append(row)
-                print(f"{name} {optimizer_name} ckpt={checkpointing}: {row['step_cpu_s']:.3f} CPU s/step, peak "
-                      f"{row['total']:.1f} MiB, state {row['state_mib']:.2f} MiB ({time.time() - started:.0f} s)",
-                      flush=True)
+                print(
+                    f"{name} {optimizer_name} ckpt={checkpointing}: {row['step_cpu_s']:.3f} CPU s/step, peak "
+                    f"{row['total']:.1f} MiB, state {row['state_mib']:.2f} MiB ({time.time() - started:.0f} s)",
+                    flush=True,
+                )
         results[name] = rows
-        settings["models"][name] = (f"{millions:.0f}M-parameter UNet, {latent_size}x{latent_size} latents "
-                                    f"({latent_size * 8} px), batch {args.batch}, LoRA rank {args.rank} on attention "
-                                    f"({rows[0]['lora_params'] / 1e6:.2f}M LoRA parameters)")
+        settings["models"][name] = (
+            f"{millions:.0f}M-parameter UNet, {latent_size}x{latent_size} latents "
+            f"({latent_size * 8} px), batch {args.batch}, LoRA rank {args.rank} on attention "
+            f"({rows[0]['lora_params'] / 1e6:.2f}M LoRA parameters)"
+        )
     settings["load"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     command = "python tools/bench_recipe.py " + " ".join(sys.argv[1:])
     report = markdown(results, settings, command.strip())

@@ -62,8 +62,13 @@ def time_help(checkout: Path, verb: str, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lorafit.cli", verb, "--help"], env=_env(checkout), cwd=checkout,
-                       capture_output=True, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "lorafit.cli", verb, "--help"],
+            env=_env(checkout),
+            cwd=checkout,
+            capture_output=True,
+            check=True,
+        )
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -73,8 +78,9 @@ def time_first_save(checkout: Path, repeats: int) -> tuple[float, bool]:
     runs = []
     for _ in range(repeats):
         code = FIRST_SAVE.format(tests=str(REPO / "tests"))
-        out = subprocess.run([sys.executable, "-c", code], env=_env(checkout), cwd=checkout, capture_output=True,
-                             text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=_env(checkout), cwd=checkout, capture_output=True, text=True, check=True
+        ).stdout.split()
         runs.append((float(out[0]), out[1] == "True"))
     return min(runs)
 
@@ -83,8 +89,14 @@ def time_caption_run(checkout: Path, tagger: Path, repeats: int) -> tuple[float,
     """Best time of import + one-image WD14 captioning, and whether torch got imported."""
     runs = []
     for _ in range(repeats):
-        err = subprocess.run([sys.executable, "-c", CAPTION_RUN.format(tagger=str(tagger))], env=_env(checkout),
-                             cwd=checkout, capture_output=True, text=True, check=True).stderr.split()
+        err = subprocess.run(
+            [sys.executable, "-c", CAPTION_RUN.format(tagger=str(tagger))],
+            env=_env(checkout),
+            cwd=checkout,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr.split()
         runs.append((float(err[-2]), err[-1] == "True"))
     return min(runs)
 
@@ -96,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     checkout = args.checkout.resolve()
     save, torch_imported = time_first_save(checkout, args.repeats)
-    print("| measure | best of %d |" % args.repeats)
+    print(f"| measure | best of {args.repeats} |")
     print("|---|---|")
     for verb in ("review", "caption"):
         print(f"| `lorafit {verb} --help` | {time_help(checkout, verb, args.repeats):.2f} s |")

@@ -36,6 +36,7 @@ from lorafit.toyworld import evaluate as ev  # noqa: E402
 from lorafit.toyworld.judge import Judge, accuracy_on_fresh_pictures, to_pixels  # noqa: E402
 from lorafit.toyworld.world import COLOUR_NAMES, HELD_OUT_SHAPE, WORLD_SHAPES, render, scenes  # noqa: E402
 
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -101,7 +102,9 @@ def base_samples_image(pipe):
     rows = []
     for shape in (*WORLD_SHAPES, "ohwx"):
         cases = [ev.Case(f"a {c} {shape} on a {b} background", shape, c, b, 1000 + i) for i, (c, b) in enumerate(pairs)]
-        title = f'"a <colour> {shape} on a <colour> background"' + ("  (trigger word, never trained)" if shape == "ohwx" else "")
+        title = f'"a <colour> {shape} on a <colour> background"' + (
+            "  (trigger word, never trained)" if shape == "ohwx" else ""
+        )
         rows.append(label(strip(ev.generate(pipe, cases), captions=[f"{c} on {b}" for c, b in pairs]), title))
     return stack(rows)
 
@@ -119,12 +122,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.time()
     judge = Judge()
-    out = [f"Settings: DDIM {ev.STEPS} steps, guidance {ev.GUIDANCE}, {args.count} prompts per measurement, "
-           "each picture from its own fixed seed.", ""]
+    out = [
+        (
+            f"Settings: DDIM {ev.STEPS} steps, guidance {ev.GUIDANCE}, {args.count} prompts per measurement, "
+            "each picture from its own fixed seed."
+        ),
+        "",
+    ]
 
     clean, augmented = accuracy_on_fresh_pictures(judge), accuracy_on_fresh_pictures(judge, augmented=True)
-    out += ["## The judge (2000 fresh rendered pictures, 15% 'other')", "",
-            "| head | clean | augmented (blur, noise, contrast) |", "|---|---|---|"]
+    out += [
+        "## The judge (2000 fresh rendered pictures, 15% 'other')",
+        "",
+        "| head | clean | augmented (blur, noise, contrast) |",
+        "|---|---|---|",
+    ]
     out += [f"| {k} | {pct(clean[k])} | {pct(augmented[k])} |" for k in clean] + [""]
 
     pipe = ev.load_pipeline()
@@ -134,12 +146,21 @@ def main() -> None:
     star = ev.trigger_cases(args.count, word=HELD_OUT_SHAPE)
     base = ev.score(pipe, in_world, judge)
     base_trigger, base_star = ev.score(pipe, trigger, judge), ev.score(pipe, star, judge)
-    out += ["## Base model", "", "| prompts | shape | colour | background | shape + colour | star drawn |",
-            "|---|---|---|---|---|---|"]
-    for name, s in (("in-world", base), ("trigger (`a red ohwx on ...`)", base_trigger),
-                    ("held-out name (`a red star on ...`)", base_star)):
-        out.append(f"| {name} | {pct(s.shape)} | {pct(s.colour)} | {pct(s.background)} | {pct(s.accuracy)} | "
-                   f"{pct(s.held_out)} |")
+    out += [
+        "## Base model",
+        "",
+        "| prompts | shape | colour | background | shape + colour | star drawn |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in (
+        ("in-world", base),
+        ("trigger (`a red ohwx on ...`)", base_trigger),
+        ("held-out name (`a red star on ...`)", base_star),
+    ):
+        out.append(
+            f"| {name} | {pct(s.shape)} | {pct(s.colour)} | {pct(s.background)} | {pct(s.accuracy)} | "
+            f"{pct(s.held_out)} |"
+        )
     out.append("")
     print("\n".join(out), flush=True)
 
@@ -154,33 +175,57 @@ def main() -> None:
             raise SystemExit(f"no lora/*-epoch-*.safetensors in {args.run}")
         files = [f for i, f in enumerate(files, 1) if i % args.every == 0 or i == len(files)]
         final = None
-        rows = ["## Demo LoRA: epoch x strength", "",
+        rows = [
+            "## Demo LoRA: epoch x strength",
+            "",
+            (
                 f"Fidelity = star drawn for trigger prompts (base: {pct(base_trigger.held_out)}); flexibility = "
-                f"shape + colour accuracy on in-world prompts without the trigger (base: {pct(base.accuracy)}).", "",
+                f"shape + colour accuracy on in-world prompts without the trigger (base: {pct(base.accuracy)})."
+            ),
+            "",
+            (
                 "| epoch | strength | fidelity: star drawn | trigger colour right | flexibility: in-world accuracy "
-                "| relative to base | in-world star leaks |", "|---|---|---|---|---|---|---|"]
+                "| relative to base | in-world star leaks |"
+            ),
+            "|---|---|---|---|---|---|---|",
+        ]
         for path in files:
             epoch = int(path.stem.rsplit("-", 1)[1])
             for strength in args.strengths:
                 ev.apply_lora(pipe, path, strength)
                 t, w = ev.score(pipe, trigger, judge), ev.score(pipe, in_world, judge)
-                rows.append(f"| {epoch} | {strength:g} | {pct(t.held_out)} | {pct(t.colour)} | {pct(w.accuracy)} | "
-                            f"{w.accuracy / max(base.accuracy, 1e-9):.2f} | {pct(w.held_out)} |")
+                rows.append(
+                    f"| {epoch} | {strength:g} | {pct(t.held_out)} | {pct(t.colour)} | {pct(w.accuracy)} | "
+                    f"{w.accuracy / max(base.accuracy, 1e-9):.2f} | {pct(w.held_out)} |"
+                )
                 print(rows[-1], flush=True)
                 if strength == 1.0:
                     final = (epoch, t, w)
         out += rows + [""]
         if final is not None:
             epoch, t, w = final
-            ratio = (f"{t.held_out / base_trigger.held_out:.1f}x the base's rate" if base_trigger.held_out
-                     else "the base drew none, so any rate above 0 is more than 5x")
-            out += ["## Acceptance (issue 9), last measured epoch at strength 1", "",
+            ratio = (
+                f"{t.held_out / base_trigger.held_out:.1f}x the base's rate"
+                if base_trigger.held_out
+                else "the base drew none, so any rate above 0 is more than 5x"
+            )
+            out += [
+                "## Acceptance (issue 9), last measured epoch at strength 1",
+                "",
+                (
                     f"* epoch {epoch}: trigger prompts draw the star {pct(t.held_out)} of the time (>= 50% needed; "
-                    f"base {pct(base_trigger.held_out)}: {ratio}; >= 5x needed)",
-                    f"* in-world prompts without the trigger: {pct(w.accuracy)} = {w.accuracy / max(base.accuracy, 1e-9):.2f}"
-                    " of the base's accuracy (>= 0.80 needed)",
+                    f"base {pct(base_trigger.held_out)}: {ratio}; >= 5x needed)"
+                ),
+                (
+                    f"* in-world prompts without the trigger: {pct(w.accuracy)} = "
+                    f"{w.accuracy / max(base.accuracy, 1e-9):.2f} of the base's accuracy (>= 0.80 needed)"
+                ),
+                (
                     f"* the base model: {pct(base.accuracy)} in-world shape + colour (>= 60% needed, 80% target), "
-                    f"star {pct(base_trigger.held_out)} for trigger prompts (<= 5% needed)", ""]
+                    f"star {pct(base_trigger.held_out)} for trigger prompts (<= 5% needed)"
+                ),
+                "",
+            ]
             print("\n".join(out[-5:]), flush=True)
 
     elapsed = time.time() - start
@@ -190,10 +235,16 @@ def main() -> None:
         import peft
 
         header = [
-            "# Toy world quality benchmark", "",
-            f"Date: {datetime.date.today()}. Device: CPU ({platform.machine()}), {torch.get_num_threads()} torch thread(s). "
-            f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}.", "",
-            "Command: `python " + " ".join(sys.argv) + "`", "",
+            "# Toy world quality benchmark",
+            "",
+            (
+                f"Date: {datetime.date.today()}. Device: CPU ({platform.machine()}), "
+                f"{torch.get_num_threads()} torch thread(s). "
+                f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}."
+            ),
+            "",
+            "Command: `python " + " ".join(sys.argv) + "`",
+            "",
         ]
         Path(args.write).write_text("\n".join(header + out) + "\n")
 

@@ -64,8 +64,16 @@ def stage_judge(args, device) -> None:
     accuracy = accuracy_on_fresh_pictures(judge)
     augmented = accuracy_on_fresh_pictures(judge, augmented=True)
     print("judge accuracy on fresh pictures:", accuracy, "augmented:", augmented)
-    _record("judge", {"steps": args.steps, "wall_s": round(time.time() - start), "device": _device_name(device),
-                      "accuracy": accuracy, "accuracy_augmented": augmented})
+    _record(
+        "judge",
+        {
+            "steps": args.steps,
+            "wall_s": round(time.time() - start),
+            "device": _device_name(device),
+            "accuracy": accuracy,
+            "accuracy_augmented": augmented,
+        },
+    )
     if (BASE_DIR / "model_index.json").exists():
         write_training_notes(BASE_DIR)
 
@@ -86,7 +94,9 @@ def random_polygon(rng: random.Random):
     cx, cy = rng.uniform(r, RESOLUTION * s - r), rng.uniform(r, RESOLUTION * s - r)
     step = 2 * math.pi / n
     angles = [k * step + rng.uniform(-0.3, 0.3) * step for k in range(n)]
-    points = [(cx + r * rng.uniform(0.3, 1.0) * math.cos(a), cy + r * rng.uniform(0.3, 1.0) * math.sin(a)) for a in angles]
+    points = [
+        (cx + r * rng.uniform(0.3, 1.0) * math.cos(a), cy + r * rng.uniform(0.3, 1.0) * math.sin(a)) for a in angles
+    ]
     ImageDraw.Draw(img).polygon(points, fill=_jittered(rng, COLOURS[colour]))
     return img.resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX)
 
@@ -129,14 +139,23 @@ def stage_vae(args, device) -> None:
             print(f"vae step {step}: mse {mse.item():.5f} kl {kl.item():.4f} ({time.time() - start:.0f} s)", flush=True)
     vae.eval()
     with torch.no_grad():
-        means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mode() for i in range(0, 4096, 256)])
+        means = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, 4096, 256)])
     scaling_factor = round(1.0 / means.std().item(), 5)
     vae.register_to_config(scaling_factor=scaling_factor)
     vae.save_pretrained(BUILD / "vae")
     print(f"latent std {means.std().item():.4f} -> scaling_factor {scaling_factor}")
-    _record("vae", {"steps": args.steps, "batch_size": args.batch_size, "wall_s": round(time.time() - start),
-                    "device": _device_name(device), "final_mse": round(mse.item(), 6), "final_kl": round(kl.item(), 4),
-                    "scaling_factor": scaling_factor})
+    _record(
+        "vae",
+        {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "wall_s": round(time.time() - start),
+            "device": _device_name(device),
+            "final_mse": round(mse.item(), 6),
+            "final_kl": round(kl.item(), 4),
+            "scaling_factor": scaling_factor,
+        },
+    )
 
 
 # ---- base model ----------------------------------------------------------------------------------
@@ -158,7 +177,7 @@ def encode_world(vae, seed: int, count: int, device) -> tuple[torch.Tensor, list
     world = scenes(seed, count)
     moments = []
     for i in range(0, count, 512):
-        pixels = to_pixels([render(s) for s in world[i:i + 512]]).to(device)
+        pixels = to_pixels([render(s) for s in world[i : i + 512]]).to(device)
         posterior = vae.encode(pixels).latent_dist
         moments.append(torch.cat([posterior.mean, posterior.logvar], dim=1))
     return torch.cat(moments), [s.caption() for s in world]
@@ -172,10 +191,12 @@ def stage_base(args, device) -> None:
     vae = AutoencoderKL.from_pretrained(BUILD / "vae").to(device).eval()
     tokenizer = build_world_tokenizer()
     moments, captions = encode_world(vae, args.seed + 1, args.pictures, device)
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids.to(device)
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    empty = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids.to(device)
     print(f"encoded {len(captions)} pictures in {time.time() - start:.0f} s", flush=True)
 
     text_encoder, unet = arch.toy_text_encoder(tokenizer).to(device).train(), arch.toy_unet().to(device).train()
@@ -193,7 +214,9 @@ def stage_base(args, device) -> None:
     for step in range(args.steps):
         index = torch.randint(0, len(moments), (args.batch_size,), generator=generator, device=device)
         mean, logvar = moments[index].chunk(2, dim=1)
-        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=device)) * scaling
+        latents = (
+            mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=device)
+        ) * scaling
         noise = torch.randn(latents.shape, generator=generator, device=device)
         t = torch.randint(0, 1000, (args.batch_size,), generator=generator, device=device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
@@ -223,9 +246,20 @@ def stage_base(args, device) -> None:
     wall = time.time() - start
     save_base(vae, ema[0], tokenizer, ema[1], Path(args.out))
     final = sum(losses[-200:]) / len(losses[-200:])
-    _record("base", {"steps": args.steps, "batch_size": args.batch_size, "pictures": args.pictures, "lr": args.lr,
-                     "ema": args.ema, "caption_dropout": args.caption_dropout, "wall_s": round(wall),
-                     "device": _device_name(device), "final_loss_last_200_steps": round(final, 5)})
+    _record(
+        "base",
+        {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "pictures": args.pictures,
+            "lr": args.lr,
+            "ema": args.ema,
+            "caption_dropout": args.caption_dropout,
+            "wall_s": round(wall),
+            "device": _device_name(device),
+            "final_loss_last_200_steps": round(final, 5),
+        },
+    )
     write_training_notes(Path(args.out))
 
 
@@ -247,8 +281,13 @@ def write_training_notes(out: Path) -> None:
         "",
         "Trained from scratch by `tools/train_toyworld.py`: the VAE first, then the text encoder and UNet",
         "together on the VAE's latents; the judge is independent of both (it only scores pictures). The",
-        "held-out shape (star) is in none of the base model's training data. Versions: torch " + torch.__version__
-        + ", diffusers " + diffusers.__version__ + ", transformers " + transformers.__version__ + ".",
+        "held-out shape (star) is in none of the base model's training data. Versions: torch "
+        + torch.__version__
+        + ", diffusers "
+        + diffusers.__version__
+        + ", transformers "
+        + transformers.__version__
+        + ".",
         "",
         "Wall times were measured on a 2-core machine shared with other jobs (load average 5 to 10 during",
         "the VAE and base stages), so they are upper bounds for one core.",

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.models.base import BaseModel
+from lorafit.families.loading import BaseModel
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 # family -> config file prefix; lorafit's family names (sd1 = SD1.x, sdxl).
@@ -79,30 +78,36 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_unet(family: str, width_divisor: int = 1, device: str = "cpu",
-               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_unet(
+    family: str, width_divisor: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """A randomly initialised UNet of ``family``; on ``meta`` it allocates nothing (FLOP counting)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(unet_config(family, width_divisor))
     if width_divisor == 1 and count_params(unet) != PUBLISHED_UNET_PARAMS[family]:
-        raise LorafitError(f"bench: the {family} UNet built from {CONFIG_DIR} has {count_params(unet):,} parameters, "
-                           f"the published one {PUBLISHED_UNET_PARAMS[family]:,}; its config file was changed")
+        raise LorafitError(
+            f"bench: the {family} UNet built from {CONFIG_DIR} has {count_params(unet):,} parameters, "
+            f"the published one {PUBLISHED_UNET_PARAMS[family]:,}; its config file was changed"
+        )
     if dtype != torch.float32:  # diffusers warns on any .to(dtype)
         unet.to(dtype)
     return unet.requires_grad_(False).eval()
 
 
-def build_vae(family: str, width_divisor: int = 1, device: str = "cpu",
-              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_vae(
+    family: str, width_divisor: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     with torch.device(device):
         vae = AutoencoderKL.from_config(vae_config(family, width_divisor))
     if width_divisor == 1 and count_params(vae) != PUBLISHED_VAE_PARAMS:
-        raise LorafitError(f"bench: the {family} VAE has {count_params(vae):,} parameters, the published one "
-                           f"{PUBLISHED_VAE_PARAMS:,}; its config file was changed")
+        raise LorafitError(
+            f"bench: the {family} VAE has {count_params(vae):,} parameters, the published one "
+            f"{PUBLISHED_VAE_PARAMS:,}; its config file was changed"
+        )
     if dtype != torch.float32:
         vae.to(dtype)
     return vae.requires_grad_(False).eval()
@@ -127,27 +132,47 @@ class VaeSettings(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self._dtype
 
-    def to(self, *args, **kwargs):  # noqa: D102 - no weights to move or cast
+    def to(self, *args, **kwargs):
         return self
 
     def encode(self, *args, **kwargs):
         raise LorafitError("bench: this step was set up for cached latents (latent_moments) but got pixels")
 
 
-def base_model(family: str, width_divisor: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               with_vae: bool = True) -> BaseModel:
+def base_model(
+    family: str, width_divisor: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32, with_vae: bool = True
+) -> BaseModel:
     """A lorafit ``BaseModel`` of random weights: UNet, VAE (or its settings only) and the scheduler config.
 
     No text encoders: the bench trains on cached text embeddings, as the performance recipe does.
     """
     unet = build_unet(family, width_divisor, device, dtype)
-    vae = build_vae(family, width_divisor, device, dtype) if with_vae else VaeSettings(vae_config(family, width_divisor), dtype)
-    return BaseModel(family=family, prediction_type="epsilon", unet=unet, vae=vae, text_encoders=[], tokenizers=[],
-                     scheduler_config=published_config(family, "scheduler"), source=f"bench:{family}")
+    vae = (
+        build_vae(family, width_divisor, device, dtype)
+        if with_vae
+        else VaeSettings(vae_config(family, width_divisor), dtype)
+    )
+    return BaseModel(
+        family=family,
+        prediction_type="epsilon",
+        unet=unet,
+        vae=vae,
+        text_encoders=[],
+        tokenizers=[],
+        scheduler_config=published_config(family, "scheduler"),
+        source=f"bench:{family}",
+    )
 
 
-def synthetic_batch(family: str, resolution: int, batch_size: int, width_divisor: int = 1, cached_latents: bool = True,
-                    device: str = "cpu", generator: Optional[torch.Generator] = None) -> dict:
+def synthetic_batch(
+    family: str,
+    resolution: int,
+    batch_size: int,
+    width_divisor: int = 1,
+    cached_latents: bool = True,
+    device: str = "cpu",
+    generator: torch.Generator | None = None,
+) -> dict:
     """A batch in lorafit's batch contract (see ``LoraDiffusionModule.denoising_loss``), random contents.
 
     Text embeddings are always cached (``prompt_embeds``); images are cached VAE moments or pixels.

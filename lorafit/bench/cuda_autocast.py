@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch._C import DispatchKey, DispatchKeySet
@@ -54,8 +55,10 @@ def cuda_policies(header: Path = HEADER) -> dict[str, str]:
     """``op.overload`` -> CUDA cast policy, read from this torch's autocast header and checked
     against the dispatcher's ``AutocastCUDA`` kernels."""
     if not header.is_file():
-        raise LorafitError(f"memory estimate: {header} is missing; it needs a torch installation with its "
-                           "C++ headers (every pip wheel has them)")
+        raise LorafitError(
+            f"memory estimate: {header} is missing; it needs a torch installation with its "
+            "C++ headers (every pip wheel has them)"
+        )
     text = header.read_text()
     policies: dict[str, str] = {}
     for macro, policy in POLICY_MACROS.items():
@@ -64,21 +67,30 @@ def cuda_policies(header: Path = HEADER) -> dict[str, str]:
             raise LorafitError(f"memory estimate: {header} has no {macro}; this torch's autocast lists changed")
         for name, overload in re.findall(r"_\((\w+)(?:,\s*(\w+))?\)", block.group(1)):
             policies[f"{name}.{overload or 'default'}"] = policy
-    policies.update({name: "fp32_append_dtype" for name in APPEND_DTYPE})
-    registered = {op.removeprefix("aten::") for op in torch._C._dispatch_get_all_op_names()
-                  if op.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA")}
+    policies.update(dict.fromkeys(APPEND_DTYPE, "fp32_append_dtype"))
+    registered = {
+        op.removeprefix("aten::")
+        for op in torch._C._dispatch_get_all_op_names()
+        if op.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA")
+    }
     listed = {name.removesuffix(".default") for name in policies}
     if registered - CUDA_ONLY != listed:
-        raise LorafitError(f"memory estimate: the autocast lists of {header} and the dispatcher's AutocastCUDA "
-                           f"kernels differ ({sorted((registered - CUDA_ONLY) ^ listed)}); this torch's autocast "
-                           "changed, update lorafit/bench/cuda_autocast.py")
+        raise LorafitError(
+            f"memory estimate: the autocast lists of {header} and the dispatcher's AutocastCUDA "
+            f"kernels differ ({sorted((registered - CUDA_ONLY) ^ listed)}); this torch's autocast "
+            "changed, update lorafit/bench/cuda_autocast.py"
+        )
     return policies
 
 
 def _eligible(value: Any) -> bool:
     # autocast's is_eligible for CPU: a defined floating tensor that is not float64.
-    return isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.is_floating_point() \
+    return (
+        isinstance(value, torch.Tensor)
+        and value.device.type == "cpu"
+        and value.is_floating_point()
         and value.dtype != torch.float64
+    )
 
 
 def _cast(tree: Any, dtype: torch.dtype) -> Any:
@@ -157,6 +169,9 @@ def _register(library: torch.library.Library, policies: dict[str, str]) -> None:
         library.impl(name.removesuffix(".default"), _kernel(name, policy), "AutocastCPU")
     for op in torch._C._dispatch_get_all_op_names():
         name = op.removeprefix("aten::")
-        if op.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCPU") \
-                and (name if "." in name else f"{name}.default") not in policies:
+        if (
+            op.startswith("aten::")
+            and torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCPU")
+            and (name if "." in name else f"{name}.default") not in policies
+        ):
             library.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")

@@ -13,7 +13,6 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -30,7 +29,7 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def gpu_peak_key(name: str) -> Optional[str]:
+def gpu_peak_key(name: str) -> str | None:
     """The ``GPU_PEAK_TFLOPS`` entry of a CUDA device name (``NVIDIA H100 80GB HBM3`` is an SXM part)."""
     if "H100" in name:
         return "H100 PCIe" if "PCIe" in name else "H100 NVL" if "NVL" in name else "H100 SXM"
@@ -53,7 +52,7 @@ def measured_matmul_tflops(dtype: torch.dtype, device: torch.device, size: int =
         t0 = time.perf_counter()
         a @ b
         synchronize(device)
-        best = max(best, 2 * size ** 3 / (time.perf_counter() - t0) / 1e12)
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e12)
     return best
 
 
@@ -84,7 +83,7 @@ class PeakMemory:
         elif Path("/proc/self/clear_refs").exists():
             Path("/proc/self/clear_refs").write_text("5")
 
-    def peak_bytes(self) -> Optional[int]:
+    def peak_bytes(self) -> int | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         status = Path("/proc/self/status")
@@ -110,9 +109,19 @@ def environment() -> dict[str, str]:
     """Date, versions and commit: what RESULTS.md records beside every figure."""
     versions = {name: importlib.metadata.version(name) for name in ("torch", "lightning", "diffusers", "peft")}
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        commit = subprocess.run(  # noqa: PLW1510 -- no git: no commit in the row
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return {"date": datetime.date.today().isoformat(), **versions, "cuda": torch.version.cuda or "none",
-            "commit": commit or "unknown", "host": os.uname().nodename}
+    return {
+        "date": datetime.date.today().isoformat(),
+        **versions,
+        "cuda": torch.version.cuda or "none",
+        "commit": commit or "unknown",
+        "host": os.uname().nodename,
+    }

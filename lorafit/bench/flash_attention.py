@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -95,17 +95,26 @@ class FlashAttentionMemory(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
-                    dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                    enable_gqa: bool = False) -> torch.Tensor:
+def flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask=None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
     """``F.scaled_dot_product_attention``'s signature over :class:`FlashAttentionMemory`.
 
     Under autocast the inputs are cast to the autocast dtype first, as autocast does for SDPA.
     Masks, dropout, causal attention and grouped-query heads are not modelled (the UNets use none).
     """
     if attn_mask is not None or dropout_p or is_causal or enable_gqa:
-        raise LorafitError("memory estimate: attention with a mask, dropout, causal masking or grouped-query heads "
-                           "is not modelled (lorafit/bench/flash_attention.py)")
+        raise LorafitError(
+            "memory estimate: attention with a mask, dropout, causal masking or grouped-query heads "
+            "is not modelled (lorafit/bench/flash_attention.py)"
+        )
     if torch.is_autocast_enabled(query.device.type):
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = (t.to(dtype) if t.is_floating_point() else t for t in (query, key, value))

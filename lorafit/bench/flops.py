@@ -12,13 +12,11 @@ is the same whatever backend the timed step used.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lorafit.bench.architectures import build_unet, synthetic_batch
-from lorafit.models.conditioning import TextConditioning
+from lorafit.families.clip_text import TextConditioning
 
 
 def _conditioning(batch: dict) -> TextConditioning:
@@ -40,8 +38,9 @@ def forward_flops(family: str, resolution: int, batch_size: int = 1, width_divis
     return counter.get_total_flops()
 
 
-def step_flops(module, resolution: int, batch_size: int, cached_latents: bool = True,
-               gradient_checkpointing: Optional[bool] = None) -> int:
+def step_flops(
+    module, resolution: int, batch_size: int, cached_latents: bool = True, gradient_checkpointing: bool | None = None
+) -> int:
     """FLOPs of one training step of ``module`` (a ``BenchLoraModule`` built on ``meta``).
 
     Counts what the GPU computes: the VAE encode when latents are not cached, the UNet forward
@@ -58,8 +57,9 @@ def step_flops(module, resolution: int, batch_size: int, cached_latents: bool = 
         else:
             unet.disable_gradient_checkpointing()
     unet.train()  # diffusers checkpoints only in training mode
-    batch = synthetic_batch(module.bench_family, resolution, batch_size, module.width_divisor, cached_latents,
-                            device="meta")
+    batch = synthetic_batch(
+        module.bench_family, resolution, batch_size, module.width_divisor, cached_latents, device="meta"
+    )
     latent = resolution // 8
     timesteps = torch.zeros(batch_size, dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as counter:

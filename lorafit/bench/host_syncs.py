@@ -19,7 +19,7 @@ A CPU has nothing to wait for, but the same calls happen in the same places. To 
 CPU the counter tracks which tensors *would* be on the device: the module's parameters and
 buffers, the batch, tensors made with an explicit ``device=``, and everything computed from
 those. Host tensors (PyTorch's optimizer step counters, values logged from host numbers, the host
-copies of :mod:`lorafit.host_readback`) are read freely, as they would be on a GPU. The benchmark
+copies of :mod:`lorafit.distributed.host_readback`) are read freely, as they would be on a GPU. The benchmark
 reports the count for lorafit's step and for the reference loop, and a test keeps lorafit's step
 at zero. (On a real GPU, ``torch.cuda.set_sync_debug_mode("warn")`` gives the same answer.)
 """
@@ -30,16 +30,18 @@ import collections
 import json
 import traceback
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-READS = frozenset({"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "__format__",
-                   "__repr__", "__str__"})
+READS = frozenset(
+    {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "__format__", "__repr__", "__str__"}
+)
 UPLOADS = frozenset({"tensor", "as_tensor", "new_tensor"})
 SIZE_FROM_VALUES = frozenset({"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount"})
 _LORAFIT_ROOT = str(Path(__file__).resolve().parents[1])
@@ -121,11 +123,11 @@ class HostSyncCounter(TorchFunctionMode):
         if name == "to" and explicit is None:
             explicit = next((a for a in args[1:] if isinstance(a, (str, torch.device))), None)
         on_device = explicit is not None and torch.device(explicit).type == self.device.type
-        if from_device and (name in READS or (self._to_host(name, args, kwargs) and not kwargs.get("non_blocking"))):
-            self._record(name)
-        elif name in UPLOADS and (on_device or (name == "new_tensor" and from_device)):
-            self._record(name)
-        elif from_device and _size_from_values(name, args, kwargs):
+        if (
+            (from_device and (name in READS or (self._to_host(name, args, kwargs) and not kwargs.get("non_blocking"))))
+            or (name in UPLOADS and (on_device or (name == "new_tensor" and from_device)))
+            or (from_device and _size_from_values(name, args, kwargs))
+        ):
             self._record(name)
         result = func(*args, **kwargs)
         if name.endswith("_") or "out" in kwargs or self._to_host(name, args, kwargs):
@@ -145,8 +147,10 @@ def _size_from_values(name: str, args: tuple, kwargs: dict) -> bool:
         repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
         return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
     if name in ("__getitem__", "__setitem__") and len(args) > 1:
-        return any(isinstance(index, torch.Tensor) and index.dtype == torch.bool and index.dim() > 0
-                   for index in tree_leaves(args[1]))
+        return any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool and index.dim() > 0
+            for index in tree_leaves(args[1])
+        )
     return False
 
 
@@ -159,10 +163,10 @@ class CountHostSyncs(pl.Callback):
     other processes: ``--trainer.callbacks+=`` on the command line).
     """
 
-    def __init__(self, first: int = 2, last: int = 5, output: Optional[str] = None):
+    def __init__(self, first: int = 2, last: int = 5, output: str | None = None):
         self.first, self.last = first, last
         self.output = output
-        self.counter: Optional[HostSyncCounter] = None
+        self.counter: HostSyncCounter | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.first and self.counter is None:
@@ -201,6 +205,9 @@ def optimizer_state_on_device(optimizers: Iterable[torch.optim.Optimizer]) -> li
     tensors = []
     for optimizer in optimizers:
         for state in optimizer.state.values():
-            tensors.extend(v for k, v in state.items() if isinstance(v, torch.Tensor)
-                           and (k != "step" or v.device.type != "cpu" or v.dim() > 0))
+            tensors.extend(
+                v
+                for k, v in state.items()
+                if isinstance(v, torch.Tensor) and (k != "step" or v.device.type != "cpu" or v.dim() > 0)
+            )
     return tensors

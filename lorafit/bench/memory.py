@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import time
 import types
-from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -44,9 +43,15 @@ from lorafit.bench.settings import BenchSetting
 from lorafit.errors import LorafitError
 
 # MemTracker's kinds -> the names of the report.
-KINDS = {_MemRefType.PARAM: "parameters", _MemRefType.BUFFER: "buffers", _MemRefType.GRAD: "gradients",
-         _MemRefType.ACT: "activations", _MemRefType.TEMP: "temporaries", _MemRefType.OPT: "optimizer_state",
-         _MemRefType.OTH: "batch"}
+KINDS = {
+    _MemRefType.PARAM: "parameters",
+    _MemRefType.BUFFER: "buffers",
+    _MemRefType.GRAD: "gradients",
+    _MemRefType.ACT: "activations",
+    _MemRefType.TEMP: "temporaries",
+    _MemRefType.OPT: "optimizer_state",
+    _MemRefType.OTH: "batch",
+}
 
 
 class _NoHook:
@@ -99,8 +104,9 @@ def measure_step_memory(setting: BenchSetting, steps: int = 2) -> dict:
     return _tracked_steps(setting, steps, fake=None)
 
 
-def build_estimate_module(setting: BenchSetting, fake: Optional[FakeTensorMode] = None
-                          ) -> tuple[BenchLoraModule, list[str]]:
+def build_estimate_module(
+    setting: BenchSetting, fake: FakeTensorMode | None = None
+) -> tuple[BenchLoraModule, list[str]]:
     """lorafit's module for ``setting``, LoRA attached, in training mode; and what is not modelled.
 
     With ``fake``, the module is built on ``meta`` (as the FLOP count is) and its tensors then
@@ -116,8 +122,13 @@ def build_estimate_module(setting: BenchSetting, fake: Optional[FakeTensorMode] 
         kwargs["optimizer_args"] = {**kwargs["optimizer_args"], "foreach": True}  # CUDA's default (see docstring)
     if setting.sdpa in ("efficient", "cudnn"):
         notes.append(f"sdpa={setting.sdpa} counted as flash (the same O(L) tensors)")
-    module = BenchLoraModule(setting.family, setting.width_divisor, build_device="meta" if fake else "cpu",
-                             with_vae=setting.latents == "vae", **kwargs)
+    module = BenchLoraModule(
+        setting.family,
+        setting.width_divisor,
+        build_device="meta" if fake else "cpu",
+        with_vae=setting.latents == "vae",
+        **kwargs,
+    )
     with _outside(fake):
         module.configure_model()
     if fake:
@@ -126,7 +137,7 @@ def build_estimate_module(setting: BenchSetting, fake: Optional[FakeTensorMode] 
 
 
 @contextlib.contextmanager
-def _outside(mode: Optional[FakeTensorMode]):
+def _outside(mode: FakeTensorMode | None):
     """Leave ``mode`` for the duration (a no-op without one)."""
     if mode is None:
         yield
@@ -139,6 +150,7 @@ def _outside(mode: Optional[FakeTensorMode]):
 
 def _to_fake(module: torch.nn.Module, mode: FakeTensorMode) -> None:
     """Replace every meta parameter and buffer of ``module`` by a fake CPU tensor of the same layout."""
+
     def fake(tensor: torch.Tensor) -> torch.Tensor:
         return mode.fake_tensor_converter.from_meta_and_device(mode, tensor, torch.device("cpu"))
 
@@ -151,7 +163,7 @@ def _to_fake(module: torch.nn.Module, mode: FakeTensorMode) -> None:
                 submodule._buffers[name] = fake(buffer)
 
 
-def _optimizer(module: BenchLoraModule, fake: Optional[FakeTensorMode]) -> torch.optim.Optimizer:
+def _optimizer(module: BenchLoraModule, fake: FakeTensorMode | None) -> torch.optim.Optimizer:
     # configure_optimizers reads the run length for its schedule from the trainer, and nothing else.
     module._trainer = types.SimpleNamespace(estimated_stepping_batches=1000)
     try:
@@ -165,7 +177,7 @@ def _optimizer(module: BenchLoraModule, fake: Optional[FakeTensorMode]) -> torch
 
 
 def _snapshot(tracker: MemTracker, kind: str = "current") -> dict[str, int]:
-    totals = {name: 0 for name in KINDS.values()}
+    totals = dict.fromkeys(KINDS.values(), 0)
     for device_snapshot in tracker.get_tracker_snapshot(kind).values():
         for key, value in device_snapshot.items():
             if key in KINDS:
@@ -173,14 +185,20 @@ def _snapshot(tracker: MemTracker, kind: str = "current") -> dict[str, int]:
     return totals
 
 
-def _tracked_steps(setting: BenchSetting, steps: int, fake: Optional[FakeTensorMode]) -> dict:
+def _tracked_steps(setting: BenchSetting, steps: int, fake: FakeTensorMode | None) -> dict:
     if steps < 0:
         raise LorafitError(f"memory estimate: steps must be >= 0, got {steps}")
     started = time.perf_counter()
     module, notes = build_estimate_module(setting, fake)
     optimizer = _optimizer(module, fake)
-    batch = synthetic_batch(setting.family, setting.resolution, setting.batch_size, setting.width_divisor,
-                            setting.latents == "cached", generator=torch.Generator().manual_seed(0))
+    batch = synthetic_batch(
+        setting.family,
+        setting.resolution,
+        setting.batch_size,
+        setting.width_divisor,
+        setting.latents == "cached",
+        generator=torch.Generator().manual_seed(0),
+    )
     autocast = setting.precision != "fp32"
     tracker = LoraMemTracker()
     tracker.track_external(module, *[value for value in batch.values() if isinstance(value, torch.Tensor)])
@@ -204,13 +222,23 @@ def _tracked_steps(setting: BenchSetting, steps: int, fake: Optional[FakeTensorM
         resident = _snapshot(tracker)
     peak = _snapshot(tracker, "peak")
     lora = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"setting": setting.label, "fake": fake is not None, "steps": steps, "peak_bytes": sum(peak.values()),
-            "breakdown": peak, "resident_bytes": sum(resident.values()), "unet_params": count_params(module.unet) - lora,
-            "frozen_params": count_params(module) - lora, "lora_params": lora, "optimizer": type(optimizer).__name__,
-            "notes": notes, "seconds": time.perf_counter() - started}
+    return {
+        "setting": setting.label,
+        "fake": fake is not None,
+        "steps": steps,
+        "peak_bytes": sum(peak.values()),
+        "breakdown": peak,
+        "resident_bytes": sum(resident.values()),
+        "unet_params": count_params(module.unet) - lora,
+        "frozen_params": count_params(module) - lora,
+        "lora_params": lora,
+        "optimizer": type(optimizer).__name__,
+        "notes": notes,
+        "seconds": time.perf_counter() - started,
+    }
 
 
-UNITS = {"GiB": 2 ** 30, "MiB": 2 ** 20}
+UNITS = {"GiB": 2**30, "MiB": 2**20}
 TABLE_KINDS = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "batch")
 
 
@@ -220,11 +248,17 @@ def memory_table(results: list[dict]) -> str:
     In GiB, or in MiB when every peak is below 1 GiB (the small CPU-sized settings)."""
     unit = "GiB" if any(result["peak_bytes"] >= UNITS["GiB"] for result in results) else "MiB"
     scale = UNITS[unit]
-    lines = [f"| setting | peak {unit} | " + " | ".join(kind.replace("_", " ") for kind in TABLE_KINDS)
-             + f" | between steps {unit} | LoRA params | notes |", "|---" * (len(TABLE_KINDS) + 5) + "|"]
+    lines = [
+        f"| setting | peak {unit} | "
+        + " | ".join(kind.replace("_", " ") for kind in TABLE_KINDS)
+        + f" | between steps {unit} | LoRA params | notes |",
+        "|---" * (len(TABLE_KINDS) + 5) + "|",
+    ]
     for result in results:
         kinds = " | ".join(f"{result['breakdown'][kind] / scale:.3f}" for kind in TABLE_KINDS)
-        lines.append(f"| {result['setting']} | **{result['peak_bytes'] / scale:.2f}** | {kinds} | "
-                     f"{result['resident_bytes'] / scale:.2f} | {result['lora_params'] / 1e6:.2f} M | "
-                     f"{'; '.join(result['notes'])} |")
+        lines.append(
+            f"| {result['setting']} | **{result['peak_bytes'] / scale:.2f}** | {kinds} | "
+            f"{result['resident_bytes'] / scale:.2f} | {result['lora_params'] / 1e6:.2f} M | "
+            f"{'; '.join(result['notes'])} |"
+        )
     return "\n".join(lines)

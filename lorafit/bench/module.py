@@ -8,8 +8,8 @@ exactly what ``lorafit fit`` runs.
 from __future__ import annotations
 
 from lorafit.bench.architectures import base_model
-from lorafit.models.base import DTYPES, BaseModel
-from lorafit.module import LoraDiffusionModule
+from lorafit.families.loading import DTYPES, BaseModel
+from lorafit.training.module import LoraDiffusionModule
 
 
 class BenchLoraModule(LoraDiffusionModule):
@@ -24,8 +24,9 @@ class BenchLoraModule(LoraDiffusionModule):
         **kwargs: ``LoraDiffusionModule`` arguments (rank, target_preset, weight_dtype, optimizer, ...).
     """
 
-    def __init__(self, family: str, width_divisor: int = 1, build_device: str = "cpu", with_vae: bool = False,
-                 **kwargs):
+    def __init__(
+        self, family: str, width_divisor: int = 1, build_device: str = "cpu", with_vae: bool = False, **kwargs
+    ):
         super().__init__(model=f"bench/{family}", **kwargs)
         self.bench_family = family
         self.width_divisor = width_divisor
@@ -33,5 +34,6 @@ class BenchLoraModule(LoraDiffusionModule):
         self.with_vae = with_vae
 
     def load_base(self) -> BaseModel:
-        return base_model(self.bench_family, self.width_divisor, self.build_device,
-                          DTYPES[self.hparams.weight_dtype], self.with_vae)
+        return base_model(
+            self.bench_family, self.width_divisor, self.build_device, DTYPES[self.hparams.weight_dtype], self.with_vae
+        )

@@ -10,32 +10,54 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Optional
 
 from lorafit.bench.flops import step_flops
 from lorafit.bench.module import BenchLoraModule
 from lorafit.bench.settings import BenchSetting
 
-COLUMNS = ("setting", "images_per_s", "step_ms", "peak_gib", "tflop_per_image", "mfu", "hfu",
-           "reference_images_per_s", "lightning_over_reference", "host_syncs_per_step",
-           "reference_host_syncs_per_step")
+COLUMNS = (
+    "setting",
+    "images_per_s",
+    "step_ms",
+    "peak_gib",
+    "tflop_per_image",
+    "mfu",
+    "hfu",
+    "reference_images_per_s",
+    "lightning_over_reference",
+    "host_syncs_per_step",
+    "reference_host_syncs_per_step",
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def counted_step_flops(setting: BenchSetting, gradient_checkpointing: bool) -> int:
     """FLOPs of one step of ``setting`` (whole batch), counted on meta; cached per distinct shape."""
     kwargs = setting.module_kwargs()
     kwargs.update(compile_unet=False, gradient_checkpointing=False)  # neither changes the count; set below
-    module = BenchLoraModule(setting.family, setting.width_divisor, build_device="meta",
-                             with_vae=setting.latents == "vae", **kwargs)
-    return step_flops(module, setting.resolution, setting.batch_size, setting.latents == "cached",
-                      gradient_checkpointing=gradient_checkpointing)
+    module = BenchLoraModule(
+        setting.family, setting.width_divisor, build_device="meta", with_vae=setting.latents == "vae", **kwargs
+    )
+    return step_flops(
+        module,
+        setting.resolution,
+        setting.batch_size,
+        setting.latents == "cached",
+        gradient_checkpointing=gradient_checkpointing,
+    )
 
 
 def _flop_key(setting: BenchSetting) -> BenchSetting:
     # Only shapes and graph matter to the count: drop the knobs that change neither.
-    return dataclasses.replace(setting, precision="fp32", sdpa="default", channels_last=False, compile=False,
-                               optimizer="adamw", gradient_checkpointing=False)
+    return dataclasses.replace(
+        setting,
+        precision="fp32",
+        sdpa="default",
+        channels_last=False,
+        compile=False,
+        optimizer="adamw",
+        gradient_checkpointing=False,
+    )
 
 
 def result_row(setting: BenchSetting, measured: dict, peak_tflops: float, device: str, environment: dict) -> dict:
@@ -43,18 +65,31 @@ def result_row(setting: BenchSetting, measured: dict, peak_tflops: float, device
     key = _flop_key(setting)
     model_flops = counted_step_flops(key, False)
     hardware_flops = counted_step_flops(key, True) if setting.gradient_checkpointing else model_flops
-    row = {"setting": setting.label, **dataclasses.asdict(setting), "device": device, **environment,
-           "peak_tflops": peak_tflops, "tflop_per_image": model_flops / setting.batch_size / 1e12,
-           "trainable_params": measured.get("trainable_params")}
+    row = {
+        "setting": setting.label,
+        **dataclasses.asdict(setting),
+        "device": device,
+        **environment,
+        "peak_tflops": peak_tflops,
+        "tflop_per_image": model_flops / setting.batch_size / 1e12,
+        "trainable_params": measured.get("trainable_params"),
+    }
     step = measured.get("lightning_step_s")
     reference = measured.get("reference_step_s")
     if step:
-        row.update(images_per_s=setting.batch_size / step, step_ms=step * 1e3,
-                   peak_gib=_gib(measured.get("lightning_peak_bytes")),
-                   mfu=model_flops / step / (peak_tflops * 1e12), hfu=hardware_flops / step / (peak_tflops * 1e12))
+        row.update(
+            images_per_s=setting.batch_size / step,
+            step_ms=step * 1e3,
+            peak_gib=_gib(measured.get("lightning_peak_bytes")),
+            mfu=model_flops / step / (peak_tflops * 1e12),
+            hfu=hardware_flops / step / (peak_tflops * 1e12),
+        )
     if reference:
-        row.update(reference_images_per_s=setting.batch_size / reference, reference_step_ms=reference * 1e3,
-                   reference_peak_gib=_gib(measured.get("reference_peak_bytes")))
+        row.update(
+            reference_images_per_s=setting.batch_size / reference,
+            reference_step_ms=reference * 1e3,
+            reference_peak_gib=_gib(measured.get("reference_peak_bytes")),
+        )
     if step and reference:
         row["lightning_over_reference"] = step / reference
     for loop, prefix in (("lightning", ""), ("reference", "reference_")):
@@ -64,8 +99,8 @@ def result_row(setting: BenchSetting, measured: dict, peak_tflops: float, device
     return row
 
 
-def _gib(value: Optional[int]) -> Optional[float]:
-    return None if value is None else value / 2 ** 30
+def _gib(value: int | None) -> float | None:
+    return None if value is None else value / 2**30
 
 
 def _cell(value) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -23,7 +22,7 @@ from lorafit.bench.host_syncs import CountHostSyncs, HostSyncCounter, optimizer_
 from lorafit.bench.module import BenchLoraModule
 from lorafit.bench.settings import BenchSetting
 from lorafit.callbacks.metrics import TrainingMetrics
-from lorafit.optim import build_optimizer, optimizer_kwargs
+from lorafit.training.optim import build_optimizer, optimizer_kwargs
 
 
 def sdpa_context(backend: str):
@@ -32,14 +31,25 @@ def sdpa_context(backend: str):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend])
+    return sdpa_kernel(
+        {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[backend]
+    )
 
 
 def build_module(setting: BenchSetting, device: torch.device) -> BenchLoraModule:
     """lorafit's module for ``setting``, base built straight on ``device`` and LoRA attached."""
-    module = BenchLoraModule(setting.family, setting.width_divisor, build_device=str(device),
-                             with_vae=setting.latents == "vae", **setting.module_kwargs())
+    module = BenchLoraModule(
+        setting.family,
+        setting.width_divisor,
+        build_device=str(device),
+        with_vae=setting.latents == "vae",
+        **setting.module_kwargs(),
+    )
     module.configure_model()  # what Trainer.fit calls first; idempotent, so fit() keeps this UNet
     return module.to(device)
 
@@ -47,8 +57,17 @@ def build_module(setting: BenchSetting, device: torch.device) -> BenchLoraModule
 def make_batches(setting: BenchSetting, count: int = 2) -> list[dict]:
     """A few distinct CPU batches, copied to the device by each loop (as a DataLoader's would be)."""
     generator = torch.Generator().manual_seed(0)
-    return [synthetic_batch(setting.family, setting.resolution, setting.batch_size, setting.width_divisor,
-                            setting.latents == "cached", generator=generator) for _ in range(count)]
+    return [
+        synthetic_batch(
+            setting.family,
+            setting.resolution,
+            setting.batch_size,
+            setting.width_divisor,
+            setting.latents == "cached",
+            generator=generator,
+        )
+        for _ in range(count)
+    ]
 
 
 class _Timer:
@@ -58,7 +77,7 @@ class _Timer:
         self.device, self.warmup, self.steps = device, warmup, steps
         self.memory = PeakMemory(device)
         self.started = self.seconds = 0.0
-        self.peak: Optional[int] = None
+        self.peak: int | None = None
 
     def before(self, index: int) -> None:
         if index == self.warmup:
@@ -73,15 +92,26 @@ class _Timer:
             self.peak = self.memory.peak_bytes()
 
 
-def time_reference(module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device,
-                   warmup: int, steps: int, counter: Optional[HostSyncCounter] = None) -> _Timer:
+def time_reference(
+    module: BenchLoraModule,
+    setting: BenchSetting,
+    batches: list[dict],
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    counter: HostSyncCounter | None = None,
+) -> _Timer:
     """The diffusers-example loop on ``module.unet``; returns its timer. ``counter`` counts the
     host syncs of the timed steps (it slows them: time and count in separate runs)."""
     unet, vae, scheduler = module.unet, module.vae, module.noise_scheduler
     hp = module.hparams
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = build_optimizer(hp.optimizer, [{"name": "unet", "lr": hp.learning_rate, "params": params}],
-                                hp.learning_rate, optimizer_kwargs(hp.optimizer, optimizer_args=hp.optimizer_args))
+    optimizer = build_optimizer(
+        hp.optimizer,
+        [{"name": "unet", "lr": hp.learning_rate, "params": params}],
+        hp.learning_rate,
+        optimizer_kwargs(hp.optimizer, optimizer_args=hp.optimizer_args),
+    )
     autocast = setting.precision != "fp32"
     scaling = vae.config.scaling_factor
     timer = _Timer(device, warmup, steps)
@@ -97,7 +127,9 @@ def time_reference(module: BenchLoraModule, setting: BenchSetting, batches: list
                 mean, logvar = batch["latent_moments"].to(device, non_blocking=True).chunk(2, dim=1)
                 latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
             else:
-                latents = vae.encode(batch["pixel_values"].to(device, vae.dtype, non_blocking=True)).latent_dist.sample()
+                latents = vae.encode(
+                    batch["pixel_values"].to(device, vae.dtype, non_blocking=True)
+                ).latent_dist.sample()
             latents = latents.float() * scaling
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
@@ -132,41 +164,69 @@ class _LightningTimer(pl.Callback):
         self.timer.after(batch_idx)
 
 
-def _fit(module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device, total: int,
-         callbacks: list[pl.Callback], progress_bar: bool) -> None:
+def _fit(
+    module: BenchLoraModule,
+    setting: BenchSetting,
+    batches: list[dict],
+    device: torch.device,
+    total: int,
+    callbacks: list[pl.Callback],
+    progress_bar: bool,
+) -> None:
     """``Trainer.fit`` of ``module`` for ``total`` steps on ``batches`` (cycled), with TrainingMetrics, the
     per-step callback every ``lorafit fit`` has, and ``callbacks``."""
     loader = torch.utils.data.DataLoader([batches[i % len(batches)] for i in range(total)], batch_size=None)
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(accelerator=device.type, devices=1, precision=setting.trainer_precision, max_steps=total,
-                             logger=False, enable_checkpointing=False, enable_progress_bar=progress_bar,
-                             enable_model_summary=False, default_root_dir=root,
-                             callbacks=[TrainingMetrics(), *callbacks])
+        trainer = pl.Trainer(
+            accelerator=device.type,
+            devices=1,
+            precision=setting.trainer_precision,
+            max_steps=total,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=progress_bar,
+            enable_model_summary=False,
+            default_root_dir=root,
+            callbacks=[TrainingMetrics(), *callbacks],
+        )
         trainer.fit(module, train_dataloaders=loader)
 
 
-def time_lightning(module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device,
-                   warmup: int, steps: int) -> _Timer:
+def time_lightning(
+    module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device, warmup: int, steps: int
+) -> _Timer:
     """lorafit's Lightning step, timed; returns its timer."""
     timer = _Timer(device, warmup, steps)
     _fit(module, setting, batches, device, warmup + steps, [_LightningTimer(timer)], progress_bar=False)
     return timer
 
 
-def count_host_syncs(module: BenchLoraModule, setting: BenchSetting, batches: list[dict],
-                     device: torch.device, steps: int = 3) -> dict:
+def count_host_syncs(
+    module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device, steps: int = 3
+) -> dict:
     """Host syncs per step (lorafit/bench/host_syncs.py) of lorafit's step, as ``lorafit fit`` runs it
     (progress bar and training curves on), and of the reference loop."""
     count = CountHostSyncs(first=1, last=1 + steps)
     _fit(module, setting, batches, device, steps + 2, [count], progress_bar=True)
     reference = HostSyncCounter(device)
     time_reference(module, setting, batches, device, warmup=1, steps=steps, counter=reference)
-    return {"lightning_host_syncs": count.per_step, "reference_host_syncs": reference.count / steps,
-            "lightning_host_sync_sites": dict(count.counter.sites), "reference_host_sync_sites": dict(reference.sites)}
+    return {
+        "lightning_host_syncs": count.per_step,
+        "reference_host_syncs": reference.count / steps,
+        "lightning_host_sync_sites": dict(count.counter.sites),
+        "reference_host_sync_sites": dict(reference.sites),
+    }
 
 
-def run_setting(setting: BenchSetting, device: torch.device, warmup: int, steps: int,
-                loops: tuple[str, ...] = ("lightning", "reference"), repeats: int = 1, count_syncs: bool = True) -> dict:
+def run_setting(
+    setting: BenchSetting,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    loops: tuple[str, ...] = ("lightning", "reference"),
+    repeats: int = 1,
+    count_syncs: bool = True,
+) -> dict:
     """Build the model for ``setting`` and time the chosen loops, interleaved ``repeats`` times.
 
     Returns seconds per step (the best repeat: on a shared machine the slowest runs measure the

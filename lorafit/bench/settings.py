@@ -57,11 +57,18 @@ class BenchSetting:
     width_divisor: int = 1
 
     def __post_init__(self):
-        for name, allowed in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("sdpa", SDPA_BACKENDS),
-                              ("latents", LATENTS), ("targets", TARGETS), ("family", ("sd1", "sdxl"))):
+        for name, allowed in (
+            ("precision", PRECISIONS),
+            ("optimizer", OPTIMIZERS),
+            ("sdpa", SDPA_BACKENDS),
+            ("latents", LATENTS),
+            ("targets", TARGETS),
+            ("family", ("sd1", "sdxl")),
+        ):
             if getattr(self, name) not in allowed:
-                raise LorafitError(f"bench --{name.replace('_', '-')}: {getattr(self, name)!r} is not one of "
-                                   f"{', '.join(allowed)}")
+                raise LorafitError(
+                    f"bench --{name.replace('_', '-')}: {getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
 
     def module_kwargs(self) -> dict[str, Any]:
         """``LoraDiffusionModule`` arguments of this setting."""
@@ -71,11 +78,18 @@ class BenchSetting:
             "adamw8bit": ("AdamW8bit", {}),
             "adafactor": ("Adafactor", {"scale_parameter": False, "relative_step": False, "warmup_init": False}),
         }[self.optimizer]
-        return dict(rank=self.rank, alpha=float(self.rank), target_preset=self.targets,
-                    weight_dtype="bfloat16" if self.precision == "bf16-weights" else "float32",
-                    optimizer=optimizer, optimizer_args=args, learning_rate=1e-4,
-                    gradient_checkpointing=self.gradient_checkpointing, channels_last=self.channels_last,
-                    compile_unet=self.compile)
+        return dict(
+            rank=self.rank,
+            alpha=float(self.rank),
+            target_preset=self.targets,
+            weight_dtype="bfloat16" if self.precision == "bf16-weights" else "float32",
+            optimizer=optimizer,
+            optimizer_args=args,
+            learning_rate=1e-4,
+            gradient_checkpointing=self.gradient_checkpointing,
+            channels_last=self.channels_last,
+            compile_unet=self.compile,
+        )
 
     @property
     def trainer_precision(self) -> str:
@@ -91,16 +105,19 @@ class BenchSetting:
                 continue
             value = getattr(self, field.name)
             if value != getattr(default, field.name):
-                parts.append(field.name if value is True else f"no-{field.name}" if value is False
-                             else f"{field.name}={value}")
+                parts.append(
+                    field.name if value is True else f"no-{field.name}" if value is False else f"{field.name}={value}"
+                )
         return " ".join(parts)
 
 
 def grid(base: BenchSetting, **choices: list) -> list[BenchSetting]:
     """Every combination of ``choices`` (field -> values) applied to ``base``."""
     names = [name for name, values in choices.items() if values]
-    return [dataclasses.replace(base, **dict(zip(names, combo)))
-            for combo in itertools.product(*(choices[name] for name in names))]
+    return [
+        dataclasses.replace(base, **dict(zip(names, combo)))
+        for combo in itertools.product(*(choices[name] for name in names))
+    ]
 
 
 def _vary(base: BenchSetting, *changes: dict) -> list[BenchSetting]:
@@ -115,25 +132,54 @@ PRESETS: dict[str, list[BenchSetting]] = {
     # ~25 min of H100 time (see docs/performance.md): each row builds the model, warms up and times
     # lorafit's step and the reference loop; the compile rows spend most of their time compiling.
     "h100": [
-        *_vary(SDXL, {}, {"batch_size": 4}, {"compile": True}, {"compile": True, "batch_size": 4},
-               {"gradient_checkpointing": True}, {"gradient_checkpointing": True, "batch_size": 4},
-               {"precision": "bf16-autocast"}, {"optimizer": "adamw"}, {"optimizer": "adamw8bit"},
-               {"sdpa": "flash"}, {"sdpa": "cudnn"}, {"latents": "vae"}, {"targets": "attn-mlp"}),
-        *_vary(SD15, {}, {"batch_size": 32}, {"channels_last": True}, {"compile": True},
-               {"compile": True, "channels_last": True, "batch_size": 32}),
+        *_vary(
+            SDXL,
+            {},
+            {"batch_size": 4},
+            {"compile": True},
+            {"compile": True, "batch_size": 4},
+            {"gradient_checkpointing": True},
+            {"gradient_checkpointing": True, "batch_size": 4},
+            {"precision": "bf16-autocast"},
+            {"optimizer": "adamw"},
+            {"optimizer": "adamw8bit"},
+            {"sdpa": "flash"},
+            {"sdpa": "cudnn"},
+            {"latents": "vae"},
+            {"targets": "attn-mlp"},
+        ),
+        *_vary(
+            SD15,
+            {},
+            {"batch_size": 32},
+            {"channels_last": True},
+            {"compile": True},
+            {"compile": True, "channels_last": True, "batch_size": 32},
+        ),
         *_vary(LOW_VRAM, {}, {"optimizer": "adamw8bit"}),
     ],
     "low-vram": _vary(LOW_VRAM, {}, {"optimizer": "adamw8bit"}, {"gradient_checkpointing": False}),
     # Always runs: the real block layout at 1/8 of the width, small images, on 1-2 CPU cores.
     "cpu": [
-        *_vary(dataclasses.replace(SD15, resolution=256, batch_size=1, width_divisor=8, precision="fp32",
-                                   optimizer="adamw"),
-               {}, {"gradient_checkpointing": True}, {"latents": "vae"}, {"channels_last": True}),
-        *_vary(dataclasses.replace(SDXL, resolution=256, width_divisor=8, precision="fp32", optimizer="adamw"),
-               {}, {"precision": "bf16-weights"}, {"gradient_checkpointing": True, "optimizer": "adafactor"},
-               {"optimizer": "adamw8bit"}),
+        *_vary(
+            dataclasses.replace(
+                SD15, resolution=256, batch_size=1, width_divisor=8, precision="fp32", optimizer="adamw"
+            ),
+            {},
+            {"gradient_checkpointing": True},
+            {"latents": "vae"},
+            {"channels_last": True},
+        ),
+        *_vary(
+            dataclasses.replace(SDXL, resolution=256, width_divisor=8, precision="fp32", optimizer="adamw"),
+            {},
+            {"precision": "bf16-weights"},
+            {"gradient_checkpointing": True, "optimizer": "adafactor"},
+            {"optimizer": "adamw8bit"},
+        ),
     ],
 }
 # The CI-sized row of tests/test_bench.py: the smallest step that still has every part.
-PRESETS["ci"] = [BenchSetting(family="sdxl", resolution=64, width_divisor=8, precision="fp32", optimizer="adamw",
-                              rank=4)]
+PRESETS["ci"] = [
+    BenchSetting(family="sdxl", resolution=64, width_divisor=8, precision="fp32", optimizer="adamw", rank=4)
+]

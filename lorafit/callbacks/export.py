@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -22,8 +22,15 @@ from lorafit.networks.network_types import KOHYA_NETWORK_MODULE
 log = logging.getLogger("lorafit.export")
 
 # kohya's save_precision spellings (float, fp16, bf16) are accepted too.
-SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-               "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 
 class LoraExport(pl.Callback):
@@ -47,8 +54,8 @@ class LoraExport(pl.Callback):
         every_n_epochs: int = 1,
         every_n_steps: int = 0,
         save_dtype: Literal["float32", "float16", "bfloat16", "float", "fp32", "fp16", "bf16"] = "float32",
-        formats: list[Literal["kohya", "diffusers"]] = ["kohya", "diffusers"],
-        dirpath: Optional[str] = None,
+        formats: list[Literal["kohya", "diffusers"]] = ["kohya", "diffusers"],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
+        dirpath: str | None = None,
     ):
         self.name = name
         self.every_n_epochs = every_n_epochs
@@ -81,8 +88,14 @@ class LoraExport(pl.Callback):
         # With gradient accumulation this hook runs per micro-batch; export once per optimizer step.
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step_export:
             self._last_step_export = step
-            self.export(trainer, pl_module, f"{self.name}-step-{step:06d}", epochs_done=trainer.current_epoch,
-                        batch=batch, batch_idx=batch_idx)
+            self.export(
+                trainer,
+                pl_module,
+                f"{self.name}-step-{step:06d}",
+                epochs_done=trainer.current_epoch,
+                batch=batch,
+                batch_idx=batch_idx,
+            )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
@@ -122,8 +135,15 @@ class LoraExport(pl.Callback):
             network_args=pl_module.network_spec().kohya_network_args(),
         )
 
-    def export(self, trainer: pl.Trainer, pl_module, stem: str, epochs_done: int, batch: Optional[dict] = None,
-               batch_idx: Optional[int] = None) -> list[Path]:
+    def export(
+        self,
+        trainer: pl.Trainer,
+        pl_module,
+        stem: str,
+        epochs_done: int,
+        batch: dict | None = None,
+        batch_idx: int | None = None,
+    ) -> list[Path]:
         """Write ``stem`` in every configured format (global rank 0 only, no collectives)."""
         # Keep the last good files: a NaN LoRA would overwrite them. This waits for the NaN/Inf checks
         # of the steps so far (nonfinite.py) and stops the run on one. Every rank checks, so all stop
@@ -136,19 +156,28 @@ class LoraExport(pl.Callback):
         directory = self._dir(trainer)
         paths = []
         if "kohya" in self.formats:
-            metadata = {**kohya_metadata(self.training_info(trainer, pl_module, epochs_done)),
-                        **recipe_metadata(trainer, pl_module)}
-            paths.append(save_kohya(directory / f"{stem}.safetensors", pl_module.family, weights,
-                                    pl_module.unet.config, metadata, dtype))
+            metadata = {
+                **kohya_metadata(self.training_info(trainer, pl_module, epochs_done)),
+                **recipe_metadata(trainer, pl_module),
+            }
+            paths.append(
+                save_kohya(
+                    directory / f"{stem}.safetensors", pl_module.family, weights, pl_module.unet.config, metadata, dtype
+                )
+            )
         if "diffusers" in self.formats:
             kinds = network_kinds(weights)
             if kinds <= DIFFUSERS_KINDS:
-                paths.append(save_diffusers(directory / "diffusers" / f"{stem}.safetensors", pl_module.family, weights,
-                                            dtype))
+                paths.append(
+                    save_diffusers(directory / "diffusers" / f"{stem}.safetensors", pl_module.family, weights, dtype)
+                )
             elif not self._warned_no_diffusers:
                 # diffusers has no LoHa/LoKr format; the kohya/LyCORIS file loads with lorafit.load_lora.
-                log.warning("no diffusers-format file for %s networks (diffusers cannot load them); "
-                            "the kohya/LyCORIS file loads in A1111, ComfyUI and lorafit.load_lora", sorted(kinds))
+                log.warning(
+                    "no diffusers-format file for %s networks (diffusers cannot load them); "
+                    "the kohya/LyCORIS file loads in A1111, ComfyUI and lorafit.load_lora",
+                    sorted(kinds),
+                )
                 self._warned_no_diffusers = True
         for path in paths:
             log.info("saved LoRA %s", path)
@@ -158,14 +187,15 @@ class LoraExport(pl.Callback):
 
 def recipe_metadata(trainer: pl.Trainer, pl_module) -> dict[str, str]:
     """kohya's ``ss_*`` keys for the training recipe (optimizer, schedule, noise, loss), as strings."""
-    from lorafit.optim import describe, optimizer_kwargs
+    from lorafit.training.optim import describe, optimizer_kwargs
 
     hp = pl_module.hparams
     rates = pl_module.learning_rates()
     values = {
         "ss_unet_lr": rates["unet"],
-        "ss_optimizer": describe(hp.optimizer, optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas,
-                                                                hp.optimizer_args)),
+        "ss_optimizer": describe(
+            hp.optimizer, optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas, hp.optimizer_args)
+        ),
         "ss_lr_scheduler": hp.lr_scheduler,
         "ss_lr_warmup_steps": hp.lr_warmup_steps,
         "ss_max_grad_norm": trainer.gradient_clip_val or 0.0,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import math
 import time
-from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -39,12 +38,12 @@ class TrainingMetrics(pl.Callback):
             number of batches in one epoch (kohya's ``loss/average``).
     """
 
-    def __init__(self, average_window: Optional[int] = None):
+    def __init__(self, average_window: int | None = None):
         self.average_window = average_window
-        self._losses: Optional[torch.Tensor] = None  # ring buffer of the last `window` step losses, on the device
+        self._losses: torch.Tensor | None = None  # ring buffer of the last `window` step losses, on the device
         self._count = 0  # losses written into the ring so far (the next goes to _count % window)
         self._speed: collections.deque = collections.deque()
-        self._epoch_sum: Optional[torch.Tensor] = None
+        self._epoch_sum: torch.Tensor | None = None
         self._epoch_count = 0
         self._batch_started = 0.0
 
@@ -67,9 +66,9 @@ class TrainingMetrics(pl.Callback):
             return
         size = self._losses.numel()
         start = self._count % size if self._count > size else 0
-        kept = torch.cat([self._losses[start:], self._losses[:start]])[:min(self._count, size)][-window:]
+        kept = torch.cat([self._losses[start:], self._losses[:start]])[: min(self._count, size)][-window:]
         self._losses = torch.zeros(window, device=kept.device)
-        self._losses[:len(kept)] = kept
+        self._losses[: len(kept)] = kept
         self._count = len(kept)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -92,14 +91,20 @@ class TrainingMetrics(pl.Callback):
         images = len(batch["captions"]) if isinstance(batch, dict) and "captions" in batch else 0
         self._speed.append((images, elapsed))
         batch_size = images or None
-        pl_module.log("loss/average", self._losses[:min(self._count, window)].mean(), on_step=True, on_epoch=False,
-                      batch_size=batch_size)
+        pl_module.log(
+            "loss/average",
+            self._losses[: min(self._count, window)].mean(),
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch_size,
+        )
         seconds = sum(s for _, s in self._speed)
         if images and seconds > 0:
             per_sec = sum(n for n, _ in self._speed) / seconds * trainer.world_size
             # A host tensor: Lightning would copy a Python float to the GPU, waiting for the queue.
-            pl_module.log("perf/images_per_sec", torch.tensor(per_sec), on_step=True, on_epoch=False,
-                          batch_size=batch_size)
+            pl_module.log(
+                "perf/images_per_sec", torch.tensor(per_sec), on_step=True, on_epoch=False, batch_size=batch_size
+            )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._epoch_count:

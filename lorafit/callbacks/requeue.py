@@ -10,7 +10,7 @@ different point of their step, meet with a gradient all-reduce, which hangs or c
 
 Here the handler only raises a flag. After each optimizer step the ranks sum their flags (one
 tiny all-reduce on the device per step) and read the sum a step later through a pinned host copy
-(lorafit/host_readback.py), so no step waits for the GPU; every rank reads the same sum at the
+(lorafit/distributed/host_readback.py), so no step waits for the GPU; every rank reads the same sum at the
 same step, so all save together, at the same clean point ModelCheckpoint's step checkpoints use,
 one step after the signal. Rank 0 runs ``scontrol requeue``, and the processes exit. The requeued
 job resumes from ``hpc_ckpt_N.ckpt`` in the run directory (the name Lightning's SLURM resume looks
@@ -30,8 +30,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from lorafit.collectives import all_reduce_in_place, defer_lightning_sigterm_check
-from lorafit.host_readback import HostReadback
+from lorafit.distributed.collectives import all_reduce_in_place, defer_lightning_sigterm_check
+from lorafit.distributed.host_readback import HostReadback
 
 log = logging.getLogger("lorafit.requeue")
 
@@ -43,8 +43,11 @@ class TrainingRequeued(SystemExit):
 def next_hpc_checkpoint(run_dir: str | os.PathLike) -> Path:
     """``hpc_ckpt_<N+1>.ckpt`` in ``run_dir``, N being the highest number already there (0 if none)."""
     run_dir = Path(run_dir)
-    numbers = [int(m.group(1)) for p in (run_dir.glob("hpc_ckpt_*.ckpt") if run_dir.is_dir() else [])
-               if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    numbers = [
+        int(m.group(1))
+        for p in (run_dir.glob("hpc_ckpt_*.ckpt") if run_dir.is_dir() else [])
+        if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
+    ]
     return run_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
@@ -148,7 +151,7 @@ class RequeueOnSignal(Checkpoint):
         job = slurm_job_id()
         if trainer.is_global_zero:
             if job and self.requeue:
-                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                result = subprocess.run(["scontrol", "requeue", job], check=False, capture_output=True, text=True)
                 if result.returncode:
                     log.error("saved %s but `scontrol requeue %s` failed: %s", path, job, result.stderr.strip())
                 else:

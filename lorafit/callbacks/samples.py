@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -82,20 +82,20 @@ class SampleImages(pl.Callback):
 
     def __init__(
         self,
-        prompts: list[Union[str, dict]] = [],
-        prompt_file: Optional[str] = None,
+        prompts: list[str | dict] = [],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
+        prompt_file: str | None = None,
         every_n_epochs: int = 1,
         every_n_steps: int = 0,
         before_training: bool = False,
         sampler: str = "euler_a",
         steps: int = 20,
         cfg: float = 7.0,
-        width: Optional[int] = None,
-        height: Optional[int] = None,
+        width: int | None = None,
+        height: int | None = None,
         seed: int = 0,
         compare_base: bool = False,
         log_images: bool = True,
-        dirpath: Optional[str] = None,
+        dirpath: str | None = None,
     ):
         # Parsed now: a typo in a prompt file fails before minutes of model loading.
         self.prompts: list[SamplePrompt] = collect_prompts(prompts, prompt_file, key="samples.prompts")
@@ -109,7 +109,7 @@ class SampleImages(pl.Callback):
         self.log_images = log_images
         self.dirpath = dirpath
         self.written: list[Path] = []
-        self._renderer: Optional[Renderer] = None
+        self._renderer: Renderer | None = None
         self._last_sampled_step = -1
 
     # ---- when ---------------------------------------------------------------------------
@@ -143,8 +143,10 @@ class SampleImages(pl.Callback):
     def requests(self, trainer, renderer: Renderer) -> list[SamplePrompt]:
         """The prompts with every default filled in (the seed of prompt i is ``seed + i``)."""
         width, height = self._default_size(trainer, renderer)
-        return [p.with_defaults(width, height, self.steps, self.cfg, self.seed + i, self.sampler)
-                for i, p in enumerate(self.prompts)]
+        return [
+            p.with_defaults(width, height, self.steps, self.cfg, self.seed + i, self.sampler)
+            for i, p in enumerate(self.prompts)
+        ]
 
     def sample(self, trainer: pl.Trainer, pl_module, epoch: int) -> list[Path]:
         """Render every prompt now (global rank 0 only) and save/log the images."""
@@ -152,18 +154,23 @@ class SampleImages(pl.Callback):
         if not self.prompts or not trainer.is_global_zero:
             return []
         if self._renderer is None:
-            self._renderer = Renderer(pl_module.base, clip_skip=pl_module.hparams.clip_skip,
-                                      max_token_length=pl_module.hparams.get("max_token_length"))
+            self._renderer = Renderer(
+                pl_module.base,
+                clip_skip=pl_module.hparams.clip_skip,
+                max_token_length=pl_module.hparams.get("max_token_length"),
+            )
         step = trainer.global_step
         paths = []
         # Parts kept on the host for cached data (host_parts.py) come to the device for this round.
         with sampling_state(pl_module), pl_module.host_parts_on_device():
             for index, request in enumerate(self.requests(trainer, self._renderer)):
                 image = self._render(pl_module, request, epoch, step)
-                parameters = a1111_parameters(request, str(pl_module.hparams.model),
-                                              extra={"Epoch": epoch, "Training step": step})
-                path = save_png(image, self._dir(trainer) / f"epoch-{epoch:03d}_step-{step:06d}_{index:02d}.png",
-                                parameters)
+                parameters = a1111_parameters(
+                    request, str(pl_module.hparams.model), extra={"Epoch": epoch, "Training step": step}
+                )
+                path = save_png(
+                    image, self._dir(trainer) / f"epoch-{epoch:03d}_step-{step:06d}_{index:02d}.png", parameters
+                )
                 paths.append(path)
                 self._log(trainer, f"samples/{index:02d}", image, request.prompt, step)
         log.info("wrote %d sample image(s) to %s", len(paths), self._dir(trainer))

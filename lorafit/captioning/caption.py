@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -59,13 +59,13 @@ def backup_path(sidecar: Path) -> Path:
     return sidecar.with_name(sidecar.name + ".bak")
 
 
-def replace_caption(sidecar: Path, text: str, previous: Optional[str]) -> None:
+def replace_caption(sidecar: Path, text: str, previous: str | None) -> None:
     """Writes ``text`` to ``sidecar`` atomically, first saving ``previous`` (if any) as ``.bak``.
 
     Shared with the review page. Both writes go through a temporary file and a rename, so a crash
     leaves either the old or the new caption, and the ``.bak`` is complete before it matters.
     """
-    from lorafit.atomic_io import atomic_write_text
+    from lorafit.io.atomic import atomic_write_text
 
     if previous is not None:
         atomic_write_text(backup_path(sidecar), previous)
@@ -80,7 +80,7 @@ def _read_existing(sidecar: Path) -> str:
     return sidecar.read_bytes().decode("utf-8-sig")
 
 
-def _jobs(directory: Union[str, os.PathLike], caption_ext: str, mode: Mode, tally: Tally) -> tuple[list[Job], DatasetRoots]:
+def _jobs(directory: str | os.PathLike, caption_ext: str, mode: Mode, tally: Tally) -> tuple[list[Job], DatasetRoots]:
     from lorafit.data.kohya_folders import scan_tree
 
     roots = dataset_roots(directory)
@@ -98,8 +98,16 @@ def _jobs(directory: Union[str, os.PathLike], caption_ext: str, mode: Mode, tall
     return jobs, roots
 
 
-def _load_captioner(model: str, model_type: str, general_threshold: float, character_threshold: float,
-                    device: str, dtype: str, max_new_tokens: int, num_beams: int):
+def _load_captioner(
+    model: str,
+    model_type: str,
+    general_threshold: float,
+    character_threshold: float,
+    device: str,
+    dtype: str,
+    max_new_tokens: int,
+    num_beams: int,
+):
     from lorafit.captioning import wd14_tagger
 
     local = Path(model).expanduser()
@@ -116,20 +124,21 @@ def _load_captioner(model: str, model_type: str, general_threshold: float, chara
     return ImageToTextCaptioner(local if local.is_dir() else model, device, dtype, max_new_tokens, num_beams)
 
 
-def _named(image: Union[str, Path], reason: str) -> str:
+def _named(image: str | Path, reason: str) -> str:
     """The reason, led by the image's path unless the message already names it."""
     return reason if str(image) in reason else f"{image}: {reason}"
 
 
-def _compose(raw: str, job: Job, mode: Mode, unwanted: list[str], prefix: Optional[str]) -> str:
+def _compose(raw: str, job: Job, mode: Mode, unwanted: list[str], prefix: str | None) -> str:
     text = join_tags(drop_tags(split_tags(raw), unwanted))
     if mode == "append":  # the tags and prefix go to the caption line; the file's other lines stay
         return append_caption(job.existing, text, prefix)
     return with_prefix(text, prefix)
 
 
-def _caption_batch(captioner, batch: list[Job], tally: Tally, mode: Mode, unwanted: list[str],
-                   prefix: Optional[str]) -> None:
+def _caption_batch(
+    captioner, batch: list[Job], tally: Tally, mode: Mode, unwanted: list[str], prefix: str | None
+) -> None:
     from lorafit.data.images import load_rgb
 
     images, ready = [], []
@@ -156,9 +165,9 @@ def caption(
     *,
     model: str,
     model_type: Literal["auto", "image-to-text", "wd14"] = "auto",
-    prefix: Optional[str] = None,
+    prefix: str | None = None,
     mode: Mode = "skip",
-    remove_tags: Optional[Union[str, list[str]]] = None,
+    remove_tags: str | list[str] | None = None,
     general_threshold: float = 0.35,
     character_threshold: float = 0.35,
     batch_size: int = 8,
@@ -213,16 +222,19 @@ def caption(
     jobs, roots = _jobs(dir, caption_ext, mode, tally)
     unwanted = parse_tag_list(remove_tags)
     if jobs:
-        captioner = _load_captioner(model, model_type, general_threshold, character_threshold, device, dtype,
-                                    max_new_tokens, num_beams)
+        captioner = _load_captioner(
+            model, model_type, general_threshold, character_threshold, device, dtype, max_new_tokens, num_beams
+        )
         with tqdm(total=len(jobs), unit="img", desc=f"captioning ({captioner.kind})") as bar:
             for start in range(0, len(jobs), batch_size):
-                batch = jobs[start:start + batch_size]
+                batch = jobs[start : start + batch_size]
                 _caption_batch(captioner, batch, tally, mode, unwanted, prefix)
                 bar.update(len(batch))
     frequency = tag_frequency(tally.written)
-    print(f"captioned {len(tally.written)} images, skipped {tally.skipped_existing} with a caption "
-          f"(--mode {mode}), {len(tally.failed)} failed, {len(tally.empty)} got no tag")
+    print(
+        f"captioned {len(tally.written)} images, skipped {tally.skipped_existing} with a caption "
+        f"(--mode {mode}), {len(tally.failed)} failed, {len(tally.empty)} got no tag"
+    )
     for image, reason in tally.failed:
         print(f"  failed: {_named(image, reason)}")
     for image in tally.empty:
@@ -230,5 +242,10 @@ def caption(
     print(format_frequency(frequency, len(tally.written), top_tags))
     if roots.reminder() and tally.written:
         print(roots.reminder())
-    return {"written": len(tally.written), "skipped_existing": tally.skipped_existing, "empty": tally.empty,
-            "failed": [list(item) for item in tally.failed], "tag_frequency": dict(frequency.most_common())}
+    return {
+        "written": len(tally.written),
+        "skipped_existing": tally.skipped_existing,
+        "empty": tally.empty,
+        "failed": [list(item) for item in tally.failed],
+        "tag_frequency": dict(frequency.most_common()),
+    }

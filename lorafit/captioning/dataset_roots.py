@@ -39,9 +39,11 @@ class DatasetRoots:
         if self.prepared_from is None:
             return None
         sources = " ".join(f"'{root}'" for root in self.roots)
-        return (f"{self.prepared_from} holds shards made by `lorafit prepare` from {sources}; captions were "
-                f"changed there - run `lorafit prepare ... --out {self.prepared_from} --overwrite` again "
-                "to put them into the shards")
+        return (
+            f"{self.prepared_from} holds shards made by `lorafit prepare` from {sources}; captions were "
+            f"changed there - run `lorafit prepare ... --out {self.prepared_from} --overwrite` again "
+            "to put them into the shards"
+        )
 
 
 def dataset_roots(directory: str | os.PathLike) -> DatasetRoots:
@@ -55,8 +57,9 @@ def dataset_roots(directory: str | os.PathLike) -> DatasetRoots:
     """
     path = Path(directory).expanduser()
     if not path.exists():
-        raise LorafitError(f"DIR {path} does not exist; give the folder holding your images "
-                           "(or a `lorafit prepare` output folder)")
+        raise LorafitError(
+            f"DIR {path} does not exist; give the folder holding your images (or a `lorafit prepare` output folder)"
+        )
     if not path.is_dir():
         raise LorafitError(f"DIR {path} is a file; give the folder holding your images")
     summary_path = path / PREPARE_SUMMARY
@@ -70,8 +73,11 @@ def dataset_roots(directory: str | os.PathLike) -> DatasetRoots:
         return DatasetRoots([path])
     missing = [str(p) for p in sources if not p.is_dir()]
     if missing:
-        raise LorafitError(f"{path} was prepared from {', '.join(missing)}, which no longer exists; captions live "
-                           "beside the source images - point DIR at the image folder itself")
-    logger.info("%s is a `lorafit prepare` output; working on its source folders %s", path,
-                ", ".join(str(p) for p in sources))
+        raise LorafitError(
+            f"{path} was prepared from {', '.join(missing)}, which no longer exists; captions live "
+            "beside the source images - point DIR at the image folder itself"
+        )
+    logger.info(
+        "%s is a `lorafit prepare` output; working on its source folders %s", path, ", ".join(str(p) for p in sources)
+    )
     return DatasetRoots(sources, prepared_from=path)

@@ -55,12 +55,20 @@ class ImageToTextCaptioner:
 
     kind = "image-to-text"
 
-    def __init__(self, model: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                 max_new_tokens: int = 75, num_beams: int = 1) -> None:
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_new_tokens: int = 75,
+        num_beams: int = 1,
+    ) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if max_new_tokens < 1 or num_beams < 1:
-            raise LorafitError(f"--max_new_tokens and --num_beams must be at least 1; got {max_new_tokens}, {num_beams}")
+            raise LorafitError(
+                f"--max_new_tokens and --num_beams must be at least 1; got {max_new_tokens}, {num_beams}"
+            )
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
@@ -69,8 +77,10 @@ class ImageToTextCaptioner:
             self.model = AutoModelForImageTextToText.from_pretrained(str(model), dtype=self.dtype)
         except (OSError, ValueError, KeyError) as error:
             reason = " ".join(str(error).split())[:240]
-            raise LorafitError(f"cannot load captioning model --model {model} ({reason}); give a BLIP-style "
-                               "image-to-text model (hub id or save_pretrained folder) or a WD14 tagger folder") from None
+            raise LorafitError(
+                f"cannot load captioning model --model {model} ({reason}); give a BLIP-style "
+                "image-to-text model (hub id or save_pretrained folder) or a WD14 tagger folder"
+            ) from None
         self.model.to(self.device).eval()
 
     @torch.inference_mode()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 SEPARATOR = ", "
 
@@ -73,7 +73,7 @@ def tag_key(tag: str) -> str:
     return tag if is_emoticon_tag(tag) else tag.replace("_", " ")
 
 
-def parse_tag_list(tags: Union[str, Iterable[str], None]) -> list[str]:
+def parse_tag_list(tags: str | Iterable[str] | None) -> list[str]:
     """A user's tag list option: ``"a, b"`` or ``["a", "b"]`` (both allowed on the command line)."""
     if tags is None:
         return []
@@ -87,7 +87,7 @@ def remove_tags(tags: list[str], unwanted: Iterable[str]) -> list[str]:
     return [tag for tag in tags if tag_key(tag) not in drop]
 
 
-def with_prefix(caption: str, prefix: Optional[str]) -> str:
+def with_prefix(caption: str, prefix: str | None) -> str:
     """The caption with ``prefix`` (a trigger word such as ``"ohwx dog,"``) in front, once.
 
     The prefix is written as given (kohya's ``--caption_prefix``); a space separates it from the
@@ -96,7 +96,7 @@ def with_prefix(caption: str, prefix: Optional[str]) -> str:
     """
     if not prefix:
         return caption
-    if caption.startswith(prefix) or caption.startswith(prefix.rstrip()):
+    if caption.startswith((prefix, prefix.rstrip())):
         return caption
     if not caption:
         return prefix.rstrip()
@@ -115,11 +115,11 @@ def caption_line(text: str) -> tuple[str, str, str]:
     for index, line in enumerate(lines):
         if line.strip():
             body = line.splitlines()[0]  # without its line break, whichever of splitlines' it is
-            return "".join(lines[:index]), body, line[len(body):] + "".join(lines[index + 1:])
+            return "".join(lines[:index]), body, line[len(body) :] + "".join(lines[index + 1 :])
     return text, "", ""
 
 
-def append_caption(existing: str, new: str, prefix: Optional[str] = None) -> str:
+def append_caption(existing: str, new: str, prefix: str | None = None) -> str:
     """``existing`` with the tags of ``new`` it does not hold yet added to its caption line (``--mode append``).
 
     Only the caption line (see :func:`caption_line`) changes: the tags of ``new`` go after the

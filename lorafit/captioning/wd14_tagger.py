@@ -54,13 +54,16 @@ def read_tag_list(path: Path) -> TagList:
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or not {"name", "category"} <= set(rows[0]):
-        raise LorafitError(f"{path} is not a tagger tag list: it needs the columns tag_id,name,category,count "
-                           "(the selected_tags.csv of a WD14 tagger)")
+        raise LorafitError(
+            f"{path} is not a tagger tag list: it needs the columns tag_id,name,category,count "
+            "(the selected_tags.csv of a WD14 tagger)"
+        )
     try:
         categories = np.array([int(row["category"]) for row in rows])
     except ValueError:
-        raise LorafitError(f"{path} has a non-numeric category; expected 9 (rating), 4 (character) "
-                           "or 0 (general)") from None
+        raise LorafitError(
+            f"{path} has a non-numeric category; expected 9 (rating), 4 (character) or 0 (general)"
+        ) from None
     return TagList([tag_to_prompt(row["name"]) for row in rows], categories)
 
 
@@ -68,8 +71,10 @@ def _onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise LorafitError("WD14 taggers run on onnxruntime, which is not installed; "
-                           "pip install 'lorafit[caption]' (or onnxruntime-gpu for CUDA)") from None
+        raise LorafitError(
+            "WD14 taggers run on onnxruntime, which is not installed; "
+            "pip install 'lorafit[caption]' (or onnxruntime-gpu for CUDA)"
+        ) from None
     return onnxruntime
 
 
@@ -80,9 +85,11 @@ def fetch_tagger(repo_id: str) -> Path:
     try:
         model = hf_hub_download(repo_id, MODEL_FILE)
         hf_hub_download(repo_id, TAGS_FILE)
-    except Exception as error:  # offline, unknown repo, gated: all mean "cannot use this name"
-        raise LorafitError(f"cannot get {MODEL_FILE} and {TAGS_FILE} of tagger {repo_id!r} from the Hugging Face "
-                           f"hub ({type(error).__name__}); download them into a folder and pass --model FOLDER") from None
+    except Exception as error:  # noqa: BLE001 -- offline, unknown repo, gated: all mean "cannot use this name"
+        raise LorafitError(
+            f"cannot get {MODEL_FILE} and {TAGS_FILE} of tagger {repo_id!r} from the Hugging Face "
+            f"hub ({type(error).__name__}); download them into a folder and pass --model FOLDER"
+        ) from None
     return Path(model).parent
 
 
@@ -99,12 +106,19 @@ class WD14Tagger:
 
     kind = "wd14"
 
-    def __init__(self, model_dir: str | os.PathLike, general_threshold: float = 0.35,
-                 character_threshold: float = 0.35, device: str = "auto") -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        general_threshold: float = 0.35,
+        character_threshold: float = 0.35,
+        device: str = "auto",
+    ) -> None:
         model_dir = Path(model_dir)
         if not is_tagger_dir(model_dir):
-            raise LorafitError(f"--model {model_dir} does not hold {MODEL_FILE} and {TAGS_FILE}; "
-                               "pass the folder of a WD14-style tagger")
+            raise LorafitError(
+                f"--model {model_dir} does not hold {MODEL_FILE} and {TAGS_FILE}; "
+                "pass the folder of a WD14-style tagger"
+            )
         for name, value in (("general_threshold", general_threshold), ("character_threshold", character_threshold)):
             if not 0.0 <= value <= 1.0:
                 raise LorafitError(f"--{name} must be a probability between 0 and 1; got {value}")
@@ -116,8 +130,10 @@ class WD14Tagger:
         self.size = self._input_size(model_input.shape, model_dir)
         width = self.session.get_outputs()[0].shape[-1]
         if isinstance(width, int) and width != len(self.tags.names):
-            raise LorafitError(f"{model_dir / MODEL_FILE} predicts {width} tags but {TAGS_FILE} lists "
-                               f"{len(self.tags.names)}; the two files come from different taggers")
+            raise LorafitError(
+                f"{model_dir / MODEL_FILE} predicts {width} tags but {TAGS_FILE} lists "
+                f"{len(self.tags.names)}; the two files come from different taggers"
+            )
 
     @staticmethod
     def _session(model_path: Path, device: str):
@@ -129,13 +145,15 @@ class WD14Tagger:
             device = "cuda" if cuda else "cpu"
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise LorafitError(f"--device {device}: this onnxruntime has no CUDA support; "
-                                   "pip install onnxruntime-gpu, or use --device cpu")
+                raise LorafitError(
+                    f"--device {device}: this onnxruntime has no CUDA support; "
+                    "pip install onnxruntime-gpu, or use --device cpu"
+                )
             device_id = int(device.split(":")[1]) if ":" in device else 0
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
         try:
             return ort.InferenceSession(str(model_path), providers=providers)
-        except Exception as error:  # onnxruntime raises its own exception types for bad files
+        except Exception as error:  # noqa: BLE001 -- onnxruntime raises its own exception types for bad files
             reason = " ".join(str(error).split())[:200]
             raise LorafitError(f"cannot load tagger {model_path} ({reason}); re-download model.onnx") from None
 
@@ -143,8 +161,9 @@ class WD14Tagger:
     def _input_size(shape: list, model_dir: Path) -> int:
         # WD14 taggers are NHWC; a channels-first model would silently see garbage.
         if len(shape) != 4 or shape[3] != 3:
-            raise LorafitError(f"{model_dir / MODEL_FILE} takes input shape {shape}; a WD14 tagger takes "
-                               "[batch, size, size, 3] (NHWC)")
+            raise LorafitError(
+                f"{model_dir / MODEL_FILE} takes input shape {shape}; a WD14 tagger takes [batch, size, size, 3] (NHWC)"
+            )
         return shape[1] if isinstance(shape[1], int) else DEFAULT_SIZE
 
     def preprocess(self, image: Image.Image) -> np.ndarray:

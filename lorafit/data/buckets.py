@@ -17,8 +17,9 @@ import logging
 import math
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 from lorafit.errors import LorafitError
 
@@ -47,9 +48,7 @@ def verify_bucket_reso_steps(bucket_reso_steps: int, family: str) -> None:
         raise LorafitError(f"unknown model family {family!r}; expected one of {known}")
     multiple = STEP_MULTIPLE_BY_FAMILY[family]
     if bucket_reso_steps % multiple != 0:
-        raise LorafitError(
-            f"bucket_reso_steps must be a multiple of {multiple} for {family}; got {bucket_reso_steps}"
-        )
+        raise LorafitError(f"bucket_reso_steps must be a multiple of {multiple} for {family}; got {bucket_reso_steps}")
 
 
 def _check_steps(bucket_reso_steps: int) -> None:
@@ -63,8 +62,7 @@ def _resolution_pair(resolution: int | tuple[int, int]) -> Size:
     pair = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     if len(pair) != 2 or not all(isinstance(x, int) and x > 0 and x % 8 == 0 for x in pair):
         raise LorafitError(
-            f"resolution must be a positive multiple of 8 or a (width, height) pair of them; "
-            f"got {resolution!r}"
+            f"resolution must be a positive multiple of 8 or a (width, height) pair of them; got {resolution!r}"
         )
     return pair  # type: ignore[return-value]
 
@@ -368,8 +366,15 @@ def plan_resize_crop(
         rand.randint(0, excess) if crop == "random" and excess else excess // 2
         for excess in (rw - bucket_w, rh - bucket_h)
     )
-    return ResizeCrop((rw, rh), left, top, (bucket_w, bucket_h), original_size=(image_h, image_w),
-                      crop_top_left=(top, left), target_size=(bucket_h, bucket_w))
+    return ResizeCrop(
+        (rw, rh),
+        left,
+        top,
+        (bucket_w, bucket_h),
+        original_size=(image_h, image_w),
+        crop_top_left=(top, left),
+        target_size=(bucket_h, bucket_w),
+    )
 
 
 def bucket_histogram(assignments: Iterable[Size]) -> dict[Size, int]:

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -55,14 +55,14 @@ def _flipped_crop(original_size, crop_top_left, bucket, choose) -> list[int]:
 
 
 def cache(
-    src: Union[str, list[str]],
+    src: str | list[str],
     *,
     out: str,
     model: str,
-    single_file_config: Optional[str] = None,
+    single_file_config: str | None = None,
     text_embeddings: bool = False,
     clip_skip: int = 1,
-    max_token_length: Optional[int] = None,
+    max_token_length: int | None = None,
     flip_aug: bool = False,
     resolution: int = 512,
     min_bucket_reso: int = 256,
@@ -72,7 +72,7 @@ def cache(
     enable_bucket: bool = True,
     batch_size: int = 4,
     dtype: Literal["float32", "float16", "bfloat16"] = "float32",
-    device: Optional[str] = None,
+    device: str | None = None,
     max_samples_per_shard: int = 1000,
     overwrite: bool = False,
 ) -> dict:
@@ -111,38 +111,57 @@ def cache(
     """
     import webdataset as wds
 
-    from lorafit.models.base import load_base_model
-    from lorafit.models.conditioning import encode_tokens, tokenize
+    from lorafit.families.clip_text import encode_tokens, tokenize
+    from lorafit.families.loading import load_base_model
 
     if max_token_length is not None and max_token_length < 1:
         raise LorafitError(f"--max_token_length: {max_token_length}; use 150 or 225, or leave it empty for 75")
     if max_token_length and not text_embeddings:
-        logger.warning("--max_token_length only changes cached text embeddings; without --text_embeddings true "
-                       "it has no effect (training encodes captions with model.max_token_length)")
+        logger.warning(
+            "--max_token_length only changes cached text embeddings; without --text_embeddings true "
+            "it has no effect (training encodes captions with model.max_token_length)"
+        )
     out_dir = Path(out).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise LorafitError(f"output folder {out_dir} is not empty; choose a new one or pass --overwrite true")
         shutil.rmtree(out_dir)
     index = load_index(src, "SRC")
-    spec = BucketSpec(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale,
-                      enable_bucket)
+    spec = BucketSpec(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, enable_bucket)
     choose = spec.chooser()
-    stream = ShardStream(index, spec, SampleTransform(CaptionOps()), batch_size=batch_size, seed=0, reg_ratio=1.0,
-                         shuffle_buffer=0, training=False, num_workers=0, keep_meta=True)
+    stream = ShardStream(
+        index,
+        spec,
+        SampleTransform(CaptionOps()),
+        batch_size=batch_size,
+        seed=0,
+        reg_ratio=1.0,
+        shuffle_buffer=0,
+        training=False,
+        num_workers=0,
+        keep_meta=True,
+    )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(model, single_file_config=single_file_config)
     vae = base.vae.to(device).eval()
     encoders = [encoder.to(device).eval() for encoder in base.text_encoders]
     storage = DTYPES[dtype]
-    total = sum(sum(row) for row in plan_epoch(index, choose, seed=0, epoch=0, world_size=1, workers=0,
-                                               batch_size=batch_size, repeats=False).copies)
+    total = sum(
+        sum(row)
+        for row in plan_epoch(
+            index, choose, seed=0, epoch=0, world_size=1, workers=0, batch_size=batch_size, repeats=False
+        ).copies
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     entries: dict[str, list] = {}
     written = 0
-    with torch.no_grad(), tqdm(total=total, desc="lorafit cache", unit="img") as bar, \
-            wds.ShardWriter(str(out_dir / "train-%06d.tar"), maxcount=max_samples_per_shard, verbose=0,
-                            encoder=False, mtime=0.0) as writer:
+    with (
+        torch.no_grad(),
+        tqdm(total=total, desc="lorafit cache", unit="img") as bar,
+        wds.ShardWriter(
+            str(out_dir / "train-%06d.tar"), maxcount=max_samples_per_shard, verbose=0, encoder=False, mtime=0.0
+        ) as writer,
+    ):
         for batch in stream:
             pixels = batch["pixel_values"].to(device, vae.dtype)
             moments = vae.encode(pixels).latent_dist.parameters
@@ -154,8 +173,11 @@ def cache(
             for j, meta in enumerate(batch["metas"]):
                 crop = batch["crop_top_left"][j].tolist()
                 original = batch["original_size"][j].tolist()
-                sample = {"__key__": f"{written:08d}", "txt": batch["captions"][j].encode("utf-8"),
-                          "latent.pth": _tensor_bytes(moments[j], storage)}
+                sample = {
+                    "__key__": f"{written:08d}",
+                    "txt": batch["captions"][j].encode("utf-8"),
+                    "latent.pth": _tensor_bytes(moments[j], storage),
+                }
                 info = {**meta, "original_size": original, "crop_top_left": crop, "bucket": list(bucket)}
                 if flipped is not None:
                     sample["latent_flip.pth"] = _tensor_bytes(flipped[j], storage)
@@ -168,23 +190,46 @@ def cache(
                 writer.write(sample)
                 name = os.path.basename(writer.fname)
                 entries.setdefault(name, []).append(
-                    [meta.get("w", original[1]), meta.get("h", original[0]), meta.get("repeats", 1),
-                     int(bool(meta.get("is_reg", False))), *bucket])
+                    [
+                        meta.get("w", original[1]),
+                        meta.get("h", original[0]),
+                        meta.get("repeats", 1),
+                        int(bool(meta.get("is_reg", False))),
+                        *bucket,
+                    ]
+                )
                 written += 1
                 bar.update(1)
     source_summary = dict(index.summary or {})
     summary = {
-        **{k: v for k, v in source_summary.items() if k in ("instance_samples", "reg_samples", "ss_tag_frequency",
-                                                             "images_in", "folders")},
+        **{
+            k: v
+            for k, v in source_summary.items()
+            if k in ("instance_samples", "reg_samples", "ss_tag_frequency", "images_in", "folders")
+        },
         "samples_written": written,
         "shards": [{"name": name, "samples": len(rows)} for name, rows in sorted(entries.items())],
-        "cached": {"model": model, "resolution": resolution, "bucket_spec": repr(spec), "flip_aug": flip_aug,
-                   "text_embeddings": text_embeddings, "clip_skip": clip_skip, "max_token_length": max_token_length,
-                   "dtype": dtype, "family": base.family},
+        "cached": {
+            "model": model,
+            "resolution": resolution,
+            "bucket_spec": repr(spec),
+            "flip_aug": flip_aug,
+            "text_embeddings": text_embeddings,
+            "clip_skip": clip_skip,
+            "max_token_length": max_token_length,
+            "dtype": dtype,
+            "family": base.family,
+        },
     }
-    (out_dir / "index.json").write_text(json.dumps(
-        {"format": "lorafit-index", "version": 1,
-         "shards": [{"name": name, "samples": rows} for name, rows in sorted(entries.items())]}))
+    (out_dir / "index.json").write_text(
+        json.dumps(
+            {
+                "format": "lorafit-index",
+                "version": 1,
+                "shards": [{"name": name, "samples": rows} for name, rows in sorted(entries.items())],
+            }
+        )
+    )
     (out_dir / "dataset.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     logger.info("cached %d samples into %s", written, out_dir)
     return summary

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 from lorafit.errors import LorafitError
 
@@ -32,7 +31,7 @@ class CaptionOps:
         tag_dropout_rate: Probability of dropping each non-kept tag (kohya ``caption_tag_dropout_rate``).
     """
 
-    trigger_word: Optional[str] = None
+    trigger_word: str | None = None
     shuffle_caption: bool = False
     keep_tokens: int = 0
     separator: str = ","
@@ -52,8 +51,12 @@ class CaptionOps:
     @property
     def is_identity(self) -> bool:
         """True when captions pass unchanged (then text-encoder outputs can be cached)."""
-        return (not self.trigger_word and not self.shuffle_caption and not self.caption_dropout_rate
-                and not self.tag_dropout_rate)
+        return (
+            not self.trigger_word
+            and not self.shuffle_caption
+            and not self.caption_dropout_rate
+            and not self.tag_dropout_rate
+        )
 
     def _join(self, tags: list[str]) -> str:
         # "a, b" for the usual comma; any other separator is used as given.
@@ -70,7 +73,7 @@ class CaptionOps:
             tags.insert(0, self.trigger_word)
         if not (self.shuffle_caption or self.tag_dropout_rate):
             return self._join(tags)
-        kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens:]
+        kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
         if self.shuffle_caption:
             rng.shuffle(rest)
         if self.tag_dropout_rate:

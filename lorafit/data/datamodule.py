@@ -17,8 +17,9 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -87,7 +88,7 @@ def _has_image(root: Path) -> bool:
 class LoraDataModule(L.LightningDataModule):
     """Aspect-bucketed, repeat-aware, DDP-exact batches from webdataset shards or a kohya folder.
 
-    Batches follow the contract of :meth:`lorafit.module.LoraDiffusionModule.denoising_loss`; all
+    Batches follow the contract of :meth:`lorafit.training.module.LoraDiffusionModule.denoising_loss`; all
     images of a batch share one bucket size.
 
     Args:
@@ -133,16 +134,16 @@ class LoraDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_dir: Optional[str] = None,
-        reg_dir: Union[str, list[str], None] = None,
-        shards: Union[str, list[str], None] = None,
-        val_dir: Optional[str] = None,
-        val_shards: Union[str, list[str], None] = None,
+        train_dir: str | None = None,
+        reg_dir: str | list[str] | None = None,
+        shards: str | list[str] | None = None,
+        val_dir: str | None = None,
+        val_shards: str | list[str] | None = None,
         resolution: int = 512,
         batch_size: int = 1,
         num_workers: int = 0,
         caption_ext: str = ".txt",
-        repeats: Optional[int] = None,
+        repeats: int | None = None,
         seed: int = 0,
         enable_bucket: bool = True,
         min_bucket_reso: int = 256,
@@ -152,7 +153,7 @@ class LoraDataModule(L.LightningDataModule):
         random_crop: bool = False,
         flip_aug: bool = False,
         color_aug: bool = False,
-        trigger_word: Optional[str] = None,
+        trigger_word: str | None = None,
         shuffle_caption: bool = False,
         keep_tokens: int = 0,
         caption_separator: str = ",",
@@ -160,8 +161,8 @@ class LoraDataModule(L.LightningDataModule):
         caption_tag_dropout_rate: float = 0.0,
         reg_ratio: float = 1.0,
         shuffle_buffer: int = 256,
-        cache_dir: Optional[str] = None,
-        worker_start_method: Optional[Literal["fork", "spawn", "forkserver"]] = None,
+        cache_dir: str | None = None,
+        worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None,
         global_batch: bool = False,
     ) -> None:
         super().__init__()
@@ -169,12 +170,18 @@ class LoraDataModule(L.LightningDataModule):
         if (train_dir is None) == (shards is None):
             raise LorafitError("set exactly one of data.train_dir (a kohya folder) and data.shards (prepared data)")
         if reg_dir is not None and train_dir is None:
-            raise LorafitError("data.reg_dir goes with data.train_dir; with data.shards, prepare the reg "
-                               "folder into the shards (`lorafit prepare SRC --reg DIR`)")
+            raise LorafitError(
+                "data.reg_dir goes with data.train_dir; with data.shards, prepare the reg "
+                "folder into the shards (`lorafit prepare SRC --reg DIR`)"
+            )
         if val_dir is not None and val_shards is not None:
             raise LorafitError("set at most one of data.val_dir and data.val_shards")
-        for key, value, low in (("resolution", resolution, 8), ("batch_size", batch_size, 1),
-                                ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 0)):
+        for key, value, low in (
+            ("resolution", resolution, 8),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("shuffle_buffer", shuffle_buffer, 0),
+        ):
             if value < low:
                 raise LorafitError(f"data.{key} is {value}; use {low} or more")
         if resolution % 8:
@@ -188,32 +195,42 @@ class LoraDataModule(L.LightningDataModule):
                 raise LorafitError(f"data.{key} {folder} is not a folder; check the path")
             # A typo'd or empty folder should fail now, not after minutes of model loading.
             if folder is not None and not _has_image(Path(folder).expanduser()):
-                raise LorafitError(f"data.{key} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                                   "check the path")
-        self.spec = BucketSpec(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps,
-                               bucket_no_upscale, enable_bucket)
+                raise LorafitError(
+                    f"data.{key} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); check the path"
+                )
+        self.spec = BucketSpec(
+            resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, enable_bucket
+        )
         try:
             self.spec.table()  # a bad bucket setting fails now, with its key, not in a worker
         except LorafitError as err:
             raise LorafitError(f"data.{err}") from None
-        captions = CaptionOps(trigger_word, shuffle_caption, keep_tokens, caption_separator,
-                              caption_dropout_rate, caption_tag_dropout_rate)
+        captions = CaptionOps(
+            trigger_word,
+            shuffle_caption,
+            keep_tokens,
+            caption_separator,
+            caption_dropout_rate,
+            caption_tag_dropout_rate,
+        )
         self.transform = SampleTransform(captions, "random" if random_crop else "center", flip_aug, color_aug)
         # Held-out samples: the same caption (with trigger word) every time, centred, unaugmented.
         self.eval_transform = SampleTransform(CaptionOps(trigger_word))
         self.resolution = resolution
         self.batch_size = batch_size
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.train_stream: Optional[ShardStream] = None
-        self.val_stream: Optional[ShardStream] = None
-        self._resume: Optional[tuple[int, int]] = None
-        self._playing: Optional[int] = None
+        self.train_stream: ShardStream | None = None
+        self.val_stream: ShardStream | None = None
+        self._resume: tuple[int, int] | None = None
+        self._playing: int | None = None
 
     # ---- sources ------------------------------------------------------------------------
 
-    def _prepared_dir(self, folder: str, reg: Union[str, list[str], None]) -> Path:
+    def _prepared_dir(self, folder: str, reg: str | list[str] | None) -> Path:
         hp = self.hparams
-        roots = [Path(folder).expanduser()] + [Path(r).expanduser() for r in ([reg] if isinstance(reg, str) else reg or [])]
+        roots = [Path(folder).expanduser()] + [
+            Path(r).expanduser() for r in ([reg] if isinstance(reg, str) else reg or [])
+        ]
         key = hashlib.sha1(f"{_tree_fingerprint(roots)}:{hp.caption_ext}:{self.spec}".encode()).hexdigest()[:16]
         return self.cache_dir / "prepared" / f"{roots[0].resolve().name}-{key}"
 
@@ -229,11 +246,22 @@ class LoraDataModule(L.LightningDataModule):
         logger.info("preparing %s into %s (once; reused until a file changes)", folder, out)
         # Without buckets every image becomes one square: the bucket range must not stop prepare
         # (a 32 px run would fail the default min_bucket_reso of 256).
-        bucket_range = ((hp.min_bucket_reso, hp.max_bucket_reso, hp.bucket_reso_steps) if hp.enable_bucket
-                        else (hp.resolution, hp.resolution, 8))
-        prepare(folder, out=str(tmp), reg=reg, caption_ext=hp.caption_ext, resolution=hp.resolution,
-                min_bucket_reso=bucket_range[0], max_bucket_reso=bucket_range[1], bucket_reso_steps=bucket_range[2],
-                bucket_no_upscale=hp.bucket_no_upscale and hp.enable_bucket)
+        bucket_range = (
+            (hp.min_bucket_reso, hp.max_bucket_reso, hp.bucket_reso_steps)
+            if hp.enable_bucket
+            else (hp.resolution, hp.resolution, 8)
+        )
+        prepare(
+            folder,
+            out=str(tmp),
+            reg=reg,
+            caption_ext=hp.caption_ext,
+            resolution=hp.resolution,
+            min_bucket_reso=bucket_range[0],
+            max_bucket_reso=bucket_range[1],
+            bucket_reso_steps=bucket_range[2],
+            bucket_no_upscale=hp.bucket_no_upscale and hp.enable_bucket,
+        )
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)  # complete or absent: a crash mid-prepare is redone, not half-used
         return out
@@ -269,11 +297,21 @@ class LoraDataModule(L.LightningDataModule):
     def _stream(self, index: DatasetIndex, training: bool) -> ShardStream:
         hp = self.hparams
         world_size, rank = self._world()
-        return ShardStream(index, self.spec, self.transform if training else self.eval_transform,
-                           batch_size=hp.batch_size, seed=hp.seed, reg_ratio=hp.reg_ratio,
-                           shuffle_buffer=hp.shuffle_buffer, training=training, num_workers=hp.num_workers,
-                           repeats_override=hp.repeats, world_size=world_size, rank=rank,
-                           global_batch=hp.global_batch)
+        return ShardStream(
+            index,
+            self.spec,
+            self.transform if training else self.eval_transform,
+            batch_size=hp.batch_size,
+            seed=hp.seed,
+            reg_ratio=hp.reg_ratio,
+            shuffle_buffer=hp.shuffle_buffer,
+            training=training,
+            num_workers=hp.num_workers,
+            repeats_override=hp.repeats,
+            world_size=world_size,
+            rank=rank,
+            global_batch=hp.global_batch,
+        )
 
     def setup(self, stage: str) -> None:
         if self.train_stream is None and stage == "fit":
@@ -287,7 +325,8 @@ class LoraDataModule(L.LightningDataModule):
                 raise LorafitError(
                     f"{key}: {sum(map(sum, first.copies))} samples per epoch cannot give each of {world} rank(s) "
                     f"x {max(1, self.hparams.num_workers)} worker(s) a batch; lower data.num_workers, "
-                    "data.batch_size or trainer.devices, or add images/repeats")
+                    "data.batch_size or trainer.devices, or add images/repeats"
+                )
             # Every epoch is cut to the first one's length: len(dataloader) stays true for Lightning.
             self.train_stream.max_batches = first.batches_per_rank
             self.index = index
@@ -302,26 +341,39 @@ class LoraDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         if cached["resolution"] != hp.resolution or cached.get("bucket_spec") != repr(self.spec):
-            raise LorafitError(f"{key} holds latents cached for {cached['bucket_spec']}; set the same data.* bucket "
-                               "settings or run `lorafit cache` again")
+            raise LorafitError(
+                f"{key} holds latents cached for {cached['bucket_spec']}; set the same data.* bucket "
+                "settings or run `lorafit cache` again"
+            )
         if hp.random_crop or hp.color_aug:
-            raise LorafitError("cached latents fix each crop and colour; turn data.random_crop/data.color_aug off "
-                               "or train from uncached shards")
+            raise LorafitError(
+                "cached latents fix each crop and colour; turn data.random_crop/data.color_aug off "
+                "or train from uncached shards"
+            )
         if hp.flip_aug and not cached.get("flip_aug"):
             raise LorafitError("data.flip_aug needs latents cached with flips: run `lorafit cache ... --flip_aug true`")
         if cached.get("text_embeddings") and not self.transform.captions.is_identity:
-            raise LorafitError("these shards hold cached text embeddings, so captions cannot change per draw; "
-                               "turn off trigger_word/shuffle_caption/caption dropout or cache latents only")
+            raise LorafitError(
+                "these shards hold cached text embeddings, so captions cannot change per draw; "
+                "turn off trigger_word/shuffle_caption/caption dropout or cache latents only"
+            )
 
     def _log_plan(self, plan) -> None:
         samples = sum(sum(row) for row in plan.copies)
         world = self._world()[0]
-        logger.info("data: %d samples per epoch (repeats and reg included), %d batches per rank of %d, %d rank(s)%s",
-                    samples, plan.batches_per_rank, self.batch_size, world,
-                    f", global batches of {world * self.batch_size}" if self.hparams.global_batch else "")
+        logger.info(
+            "data: %d samples per epoch (repeats and reg included), %d batches per rank of %d, %d rank(s)%s",
+            samples,
+            plan.batches_per_rank,
+            self.batch_size,
+            world,
+            f", global batches of {world * self.batch_size}" if self.hparams.global_batch else "",
+        )
         if plan.dropped_samples:
-            logger.info("data: %d samples per epoch are left out so every rank runs the same number of batches",
-                        plan.dropped_samples)
+            logger.info(
+                "data: %d samples per epoch are left out so every rank runs the same number of batches",
+                plan.dropped_samples,
+            )
 
     def _position(self) -> tuple[int, int]:
         """(epoch, batches to skip) for the epoch about to be iterated."""
@@ -340,8 +392,13 @@ class LoraDataModule(L.LightningDataModule):
 
     def _loader(self, stream: ShardStream, position) -> EpochLoader:
         hp = self.hparams
-        return EpochLoader(stream, position, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available(),
-                           multiprocessing_context=hp.worker_start_method if hp.num_workers else None)
+        return EpochLoader(
+            stream,
+            position,
+            num_workers=hp.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=hp.worker_start_method if hp.num_workers else None,
+        )
 
     def train_dataloader(self) -> EpochLoader:
         return self._loader(self.train_stream, self._position)
@@ -372,7 +429,7 @@ class LoraDataModule(L.LightningDataModule):
     # ---- facts for exported metadata ------------------------------------------------------
 
     @property
-    def cached(self) -> Optional[dict]:
+    def cached(self) -> dict | None:
         """What `lorafit cache` fixed in the training shards (model, buckets), or None for images."""
         index = getattr(self, "index", None)
         return index.cached if index is not None else None
@@ -388,10 +445,10 @@ class LoraDataModule(L.LightningDataModule):
         return {"vae"}
 
     @property
-    def num_images(self) -> Optional[int]:
+    def num_images(self) -> int | None:
         summary = getattr(self, "index", None) and self.index.summary
         return summary.get("instance_samples") if summary else None
 
-    def tag_frequency(self) -> Optional[dict]:
+    def tag_frequency(self) -> dict | None:
         summary = getattr(self, "index", None) and self.index.summary
         return summary.get("ss_tag_frequency") if summary else None

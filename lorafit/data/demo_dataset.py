@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Union
 
 from PIL import Image, ImageDraw
 
@@ -73,7 +72,7 @@ def _draw_star(rng: random.Random, resolution: int) -> tuple[Image.Image, str]:
 
 
 def write_demo_dataset(
-    out: Union[str, Path],
+    out: str | Path,
     num_images: int = 8,
     resolution: int = 64,
     seed: int = 0,

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from lorafit.data.buckets import BucketChoice
 from lorafit.data.shard_index import DatasetIndex
@@ -72,7 +72,7 @@ class EpochPlan:
     def batches_per_rank(self) -> int:
         return sum(self.quotas[: self.workers])
 
-    def resume_roles(self, rank: int, skip: int) -> list[Optional[tuple[int, int]]]:
+    def resume_roles(self, rank: int, skip: int) -> list[tuple[int, int] | None]:
         """For each DataLoader worker of ``rank``: (planned worker it plays, batches to skip), or None.
 
         The DataLoader takes batches from its workers in turn, passing over finished ones, and
@@ -80,7 +80,7 @@ class EpochPlan:
         the first ``skip`` batches and whose batch comes next; the restarted workers take the
         planned roles in that turn order, so the resumed batch sequence continues the interrupted one.
         """
-        quotas = self.quotas[rank * self.workers:(rank + 1) * self.workers]
+        quotas = self.quotas[rank * self.workers : (rank + 1) * self.workers]
         order = [w for round_ in range(max(quotas, default=0)) for w, q in enumerate(quotas) if round_ < q]
         skips = [0] * self.workers
         for worker in order[:skip]:
@@ -94,8 +94,14 @@ def epoch_rng(seed: int, epoch: int, *parts) -> random.Random:
     return random.Random(":".join(str(p) for p in (seed, epoch, *parts)))
 
 
-def sample_copies(index: DatasetIndex, seed: int, epoch: int, reg_ratio: float, repeats: bool = True,
-                  repeats_override: int | None = None) -> list[list[int]]:
+def sample_copies(
+    index: DatasetIndex,
+    seed: int,
+    epoch: int,
+    reg_ratio: float,
+    repeats: bool = True,
+    repeats_override: int | None = None,
+) -> list[list[int]]:
     """Times each sample appears in the epoch, per shard (see module docstring)."""
     copies: list[list[int]] = []
     reg_members: list[tuple[int, int, int]] = []  # (shard, i, weight)
@@ -158,9 +164,20 @@ def _deal(units: list[ReadUnit], weights: list[int], slots: int, workers: int) -
     return dealt
 
 
-def plan_epoch(index: DatasetIndex, bucket_of: BucketOf, *, seed: int, epoch: int, world_size: int,
-               workers: int, batch_size: int, reg_ratio: float = 1.0, repeats: bool = True,
-               repeats_override: Optional[int] = None, max_batches: Optional[int] = None) -> EpochPlan:
+def plan_epoch(
+    index: DatasetIndex,
+    bucket_of: BucketOf,
+    *,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    workers: int,
+    batch_size: int,
+    reg_ratio: float = 1.0,
+    repeats: bool = True,
+    repeats_override: int | None = None,
+    max_batches: int | None = None,
+) -> EpochPlan:
     """Plan one epoch (see module docstring).
 
     ``repeats=False`` plans an evaluation pass: each sample once. ``max_batches`` caps the batches
@@ -188,25 +205,28 @@ def plan_epoch(index: DatasetIndex, bucket_of: BucketOf, *, seed: int, epoch: in
         full.append(sum(n // batch_size for n in counts.values()) if batch_size > 1 else 0)
 
     quotas, splits = _even_out(batches, full, world_size, workers, max_batches)
-    dropped = sum(_samples_in_last(bucket_counts[s], batch_size, batches[s] + splits[s] - quotas[s])
-                  for s in range(slots))
+    dropped = sum(
+        _samples_in_last(bucket_counts[s], batch_size, batches[s] + splits[s] - quotas[s]) for s in range(slots)
+    )
     return EpochPlan(dealt, copies, batches, quotas, splits, workers, dropped)
 
 
-def _even_out(batches: list[int], full: list[int], world_size: int, workers: int,
-              max_batches: Optional[int]) -> tuple[list[int], list[int]]:
+def _even_out(
+    batches: list[int], full: list[int], world_size: int, workers: int, max_batches: int | None
+) -> tuple[list[int], list[int]]:
     """Per-slot (quota, splits) giving every rank the same batch count, losing as few samples as possible.
 
     Ranks short of batches split full batches in two (every sample still seen once, in a smaller
     batch); only when even that cannot reach the busiest rank's count is everyone cut to the
     largest count all ranks can make.
     """
+
     def rank_slots(rank: int) -> range:
         return range(rank * workers, (rank + 1) * workers)
 
     totals = [sum(batches[s] for s in rank_slots(r)) for r in range(world_size)]
     reach = [totals[r] + sum(full[s] for s in rank_slots(r)) for r in range(world_size)]
-    target = min(max(totals), min(reach))
+    target = min(max(totals), *reach)
     if max_batches is not None:
         target = min(target, max_batches)
     quotas, splits = list(batches), [0] * len(batches)

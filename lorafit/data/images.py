@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, NamedTuple, Optional, Union
+from typing import IO, TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -50,7 +50,7 @@ def to_rgb(img: Image.Image, background: Color = (255, 255, 255), name: str = "i
     return _to_rgb(img, background, name)[0]
 
 
-def _to_rgb(img: Image.Image, background: Color, name: str) -> tuple[Image.Image, Optional[str]]:
+def _to_rgb(img: Image.Image, background: Color, name: str) -> tuple[Image.Image, str | None]:
     """``to_rgb`` plus the name of the conversion it made (None for RGB), for ``lorafit prepare``."""
     if img.mode == "RGB":
         return img, None
@@ -70,13 +70,12 @@ def _to_rgb(img: Image.Image, background: Color, name: str) -> tuple[Image.Image
         converted = img.convert("RGB")
     except ValueError:
         raise LorafitError(
-            f"{name} uses colour mode {img.mode}, which cannot be converted to RGB; re-save it as an "
-            "RGB PNG or JPEG"
+            f"{name} uses colour mode {img.mode}, which cannot be converted to RGB; re-save it as an RGB PNG or JPEG"
         ) from None
     return converted, _MODE_FIXES.get(img.mode, f"{img.mode.lower()}_to_rgb")
 
 
-def _upright(img: Image.Image, name: str) -> tuple[Image.Image, Optional[str]]:
+def _upright(img: Image.Image, name: str) -> tuple[Image.Image, str | None]:
     try:
         orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
         upright = ImageOps.exif_transpose(img)
@@ -110,12 +109,13 @@ class DecodedImage(NamedTuple):
     """
 
     image: Image.Image
-    source_format: Optional[str]
+    source_format: str | None
     fixes: list[str]
 
 
-def decode_rgb_with_fixes(fp: IO[bytes], name: str, background: Color = (255, 255, 255),
-                          draft_size: Optional[tuple[int, int]] = None) -> DecodedImage:
+def decode_rgb_with_fixes(
+    fp: IO[bytes], name: str, background: Color = (255, 255, 255), draft_size: tuple[int, int] | None = None
+) -> DecodedImage:
     """Like :func:`decode_rgb`, and also says which corrections were needed.
 
     ``lorafit prepare`` stores a file's original bytes only when ``fixes`` is empty, and lists
@@ -175,7 +175,7 @@ def decode_rgb(fp: IO[bytes], name: str, background: Color = (255, 255, 255)) ->
     return decode_rgb_with_fixes(fp, name, background).image
 
 
-def load_rgb(path: Union[str, os.PathLike], background: Color = (255, 255, 255)) -> Image.Image:
+def load_rgb(path: str | os.PathLike, background: Color = (255, 255, 255)) -> Image.Image:
     """Loads an image file as upright 8-bit RGB.
 
     Applies the EXIF orientation, composites transparency onto ``background``, scales 16-bit
@@ -193,9 +193,7 @@ def load_rgb(path: Union[str, os.PathLike], background: Color = (255, 255, 255))
     try:
         fp = path.open("rb")
     except OSError as err:
-        raise LorafitError(
-            f"cannot open image {path} ({err.strerror}); check that it exists and is readable"
-        ) from None
+        raise LorafitError(f"cannot open image {path} ({err.strerror}); check that it exists and is readable") from None
     with fp:
         return decode_rgb(fp, str(path), background)
 
@@ -229,8 +227,8 @@ def resize_center_crop(img: Image.Image, size: int) -> tuple[torch.Tensor, tuple
         shrinking = new_w < width
         resample = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC
         img = img.resize((new_w, new_h), resample=resample)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
+    top = round((new_h - size) / 2.0)
+    left = round((new_w - size) / 2.0)
     img = img.crop((left, top, left + size, top + size))
 
     import torch

@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from lorafit.errors import LorafitError
 
@@ -44,8 +44,8 @@ _KOHYA_NAME = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
 class FolderName(NamedTuple):
     """What a folder name says: ``10_ohwx dog`` -> repeats 10, prompt ``ohwx dog``."""
 
-    repeats: Optional[int]
-    prompt: Optional[str]
+    repeats: int | None
+    prompt: str | None
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ class ImageRecord:
     """
 
     path: Path
-    caption: Optional[str]
+    caption: str | None
     repeats: int
-    folder_prompt: Optional[str]
+    folder_prompt: str | None
     folder: str
 
     @property
@@ -104,7 +104,7 @@ def _normalise_caption_ext(caption_ext: str) -> str:
     return ext
 
 
-def read_caption(path: Path) -> Optional[str]:
+def read_caption(path: Path) -> str | None:
     """Reads a caption sidecar; None when the file is absent or holds only whitespace.
 
     Like kohya, only the first non-blank line is the caption (kohya treats further lines as
@@ -155,13 +155,11 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _concept_of(
-    directory: Path, root: Path, cache: dict[Path, Optional[FolderName]]
-) -> Optional[FolderName]:
+def _concept_of(directory: Path, root: Path, cache: dict[Path, FolderName | None]) -> FolderName | None:
     """Repeats and prompt of the nearest numbered folder between directory and root, if any."""
     if directory in cache:
         return cache[directory]
-    concept: Optional[FolderName] = None
+    concept: FolderName | None = None
     if directory != root:
         parsed = parse_folder_name(directory.name)
         if parsed.repeats is None:
@@ -240,7 +238,7 @@ def scan_tree(root: str | os.PathLike, caption_ext: str = ".txt") -> TreeScan:
     sidecars = {image.with_name(image.stem + ext) for image in images}
     other_files = [p for p in files if not _is_image(p) and p not in sidecars]
 
-    cache: dict[Path, Optional[FolderName]] = {}
+    cache: dict[Path, FolderName | None] = {}
     records: list[ImageRecord] = []
     caption_errors: list[tuple[ImageRecord, str]] = []
     for image in images:

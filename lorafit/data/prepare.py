@@ -26,7 +26,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 import webdataset as wds
 from PIL import ImageColor
@@ -46,7 +45,7 @@ INDEX_NAME = "index.json"
 REPORT_NAME = "report.md"
 
 
-def _roots(paths: Union[str, os.PathLike, list, None], flag: str) -> list[Path]:
+def _roots(paths: str | os.PathLike | list | None, flag: str) -> list[Path]:
     if paths is None:
         return []
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
@@ -54,8 +53,9 @@ def _roots(paths: Union[str, os.PathLike, list, None], flag: str) -> list[Path]:
     for root in roots:
         if not root.is_dir():
             state = "is a file" if root.exists() else "does not exist"
-            raise LorafitError(f"{flag} folder {root} {state}; point {flag} at a folder of images "
-                               "or of 'N_<trigger> <class>' folders")
+            raise LorafitError(
+                f"{flag} folder {root} {state}; point {flag} at a folder of images or of 'N_<trigger> <class>' folders"
+            )
     return roots
 
 
@@ -64,15 +64,19 @@ def _check_layout(src: list[Path], reg: list[Path], out: Path) -> None:
     named = [("SRC", r) for r in src] + [("--reg", r) for r in reg]
     resolved = [(flag, root, root.resolve()) for flag, root in named]
     for i, (flag_a, a, real_a) in enumerate(resolved):
-        for flag_b, b, real_b in resolved[i + 1:]:
+        for flag_b, b, real_b in resolved[i + 1 :]:
             if real_a == real_b or real_a in real_b.parents or real_b in real_a.parents:
-                raise LorafitError(f"{flag_a} {a} and {flag_b} {b} overlap, so their images would be read "
-                                   "twice; give folders that do not contain each other")
+                raise LorafitError(
+                    f"{flag_a} {a} and {flag_b} {b} overlap, so their images would be read "
+                    "twice; give folders that do not contain each other"
+                )
     real_out = out.resolve()
     for flag, root, real in resolved:
         if real_out == real or real in real_out.parents:
-            raise LorafitError(f"--out {out} is inside {flag} folder {root}; prepare never writes into a "
-                               "source folder - choose an output folder outside it")
+            raise LorafitError(
+                f"--out {out} is inside {flag} folder {root}; prepare never writes into a "
+                "source folder - choose an output folder outside it"
+            )
 
 
 def _clear_output(out: Path, overwrite: bool) -> None:
@@ -80,8 +84,10 @@ def _clear_output(out: Path, overwrite: bool) -> None:
         raise LorafitError(f"--out {out} is a file; give a folder for the shards")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise LorafitError(f"output folder {out} is not empty; choose a new folder or pass "
-                               "--overwrite true to replace the prepared dataset in it")
+            raise LorafitError(
+                f"output folder {out} is not empty; choose a new folder or pass "
+                "--overwrite true to replace the prepared dataset in it"
+            )
         # The summary goes first: from this moment the folder no longer claims a finished dataset.
         names = (SUMMARY_NAME, REPORT_NAME, INDEX_NAME)
         ours = [out / name for name in names] + sorted(out.glob("train-*.tar"))
@@ -91,8 +97,12 @@ def _clear_output(out: Path, overwrite: bool) -> None:
                 path.unlink()
         left = sorted(p.name for p in out.iterdir())
         if left:
-            logger.warning("--overwrite: left %d other entries in %s untouched (%s)", len(left), out,
-                           ", ".join(left[:3]) + (", ..." if len(left) > 3 else ""))
+            logger.warning(
+                "--overwrite: left %d other entries in %s untouched (%s)",
+                len(left),
+                out,
+                ", ".join(left[:3]) + (", ..." if len(left) > 3 else ""),
+            )
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -100,11 +110,12 @@ def _background(alpha_background: str) -> tuple[int, int, int]:
     try:
         return ImageColor.getrgb(alpha_background)[:3]
     except ValueError:
-        raise LorafitError(f"alpha_background {alpha_background!r} is not a colour; use a name such as "
-                           "white or black, or #rrggbb") from None
+        raise LorafitError(
+            f"alpha_background {alpha_background!r} is not a colour; use a name such as white or black, or #rrggbb"
+        ) from None
 
 
-def _items(scan: TreeScan) -> list[tuple[ImageRecord, Optional[str]]]:
+def _items(scan: TreeScan) -> list[tuple[ImageRecord, str | None]]:
     """Every image of a scan in path order, with its caption error if the sidecar was unreadable."""
     items = [(r, None) for r in scan.records] + list(scan.caption_errors)
     return sorted(items, key=lambda item: item[0].path.relative_to(scan.root).as_posix())
@@ -124,12 +135,19 @@ def _write_atomic(path: Path, text: str) -> None:
 def _shard_writer(out_dir: Path, max_samples: int, max_bytes: int) -> wds.ShardWriter:
     # A fixed mtime and no encoder (every member is bytes already): the same input gives
     # byte-identical shards on every run, so a re-run can be checked with sha1sum.
-    return wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=max_samples, maxsize=max_bytes,
-                           verbose=0, encoder=False, mtime=0.0)
+    return wds.ShardWriter(
+        str(out_dir / SHARD_PATTERN), maxcount=max_samples, maxsize=max_bytes, verbose=0, encoder=False, mtime=0.0
+    )
 
 
-def _write_shards(scans: list[tuple[TreeScan, bool]], settings: SampleSettings, out_dir: Path,
-                  max_samples: int, max_bytes: int, tally: PrepareTally) -> tuple[list[dict], dict]:
+def _write_shards(
+    scans: list[tuple[TreeScan, bool]],
+    settings: SampleSettings,
+    out_dir: Path,
+    max_samples: int,
+    max_bytes: int,
+    tally: PrepareTally,
+) -> tuple[list[dict], dict]:
     """Writes every usable image as a sample, tallying each file; returns the shard list and index."""
     for scan, _ in scans:
         for path in scan.other_files:
@@ -141,8 +159,10 @@ def _write_shards(scans: list[tuple[TreeScan, bool]], settings: SampleSettings, 
     index: dict[str, list] = {}
     seen: dict[str, Path] = {}
     total = sum(scan.image_count for scan, _ in scans)
-    with tqdm(total=total, desc="lorafit prepare", unit="img") as bar, \
-            _shard_writer(out_dir, max_samples, max_bytes) as writer:
+    with (
+        tqdm(total=total, desc="lorafit prepare", unit="img") as bar,
+        _shard_writer(out_dir, max_samples, max_bytes) as writer,
+    ):
         for scan, is_reg in scans:
             for record, caption_error in _items(scan):
                 bar.update(1)
@@ -155,8 +175,14 @@ def _write_shards(scans: list[tuple[TreeScan, bool]], settings: SampleSettings, 
                     continue
                 key = f"{tally.samples_written:08d}"
                 meta = json.dumps({"key": key, **sample.meta}, ensure_ascii=False, sort_keys=True)
-                writer.write({"__key__": key, sample.image_ext: sample.image_bytes,
-                              "txt": sample.caption.encode("utf-8"), "json": meta.encode("utf-8")})
+                writer.write(
+                    {
+                        "__key__": key,
+                        sample.image_ext: sample.image_bytes,
+                        "txt": sample.caption.encode("utf-8"),
+                        "json": meta.encode("utf-8"),
+                    }
+                )
                 # After write(): ShardWriter may have just rolled over to the next file.
                 name = os.path.basename(writer.fname)
                 shard_counts[name] = shard_counts.get(name, 0) + 1
@@ -164,17 +190,22 @@ def _write_shards(scans: list[tuple[TreeScan, bool]], settings: SampleSettings, 
                 index.setdefault(name, []).append([meta["w"], meta["h"], meta["repeats"], int(is_reg)])
                 tally.add_written(scan.root, record, is_reg, sample)
                 bar.set_postfix(skipped=len(tally.skipped), refresh=False)
-    shards = [{"name": name, "samples": n, "bytes": (out_dir / name).stat().st_size}
-              for name, n in sorted(shard_counts.items())]
-    return shards, {"format": "lorafit-index", "version": 1,
-                    "shards": [{"name": name, "samples": index[name]} for name, _ in sorted(shard_counts.items())]}
+    shards = [
+        {"name": name, "samples": n, "bytes": (out_dir / name).stat().st_size}
+        for name, n in sorted(shard_counts.items())
+    ]
+    return shards, {
+        "format": "lorafit-index",
+        "version": 1,
+        "shards": [{"name": name, "samples": index[name]} for name, _ in sorted(shard_counts.items())],
+    }
 
 
 def prepare(
-    src: Union[str, list[str]],
+    src: str | list[str],
     *,
     out: str,
-    reg: Union[str, list[str], None] = None,
+    reg: str | list[str] | None = None,
     caption_ext: str = ".txt",
     resolution: int = 1024,
     min_bucket_reso: int = 256,
@@ -221,8 +252,7 @@ def prepare(
     src_roots, reg_roots = _roots(src, "SRC"), _roots(reg, "--reg")
     if not src_roots:
         raise LorafitError("no SRC folder given; pass the folder holding your 'N_<trigger> <class>' folders")
-    for name, value in (("max_samples_per_shard", max_samples_per_shard),
-                        ("max_shard_bytes", max_shard_bytes)):
+    for name, value in (("max_samples_per_shard", max_samples_per_shard), ("max_shard_bytes", max_shard_bytes)):
         if value < 1:
             raise LorafitError(f"{name} must be at least 1; got {value}")
     table = make_bucket_table(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps)
@@ -233,38 +263,65 @@ def prepare(
     scans += [(scan_tree(root, caption_ext), True) for root in reg_roots]
     for scan, is_reg in scans:
         if scan.image_count == 0:
-            raise LorafitError(f"{'--reg' if is_reg else 'SRC'} folder {scan.root} holds no images "
-                               "(jpg, png, webp, bmp, tiff, gif); check the path")
+            raise LorafitError(
+                f"{'--reg' if is_reg else 'SRC'} folder {scan.root} holds no images "
+                "(jpg, png, webp, bmp, tiff, gif); check the path"
+            )
     settings = SampleSettings(
-        caption_ext=scans[0][0].caption_ext, table=table, no_upscale=bucket_no_upscale,
-        max_area=resolution * resolution, bucket_reso_steps=bucket_reso_steps,
-        smallest_side=min(min(bucket) for bucket in table), drop_small=drop_small,
-        background=_background(alpha_background), background_name=alpha_background)
+        caption_ext=scans[0][0].caption_ext,
+        table=table,
+        no_upscale=bucket_no_upscale,
+        max_area=resolution * resolution,
+        bucket_reso_steps=bucket_reso_steps,
+        smallest_side=min(min(bucket) for bucket in table),
+        drop_small=drop_small,
+        background=_background(alpha_background),
+        background_name=alpha_background,
+    )
     _clear_output(out_dir, overwrite)
 
     tally = PrepareTally()
     shards, index = _write_shards(scans, settings, out_dir, max_samples_per_shard, max_shard_bytes, tally)
     run_settings = {
-        "src": [str(r) for r in src_roots], "reg": [str(r) for r in reg_roots],
-        "caption_ext": settings.caption_ext, "resolution": resolution, "min_bucket_reso": min_bucket_reso,
-        "max_bucket_reso": max_bucket_reso, "bucket_reso_steps": bucket_reso_steps,
-        "bucket_no_upscale": bucket_no_upscale, "drop_small": drop_small,
-        "alpha_background": alpha_background, "max_samples_per_shard": max_samples_per_shard,
+        "src": [str(r) for r in src_roots],
+        "reg": [str(r) for r in reg_roots],
+        "caption_ext": settings.caption_ext,
+        "resolution": resolution,
+        "min_bucket_reso": min_bucket_reso,
+        "max_bucket_reso": max_bucket_reso,
+        "bucket_reso_steps": bucket_reso_steps,
+        "bucket_no_upscale": bucket_no_upscale,
+        "drop_small": drop_small,
+        "alpha_background": alpha_background,
+        "max_samples_per_shard": max_samples_per_shard,
         "max_shard_bytes": max_shard_bytes,
     }
     summary = tally.summary(run_settings, shards)
     report = out_dir / REPORT_NAME
     _write_atomic(report, render_report(summary))
     if summary["samples_written"] == 0:
-        raise LorafitError(f"none of the {summary['images_in']} images could be used; see {report} "
-                           "for the reason of each")
+        raise LorafitError(
+            f"none of the {summary['images_in']} images could be used; see {report} for the reason of each"
+        )
     _write_atomic(out_dir / INDEX_NAME, json.dumps(index, separators=(",", ":")) + "\n")
     _write_atomic(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     from_folder = [e["path"] for e in summary["fixed"] if any("used folder prompt" in n for n in e["notes"])]
     if from_folder:
-        logger.warning("%d images have no %s caption, so their folder name was used as the caption (e.g. %s); "
-                       "see %s", len(from_folder), settings.caption_ext, from_folder[0], report)
-    logger.info("prepared %d of %d images into %d shards in %s (%d skipped, %d fixed or flagged); see %s",
-                summary["samples_written"], summary["images_in"], len(shards), out_dir,
-                summary["reported_skips"], len(summary["fixed"]), report)
+        logger.warning(
+            "%d images have no %s caption, so their folder name was used as the caption (e.g. %s); see %s",
+            len(from_folder),
+            settings.caption_ext,
+            from_folder[0],
+            report,
+        )
+    logger.info(
+        "prepared %d of %d images into %d shards in %s (%d skipped, %d fixed or flagged); see %s",
+        summary["samples_written"],
+        summary["images_in"],
+        len(shards),
+        out_dir,
+        summary["reported_skips"],
+        len(summary["fixed"]),
+        report,
+    )
     return summary

@@ -138,7 +138,7 @@ def _brace_pattern(shards: list[dict]) -> str:
     names = [s["name"] for s in shards]
     if len(names) <= 1:
         return names[0] if names else ""
-    first, last = names[0][len("train-"):-len(".tar")], names[-1][len("train-"):-len(".tar")]
+    first, last = names[0][len("train-") : -len(".tar")], names[-1][len("train-") : -len(".tar")]
     return f"train-{{{first}..{last}}}.tar"
 
 
@@ -160,26 +160,45 @@ def render_report(summary: dict) -> str:
     lines = [
         "# lorafit prepare report",
         "",
-        f"**{s['images_in']} images in = {s['samples_written']} samples written + "
-        f"{s['reported_skips']} skipped** ({s['instance_samples']} instance, {s['reg_samples']} "
-        f"regularization; {len(s['ignored'])} non-image files ignored).",
+        (
+            f"**{s['images_in']} images in = {s['samples_written']} samples written + "
+            f"{s['reported_skips']} skipped** ({s['instance_samples']} instance, {s['reg_samples']} "
+            f"regularization; {len(s['ignored'])} non-image files ignored)."
+        ),
         "",
         f"- Shards: {len(s['shards'])} ({total_bytes / 1e6:.1f} MB), `{s['shard_pattern']}`",
         "- Stored: " + ", ".join(f"{n} {_STORED[how]}" for how, n in s["stored"].items()),
         f"- Sources: {sources}",
-        f"- Buckets: resolution {cfg['resolution']}, sides {cfg['min_bucket_reso']}..{cfg['max_bucket_reso']}"
-        f" in steps of {cfg['bucket_reso_steps']}, bucket_no_upscale {cfg['bucket_no_upscale']}, "
-        f"drop_small {cfg['drop_small']}; transparency composited onto {cfg['alpha_background']}",
+        (
+            f"- Buckets: resolution {cfg['resolution']}, sides {cfg['min_bucket_reso']}..{cfg['max_bucket_reso']}"
+            f" in steps of {cfg['bucket_reso_steps']}, bucket_no_upscale {cfg['bucket_no_upscale']}, "
+            f"drop_small {cfg['drop_small']}; transparency composited onto {cfg['alpha_background']}"
+        ),
         "",
         "## Folders",
         "",
     ]
-    lines += _table(["root", "folder", "reg", "repeats", "images", "written", "skipped"],
-                    [[f["root"], f["folder"], "yes" if f["is_reg"] else "", f["repeats"], f["images_in"],
-                      f["written"], f["skipped"]] for f in s["folders"]])
+    lines += _table(
+        ["root", "folder", "reg", "repeats", "images", "written", "skipped"],
+        [
+            [
+                f["root"],
+                f["folder"],
+                "yes" if f["is_reg"] else "",
+                f["repeats"],
+                f["images_in"],
+                f["written"],
+                f["skipped"],
+            ]
+            for f in s["folders"]
+        ],
+    )
     lines += ["## Images per repeat weight", ""]
-    rows = [[kind, r, row["images"], row["samples_per_epoch"], f"{row['share']:.0%}"]
-            for kind in ("instance", "reg") for r, row in s["images_per_repeat"][kind].items()]
+    rows = [
+        [kind, r, row["images"], row["samples_per_epoch"], f"{row['share']:.0%}"]
+        for kind in ("instance", "reg")
+        for r, row in s["images_per_repeat"][kind].items()
+    ]
     lines += _table(["kind", "repeats", "images", "samples per epoch", "share of its kind"], rows)
     lines += ["## Buckets", ""]
     lines += _table(["bucket (w x h)", "images"], [[b, n] for b, n in s["buckets"].items()])
@@ -189,12 +208,13 @@ def render_report(summary: dict) -> str:
         totals.update(counts)
     lines += [f"## Top caption tags ({len(totals)} distinct)", ""]
     lines += _table(["tag", "images"], [[t, n] for t, n in totals.most_common(_TOP_TAGS)])
-    lines += _file_list(f"Skipped files ({len(s['skipped'])})",
-                        [(e["path"], e["reason"]) for e in s["skipped"]])
-    lines += _file_list(f"Fixed or flagged files ({len(s['fixed'])})",
-                        [(e["path"], "; ".join(e["notes"])) for e in s["fixed"]])
-    lines += _file_list(f"Ignored non-image files ({len(s['ignored'])})",
-                        [(e["path"], e["reason"]) for e in s["ignored"]])
+    lines += _file_list(f"Skipped files ({len(s['skipped'])})", [(e["path"], e["reason"]) for e in s["skipped"]])
+    lines += _file_list(
+        f"Fixed or flagged files ({len(s['fixed'])})", [(e["path"], "; ".join(e["notes"])) for e in s["fixed"]]
+    )
+    lines += _file_list(
+        f"Ignored non-image files ({len(s['ignored'])})", [(e["path"], e["reason"]) for e in s["ignored"]]
+    )
     return "\n".join(lines)
 
 

@@ -23,7 +23,6 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from lorafit.data.buckets import BucketChoice, Size, select_bucket
 from lorafit.data.images import Color, DecodedImage, decode_rgb_with_fixes
@@ -92,7 +91,7 @@ class PreparedSample:
     choice: BucketChoice
 
 
-def split_prompt(prompt: Optional[str], is_reg: bool) -> tuple[Optional[str], Optional[str]]:
+def split_prompt(prompt: str | None, is_reg: bool) -> tuple[str | None, str | None]:
     """Subject and class from a folder prompt, following kohya's ``<identifier> <class>`` naming.
 
     ``"ohwx dog"`` gives ``("ohwx", "dog")``; ``"style"`` gives ``("style", None)`` (a trigger
@@ -116,8 +115,9 @@ def _caption(record: ImageRecord, settings: SampleSettings) -> tuple[str, list[s
             f"no caption: {sidecar} is missing or empty and the image is in no 'N_<trigger> <class>' "
             "folder to take a prompt from; add the caption or move the image into a concept folder"
         )
-    return record.folder_prompt, [f"no caption ({sidecar} missing or empty): used folder prompt "
-                                  f"'{record.folder_prompt}'"]
+    return record.folder_prompt, [
+        f"no caption ({sidecar} missing or empty): used folder prompt '{record.folder_prompt}'"
+    ]
 
 
 def _read(path: Path) -> bytes:
@@ -133,8 +133,14 @@ def _read(path: Path) -> bytes:
 
 def _bucket(width: int, height: int, settings: SampleSettings) -> BucketChoice:
     try:
-        return select_bucket(width, height, table=settings.table, no_upscale=settings.no_upscale,
-                             max_area=settings.max_area, bucket_reso_steps=settings.bucket_reso_steps)
+        return select_bucket(
+            width,
+            height,
+            table=settings.table,
+            no_upscale=settings.no_upscale,
+            max_area=settings.max_area,
+            bucket_reso_steps=settings.bucket_reso_steps,
+        )
     except LorafitError as err:  # bucket_no_upscale cannot fit extremely thin images
         raise SkipFile(str(err)) from None
 
@@ -187,8 +193,9 @@ def prepare_file(
     choice = _bucket(width, height, settings)
     image_ext, image_bytes, stored = _encode(data, decoded)
 
-    notes = [_FIX_NOTES.get(fix, fix.replace("_", " ")).format(background=settings.background_name)
-             for fix in decoded.fixes] + notes
+    notes = [
+        _FIX_NOTES.get(fix, fix.replace("_", " ")).format(background=settings.background_name) for fix in decoded.fixes
+    ] + notes
     if stored != "original":
         how = f"JPEG q{JPEG_QUALITY}" if stored == "jpeg" else "PNG"
         notes.append(f"stored re-encoded as {how} (source {decoded.source_format})")

@@ -11,7 +11,7 @@ import io
 import json
 import random
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,8 +41,7 @@ class BucketSpec:
     def table(self) -> list[Size]:
         if not self.enable_bucket:
             return [(self.resolution, self.resolution)]
-        return make_bucket_table(self.resolution, self.min_bucket_reso, self.max_bucket_reso,
-                                 self.bucket_reso_steps)
+        return make_bucket_table(self.resolution, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps)
 
     def chooser(self):
         """A memoised ``entry -> BucketChoice`` (datasets repeat sizes; a table scan per sample is waste)."""
@@ -56,8 +55,12 @@ class BucketSpec:
             size = (entry[0], entry[1])
             if size not in memo:
                 memo[size] = select_bucket(
-                    *size, table=table, no_upscale=self.bucket_no_upscale and self.enable_bucket,
-                    max_area=self.resolution ** 2, bucket_reso_steps=self.bucket_reso_steps)
+                    *size,
+                    table=table,
+                    no_upscale=self.bucket_no_upscale and self.enable_bucket,
+                    max_area=self.resolution**2,
+                    bucket_reso_steps=self.bucket_reso_steps,
+                )
             return memo[size]
 
         return choose
@@ -84,8 +87,9 @@ class SampleTransform:
         image = decode_rgb_with_fixes(io.BytesIO(sample[ext]), name, draft_size=choice.resized_size).image
         meta = json.loads(sample["json"]) if "json" in sample else {}
         width, height = meta.get("w", image.width), meta.get("h", image.height)
-        plan = plan_resize_crop(width, height, *choice.bucket, crop=self.crop, rng=rng,
-                                resized_size=choice.resized_size)
+        plan = plan_resize_crop(
+            width, height, *choice.bucket, crop=self.crop, rng=rng, resized_size=choice.resized_size
+        )
         if image.size != plan.resized_size:
             shrinking = plan.resized_size[0] < image.width
             resample = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC
@@ -109,7 +113,7 @@ def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stacks drawn samples (all of one bucket) into the batch contract of lorafit.module."""
+    """Stacks drawn samples (all of one bucket) into the batch contract of lorafit.training.module."""
     batch: dict[str, Any] = {
         "captions": [item["caption"] for item in items],
         "original_size": torch.tensor([item["original_size"] for item in items], dtype=torch.long),
@@ -121,8 +125,10 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         batch["metas"] = [item["meta"] for item in items]
     lengths = sorted({item["prompt_embeds"].shape[0] for item in items if "prompt_embeds" in item})
     if len(lengths) > 1:  # one cache has one length; data.shards mixing two caches would fail in torch.stack
-        raise LorafitError(f"a batch holds cached text embeddings of {lengths} token positions: data.shards mix "
-                           "caches made with different --max_token_length; cache all shards with the same one")
+        raise LorafitError(
+            f"a batch holds cached text embeddings of {lengths} token positions: data.shards mix "
+            "caches made with different --max_token_length; cache all shards with the same one"
+        )
     for name in ("pixel_values", "latent_moments", "prompt_embeds", "pooled_prompt_embeds"):
         if name in items[0]:
             batch[name] = torch.stack([item[name] for item in items])
@@ -134,7 +140,7 @@ def decode_tensor(data: bytes) -> torch.Tensor:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def pick_cached(sample: dict, rng: random.Random, flip_aug: bool) -> tuple[torch.Tensor, Optional[list]]:
+def pick_cached(sample: dict, rng: random.Random, flip_aug: bool) -> tuple[torch.Tensor, list | None]:
     """Cached latent moments, the flipped variant half the time when ``flip_aug``; with its crop."""
     meta = json.loads(sample["json"])
     if flip_aug and "latent_flip.pth" in sample and rng.random() < 0.5:

@@ -20,7 +20,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 from lorafit.errors import LorafitError
 
@@ -44,19 +43,19 @@ class DatasetIndex:
     """Every shard of a dataset in a fixed order, and the summary when one was written."""
 
     shards: list[ShardIndex]
-    summary: Optional[dict] = None
+    summary: dict | None = None
 
     @property
     def num_samples(self) -> int:
         return sum(len(shard.samples) for shard in self.shards)
 
     @property
-    def cached(self) -> Optional[dict]:
+    def cached(self) -> dict | None:
         """The ``cached`` section of a ``lorafit cache`` output (latent settings), else None."""
         return (self.summary or {}).get("cached")
 
 
-def expand_sources(sources: Union[str, list[str]], key: str) -> list[str]:
+def expand_sources(sources: str | list[str], key: str) -> list[str]:
     """Shard URLs from a prepared folder, a brace pattern, paths or URLs (``pipe:``, http)."""
     from webdataset.shardlists import expand_urls
 
@@ -92,14 +91,14 @@ def _prepared_urls(folder: Path, key: str) -> list[str]:
     return [str(folder / shard["name"]) for shard in summary["shards"]]
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
 
 
-def _from_written_index(urls: list[str]) -> Optional[DatasetIndex]:
+def _from_written_index(urls: list[str]) -> DatasetIndex | None:
     """The index.json that ``prepare``/``cache`` wrote, when every shard is covered by one."""
     folders = {Path(url).parent for url in urls if _is_local(url)}
     if len(folders) != 1 or not all(_is_local(u) for u in urls):
@@ -111,8 +110,9 @@ def _from_written_index(urls: list[str]) -> Optional[DatasetIndex]:
     by_name = {shard["name"]: [tuple(s) for s in shard["samples"]] for shard in index["shards"]}
     if not all(Path(url).name in by_name for url in urls):
         return None
-    return DatasetIndex([ShardIndex(url, by_name[Path(url).name]) for url in urls],
-                        summary=_read_json(folder / SUMMARY_NAME))
+    return DatasetIndex(
+        [ShardIndex(url, by_name[Path(url).name]) for url in urls], summary=_read_json(folder / SUMMARY_NAME)
+    )
 
 
 def _sample_entry(sample: dict, url: str) -> tuple:
@@ -155,7 +155,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LORAFIT_CACHE", Path.home() / ".cache" / "lorafit"))
 
 
-def build_index(urls: list[str], cache_dir: Optional[str] = None) -> DatasetIndex:
+def build_index(urls: list[str], cache_dir: str | None = None) -> DatasetIndex:
     """The index of ``urls``: the written one, a cached scan, or a new scan (then cached)."""
     written = _from_written_index(urls)
     if written is not None:
@@ -173,8 +173,7 @@ def build_index(urls: list[str], cache_dir: Optional[str] = None) -> DatasetInde
     return index
 
 
-def load_index(sources: Union[str, list[str]], key: str, cache_dir: Optional[str] = None,
-               scan: bool = True) -> DatasetIndex:
+def load_index(sources: str | list[str], key: str, cache_dir: str | None = None, scan: bool = True) -> DatasetIndex:
     """Expand ``sources`` and index them; with ``scan=False`` only a written or cached index is used.
 
     Raises:

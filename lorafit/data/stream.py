@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -75,10 +76,24 @@ class ShardStream(IterableDataset):
     not set in spawned workers); ``epoch``/``skip`` are set before each epoch's workers start.
     """
 
-    def __init__(self, index: DatasetIndex, spec: BucketSpec, transform: SampleTransform, *, batch_size: int,
-                 seed: int, reg_ratio: float, shuffle_buffer: int, training: bool, num_workers: int,
-                 repeats_override: Optional[int] = None, world_size: int = 1, rank: int = 0,
-                 keep_meta: bool = False, global_batch: bool = False) -> None:
+    def __init__(
+        self,
+        index: DatasetIndex,
+        spec: BucketSpec,
+        transform: SampleTransform,
+        *,
+        batch_size: int,
+        seed: int,
+        reg_ratio: float,
+        shuffle_buffer: int,
+        training: bool,
+        num_workers: int,
+        repeats_override: int | None = None,
+        world_size: int = 1,
+        rank: int = 0,
+        keep_meta: bool = False,
+        global_batch: bool = False,
+    ) -> None:
         self.index, self.spec, self.transform = index, spec, transform
         self.batch_size, self.seed, self.reg_ratio = batch_size, seed, reg_ratio
         self.buffer_size, self.training, self.num_workers = shuffle_buffer, training, num_workers
@@ -89,19 +104,30 @@ class ShardStream(IterableDataset):
         # world_size x batch_size and keeps its share of each; see global_share().
         self.global_batch = global_batch and training
         self.epoch, self.skip = 0, 0
-        self.max_batches: Optional[int] = None
+        self.max_batches: int | None = None
         self._plans: dict[int, EpochPlan] = {}
 
-    def plan(self, epoch: Optional[int] = None) -> EpochPlan:
+    def plan(self, epoch: int | None = None) -> EpochPlan:
         epoch = self.epoch if epoch is None else epoch
         if epoch not in self._plans:
-            world, batch = (1, self.batch_size * self.world_size) if self.global_batch else (self.world_size,
-                                                                                           self.batch_size)
-            self._plans = {epoch: plan_epoch(
-                self.index, self.spec.chooser(), seed=self.seed, epoch=epoch if self.training else 0,
-                world_size=world, workers=self.num_workers, batch_size=batch,
-                reg_ratio=self.reg_ratio, repeats=self.training, repeats_override=self.repeats_override,
-                max_batches=self.max_batches)}
+            world, batch = (
+                (1, self.batch_size * self.world_size) if self.global_batch else (self.world_size, self.batch_size)
+            )
+            self._plans = {
+                epoch: plan_epoch(
+                    self.index,
+                    self.spec.chooser(),
+                    seed=self.seed,
+                    epoch=epoch if self.training else 0,
+                    world_size=world,
+                    workers=self.num_workers,
+                    batch_size=batch,
+                    reg_ratio=self.reg_ratio,
+                    repeats=self.training,
+                    repeats_override=self.repeats_override,
+                    max_batches=self.max_batches,
+                )
+            }
         return self._plans[epoch]
 
     def __len__(self) -> int:

@@ -12,7 +12,7 @@ the CLIP model; compare them only within one report.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -43,8 +43,10 @@ class ClipScorer:
             self.processor = CLIPProcessor.from_pretrained(name)
         except (OSError, ValueError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise LorafitError(f"--clip_model {name}: could not load a CLIP model and processor ({first}); "
-                               "give a transformers CLIPModel directory or hub id, e.g. openai/clip-vit-large-patch14")
+            raise LorafitError(
+                f"--clip_model {name}: could not load a CLIP model and processor ({first}); "
+                "give a transformers CLIPModel directory or hub id, e.g. openai/clip-vit-large-patch14"
+            ) from None
         self.name = name
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -54,7 +56,7 @@ class ClipScorer:
         """``[N, D]`` unit-length image embeddings."""
         chunks = []
         for start in range(0, len(images), self.batch_size):
-            batch = [image.convert("RGB") for image in images[start:start + self.batch_size]]
+            batch = [image.convert("RGB") for image in images[start : start + self.batch_size]]
             pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
             chunks.append(_features(self.model.get_image_features(pixel_values=pixels)).float())
         return torch.nn.functional.normalize(torch.cat(chunks), dim=-1).cpu()

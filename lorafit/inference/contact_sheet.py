@@ -8,8 +8,8 @@ report still says what each cell is.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -58,14 +58,18 @@ class SheetLayout:
         return x, y
 
 
-def _labels(labels: Optional[Sequence[str]], count: int) -> list[str]:
+def _labels(labels: Sequence[str] | None, count: int) -> list[str]:
     labels = list(labels or [])
     return labels + [""] * (count - len(labels))
 
 
-def make_sheet(cells: Sequence[Sequence[Optional[Image.Image]]], column_labels: Optional[Sequence[str]] = None,
-               row_labels: Optional[Sequence[str]] = None, title: Optional[str] = None,
-               gap: int = 4) -> tuple[Image.Image, SheetLayout]:
+def make_sheet(
+    cells: Sequence[Sequence[Image.Image | None]],
+    column_labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    gap: int = 4,
+) -> tuple[Image.Image, SheetLayout]:
     """Lay ``cells[row][col]`` out on one image with the labels drawn on it.
 
     Cells may differ in size (e.g. a hires row): each is pasted at the top-left of a slot as large

@@ -10,20 +10,21 @@ format lorafit writes. Each PNG carries its settings as A1111-style ``parameters
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.families.loading import load_base_model, resolve_model_source
 from lorafit.inference.png_info import AppliedLora, a1111_parameters, save_png
 from lorafit.inference.prompts import parse_prompt_line, read_prompt_file
 from lorafit.inference.render import HiresFix, Renderer
 from lorafit.inference.samplers import canonical_sampler
-from lorafit.models.base import load_base_model, resolve_model_source
 
 log = logging.getLogger("lorafit.generate")
 
@@ -38,10 +39,8 @@ def parse_lora_spec(spec: str, key: str = "--lora") -> AppliedLora:
     path, strength = spec, 1.0
     head, sep, tail = spec.rpartition(":")
     if sep and head:
-        try:
+        with contextlib.suppress(ValueError):
             path, strength = head, float(tail)
-        except ValueError:
-            pass
     if not Path(path).expanduser().is_file():
         raise LorafitError(f"{key} {spec}: LoRA file {path} does not exist")
     return AppliedLora(str(Path(path).expanduser()), strength)
@@ -53,8 +52,14 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_renderer(model: str, device: str = "auto", dtype: Dtype = "auto", clip_skip: int = 1,
-                  single_file_config: Optional[str] = None, max_token_length: Optional[int] = None) -> Renderer:
+def load_renderer(
+    model: str,
+    device: str = "auto",
+    dtype: Dtype = "auto",
+    clip_skip: int = 1,
+    single_file_config: str | None = None,
+    max_token_length: int | None = None,
+) -> Renderer:
     """Load ``model`` (diffusers dir, hub id or single file) and wrap it in a :class:`Renderer` on ``device``."""
     from diffusers.utils import logging as diffusers_logging
 
@@ -90,24 +95,24 @@ def _next_index(out: Path) -> int:
 
 def generate(
     model: str,
-    prompt: Optional[str] = None,
+    prompt: str | None = None,
     *,
-    lora: Optional[list[str]] = None,
+    lora: list[str] | None = None,
     negative_prompt: str = "",
-    seed: list[int] = [0],
+    seed: list[int] = [0],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
     steps: int = 30,
     cfg: float = 7.0,
-    width: Optional[int] = None,
-    height: Optional[int] = None,
+    width: int | None = None,
+    height: int | None = None,
     sampler: str = "euler_a",
     hires_scale: float = 1.0,
     hires_denoise: float = 0.4,
-    hires_steps: Optional[int] = None,
+    hires_steps: int | None = None,
     clip_skip: int = 1,
-    max_token_length: Optional[int] = None,
-    prompt_file: Optional[str] = None,
+    max_token_length: int | None = None,
+    prompt_file: str | None = None,
     out: str = "outputs",
-    single_file_config: Optional[str] = None,
+    single_file_config: str | None = None,
     dtype: Dtype = "auto",
     device: str = "auto",
 ) -> list[Path]:
@@ -138,7 +143,8 @@ def generate(
         device: auto, cpu, cuda, cuda:1, ...
     """
     requests = ([parse_prompt_line(prompt, "--prompt")] if prompt else []) + (
-        read_prompt_file(prompt_file) if prompt_file else [])
+        read_prompt_file(prompt_file) if prompt_file else []
+    )
     if not requests:
         raise LorafitError("give --prompt or --prompt_file")
     loras = [parse_lora_spec(spec) for spec in (lora or [])]
@@ -157,7 +163,8 @@ def generate(
     for request in requests:
         for image_seed in seeds:
             filled = replace(request, negative_prompt=request.negative_prompt or negative_prompt).with_defaults(
-                width or side, height or width or side, steps, cfg, image_seed, sampler)
+                width or side, height or width or side, steps, cfg, image_seed, sampler
+            )
             if len(seeds) > 1:  # several --seed values override a prompt's own --d
                 filled = replace(filled, seed=image_seed)
             image = renderer(filled, hires)

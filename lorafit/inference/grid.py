@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
-
-from PIL import Image
+from typing import Literal
 
 from lorafit.errors import LorafitError
 from lorafit.inference.contact_sheet import make_sheet
 from lorafit.inference.generate import Dtype, load_renderer
-from lorafit.inference.png_info import AppliedLora, a1111_parameters, save_png
+from lorafit.inference.grid_cells import Cell, CellRenderer, LoraFile, find_lora_files
 from lorafit.inference.prompts import SamplePrompt, parse_prompt_line
-from lorafit.inference.render import HiresFix, Renderer
+from lorafit.inference.render import HiresFix
 from lorafit.inference.report_html import Report, Table, write_html
 from lorafit.inference.samplers import canonical_sampler
 from lorafit.inference.selection import DEFAULT_FLEXIBILITY_PROMPTS
@@ -36,110 +32,16 @@ log = logging.getLogger("lorafit.grid")
 
 Axis = Literal["epoch", "strength", "prompt", "seed", "cfg"]
 AXES = ("epoch", "strength", "prompt", "seed", "cfg")
-_NUMBERED = re.compile(r"-(epoch|step)-(\d+)$")
-
-
-@dataclass(frozen=True)
-class LoraFile:
-    label: str
-    path: Path
-
-
-def _label(path: Path) -> str:
-    match = _NUMBERED.search(path.stem)
-    return f"{match.group(1)} {int(match.group(2))}" if match else path.stem
-
-
-def _run_files(root: Path, given: str) -> list[LoraFile]:
-    folder = root / "lora" if (root / "lora").is_dir() else root
-    for kind in ("epoch", "step"):
-        files = [p for p in folder.glob(f"*-{kind}-*.safetensors") if _NUMBERED.search(p.stem)]
-        if files:
-            files.sort(key=lambda p: int(_NUMBERED.search(p.stem).group(2)))
-            return [LoraFile(_label(p), p) for p in files]
-    raise LorafitError(f"--loras {given}: no *-epoch-NNN.safetensors or *-step-NNNNNN.safetensors files in {folder}")
-
-
-def find_lora_files(loras: Union[str, list[str]]) -> list[LoraFile]:
-    """The epoch axis: each run folder's per-epoch kohya files (``lora/*-epoch-NNN.safetensors``,
-    else its step files) and each file given, in the order given."""
-    items = [loras] if isinstance(loras, str) else list(loras)
-    if not items:
-        raise LorafitError("--loras: give a run folder or LoRA files")
-    result = []
-    for item in items:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            result += _run_files(path, item)
-        elif path.is_file():
-            result.append(LoraFile(_label(path), path))
-        else:
-            raise LorafitError(f"--loras: {item} does not exist")
-    return result
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One image of the grid: indices into the epoch and prompt lists, and the numeric settings."""
-
-    epoch: Optional[int]  # None = the base model without any LoRA
-    strength: float
-    prompt: int
-    seed: int
-    cfg: float
-
-
-class CellRenderer:
-    """Renders cells, loading each LoRA file once and caching every image by its cell."""
-
-    def __init__(self, renderer: Renderer, files: list[LoraFile], prompts: list[SamplePrompt],
-                 defaults: dict, hires: Optional[HiresFix]):
-        self.renderer, self.files, self.prompts = renderer, files, prompts
-        self.defaults, self.hires = defaults, hires
-        self.images: dict[Cell, Image.Image] = {}
-        self.requests: dict[Cell, SamplePrompt] = {}
-
-    def request(self, cell: Cell) -> SamplePrompt:
-        d = self.defaults
-        prompt = self.prompts[cell.prompt]
-        filled = prompt.with_defaults(d["width"], d["height"], d["steps"], cell.cfg, cell.seed, d["sampler"])
-        # The grid's seed and CFG axes win over a prompt's own --d/--l: each cell differs by its axes only.
-        return SamplePrompt(filled.prompt, filled.negative_prompt or d["negative_prompt"], filled.width,
-                            filled.height, filled.steps, cell.cfg, cell.seed, filled.sampler)
-
-    def render_all(self, cells: list[Cell], extra: Optional[dict[Optional[int], list[Cell]]] = None) -> None:
-        from lorafit.networks.loading import load_lora, set_lora_weight, unload_lora
-
-        wanted = list(dict.fromkeys(cells + [c for group in (extra or {}).values() for c in group]))
-        for epoch in sorted({c.epoch for c in wanted}, key=lambda e: -1 if e is None else e):
-            todo = [c for c in wanted if c.epoch == epoch and c not in self.images]
-            if not todo:
-                continue
-            name = None
-            if epoch is not None:
-                name = load_lora(self.renderer.pipe, self.files[epoch].path, adapter_name=f"grid_epoch_{epoch}")
-            try:
-                for cell in todo:
-                    if name:
-                        set_lora_weight(self.renderer.pipe, name, cell.strength)
-                    self.requests[cell] = self.request(cell)
-                    self.images[cell] = self.renderer(self.requests[cell], self.hires)
-            finally:
-                if name:
-                    unload_lora(self.renderer.pipe, name)
-
-    def save_cell(self, cell: Cell, folder: Path, model: str) -> Path:
-        lora = [] if cell.epoch is None else [AppliedLora(str(self.files[cell.epoch].path), cell.strength)]
-        hires = self.hires or HiresFix(1.0)
-        label = "base" if cell.epoch is None else re.sub(r"\W+", "-", self.files[cell.epoch].label)
-        name = f"{label}_s{cell.strength:g}_p{cell.prompt:02d}_seed{cell.seed}_cfg{cell.cfg:g}.png"
-        return save_png(self.images[cell], folder / name,
-                        a1111_parameters(self.requests[cell], model, lora, hires.scale, hires.denoise, hires.steps))
 
 
 def _axis_values(files, strengths, prompts, seeds, cfgs) -> dict[str, list]:
-    return {"epoch": list(range(len(files))), "strength": list(strengths), "prompt": list(range(len(prompts))),
-            "seed": list(seeds), "cfg": list(cfgs)}
+    return {
+        "epoch": list(range(len(files))),
+        "strength": list(strengths),
+        "prompt": list(range(len(prompts))),
+        "seed": list(seeds),
+        "cfg": list(cfgs),
+    }
 
 
 def _axis_label(axis: str, value, files: list[LoraFile], prompts: list[SamplePrompt]) -> str:
@@ -151,7 +53,7 @@ def _axis_label(axis: str, value, files: list[LoraFile], prompts: list[SamplePro
     return {"strength": "strength", "seed": "seed", "cfg": "CFG"}[axis] + f" {value:g}"
 
 
-def check_axes(x: Optional[str], y: Optional[str], z: Optional[str], values: dict[str, list]) -> None:
+def check_axes(x: str | None, y: str | None, z: str | None, values: dict[str, list]) -> None:
     chosen = [a for a in (x, y, z) if a]
     if len(set(chosen)) != len(chosen):
         raise LorafitError(f"--x/--y/--z must name different axes, got {x}, {y}, {z}")
@@ -165,33 +67,33 @@ def check_axes(x: Optional[str], y: Optional[str], z: Optional[str], values: dic
 def grid(
     model: str,
     *,
-    loras: Union[str, list[str]],
+    loras: str | list[str],
     prompt: list[str],
     out: str = "grid",
-    x: Optional[Axis] = "epoch",
-    y: Optional[Axis] = "strength",
-    z: Optional[Axis] = "prompt",
-    strength: list[float] = [1.0],
-    seed: list[int] = [0],
-    cfg: list[float] = [7.0],
+    x: Axis | None = "epoch",
+    y: Axis | None = "strength",
+    z: Axis | None = "prompt",
+    strength: list[float] = [1.0],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
+    seed: list[int] = [0],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
+    cfg: list[float] = [7.0],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
     negative_prompt: str = "",
     steps: int = 30,
-    width: Optional[int] = None,
-    height: Optional[int] = None,
+    width: int | None = None,
+    height: int | None = None,
     sampler: str = "euler_a",
     hires_scale: float = 1.0,
     hires_denoise: float = 0.4,
-    hires_steps: Optional[int] = None,
+    hires_steps: int | None = None,
     clip_skip: int = 1,
-    max_token_length: Optional[int] = None,
-    clip_model: Optional[str] = None,
-    train_images: Optional[str] = None,
-    subject: Optional[str] = None,
-    class_word: Optional[str] = None,
-    flexibility_prompt: list[str] = list(DEFAULT_FLEXIBILITY_PROMPTS),
+    max_token_length: int | None = None,
+    clip_model: str | None = None,
+    train_images: str | None = None,
+    subject: str | None = None,
+    class_word: str | None = None,
+    flexibility_prompt: list[str] = list(DEFAULT_FLEXIBILITY_PROMPTS),  # noqa: B006 -- jsonargparse shows it in --help; never mutated
     selection_strength: float = 1.0,
     reference_images: int = 16,
-    single_file_config: Optional[str] = None,
+    single_file_config: str | None = None,
     dtype: Dtype = "auto",
     device: str = "auto",
 ) -> dict:
@@ -241,13 +143,28 @@ def grid(
     if clip_model:
         if not train_images:
             raise LorafitError("--clip_model needs --train_images (the images fidelity is measured against)")
-        selection = SelectionPlan(files, len(prompts), values["seed"], values["cfg"][0], selection_strength,
-                                  flexibility_prompt, subject, class_word, train_images, reference_images)
+        selection = SelectionPlan(
+            files,
+            len(prompts),
+            values["seed"],
+            values["cfg"][0],
+            selection_strength,
+            flexibility_prompt,
+            subject,
+            class_word,
+            train_images,
+            reference_images,
+        )
     hires = HiresFix(hires_scale, hires_denoise, hires_steps)
     renderer = load_renderer(model, device, dtype, clip_skip, single_file_config, max_token_length)
     side = renderer.default_size
-    defaults = dict(width=width or side, height=height or width or side, steps=steps,
-                    sampler=canonical_sampler(sampler, "--sampler"), negative_prompt=negative_prompt)
+    defaults = dict(
+        width=width or side,
+        height=height or width or side,
+        steps=steps,
+        sampler=canonical_sampler(sampler, "--sampler"),
+        negative_prompt=negative_prompt,
+    )
     all_prompts = prompts + (selection.extra_prompts if selection else [])
     cells = CellRenderer(renderer, files, all_prompts, defaults, hires)
 
@@ -257,8 +174,9 @@ def grid(
 
     xs, ys, zs = (values[a] if a else [None] for a in (x, y, z))
     layout = [[[cell_at({x: xv, y: yv, z: zv}) for xv in xs] for yv in ys] for zv in zs]
-    cells.render_all([c for sheet in layout for row in sheet for c in row],
-                     selection.cells_by_epoch() if selection else None)
+    cells.render_all(
+        [c for sheet in layout for row in sheet for c in row], selection.cells_by_epoch() if selection else None
+    )
 
     out_dir = Path(out)
     for cell in cells.images:
@@ -267,29 +185,41 @@ def grid(
     for zi, (zv, sheet_cells) in enumerate(zip(zs, layout)):
         title = _axis_label(z, zv, files, prompts) if z else ""
         fixed = [_axis_label(a, values[a][0], files, prompts) for a in AXES if a not in (x, y, z)]
-        image, _ = make_sheet([[cells.images[c] for c in row] for row in sheet_cells],
-                              [_axis_label(x, v, files, prompts) for v in xs] if x else None,
-                              [_axis_label(y, v, files, prompts) for v in ys] if y else None,
-                              title=", ".join(t for t in [title, *fixed] if t) or None)
+        image, _ = make_sheet(
+            [[cells.images[c] for c in row] for row in sheet_cells],
+            [_axis_label(x, v, files, prompts) for v in xs] if x else None,
+            [_axis_label(y, v, files, prompts) for v in ys] if y else None,
+            title=", ".join(t for t in [title, *fixed] if t) or None,
+        )
         path = out_dir / ("grid.png" if len(zs) == 1 else f"grid-{zi:02d}.png")
         image.save(path)
         sheets.append((title or "grid", path))
 
-    report = Report(title=f"lorafit grid: {len(files)} LoRA file(s) on {Path(model).name or model}",
-                    sheets=list(sheets),
-                    settings={"model": model, "LoRA files": ", ".join(str(f.path) for f in files),
-                              "axes": f"x={x}, y={y}, z={z}", "steps": steps, "sampler": defaults["sampler"],
-                              "size": f"{defaults['width']}x{defaults['height']}",
-                              "hires": f"x{hires.scale:g}, denoise {hires.denoise:g}" if hires.scale != 1 else "off"})
+    report = Report(
+        title=f"lorafit grid: {len(files)} LoRA file(s) on {Path(model).name or model}",
+        sheets=list(sheets),
+        settings={
+            "model": model,
+            "LoRA files": ", ".join(str(f.path) for f in files),
+            "axes": f"x={x}, y={y}, z={z}",
+            "steps": steps,
+            "sampler": defaults["sampler"],
+            "size": f"{defaults['width']}x{defaults['height']}",
+            "hires": f"x{hires.scale:g}, denoise {hires.denoise:g}" if hires.scale != 1 else "off",
+        },
+    )
     summary = {"sheets": [str(p) for _, p in sheets], "cells": len(cells.images)}
     if selection:
         result = selection.score(cells, clip_model, renderer.pipe.device, out_dir)
         report.notes.append(f"Suggested: {result['reason']}")
-        report.tables.append(Table("Selection metrics per epoch", result["headers"], result["rows"], result["highlight"]))
+        report.tables.append(
+            Table("Selection metrics per epoch", result["headers"], result["rows"], result["highlight"])
+        )
         report.sheets.append(("Flexibility prompts (rows: base model and epochs)", result["sheet"]))
         summary.update({k: result[k] for k in ("scores", "suggested", "reason")})
-        (out_dir / "selection.json").write_text(json.dumps({k: result[k] for k in ("scores", "suggested", "reason")},
-                                                           indent=2) + "\n", encoding="utf-8")
+        (out_dir / "selection.json").write_text(
+            json.dumps({k: result[k] for k in ("scores", "suggested", "reason")}, indent=2) + "\n", encoding="utf-8"
+        )
         log.info("suggested: %s", result["reason"])
     summary["html"] = str(write_html(report, out_dir / "index.html"))
     log.info("wrote %d sheet(s) and %s", len(sheets), summary["html"])

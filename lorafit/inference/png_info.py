@@ -14,9 +14,9 @@ hex digits of the file's SHA-256, A1111's short hash).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -50,9 +50,15 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def a1111_parameters(request: SamplePrompt, model: str = "", loras: Sequence[AppliedLora] = (),
-                     hires_scale: float = 1.0, hires_denoise: Optional[float] = None,
-                     hires_steps: Optional[int] = None, extra: Optional[dict] = None) -> str:
+def a1111_parameters(
+    request: SamplePrompt,
+    model: str = "",
+    loras: Sequence[AppliedLora] = (),
+    hires_scale: float = 1.0,
+    hires_denoise: float | None = None,
+    hires_steps: int | None = None,
+    extra: dict | None = None,
+) -> str:
     """The ``parameters`` text for ``request`` (fields filled in) with the LoRAs and hires settings."""
     prompt = request.prompt + "".join(f" <lora:{lora.name}:{_number(lora.strength)}>" for lora in loras)
     lines = [prompt]
@@ -84,7 +90,7 @@ def a1111_parameters(request: SamplePrompt, model: str = "", loras: Sequence[App
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: Optional[str] = None) -> Path:
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
     """Write ``image`` as PNG with an A1111 ``parameters`` text chunk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ import logging
 import random
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 from PIL import Image, ImageOps
 
@@ -34,38 +33,42 @@ from lorafit.inference.samplers import canonical_sampler
 log = logging.getLogger("lorafit.probe")
 
 
-def _phrasings(captions: list[str], count: int, synonyms: list[str], descriptions: list[str],
-               seed: int) -> list[tuple[str, str]]:
+def _phrasings(
+    captions: list[str], count: int, synonyms: list[str], descriptions: list[str], seed: int
+) -> list[tuple[str, str]]:
     unique = list(dict.fromkeys(c for c in captions if c.strip()))
     picked = unique if len(unique) <= count else random.Random(seed).sample(unique, count)
-    return ([("caption", c) for c in picked] + [("synonym", s) for s in synonyms]
-            + [("description", d) for d in descriptions])
+    return (
+        [("caption", c) for c in picked]
+        + [("synonym", s) for s in synonyms]
+        + [("description", d) for d in descriptions]
+    )
 
 
 def probe(
     model: str,
     *,
     data: str,
-    phrasing: list[str] = [],
-    description: list[str] = [],
+    phrasing: list[str] = [],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
+    description: list[str] = [],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
     captions: int = 3,
-    seed: list[int] = [0, 1, 2, 3],
-    clip_model: Optional[str] = None,
+    seed: list[int] = [0, 1, 2, 3],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
+    clip_model: str | None = None,
     control_prompt: str = "a photograph of an empty room",
     negative_prompt: str = "",
     steps: int = 30,
     cfg: float = 7.0,
     sampler: str = "euler_a",
-    width: Optional[int] = None,
-    height: Optional[int] = None,
+    width: int | None = None,
+    height: int | None = None,
     good: float = 0.8,
     close: float = 0.5,
     consistent: float = 0.75,
     reference_images: int = 16,
     clip_skip: int = 1,
-    max_token_length: Optional[int] = None,
+    max_token_length: int | None = None,
     out: str = "probe",
-    single_file_config: Optional[str] = None,
+    single_file_config: str | None = None,
     dtype: Dtype = "auto",
     device: str = "auto",
 ) -> dict:
@@ -103,8 +106,10 @@ def probe(
     """
     reference = load_reference_set(data, reference_images, key="--data")
     if clip_model and not reference.images:
-        raise LorafitError(f"--data {data} holds captions only; scores compare with training images, so give "
-                           "the image folder (or drop --clip_model to only look at the images)")
+        raise LorafitError(
+            f"--data {data} holds captions only; scores compare with training images, so give "
+            "the image folder (or drop --clip_model to only look at the images)"
+        )
     thresholds = Thresholds(good=good, close=close, consistent=consistent)
     seeds = list(seed)
     if not seeds:
@@ -124,42 +129,81 @@ def probe(
         prompt = parse_prompt_line(text, f"--{kind}")
         row_images = []
         for image_seed in seeds:
-            request = replace(prompt, negative_prompt=prompt.negative_prompt or negative_prompt, seed=None
-                              ).with_defaults(w, h, steps, cfg, image_seed, sampler)
+            request = replace(
+                prompt, negative_prompt=prompt.negative_prompt or negative_prompt, seed=None
+            ).with_defaults(w, h, steps, cfg, image_seed, sampler)
             image = renderer(request)
-            save_png(image, out_dir / "images" / f"{row:02d}-{kind}-seed{image_seed}.png",
-                     a1111_parameters(request, model))
+            save_png(
+                image, out_dir / "images" / f"{row:02d}-{kind}-seed{image_seed}.png", a1111_parameters(request, model)
+            )
             row_images.append(image)
         images.append(row_images)
 
-    references = [ImageOps.fit(im, (w, h), Image.LANCZOS) for im in reference.images[:len(seeds)]]
-    report = Report(title=f"lorafit probe: does {Path(model).name or model} already know the concept?",
-                    settings={"model": model, "data": data, "seeds": ", ".join(map(str, seeds)), "steps": steps,
-                              "cfg": cfg, "sampler": sampler, "size": f"{w}x{h}"})
+    references = [ImageOps.fit(im, (w, h), Image.LANCZOS) for im in reference.images[: len(seeds)]]
+    report = Report(
+        title=f"lorafit probe: does {Path(model).name or model} already know the concept?",
+        settings={
+            "model": model,
+            "data": data,
+            "seeds": ", ".join(map(str, seeds)),
+            "steps": steps,
+            "cfg": cfg,
+            "sampler": sampler,
+            "size": f"{w}x{h}",
+        },
+    )
     summary: dict = {"phrasings": [{"kind": k, "prompt": t} for k, t in tried]}
     labels = [f"{kind}: {text}" for kind, text in tried]
     if clip_model:
         verdict, scores = _score(reference, tried, images, clip_model, renderer.pipe.device, thresholds)
         labels = [f"{label} (closeness {s.mean_closeness:.2f})" for label, s in zip(labels, scores)]
         report.notes += [f"Verdict: {verdict.title}. {verdict.advice}.", verdict.explanation]
-        report.tables.append(Table(
-            "Closeness per phrasing (0 = like the control prompt, 1 = like the training images)",
-            ["phrasing", "kind", "mean similarity", "mean closeness", f"seeds >= {good:g}"],
-            [[s.prompt, s.kind, sum(s.similarities) / len(s.similarities), s.mean_closeness,
-              f"{s.hit_rate(good):.0%}"] for s in scores],
-            highlight=scores.index(verdict.best) if verdict.best in scores else None))
-        summary.update(verdict=verdict.key, title=verdict.title, advice=verdict.advice,
-                       explanation=verdict.explanation, floor=verdict.floor, ceiling=verdict.ceiling,
-                       scores=[{**vars(s), "mean_closeness": s.mean_closeness} for s in scores])
+        report.tables.append(
+            Table(
+                "Closeness per phrasing (0 = like the control prompt, 1 = like the training images)",
+                ["phrasing", "kind", "mean similarity", "mean closeness", f"seeds >= {good:g}"],
+                [
+                    [
+                        s.prompt,
+                        s.kind,
+                        sum(s.similarities) / len(s.similarities),
+                        s.mean_closeness,
+                        f"{s.hit_rate(good):.0%}",
+                    ]
+                    for s in scores
+                ],
+                highlight=scores.index(verdict.best) if verdict.best in scores else None,
+            )
+        )
+        summary.update(
+            verdict=verdict.key,
+            title=verdict.title,
+            advice=verdict.advice,
+            explanation=verdict.explanation,
+            floor=verdict.floor,
+            ceiling=verdict.ceiling,
+            scores=[{**vars(s), "mean_closeness": s.mean_closeness} for s in scores],
+        )
         lines = [f"verdict: {verdict.title}", f"  what to do: {verdict.advice}", f"  {verdict.explanation}"]
-        lines += [f"  {s.kind:<11} similarity {sum(s.similarities) / len(s.similarities):6.3f}  closeness "
-                  f"{s.mean_closeness:6.2f}  {s.hit_rate(good):4.0%} good  {s.prompt}" for s in scores]
+        lines += [
+            f"  {s.kind:<11} similarity {sum(s.similarities) / len(s.similarities):6.3f}  closeness "
+            f"{s.mean_closeness:6.2f}  {s.hit_rate(good):4.0%} good  {s.prompt}"
+            for s in scores
+        ]
     else:
-        lines = [f"no --clip_model: compare the rows of {out_dir / 'probe.png'} with the training images by eye "
-                 "(pass --clip_model for scores and a verdict)"]
+        lines = [
+            (
+                f"no --clip_model: compare the rows of {out_dir / 'probe.png'} with the training images by eye "
+                "(pass --clip_model for scores and a verdict)"
+            )
+        ]
     rows, row_labels = ([references], ["training images"]) if references else ([], [])
-    sheet, _ = make_sheet([*rows, *images], [f"seed {s}" for s in seeds], [*row_labels, *labels],
-                          title="base model images per phrasing, under sample training images")
+    sheet, _ = make_sheet(
+        [*rows, *images],
+        [f"seed {s}" for s in seeds],
+        [*row_labels, *labels],
+        title="base model images per phrasing, under sample training images",
+    )
     sheet_path = out_dir / "probe.png"
     sheet.save(sheet_path)
     report.sheets.append(("Training images (top row) and the base model's images per phrasing", sheet_path))
@@ -175,7 +219,9 @@ def _score(reference, tried, images, clip_model, device, thresholds):
     scorer = ClipScorer(clip_model, device)
     refs = scorer.image_embeddings(reference.images)
     ceiling = mean_pairwise_similarity(refs)
-    scores = [PhrasingScore(kind, text, mean_similarity_to_set(scorer.image_embeddings(row), refs).tolist())
-              for (kind, text), row in zip(tried, images)]
+    scores = [
+        PhrasingScore(kind, text, mean_similarity_to_set(scorer.image_embeddings(row), refs).tolist())
+        for (kind, text), row in zip(tried, images)
+    ]
     verdict = decide(scores[:-1], scores[-1], ceiling, thresholds)
     return verdict, scores

@@ -29,18 +29,27 @@ Verdicts (thresholds are heuristics, tunable on the command line):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 VERDICTS = {
-    "performs_well": ("the base model already performs well",
-                      "refine your prompting (use the best phrasing below) instead of training a LoRA"),
-    "inconsistent": ("the base model recognizes the concept but lacks consistency",
-                     "a small 'helper' LoRA is enough: smaller dataset, less training; watch for overfitting"),
-    "gets_close": ("the base model gets close to the concept but not quite there",
-                   "caption with the phrasing that came closest and build the dataset around what the model "
-                   "misses; watch for overfitting (on SDXL a textual embedding may be enough)"),
-    "unknown": ("the base model doesn't recognize the concept at all",
-                "train a full LoRA from scratch (the usual path)"),
+    "performs_well": (
+        "the base model already performs well",
+        "refine your prompting (use the best phrasing below) instead of training a LoRA",
+    ),
+    "inconsistent": (
+        "the base model recognizes the concept but lacks consistency",
+        "a small 'helper' LoRA is enough: smaller dataset, less training; watch for overfitting",
+    ),
+    "gets_close": (
+        "the base model gets close to the concept but not quite there",
+        (
+            "caption with the phrasing that came closest and build the dataset around what the model "
+            "misses; watch for overfitting (on SDXL a textual embedding may be enough)"
+        ),
+    ),
+    "unknown": (
+        "the base model doesn't recognize the concept at all",
+        "train a full LoRA from scratch (the usual path)",
+    ),
 }
 
 
@@ -75,15 +84,16 @@ class Verdict:
     key: str
     title: str
     advice: str
-    best: Optional[PhrasingScore]
+    best: PhrasingScore | None
     floor: float
     ceiling: float
     reliable: bool
     explanation: str
 
 
-def decide(phrasings: list[PhrasingScore], control: PhrasingScore, ceiling: float,
-           thresholds: Thresholds = Thresholds()) -> Verdict:
+def decide(
+    phrasings: list[PhrasingScore], control: PhrasingScore, ceiling: float, thresholds: Thresholds = Thresholds()
+) -> Verdict:
     """Fill in each phrasing's closeness and pick the verdict, with the numbers behind it in words."""
     floor = sum(control.similarities) / len(control.similarities)
     span = ceiling - floor
@@ -105,13 +115,17 @@ def decide(phrasings: list[PhrasingScore], control: PhrasingScore, ceiling: floa
     if key == "gets_close":
         best = max(phrasings, key=lambda s: s.mean_closeness)
     title, advice = VERDICTS[key]
-    explanation = (f"scale: control prompt {floor:.3f} (closeness 0) to training images among themselves "
-                   f"{ceiling:.3f} (closeness 1)")
+    explanation = (
+        f"scale: control prompt {floor:.3f} (closeness 0) to training images among themselves "
+        f"{ceiling:.3f} (closeness 1)"
+    )
     if best is not None:
-        explanation += (f"; best phrasing ({best.kind}) \"{best.prompt}\": mean closeness {best.mean_closeness:.2f}, "
-                        f"{best.hit_rate(thresholds.good):.0%} of seeds >= {thresholds.good:g} "
-                        f"(performs well needs >= {thresholds.consistent:.0%}; gets close needs a mean >= "
-                        f"{thresholds.close:g})")
+        explanation += (
+            f'; best phrasing ({best.kind}) "{best.prompt}": mean closeness {best.mean_closeness:.2f}, '
+            f"{best.hit_rate(thresholds.good):.0%} of seeds >= {thresholds.good:g} "
+            f"(performs well needs >= {thresholds.consistent:.0%}; gets close needs a mean >= "
+            f"{thresholds.close:g})"
+        )
     if not reliable:
         explanation += "; UNRELIABLE: the CLIP model rates the control prompt as close as the training images"
     return Verdict(key, title, advice, best, floor, ceiling, reliable, explanation)

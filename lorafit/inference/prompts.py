@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from lorafit.errors import LorafitError
 from lorafit.inference.samplers import canonical_sampler
@@ -35,14 +35,14 @@ class SamplePrompt:
 
     prompt: str
     negative_prompt: str = ""
-    width: Optional[int] = None
-    height: Optional[int] = None
-    steps: Optional[int] = None
-    cfg: Optional[float] = None
-    seed: Optional[int] = None
-    sampler: Optional[str] = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    seed: int | None = None
+    sampler: str | None = None
 
-    def with_defaults(self, width: int, height: int, steps: int, cfg: float, seed: int, sampler: str) -> "SamplePrompt":
+    def with_defaults(self, width: int, height: int, steps: int, cfg: float, seed: int, sampler: str) -> SamplePrompt:
         """A copy with every unset field filled in."""
         return replace(
             self,
@@ -130,7 +130,7 @@ def parse_prompt_line(line: str, where: str = "prompt") -> SamplePrompt:
     if not prompt:
         raise LorafitError(f"{where}: the prompt text is empty (options must follow a prompt)")
     fields: dict[str, Any] = {}
-    for index, (start, end, name) in enumerate(markers):
+    for index, (_start, end, name) in enumerate(markers):
         stop = markers[index + 1][0] if index + 1 < len(markers) else len(line)
         value = _unquote(line[end:stop])
         if name in _UNSUPPORTED:
@@ -147,12 +147,29 @@ def parse_prompt_line(line: str, where: str = "prompt") -> SamplePrompt:
 
 # kohya's .toml/.json keys (and lorafit's field names) -> SamplePrompt fields.
 _DICT_KEYS = {
-    "prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
-    "sample_steps": "steps", "steps": "steps", "scale": "cfg", "cfg_scale": "cfg", "cfg": "cfg", "seed": "seed",
-    "sample_sampler": "sampler", "sampler": "sampler",
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "width": "width",
+    "height": "height",
+    "sample_steps": "steps",
+    "steps": "steps",
+    "scale": "cfg",
+    "cfg_scale": "cfg",
+    "cfg": "cfg",
+    "seed": "seed",
+    "sample_sampler": "sampler",
+    "sampler": "sampler",
 }
-_DICT_KINDS = {"width": "size", "height": "size", "steps": "steps", "cfg": "float", "seed": "seed",
-               "sampler": "sampler", "negative_prompt": "text", "prompt": "text"}
+_DICT_KINDS = {
+    "width": "size",
+    "height": "size",
+    "steps": "steps",
+    "cfg": "float",
+    "seed": "seed",
+    "sampler": "sampler",
+    "negative_prompt": "text",
+    "prompt": "text",
+}
 
 
 def prompt_from_dict(entry: dict, where: str) -> SamplePrompt:
@@ -186,7 +203,7 @@ def _toml_entries(path: Path) -> list[dict]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
-        raise LorafitError(f"{path}: not valid TOML ({error})")
+        raise LorafitError(f"{path}: not valid TOML ({error})") from None
     # kohya: [prompt] holds defaults, [[prompt.subset]] one entry per image.
     section = data.get("prompt")
     if not isinstance(section, dict) or not isinstance(section.get("subset"), list):
@@ -195,7 +212,7 @@ def _toml_entries(path: Path) -> list[dict]:
     return [{**defaults, **subset} for subset in section["subset"]]
 
 
-def read_prompt_file(path: Union[str, Path]) -> list[SamplePrompt]:
+def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
     """Read a kohya prompt file: ``.txt`` (one inline-syntax line each), ``.toml`` or ``.json``."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -206,7 +223,7 @@ def read_prompt_file(path: Union[str, Path]) -> list[SamplePrompt]:
         try:
             entries = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
-            raise LorafitError(f"{path}: not valid JSON ({error})")
+            raise LorafitError(f"{path}: not valid JSON ({error})") from None
         if not isinstance(entries, list):
             raise LorafitError(f"{path}: expected a JSON list of prompts (strings or objects)")
     else:
@@ -223,13 +240,16 @@ def read_prompt_file(path: Union[str, Path]) -> list[SamplePrompt]:
     return prompts
 
 
-def collect_prompts(prompts: Optional[list[Union[str, dict]]], prompt_file: Optional[str],
-                    key: str = "prompts") -> list[SamplePrompt]:
+def collect_prompts(
+    prompts: list[str | dict] | None, prompt_file: str | None, key: str = "prompts"
+) -> list[SamplePrompt]:
     """Prompts from a config list (inline-syntax strings or mappings) followed by a prompt file's."""
     result = []
     for index, entry in enumerate(prompts or []):
         where = f"{key}[{index}]"
-        result.append(parse_prompt_line(entry, where) if isinstance(entry, str) else prompt_from_dict(dict(entry), where))
+        result.append(
+            parse_prompt_line(entry, where) if isinstance(entry, str) else prompt_from_dict(dict(entry), where)
+        )
     if prompt_file:
         result.extend(read_prompt_file(prompt_file))
     return result

@@ -12,7 +12,6 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from PIL import Image
 
@@ -37,8 +36,8 @@ class ReferenceSet:
 
     images: list[Image.Image] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
-    subject: Optional[str] = None
-    class_word: Optional[str] = None
+    subject: str | None = None
+    class_word: str | None = None
 
 
 def _pick(count: int, limit: int, seed: int) -> list[int]:
@@ -102,8 +101,9 @@ def _from_prepared(root: Path, limit: int, seed: int) -> ReferenceSet:
     )
 
 
-def load_reference_set(source: str, limit: int = 16, seed: int = 0, caption_ext: str = ".txt",
-                       key: str = "--train_images") -> ReferenceSet:
+def load_reference_set(
+    source: str, limit: int = 16, seed: int = 0, caption_ext: str = ".txt", key: str = "--train_images"
+) -> ReferenceSet:
     """Up to ``limit`` training images with captions from a kohya folder or a prepared dataset folder.
 
     A ``.txt`` file gives captions only (one per line, ``#`` comments), without images.
@@ -115,8 +115,10 @@ def load_reference_set(source: str, limit: int = 16, seed: int = 0, caption_ext:
         captions = [line for line in lines if line and not line.startswith("#")]
         return ReferenceSet(captions=[captions[i] for i in _pick(len(captions), limit, seed)])
     if not root.is_dir():
-        raise LorafitError(f"{key}: {source} is neither a folder nor a .txt file of captions; give the training "
-                           "image folder, a `lorafit prepare` output folder or a captions file")
+        raise LorafitError(
+            f"{key}: {source} is neither a folder nor a .txt file of captions; give the training "
+            "image folder, a `lorafit prepare` output folder or a captions file"
+        )
     if (root / SUMMARY_NAME).is_file():
         return _from_prepared(root, limit, seed)
     return _from_folder(root, limit, seed, caption_ext)

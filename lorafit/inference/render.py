@@ -13,17 +13,17 @@ in a batch, an image's noise would depend on its position.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
 
 import torch
 from PIL import Image
 
 from lorafit.errors import LorafitError
+from lorafit.families.clip_text import encode_tokens, tokenize
+from lorafit.families.loading import BaseModel
 from lorafit.inference.prompts import SamplePrompt
 from lorafit.inference.samplers import make_scheduler
-from lorafit.models.base import BaseModel
-from lorafit.models.conditioning import encode_tokens, tokenize
 
 
 def build_pipeline(base: BaseModel):
@@ -33,14 +33,25 @@ def build_pipeline(base: BaseModel):
     scheduler = make_scheduler("euler", base.scheduler_config, base.prediction_type)
     if base.family == "sdxl":
         pipe = StableDiffusionXLPipeline(
-            vae=base.vae, text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1],
-            tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=base.unet, scheduler=scheduler,
+            vae=base.vae,
+            text_encoder=base.text_encoders[0],
+            text_encoder_2=base.text_encoders[1],
+            tokenizer=base.tokenizers[0],
+            tokenizer_2=base.tokenizers[1],
+            unet=base.unet,
+            scheduler=scheduler,
             add_watermarker=False,
         )
     else:
         pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], unet=base.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=base.vae,
+            text_encoder=base.text_encoders[0],
+            tokenizer=base.tokenizers[0],
+            unet=base.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -64,7 +75,7 @@ class HiresFix:
 
     scale: float = 1.5
     denoise: float = 0.4
-    steps: Optional[int] = None
+    steps: int | None = None
 
     def __post_init__(self):
         if self.scale < 1.0:
@@ -91,7 +102,7 @@ class Renderer:
             reads captions); empty = 75, as diffusers does.
     """
 
-    def __init__(self, base: BaseModel, clip_skip: int = 1, max_token_length: Optional[int] = None):
+    def __init__(self, base: BaseModel, clip_skip: int = 1, max_token_length: int | None = None):
         self.base = base
         self.clip_skip = clip_skip
         self.max_token_length = max_token_length
@@ -104,19 +115,24 @@ class Renderer:
 
     def _common(self, request: SamplePrompt) -> dict:
         if not self.max_token_length and (self.base.family == "sdxl" or self.clip_skip <= 1):
-            return dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
-                        guidance_scale=request.cfg)
+            return dict(
+                prompt=request.prompt, negative_prompt=request.negative_prompt or None, guidance_scale=request.cfg
+            )
         # Clip skip on SD1/SD2: diffusers 0.42's own clip_skip path reaches for
         # ``text_encoder.text_model``, which transformers 5 removed; long prompts: diffusers cuts
         # them at 77 tokens. Either way the embeddings are encoded here, by the same function
         # training conditions the UNet with.
         device = self.pipe._execution_device
-        ids = tokenize(self.base.tokenizers, [request.prompt, request.negative_prompt or ""], device,
-                       self.max_token_length)
+        ids = tokenize(
+            self.base.tokenizers, [request.prompt, request.negative_prompt or ""], device, self.max_token_length
+        )
         text = encode_tokens(self.base.family, self.base.text_encoders, ids, self.clip_skip)
         hidden, pooled = text.hidden_states, text.pooled
-        if self.base.family == "sdxl" and not request.negative_prompt and \
-                getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+        if (
+            self.base.family == "sdxl"
+            and not request.negative_prompt
+            and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False)
+        ):
             # As the SDXL pipeline does: no negative prompt = zero embeddings, not those of "".
             hidden = torch.cat([hidden[:1], torch.zeros_like(hidden[1:])])
             pooled = torch.cat([pooled[:1], torch.zeros_like(pooled[1:])])
@@ -129,11 +145,17 @@ class Renderer:
         return make_scheduler(request.sampler, self.base.scheduler_config, self.base.prediction_type)
 
     @torch.no_grad()
-    def __call__(self, request: SamplePrompt, hires: Optional[HiresFix] = None) -> Image.Image:
+    def __call__(self, request: SamplePrompt, hires: HiresFix | None = None) -> Image.Image:
         """One image for a request whose fields are all set (see ``SamplePrompt.with_defaults``)."""
         self.pipe.scheduler = self._scheduler(request)
-        image = self.pipe(width=request.width, height=request.height, num_inference_steps=request.steps,
-                          generator=_generator(request.seed), output_type="pil", **self._common(request)).images[0]
+        image = self.pipe(
+            width=request.width,
+            height=request.height,
+            num_inference_steps=request.steps,
+            generator=_generator(request.seed),
+            output_type="pil",
+            **self._common(request),
+        ).images[0]
         if hires is None or hires.scale == 1.0:
             return image
         return self._hires_pass(request, image, hires)
@@ -149,10 +171,15 @@ class Renderer:
         # diffusers runs int(steps * strength) of the schedule; asking for steps / strength makes
         # the second pass run the requested number, as A1111's hires fix does.
         wanted = hires.steps or request.steps
-        schedule = max(wanted, int(round(wanted / hires.denoise)))
-        return self._img2img(image=upscaled, strength=hires.denoise, num_inference_steps=schedule,
-                             generator=_generator(request.seed), output_type="pil",
-                             **self._common(request)).images[0]
+        schedule = max(wanted, round(wanted / hires.denoise))
+        return self._img2img(
+            image=upscaled,
+            strength=hires.denoise,
+            num_inference_steps=schedule,
+            generator=_generator(request.seed),
+            output_type="pil",
+            **self._common(request),
+        ).images[0]
 
 
 def _tuner_layers(modules: Iterable[torch.nn.Module]) -> list:

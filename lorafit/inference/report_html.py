@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #111; }
@@ -33,7 +33,7 @@ class Table:
     title: str
     headers: Sequence[str]
     rows: Sequence[Sequence[object]]
-    highlight: Optional[int] = None
+    highlight: int | None = None
 
 
 @dataclass
@@ -59,9 +59,12 @@ def _image(path: Path) -> str:
 
 
 def render_html(report: Report) -> str:
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{html.escape(report.title)}</title><style>{_STYLE}</style></head><body>",
-             f"<h1>{html.escape(report.title)}</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(report.title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(report.title)}</h1>",
+    ]
     for note in report.notes:
         parts.append(f'<p class="note">{html.escape(note)}</p>')
     for table in report.tables:

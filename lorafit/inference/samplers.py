@@ -7,8 +7,6 @@ is picked; only the solver changes.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from lorafit.errors import LorafitError
 
 # name -> (diffusers class, extra config, the name A1111 writes in its "Sampler:" field)
@@ -16,9 +14,11 @@ _SAMPLERS = {
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-                        "DPM++ 2M Karras"),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
     "dpmpp_sde": ("DPMSolverSinglestepScheduler", {}, "DPM++ SDE"),
     # DDIM in latent space: clipping the predicted x0 to [-1, 1] (DDIM's pixel-space default,
     # used when the model's config does not say) would flatten latents, which span about +-4.
@@ -58,7 +58,7 @@ def display_name(name: str) -> str:
     return _SAMPLERS[canonical_sampler(name)][2]
 
 
-def make_scheduler(name: str, scheduler_config: dict, prediction_type: Optional[str] = None):
+def make_scheduler(name: str, scheduler_config: dict, prediction_type: str | None = None):
     """A fresh diffusers scheduler for sampler ``name`` from the model's scheduler config.
 
     Fresh per image on purpose: multistep schedulers keep state between steps, and a reused one

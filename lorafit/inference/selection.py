@@ -20,8 +20,8 @@ shown for reference and never suggested.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -45,10 +45,10 @@ class EpochScore:
     fidelity: float
     flexibility: float
     is_base: bool = False
-    balance: Optional[float] = None
+    balance: float | None = None
 
 
-def flexibility_prompts(templates: Sequence[str], subject: str, class_word: Optional[str]) -> list[tuple[str, str]]:
+def flexibility_prompts(templates: Sequence[str], subject: str, class_word: str | None) -> list[tuple[str, str]]:
     """(prompt to generate, text to score against) for each template.
 
     ``{subject}`` becomes the trigger phrase in the prompt and the class word (if known) in the
@@ -77,7 +77,7 @@ def _rescale(values: list[float]) -> list[float]:
     return [(v - low) / (high - low) for v in values]
 
 
-def suggest_epoch(scores: list[EpochScore]) -> tuple[Optional[EpochScore], str]:
+def suggest_epoch(scores: list[EpochScore]) -> tuple[EpochScore | None, str]:
     """Fill in ``balance`` for the LoRA rows and return the suggested row with the reason in words."""
     candidates = [s for s in scores if not s.is_base]
     if not candidates:
@@ -102,6 +102,8 @@ def suggest_epoch(scores: list[EpochScore]) -> tuple[Optional[EpochScore], str]:
     )
     base = next((s for s in scores if s.is_base), None)
     if base is not None and high_f <= base.fidelity:
-        reason += (f". Caution: no epoch resembles the training images more than the base model does "
-                   f"(base fidelity {base.fidelity:.3f}); the LoRA may be undertrained or the prompts miss the trigger")
+        reason += (
+            f". Caution: no epoch resembles the training images more than the base model does "
+            f"(base fidelity {base.fidelity:.3f}); the LoRA may be undertrained or the prompts miss the trigger"
+        )
     return best, reason

@@ -2,14 +2,14 @@
 
 For the base model and every LoRA file: the grid's prompts (fidelity) and the flexibility prompts,
 each at every grid seed, at ``selection_strength``. They are rendered by the grid's
-:class:`~lorafit.inference.grid.CellRenderer` in the same pass as the grid cells (each LoRA file
+:class:`~lorafit.inference.grid_cells.CellRenderer` in the same pass as the grid cells (each LoRA file
 loaded once; a cell that is also in the grid is rendered once).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from lorafit.errors import LorafitError
 from lorafit.inference.contact_sheet import make_sheet
@@ -40,15 +40,27 @@ class SelectionPlan:
         reference_limit: At most this many training images.
     """
 
-    def __init__(self, files: Sequence, prompt_count: int, seeds: Sequence[int], cfg: float, strength: float,
-                 templates: Sequence[str], subject: Optional[str], class_word: Optional[str],
-                 train_images: str, reference_limit: int):
+    def __init__(
+        self,
+        files: Sequence,
+        prompt_count: int,
+        seeds: Sequence[int],
+        cfg: float,
+        strength: float,
+        templates: Sequence[str],
+        subject: str | None,
+        class_word: str | None,
+        train_images: str,
+        reference_limit: int,
+    ):
         # Loaded before any rendering, so a wrong folder fails in seconds, not after the grid.
         self.reference = load_reference_set(train_images, reference_limit)
         subject = subject or self.reference.subject
         if not subject and any("{subject}" in t for t in templates):
-            raise LorafitError("--subject: the training folder name gives no trigger phrase (no '10_ohwx dog' "
-                               "folder); pass --subject 'ohwx dog' for the flexibility prompts")
+            raise LorafitError(
+                "--subject: the training folder name gives no trigger phrase (no '10_ohwx dog' "
+                "folder); pass --subject 'ohwx dog' for the flexibility prompts"
+            )
         pairs = flexibility_prompts(templates, subject or "", class_word or self.reference.class_word)
         if not pairs:
             raise LorafitError("--flexibility_prompt: give at least one prompt")
@@ -58,16 +70,16 @@ class SelectionPlan:
         self.flexibility_texts = [text for _, text in pairs]
         self.flexibility_indices = [prompt_count + j for j in range(len(pairs))]
 
-    def _cells(self, epoch: Optional[int], prompt_indices: list[int]) -> list:
-        from lorafit.inference.grid import Cell
+    def _cells(self, epoch: int | None, prompt_indices: list[int]) -> list:
+        from lorafit.inference.grid_cells import Cell
 
         strength = 0.0 if epoch is None else self.strength
         return [Cell(epoch, strength, p, s, self.cfg) for p in prompt_indices for s in self.seeds]
 
-    def epochs(self) -> list[Optional[int]]:
+    def epochs(self) -> list[int | None]:
         return [None, *range(len(self.files))]
 
-    def cells_by_epoch(self) -> dict[Optional[int], list]:
+    def cells_by_epoch(self) -> dict[int | None, list]:
         """Every cell the metrics need, grouped by epoch (None = base model)."""
         return {e: self._cells(e, self.fidelity_prompts + self.flexibility_indices) for e in self.epochs()}
 
@@ -84,18 +96,26 @@ class SelectionPlan:
             flex_cells = self._cells(epoch, self.flexibility_indices)
             flex_images = [cells.images[c] for c in flex_cells]
             paired_texts = texts[[self.flexibility_indices.index(c.prompt) for c in flex_cells]]
-            scores.append(EpochScore(
-                label="base model" if epoch is None else self.files[epoch].label,
-                fidelity=fidelity_score(scorer.image_embeddings(fidelity_images), references),
-                flexibility=flexibility_score(scorer.image_embeddings(flex_images), paired_texts),
-                is_base=epoch is None,
-            ))
+            scores.append(
+                EpochScore(
+                    label="base model" if epoch is None else self.files[epoch].label,
+                    fidelity=fidelity_score(scorer.image_embeddings(fidelity_images), references),
+                    flexibility=flexibility_score(scorer.image_embeddings(flex_images), paired_texts),
+                    is_base=epoch is None,
+                )
+            )
         best, reason = suggest_epoch(scores)
         rows = [[s.label, s.fidelity, s.flexibility, "" if s.balance is None else s.balance] for s in scores]
-        sheet_rows = [[cells.images[c] for c in self._cells(e, self.flexibility_indices) if c.seed == self.seeds[0]]
-                      for e in self.epochs()]
-        sheet, _ = make_sheet(sheet_rows, [p.prompt for p in self.extra_prompts], [s.label for s in scores],
-                              title=f"flexibility prompts, seed {self.seeds[0]}, strength {self.strength:g}")
+        sheet_rows = [
+            [cells.images[c] for c in self._cells(e, self.flexibility_indices) if c.seed == self.seeds[0]]
+            for e in self.epochs()
+        ]
+        sheet, _ = make_sheet(
+            sheet_rows,
+            [p.prompt for p in self.extra_prompts],
+            [s.label for s in scores],
+            title=f"flexibility prompts, seed {self.seeds[0]}, strength {self.strength:g}",
+        )
         sheet_path = out_dir / "flexibility.png"
         sheet_path.parent.mkdir(parents=True, exist_ok=True)
         sheet.save(sheet_path)

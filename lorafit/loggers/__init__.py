@@ -1,0 +1,4 @@
+"""Logger integrations (W&B run naming and config logging).
+
+May import: ``lorafit.errors``, ``lorafit.io``.
+"""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Optional
 
 from lightning.pytorch.loggers import WandbLogger
 
@@ -48,15 +47,15 @@ class WandbRunLogger(WandbLogger):
 
     def __init__(
         self,
-        project: Optional[str] = None,
-        name: Optional[str] = None,
-        id: Optional[str] = None,
+        project: str | None = None,
+        name: str | None = None,
+        id: str | None = None,
         offline: bool = False,
-        entity: Optional[str] = None,
-        group: Optional[str] = None,
-        tags: Optional[list[str]] = None,
-        notes: Optional[str] = None,
-        save_dir: Optional[str] = None,
+        entity: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        notes: str | None = None,
+        save_dir: str | None = None,
     ):
         try:
             import wandb  # noqa: F401

@@ -12,8 +12,6 @@ exported file (kohya ``.alpha`` tensors, diffusers ``lora_adapter_metadata``), s
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
 from lorafit.errors import LorafitError
@@ -24,10 +22,10 @@ DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # kohya trains CLIP's attention and MLP linears (CLIPAttention + CLIPMLP) in the text encoders.
 DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
-Targets = Union[list[str], str]
+Targets = list[str] | str
 
 
-def lora_config(rank: int, alpha: Optional[float], targets: Targets, key: str):
+def lora_config(rank: int, alpha: float | None, targets: Targets, key: str):
     """A PEFT ``LoraConfig``; ``targets`` is a list of module-name suffixes or one full-match regex."""
     from peft import LoraConfig
 
@@ -59,7 +57,9 @@ def add_network(model: torch.nn.Module, config, key: str) -> int:
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     except ValueError as error:
-        raise LorafitError(f"{key}: {config.target_modules!r} matches no module of {type(model).__name__} ({error})")
+        raise LorafitError(
+            f"{key}: {config.target_modules!r} matches no module of {type(model).__name__} ({error})"
+        ) from None
     for name, param in model.named_parameters():
         if any(prefix in name for prefix in _ADAPTER_PREFIXES):
             # Adapter weights train in float32 even over bf16/fp16 base weights: fp16 updates underflow.
@@ -82,8 +82,9 @@ def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-def attach_network(model: torch.nn.Module, spec, base_targets, include: Optional[list[str]],
-                   exclude: Optional[list[str]], key: str) -> int:
+def attach_network(
+    model: torch.nn.Module, spec, base_targets, include: list[str] | None, exclude: list[str] | None, key: str
+) -> int:
     """Select ``model``'s modules (``presets.select_modules``) and inject ``spec``'s network on them."""
     from lorafit.networks.network_types import network_config
     from lorafit.networks.presets import select_modules

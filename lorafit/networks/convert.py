@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.models.base import detect_family, load_base_model, resolve_model_source
+from lorafit.families.loading import detect_family, load_base_model, resolve_model_source
 from lorafit.networks.files import DIFFUSERS_KINDS, read_lora_file, save_diffusers, save_kohya
 from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.lora_weights import network_kinds
@@ -43,7 +43,9 @@ def model_skeleton(base: str) -> tuple[str, dict[str, torch.nn.Module]]:
         for name in ("text_encoder", "text_encoder_2"):
             if name in index and index[name][0] is not None:
                 config = CLIPTextConfig.from_pretrained(base, subfolder=name)
-                model_class = CLIPTextModelWithProjection if index[name][1].endswith("WithProjection") else CLIPTextModel
+                model_class = (
+                    CLIPTextModelWithProjection if index[name][1].endswith("WithProjection") else CLIPTextModel
+                )
                 components[name] = model_class(config)
     return detect_family(unet.config, "text_encoder_2" in components), components
 
@@ -51,9 +53,9 @@ def model_skeleton(base: str) -> tuple[str, dict[str, torch.nn.Module]]:
 def convert(
     src: str,
     dst: str,
-    base: Optional[str] = None,
-    to: Optional[Literal["kohya", "diffusers"]] = None,
-    save_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None,
+    base: str | None = None,
+    to: Literal["kohya", "diffusers"] | None = None,
+    save_dtype: Literal["float32", "float16", "bfloat16"] | None = None,
 ) -> Path:
     """Convert a network file between kohya/LyCORIS (A1111/ComfyUI) and diffusers/PEFT format.
 
@@ -80,8 +82,10 @@ def convert(
     target = to or ("diffusers" if source_format == "kohya" else "kohya")
     if target == "diffusers" and not network_kinds(weights) <= DIFFUSERS_KINDS:
         kinds = sorted(network_kinds(weights) - DIFFUSERS_KINDS)
-        raise LorafitError(f"convert: {src} is a {'/'.join(kinds)} network, which diffusers has no format for; "
-                           "use --to kohya to rewrite it in kohya/LyCORIS format")
+        raise LorafitError(
+            f"convert: {src} is a {'/'.join(kinds)} network, which diffusers has no format for; "
+            "use --to kohya to rewrite it in kohya/LyCORIS format"
+        )
     if Path(dst).resolve() == Path(src).resolve():
         raise LorafitError(f"convert: {dst} is the source file; choose another output path")
     if save_dtype:

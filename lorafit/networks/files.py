@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -32,8 +32,13 @@ LoraFormat = Literal["kohya", "diffusers"]
 _DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 DIFFUSERS_KINDS = {"lora", "dora"}  # network kinds the diffusers/PEFT LoRA format can hold
 # Key suffix -> part, for PEFT names and the older diffusers ``lora.down``/``lora.up`` names.
-_DIFFUSERS_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
-                    ".lora.up.weight": "up", ".lora_magnitude_vector": "magnitude"}
+_DIFFUSERS_PARTS = {
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_magnitude_vector": "magnitude",
+}
 
 
 def _usual_permissions(path: str | Path) -> None:
@@ -47,7 +52,7 @@ def _usual_permissions(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict] = None) -> Path:
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
     """``safetensors.save_file`` through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +68,14 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
     return path
 
 
-def save_kohya(path: str | Path, family: str, weights: LoraWeights, unet_config=None,
-               metadata: Optional[dict] = None, dtype: torch.dtype = torch.float32) -> Path:
+def save_kohya(
+    path: str | Path,
+    family: str,
+    weights: LoraWeights,
+    unet_config=None,
+    metadata: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write ``weights`` as a kohya/A1111 LoRA file."""
     tensors = to_kohya_state_dict(family, cast(weights, dtype), unet_config)
     return atomic_save_safetensors(tensors, path, metadata)
@@ -83,8 +94,10 @@ def save_diffusers(path: str | Path, family: str, weights: LoraWeights, dtype: t
 
     kinds = network_kinds(weights)
     if not kinds <= DIFFUSERS_KINDS:
-        raise LorafitError(f"{path}: diffusers format cannot hold {sorted(kinds - DIFFUSERS_KINDS)} networks; "
-                           "write the kohya/LyCORIS format instead")
+        raise LorafitError(
+            f"{path}: diffusers format cannot hold {sorted(kinds - DIFFUSERS_KINDS)} networks; "
+            "write the kohya/LyCORIS format instead"
+        )
     weights = cast(weights, dtype)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     layers, configs = {}, {}
@@ -94,7 +107,9 @@ def save_diffusers(path: str | Path, family: str, weights: LoraWeights, dtype: t
             tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = m.down, m.up
             if m.dora_scale is not None:  # PEFT's shape: [out] for a Linear, [1, out, 1, 1] for a conv
                 magnitude = m.dora_scale.flatten()
-                tensors[f"{name}.lora_magnitude_vector"] = magnitude if m.down.dim() == 2 else magnitude.reshape(1, -1, 1, 1)
+                tensors[f"{name}.lora_magnitude_vector"] = (
+                    magnitude if m.down.dim() == 2 else magnitude.reshape(1, -1, 1, 1)
+                )
         layers[f"{component}_lora_layers"] = tensors
         configs[f"{component}_lora_adapter_metadata"] = peft_config_for(modules)
     if "text_encoder_2" in weights and family != "sdxl":
@@ -118,8 +133,8 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise LorafitError(f"{path} is not a readable .safetensors file ({error})")
+    except Exception as error:  # noqa: BLE001 -- safetensors raises its own error types for corrupt headers
+        raise LorafitError(f"{path} is not a readable .safetensors file ({error})") from None
 
 
 def _from_diffusers_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoraWeights:
@@ -147,7 +162,7 @@ def _from_diffusers_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[
     return weights
 
 
-def read_lora_file(path: str | Path, kohya_table: Optional[dict] = None) -> tuple[LoraWeights, LoraFormat, dict]:
+def read_lora_file(path: str | Path, kohya_table: dict | None = None) -> tuple[LoraWeights, LoraFormat, dict]:
     """Read a kohya or diffusers-format LoRA into :class:`LoraWeights`.
 
     Args:

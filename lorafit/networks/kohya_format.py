@@ -41,7 +41,7 @@ def kohya_stem(family: str, component: str, module: str, unet_config=None) -> st
     """The kohya name stem of ``module`` of ``component`` in a ``family`` model."""
     if component == "unet":
         if family == "sdxl":
-            from lorafit.models.original_layout import unet_module_to_original
+            from lorafit.families.original_layout import unet_module_to_original
 
             module = unet_module_to_original(module, unet_config)
         return "lora_unet_" + module.replace(".", "_")
@@ -86,8 +86,9 @@ def is_kohya_state_dict(state_dict: dict) -> bool:
     return bool(state_dict) and all(key.startswith(KOHYA_PREFIXES) for key in state_dict)
 
 
-def from_kohya_state_dict(state_dict: dict[str, torch.Tensor], table: dict[str, tuple[str, str]],
-                          source: str = "LoRA file") -> LoraWeights:
+def from_kohya_state_dict(
+    state_dict: dict[str, torch.Tensor], table: dict[str, tuple[str, str]], source: str = "LoRA file"
+) -> LoraWeights:
     """Invert :func:`to_kohya_state_dict` using a :func:`kohya_name_table` of the target model.
 
     Unknown stems and parts no supported type reads are an error naming the first one: silently

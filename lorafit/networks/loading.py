@@ -25,7 +25,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -57,7 +56,7 @@ def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
 
 
 def _family(components: dict[str, torch.nn.Module]) -> str:
-    from lorafit.models.base import detect_family
+    from lorafit.families.loading import detect_family
 
     return detect_family(components["unet"].config, "text_encoder_2" in components)
 
@@ -76,18 +75,20 @@ def loaded_loras(pipe) -> dict[str, float]:
     return found
 
 
-def _adapter_name(path: Path, adapter_name: Optional[str], components: dict[str, torch.nn.Module]) -> str:
+def _adapter_name(path: Path, adapter_name: str | None, components: dict[str, torch.nn.Module]) -> str:
     name = adapter_name or re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise LorafitError(f"adapter_name {name!r}: use letters, digits, '_' and '-' only")
     taken = {a for module in components.values() for loaded in _registry(module).values() for a in loaded.adapters}
     taken |= {a for module in components.values() for a in getattr(module, "peft_config", {})}
     if name in taken or any(a.startswith(f"{name}__") for a in taken):
-        raise LorafitError(f"adapter name {name!r} is already loaded; pass adapter_name=... or unload_lora(pipe, {name!r})")
+        raise LorafitError(
+            f"adapter name {name!r} is already loaded; pass adapter_name=... or unload_lora(pipe, {name!r})"
+        )
     return name
 
 
-def load_lora(pipe, path: str | Path, weight: float = 1.0, adapter_name: Optional[str] = None) -> str:
+def load_lora(pipe, path: str | Path, weight: float = 1.0, adapter_name: str | None = None) -> str:
     """Load a LoRA/LoCon/DoRA/LoHa/LoKr file (kohya/LyCORIS or diffusers format) into ``pipe``.
 
     Args:
@@ -178,7 +179,7 @@ def set_lora_weight(pipe, adapter_name: str, weight: float) -> None:
         raise LorafitError(f"no LoRA named {adapter_name!r} is loaded (loaded: {sorted(loaded_loras(pipe)) or 'none'})")
 
 
-def unload_lora(pipe, adapter_name: Optional[str] = None) -> None:
+def unload_lora(pipe, adapter_name: str | None = None) -> None:
     """Remove one loaded file (or all, when ``adapter_name`` is None) and restore the plain modules."""
     names = [adapter_name] if adapter_name else sorted(loaded_loras(pipe))
     if adapter_name and adapter_name not in loaded_loras(pipe):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import ClassVar, Optional, Union
+from typing import ClassVar
 
 import torch
 
@@ -36,7 +36,7 @@ class LoraModuleWeights:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
-    dora_scale: Optional[torch.Tensor] = None
+    dora_scale: torch.Tensor | None = None
 
     REQUIRED: ClassVar[frozenset] = frozenset({"lora_down.weight", "lora_up.weight"})
     OPTIONAL: ClassVar[frozenset] = frozenset({"dora_scale"})
@@ -58,21 +58,23 @@ class LoraModuleWeights:
         return parts
 
     @classmethod
-    def from_parts(cls, parts: dict[str, torch.Tensor], alpha: Optional[float]) -> "LoraModuleWeights":
+    def from_parts(cls, parts: dict[str, torch.Tensor], alpha: float | None) -> LoraModuleWeights:
         down, up, dora_scale = parts["lora_down.weight"], parts["lora_up.weight"], parts.get("dora_scale")
         if dora_scale is not None and tuple(dora_scale.shape) != (up.shape[0],) + (1,) * (up.dim() - 1):
             # A1111 and LyCORIS wd_on_out=False files normalise per *input* channel ([1, in]); PEFT's
             # DoRA (and so lorafit's) normalises per output channel and cannot represent those.
-            raise LorafitError(f"dora_scale {tuple(dora_scale.shape)} is not per output channel "
-                               f"({up.shape[0]}, 1...): input-axis DoRA files are not supported")
+            raise LorafitError(
+                f"dora_scale {tuple(dora_scale.shape)} is not per output channel "
+                f"({up.shape[0]}, 1...): input-axis DoRA files are not supported"
+            )
         # No alpha tensor means alpha = rank (scale 1), as kohya, A1111 and ComfyUI read it.
         return cls(down, up, float(down.shape[0]) if alpha is None else alpha, dora_scale)
 
-    def to(self, dtype: torch.dtype) -> "LoraModuleWeights":
+    def to(self, dtype: torch.dtype) -> LoraModuleWeights:
         scale = None if self.dora_scale is None else self.dora_scale.to(dtype)
         return replace(self, down=self.down.to(dtype), up=self.up.to(dtype), dora_scale=scale)
 
-    def delta_weight(self, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``W' - W`` (float32); DoRA needs the base weight ``W`` for its normalisation."""
         scale = self.alpha / self.rank
         down, up = self.down.float(), self.up.float()
@@ -90,7 +92,7 @@ class LoraModuleWeights:
         return self.dora_scale.float().reshape(norm.shape) * merged / norm - base_weight.float()
 
 
-ModuleWeights = Union[LoraModuleWeights, LohaModuleWeights, LokrModuleWeights]
+ModuleWeights = LoraModuleWeights | LohaModuleWeights | LokrModuleWeights
 LoraWeights = dict[str, dict[str, ModuleWeights]]
 MODULE_TYPES: tuple[type, ...] = (LoraModuleWeights, LohaModuleWeights, LokrModuleWeights)
 
@@ -108,8 +110,10 @@ def module_from_parts(parts: dict[str, torch.Tensor], where: str) -> ModuleWeigh
             missing = module_type.REQUIRED - names
             unknown = names - module_type.REQUIRED - module_type.OPTIONAL
             if missing or unknown:
-                raise LorafitError(f"{where} has parts {sorted(names)}: "
-                                   + (f"missing {sorted(missing)}" if missing else f"unsupported {sorted(unknown)}"))
+                raise LorafitError(
+                    f"{where} has parts {sorted(names)}: "
+                    + (f"missing {sorted(missing)}" if missing else f"unsupported {sorted(unknown)}")
+                )
             try:
                 return module_type.from_parts(parts, alpha)
             except LorafitError as error:
@@ -161,7 +165,7 @@ def alpha_from_config(config: dict, module: str) -> float:
     return float(config.get("lora_alpha", config.get("r", 8)))
 
 
-def delta_weight(module: ModuleWeights, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def delta_weight(module: ModuleWeights, base_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The full update ``W' - W`` of one module (reshaped to the base weight's shape when given)."""
     delta = module.delta_weight(base_weight)
     return delta if base_weight is None else delta.reshape(base_weight.shape)

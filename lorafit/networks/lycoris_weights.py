@@ -18,7 +18,7 @@ A missing ``alpha`` means scale 1 for both kinds, as those apps read it.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -46,18 +46,23 @@ class LohaModuleWeights:
         return {"hada_w1_a": self.w1_a, "hada_w1_b": self.w1_b, "hada_w2_a": self.w2_a, "hada_w2_b": self.w2_b}
 
     @classmethod
-    def from_parts(cls, parts: dict[str, torch.Tensor], alpha: Optional[float]) -> "LohaModuleWeights":
+    def from_parts(cls, parts: dict[str, torch.Tensor], alpha: float | None) -> LohaModuleWeights:
         rank = float(parts["hada_w1_b"].shape[0])
-        return cls(parts["hada_w1_a"], parts["hada_w1_b"], parts["hada_w2_a"], parts["hada_w2_b"],
-                   rank if alpha is None else alpha)
+        return cls(
+            parts["hada_w1_a"],
+            parts["hada_w1_b"],
+            parts["hada_w2_a"],
+            parts["hada_w2_b"],
+            rank if alpha is None else alpha,
+        )
 
-    def to(self, dtype: torch.dtype) -> "LohaModuleWeights":
+    def to(self, dtype: torch.dtype) -> LohaModuleWeights:
         return replace(self, **{name: t.to(dtype) for name, t in self._tensors().items()})
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "alpha"}
 
-    def delta_weight(self, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         w1 = self.w1_a.float() @ self.w1_b.float()
         w2 = self.w2_a.float() @ self.w2_b.float()
         delta = self.alpha / self.rank * w1 * w2
@@ -69,16 +74,18 @@ class LokrModuleWeights:
     """LoKr (LyCORIS ``lokr_*``): a Kronecker product of two (optionally low-rank) factors."""
 
     alpha: float
-    w1: Optional[torch.Tensor] = None
-    w1_a: Optional[torch.Tensor] = None
-    w1_b: Optional[torch.Tensor] = None
-    w2: Optional[torch.Tensor] = None
-    w2_a: Optional[torch.Tensor] = None
-    w2_b: Optional[torch.Tensor] = None
+    w1: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
 
     kind: ClassVar[str] = "lokr"
     REQUIRED: ClassVar[frozenset] = frozenset()  # either factor may be full or factored; checked below
-    OPTIONAL: ClassVar[frozenset] = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"})
+    OPTIONAL: ClassVar[frozenset] = frozenset(
+        {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+    )
     PREFIXES: ClassVar[tuple] = ("lokr_",)  # lokr_t2 (Tucker convs) is not supported
 
     def __post_init__(self):
@@ -91,7 +98,7 @@ class LokrModuleWeights:
                 raise LorafitError(f"LoKr module needs lokr_{factor} or both lokr_{factor}_a and lokr_{factor}_b")
 
     @property
-    def rank(self) -> Optional[int]:
+    def rank(self) -> int | None:
         """The rank that divides alpha, or None when both factors are full (scale 1)."""
         if self.w2_b is not None:
             return int(self.w2_b.shape[0])
@@ -107,19 +114,22 @@ class LokrModuleWeights:
         return {f"lokr_{name}": tensor for name, tensor in self._tensors().items()}
 
     @classmethod
-    def from_parts(cls, parts: dict[str, torch.Tensor], alpha: Optional[float]) -> "LokrModuleWeights":
+    def from_parts(cls, parts: dict[str, torch.Tensor], alpha: float | None) -> LokrModuleWeights:
         tensors = {name.removeprefix("lokr_"): t for name, t in parts.items() if name.startswith("lokr_")}
         module = cls(alpha=1.0, **tensors)
         # No alpha: scale 1, i.e. alpha = rank; with both factors full alpha is not read at all.
         module.alpha = float(module.rank or 1) if alpha is None else alpha
         return module
 
-    def to(self, dtype: torch.dtype) -> "LokrModuleWeights":
+    def to(self, dtype: torch.dtype) -> LokrModuleWeights:
         return replace(self, **{name: t.to(dtype) for name, t in self._tensors().items()})
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "alpha" and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "alpha" and getattr(self, f.name) is not None
+        }
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w1, w2)`` as full matrices (float32); ``w2`` may be 4-D for convolutions."""
@@ -127,7 +137,7 @@ class LokrModuleWeights:
         w2 = self.w2.float() if self.w2 is not None else self.w2_a.float() @ self.w2_b.float()
         return w1, w2
 
-    def delta_weight(self, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         w1, w2 = self.factors()
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]

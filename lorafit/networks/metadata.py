@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 from dataclasses import dataclass, field
-from typing import Optional
 
 from lorafit import __version__
 
@@ -38,15 +37,15 @@ class TrainingInfo:
     resolution: tuple[int, int] = (512, 512)
     steps: int = 0
     epoch: int = 0
-    num_train_images: Optional[int] = None
-    learning_rate: Optional[float] = None
-    text_encoder_lr: Optional[float] = None
-    seed: Optional[int] = None
+    num_train_images: int | None = None
+    learning_rate: float | None = None
+    text_encoder_lr: float | None = None
+    seed: int | None = None
     mixed_precision: str = ""
-    clip_skip: Optional[int] = None
-    max_token_length: Optional[int] = None
+    clip_skip: int | None = None
+    max_token_length: int | None = None
     trains_text_encoder: bool = False
-    tag_frequency: Optional[dict] = None
+    tag_frequency: dict | None = None
     started_at: float = 0.0
     network_args: dict = field(default_factory=dict)
     network_module: str = "networks.lora"  # kohya's for LoRA/LoCon; LyCORIS files say lycoris.kohya
@@ -75,11 +74,15 @@ def kohya_metadata(info: TrainingInfo) -> dict[str, str]:
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": modelspec_architecture(info.family, info.prediction_type),
         # kohya writes SGM for SDXL LoRAs (SGM key names) and "diffusers" for SD1/2 ones.
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if info.family == "sdxl" else "diffusers",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if info.family == "sdxl"
+        else "diffusers",
         "modelspec.title": info.output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
-        "modelspec.date": datetime.datetime.fromtimestamp(int(info.started_at or 0)).isoformat() if info.started_at else "",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(info.started_at or 0)).isoformat()
+        if info.started_at
+        else "",
     }
     optional = {
         "ss_num_train_images": info.num_train_images,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -30,8 +30,13 @@ from lorafit.networks.presets import is_spatial_conv, matches
 NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
 # What kohya/LyCORIS record in ``ss_network_module`` / ``ss_network_args["algo"]`` for each type.
-KOHYA_NETWORK_MODULE = {"lora": "networks.lora", "locon": "networks.lora", "loha": "lycoris.kohya",
-                        "lokr": "lycoris.kohya", "dora": "lycoris.kohya"}
+KOHYA_NETWORK_MODULE = {
+    "lora": "networks.lora",
+    "locon": "networks.lora",
+    "loha": "lycoris.kohya",
+    "lokr": "lycoris.kohya",
+    "dora": "lycoris.kohya",
+}
 LYCORIS_ALGO = {"loha": "loha", "lokr": "lokr", "dora": "lora"}
 
 
@@ -41,9 +46,9 @@ class NetworkSpec:
 
     network_type: NetworkType = "lora"
     rank: int = 16
-    alpha: Optional[float] = None
-    conv_rank: Optional[int] = None
-    conv_alpha: Optional[float] = None
+    alpha: float | None = None
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lokr_factor: int = -1
@@ -58,7 +63,9 @@ class NetworkSpec:
             try:
                 re.compile(pattern)
             except re.error as error:
-                raise LorafitError(f"{key}.rank_pattern/alpha_pattern: {pattern!r} is not a valid regex ({error})")
+                raise LorafitError(
+                    f"{key}.rank_pattern/alpha_pattern: {pattern!r} is not a valid regex ({error})"
+                ) from None
 
     def kohya_network_args(self) -> dict[str, str]:
         """``ss_network_args`` as kohya/LyCORIS write them (strings), for the file's metadata."""

@@ -67,13 +67,18 @@ def read_layer(layer: torch.nn.Module, adapter: str) -> ModuleWeights:
     if isinstance(layer, LoHaLayer):
         if adapter in layer.hada_t1:
             raise LorafitError("LoHa with effective (Tucker) conv2d weights has no kohya/LyCORIS export here")
-        return LohaModuleWeights(*(copy(getattr(layer, f"hada_{n}")[adapter]) for n in ("w1_a", "w1_b", "w2_a", "w2_b")),
-                                 alpha=float(layer.alpha[adapter]))
+        return LohaModuleWeights(
+            *(copy(getattr(layer, f"hada_{n}")[adapter]) for n in ("w1_a", "w1_b", "w2_a", "w2_b")),
+            alpha=float(layer.alpha[adapter]),
+        )
     if isinstance(layer, LoKrLayer):
         if adapter in layer.lokr_t2:
             raise LorafitError("LoKr with effective (Tucker) conv2d weights has no kohya/LyCORIS export here")
-        tensors = {n.removeprefix("lokr_"): copy(getattr(layer, n)[adapter]) for n in _LOKR_PARAMS
-                   if adapter in getattr(layer, n)}
+        tensors = {
+            n.removeprefix("lokr_"): copy(getattr(layer, n)[adapter])
+            for n in _LOKR_PARAMS
+            if adapter in getattr(layer, n)
+        }
         module = LokrModuleWeights(alpha=float(layer.alpha[adapter]), **tensors)
         if module.rank is None:
             # Apps scale a full-by-full LoKr by 1: fold PEFT's alpha / r into w1 (and record alpha = r,
@@ -130,7 +135,9 @@ def from_peft_model(components: dict[str, torch.nn.Module], adapter: str) -> Lor
     """Read ``adapter`` from each live component: ``{component: {module: weights}}``."""
     result: LoraWeights = {}
     for component, model in components.items():
-        modules = {outer_name(name): read_layer(layer, adapter) for name, layer in adapter_layers(model, adapter).items()}
+        modules = {
+            outer_name(name): read_layer(layer, adapter) for name, layer in adapter_layers(model, adapter).items()
+        }
         if modules:
             result[component] = dict(sorted(modules.items()))
     return result
@@ -151,5 +158,6 @@ def injection_config(kind: str, modules: dict[str, ModuleWeights]):
     pattern = {re.escape(name): m.rank for name, m in modules.items() if m.rank != rank}
     if kind == "loha":
         return LoHaConfig(r=rank, alpha=float(rank), target_modules=targets, rank_pattern=pattern)
-    return LoraConfig(r=rank, lora_alpha=float(rank), target_modules=targets, rank_pattern=pattern,
-                      use_dora=kind == "dora")
+    return LoraConfig(
+        r=rank, lora_alpha=float(rank), target_modules=targets, rank_pattern=pattern, use_dora=kind == "dora"
+    )

@@ -20,7 +20,7 @@ pattern matches a module whose full name equals it or ends in ``.`` + it (``ff\\
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import torch
 
@@ -45,13 +45,14 @@ def _check_regexes(patterns: list[str], key: str) -> None:
         try:
             re.compile(pattern)
         except re.error as error:
-            raise LorafitError(f"{key}: {pattern!r} is not a valid regex ({error})")
+            raise LorafitError(f"{key}: {pattern!r} is not a valid regex ({error})") from None
 
 
 def adaptable_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Every Linear/Conv2d of ``model`` by name (never inside an existing PEFT adapter)."""
     return {
-        name: module for name, module in model.named_modules()
+        name: module
+        for name, module in model.named_modules()
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name and ".base_layer" not in name
     }
 
@@ -85,9 +86,9 @@ def preset_modules(unet: torch.nn.Module, preset: TargetPreset, with_conv_blocks
 
 def select_modules(
     model: torch.nn.Module,
-    base: Union[set[str], list[str], str],
-    include: Optional[list[str]] = None,
-    exclude: Optional[list[str]] = None,
+    base: set[str] | list[str] | str,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
     key: str = "model",
 ) -> dict[str, torch.nn.Module]:
     """The Linear/Conv2d modules to adapt: ``base`` (names from a preset, name suffixes, or one full-match
@@ -109,8 +110,10 @@ def select_modules(
     chosen |= {n for n in candidates if any(matches(p, n) for p in include)}
     chosen -= {n for n in chosen if any(matches(p, n) for p in exclude)}
     if not chosen:
-        raise LorafitError(f"{key}: no module of {type(model).__name__} is selected (check the preset, "
-                           f"target modules and include/exclude regexes)")
+        raise LorafitError(
+            f"{key}: no module of {type(model).__name__} is selected (check the preset, "
+            f"target modules and include/exclude regexes)"
+        )
     return {name: candidates[name] for name in sorted(chosen)}
 
 

@@ -17,7 +17,6 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Optional
 
 from lorafit.captioning.caption import replace_caption
 from lorafit.data.kohya_folders import IMAGE_EXTENSIONS, scan_tree
@@ -33,19 +32,19 @@ class RefusedPath(Exception):
         self.status = status
 
 
-def version_of(data: Optional[bytes]) -> str:
+def version_of(data: bytes | None) -> str:
     """The version string of a caption file's bytes (``absent`` when there is no file)."""
     return ABSENT if data is None else hashlib.sha256(data).hexdigest()
 
 
-def _read_bytes(path: Path) -> Optional[bytes]:
+def _read_bytes(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
     except FileNotFoundError:
         return None
 
 
-def as_text(data: Optional[bytes]) -> str:
+def as_text(data: bytes | None) -> str:
     """Caption file bytes as the text box shows them: BOM and trailing newlines dropped."""
     if data is None:
         return ""
@@ -109,12 +108,21 @@ class CaptionStore:
                     continue
                 relative = image.relative_to(root).as_posix()
                 data = _read_bytes(self.sidecar(image))
-                items.append({"id": f"{number}/{relative}", "root": number, "path": relative,
-                              "folder": image.parent.relative_to(root).as_posix(),
-                              "text": as_text(data), "version": version_of(data)})
+                items.append(
+                    {
+                        "id": f"{number}/{relative}",
+                        "root": number,
+                        "path": relative,
+                        "folder": image.parent.relative_to(root).as_posix(),
+                        "text": as_text(data),
+                        "version": version_of(data),
+                    }
+                )
         if outside:
-            notes.append(f"{outside} images reached through symlinks leading outside the dataset folder are not "
-                         "shown; open their own folder with `lorafit review` to edit them")
+            notes.append(
+                f"{outside} images reached through symlinks leading outside the dataset folder are not "
+                "shown; open their own folder with `lorafit review` to edit them"
+            )
         return items, notes
 
     def save(self, image_id: str, text: str, version: str) -> SaveResult:

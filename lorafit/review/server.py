@@ -26,7 +26,6 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 from urllib.parse import parse_qs, urlsplit
 
 from lorafit.captioning.dataset_roots import dataset_roots
@@ -37,8 +36,11 @@ logger = logging.getLogger("lorafit.review")
 
 LOOPBACK = "127.0.0.1"
 # The page's files: a fixed table, so no request path ever reaches the package folder.
-STATIC_FILES = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript"),
-                "/app.css": ("app.css", "text/css")}
+STATIC_FILES = {
+    "/": ("index.html", "text/html"),
+    "/app.js": ("app.js", "text/javascript"),
+    "/app.css": ("app.css", "text/css"),
+}
 MAX_BODY = 16 << 20  # a save of every caption of a large dataset fits; anything larger is not ours
 
 
@@ -80,9 +82,16 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.OK, _static(name), f"{content_type}; charset=utf-8")
         if url.path == "/api/items":
             items, notes = self.server.store.items()
-            return self._json(HTTPStatus.OK, {"items": items, "notes": notes, "caption_ext": self.server.store.caption_ext,
-                                              "roots": [str(r) for r in self.server.store.roots],
-                                              "reminder": self.server.reminder})
+            return self._json(
+                HTTPStatus.OK,
+                {
+                    "items": items,
+                    "notes": notes,
+                    "caption_ext": self.server.store.caption_ext,
+                    "roots": [str(r) for r in self.server.store.roots],
+                    "reminder": self.server.reminder,
+                },
+            )
         if url.path == "/api/image":
             return self._image(parse_qs(url.query).get("id", [""])[0])
         self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page {url.path}"})
@@ -125,7 +134,7 @@ class ReviewServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, store: CaptionStore, port: int = 0, reminder: Optional[str] = None) -> None:
+    def __init__(self, store: CaptionStore, port: int = 0, reminder: str | None = None) -> None:
         self.store = store
         self.reminder = reminder
         super().__init__((LOOPBACK, port), ReviewHandler)
@@ -163,8 +172,9 @@ def review(dir: str, *, caption_ext: str = ".txt", port: int = 0, open_browser: 
     try:
         server = ReviewServer(CaptionStore(roots.roots, caption_ext), port, roots.reminder())
     except OSError as error:
-        raise LorafitError(f"cannot listen on {LOOPBACK}:{port} ({error.strerror}); choose another --port "
-                           "or 0 for a free one") from None
+        raise LorafitError(
+            f"cannot listen on {LOOPBACK}:{port} ({error.strerror}); choose another --port or 0 for a free one"
+        ) from None
     print(f"reviewing captions in {', '.join(str(r) for r in roots.roots)}")
     print(f"open {server.url}  (Ctrl+C stops the server)", flush=True)
     if open_browser:

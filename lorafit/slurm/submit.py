@@ -22,7 +22,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from lorafit.errors import LorafitError
 
@@ -40,19 +39,19 @@ class SubmitOptions:
     nodes: int = 1
     gpus_per_node: int = 1
     cpu: bool = False
-    ntasks_per_node: Optional[int] = None
+    ntasks_per_node: int | None = None
     cpus_per_task: int = 8
     job_name: str = "lorafit"
-    partition: Optional[str] = None
-    time: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    mem: Optional[str] = None
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    mem: str | None = None
     signal_seconds: int = 90
     runs_dir: str = "runs"
     sbatch_options: list[str] = field(default_factory=list)
     fit_args: list[str] = field(default_factory=list)
-    template: Optional[str] = None
+    template: str | None = None
 
     @property
     def tasks_per_node(self) -> int:
@@ -74,21 +73,30 @@ def _check(options: SubmitOptions) -> None:
     if options.ntasks_per_node is not None and options.ntasks_per_node < 1:
         raise LorafitError(f"--ntasks-per-node is {options.ntasks_per_node}; use 1 or more")
     if not options.cpu and options.ntasks_per_node not in (None, options.gpus_per_node):
-        raise LorafitError(f"--ntasks-per-node {options.ntasks_per_node} differs from --gpus-per-node "
-                           f"{options.gpus_per_node}; Lightning's DDP needs one task per GPU")
+        raise LorafitError(
+            f"--ntasks-per-node {options.ntasks_per_node} differs from --gpus-per-node "
+            f"{options.gpus_per_node}; Lightning's DDP needs one task per GPU"
+        )
     if options.time is not None and not _TIME.match(options.time):
         raise LorafitError(f"--time {options.time!r} is not a SLURM time; use e.g. 90, 4:00:00 or 1-12:00:00")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", options.job_name):
-        raise LorafitError(f"--job-name {options.job_name!r}: use letters, digits, '.', '_' and '-' (it names the run dir)")
+        raise LorafitError(
+            f"--job-name {options.job_name!r}: use letters, digits, '.', '_' and '-' (it names the run dir)"
+        )
 
 
 def template_path(options: SubmitOptions) -> Path:
     """The template to render: ``--template``, else single- or multi-node by ``--nodes``."""
-    path = Path(options.template) if options.template else REPO / "slurm" / TEMPLATES[
-        "multi" if options.nodes > 1 else "single"]
+    path = (
+        Path(options.template)
+        if options.template
+        else REPO / "slurm" / TEMPLATES["multi" if options.nodes > 1 else "single"]
+    )
     if not path.is_file():
-        raise LorafitError(f"sbatch template {path} not found; pass --template path/to/slurm/<template>.sbatch "
-                           "(the templates live in the slurm/ folder of the lorafit repository)")
+        raise LorafitError(
+            f"sbatch template {path} not found; pass --template path/to/slurm/<template>.sbatch "
+            "(the templates live in the slurm/ folder of the lorafit repository)"
+        )
     return path
 
 
@@ -129,7 +137,7 @@ def render(options: SubmitOptions) -> str:
     if not directive:
         raise LorafitError(f"{template_path(options)} has no #SBATCH lines to fill in")
     first, last = directive[0], directive[-1]
-    body = "\n".join(lines[last + 1:])
+    body = "\n".join(lines[last + 1 :])
     body = body.replace("${LORAFIT_RUNS:-runs}", f"${{LORAFIT_RUNS:-{options.runs_dir}}}")
     body = body.replace(f"${{LORAFIT_SLURM_OVERLAY:-{OVERLAY}}}", f"${{LORAFIT_SLURM_OVERLAY:-{REPO / OVERLAY}}}")
     return "\n".join([*lines[:first], *sbatch_header(options), body]) + "\n"
@@ -142,7 +150,7 @@ def script_arguments(options: SubmitOptions) -> list[str]:
     return [first, *extra, *options.fit_args]
 
 
-def submit_options(options: SubmitOptions, dry_run: bool = False, sbatch: str = "sbatch") -> Optional[str]:
+def submit_options(options: SubmitOptions, dry_run: bool = False, sbatch: str = "sbatch") -> str | None:
     """Render the script; print it (``dry_run``) or save it under ``<runs>/submit/`` and submit it.
 
     Returns:
@@ -161,12 +169,14 @@ def submit_options(options: SubmitOptions, dry_run: bool = False, sbatch: str = 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = runs / "submit" / f"{options.job_name}-{stamp}.sbatch"
     path.write_text(script)
-    result = subprocess.run([sbatch, "--parsable", str(path), *arguments], capture_output=True, text=True)
+    result = subprocess.run([sbatch, "--parsable", str(path), *arguments], check=False, capture_output=True, text=True)
     if result.returncode:
         raise LorafitError(f"sbatch refused {path}: {' '.join(result.stderr.split())}")
     job = result.stdout.strip().split(";")[0]
-    print(f"submitted job {job}: script {path}, log {runs}/slurm-{options.job_name}-{job}.out, "
-          f"run dir {runs}/{options.job_name}-{job}")
+    print(
+        f"submitted job {job}: script {path}, log {runs}/slurm-{options.job_name}-{job}.out, "
+        f"run dir {runs}/{options.job_name}-{job}"
+    )
     return job
 
 
@@ -174,16 +184,35 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorafit submit",
         description="Render a SLURM sbatch script for `lorafit fit` (slurm/ templates) and submit it. "
-                    "Arguments after `--` go to `lorafit fit`.",
+        "Arguments after `--` go to `lorafit fit`.",
         exit_on_error=False,  # lorafit's main() prints a bad option as one line
     )
     add = parser.add_argument
-    add("--config", action="append", dest="configs", default=[], metavar="YAML",
-        help="lorafit fit config; repeat to compose (later files override earlier ones)")
+    add(
+        "--config",
+        action="append",
+        dest="configs",
+        default=[],
+        metavar="YAML",
+        help="lorafit fit config; repeat to compose (later files override earlier ones)",
+    )
     add("--nodes", type=int, default=1, help="nodes (more than 1 selects the multi-node template)")
-    add("--gpus-per-node", "--gpus_per_node", type=int, default=1, help="GPUs per node = tasks per node = trainer.devices")
-    add("--cpu", action="store_true", help="no GPUs: --ntasks-per-node CPU processes (gloo DDP), e.g. to test a cluster")
-    add("--ntasks-per-node", "--ntasks_per_node", type=int, help="tasks per node; defaults to --gpus-per-node (1 with --cpu)")
+    add(
+        "--gpus-per-node",
+        "--gpus_per_node",
+        type=int,
+        default=1,
+        help="GPUs per node = tasks per node = trainer.devices",
+    )
+    add(
+        "--cpu", action="store_true", help="no GPUs: --ntasks-per-node CPU processes (gloo DDP), e.g. to test a cluster"
+    )
+    add(
+        "--ntasks-per-node",
+        "--ntasks_per_node",
+        type=int,
+        help="tasks per node; defaults to --gpus-per-node (1 with --cpu)",
+    )
     add("--cpus-per-task", "--cpus_per_task", type=int, default=8, help="CPU cores per task (data loading workers)")
     add("--job-name", "--job_name", default="lorafit", help="job name; the run dir is <runs>/<job name>-<job id>")
     add("--partition", help="SLURM partition")
@@ -191,26 +220,38 @@ def _parser() -> argparse.ArgumentParser:
     add("--account", help="SLURM account to charge")
     add("--qos", help="SLURM quality of service")
     add("--mem", help="memory per node, e.g. 64G")
-    add("--signal-seconds", "--signal_seconds", type=int, default=90,
-        help="send SIGUSR1 this many seconds before the time limit: checkpoint and requeue")
+    add(
+        "--signal-seconds",
+        "--signal_seconds",
+        type=int,
+        default=90,
+        help="send SIGUSR1 this many seconds before the time limit: checkpoint and requeue",
+    )
     add("--runs-dir", "--runs_dir", default="runs", help="where run directories and job logs go")
-    add("--sbatch", action="append", dest="sbatch_options", default=[], metavar="OPTION",
-        help="any other sbatch option, e.g. --sbatch=--exclusive --sbatch=--constraint=a100 (repeatable)")
+    add(
+        "--sbatch",
+        action="append",
+        dest="sbatch_options",
+        default=[],
+        metavar="OPTION",
+        help="any other sbatch option, e.g. --sbatch=--exclusive --sbatch=--constraint=a100 (repeatable)",
+    )
     add("--template", help="an sbatch template of your own instead of slurm/train_*_node.sbatch")
     add("--dry-run", "--dry_run", action="store_true", help="print the script and the sbatch command; submit nothing")
     return parser
 
 
-def main(argv: list[str]) -> Optional[str]:
+def main(argv: list[str]) -> str | None:
     """Entry point of ``lorafit submit`` (argv without the verb)."""
     fit_args: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, fit_args = argv[:cut], argv[cut + 1:]
+        argv, fit_args = argv[:cut], argv[cut + 1 :]
     namespace, unknown = _parser().parse_known_args(argv)
     if unknown:
-        raise LorafitError(f"lorafit submit: unknown option(s) {' '.join(unknown)}; "
-                           "put `lorafit fit` arguments after `--`")
+        raise LorafitError(
+            f"lorafit submit: unknown option(s) {' '.join(unknown)}; put `lorafit fit` arguments after `--`"
+        )
     values = vars(namespace)
     dry_run = values.pop("dry_run")
     return submit_options(SubmitOptions(**values, fit_args=fit_args), dry_run=dry_run)

@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Union
 
 from lorafit.errors import LorafitError
 from lorafit.toyworld.world import HELD_OUT_SHAPE, RESOLUTION, TRIGGER, WORLD_SHAPES, render, sample_scene
@@ -29,7 +28,7 @@ WORLD_FOLDER = "1_world"
 
 
 def write_concept_dataset(
-    out: Union[str, Path],
+    out: str | Path,
     num_images: int = 16,
     repeats: int = 20,
     world_images: int = 320,
@@ -90,6 +89,7 @@ def write_concept_dataset(
     for part in staging.iterdir():
         os.replace(part, root / part.name)
     staging.rmdir()
-    logger.info("wrote %d pictures of the held-out concept to %s and %d world pictures", num_images, folder,
-                world_images)
+    logger.info(
+        "wrote %d pictures of the held-out concept to %s and %d world pictures", num_images, folder, world_images
+    )
     return root

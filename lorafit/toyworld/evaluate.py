@@ -14,9 +14,9 @@ batch it is generated in, and two models compare on identical noise.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -93,17 +93,18 @@ def trigger_cases(count: int, seed: int = 0, word: str = TRIGGER) -> list[Case]:
     ]
 
 
-def load_pipeline(model: Union[str, Path] = BASE_DIR):
+def load_pipeline(model: str | Path = BASE_DIR):
     """The toy pipeline (float32 on the CPU, progress bars off), loaded with ``from_pretrained``."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(model), dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def apply_lora(pipe, path: Union[str, Path], strength: float = 1.0) -> None:
+def apply_lora(pipe, path: str | Path, strength: float = 1.0) -> None:
     """Load a lorafit LoRA file (kohya or diffusers format) into ``pipe`` at ``strength``.
 
     Any LoRA loaded earlier by this function is unloaded first, so ``pipe`` holds one at a time.
@@ -123,12 +124,13 @@ def set_lora_strength(pipe, strength: float) -> None:
 
 
 @torch.no_grad()
-def generate(pipe, cases: Sequence[Case], steps: int = STEPS, guidance: float = GUIDANCE,
-             batch_size: int = 64) -> np.ndarray:
+def generate(
+    pipe, cases: Sequence[Case], steps: int = STEPS, guidance: float = GUIDANCE, batch_size: int = 64
+) -> np.ndarray:
     """Pictures for ``cases`` as uint8 ``[N, 32, 32, 3]``, each from its case's own seed."""
     pictures = []
     for start in range(0, len(cases), batch_size):
-        chunk = cases[start:start + batch_size]
+        chunk = cases[start : start + batch_size]
         out = pipe(
             prompt=[c.prompt for c in chunk],
             num_inference_steps=steps,
@@ -142,7 +144,7 @@ def generate(pipe, cases: Sequence[Case], steps: int = STEPS, guidance: float = 
     return np.concatenate(pictures)
 
 
-def judge_pictures(pictures: np.ndarray, cases: Sequence[Case], judge: Optional[Judge] = None) -> Score:
+def judge_pictures(pictures: np.ndarray, cases: Sequence[Case], judge: Judge | None = None) -> Score:
     """Score already generated ``pictures`` against ``cases``."""
     verdicts = (judge or Judge())(pictures)
     n = len(cases)
@@ -161,7 +163,8 @@ def judge_pictures(pictures: np.ndarray, cases: Sequence[Case], judge: Optional[
     )
 
 
-def score(pipe, cases: Sequence[Case], judge: Optional[Judge] = None, steps: int = STEPS,
-          guidance: float = GUIDANCE) -> Score:
+def score(
+    pipe, cases: Sequence[Case], judge: Judge | None = None, steps: int = STEPS, guidance: float = GUIDANCE
+) -> Score:
     """Generate for ``cases`` and score the pictures."""
     return judge_pictures(generate(pipe, cases, steps, guidance), cases, judge)

@@ -17,9 +17,9 @@ base model's habits. Its accuracy on fresh rendered pictures is measured by ``to
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -53,8 +53,12 @@ class JudgeNet(nn.Module):
 
         def stage(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
                 nn.MaxPool2d(2),
             )
 
@@ -73,7 +77,7 @@ class JudgeNet(nn.Module):
 # ---- training examples -------------------------------------------------------------------------
 
 
-def _other_example(rng: random.Random) -> tuple[Image.Image, Optional[str], str]:
+def _other_example(rng: random.Random) -> tuple[Image.Image, str | None, str]:
     """A picture of none of the judge's shapes, with its (colour, background); no colour if empty."""
     colour = rng.choice(COLOUR_NAMES)
     background = rng.choice([c for c in COLOUR_NAMES if c != colour])
@@ -125,7 +129,7 @@ def judge_examples(rng: random.Random, count: int, other_fraction: float = 0.15)
     return to_array(images), np.asarray(labels, dtype=np.int64)
 
 
-def to_pixels(images: Union[np.ndarray, Sequence[Image.Image]]) -> torch.Tensor:
+def to_pixels(images: np.ndarray | Sequence[Image.Image]) -> torch.Tensor:
     """Pictures -> float ``[N, 3, 32, 32]`` in ``[-1, 1]``.
 
     Takes PIL images, uint8 ``[N, H, W, 3]``, or float ``[N, H, W, 3]`` in ``[0, 1]`` (what a
@@ -151,14 +155,18 @@ def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     strength = uniform(0.0, 0.6, 1, 1, 1)
     blurred = F.avg_pool2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     pixels = pixels + strength * (blurred - pixels)
-    pixels = (pixels - pixels.mean((1, 2, 3), keepdim=True)) * uniform(0.8, 1.1, 1, 1, 1) + \
-        pixels.mean((1, 2, 3), keepdim=True) + uniform(-0.1, 0.1, 1, 1, 1)
+    pixels = (
+        (pixels - pixels.mean((1, 2, 3), keepdim=True)) * uniform(0.8, 1.1, 1, 1, 1)
+        + pixels.mean((1, 2, 3), keepdim=True)
+        + uniform(-0.1, 0.1, 1, 1, 1)
+    )
     pixels = pixels + torch.randn(pixels.shape, generator=generator) * uniform(0.0, 0.12, 1, 1, 1)
     return pixels.clamp(-1, 1)
 
 
-def train_judge(steps: int = 3000, batch_size: int = 128, pool_size: int = 40000, seed: int = 0,
-                log_every: int = 250) -> JudgeNet:
+def train_judge(
+    steps: int = 3000, batch_size: int = 128, pool_size: int = 40000, seed: int = 0, log_every: int = 250
+) -> JudgeNet:
     """Train a judge from scratch on rendered pictures (a pool of ``pool_size``, augmented every step)."""
     torch.manual_seed(seed)
     images, labels = judge_examples(random.Random(seed), pool_size)
@@ -176,8 +184,11 @@ def train_judge(steps: int = 3000, batch_size: int = 128, pool_size: int = 40000
         shape, colour, background = net(batch)
         y = targets[index]
         # ignore_index: an empty picture has no shape colour to name.
-        loss = F.cross_entropy(shape, y[:, 0]) + F.cross_entropy(colour, y[:, 1], ignore_index=-1) + \
-            F.cross_entropy(background, y[:, 2])
+        loss = (
+            F.cross_entropy(shape, y[:, 0])
+            + F.cross_entropy(colour, y[:, 1], ignore_index=-1)
+            + F.cross_entropy(background, y[:, 2])
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -203,7 +214,7 @@ class Verdict:
 class Judge:
     """The trained judge, loaded from the file shipped with lorafit."""
 
-    def __init__(self, net: Optional[JudgeNet] = None, path: Union[str, Path] = JUDGE_FILE):
+    def __init__(self, net: JudgeNet | None = None, path: str | Path = JUDGE_FILE):
         if net is None:
             from safetensors.torch import load_file
 
@@ -212,7 +223,7 @@ class Judge:
         self.net = net.eval()
 
     @torch.no_grad()
-    def __call__(self, images: Union[np.ndarray, Sequence[Image.Image]]) -> list[Verdict]:
+    def __call__(self, images: np.ndarray | Sequence[Image.Image]) -> list[Verdict]:
         shape, colour, background = self.net(to_pixels(images))
         probs = shape.softmax(-1)
         return [
@@ -220,14 +231,15 @@ class Judge:
             for s, c, b, p in zip(shape.argmax(-1), colour.argmax(-1), background.argmax(-1), probs)
         ]
 
-    def save(self, path: Union[str, Path] = JUDGE_FILE) -> None:
+    def save(self, path: str | Path = JUDGE_FILE) -> None:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path))
 
 
-def accuracy_on_fresh_pictures(judge: Judge, seed: int = 12345, count: int = 2000,
-                               augmented: bool = False) -> dict[str, float]:
+def accuracy_on_fresh_pictures(
+    judge: Judge, seed: int = 12345, count: int = 2000, augmented: bool = False
+) -> dict[str, float]:
     """The judge's accuracy per head on pictures it never saw (rendered from ``seed``)."""
     images, labels = judge_examples(random.Random(seed), count)
     pixels = to_pixels(images)
@@ -241,4 +253,3 @@ def accuracy_on_fresh_pictures(judge: Judge, seed: int = 12345, count: int = 200
         known = truth >= 0
         result[name] = float((logits.argmax(-1)[known] == truth[known]).float().mean())
     return result
-

@@ -15,6 +15,7 @@ them, but from a fixed word list instead of corpus counts. So:
 
 from __future__ import annotations
 
+import itertools
 import string
 
 from lorafit.toyworld.world import COLOUR_NAMES, HELD_OUT_SHAPE, TRIGGER, WORLD_SHAPES
@@ -54,14 +55,14 @@ def vocabulary_and_merges(words=WORLD_WORDS + RARE_WORDS) -> tuple[dict[str, int
         # never pre-empt a step of an earlier word's derivation: earlier words stay single tokens.
         pieces = [*word[:-1], word[-1] + "</w>"]
         while len(pieces) > 1:
-            pairs = [(rank.get(pair, len(rank)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+            pairs = [(rank.get(pair, len(rank)), i) for i, pair in enumerate(itertools.pairwise(pieces))]
             best, i = min(pairs)
             if best == len(rank):  # no known merge applies
                 pair = (pieces[0], pieces[1])
                 rank[pair] = len(merges)
                 merges.append(pair)
                 i = 0
-            pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+            pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
             add(pieces[i])
     return vocab, merges
 

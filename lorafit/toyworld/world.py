@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -67,7 +67,7 @@ class Scene:
     colour_rgb: tuple[int, int, int]
     background_rgb: tuple[int, int, int]
 
-    def caption(self, shape_word: Optional[str] = None) -> str:
+    def caption(self, shape_word: str | None = None) -> str:
         """ "a red circle on a blue background"; ``shape_word`` replaces the shape's name."""
         return prompt(self.colour, shape_word or self.shape, self.background)
 
@@ -81,8 +81,13 @@ def _jittered(rng: random.Random, rgb: tuple[int, int, int]) -> tuple[int, int, 
     return tuple(min(255, max(0, c + rng.randint(-_JITTER, _JITTER))) for c in rgb)  # type: ignore[return-value]
 
 
-def sample_scene(rng: random.Random, shapes: Sequence[str] = WORLD_SHAPES, colour: Optional[str] = None,
-                 background: Optional[str] = None, resolution: int = RESOLUTION) -> Scene:
+def sample_scene(
+    rng: random.Random,
+    shapes: Sequence[str] = WORLD_SHAPES,
+    colour: str | None = None,
+    background: str | None = None,
+    resolution: int = RESOLUTION,
+) -> Scene:
     """Draw a random scene; ``colour``/``background`` fix those parts (they must differ)."""
     shape = rng.choice(list(shapes))
     colour = colour or rng.choice(COLOUR_NAMES)
@@ -94,8 +99,9 @@ def sample_scene(rng: random.Random, shapes: Sequence[str] = WORLD_SHAPES, colou
     margin = radius * _extent(shape) + 1.0 * scale
     cx = rng.uniform(margin, resolution - margin)
     cy = rng.uniform(margin, resolution - margin)
-    return Scene(shape, colour, background, radius, cx, cy,
-                 _jittered(rng, COLOURS[colour]), _jittered(rng, COLOURS[background]))
+    return Scene(
+        shape, colour, background, radius, cx, cy, _jittered(rng, COLOURS[colour]), _jittered(rng, COLOURS[background])
+    )
 
 
 def _extent(shape: str) -> float:
@@ -113,8 +119,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "star":  # upright five-pointed star
         R = r * 1.2
         return [
-            (cx + (R if k % 2 == 0 else R * _STAR_INNER) * math.cos(math.radians(36 * k - 90)),
-             cy + (R if k % 2 == 0 else R * _STAR_INNER) * math.sin(math.radians(36 * k - 90)))
+            (
+                cx + (R if k % 2 == 0 else R * _STAR_INNER) * math.cos(math.radians(36 * k - 90)),
+                cy + (R if k % 2 == 0 else R * _STAR_INNER) * math.sin(math.radians(36 * k - 90)),
+            )
             for k in range(10)
         ]
     raise ValueError(f"unknown shape {shape!r}")
@@ -128,7 +136,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
 
 
-def render(scene: Scene, resolution: Optional[int] = None) -> Image.Image:
+def render(scene: Scene, resolution: int | None = None) -> Image.Image:
     """The scene as an RGB image (``resolution`` defaults to the size the scene was drawn for)."""
     size = resolution or RESOLUTION
     s = _SUPERSAMPLE

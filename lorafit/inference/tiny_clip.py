@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.models.tiny import build_clip_tokenizer
+from lorafit.families.tiny import build_clip_tokenizer
 
 
 def save_tiny_clip(out: str | Path, seed: int = 0, image_size: int = 32, overwrite: bool = False) -> Path:
@@ -30,14 +30,29 @@ def save_tiny_clip(out: str | Path, seed: int = 0, image_size: int = 32, overwri
         return out
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                  image_size=image_size, patch_size=8)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=image_size,
+        patch_size=8,
+    )
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24))
-    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)
     model.save_pretrained(out)
     return out

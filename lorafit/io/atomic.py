@@ -10,15 +10,16 @@ filesystem: a reader sees the old file or the new one, never half of one.
 This module imports neither torch nor Lightning at import time (torch only inside
 :func:`atomic_torch_save`): ``lorafit caption`` and ``lorafit review`` write caption files through
 it, and importing torch + Lightning would make their first write take seconds. The checkpoint
-plugin, which subclasses a Lightning class, lives in :mod:`lorafit.checkpoint_io`.
+plugin, which subclasses a Lightning class, lives in :mod:`lorafit.training.checkpoint_io`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 
 def temporary_sibling(path: Path) -> Path:
@@ -65,13 +66,3 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename."""
     return _atomic_write(path, lambda handle: handle.write(text.encode()))
-
-
-def __getattr__(name: str):
-    # `lorafit.atomic_io.AtomicCheckpointIO` (its home before lorafit.checkpoint_io) may be named in
-    # configs (trainer.plugins class_path) and code; resolve it on first use, importing Lightning then.
-    if name == "AtomicCheckpointIO":
-        from lorafit.checkpoint_io import AtomicCheckpointIO
-
-        return AtomicCheckpointIO
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

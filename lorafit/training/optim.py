@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 
 from lorafit.errors import LorafitError
 
-log = logging.getLogger("lorafit.optim")
+log = logging.getLogger("lorafit.training.optim")
 
 OptimizerName = Literal["AdamW", "AdamW8bit", "Adafactor", "Prodigy", "Lion", "Lion8bit"]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -46,13 +46,19 @@ def optimizer_class(name: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise LorafitError(f"model.optimizer: {name} needs {module_name.split('.')[0]} ({error}); "
-                           f"install it with `pip install lorafit[{extra}]`")
+        raise LorafitError(
+            f"model.optimizer: {name} needs {module_name.split('.')[0]} ({error}); "
+            f"install it with `pip install lorafit[{extra}]`"
+        ) from None
     return getattr(module, class_name)
 
 
-def optimizer_kwargs(name: str, weight_decay: Optional[float] = None, betas: Optional[tuple[float, float]] = None,
-                     optimizer_args: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def optimizer_kwargs(
+    name: str,
+    weight_decay: float | None = None,
+    betas: tuple[float, float] | None = None,
+    optimizer_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Constructor arguments for optimizer ``name``, checked for the combinations that cannot work.
 
     ``weight_decay``/``betas`` left empty keep the optimizer's own defaults (AdamW 0.01 and
@@ -75,26 +81,31 @@ def optimizer_kwargs(name: str, weight_decay: Optional[float] = None, betas: Opt
     return kwargs
 
 
-def build_optimizer(name: str, param_groups: list[dict], learning_rate: float,
-                    kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, param_groups: list[dict], learning_rate: float, kwargs: dict[str, Any]
+) -> torch.optim.Optimizer:
     """Create optimizer ``name`` over ``param_groups`` (each with its own ``lr`` and ``name``)."""
     cls = optimizer_class(name)
     rates = {group["name"]: group["lr"] for group in param_groups}
     if name == "Prodigy" and len(set(rates.values())) > 1:
         # Prodigy estimates one step size for all groups and raises mid-training on differing ones.
-        raise LorafitError(f"model.optimizer: Prodigy adapts one learning rate for all parts, got {rates}; set "
-                           "unet_lr/text_encoder_lr/text_encoder_2_lr equal (usually 1.0) or leave them empty")
+        raise LorafitError(
+            f"model.optimizer: Prodigy adapts one learning rate for all parts, got {rates}; set "
+            "unet_lr/text_encoder_lr/text_encoder_2_lr equal (usually 1.0) or leave them empty"
+        )
     if name == "Adafactor" and kwargs["relative_step"]:
         # Adafactor then computes its own step size and rejects a manual lr (kohya does the same).
-        log.warning("Adafactor with relative_step=true ignores the learning rates and lr_scheduler; set "
-                    "model.optimizer_args {relative_step: false, scale_parameter: false, warmup_init: false} "
-                    "to use them")
+        log.warning(
+            "Adafactor with relative_step=true ignores the learning rates and lr_scheduler; set "
+            "model.optimizer_args {relative_step: false, scale_parameter: false, warmup_init: false} "
+            "to use them"
+        )
         learning_rate = None
         param_groups = [{k: v for k, v in group.items() if k != "lr"} for group in param_groups]
     try:
         return cls(param_groups, lr=learning_rate, **kwargs)
     except (TypeError, ValueError) as error:
-        raise LorafitError(f"model.optimizer_args: {name} rejected {kwargs} ({error})")
+        raise LorafitError(f"model.optimizer_args: {name} rejected {kwargs} ({error})") from None
 
 
 def describe(name: str, kwargs: dict[str, Any]) -> str:
@@ -121,8 +132,14 @@ def warmup_steps(lr_warmup_steps: float, total_steps: float) -> int:
 _NEEDS_TOTAL = {"linear", "cosine", "cosine_with_restarts", "polynomial"}
 
 
-def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: float, lr_warmup_steps: float = 0,
-                    num_cycles: int = 1, power: float = 1.0) -> Optional[torch.optim.lr_scheduler.LRScheduler]:
+def build_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    total_steps: float,
+    lr_warmup_steps: float = 0,
+    num_cycles: int = 1,
+    power: float = 1.0,
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """diffusers' schedule ``name``, to be stepped once per optimizer step.
 
     ``total_steps`` is the run's optimizer-step count (Lightning's ``estimated_stepping_batches``,
@@ -134,17 +151,23 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: fl
     if uses_relative_step(optimizer):
         return None
     if name in _NEEDS_TOTAL and total_steps == float("inf"):
-        raise LorafitError(f"model.lr_scheduler: {name} needs a known run length; set trainer.max_steps or "
-                           "trainer.max_epochs with a sized dataset")
+        raise LorafitError(
+            f"model.lr_scheduler: {name} needs a known run length; set trainer.max_steps or "
+            "trainer.max_epochs with a sized dataset"
+        )
     warmup = warmup_steps(lr_warmup_steps, total_steps)
     if name == "constant" and warmup:
-        raise LorafitError("model.lr_warmup_steps: the constant scheduler has no warmup; use "
-                           "lr_scheduler: constant_with_warmup")
+        raise LorafitError(
+            "model.lr_warmup_steps: the constant scheduler has no warmup; use lr_scheduler: constant_with_warmup"
+        )
     total = None if total_steps == float("inf") else int(total_steps)
     if name in _NEEDS_TOTAL and warmup >= total:
-        raise LorafitError(f"model.lr_warmup_steps: warmup ({warmup} steps) must be shorter than the run ({total} steps)")
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=num_cycles,
-                         power=power)
+        raise LorafitError(
+            f"model.lr_warmup_steps: warmup ({warmup} steps) must be shorter than the run ({total} steps)"
+        )
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=num_cycles, power=power
+    )
 
 
 def effective_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -160,8 +183,10 @@ def effective_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, floa
         if group.get("relative_step"):
             first = group["params"][0]
             # Adafactor.step increments the step count and measures the weight's RMS before _get_lr.
-            upcoming = {"step": optimizer.state.get(first, {}).get("step", 0) + 1,
-                        "RMS": float(optimizer._rms(first.detach().float()))}
+            upcoming = {
+                "step": optimizer.state.get(first, {}).get("step", 0) + 1,
+                "RMS": float(optimizer._rms(first.detach().float())),
+            }
             rates[name] = float(optimizer._get_lr(group, upcoming))
         elif "d" in group:  # Prodigy
             rates[name] = float(group["d"] * group["lr"])

@@ -1,7 +1,7 @@
 """What to do when training meets a NaN/Inf: detect it without stalling the GPU, say where in one line.
 
 A diverged run must not overwrite the last good LoRA file. After every step the loss and the norm
-of the trainable weights go to the host through :class:`lorafit.host_readback.HostReadback` and
+of the trainable weights go to the host through :class:`lorafit.distributed.host_readback.HostReadback` and
 are checked one step later, so the check costs no host sync (a NaN weight makes the next loss NaN
 anyway). Before anything is written (LoRA export, checkpoint) and at the end of each epoch the
 check waits for the latest values, so no file ever holds a non-finite weight, and the error names
@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
 
 import torch
 
+from lorafit.distributed.host_readback import HostReadback
 from lorafit.errors import LorafitError
-from lorafit.host_readback import HostReadback
 
 log = logging.getLogger("lorafit.train")
 
-LIKELY_CAUSES = ("Likely causes: a learning rate too high for the optimizer (model.learning_rate/unet_lr/"
-                 "text_encoder_lr), fp16 overflow (use trainer.precision: bf16-mixed; keep model.vae_dtype: "
-                 "float32 with fp16), or a broken image in the batch")
+LIKELY_CAUSES = (
+    "Likely causes: a learning rate too high for the optimizer (model.learning_rate/unet_lr/"
+    "text_encoder_lr), fp16 overflow (use trainer.precision: bf16-mixed; keep model.vae_dtype: "
+    "float32 with fp16), or a broken image in the batch"
+)
 
 
 class NonFiniteLossError(LorafitError):
@@ -46,7 +47,7 @@ def trainable_weights_finite(module: torch.nn.Module) -> bool:
     return bool(torch.isfinite(trainable_weights_norm(module)))
 
 
-def batch_position(step: int, epoch: int, batch_idx: Optional[int] = None, batch: Optional[dict] = None) -> str:
+def batch_position(step: int, epoch: int, batch_idx: int | None = None, batch: dict | None = None) -> str:
     """``step 12 (epoch 1, batch 3, samples: a.png, b.png +2 more)``: where in training, which images."""
     if batch is None:
         return f"step {step} (epoch {epoch})"
@@ -56,20 +57,23 @@ def batch_position(step: int, epoch: int, batch_idx: Optional[int] = None, batch
 
 
 def nonfinite_loss_error(loss: float, where: str) -> NonFiniteLossError:
-    return NonFiniteLossError(f"loss is {loss} at {where}; stopped before any export of it. {LIKELY_CAUSES}; "
-                              "model.nonfinite_loss: skip drops such batches instead")
+    return NonFiniteLossError(
+        f"loss is {loss} at {where}; stopped before any export of it. {LIKELY_CAUSES}; "
+        "model.nonfinite_loss: skip drops such batches instead"
+    )
 
 
 def nonfinite_weights_error(where: str) -> NonFiniteLossError:
-    return NonFiniteLossError(f"LoRA weights became NaN/Inf after {where}; stopped, nothing from it was exported. "
-                              f"{LIKELY_CAUSES}")
+    return NonFiniteLossError(
+        f"LoRA weights became NaN/Inf after {where}; stopped, nothing from it was exported. {LIKELY_CAUSES}"
+    )
 
 
 class NonfiniteGuard:
     """The training module's NaN/Inf handling (a mixin of LoraDiffusionModule): ``model.nonfinite_loss``
     stops or skips on a bad loss; a bad weight after a step always stops (see module docstring)."""
 
-    _pending_loss: Optional[tuple[torch.Tensor, str]] = None
+    _pending_loss: tuple[torch.Tensor, str] | None = None
 
     @property
     def _readback(self) -> HostReadback:
@@ -77,7 +81,7 @@ class NonfiniteGuard:
             self.__dict__["_nonfinite_readback"] = HostReadback()
         return self.__dict__["_nonfinite_readback"]
 
-    def _position(self, batch: Optional[dict] = None, batch_idx: Optional[int] = None) -> str:
+    def _position(self, batch: dict | None = None, batch_idx: int | None = None) -> str:
         return batch_position(self.global_step, self.current_epoch, batch_idx, batch)
 
     def _watch_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> bool:
@@ -88,13 +92,22 @@ class NonfiniteGuard:
             return True
         self._pending_loss = None
         self.skipped_nonfinite += 1
-        log.warning("skipped a batch with loss %s at %s; %d skipped so far", loss.item(),
-                    self._position(batch, batch_idx), self.skipped_nonfinite)
-        self.log("loss/skipped_nonfinite", torch.tensor(float(self.skipped_nonfinite)), on_step=True,
-                 on_epoch=False, batch_size=len(batch["captions"]))
+        log.warning(
+            "skipped a batch with loss %s at %s; %d skipped so far",
+            loss.item(),
+            self._position(batch, batch_idx),
+            self.skipped_nonfinite,
+        )
+        self.log(
+            "loss/skipped_nonfinite",
+            torch.tensor(float(self.skipped_nonfinite)),
+            on_step=True,
+            on_epoch=False,
+            batch_size=len(batch["captions"]),
+        )
         return False  # training_step then returns None: Lightning skips backward and the optimizer step
 
-    def _queue_checks(self, batch: Optional[dict] = None, batch_idx: Optional[int] = None) -> None:
+    def _queue_checks(self, batch: dict | None = None, batch_idx: int | None = None) -> None:
         """Send this step's loss and the weights' norm to the host (no wait)."""
         norm = trainable_weights_norm(self).float()
         # No loss this step (a skipped batch, or a check outside a step): a placeholder, not checked.
@@ -102,7 +115,7 @@ class NonfiniteGuard:
         self._pending_loss = None
         self._readback.push(torch.stack([loss, norm]), (loss_position, self._position(batch, batch_idx)))
 
-    def _raise_on_nonfinite(self, keep: int) -> Optional[float]:
+    def _raise_on_nonfinite(self, keep: int) -> float | None:
         """Check every queued step but the newest ``keep``; returns the newest checked loss."""
         newest = None
         for (loss, norm), (loss_position, weights_position) in self._readback.collect(keep):
@@ -122,13 +135,20 @@ class NonfiniteGuard:
         self._queue_checks(batch, batch_idx)
         previous_loss = self._raise_on_nonfinite(keep=1)
         if previous_loss is not None:
-            self.log("loss", torch.tensor(previous_loss), prog_bar=True, logger=False, on_step=True,
-                     on_epoch=False, batch_size=len(batch["captions"]))
+            self.log(
+                "loss",
+                torch.tensor(previous_loss),
+                prog_bar=True,
+                logger=False,
+                on_step=True,
+                on_epoch=False,
+                batch_size=len(batch["captions"]),
+            )
 
     def on_train_epoch_end(self) -> None:
         self.ensure_finite()
 
-    def ensure_finite(self, batch: Optional[dict] = None, batch_idx: Optional[int] = None) -> None:
+    def ensure_finite(self, batch: dict | None = None, batch_idx: int | None = None) -> None:
         """Wait for every check up to now (before a file is written): raise NonFiniteLossError on NaN/Inf."""
         self._queue_checks(batch, batch_idx)
         self._raise_on_nonfinite(keep=0)

@@ -1,6 +1,6 @@
 """What a lorafit checkpoint holds: the adapter weights only, and what exact resume needs.
 
-A mixin of :class:`lorafit.module.LoraDiffusionModule`. The frozen base (gigabytes) is never
+A mixin of :class:`lorafit.training.module.LoraDiffusionModule`. The frozen base (gigabytes) is never
 written: the checkpoint names its model in the hyperparameters and holds the LoRA weights, the
 optimizer and scheduler state (Lightning's part), the noise seed, the start time, the count of
 skipped non-finite batches and every rank's global RNG state.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from lorafit.errors import LorafitError
 from lorafit.networks.adapters import ADAPTER_NAME
-from lorafit.resume_settings import prepare_resume
-from lorafit.rng_state import gather_rng_states, restore_rng_states
+from lorafit.training.resume_settings import prepare_resume
+from lorafit.training.rng_state import gather_rng_states, restore_rng_states
 
 
 class LoraCheckpointState:
@@ -23,8 +23,13 @@ class LoraCheckpointState:
         # export exactly what the uninterrupted one would, whatever the seed it starts with.
         adapter = {name for name, p in self.named_parameters() if p.requires_grad or f".{ADAPTER_NAME}" in name}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in adapter}
-        checkpoint["lorafit"] = {"noise_seed": self.noise_seed, "started_at": self.started_at, "family": self.family,
-                                 "skipped_nonfinite": self.skipped_nonfinite, "rng_states": gather_rng_states()}
+        checkpoint["lorafit"] = {
+            "noise_seed": self.noise_seed,
+            "started_at": self.started_at,
+            "family": self.family,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "rng_states": gather_rng_states(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         prepare_resume(checkpoint, self)  # refuses a changed network, applies the config's learning rates

@@ -1,6 +1,6 @@
 """The denoising step of LoRA training: encode, noise, predict, weighted regression onto the target.
 
-A mixin of :class:`lorafit.module.LoraDiffusionModule`, which holds the parts it reads (``vae``,
+A mixin of :class:`lorafit.training.module.LoraDiffusionModule`, which holds the parts it reads (``vae``,
 ``unet``, ``text_encoders``, ``base``, ``noise_scheduler``, ``hparams``); kept apart so the step
 reads like the paper while module.py holds the Lightning wiring (configuration, optimizers,
 checkpoints).
@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Optional
 
 import torch
 
-from lorafit import losses
 from lorafit.errors import LorafitError
-from lorafit.models.conditioning import (
+from lorafit.families.clip_text import (
     TextConditioning,
     caption_chunks,
     encode_tokens,
@@ -27,6 +25,7 @@ from lorafit.models.conditioning import (
     sdxl_time_ids,
     tokenize,
 )
+from lorafit.training import losses
 
 log = logging.getLogger("lorafit.train")
 
@@ -51,11 +50,11 @@ def _global_shape(batch: dict, shape: torch.Size) -> tuple[int, ...]:
     return (int(batch["global_size"]), *shape[1:])
 
 
-def _tokens(max_token_length: Optional[int]) -> str:
+def _tokens(max_token_length: int | None) -> str:
     return str(max_token_length) if max_token_length else "empty (75 tokens)"
 
 
-def _recache(max_token_length: Optional[int]) -> str:
+def _recache(max_token_length: int | None) -> str:
     if max_token_length:
         return f"run `lorafit cache ... --text_embeddings true --max_token_length {max_token_length}` again"
     return "run `lorafit cache ... --text_embeddings true` again without --max_token_length"
@@ -74,8 +73,10 @@ class DenoisingStep:
         """Text embeddings for ``batch``: cached ones when the batch carries them, else encoded now."""
         if "prompt_embeds" in batch:  # from `lorafit cache` (frozen text encoders only)
             if self.hparams.train_text_encoder:
-                raise LorafitError("data.shards hold cached text embeddings, but model.train_text_encoder is true; "
-                                   "cache latents only (lorafit cache without --text_embeddings)")
+                raise LorafitError(
+                    "data.shards hold cached text embeddings, but model.train_text_encoder is true; "
+                    "cache latents only (lorafit cache without --text_embeddings)"
+                )
             # Also checked from the shards' metadata at fit start (check_cache); this catches
             # cached validation shards and `lorafit validate`, which that check does not see. (The
             # benchmark's random-weight models have no tokenizer: their embeddings are synthetic.)
@@ -84,15 +85,17 @@ class DenoisingStep:
                 raise LorafitError(
                     f"the data's cached text embeddings have {batch['prompt_embeds'].shape[1]} token positions, but "
                     f"model.max_token_length {_tokens(self.hparams.max_token_length)} needs {length}; "
-                    f"{_recache(self.hparams.max_token_length)}")
+                    f"{_recache(self.hparams.max_token_length)}"
+                )
             pooled = batch.get("pooled_prompt_embeds")
-            return TextConditioning(batch["prompt_embeds"].to(self.device),
-                                    None if pooled is None else pooled.to(self.device))
+            return TextConditioning(
+                batch["prompt_embeds"].to(self.device), None if pooled is None else pooled.to(self.device)
+            )
         ids = tokenize(self.base.tokenizers, batch["captions"], self.device, self.hparams.max_token_length)
         with torch.set_grad_enabled(bool(self.trained_text_encoders()) and self.training):
             return encode_tokens(self.family, list(self.text_encoders), ids, self.hparams.clip_skip)
 
-    def check_cache(self, cached: Optional[dict]) -> None:
+    def check_cache(self, cached: dict | None) -> None:
         """Refuse cached shards that differ from what this model would encode from the images and captions.
 
         ``cached`` is the training shards' ``cached`` section (dataset.json of `lorafit cache`), None
@@ -103,11 +106,17 @@ class DenoisingStep:
             return
         hp = self.hparams
         if cached.get("family") != self.family:
-            raise LorafitError(f"data.shards hold latents cached with a {cached.get('family')} model "
-                               f"({cached.get('model')}); this model is {self.family}: run `lorafit cache` with it")
+            raise LorafitError(
+                f"data.shards hold latents cached with a {cached.get('family')} model "
+                f"({cached.get('model')}); this model is {self.family}: run `lorafit cache` with it"
+            )
         if cached.get("model") != hp.model:
-            log.warning("cached latents were made with %s; training %s (same family %s): fine if they share a VAE",
-                        cached.get("model"), hp.model, self.family)
+            log.warning(
+                "cached latents were made with %s; training %s (same family %s): fine if they share a VAE",
+                cached.get("model"),
+                hp.model,
+                self.family,
+            )
         if not cached.get("text_embeddings"):
             return
         tokenizer = self.base.tokenizers[0]
@@ -117,12 +126,14 @@ class DenoisingStep:
             raise LorafitError(
                 f"data.shards hold text embeddings cached with max_token_length {made or '75 (none given)'}, but "
                 f"model.max_token_length is {_tokens(hp.max_token_length)}; {_recache(hp.max_token_length)}, "
-                + (f"or set model.max_token_length: {made}" if made else "or leave model.max_token_length empty"))
+                + (f"or set model.max_token_length: {made}" if made else "or leave model.max_token_length empty")
+            )
         if self.family != "sdxl" and cached.get("clip_skip", 1) != hp.clip_skip:
             raise LorafitError(
                 f"data.shards hold text embeddings cached with clip_skip {cached.get('clip_skip', 1)}, but "
                 f"model.clip_skip is {hp.clip_skip}; run `lorafit cache ... --text_embeddings true --clip_skip "
-                f"{hp.clip_skip}` again, or set model.clip_skip: {cached.get('clip_skip', 1)}")
+                f"{hp.clip_skip}` again, or set model.clip_skip: {cached.get('clip_skip', 1)}"
+            )
 
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Scaled VAE latents of ``batch``, sampled from the posterior with ``generator``.
@@ -140,17 +151,27 @@ class DenoisingStep:
             else:
                 posterior = self.vae.encode(batch["pixel_values"].to(self.device, self.vae.dtype)).latent_dist
             if "global_rows" in batch:  # this rank's rows of the global batch's draw
-                eps = torch.randn(_global_shape(batch, posterior.mean.shape), generator=generator,
-                                  device=posterior.mean.device, dtype=posterior.mean.dtype)
+                eps = torch.randn(
+                    _global_shape(batch, posterior.mean.shape),
+                    generator=generator,
+                    device=posterior.mean.device,
+                    dtype=posterior.mean.dtype,
+                )
                 latents = posterior.mean + posterior.std * eps[batch["global_rows"].to(eps.device)]
             else:
                 latents = posterior.sample(generator=generator)
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             return ((latents - shift) * self.vae.config.scaling_factor).float()
 
-    def noised(self, latents: torch.Tensor, generator: torch.Generator, timesteps: Optional[torch.Tensor] = None,
-               noise: Optional[torch.Tensor] = None, global_rows: Optional[torch.Tensor] = None,
-               global_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def noised(
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        global_rows: torch.Tensor | None = None,
+        global_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, noisy latents, timesteps): the forward process with the recipe's noise options.
 
         Drawn noise gets the offset and pyramid options and the noisy input gets input perturbation;
@@ -181,22 +202,32 @@ class DenoisingStep:
             return self.noise_scheduler.get_velocity(latents, noise, timesteps)
         return noise
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: dict) -> torch.Tensor:
+    def predict(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, batch: dict
+    ) -> torch.Tensor:
         """The UNet's output on ``noisy`` latents, with SDXL's size/crop micro-conditioning."""
         added = None
         if self.family == "sdxl":
             # Pixel size of the training image = latent size times the VAE's downscale factor.
             scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
             target_size = (noisy.shape[-2] * scale, noisy.shape[-1] * scale)
-            time_ids = sdxl_time_ids(batch["original_size"].to(self.device), batch["crop_top_left"].to(self.device),
-                                     target_size)
+            time_ids = sdxl_time_ids(
+                batch["original_size"].to(self.device), batch["crop_top_left"].to(self.device), target_size
+            )
             added = {"text_embeds": text.pooled, "time_ids": time_ids}
         unet_dtype = self.unet.dtype
-        return self.unet(noisy.to(unet_dtype), timesteps, text.hidden_states.to(unet_dtype),
-                         added_cond_kwargs=added).sample
+        return self.unet(
+            noisy.to(unet_dtype), timesteps, text.hidden_states.to(unet_dtype), added_cond_kwargs=added
+        ).sample
 
-    def weighted_loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                      is_reg: Optional[torch.Tensor] = None, share: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def weighted_loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        timesteps: torch.Tensor,
+        is_reg: torch.Tensor | None = None,
+        share: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-sample loss, weighted by prior-loss, min-SNR and debiased weights, averaged over the batch.
 
         ``share`` weighs a rank's rows of a global batch (see lorafit.data.stream.global_share).
@@ -205,8 +236,14 @@ class DenoisingStep:
         alphas_cumprod = self.noise_scheduler.alphas_cumprod
         huber_c = None
         if hp.loss_type in ("huber", "smooth_l1"):
-            huber_c = losses.huber_threshold(timesteps, hp.huber_schedule, hp.huber_c, hp.huber_scale, alphas_cumprod,
-                                             self.noise_scheduler.config.num_train_timesteps)
+            huber_c = losses.huber_threshold(
+                timesteps,
+                hp.huber_schedule,
+                hp.huber_c,
+                hp.huber_scale,
+                alphas_cumprod,
+                self.noise_scheduler.config.num_train_timesteps,
+            )
         per_sample = losses.per_sample_loss(prediction, target, hp.loss_type, huber_c)
         snr = losses.signal_to_noise(alphas_cumprod, timesteps)
         prediction_type = self.base.prediction_type
@@ -218,8 +255,13 @@ class DenoisingStep:
             share,
         )
 
-    def denoising_loss(self, batch: dict, generator: torch.Generator,
-                       timesteps: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def denoising_loss(
+        self,
+        batch: dict,
+        generator: torch.Generator,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The training loss on ``batch``: encode, noise, predict, weighted loss against the family's target.
 
         ``timesteps``/``noise`` may be fixed by the caller (evaluation at fixed points); otherwise
@@ -231,11 +273,17 @@ class DenoisingStep:
         (cached); it may carry cached ``prompt_embeds``/``pooled_prompt_embeds``.
         """
         latents = self.latents(batch, generator)
-        noise, noisy, timesteps = self.noised(latents, generator, timesteps, noise, batch.get("global_rows"),
-                                              batch.get("global_size"))
+        noise, noisy, timesteps = self.noised(
+            latents, generator, timesteps, noise, batch.get("global_rows"), batch.get("global_size")
+        )
         prediction = self.predict(noisy, timesteps, self.text_conditioning(batch), batch)
-        return self.weighted_loss(prediction, self.target(latents, noise, timesteps), timesteps, batch.get("is_reg"),
-                                  batch.get("global_weights"))
+        return self.weighted_loss(
+            prediction,
+            self.target(latents, noise, timesteps),
+            timesteps,
+            batch.get("is_reg"),
+            batch.get("global_weights"),
+        )
 
     def _latent_shape(self, batch: dict) -> tuple[int, ...]:
         if "latent_moments" in batch:  # mean and log-variance stacked on channels

@@ -10,12 +10,12 @@ kernels and needs no barrier: every rank calls it at the same point of the same 
 from __future__ import annotations
 
 import contextlib
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from lorafit.host_readback import HostReadback
+from lorafit.distributed.host_readback import HostReadback
 
 
 def all_reduce_in_place(tensor: torch.Tensor, op: Literal["sum", "mean"]) -> torch.Tensor:
@@ -43,7 +43,7 @@ class DeferredSigtermCheck:
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self.flag: Optional[torch.Tensor] = None
+        self.flag: torch.Tensor | None = None
         self.broadcasts = HostReadback()
 
     def __call__(self) -> None:

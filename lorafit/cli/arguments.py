@@ -1,4 +1,6 @@
-"""Repeatable list flags for the tool verbs: ``--lora a:0.8 --lora b --seed 1 --seed 2``.
+"""Command-line spellings users type, rewritten before jsonargparse reads them.
+
+Repeatable list flags for the tool verbs: ``--lora a:0.8 --lora b --seed 1 --seed 2``.
 
 jsonargparse reads a list argument from one value (``--seed [1,2]``) or appends with ``--seed+ 3``
 (onto the default, so ``--seed+ 3`` with default ``[0]`` gives ``[0, 3]``); given twice, a plain
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import types
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 
@@ -22,7 +26,7 @@ def _element_type(annotation: Any) -> Any:
     if typing.get_origin(annotation) is list:
         args = typing.get_args(annotation)
         return args[0] if args else str
-    if typing.get_origin(annotation) is typing.Union:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # Optional[...] and X | None
         for arg in typing.get_args(annotation):
             found = _element_type(arg)
             if found is not None:
@@ -69,3 +73,34 @@ def gather_repeated_flags(function: Callable, argv: list[str]) -> list[str]:
     for flag, values in gathered.items():
         rest += [flag, json.dumps(values)]
     return rest
+
+
+# Verbs whose first argument takes several values as bare words (`lorafit prepare a b --out x`).
+VARIADIC_FIRST = {"prepare"}
+
+
+def gather_leading_positionals(argv: list[str]) -> list[str]:
+    """Turn leading bare words into one JSON list, which jsonargparse reads for a list argument.
+
+    jsonargparse gives a list-typed positional exactly one token; a shell user types several.
+    """
+    count = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
+    if count < 2:
+        return argv
+    return [json.dumps(argv[:count]), *argv[count:]]
+
+
+def underscore_flags(function, argv: list[str]) -> list[str]:
+    """Accept ``--caption-ext`` for ``--caption_ext``: options are parameter names (kohya spells them
+    with underscores too), but many users and issue texts type dashes; only real parameter names
+    are rewritten, so a dashed value is never touched."""
+    import inspect
+
+    names = set(inspect.signature(function).parameters)
+    rewritten = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        if flag.startswith("--") and "-" in flag[2:] and flag[2:].rstrip("+").replace("-", "_") in names:
+            arg = "--" + flag[2:].replace("-", "_") + equals + value
+        rewritten.append(arg)
+    return rewritten

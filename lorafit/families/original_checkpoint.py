@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.models.original_layout import unet_module_to_original
+from lorafit.families.original_layout import unet_module_to_original
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -10,7 +10,7 @@ per-sample loss -> weights (prior, min-SNR, debiased) -> mean.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,9 @@ def _strength(value: float, random_strength: bool, generator: torch.Generator, d
     return torch.rand(1, generator=generator, device=device) * value
 
 
-def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator,
-                 random_strength: bool = False) -> torch.Tensor:
+def offset_noise(
+    noise: torch.Tensor, offset: float, generator: torch.Generator, random_strength: bool = False
+) -> torch.Tensor:
     """Add a per-sample, per-channel constant to the noise (kohya's ``noise_offset``).
 
     Lets the model shift a whole image's brightness, so it can learn very dark or bright images.
@@ -55,16 +56,17 @@ def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: i
     result = noise
     for level in range(iterations):  # level 0 adds one more full-size draw, as in kohya
         factor = torch.rand(1, generator=factors).item() * 2 + 2
-        h, w = max(1, int(height / factor ** level)), max(1, int(width / factor ** level))
+        h, w = max(1, int(height / factor**level)), max(1, int(width / factor**level))
         coarse = torch.randn((batch, channels, h, w), generator=generator, device=noise.device)
-        result = result + F.interpolate(coarse, size=(height, width), mode="bilinear") * discount ** level
+        result = result + F.interpolate(coarse, size=(height, width), mode="bilinear") * discount**level
         if h == 1 or w == 1:
             break
     return result / result.std()
 
 
-def perturbed_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator,
-                    random_strength: bool = False) -> torch.Tensor:
+def perturbed_noise(
+    noise: torch.Tensor, gamma: float, generator: torch.Generator, random_strength: bool = False
+) -> torch.Tensor:
     """Input perturbation (kohya's ``ip_noise_gamma``): the noise *put into* the latents.
 
     The target stays the unperturbed noise; that mismatch is the regularizer (Ning et al. 2023).
@@ -75,8 +77,9 @@ def perturbed_noise(noise: torch.Tensor, gamma: float, generator: torch.Generato
     return noise + strength * torch.randn(noise.shape, generator=generator, device=noise.device)
 
 
-def sample_timesteps(batch_size: int, generator: torch.Generator, min_timestep: int, max_timestep: int,
-                     device=None) -> torch.Tensor:
+def sample_timesteps(
+    batch_size: int, generator: torch.Generator, min_timestep: int, max_timestep: int, device=None
+) -> torch.Tensor:
     """Uniform integer timesteps in ``[min_timestep, max_timestep)`` (kohya's ``min/max_timestep``)."""
     return torch.randint(min_timestep, max_timestep, (batch_size,), generator=generator, device=device)
 
@@ -111,8 +114,7 @@ def debiased_weight(snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
     return 1 / torch.sqrt(snr)
 
 
-def prior_weights(is_reg: Optional[torch.Tensor], batch_size: int, prior_loss_weight: float,
-                  device=None) -> torch.Tensor:
+def prior_weights(is_reg: torch.Tensor | None, batch_size: int, prior_loss_weight: float, device=None) -> torch.Tensor:
     """Per-sample weight: ``prior_loss_weight`` for regularization samples, 1 otherwise."""
     weights = torch.ones(batch_size, device=device)
     if is_reg is None:
@@ -120,8 +122,14 @@ def prior_weights(is_reg: Optional[torch.Tensor], batch_size: int, prior_loss_we
     return torch.where(is_reg.to(device=device, dtype=torch.bool), torch.full_like(weights, prior_loss_weight), weights)
 
 
-def huber_threshold(timesteps: torch.Tensor, schedule: HuberSchedule, huber_c: float, huber_scale: float,
-                    alphas_cumprod: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+def huber_threshold(
+    timesteps: torch.Tensor,
+    schedule: HuberSchedule,
+    huber_c: float,
+    huber_scale: float,
+    alphas_cumprod: torch.Tensor,
+    num_train_timesteps: int,
+) -> torch.Tensor:
     """kohya's per-sample Huber ``c`` for ``huber``/``smooth_l1`` losses.
 
     constant: ``c * scale``; exponential: ``exp(-a t) * scale`` with ``a = -ln(c) / T`` (``1`` at t=0,
@@ -139,8 +147,9 @@ def huber_threshold(timesteps: torch.Tensor, schedule: HuberSchedule, huber_c: f
     return (1 - huber_c) / (1 + sigma) ** 2 + huber_c
 
 
-def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: LossType = "l2",
-                    huber_c: Optional[torch.Tensor] = None) -> torch.Tensor:
+def per_sample_loss(
+    prediction: torch.Tensor, target: torch.Tensor, loss_type: LossType = "l2", huber_c: torch.Tensor | None = None
+) -> torch.Tensor:
     """Loss per sample ([B]): the elementwise loss averaged over every other dimension.
 
     huber: ``2 c (sqrt(d^2 + c^2) - c)`` (pseudo-Huber, ~``d^2`` for small d, ~``2c|d|`` for large);
@@ -155,14 +164,14 @@ def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: L
         if huber_c is None:
             raise ValueError(f"loss_type {loss_type} needs huber_c")
         c = huber_c.float().view(-1, *([1] * (prediction.dim() - 1)))
-        root = torch.sqrt((prediction - target) ** 2 + c ** 2) - c
+        root = torch.sqrt((prediction - target) ** 2 + c**2) - c
         elementwise = 2 * c * root if loss_type == "huber" else 2 * root
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     return elementwise.mean(dim=tuple(range(1, elementwise.dim())))
 
 
-def weighted_mean(per_sample: torch.Tensor, *weights: Optional[torch.Tensor]) -> torch.Tensor:
+def weighted_mean(per_sample: torch.Tensor, *weights: torch.Tensor | None) -> torch.Tensor:
     """``mean(loss_i * w1_i * w2_i ...)`` over the batch; ``None`` weights are skipped."""
     for weight in weights:
         if weight is not None:

@@ -1,18 +1,18 @@
-"""The checkpoint plugin that writes local checkpoints atomically (see :mod:`lorafit.atomic_io`).
+"""The checkpoint plugin that writes local checkpoints atomically (see :mod:`lorafit.io.atomic`).
 
-Kept apart from ``atomic_io`` because it subclasses Lightning's ``TorchCheckpointIO``: importing it
-imports torch and Lightning, which the caption tools that use ``atomic_io`` must not pay for.
+Kept apart from :mod:`lorafit.io.atomic` because it subclasses Lightning's ``TorchCheckpointIO``: importing it
+imports torch and Lightning, which the caption tools that use it must not pay for.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lorafit.atomic_io import atomic_torch_save
+from lorafit.io.atomic import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -22,7 +22,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     plugin unless the config names another ``CheckpointIO``.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:

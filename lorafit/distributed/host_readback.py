@@ -11,7 +11,7 @@ code runs.
 from __future__ import annotations
 
 import collections
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -24,7 +24,7 @@ class _Copy:
         pinned = value.device.type == "cuda"
         self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=pinned)
         self.host.copy_(value, non_blocking=pinned)
-        self.event: Optional[torch.cuda.Event] = None
+        self.event: torch.cuda.Event | None = None
         if pinned:
             self.event = torch.cuda.Event()
             self.event.record()

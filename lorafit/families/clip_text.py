@@ -9,13 +9,9 @@ the pooled projection of the second.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-
-from lorafit.networks.adapters import ADAPTER_NAME
 
 
 @dataclass
@@ -23,31 +19,37 @@ class TextConditioning:
     """What the UNet receives from the captions."""
 
     hidden_states: torch.Tensor
-    pooled: Optional[torch.Tensor] = None  # SDXL only
+    pooled: torch.Tensor | None = None  # SDXL only
 
 
-def tokenize(tokenizers: list, captions: list[str], device: torch.device | str = "cpu",
-             max_token_length: Optional[int] = None) -> list[torch.Tensor]:
+def tokenize(
+    tokenizers: list, captions: list[str], device: torch.device | str = "cpu", max_token_length: int | None = None
+) -> list[torch.Tensor]:
     """Token ids per tokenizer: [B, 77] (CLIP's context, longer captions truncated), or with
     ``max_token_length`` (kohya's 150/225) [B, n, 77]: n chunks of 75 caption tokens, each framed
     by its own start and end token, as kohya tokenizes long captions."""
     if not max_token_length:
         return [
-            tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(device)
+            tokenizer(
+                list(captions),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
             for tokenizer in tokenizers
         ]
     return [_chunked_ids(tokenizer, captions, max_token_length).to(device) for tokenizer in tokenizers]
 
 
-def caption_chunks(tokenizer, max_token_length: Optional[int]) -> int:
+def caption_chunks(tokenizer, max_token_length: int | None) -> int:
     """How many chunks of ``model_max_length - 2`` (75) caption tokens :func:`tokenize` makes: 1 without
     ``max_token_length``, 2 for kohya's 150, 3 for 225."""
     body = tokenizer.model_max_length - 2
     return -(-(max_token_length or body) // body)
 
 
-def hidden_length(tokenizer, max_token_length: Optional[int]) -> int:
+def hidden_length(tokenizer, max_token_length: int | None) -> int:
     """Token positions of the hidden states :func:`encode_tokens` returns: 77 without
     ``max_token_length``, else the joined chunks' 1 + 75n + 1 (152 for 150, 227 for 225)."""
     return caption_chunks(tokenizer, max_token_length) * (tokenizer.model_max_length - 2) + 2
@@ -56,12 +58,13 @@ def hidden_length(tokenizer, max_token_length: Optional[int]) -> int:
 def _chunked_ids(tokenizer, captions: list[str], max_token_length: int) -> torch.Tensor:
     body = tokenizer.model_max_length - 2  # caption tokens per chunk (75 for CLIP)
     chunks = caption_chunks(tokenizer, max_token_length)
-    ids = tokenizer(list(captions), padding="max_length", max_length=chunks * body + 2, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        list(captions), padding="max_length", max_length=chunks * body + 2, truncation=True, return_tensors="pt"
+    ).input_ids
     start, last = ids[:, :1], ids[:, -1:]  # last: the end token, or padding when the caption is short
     framed = []
     for k in range(chunks):
-        chunk = torch.cat([start, ids[:, 1 + k * body:1 + (k + 1) * body], last], dim=1)
+        chunk = torch.cat([start, ids[:, 1 + k * body : 1 + (k + 1) * body], last], dim=1)
         # Tokenizers that pad with a token other than the end token (SD2, SDXL's second): a chunk
         # cut inside the caption must still end with the end token, and an empty chunk must read
         # as an empty prompt ("<start><end><pad>...") rather than as padding only.
@@ -80,7 +83,9 @@ def _final_layer_norm(text_encoder) -> torch.nn.Module:
     return inner.final_layer_norm
 
 
-def encode_tokens(family: str, text_encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
+def encode_tokens(
+    family: str, text_encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1
+) -> TextConditioning:
     """Run the text encoder(s) on token ids.
 
     Args:
@@ -114,8 +119,9 @@ def _encode_chunks(family: str, text_encoders: list, input_ids: list[torch.Tenso
     batch, chunks, context = input_ids[0].shape
     flat = encode_tokens(family, text_encoders, [ids.reshape(batch * chunks, context) for ids in input_ids], clip_skip)
     hidden = flat.hidden_states.reshape(batch, chunks, context, -1)
-    joined = torch.cat([hidden[:, 0, :1], hidden[:, :, 1:-1].reshape(batch, chunks * (context - 2), -1),
-                        hidden[:, -1, -1:]], dim=1)
+    joined = torch.cat(
+        [hidden[:, 0, :1], hidden[:, :, 1:-1].reshape(batch, chunks * (context - 2), -1), hidden[:, -1, -1:]], dim=1
+    )
     pooled = None if flat.pooled is None else flat.pooled.reshape(batch, chunks, -1)[:, 0]
     return TextConditioning(hidden_states=joined, pooled=pooled)
 
@@ -139,25 +145,12 @@ def text_layers_used(family: str, encoder_index: int, num_layers: int, clip_skip
     return num_layers - max(clip_skip, 1) + 1
 
 
-_TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
-
-
-def freeze_unread_text_lora(family: str, encoder_index: int, encoder: torch.nn.Module, clip_skip: int = 1) -> None:
-    """Freeze LoRA on the text-encoder layers after the hidden state the UNet is conditioned on.
-
-    They cannot affect the loss (SDXL's first encoder skips its last layer, as does clip_skip), so
-    they never get a gradient. They stay in the exported files at their initial, no-op values.
-    """
-    used = text_layers_used(family, encoder_index, encoder.config.num_hidden_layers, clip_skip)
-    for name, parameter in encoder.named_parameters():
-        match = _TEXT_LAYER.search(name)
-        # Every network type's weights carry the adapter name (lora_A.default, hada_w1_a.default, ...).
-        if f".{ADAPTER_NAME}" in name and match and int(match.group(1)) >= used:
-            parameter.requires_grad_(False)
-
-
-def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int],
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def sdxl_time_ids(
+    original_size: torch.Tensor,
+    crop_top_left: torch.Tensor,
+    target_size: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per sample.
 
     Args:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -44,8 +44,9 @@ class HostParts:
             module = self._modules.pop(name)
             self.__dict__[name] = module  # found before nn.Module.__getattr__, invisible to .modules()
         if self.host_parts:
-            log.info("cached data: %s stay on the host (not moved to the training device)",
-                     " and ".join(self.host_parts))
+            log.info(
+                "cached data: %s stay on the host (not moved to the training device)", " and ".join(self.host_parts)
+            )
 
     @contextlib.contextmanager
     def host_parts_on_device(self) -> Iterator[None]:

@@ -8,7 +8,7 @@ the layout tensor-core convolutions run fastest in; ``compile_unet`` hands the U
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -28,8 +28,13 @@ def enable_gradient_checkpointing(unet: torch.nn.Module, trained_text_encoders: 
         encoder.train()
 
 
-def apply_speed_settings(unet: torch.nn.Module, trained_text_encoders: Iterable[torch.nn.Module],
-                         gradient_checkpointing: bool, channels_last: bool, compile_unet: bool) -> None:
+def apply_speed_settings(
+    unet: torch.nn.Module,
+    trained_text_encoders: Iterable[torch.nn.Module],
+    gradient_checkpointing: bool,
+    channels_last: bool,
+    compile_unet: bool,
+) -> None:
     """Apply the module's speed settings, after the adapters are attached (they are part of the UNet)."""
     if gradient_checkpointing:
         enable_gradient_checkpointing(unet, trained_text_encoders)

@@ -167,7 +167,13 @@ def build_tiny_pipeline(family: Family, seed: int = 0):
         )
     sd2 = family == "sd2"
     scheduler = (
-        DDIMScheduler(**_scheduler_kwargs(), prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        DDIMScheduler(
+            **_scheduler_kwargs(),
+            prediction_type="v_prediction",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
         if sd2
         else PNDMScheduler(**_scheduler_kwargs(), skip_prk_steps=True, steps_offset=1)
     )

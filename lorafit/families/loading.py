@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -102,8 +102,9 @@ def _single_file_is_sdxl(path: Path) -> bool:
     return any(k.startswith(_SDXL_SINGLE_FILE_PREFIX) for k in load_single_file_checkpoint(str(path)))
 
 
-def _load_pipeline(source: str, kind: SourceKind, single_file_config: Optional[str], revision: Optional[str],
-                   variant: Optional[str]):
+def _load_pipeline(
+    source: str, kind: SourceKind, single_file_config: str | None, revision: str | None, variant: str | None
+):
     no_safety = dict(safety_checker=None, requires_safety_checker=False)
     if kind == "single_file":
         path = Path(source).expanduser()
@@ -113,11 +114,17 @@ def _load_pipeline(source: str, kind: SourceKind, single_file_config: Optional[s
         try:
             return cls.from_single_file(str(path), config=single_file_config, **kwargs)
         except (OSError, ValueError) as error:
-            hint = "" if single_file_config else (
-                "; offline, set model.single_file_config to a diffusers pipeline directory of the same "
-                "architecture (its configs are used, not its weights)"
+            hint = (
+                ""
+                if single_file_config
+                else (
+                    "; offline, set model.single_file_config to a diffusers pipeline directory of the same "
+                    "architecture (its configs are used, not its weights)"
+                )
             )
-            raise LorafitError(f"model.model: could not load single file {source}: {_first_line(error)}{hint}")
+            raise LorafitError(
+                f"model.model: could not load single file {source}: {_first_line(error)}{hint}"
+            ) from None
     from diffusers import DiffusionPipeline
 
     try:
@@ -127,8 +134,8 @@ def _load_pipeline(source: str, kind: SourceKind, single_file_config: Optional[s
             raise LorafitError(
                 f"model.model: {source} is no local path, and as a hub id it is not in the local cache (HF_HOME) "
                 f"and could not be downloaded ({_first_line(error)}); check the path or the network"
-            )
-        raise LorafitError(f"model.model: could not read {source}: {_first_line(error)}")
+            ) from None
+        raise LorafitError(f"model.model: could not read {source}: {_first_line(error)}") from None
     is_sdxl = "text_encoder_2" in index
     cls = _pipeline_class(is_sdxl)
     kwargs = {} if is_sdxl else no_safety
@@ -142,12 +149,12 @@ def _first_line(error: BaseException) -> str:
 
 def load_base_model(
     source: str,
-    family: Optional[Family] = None,
-    prediction_type: Optional[PredictionType] = None,
-    single_file_config: Optional[str] = None,
+    family: Family | None = None,
+    prediction_type: PredictionType | None = None,
+    single_file_config: str | None = None,
     weight_dtype: str = "float32",
-    revision: Optional[str] = None,
-    variant: Optional[str] = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ) -> BaseModel:
     """Load ``source`` and return its frozen parts with the detected family and prediction type.
 
@@ -183,7 +190,9 @@ def load_base_model(
         module.eval()
         if module.dtype != dtype:  # diffusers warns on any .to(dtype), even a no-op
             module.to(dtype)
-    log.info("loaded %s from %s: family %s, prediction %s", type(pipe).__name__, source, chosen_family, chosen_prediction)
+    log.info(
+        "loaded %s from %s: family %s, prediction %s", type(pipe).__name__, source, chosen_family, chosen_prediction
+    )
     return BaseModel(
         family=chosen_family,
         prediction_type=chosen_prediction,

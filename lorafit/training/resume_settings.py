@@ -55,8 +55,19 @@ from lorafit.networks.adapters import ADAPTER_NAME
 log = logging.getLogger("lorafit.train")
 
 NETWORK_KEYS = (
-    "network_type", "rank", "alpha", "conv_rank", "conv_alpha", "rank_pattern", "alpha_pattern", "lokr_factor",
-    "target_preset", "unet_target_modules", "text_encoder_target_modules", "include", "exclude",
+    "network_type",
+    "rank",
+    "alpha",
+    "conv_rank",
+    "conv_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "lokr_factor",
+    "target_preset",
+    "unet_target_modules",
+    "text_encoder_target_modules",
+    "include",
+    "exclude",
     "train_text_encoder",
 )
 # Parameter-name prefix of each part that can carry a LoRA -> the part's diffusers name.
@@ -76,8 +87,9 @@ def _normalised(value: Any) -> Any:
     return value
 
 
-def changed_network_settings(saved: Mapping[str, Any], current: Mapping[str, Any],
-                             family: str | None = None) -> list[tuple[str, Any, Any]]:
+def changed_network_settings(
+    saved: Mapping[str, Any], current: Mapping[str, Any], family: str | None = None
+) -> list[tuple[str, Any, Any]]:
     """``(key, checkpoint value, config value)`` of every network-identity key that differs.
 
     Args:
@@ -86,8 +98,11 @@ def changed_network_settings(saved: Mapping[str, Any], current: Mapping[str, Any
         family: The base model's family; ``clip_skip`` is compared unless it is ``sdxl``.
     """
     keys = NETWORK_KEYS + (() if family == "sdxl" else ("clip_skip",))
-    return [(key, saved[key], current.get(key)) for key in keys
-            if key in saved and _normalised(saved[key]) != _normalised(current.get(key))]
+    return [
+        (key, saved[key], current.get(key))
+        for key in keys
+        if key in saved and _normalised(saved[key]) != _normalised(current.get(key))
+    ]
 
 
 def adapted_parts(parameter_names: Iterable[str]) -> list[str]:
@@ -104,12 +119,14 @@ def _shown(value: Any) -> str:
 
 
 def _refusal(path: Any, differences: list[tuple[str, Any, Any]]) -> LorafitError:
-    listed = "; ".join(f"{label}: {_shown(old)} in the checkpoint, {_shown(new)} in the config"
-                       for label, old, new in differences)
+    listed = "; ".join(
+        f"{label}: {_shown(old)} in the checkpoint, {_shown(new)} in the config" for label, old, new in differences
+    )
     return LorafitError(
         f"cannot resume from {path or 'the checkpoint'}: its LoRA was trained with other network settings: "
         f"{listed}. Resume with the checkpoint's settings, or start a new run (another "
-        "trainer.default_root_dir, without --ckpt_path)")
+        "trainer.default_root_dir, without --ckpt_path)"
+    )
 
 
 def refuse_changed_network_in_file(path: str | os.PathLike, hparams: Mapping[str, Any]) -> None:
@@ -132,8 +149,10 @@ def refuse_changed_network_in_file(path: str | os.PathLike, hparams: Mapping[str
         log.debug("resume settings not checked before training (%s); they are when the checkpoint loads", error)
         return
     saved = checkpoint.get("hyper_parameters") or {}
-    differences = [(f"model.{key}", old, new) for key, old, new in
-                   changed_network_settings(saved, hparams, checkpoint.get("lorafit", {}).get("family"))]
+    differences = [
+        (f"model.{key}", old, new)
+        for key, old, new in changed_network_settings(saved, hparams, checkpoint.get("lorafit", {}).get("family"))
+    ]
     if differences:
         raise _refusal(path, differences)
 
@@ -146,21 +165,24 @@ def refuse_changed_network(checkpoint: dict, module) -> None:
 
     Args:
         checkpoint: The checkpoint dictionary Lightning loaded.
-        module: The configured :class:`~lorafit.module.LoraDiffusionModule` being resumed.
+        module: The configured :class:`~lorafit.training.module.LoraDiffusionModule` being resumed.
     """
     saved = checkpoint.get("hyper_parameters") or {}
     saved_family = checkpoint.get("lorafit", {}).get("family")
     family = module.family if getattr(module, "base", None) is not None else None
-    differences = [(f"model.{key}", old, new)
-                   for key, old, new in changed_network_settings(saved, module.hparams, family or saved_family)]
+    differences = [
+        (f"model.{key}", old, new)
+        for key, old, new in changed_network_settings(saved, module.hparams, family or saved_family)
+    ]
     if saved_family and family and saved_family != family:
         differences.append(("model.family", saved_family, family))
     if not differences:  # else the parts follow from the differing keys; name those
         saved_parts = adapted_parts(checkpoint.get("state_dict", {}))
         parts = adapted_parts(name for name, _ in module.named_parameters() if f".{ADAPTER_NAME}" in name)
         if saved_parts and saved_parts != parts:
-            differences.append(("parts with a LoRA (a learning rate of 0 leaves a part without one)",
-                                saved_parts, parts))
+            differences.append(
+                ("parts with a LoRA (a learning rate of 0 leaves a part without one)", saved_parts, parts)
+            )
     if differences:
         try:
             path = module.trainer.ckpt_path
@@ -168,12 +190,18 @@ def refuse_changed_network(checkpoint: dict, module) -> None:
             path = None
         raise _refusal(path, differences)
     if saved.get("model") and saved["model"] != module.hparams.get("model"):
-        log.warning("resuming a LoRA trained on %s with model.model %s (same family %s): fine if it is the same "
-                    "model moved or copied", saved["model"], module.hparams.get("model"), family or saved_family)
+        log.warning(
+            "resuming a LoRA trained on %s with model.model %s (same family %s): fine if it is the same "
+            "model moved or copied",
+            saved["model"],
+            module.hparams.get("model"),
+            family or saved_family,
+        )
 
 
-def use_configured_optimizer_settings(checkpoint: dict, rates: Mapping[str, float],
-                                      optimizer_arguments: Mapping[str, Any]) -> None:
+def use_configured_optimizer_settings(
+    checkpoint: dict, rates: Mapping[str, float], optimizer_arguments: Mapping[str, Any]
+) -> None:
     """Rewrites the checkpoint's optimizer and scheduler state to the configured learning rates and arguments.
 
     Each parameter group (named ``unet``, ``text_encoder``, ``text_encoder_2``) and the matching
@@ -213,11 +241,14 @@ def prepare_resume(checkpoint: dict, module) -> None:
 
     Args:
         checkpoint: The loaded checkpoint dictionary (``on_load_checkpoint``'s argument).
-        module: The configured :class:`~lorafit.module.LoraDiffusionModule` being resumed.
+        module: The configured :class:`~lorafit.training.module.LoraDiffusionModule` being resumed.
     """
-    from lorafit.optim import optimizer_kwargs
+    from lorafit.training.optim import optimizer_kwargs
 
     refuse_changed_network(checkpoint, module)
     hp = module.hparams
-    use_configured_optimizer_settings(checkpoint, module.learning_rates(),
-                                      optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas, hp.optimizer_args))
+    use_configured_optimizer_settings(
+        checkpoint,
+        module.learning_rates(),
+        optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas, hp.optimizer_args),
+    )

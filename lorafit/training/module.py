@@ -8,18 +8,14 @@ in ``nonfinite.py`` and what a checkpoint holds in ``checkpoint_state.py``.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 
-from lorafit import losses
-from lorafit.checkpoint_state import LoraCheckpointState
-from lorafit.collectives import all_reduce_in_place
-from lorafit.denoising import DenoisingStep
+from lorafit.distributed.collectives import all_reduce_in_place
 from lorafit.errors import LorafitError
-from lorafit.host_parts import HostParts
-from lorafit.models.base import (
+from lorafit.families.loading import (
     DTYPES,
     BaseModel,
     Family,
@@ -27,15 +23,17 @@ from lorafit.models.base import (
     load_base_model,
     resolve_model_source,
 )
-from lorafit.models.conditioning import freeze_unread_text_lora
-from lorafit.models.speed import apply_speed_settings
 from lorafit.networks.adapters import ADAPTER_NAME, DEFAULT_TEXT_ENCODER_TARGETS, attach_network
 from lorafit.networks.lora_weights import LoraWeights
 from lorafit.networks.network_types import NetworkSpec, NetworkType
 from lorafit.networks.peft_layers import from_peft_model
 from lorafit.networks.presets import TargetPreset, preset_modules
-from lorafit.nonfinite import NonfiniteGuard
-from lorafit.optim import (
+from lorafit.training import losses
+from lorafit.training.checkpoint_state import LoraCheckpointState
+from lorafit.training.denoising import DenoisingStep
+from lorafit.training.host_parts import HostParts
+from lorafit.training.nonfinite import NonfiniteGuard
+from lorafit.training.optim import (
     OptimizerName,
     SchedulerName,
     build_optimizer,
@@ -43,6 +41,8 @@ from lorafit.optim import (
     effective_learning_rates,
     optimizer_kwargs,
 )
+from lorafit.training.speed import apply_speed_settings
+from lorafit.training.text_encoders import freeze_unread_text_lora
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 # Logged learning-rate names, as kohya logs them (and the guides read them in TensorBoard).
@@ -148,37 +148,37 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
     def __init__(
         self,
         model: str,
-        family: Optional[Family] = None,
-        prediction_type: Optional[PredictionType] = None,
-        single_file_config: Optional[str] = None,
-        revision: Optional[str] = None,
-        variant: Optional[str] = None,
+        family: Family | None = None,
+        prediction_type: PredictionType | None = None,
+        single_file_config: str | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         rank: int = 16,
-        alpha: Optional[float] = None,
-        unet_target_modules: Optional[Union[list[str], str]] = None,
+        alpha: float | None = None,
+        unet_target_modules: list[str] | str | None = None,
         train_text_encoder: bool = False,
-        text_encoder_target_modules: Union[list[str], str] = DEFAULT_TEXT_ENCODER_TARGETS,
+        text_encoder_target_modules: list[str] | str = DEFAULT_TEXT_ENCODER_TARGETS,
         network_type: NetworkType = "lora",
         target_preset: TargetPreset = "attn",
-        include: Optional[list[str]] = None,
-        exclude: Optional[list[str]] = None,
-        conv_rank: Optional[int] = None,
-        conv_alpha: Optional[float] = None,
-        rank_pattern: Optional[dict[str, int]] = None,
-        alpha_pattern: Optional[dict[str, float]] = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        conv_rank: int | None = None,
+        conv_alpha: float | None = None,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
         lokr_factor: int = -1,
         learning_rate: float = 1e-4,
-        text_encoder_lr: Optional[float] = None,
-        weight_decay: Optional[float] = None,
-        betas: Optional[tuple[float, float]] = None,
+        text_encoder_lr: float | None = None,
+        weight_decay: float | None = None,
+        betas: tuple[float, float] | None = None,
         clip_skip: int = 1,
-        max_token_length: Optional[int] = None,
+        max_token_length: int | None = None,
         # ---- training recipe: learning rates, optimizer, schedule
-        unet_lr: Optional[float] = None,
-        text_encoder_2_lr: Optional[float] = None,
+        unet_lr: float | None = None,
+        text_encoder_2_lr: float | None = None,
         optimizer: OptimizerName = "AdamW",
-        optimizer_args: Optional[dict[str, Any]] = None,
+        optimizer_args: dict[str, Any] | None = None,
         lr_scheduler: SchedulerName = "constant",
         lr_warmup_steps: float = 0,
         lr_scheduler_num_cycles: int = 1,
@@ -190,11 +190,11 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         multires_noise_discount: float = 0.3,
         ip_noise_gamma: float = 0.0,
         ip_noise_gamma_random_strength: bool = False,
-        min_snr_gamma: Optional[float] = None,
+        min_snr_gamma: float | None = None,
         debiased_estimation_loss: bool = False,
         zero_terminal_snr: bool = False,
         min_timestep: int = 0,
-        max_timestep: Optional[int] = None,
+        max_timestep: int | None = None,
         loss_type: losses.LossType = "l2",
         huber_schedule: losses.HuberSchedule = "snr",
         huber_c: float = 0.1,
@@ -202,7 +202,7 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         prior_loss_weight: float = 1.0,
         # ---- training recipe: memory and speed, failure handling
         gradient_checkpointing: bool = False,
-        vae_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+        vae_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         channels_last: bool = False,
         compile_unet: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
@@ -211,12 +211,12 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         self.save_hyperparameters()
         resolve_model_source(model)  # a bad path fails here, before any weights are read
         self._check_recipe()
-        self.base: Optional[BaseModel] = None
-        self.unet: Optional[torch.nn.Module] = None
-        self.vae: Optional[torch.nn.Module] = None
+        self.base: BaseModel | None = None
+        self.unet: torch.nn.Module | None = None
+        self.vae: torch.nn.Module | None = None
         self.text_encoders = torch.nn.ModuleList()
         self.noise_scheduler = None
-        self.noise_seed: Optional[int] = None
+        self.noise_seed: int | None = None
         self.started_at = time.time()
         self.skipped_nonfinite = 0
         # Checkpoints hold only the LoRA weights (see on_save_checkpoint), so loading them must
@@ -235,7 +235,9 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         if hp.loss_type in ("huber", "smooth_l1") and not 0 < hp.huber_c <= 1:
             raise LorafitError(f"model.huber_c: {hp.huber_c} must be in (0, 1]")
         if hp.max_token_length is not None and hp.max_token_length < 1:
-            raise LorafitError(f"model.max_token_length: {hp.max_token_length}; use 150 or 225, or leave it empty for 75")
+            raise LorafitError(
+                f"model.max_token_length: {hp.max_token_length}; use 150 or 225, or leave it empty for 75"
+            )
         if hp.max_timestep is not None and not 0 <= hp.min_timestep < hp.max_timestep:
             raise LorafitError(f"model.min_timestep/max_timestep: need 0 <= {hp.min_timestep} < {hp.max_timestep}")
 
@@ -254,14 +256,19 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
             self.vae.to(DTYPES[self.vae_dtype])
         self.text_encoders = torch.nn.ModuleList(base.text_encoders)
         if hp.zero_terminal_snr and base.prediction_type != "v_prediction":
-            raise LorafitError("model.zero_terminal_snr needs a v-prediction model (at zero SNR an epsilon model "
-                               "cannot recover the image); set model.prediction_type: v_prediction or turn it off")
+            raise LorafitError(
+                "model.zero_terminal_snr needs a v-prediction model (at zero SNR an epsilon model "
+                "cannot recover the image); set model.prediction_type: v_prediction or turn it off"
+            )
         # Training noise follows the model's own beta schedule; DDPM is the forward process.
-        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=base.prediction_type,
-                                                         rescale_betas_zero_snr=hp.zero_terminal_snr)
+        self.noise_scheduler = DDPMScheduler.from_config(
+            base.scheduler_config, prediction_type=base.prediction_type, rescale_betas_zero_snr=hp.zero_terminal_snr
+        )
         if not 0 <= hp.min_timestep < self.max_timestep <= self.noise_scheduler.config.num_train_timesteps:
-            raise LorafitError(f"model.min_timestep/max_timestep: need 0 <= {hp.min_timestep} < {self.max_timestep} "
-                               f"<= {self.noise_scheduler.config.num_train_timesteps}")
+            raise LorafitError(
+                f"model.min_timestep/max_timestep: need 0 <= {hp.min_timestep} < {self.max_timestep} "
+                f"<= {self.noise_scheduler.config.num_train_timesteps}"
+            )
         rates = self.learning_rates()
         if not any(rate > 0 for rate in rates.values()):
             raise LorafitError(f"model: every learning rate is 0 ({rates}); nothing would train")
@@ -275,11 +282,22 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
                 key = "model.target_preset"
             attach_network(self.unet, spec, unet_targets, hp.include, hp.exclude, key)
         for encoder in self.trained_text_encoders().values():
-            attach_network(encoder, spec, hp.text_encoder_target_modules, hp.include, hp.exclude,
-                           "model.text_encoder_target_modules")
+            attach_network(
+                encoder,
+                spec,
+                hp.text_encoder_target_modules,
+                hp.include,
+                hp.exclude,
+                "model.text_encoder_target_modules",
+            )
         self._freeze_unread_text_layers()
-        apply_speed_settings(self.unet, self.trained_text_encoders().values(), hp.gradient_checkpointing,
-                             hp.channels_last, hp.compile_unet)
+        apply_speed_settings(
+            self.unet,
+            self.trained_text_encoders().values(),
+            hp.gradient_checkpointing,
+            hp.channels_last,
+            hp.compile_unet,
+        )
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if hasattr(datamodule, "unused_model_parts"):  # before Lightning moves the module to the device
             self.park_unused_parts(datamodule.unused_model_parts())
@@ -287,8 +305,9 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
     def load_base(self) -> BaseModel:
         """The frozen base model named by ``model`` (tools/bench.py builds one from configs instead)."""
         hp = self.hparams
-        return load_base_model(hp.model, hp.family, hp.prediction_type, hp.single_file_config, hp.weight_dtype,
-                               hp.revision, hp.variant)
+        return load_base_model(
+            hp.model, hp.family, hp.prediction_type, hp.single_file_config, hp.weight_dtype, hp.revision, hp.variant
+        )
 
     def _freeze_unread_text_layers(self) -> None:
         # Left trainable, LoRA that cannot reach the loss stops DDP ("parameters that were not used
@@ -299,8 +318,16 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
 
     def network_spec(self) -> NetworkSpec:
         hp = self.hparams
-        return NetworkSpec(hp.network_type, hp.rank, hp.alpha, hp.conv_rank, hp.conv_alpha,
-                           dict(hp.rank_pattern or {}), dict(hp.alpha_pattern or {}), hp.lokr_factor)
+        return NetworkSpec(
+            hp.network_type,
+            hp.rank,
+            hp.alpha,
+            hp.conv_rank,
+            hp.conv_alpha,
+            dict(hp.rank_pattern or {}),
+            dict(hp.alpha_pattern or {}),
+            hp.lokr_factor,
+        )
 
     @property
     def family(self) -> str:
@@ -325,12 +352,14 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         if hp.train_text_encoder:
             first = hp.learning_rate if hp.text_encoder_lr is None else hp.text_encoder_lr
             second = first if hp.text_encoder_2_lr is None else hp.text_encoder_2_lr
-            rates.update(zip(TEXT_ENCODER_NAMES, (first, second)[:len(self.text_encoders)]))
+            rates.update(zip(TEXT_ENCODER_NAMES, (first, second)[: len(self.text_encoders)]))
         return rates
 
     def trained_text_encoders(self) -> dict[str, torch.nn.Module]:
         rates = self.learning_rates()
-        return {name: encoder for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders) if rates.get(name, 0) > 0}
+        return {
+            name: encoder for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders) if rates.get(name, 0) > 0
+        }
 
     def lora_components(self) -> dict[str, torch.nn.Module]:
         """The adapted modules by diffusers component name (``unet``, ``text_encoder``, ...)."""
@@ -347,13 +376,15 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         if self.noise_seed is None:  # restored from the checkpoint on resume
             self.noise_seed = torch.initial_seed()
         if self.hparams.nonfinite_loss == "skip" and self.trainer.world_size > 1:
-            raise LorafitError("model.nonfinite_loss: skip works on one device only (Lightning cannot skip a batch "
-                               "on one rank of several); use stop")
+            raise LorafitError(
+                "model.nonfinite_loss: skip works on one device only (Lightning cannot skip a batch "
+                "on one rank of several); use stop"
+            )
 
     def on_fit_start(self) -> None:
         self.check_cache(getattr(self.trainer.datamodule, "cached", None))
 
-    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self.denoising_loss(batch, self._generator(batch, batch_idx))
         batch_size = len(batch["captions"])
         if not self._watch_loss(loss, batch, batch_idx):
@@ -364,8 +395,12 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         self.log("loss/current", all_reduce_in_place(loss.detach().clone(), "mean"), batch_size=batch_size)
         rates = effective_learning_rates(self.trainer.optimizers[0])
         # Host tensors: Lightning would copy a Python float to the GPU, waiting for the queue.
-        self.log_dict({LR_LOG_NAMES[name]: torch.tensor(rate) for name, rate in rates.items()}, on_step=True,
-                      on_epoch=False, batch_size=batch_size)
+        self.log_dict(
+            {LR_LOG_NAMES[name]: torch.tensor(rate) for name, rate in rates.items()},
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch_size,
+        )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -377,12 +412,21 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
     def configure_optimizers(self):
         hp = self.hparams
         parts = {"unet": self.unet, **dict(zip(TEXT_ENCODER_NAMES, self.text_encoders))}
-        groups = [{"name": name, "lr": rate, "params": [p for p in parts[name].parameters() if p.requires_grad]}
-                  for name, rate in self.learning_rates().items() if rate > 0]
+        groups = [
+            {"name": name, "lr": rate, "params": [p for p in parts[name].parameters() if p.requires_grad]}
+            for name, rate in self.learning_rates().items()
+            if rate > 0
+        ]
         kwargs = optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas, hp.optimizer_args)
         optimizer = build_optimizer(hp.optimizer, groups, hp.learning_rate, kwargs)
-        scheduler = build_scheduler(hp.lr_scheduler, optimizer, self.trainer.estimated_stepping_batches,
-                                    hp.lr_warmup_steps, hp.lr_scheduler_num_cycles, hp.lr_scheduler_power)
+        scheduler = build_scheduler(
+            hp.lr_scheduler,
+            optimizer,
+            self.trainer.estimated_stepping_batches,
+            hp.lr_warmup_steps,
+            hp.lr_scheduler_num_cycles,
+            hp.lr_scheduler_power,
+        )
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -1,0 +1,3 @@
+from lorafit.cli.main import main
+
+main()

@@ -1,0 +1,131 @@
+"""``lorafit fit`` / ``lorafit validate``: LightningCLI with lorafit's callbacks, checkpoint layout and checks.
+
+Every ``__init__`` argument of the module, data module, trainer and callbacks is a YAML key and a
+``--flag``. Lightning is imported only when one of these verbs runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
+# Not `save_last=True, save_top_k=0`: since Lightning 2.6 that writes last.ckpt only when a top-k
+# checkpoint is saved at the same step, i.e. never before the end of training, so a killed run had
+# nothing to resume from. Instead the single "top-k" file is named last.ckpt and overwritten in place
+# (atomically, see lorafit/io/atomic.py); `--ckpt_path last` finds it.
+LAST_CHECKPOINT = {
+    "filename": "last",
+    "save_top_k": 1,
+    "save_last": False,
+    "enable_version_counter": False,
+    "every_n_epochs": 1,
+}
+
+
+def _build_cli_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from lorafit.callbacks.export import LoraExport
+    from lorafit.callbacks.metrics import TrainingMetrics
+    from lorafit.callbacks.requeue import RequeueOnSignal
+    from lorafit.callbacks.samples import SampleImages
+    from lorafit.data.datamodule import LoraDataModule
+    from lorafit.io.atomic import atomic_write_text
+    from lorafit.loggers.wandb import WandbRunLogger
+    from lorafit.training.checkpoint_io import AtomicCheckpointIO
+    from lorafit.training.module import LoraDiffusionModule
+    from lorafit.training.resume_settings import refuse_changed_network_in_file
+
+    class RunDirConfig(SaveConfigCallback):
+        """Save the resolved config as ``<default_root_dir>/config.yaml``, beside the LoRA files.
+
+        Overwriting is intended: a resumed or requeued run rewrites the same run's config (through a
+        temporary file, so a kill mid-write leaves the previous one). W&B also gets the whole config
+        (Lightning itself logs only the model's and data module's arguments).
+        """
+
+        def save_config(self, trainer, pl_module, stage) -> None:
+            text = self.parser.dump(self.config, skip_none=False)
+            atomic_write_text(Path(trainer.default_root_dir) / self.config_filename, text)
+            wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+            if wandb_loggers:
+                config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+                for logger in wandb_loggers:
+                    logger.log_hyperparams({"config": config})
+
+    class LorafitCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_lightning_class_args(LoraExport, "export")
+            parser.add_lightning_class_args(SampleImages, "samples")
+            parser.add_lightning_class_args(TrainingMetrics, "metrics")
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            # Checkpoints hold only LoRA weights + optimizer state (small); keep last.ckpt for resume
+            # under the run directory, whatever logger is configured.
+            parser.set_defaults({f"checkpoint.{key}": value for key, value in LAST_CHECKPOINT.items()})
+            parser.link_arguments(
+                "trainer.default_root_dir",
+                "checkpoint.dirpath",
+                compute_fn=lambda root: os.path.join(root or ".", "checkpoints"),
+            )
+            # After "checkpoint": Lightning keeps checkpoint callbacks in order at the end of the list.
+            parser.add_lightning_class_args(RequeueOnSignal, "requeue")
+
+        def _parse_ckpt_path(self) -> None:
+            """Keeps the config's model.* settings when resuming (Lightning's version replaces them).
+
+            When --ckpt_path names a file (not `last`), LightningCLI overwrites the model's config
+            with the hyperparameters saved in the checkpoint, silently: a resumed run kept the old
+            learning rate, and a changed network_type or rank was ignored. In lorafit every
+            ckpt_path resumes with the config as written; the module then refuses, with one line,
+            settings that do not fit the checkpoint's network (lorafit/training/resume_settings.py).
+            """
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            # Atomic checkpoint files unless the config chose its own CheckpointIO plugin.
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            return trainer
+
+        def _check_resume_settings(self) -> None:
+            # Before the trainer's setup rewrites the run's config.yaml; the module checks again on load.
+            config = self.config[self.subcommand]
+            ckpt_path, callback = config.get("ckpt_path"), self.trainer.checkpoint_callback
+            if ckpt_path == "last":  # lorafit's layout (LAST_CHECKPOINT); another one is checked on load only
+                named_last = config.get("checkpoint.filename") == "last" and callback is not None and callback.dirpath
+                ckpt_path = os.path.join(callback.dirpath, "last.ckpt") if named_last else None
+            if ckpt_path and os.path.isfile(ckpt_path):
+                refuse_changed_network_in_file(ckpt_path, self.model.hparams)
+
+        def before_fit(self) -> None:
+            self._check_resume_settings()
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbRunLogger):
+                    logger.bind_run_dir(self.trainer.default_root_dir)
+
+        def before_validate(self) -> None:
+            self._check_resume_settings()
+
+    return LorafitCLI, LoraDiffusionModule, LoraDataModule, RunDirConfig
+
+
+def run_lightning(argv: list[str]):
+    # `--print_config` alone prints the YAML with every option's help as a comment.
+    argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
+    cli_class, module_class, data_class, config_callback = _build_cli_class()
+    return cli_class(
+        module_class,
+        data_class,
+        save_config_callback=config_callback,
+        save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
+        trainer_defaults={"default_root_dir": "runs/lorafit", "max_epochs": 10},
+        seed_everything_default=0,
+        # exit_on_error=False: a bad key raises instead of printing the whole usage; main() prints one line.
+        parser_kwargs={"description": "Train LoRA adapters on Stable Diffusion 1.x/2.x/SDXL.", "exit_on_error": False},
+        args=argv,
+    )

@@ -1,0 +1,158 @@
+"""The ``lorafit`` command: Lightning verbs (fit, validate) and lorafit's own tools.
+
+``fit``/``validate`` go through LightningCLI (:mod:`lorafit.cli.lightning_cli`). Every other verb
+is a plain typed function turned into a command by jsonargparse, with ``--help`` from its docstring.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import warnings
+from argparse import ArgumentError
+
+from lorafit.errors import LorafitError
+
+# verb -> "module:function"; imported only when the verb runs, so `lorafit --help` stays fast.
+TOOL_VERBS = {
+    "convert": ("lorafit.networks.convert:convert", "Convert a LoRA file between kohya and diffusers format."),
+    "tiny": ("lorafit.families.tiny:save_tiny_pipeline", "Write a tiny random-weight SD1/SD2/SDXL pipeline."),
+    "tiny-clip": (
+        "lorafit.inference.tiny_clip:save_tiny_clip",
+        "Write a tiny random-weight CLIP model (for trying grid/probe).",
+    ),
+    "demo-data": ("lorafit.data.demo_dataset:write_demo_dataset", "Write the generated demo dataset."),
+    "toy-data": (
+        "lorafit.toyworld.concept_data:write_concept_dataset",
+        "Write the toy world's LoRA dataset: pictures of the held-out star, trigger word ohwx.",
+    ),
+    "prepare": (
+        "lorafit.data.prepare:prepare",
+        "Check kohya-style image folders and write webdataset shards + report.",
+    ),
+    "caption": (
+        "lorafit.captioning.caption:caption",
+        "Caption every image of a folder with BLIP-style models or a WD14 tagger.",
+    ),
+    "review": ("lorafit.review.server:review", "Local page to review and fix captions: tags, search, bulk edits."),
+    "cache": ("lorafit.data.cache:cache", "Encode prepared shards into VAE latent (and text embedding) shards."),
+    "submit": (
+        "lorafit.slurm.submit:main",
+        "Render a SLURM sbatch script for `lorafit fit` and submit it (or print it).",
+    ),
+    "generate": ("lorafit.inference.generate:generate", "Generate images with LoRAs at chosen strengths (hires fix)."),
+    "grid": ("lorafit.inference.grid:grid", "Epoch x strength x prompt grids, selection metrics, HTML report."),
+    "probe": (
+        "lorafit.inference.probe:probe",
+        "Does the base model already know the concept? Images, scores, verdict.",
+    ),
+}
+# Verbs whose list options may be repeated (`--lora a --lora b`); see lorafit/cli/arguments.py.
+REPEATABLE_LISTS = {"generate", "grid", "probe", "caption"}
+LIGHTNING_VERBS = ("fit", "validate")
+
+
+def run_tool(verb: str, argv: list[str]):
+    from jsonargparse import auto_cli
+
+    from lorafit.cli.arguments import (
+        VARIADIC_FIRST,
+        gather_leading_positionals,
+        gather_repeated_flags,
+        underscore_flags,
+    )
+
+    if verb in VARIADIC_FIRST:
+        argv = gather_leading_positionals(argv)
+
+    target, _ = TOOL_VERBS[verb]
+    module_name, function_name = target.split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    if getattr(function, "parses_own_args", False):  # e.g. submit, whose flags follow sbatch's spelling
+        return function(argv)
+    argv = underscore_flags(function, argv)
+    if verb in REPEATABLE_LISTS:
+        argv = gather_repeated_flags(function, argv)
+    return auto_cli(
+        function, args=argv, as_positional=True, parser_mode="yaml", prog=f"lorafit {verb}", exit_on_error=False
+    )
+
+
+def _usage() -> str:
+    lines = ["usage: lorafit VERB [options]   (lorafit VERB --help for each)", "", "verbs:"]
+    lines += [f"  {v:<10} Lightning {v} (LoRA training), configured by --config YAML" for v in LIGHTNING_VERBS]
+    lines += [f"  {v:<10} {help_}" for v, (_, help_) in TOOL_VERBS.items()]
+    return "\n".join(lines)
+
+
+def _quiet_known_warnings() -> None:
+    # We pass the (rewritten) command line on purpose; Lightning warns whenever args are given.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    # Frozen base modules stay in eval mode by design (no dropout in the frozen parts).
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode")
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")  # diffusers -> huggingface_hub
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")  # lightning on torch 2.13
+    # Our val_dataloader returns [] when no data.val_dir is set: no validation, nothing to warn about.
+    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+    # transformers warns at import that torchvision is absent (only its image processors use it).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Loading adapters into a module that already has one (several LoRAs at once) is intended.
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    # Per-component "Loading pipeline components" bars would bury the one line per image a tool prints.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_warnings()
+    # force=True: bind to the current stderr on every call (tests swap it; in-process reuse too).
+    logging.basicConfig(
+        level=os.environ.get("LORAFIT_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s", force=True
+    )
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False  # Lightning prints its own lines; don't print them twice
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    verb = argv[0]
+    try:
+        if verb in LIGHTNING_VERBS:
+            from lorafit.cli.lightning_cli import run_lightning
+
+            run_lightning(argv)
+        elif verb in TOOL_VERBS:
+            run_tool(verb, argv[1:])
+        else:
+            raise LorafitError(f"unknown verb {verb!r}; run `lorafit --help` for the list")
+    except LorafitError as error:
+        print(f"lorafit: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ArgumentError as error:
+        message = " ".join(str(error).split())
+        print(f"lorafit: error: {message} (see `lorafit {verb} --help`)", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as error:
+        # jsonargparse wraps errors raised while instantiating a union-typed option (trainer.logger)
+        # in its own ValueError; the LorafitError inside is still the one line to show.
+        cause = _lorafit_cause(error)
+        if cause is None:
+            raise
+        print(f"lorafit: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _lorafit_cause(error: BaseException) -> LorafitError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LorafitError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__  # `raise ... from` only: an error *during* handling is a real one
+    return None
+
+
+if __name__ == "__main__":
+    main()
