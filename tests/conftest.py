@@ -27,7 +27,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     from lorafit.families.tiny import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny")
-    return {family: str(save_tiny_pipeline(family, root / family)) for family in FAMILIES}
+    return {family: str(save_tiny_pipeline(family, root / family)) for family in (*FAMILIES, "flux")}
 
 
 @pytest.fixture(scope="session")

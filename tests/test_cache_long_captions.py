@@ -107,10 +107,10 @@ def test_cached_long_embeddings_are_what_training_would_encode(tiny_models, long
     with torch.no_grad():
         encoded = module.text_conditioning({"captions": captions})
     torch.testing.assert_close(
-        torch.stack([samples[c]["prompt_embeds"] for c in captions]), encoded.hidden_states, rtol=1e-5, atol=1e-6
+        torch.stack([samples[c]["prompt_embeds"] for c in captions]), encoded["prompt_embeds"], rtol=1e-5, atol=1e-6
     )
     torch.testing.assert_close(
-        torch.stack([samples[c]["pooled"] for c in captions]), encoded.pooled, rtol=1e-5, atol=1e-6
+        torch.stack([samples[c]["pooled"] for c in captions]), encoded["pooled_prompt_embeds"], rtol=1e-5, atol=1e-6
     )
 
 
@@ -184,7 +184,7 @@ def test_training_refuses_a_cache_of_another_max_token_length(tiny_models, long_
         assert len(lines) == 1, lines
         assert (
             "max_token_length 225" in lines[0]
-            and f"model.max_token_length is {shown}" in lines[0]
+            and f"model.conditioning.max_token_length is {shown}" in lines[0]
             and "lorafit cache" in lines[0]
         ), lines[0]
     assert not (tmp_path / "lora").exists()
@@ -194,13 +194,13 @@ def test_caches_without_the_key_count_as_75_tokens_and_clip_skip_must_match(tiny
     sdxl = LoraDiffusionModule(model=tiny_models["sdxl"], rank=4, max_token_length=225)
     sdxl.configure_model()
     made = {"family": "sdxl", "model": tiny_models["sdxl"], "text_embeddings": True, "clip_skip": 1}
-    with pytest.raises(LorafitError, match=r"max_token_length 75 .*model.max_token_length is 225"):
+    with pytest.raises(LorafitError, match=r"max_token_length 75 .*model.conditioning.max_token_length is 225"):
         sdxl.check_cache(made)  # a cache written before --max_token_length existed
     sdxl.check_cache({**made, "max_token_length": 225})
     sdxl.check_cache({**made, "text_embeddings": False})  # latents only: captions are encoded in training
     sd1 = LoraDiffusionModule(model=tiny_models["sd1"], rank=4, clip_skip=2)
     sd1.configure_model()
-    with pytest.raises(LorafitError, match=r"clip_skip 1, but model.clip_skip is 2"):
+    with pytest.raises(LorafitError, match=r"clip_skip 1, but model.conditioning.clip_skip is 2"):
         sd1.check_cache({**made, "family": "sd1", "model": tiny_models["sd1"]})
 
 
@@ -215,7 +215,9 @@ def test_cached_embeddings_of_the_wrong_length_fail_per_batch(tiny_models, long_
         "prompt_embeds": sample["prompt_embeds"][None],
         "pooled_prompt_embeds": sample["pooled"][None],
     }
-    with pytest.raises(LorafitError, match=r"227 token positions, but model.max_token_length 150 needs 152"):
+    with pytest.raises(
+        LorafitError, match=r"227 token positions, but model.conditioning.max_token_length 150 needs 152"
+    ):
         module.text_conditioning(batch)
 
 

@@ -80,7 +80,7 @@ def _fit(model: str, shards: str, root, **module_kwargs):
 
 def test_cached_training_keeps_vae_and_text_encoders_out_of_the_moved_module(tiny_models, caches, tmp_path):
     module, placement, samples = _fit(tiny_models["sdxl"], caches["latents+text"], tmp_path)
-    assert module.host_parts == ("vae", "text_encoders")
+    assert module.host_parts.names == ("vae", "text_encoders")
     assert {"vae", "text_encoders"}.isdisjoint(placement.children) and "unet" in placement.children
     assert placement.vae_params and placement.text_params
     assert placement.moved.isdisjoint(id(p) for p in placement.vae_params + placement.text_params)
@@ -92,14 +92,14 @@ def test_cached_training_keeps_vae_and_text_encoders_out_of_the_moved_module(tin
 
 def test_text_encoders_with_lora_stay_in_the_module(tiny_models, caches, tmp_path):
     module, placement, _ = _fit(tiny_models["sdxl"], caches["latents"], tmp_path, train_text_encoder=True)
-    assert module.host_parts == ("vae",)
+    assert module.host_parts.names == ("vae",)
     assert "text_encoders" in placement.children and "vae" not in placement.children
 
 
 def test_borrowing_moves_to_the_device_and_gives_back_the_same_host_weights(tiny_models):
     module = LoraDiffusionModule(model=tiny_models["sd1"], rank=4)
     module.configure_model()
-    module.park_unused_parts({"vae", "text_encoders"})
+    module.host_parts.park({"vae", "text_encoders"}, text_encoders_train=False)
     before = {name: (p.data_ptr(), p.detach().clone()) for name, p in module.vae.named_parameters()}
     module._device = torch.device("meta")  # stands in for the GPU: where Lightning moved the module
     with module.host_parts_on_device():

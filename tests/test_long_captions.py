@@ -69,7 +69,7 @@ def test_training_samples_and_files_use_the_long_captions(tiny_models, demo_data
     batch = tiny_batch(demo_data, 2)
     batch["captions"] = [LONG_A, LONG_B]
     with torch.no_grad():
-        assert module.text_conditioning(batch).hidden_states.shape[1] == 152
+        assert module.text_conditioning(batch)["prompt_embeds"].shape[1] == 152
 
     renderer = Renderer(module.base, max_token_length=150)
     request = SamplePrompt(

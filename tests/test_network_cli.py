@@ -90,7 +90,7 @@ def test_a_lokr_run_resumes_from_its_checkpoint(tmp_path, tiny_models, demo_data
 
 def test_unknown_network_type_is_one_line(tmp_path, tiny_models, demo_data, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _fit(tmp_path, tiny_models, demo_data, "--model.network_type", "lycoris")
+        _fit(tmp_path, tiny_models, demo_data, "--model.network.type", "lycoris")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "network_type" in err[0], err
+    assert len(err) == 1 and "network.type" in err[0], err

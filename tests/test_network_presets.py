@@ -96,7 +96,7 @@ def test_bad_targets_are_one_line_errors(unets):
         select_modules(unet, preset_modules(unet, "attn"), include=["("])
     with pytest.raises(LorafitError, match="no module of UNet2DConditionModel is selected"):
         select_modules(unet, preset_modules(unet, "attn"), exclude=[".*"])
-    with pytest.raises(LorafitError, match="target_preset: 'all' is not one of"):
+    with pytest.raises(LorafitError, match="network.preset: 'all' is not one of"):
         preset_modules(unet, "all")
     with pytest.raises(LorafitError, match="network_type: 'lycoris' is not one of"):
         NetworkSpec(network_type="lycoris").check()

@@ -28,15 +28,15 @@ def inf_loss_at_step(monkeypatch):
     """Make the training loss infinite at the given optimizer step(s)."""
 
     def poison(*steps: int):
-        original = LoraDiffusionModule.weighted_loss
+        original = LoraDiffusionModule.denoising_loss
 
-        def weighted_loss(self, *args, **kwargs):
+        def denoising_loss(self, *args, **kwargs):
             loss = original(self, *args, **kwargs)
             if self.training and self.trainer.global_step in steps:
                 return loss * float("inf")
             return loss
 
-        monkeypatch.setattr(LoraDiffusionModule, "weighted_loss", weighted_loss)
+        monkeypatch.setattr(LoraDiffusionModule, "denoising_loss", denoising_loss)
 
     return poison
 
@@ -156,12 +156,12 @@ def test_skip_mode_drops_the_batch_counts_it_and_finishes(inf_loss_at_step, tiny
         log_metrics=True,
         nonfinite_loss="skip",
     )
-    assert module.skipped_nonfinite >= 2
-    assert max(logged_metrics(tmp_path, "loss/skipped_nonfinite").values()) == module.skipped_nonfinite
+    assert module.nonfinite.skipped >= 2
+    assert max(logged_metrics(tmp_path, "loss/skipped_nonfinite").values()) == module.nonfinite.skipped
     assert (tmp_path / "lora" / "test.safetensors").is_file()
     assert all(torch.isfinite(p).all() for p in module.parameters() if p.requires_grad)
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert saved["lorafit"]["skipped_nonfinite"] == module.skipped_nonfinite
+    assert saved["lorafit"]["skipped_nonfinite"] == module.nonfinite.skipped
 
 
 def test_cli_prints_the_stop_as_one_line(tiny_models, demo_data, tmp_path, capsys):

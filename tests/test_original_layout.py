@@ -17,7 +17,8 @@ from lorafit.families.original_layout import (
     original_unet_names,
     unet_module_to_original,
 )
-from lorafit.families.tiny import FAMILIES, build_tiny_pipeline
+from lorafit.families.tiny import UNET_FAMILIES as FAMILIES
+from lorafit.families.tiny import build_tiny_pipeline
 
 SDXL_UNET = dict(
     sample_size=128,

@@ -35,14 +35,14 @@ def test_target_and_min_snr_weighting_per_prediction_type(family, prediction_typ
     expected_target = (
         noise if prediction_type == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
     )
-    target = module.target(latents, noise, timesteps)
+    target = module.objective.target(latents, noise, timesteps)
     torch.testing.assert_close(target, expected_target, rtol=1e-4, atol=1e-5)
 
     prediction = target + torch.randn(target.shape, generator=generator)
     snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())
     weight = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr if prediction_type == "epsilon" else snr + 1)
     per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
-    got = module.weighted_loss(prediction, target, timesteps)
+    got = module.objective.loss(prediction, target, timesteps)
     assert got.item() == pytest.approx((per_sample * weight).mean().item(), rel=1e-5)
     # The weighting matters: at t=5 the SNR is far above gamma, so the plain mean differs.
     assert got.item() != pytest.approx(per_sample.mean().item(), rel=1e-2)
@@ -55,7 +55,7 @@ def test_debiased_estimation_per_prediction_type(family, tiny_models):
     timesteps = torch.tensor([100, 800])
     snr = ALPHAS_CUMPROD[timesteps] / (1 - ALPHAS_CUMPROD[timesteps])
     weight = 1 / snr.sqrt() if family == "sd1" else 1 / (snr + 1)
-    assert module.weighted_loss(prediction, target, timesteps).item() == pytest.approx(weight.mean().item(), rel=1e-4)
+    assert module.objective.loss(prediction, target, timesteps).item() == pytest.approx(weight.mean().item(), rel=1e-4)
 
 
 def test_zero_terminal_snr_rescales_the_schedule(tiny_models):
@@ -63,11 +63,13 @@ def test_zero_terminal_snr_rescales_the_schedule(tiny_models):
     # Lin et al. 2023, Algorithm 1: shift sqrt(alpha_bar) so the last is 0, rescale so the first is unchanged.
     root = ALPHAS_CUMPROD.sqrt()
     rescaled = (root - root[-1]) * root[0] / (root[0] - root[-1])
-    torch.testing.assert_close(module.noise_scheduler.alphas_cumprod.double(), rescaled**2, rtol=1e-4, atol=1e-6)
-    assert module.noise_scheduler.alphas_cumprod[-1] == 0
+    torch.testing.assert_close(
+        module.objective.noise_scheduler.alphas_cumprod.double(), rescaled**2, rtol=1e-4, atol=1e-6
+    )
+    assert module.objective.noise_scheduler.alphas_cumprod[-1] == 0
     # min-SNR on v-prediction stays finite at zero SNR: weight min(0, gamma) / (0 + 1) = 0.
-    module.hparams.min_snr_gamma = 5.0
-    loss = module.weighted_loss(torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), torch.tensor([999]))
+    module = _module(tiny_models["sd2"], zero_terminal_snr=True, min_snr_gamma=5.0)
+    loss = module.objective.loss(torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), torch.tensor([999]))
     assert loss.item() == 0.0
     with pytest.raises(LorafitError, match="zero_terminal_snr needs a v-prediction model"):
         _module(tiny_models["sd1"], zero_terminal_snr=True)
@@ -97,8 +99,9 @@ def test_noise_options_change_the_model_input_the_way_kohya_does(tiny_models):
     base = _module(tiny_models["sd1"])
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
-    def noised(module, seed=3):
-        return module.noised(latents, torch.Generator().manual_seed(seed))
+    def noised(module, seed=3):  # (noise, noisy input, timesteps); SD1 is epsilon: the target is the noise
+        draw = module.objective.draw(latents, torch.Generator().manual_seed(seed))
+        return draw.target, draw.noisy, draw.timesteps
 
     plain_noise, plain_noisy, plain_t = noised(base)
     offset = _module(tiny_models["sd1"], noise_offset=0.1)
@@ -128,7 +131,7 @@ def test_loss_types_reach_the_training_loss(loss_type, tiny_models):
     module = _module(tiny_models["sd1"], loss_type=loss_type, huber_schedule="constant", huber_c=0.5)
     prediction, target = torch.full((1, 4, 8, 8), 3.0), torch.zeros(1, 4, 8, 8)
     expected = {"l1": 3.0, "huber": 2 * 0.5 * ((9 + 0.25) ** 0.5 - 0.5), "smooth_l1": 2 * ((9 + 0.25) ** 0.5 - 0.5)}
-    assert module.weighted_loss(prediction, target, torch.tensor([500])).item() == pytest.approx(expected[loss_type])
+    assert module.objective.loss(prediction, target, torch.tensor([500])).item() == pytest.approx(expected[loss_type])
 
 
 def _lora_grads(module, batch) -> dict[str, torch.Tensor]:
@@ -192,7 +195,7 @@ def test_vae_dtype_defaults_to_float32_under_fp16_weights(tiny_models, demo_data
     seen = []
     module.vae.encoder.conv_in.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        latents = module.latents(_batch(demo_data), torch.Generator().manual_seed(0))
+        latents = module.step.latents(_batch(demo_data), torch.Generator().manual_seed(0), module.device)
     assert seen == [torch.float32] and torch.isfinite(latents).all()
 
 

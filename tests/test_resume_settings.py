@@ -57,11 +57,11 @@ def _error_line(result) -> str:
 def test_resuming_last_with_another_network_type_is_refused_naming_both_values(one_epoch_run, tmp_path):
     result, root = _resume(one_epoch_run, tmp_path, "--model.network_type", "loha")
     error = _error_line(result)
-    assert 'model.network_type: "lora" in the checkpoint, "loha" in the config' in error
+    assert 'model.network.type: "lora" in the checkpoint, "loha" in the config' in error
     assert "resume with the checkpoint's settings, or start a new run" in error.lower()
     assert str(root / "checkpoints" / "last.ckpt") in error
     # Refused before the trainer started: the run's config.yaml still describes the checkpoint.
-    assert yaml.safe_load((root / "config.yaml").read_text())["model"]["network_type"] == "lora"
+    assert yaml.safe_load((root / "config.yaml").read_text())["model"]["network"]["type"] == "lora"
     assert not (root / "lora" / "ohwx-star-epoch-002.safetensors").exists()
 
 
@@ -69,8 +69,8 @@ def test_resuming_a_checkpoint_file_with_another_rank_and_alpha_is_refused(one_e
     # Lightning's CLI used to replace the config by the checkpoint's settings here, silently.
     result, root = _resume(one_epoch_run, tmp_path, "--model.rank", "4", "--model.alpha", "8", ckpt="file")
     error = _error_line(result)
-    assert "model.rank: 8 in the checkpoint, 4 in the config" in error
-    assert "model.alpha: 4.0 in the checkpoint, 8.0 in the config" in error
+    assert "model.network.rank: 8 in the checkpoint, 4 in the config" in error
+    assert "model.network.alpha: 4.0 in the checkpoint, 8.0 in the config" in error
     assert not (root / "lora" / "ohwx-star-epoch-002.safetensors").exists()
 
 
@@ -88,7 +88,7 @@ def test_a_changed_learning_rate_is_used_when_resuming_from_a_checkpoint_file(on
     rates = [rate for _, rate in sorted(tensorboard_scalars(root, "lr/unet").items())]
     assert len(rates) == 20  # 10 steps per epoch, logged every step
     assert rates == pytest.approx([1e-3] * 10 + [0.02] * 10)
-    assert yaml.safe_load((root / "config.yaml").read_text())["model"]["learning_rate"] == 0.02
+    assert yaml.safe_load((root / "config.yaml").read_text())["model"]["optimizer"]["learning_rate"] == 0.02
 
 
 def test_which_settings_count_as_changed():
@@ -113,8 +113,11 @@ def test_which_settings_count_as_changed():
     }
     assert changed_network_settings(saved, same, "sd1") == []  # lokr_factor: not in the checkpoint, not compared
     assert changed_network_settings(saved, {**same, "clip_skip": 2}, "sdxl") == []  # SDXL ignores clip_skip
-    assert changed_network_settings(saved, {**same, "clip_skip": 2}, "sd1") == [("clip_skip", 1, 2)]
-    assert changed_network_settings(saved, {**same, "include": ["ff.net"]}, "sd1") == [("include", None, ["ff.net"])]
+    # Checkpoints of lorafit versions with flat keys compare against the grouped settings.
+    assert changed_network_settings(saved, {**same, "clip_skip": 2}, "sd1") == [("conditioning.clip_skip", 1, 2)]
+    assert changed_network_settings(saved, {**same, "include": ["ff.net"]}, "sd1") == [
+        ("network.include", None, ["ff.net"])
+    ]
 
 
 def test_the_configured_rates_and_arguments_replace_the_saved_ones_at_the_same_point_of_the_schedule():

@@ -155,7 +155,7 @@ def test_wandb_offline_run_holds_images_and_config(tiny_models, demo_data, tmp_p
         wandb.teardown()
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
     records = run_records(run_dir)
-    assert json.loads(records["config"]["rank"]) == 4
+    assert json.loads(records["config"]["network"])["rank"] == 4
     assert json.loads(records["config"]["model"]) == tiny_models["sdxl"]
     logged = [row for row in records["history"] if "samples/00/filenames" in row]
     assert len(logged) == 1

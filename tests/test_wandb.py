@@ -65,7 +65,7 @@ def test_offline_run_logs_config_and_loss_and_a_resume_continues_the_same_run(ti
     for record in records[0]:
         if record.WhichOneof("record_type") == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
-    assert config["config"]["model"]["rank"] == 8 and config["config"]["data"]["batch_size"] == 4
+    assert config["config"]["model"]["network"]["rank"] == 8 and config["config"]["data"]["batch_size"] == 4
     assert config["config"]["trainer"]["default_root_dir"] == str(root)
 
     # 20 samples / batch 4 = 5 steps per epoch: the resumed run's curve continues where the first ended.

@@ -155,7 +155,7 @@ def base_model(
     return BaseModel(
         family=family,
         prediction_type="epsilon",
-        unet=unet,
+        denoiser=unet,
         vae=vae,
         text_encoders=[],
         tokenizers=[],

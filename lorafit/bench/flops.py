@@ -16,11 +16,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lorafit.bench.architectures import build_unet, synthetic_batch
-from lorafit.families.clip_text import TextConditioning
 
 
-def _conditioning(batch: dict) -> TextConditioning:
-    return TextConditioning(batch["prompt_embeds"], batch.get("pooled_prompt_embeds"))
+def _conditioning(batch: dict) -> dict:
+    return {key: batch[key] for key in ("prompt_embeds", "pooled_prompt_embeds") if key in batch}
 
 
 def forward_flops(family: str, resolution: int, batch_size: int = 1, width_divisor: int = 1) -> int:
@@ -67,6 +66,8 @@ def step_flops(
             with torch.no_grad():
                 module.vae.encode(batch["pixel_values"])
         noisy = torch.zeros(batch_size, 4, latent, latent, device="meta")
-        prediction = module.predict(noisy, timesteps, _conditioning(batch), batch)
+        prediction = module.spec.predict(
+            module.base, noisy, timesteps, _conditioning(batch), batch, module.conditioning_config
+        )
         prediction.float().square().mean().backward()
     return counter.get_total_flops()

@@ -103,14 +103,14 @@ def time_reference(
 ) -> _Timer:
     """The diffusers-example loop on ``module.unet``; returns its timer. ``counter`` counts the
     host syncs of the timed steps (it slows them: time and count in separate runs)."""
-    unet, vae, scheduler = module.unet, module.vae, module.noise_scheduler
-    hp = module.hparams
+    unet, vae, scheduler = module.unet, module.vae, module.objective.noise_scheduler
+    opt = module.optimizer_config
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = build_optimizer(
-        hp.optimizer,
-        [{"name": "unet", "lr": hp.learning_rate, "params": params}],
-        hp.learning_rate,
-        optimizer_kwargs(hp.optimizer, optimizer_args=hp.optimizer_args),
+        opt.name,
+        [{"name": "unet", "lr": opt.learning_rate, "params": params}],
+        opt.learning_rate,
+        optimizer_kwargs(opt.name, optimizer_args=opt.args),
     )
     autocast = setting.precision != "fp32"
     scaling = vae.config.scaling_factor

@@ -107,32 +107,37 @@ class LoraExport(pl.Callback):
         self.export(trainer, pl_module, self.name, epochs_done=trainer.current_epoch)
 
     def training_info(self, trainer: pl.Trainer, pl_module, epochs_done: int) -> TrainingInfo:
-        hp = pl_module.hparams
+        hp, net, cond = pl_module.hparams, pl_module.network, pl_module.conditioning_config
         data = trainer.datamodule
         resolution = getattr(data, "resolution", None)
         tag_frequency = data.tag_frequency() if hasattr(data, "tag_frequency") else None
+        flow = pl_module.spec.objective == "flow"
         return TrainingInfo(
             family=pl_module.family,
             prediction_type=pl_module.base.prediction_type,
-            rank=hp.rank,
-            alpha=float(hp.rank if hp.alpha is None else hp.alpha),
+            rank=net.rank,
+            alpha=float(net.rank if net.alpha is None else net.alpha),
             output_name=self.name,
             base_model=str(hp.model),
             resolution=(resolution, resolution) if isinstance(resolution, int) else (512, 512),
             steps=trainer.global_step,
             epoch=epochs_done,
             num_train_images=getattr(data, "num_images", None),
-            learning_rate=hp.learning_rate,
+            learning_rate=pl_module.optimizer_config.learning_rate,
             text_encoder_lr=pl_module.learning_rates().get("text_encoder"),
             seed=pl_module.noise_seed,
             mixed_precision=str(trainer.precision),
-            clip_skip=hp.clip_skip,
-            max_token_length=hp.get("max_token_length"),
+            clip_skip=cond.clip_skip,
+            max_token_length=cond.max_token_length,
             trains_text_encoder=bool(pl_module.trained_text_encoders()),
             tag_frequency=tag_frequency,
             started_at=pl_module.started_at,
-            network_module=KOHYA_NETWORK_MODULE[hp.network_type],
+            network_module=KOHYA_NETWORK_MODULE[net.type],
             network_args=pl_module.network_spec().kohya_network_args(),
+            max_sequence_length=pl_module.spec.sequence_length(pl_module.base, cond) if flow else None,
+            guidance=cond.guidance if flow and pl_module.spec.guidance_distilled(pl_module.base) else None,
+            timestep_sampling=pl_module.noise.timestep_sampling if flow else None,
+            flow_shift=str(pl_module.objective.shift_mode) if flow else None,
         )
 
     def export(
@@ -162,7 +167,13 @@ class LoraExport(pl.Callback):
             }
             paths.append(
                 save_kohya(
-                    directory / f"{stem}.safetensors", pl_module.family, weights, pl_module.unet.config, metadata, dtype
+                    directory / f"{stem}.safetensors",
+                    pl_module.family,
+                    weights,
+                    pl_module.denoiser.config,
+                    metadata,
+                    dtype,
+                    denoiser=pl_module.denoiser,
                 )
             )
         if "diffusers" in self.formats:
@@ -189,31 +200,37 @@ def recipe_metadata(trainer: pl.Trainer, pl_module) -> dict[str, str]:
     """kohya's ``ss_*`` keys for the training recipe (optimizer, schedule, noise, loss), as strings."""
     from lorafit.training.optim import describe, optimizer_kwargs
 
-    hp = pl_module.hparams
+    opt, noise, loss = pl_module.optimizer_config, pl_module.noise, pl_module.loss_config
     rates = pl_module.learning_rates()
+    ddpm = pl_module.spec.objective == "ddpm"
     values = {
-        "ss_unet_lr": rates["unet"],
-        "ss_optimizer": describe(
-            hp.optimizer, optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas, hp.optimizer_args)
-        ),
-        "ss_lr_scheduler": hp.lr_scheduler,
-        "ss_lr_warmup_steps": hp.lr_warmup_steps,
+        "ss_unet_lr": rates[pl_module.spec.denoiser_component],
+        "ss_optimizer": describe(opt.name, optimizer_kwargs(opt.name, opt.weight_decay, opt.betas, opt.args)),
+        "ss_lr_scheduler": opt.lr_scheduler,
+        "ss_lr_warmup_steps": opt.lr_warmup_steps,
         "ss_max_grad_norm": trainer.gradient_clip_val or 0.0,
         "ss_gradient_accumulation_steps": trainer.accumulate_grad_batches,
-        "ss_gradient_checkpointing": hp.gradient_checkpointing,
-        "ss_noise_offset": hp.noise_offset or None,
-        "ss_noise_offset_random_strength": hp.noise_offset_random_strength,
-        "ss_multires_noise_iterations": hp.multires_noise_iterations or None,
-        "ss_multires_noise_discount": hp.multires_noise_discount,
-        "ss_ip_noise_gamma": hp.ip_noise_gamma or None,
-        "ss_ip_noise_gamma_random_strength": hp.ip_noise_gamma_random_strength,
-        "ss_min_snr_gamma": hp.min_snr_gamma,
-        "ss_debiased_estimation": hp.debiased_estimation_loss,
-        "ss_zero_terminal_snr": hp.zero_terminal_snr,
-        "ss_loss_type": hp.loss_type,
-        "ss_huber_schedule": hp.huber_schedule,
-        "ss_huber_c": hp.huber_c,
-        "ss_huber_scale": hp.huber_scale,
-        "ss_prior_loss_weight": hp.prior_loss_weight,
+        "ss_gradient_checkpointing": pl_module.memory.gradient_checkpointing,
+        "ss_loss_type": loss.type,
+        "ss_huber_schedule": loss.huber_schedule,
+        "ss_huber_c": loss.huber_c,
+        "ss_huber_scale": loss.huber_scale,
+        "ss_prior_loss_weight": loss.prior_weight,
     }
+    if ddpm:  # the DDPM recipe knobs; flow families record theirs in kohya_metadata
+        values.update(
+            {
+                "ss_noise_offset": noise.offset or None,
+                "ss_noise_offset_random_strength": noise.offset_random_strength,
+                "ss_multires_noise_iterations": noise.multires_iterations or None,
+                "ss_multires_noise_discount": noise.multires_discount,
+                "ss_ip_noise_gamma": noise.ip_gamma or None,
+                "ss_ip_noise_gamma_random_strength": noise.ip_gamma_random_strength,
+                "ss_min_snr_gamma": loss.min_snr_gamma,
+                "ss_debiased_estimation": loss.debiased_estimation,
+                "ss_zero_terminal_snr": noise.zero_terminal_snr,
+            }
+        )
+    else:
+        values["ss_weighting_scheme"] = loss.weighting
     return {key: str(value) for key, value in values.items() if value is not None}

@@ -156,8 +156,8 @@ class SampleImages(pl.Callback):
         if self._renderer is None:
             self._renderer = Renderer(
                 pl_module.base,
-                clip_skip=pl_module.hparams.clip_skip,
-                max_token_length=pl_module.hparams.get("max_token_length"),
+                clip_skip=pl_module.conditioning_config.clip_skip,
+                max_token_length=pl_module.conditioning_config.max_token_length,
             )
         step = trainer.global_step
         paths = []
@@ -181,7 +181,7 @@ class SampleImages(pl.Callback):
         lora_image = self._renderer(request)
         if not self.compare_base:
             return lora_image
-        with adapters_disabled([pl_module.unet, *pl_module.text_encoders]):
+        with adapters_disabled([pl_module.denoiser, *pl_module.text_encoders]):
             base_image = self._renderer(request)
         sheet, _ = make_sheet([[base_image, lora_image]], ["base model", f"LoRA, epoch {epoch} step {step}"])
         return sheet

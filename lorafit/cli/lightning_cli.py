@@ -114,9 +114,51 @@ def _build_cli_class():
     return LorafitCLI, LoraDiffusionModule, LoraDataModule, RunDirConfig
 
 
+def migrate_legacy_config(argv: list[str]) -> list[str]:
+    """``argv`` with the flat ``model.*`` keys of older lorafit versions moved into their groups.
+
+    Flags are rewritten in place; a ``--config`` file that uses old keys is passed on as YAML text
+    with the keys moved (the file itself is left as the user wrote it). One notice per moved key.
+    """
+    import yaml
+
+    from lorafit.training.legacy_keys import nest_model_settings, rewrite_argv
+
+    argv = rewrite_argv(argv)
+    out, index = [], 0
+    while index < len(argv):
+        arg = argv[index]
+        flag, equals, value = arg.partition("=")
+        if flag in ("--config", "-c") and (equals or index + 1 < len(argv)):
+            if not equals:
+                index += 1
+                value = argv[index]
+            path = Path(value).expanduser()
+            loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+            if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
+                migrated = nest_model_settings(loaded["model"], where=str(path))
+                if migrated != loaded["model"]:
+                    value = yaml.safe_dump({**loaded, "model": migrated}, sort_keys=False)
+            out += [flag, value]
+        elif flag == "--model.optimizer" and not equals and index + 1 < len(argv):
+            name = argv[index + 1]
+            if name.startswith(("{", "[", "-")):
+                out.append(arg)
+            else:  # `--model.optimizer AdamW`: the old spelling of the optimizer's name
+                from lorafit.training.legacy_keys import log
+
+                log.warning("--model.optimizer NAME is now --model.optimizer.name NAME; the old flag still works")
+                out += ["--model.optimizer.name", name]
+                index += 1
+        else:
+            out.append(arg)
+        index += 1
+    return out
+
+
 def run_lightning(argv: list[str]):
     # `--print_config` alone prints the YAML with every option's help as a comment.
-    argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
+    argv = ["--print_config=comments" if a == "--print_config" else a for a in migrate_legacy_config(argv)]
     cli_class, module_class, data_class, config_callback = _build_cli_class()
     return cli_class(
         module_class,
@@ -126,6 +168,6 @@ def run_lightning(argv: list[str]):
         trainer_defaults={"default_root_dir": "runs/lorafit", "max_epochs": 10},
         seed_everything_default=0,
         # exit_on_error=False: a bad key raises instead of printing the whole usage; main() prints one line.
-        parser_kwargs={"description": "Train LoRA adapters on Stable Diffusion 1.x/2.x/SDXL.", "exit_on_error": False},
+        parser_kwargs={"description": "Train LoRA adapters on SD 1.x/2.x, SDXL and FLUX.1.", "exit_on_error": False},
         args=argv,
     )

@@ -34,6 +34,7 @@ from lorafit.data.sample_transform import BucketSpec, SampleTransform
 from lorafit.data.shard_index import load_index
 from lorafit.data.stream import ShardStream
 from lorafit.errors import LorafitError
+from lorafit.families.registry import get_family
 
 logger = logging.getLogger("lorafit.data")
 
@@ -63,6 +64,7 @@ def cache(
     text_embeddings: bool = False,
     clip_skip: int = 1,
     max_token_length: int | None = None,
+    max_sequence_length: int | None = None,
     flip_aug: bool = False,
     resolution: int = 512,
     min_bucket_reso: int = 256,
@@ -93,6 +95,8 @@ def cache(
         max_token_length: kohya's ``max_token_length`` for --text_embeddings, as in the training
             config (model.max_token_length): caption tokens read (150 or 225) in 75-token chunks
             whose hidden states are joined (1 + 75n + 1 positions). Empty: 75, longer captions cut.
+        max_sequence_length: Flux: T5 tokens per caption for --text_embeddings, as in the training
+            config (model.conditioning.max_sequence_length); empty = 512 ([dev]) / 256 ([schnell]).
         flip_aug: Also cache the horizontally mirrored image, for data.flip_aug.
         resolution: data.resolution of the training config.
         min_bucket_reso: data.min_bucket_reso.
@@ -111,7 +115,7 @@ def cache(
     """
     import webdataset as wds
 
-    from lorafit.families.clip_text import encode_tokens, tokenize
+    from lorafit.families.family import TextOptions
     from lorafit.families.loading import load_base_model
 
     if max_token_length is not None and max_token_length < 1:
@@ -143,8 +147,14 @@ def cache(
     )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(model, single_file_config=single_file_config)
+    family = get_family(base.family)
+    options = TextOptions(
+        clip_skip=clip_skip, max_token_length=max_token_length, max_sequence_length=max_sequence_length
+    )
     vae = base.vae.to(device).eval()
-    encoders = [encoder.to(device).eval() for encoder in base.text_encoders]
+    if text_embeddings:
+        for encoder in base.text_encoders:
+            encoder.to(device).eval()
     storage = DTYPES[dtype]
     total = sum(
         sum(row)
@@ -164,11 +174,10 @@ def cache(
     ):
         for batch in stream:
             pixels = batch["pixel_values"].to(device, vae.dtype)
-            moments = vae.encode(pixels).latent_dist.parameters
+            moments = vae.encode(pixels).latent_dist.parameters  # the posterior: training samples from it
             flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters if flip_aug else None
             if text_embeddings:
-                ids = tokenize(base.tokenizers, batch["captions"], device, max_token_length)
-                text = encode_tokens(base.family, encoders, ids, clip_skip)
+                text = family.encode_text(base, batch["captions"], options, device)
             bucket = (pixels.shape[-1], pixels.shape[-2])
             for j, meta in enumerate(batch["metas"]):
                 crop = batch["crop_top_left"][j].tolist()
@@ -183,9 +192,8 @@ def cache(
                     sample["latent_flip.pth"] = _tensor_bytes(flipped[j], storage)
                     info["crop_top_left_flip"] = _flipped_crop(original, crop, bucket, choose)
                 if text_embeddings:
-                    sample["prompt_embeds.pth"] = _tensor_bytes(text.hidden_states[j], storage)
-                    if text.pooled is not None:
-                        sample["pooled_prompt_embeds.pth"] = _tensor_bytes(text.pooled[j], storage)
+                    for key, tensor in text.items():  # the family's conditioning_keys
+                        sample[f"{key}.pth"] = _tensor_bytes(tensor[j], storage)
                 sample["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
                 writer.write(sample)
                 name = os.path.basename(writer.fname)
@@ -217,6 +225,7 @@ def cache(
             "text_embeddings": text_embeddings,
             "clip_skip": clip_skip,
             "max_token_length": max_token_length,
+            "max_sequence_length": getattr(family, "sequence_length", lambda *_: None)(base, options),
             "dtype": dtype,
             "family": base.family,
         },

@@ -1,48 +1,35 @@
-"""Load a base Stable Diffusion model (diffusers directory, hub id or single file) and name its family.
+"""Load a base model (diffusers directory, hub id or single file) and name its family.
 
-The family (SD1.x, SD2.x, SDXL) and the prediction type are read from the loaded parts, never
-trusted to a user flag: a wrong "v2"/"v_parameterization" switch is the classic way to train a
-LoRA against the wrong target in kohya. A flag may still override, for unusual merges.
+The family (SD1.x, SD2.x, SDXL, Flux.1, ...) and the prediction type are read from the model,
+never trusted to a user flag: a wrong "v2"/"v_parameterization" switch is the classic way to train
+a LoRA against the wrong target in kohya. A flag may still override, for unusual merges. What
+differs between families (pipeline class, components, single-file layout) is asked of the family
+(:mod:`lorafit.families.registry`).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.families.family import BaseModel, Family
+from lorafit.families.registry import detect_from_index, detect_from_keys, get_family
 
 log = logging.getLogger("lorafit.models")
 
-Family = Literal["sd1", "sd2", "sdxl"]
 PredictionType = Literal["epsilon", "v_prediction"]
+Quantization = Literal["none", "nf4", "int8", "fp8"]
 SourceKind = Literal["directory", "single_file", "hub_id"]
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Only the SGM (SDXL) checkpoint layout has a second text-encoder embedder.
-_SDXL_SINGLE_FILE_PREFIX = "conditioner.embedders.1."
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class BaseModel:
-    """The frozen parts of a base model, with what lorafit detected about them."""
-
-    family: Family
-    prediction_type: PredictionType
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoders: list = field(default_factory=list)
-    tokenizers: list = field(default_factory=list)
-    scheduler_config: dict = field(default_factory=dict)
-    source: str = ""
 
 
 def resolve_model_source(source: str, key: str = "model.model") -> SourceKind:
@@ -72,47 +59,82 @@ def resolve_model_source(source: str, key: str = "model.model") -> SourceKind:
     return "hub_id"
 
 
-def detect_family(unet_config, has_second_text_encoder: bool) -> Family:
-    """Name the architecture from the UNet's config and the text encoders present.
+def detect_family(unet_config, has_second_text_encoder: bool) -> str:
+    """Name a UNet family from the UNet's config and the text encoders present (no weights read).
 
-    SDXL is the only family with a second text encoder and ``text_time`` micro-conditioning; SD2
+    SDXL is the only one with a second text encoder and ``text_time`` micro-conditioning; SD2
     differs from SD1 by OpenCLIP's 1024-wide context and linear ``proj_in``/``proj_out``.
     """
-    if has_second_text_encoder or unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024:
-        return "sd2"
-    return "sd1"
+    index = {"unet": ["diffusers", "UNet2DConditionModel"]}
+    if has_second_text_encoder:
+        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    return detect_from_index(index, dict(unet_config), "the model").name
 
 
-def _pipeline_class(is_sdxl: bool):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-
-
-def _single_file_is_sdxl(path: Path) -> bool:
+def single_file_keys(path: Path) -> set[str]:
+    """Tensor names of a checkpoint file (safetensors: from the header alone)."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            return any(k.startswith(_SDXL_SINGLE_FILE_PREFIX) for k in handle.keys())
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return set(handle.keys())
+        except Exception as error:  # noqa: BLE001 -- safetensors raises its own error types for bad headers
+            raise LorafitError(f"model.model: {path} is not a readable .safetensors file ({error})") from None
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
-    return any(k.startswith(_SDXL_SINGLE_FILE_PREFIX) for k in load_single_file_checkpoint(str(path)))
+    return set(load_single_file_checkpoint(str(path)))
 
 
-def _load_pipeline(
-    source: str, kind: SourceKind, single_file_config: str | None, revision: str | None, variant: str | None
-):
-    no_safety = dict(safety_checker=None, requires_safety_checker=False)
+def _component_config(source: str, component: str, revision: str | None) -> dict:
+    """A pipeline component's ``config.json`` (local or from the hub cache), without building it."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    class _ComponentConfig(ConfigMixin):  # ConfigMixin reads only for a class naming its file
+        config_name = "config.json"
+
+    return dict(_ComponentConfig.load_config(source, subfolder=component, revision=revision))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def quantization_config(quantization: str, family: Family, compute_dtype: torch.dtype):
+    """diffusers' ``PipelineQuantizationConfig`` putting the denoiser in bitsandbytes NF4/int8, or None.
+
+    Only the denoiser is quantized: it is most of the memory (Flux's transformer is 12 B of its
+    17 B parameters), and PEFT wraps LoRA around bitsandbytes' ``Linear4bit``/``Linear8bitLt``.
+    """
+    if quantization in ("none", "fp8"):
+        return None
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LorafitError(
+            f"model.quantization: {quantization} needs bitsandbytes; pip install 'lorafit[bnb]'"
+        ) from None
+    if quantization == "nf4":
+        backend, kwargs = (
+            "bitsandbytes_4bit",
+            dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype),
+        )
+    else:
+        backend, kwargs = "bitsandbytes_8bit", dict(load_in_8bit=True)
+    return PipelineQuantizationConfig(
+        quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=[family.denoiser_component]
+    )
+
+
+def _load_pipeline(source, kind, single_file_config, revision, variant, parts, quantization, dtype):
     if kind == "single_file":
         path = Path(source).expanduser()
-        is_sdxl = _single_file_is_sdxl(path)
-        cls = _pipeline_class(is_sdxl)
-        kwargs = {} if is_sdxl else no_safety
+        family = detect_from_keys(single_file_keys(path), source)
         try:
-            return cls.from_single_file(str(path), config=single_file_config, **kwargs)
+            pipe = family.load_single_file(str(path), single_file_config, dict(parts), quantization, dtype)
         except (OSError, ValueError) as error:
             hint = (
                 ""
@@ -125,6 +147,9 @@ def _load_pipeline(
             raise LorafitError(
                 f"model.model: could not load single file {source}: {_first_line(error)}{hint}"
             ) from None
+        return family, pipe
+    if parts:
+        raise LorafitError(f"model.parts: only for single files; {source} is a {kind.replace('_', ' ')}")
     from diffusers import DiffusionPipeline
 
     try:
@@ -136,67 +161,110 @@ def _load_pipeline(
                 f"and could not be downloaded ({_first_line(error)}); check the path or the network"
             ) from None
         raise LorafitError(f"model.model: could not read {source}: {_first_line(error)}") from None
-    is_sdxl = "text_encoder_2" in index
-    cls = _pipeline_class(is_sdxl)
-    kwargs = {} if is_sdxl else no_safety
-    return cls.from_pretrained(source, revision=revision, variant=variant, **kwargs)
+    denoiser = next((c for c in ("unet", "transformer") if c in index), None)
+    config = _component_config(source, denoiser, revision) if denoiser else {}
+    family = detect_from_index(index, config, source)
+    return family, family.load_pretrained(source, revision, variant, quantization_config(quantization, family, dtype))
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def model_skeleton(source: str, key: str = "--base") -> tuple[str, dict[str, torch.nn.Module]]:
+    """The family and the denoiser/text-encoder modules of ``source`` on the meta device (no weights).
+
+    Module names, shapes and configs are all a LoRA's names and shapes depend on, so converting or
+    checking a file against a base costs no memory even for Flux. A single-file base has no
+    separate configs to read, so it is loaded for real.
+    """
+    if resolve_model_source(source, key=key) == "single_file":
+        loaded = load_base_model(source)
+        spec = get_family(loaded.family)
+        components = {spec.denoiser_component: loaded.denoiser}
+        components.update(zip(spec.text_encoder_components, loaded.text_encoders))
+        return loaded.family, components
+    import importlib
+
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(source)
+    denoiser = next((c for c in ("unet", "transformer") if c in index), None)
+    spec = detect_from_index(index, _component_config(source, denoiser, None) if denoiser else {}, source)
+    components = {}
+    with torch.device("meta"):
+        for name in (spec.denoiser_component, *spec.text_encoder_components):
+            library, class_name = (index.get(name) or [None, None])[:2]
+            if library is None:
+                continue
+            cls = getattr(importlib.import_module(library), class_name)
+            if library == "diffusers":
+                components[name] = cls.from_config(cls.load_config(source, subfolder=name))
+            else:
+                components[name] = cls(cls.config_class.from_pretrained(source, subfolder=name))
+    return spec.name, components
 
 
 def load_base_model(
     source: str,
-    family: Family | None = None,
+    family: str | None = None,
     prediction_type: PredictionType | None = None,
     single_file_config: str | None = None,
     weight_dtype: str = "float32",
     revision: str | None = None,
     variant: str | None = None,
+    parts: dict[str, str] | None = None,
+    quantization: Quantization = "none",
 ) -> BaseModel:
     """Load ``source`` and return its frozen parts with the detected family and prediction type.
 
     Args:
         source: diffusers pipeline directory, hub id, or ``.safetensors``/``.ckpt`` single file.
-        family: Override the detected family (``sd1``/``sd2``/``sdxl``).
+        family: Override the detected family (``sd1``/``sd2``/``sdxl``/``flux``).
         prediction_type: Override the scheduler's prediction type (``epsilon``/``v_prediction``).
         single_file_config: diffusers pipeline directory or hub id whose configs describe a single file.
         weight_dtype: dtype of the frozen weights (LoRA weights always stay float32).
         revision: Hub revision (branch, tag or commit).
         variant: Hub weight variant, e.g. ``fp16``.
+        parts: Single files only: separately downloaded components by diffusers name (``vae``,
+            ``text_encoder``, ``text_encoder_2``), e.g. Flux's ``ae.safetensors`` and text encoders.
+        quantization: Storage of the frozen denoiser: ``none``, ``nf4``/``int8`` (bitsandbytes,
+            through diffusers' quantization config) or ``fp8`` (float8 storage, upcast per layer).
     """
     kind = resolve_model_source(source)
     if weight_dtype not in DTYPES:
         raise LorafitError(f"model.weight_dtype: {weight_dtype!r} is not one of {', '.join(DTYPES)}")
-    pipe = _load_pipeline(source, kind, single_file_config, revision, variant)
-    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
-    detected = detect_family(pipe.unet.config, len(text_encoders) > 1)
-    if family and family != detected:
-        log.warning("model.family=%s overrides the detected family %s for %s", family, detected, source)
-    scheduler_config = dict(pipe.scheduler.config)
-    detected_prediction = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type and prediction_type != detected_prediction:
-        log.warning("model.prediction_type=%s overrides the scheduler's %s", prediction_type, detected_prediction)
-    chosen_family = family or detected
-    chosen_prediction = prediction_type or detected_prediction
-    if chosen_prediction not in ("epsilon", "v_prediction"):
-        raise LorafitError(f"model.prediction_type: {chosen_prediction!r} is not supported (epsilon or v_prediction)")
     dtype = DTYPES[weight_dtype]
-    for module in [pipe.unet, pipe.vae, *text_encoders]:
+    spec, pipe = _load_pipeline(source, kind, single_file_config, revision, variant, parts or {}, quantization, dtype)
+    if family and family != spec.name:
+        log.warning("model.family=%s overrides the detected family %s for %s", family, spec.name, source)
+        spec = get_family(family)
+    denoiser = getattr(pipe, spec.denoiser_component)
+    text_encoders = [getattr(pipe, c) for c in spec.text_encoder_components if getattr(pipe, c, None) is not None]
+    tokenizers = [getattr(pipe, c) for c in spec.tokenizer_components if getattr(pipe, c, None) is not None]
+    scheduler_config = dict(pipe.scheduler.config)
+    detected_prediction = spec.prediction_type(scheduler_config)
+    if prediction_type and prediction_type != detected_prediction:
+        if spec.objective == "flow":
+            raise LorafitError(f"model.prediction_type: {spec.title} is a flow-matching model; leave it empty")
+        log.warning("model.prediction_type=%s overrides the scheduler's %s", prediction_type, detected_prediction)
+    chosen_prediction = prediction_type or detected_prediction
+    if chosen_prediction not in ("epsilon", "v_prediction", "flow"):
+        raise LorafitError(f"model.prediction_type: {chosen_prediction!r} is not supported (epsilon or v_prediction)")
+    quantized = quantization in ("nf4", "int8")
+    for module in [denoiser, pipe.vae, *text_encoders]:
         module.requires_grad_(False)
         module.eval()
+        if module is denoiser and quantized:
+            continue  # bitsandbytes layers keep their storage; compute runs in bnb_4bit_compute_dtype
         if module.dtype != dtype:  # diffusers warns on any .to(dtype), even a no-op
             module.to(dtype)
-    log.info(
-        "loaded %s from %s: family %s, prediction %s", type(pipe).__name__, source, chosen_family, chosen_prediction
-    )
+    if quantization == "fp8":
+        # Weights stored in float8 and upcast layer by layer as they run (diffusers' layerwise
+        # casting): half of bf16's memory for the frozen denoiser. Done before any LoRA is
+        # attached, so adapter weights are never cast.
+        denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    log.info("loaded %s from %s: family %s, prediction %s", type(pipe).__name__, source, spec.name, chosen_prediction)
     return BaseModel(
-        family=chosen_family,
+        family=spec.name,
         prediction_type=chosen_prediction,
-        unet=pipe.unet,
+        denoiser=denoiser,
         vae=pipe.vae,
         text_encoders=text_encoders,
         tokenizers=tokenizers,

@@ -1,21 +1,23 @@
-"""Tiny random-weight pipelines of each real Stable Diffusion architecture, built offline.
+"""Tiny random-weight pipelines of each real architecture, built offline (SD builders + shared parts).
 
 Tests and the demo load these with the same ``from_pretrained`` code a user's real model takes,
 so every loading, family-detection, LoRA-naming and export path is exercised without a model hub.
 The layouts keep the features that make the real families differ (SD2's linear projections and
 OpenCLIP-style GELU text encoder with v-prediction, SDXL's two text encoders, pooled projection and
 ``text_time`` micro-conditioning, an 8x VAE) at a size that trains on a laptop CPU in seconds.
+Each family's :meth:`~lorafit.families.family.Family.tiny_pipeline` builds its own (the SD ones
+from the builders here; transformer families in their modules, from the shared tokenizer and VAE
+builders here).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-Family = Literal["sd1", "sd2", "sdxl"]
-FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+# The UNet families, whose tiny pipelines are built here (the original-layout tests use them).
+UNET_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 
 _TEXT_HIDDEN = 32
 # SDXL's second encoder is wider than its first (1280 vs 768), and diffusers' single-file loader
@@ -73,7 +75,7 @@ def _text_config(tokenizer, hidden_act: str, projection_dim: int = _PROJECTION_D
     )
 
 
-def _vae(scaling_factor: float):
+def tiny_vae(scaling_factor: float, latent_channels: int = 4, shift_factor: float | None = None):
     from diffusers import AutoencoderKL
 
     # Four levels like the real VAE, so latents are 1/8 of the image side (bucket steps of 64 px
@@ -85,10 +87,14 @@ def _vae(scaling_factor: float):
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        # Flux's VAE has no quant convs; SD's have them.
+        use_quant_conv=shift_factor is None,
+        use_post_quant_conv=shift_factor is None,
     )
 
 
@@ -138,34 +144,33 @@ def _scheduler_kwargs() -> dict:
     return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
-def build_tiny_pipeline(family: Family, seed: int = 0):
-    """Return a tiny random-weight diffusers pipeline of ``family`` (weights fixed by ``seed``)."""
-    from diffusers import (
-        DDIMScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-    )
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A tiny random-weight SDXL pipeline (weights fixed by ``seed``)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer()
-    if family == "sdxl":
-        # Real SDXL pads its second (OpenCLIP bigG) tokenizer with "!", not the end token.
-        tokenizer_2 = build_clip_tokenizer(pad_token="!")
-        return StableDiffusionXLPipeline(
-            vae=_vae(scaling_factor=0.13025),
-            text_encoder=CLIPTextModel(_text_config(tokenizer, "quick_gelu")),
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, "gelu", hidden=_TEXT_HIDDEN_2)),
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=_sdxl_unet(),
-            scheduler=EulerDiscreteScheduler(**_scheduler_kwargs(), timestep_spacing="leading", steps_offset=1),
-        )
-    sd2 = family == "sd2"
+    # Real SDXL pads its second (OpenCLIP bigG) tokenizer with "!", not the end token.
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, "quick_gelu")),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, "gelu", hidden=_TEXT_HIDDEN_2)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=_sdxl_unet(),
+        scheduler=EulerDiscreteScheduler(**_scheduler_kwargs(), timestep_spacing="leading", steps_offset=1),
+    )
+
+
+def tiny_sd_pipeline(sd2: bool, seed: int = 0):
+    """A tiny random-weight SD1.x (epsilon) or SD2.x-768 (v-prediction) pipeline."""
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
     scheduler = (
         DDIMScheduler(
             **_scheduler_kwargs(),
@@ -178,7 +183,7 @@ def build_tiny_pipeline(family: Family, seed: int = 0):
         else PNDMScheduler(**_scheduler_kwargs(), skip_prk_steps=True, steps_offset=1)
     )
     return StableDiffusionPipeline(
-        vae=_vae(scaling_factor=0.18215),
+        vae=tiny_vae(scaling_factor=0.18215),
         text_encoder=CLIPTextModel(_text_config(tokenizer, "gelu" if sd2 else "quick_gelu")),
         tokenizer=tokenizer,
         unet=_sd_unet(cross_attention_dim=_TEXT_HIDDEN, sd2=sd2),
@@ -189,12 +194,20 @@ def build_tiny_pipeline(family: Family, seed: int = 0):
     )
 
 
-def save_tiny_pipeline(family: Family, out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+def build_tiny_pipeline(family: str, seed: int = 0):
+    """Return a tiny random-weight diffusers pipeline of ``family`` (weights fixed by ``seed``)."""
+    from lorafit.families.registry import get_family
+
+    return get_family(family, key="family").tiny_pipeline(seed=seed)
+
+
+def save_tiny_pipeline(family: str, out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Build a tiny ``family`` pipeline and write it as a diffusers directory (``save_pretrained``).
 
     Args:
-        family: Architecture to imitate: ``sd1`` (SD1.5, epsilon), ``sd2`` (SD2.x-768, v-prediction)
-            or ``sdxl`` (two text encoders, micro-conditioning).
+        family: Architecture to imitate: ``sd1`` (SD1.5, epsilon), ``sd2`` (SD2.x-768, v-prediction),
+            ``sdxl`` (two text encoders, micro-conditioning), ``flux`` (Flux.1 [dev]: CLIP-L + T5,
+            guidance embedding, 16-channel VAE) or ``flux-schnell`` (no guidance embedding).
         out: Directory to write; it gets ``model_index.json`` and one folder per component.
         seed: Seed of the random weights; the same seed writes the same tensors.
         overwrite: Rebuild even if ``out`` already holds a pipeline.

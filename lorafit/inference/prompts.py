@@ -41,6 +41,7 @@ class SamplePrompt:
     cfg: float | None = None
     seed: int | None = None
     sampler: str | None = None
+    guidance: float | None = None  # guidance-distilled models (Flux.1 [dev]): kohya's --g; None = 3.5
 
     def with_defaults(self, width: int, height: int, steps: int, cfg: float, seed: int, sampler: str) -> SamplePrompt:
         """A copy with every unset field filled in."""
@@ -62,6 +63,7 @@ _OPTIONS = {
     "h": ("height", "size"),
     "s": ("steps", "steps"),
     "l": ("cfg", "float"),
+    "g": ("guidance", "float"),
     "d": ("seed", "seed"),
     "ss": ("sampler", "sampler"),
 }
@@ -157,6 +159,8 @@ _DICT_KEYS = {
     "cfg_scale": "cfg",
     "cfg": "cfg",
     "seed": "seed",
+    "guidance_scale": "guidance",
+    "guidance": "guidance",
     "sample_sampler": "sampler",
     "sampler": "sampler",
 }
@@ -165,6 +169,7 @@ _DICT_KINDS = {
     "height": "size",
     "steps": "steps",
     "cfg": "float",
+    "guidance": "float",
     "seed": "seed",
     "sampler": "sampler",
     "negative_prompt": "text",

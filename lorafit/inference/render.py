@@ -22,43 +22,23 @@ from PIL import Image
 from lorafit.errors import LorafitError
 from lorafit.families.clip_text import encode_tokens, tokenize
 from lorafit.families.loading import BaseModel
+from lorafit.families.registry import get_family
 from lorafit.inference.prompts import SamplePrompt
 from lorafit.inference.samplers import make_scheduler
 
 
 def build_pipeline(base: BaseModel):
     """A txt2img pipeline over ``base``'s own modules (shared, not copied; LoRA layers included)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     scheduler = make_scheduler("euler", base.scheduler_config, base.prediction_type)
-    if base.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=base.vae,
-            text_encoder=base.text_encoders[0],
-            text_encoder_2=base.text_encoders[1],
-            tokenizer=base.tokenizers[0],
-            tokenizer_2=base.tokenizers[1],
-            unet=base.unet,
-            scheduler=scheduler,
-            add_watermarker=False,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=base.vae,
-            text_encoder=base.text_encoders[0],
-            tokenizer=base.tokenizers[0],
-            unet=base.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    pipe = get_family(base.family).build_pipeline(base, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def default_size(pipe) -> int:
-    """The model's native side in pixels (UNet sample size times the VAE's downscale)."""
+def default_size(pipe, base: BaseModel | None = None) -> int:
+    """The model's native side in pixels (what its family was trained at)."""
+    if base is not None:
+        return get_family(base.family).native_size(base)
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
@@ -111,9 +91,11 @@ class Renderer:
 
     @property
     def default_size(self) -> int:
-        return default_size(self.pipe)
+        return default_size(self.pipe, self.base)
 
     def _common(self, request: SamplePrompt) -> dict:
+        if get_family(self.base.family).objective == "flow":
+            return self._flow_common(request)
         if not self.max_token_length and (self.base.family == "sdxl" or self.clip_skip <= 1):
             return dict(
                 prompt=request.prompt, negative_prompt=request.negative_prompt or None, guidance_scale=request.cfg
@@ -140,6 +122,15 @@ class Renderer:
         if pooled is not None:
             embeds.update(pooled_prompt_embeds=pooled[:1], negative_pooled_prompt_embeds=pooled[1:])
         return embeds
+
+    def _flow_common(self, request: SamplePrompt) -> dict:
+        """Flux: ``--g`` is the embedded guidance of guidance-distilled models (3.5 when unset, the
+        pipeline's default); ``--l`` is true classifier-free guidance, which FluxPipeline runs only
+        with a negative prompt (``--n``), as kohya's Flux sampler does since it split the two."""
+        common = dict(prompt=request.prompt, guidance_scale=3.5 if request.guidance is None else request.guidance)
+        if request.negative_prompt:
+            common.update(negative_prompt=request.negative_prompt, true_cfg_scale=request.cfg)
+        return common
 
     def _scheduler(self, request: SamplePrompt):
         return make_scheduler(request.sampler, self.base.scheduler_config, self.base.prediction_type)

@@ -42,6 +42,7 @@ _ALIASES = {
     "plms": "pndm",
 }
 SAMPLER_NAMES = tuple(_SAMPLERS)
+_FLOW_SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
 
 
 def canonical_sampler(name: str, key: str = "sampler") -> str:
@@ -66,6 +67,13 @@ def make_scheduler(name: str, scheduler_config: dict, prediction_type: str | Non
     """
     import diffusers
 
+    if prediction_type == "flow":  # flow-matching models: their own Euler (or Heun) on sigmas
+        chosen = canonical_sampler(name)
+        if chosen not in _FLOW_SAMPLERS:
+            raise LorafitError(
+                f"sampler {name!r} works on DDPM models only; flow-matching models take {' or '.join(_FLOW_SAMPLERS)}"
+            )
+        return getattr(diffusers, _FLOW_SAMPLERS[chosen]).from_config(scheduler_config)
     class_name, extra, _ = _SAMPLERS[canonical_sampler(name)]
     overrides = dict(extra)
     if prediction_type:

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.families.loading import detect_family, load_base_model, resolve_model_source
+from lorafit.families.loading import model_skeleton
 from lorafit.networks.files import DIFFUSERS_KINDS, read_lora_file, save_diffusers, save_kohya
 from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.lora_weights import network_kinds
@@ -22,32 +22,6 @@ from lorafit.networks.lora_weights import network_kinds
 log = logging.getLogger("lorafit.convert")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def model_skeleton(base: str) -> tuple[str, dict[str, torch.nn.Module]]:
-    """The family and the UNet/text-encoder modules of ``base``, on the meta device (no weights).
-
-    A single-file base has no separate configs to read, so it is loaded for real.
-    """
-    if resolve_model_source(base, key="--base") == "single_file":
-        loaded = load_base_model(base)
-        components = {"unet": loaded.unet, **dict(zip(("text_encoder", "text_encoder_2"), loaded.text_encoders))}
-        return loaded.family, components
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    index = DiffusionPipeline.load_config(base)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet"))
-        components = {"unet": unet}
-        for name in ("text_encoder", "text_encoder_2"):
-            if name in index and index[name][0] is not None:
-                config = CLIPTextConfig.from_pretrained(base, subfolder=name)
-                model_class = (
-                    CLIPTextModelWithProjection if index[name][1].endswith("WithProjection") else CLIPTextModel
-                )
-                components[name] = model_class(config)
-    return detect_family(unet.config, "text_encoder_2" in components), components
 
 
 def convert(
@@ -103,7 +77,8 @@ def convert(
         # LyCORIS writes lycoris.kohya for its kinds; A1111/ComfyUI go by the keys, kohya by this.
         kinds = network_kinds(weights)
         kept.setdefault("ss_network_module", "networks.lora" if kinds <= {"lora"} else "lycoris.kohya")
-        path = save_kohya(dst, family, weights, components["unet"].config, kept, dtype)
+        denoiser = next(components[c] for c in ("unet", "transformer") if c in components)
+        path = save_kohya(dst, family, weights, denoiser.config, kept, dtype)
     else:
         dropped = sorted(k for k in metadata if k.startswith("ss_"))
         if dropped:

@@ -72,12 +72,13 @@ def save_kohya(
     path: str | Path,
     family: str,
     weights: LoraWeights,
-    unet_config=None,
+    denoiser_config=None,
     metadata: dict | None = None,
     dtype: torch.dtype = torch.float32,
+    denoiser: torch.nn.Module | None = None,
 ) -> Path:
-    """Write ``weights`` as a kohya/A1111 LoRA file."""
-    tensors = to_kohya_state_dict(family, cast(weights, dtype), unet_config)
+    """Write ``weights`` as a kohya/A1111 LoRA file (``denoiser``: see :func:`to_kohya_state_dict`)."""
+    tensors = to_kohya_state_dict(family, cast(weights, dtype), denoiser_config, denoiser)
     return atomic_save_safetensors(tensors, path, metadata)
 
 
@@ -90,7 +91,7 @@ def save_diffusers(path: str | Path, family: str, weights: LoraWeights, dtype: t
     The file is written by diffusers' own ``save_lora_weights`` into a temporary directory next to
     the target, then renamed: the format stays whatever ``pipe.load_lora_weights`` expects.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from lorafit.families.registry import get_family
 
     kinds = network_kinds(weights)
     if not kinds <= DIFFUSERS_KINDS:
@@ -99,7 +100,8 @@ def save_diffusers(path: str | Path, family: str, weights: LoraWeights, dtype: t
             "write the kohya/LyCORIS format instead"
         )
     weights = cast(weights, dtype)
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    spec = get_family(family)
+    pipeline_class = spec.pipeline_type()
     layers, configs = {}, {}
     for component, modules in weights.items():
         tensors = {}
@@ -112,8 +114,11 @@ def save_diffusers(path: str | Path, family: str, weights: LoraWeights, dtype: t
                 )
         layers[f"{component}_lora_layers"] = tensors
         configs[f"{component}_lora_adapter_metadata"] = peft_config_for(modules)
-    if "text_encoder_2" in weights and family != "sdxl":
-        raise LorafitError(f"{path}: a second text encoder LoRA needs an SDXL base")
+    unknown = sorted(set(weights) - {spec.denoiser_component, *spec.trainable_text_encoders})
+    if unknown:
+        raise LorafitError(
+            f"{path}: {spec.title} has no trainable component {unknown[0]!r} for a diffusers-format file"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
@@ -162,6 +167,28 @@ def _from_diffusers_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[
     return weights
 
 
+# The generic layout ComfyUI also reads: the original model's (BFL's, for Flux) module path under
+# ``diffusion_model.``, with PEFT's or kohya's part names.
+_GENERIC_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+def _bfl_generic_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` -> the kohya key of the same module."""
+    if not tensors or not all(key.startswith("diffusion_model.") for key in tensors):
+        return tensors
+    renamed = {}
+    for key, tensor in tensors.items():
+        path = key.removeprefix("diffusion_model.")
+        for suffix in ("lora_A.weight", "lora_B.weight", "lora_down.weight", "lora_up.weight", "alpha", "dora_scale"):
+            if path.endswith("." + suffix):
+                module = path[: -len(suffix) - 1]
+                renamed[f"lora_unet_{module.replace('.', '_')}.{_GENERIC_PARTS.get(suffix, suffix)}"] = tensor
+                break
+        else:
+            raise LorafitError(f"key {key} is no LoRA part this reader knows (diffusion_model.* layout)")
+    return renamed
+
+
 def read_lora_file(path: str | Path, kohya_table: dict | None = None) -> tuple[LoraWeights, LoraFormat, dict]:
     """Read a kohya or diffusers-format LoRA into :class:`LoraWeights`.
 
@@ -170,6 +197,7 @@ def read_lora_file(path: str | Path, kohya_table: dict | None = None) -> tuple[L
         kohya_table: Name table of the base model (``kohya_name_table``); required for kohya files.
     """
     tensors, metadata = read_safetensors(path)
+    tensors = _bfl_generic_to_kohya(tensors)
     if is_kohya_state_dict(tensors):
         if kohya_table is None:
             raise LorafitError(f"{path}: reading a kohya file needs the base model's module names (--base)")

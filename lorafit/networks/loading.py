@@ -33,7 +33,6 @@ from lorafit.networks.files import read_lora_file
 from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.peft_layers import adapter_layers, injection_config, outer_name, write_layer
 
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _REGISTRY = "_lorafit_loras"  # attribute on each adapted component: {name: LoadedLora}
 
 
@@ -47,18 +46,28 @@ class LoadedLora:
 
 
 def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
-    """The UNet and text encoders of ``pipe`` that exist (any SD/SDXL pipeline, img2img included)."""
-    components = {name: getattr(pipe, name, None) for name in _COMPONENTS}
-    components = {name: module for name, module in components.items() if module is not None}
-    if "unet" not in components:
-        raise LorafitError(f"{type(pipe).__name__} has no UNet; load_lora needs an SD1/SD2/SDXL pipeline")
+    """The denoiser and text encoders of ``pipe`` that exist, by diffusers name (any pipeline of a
+    family lorafit knows: txt2img, img2img, inpaint ...)."""
+    from lorafit.families.registry import family_of_denoiser
+
+    parts = getattr(pipe, "components", {})  # pipe.unet of a FluxPipeline is not None (a config attribute)
+    denoiser = parts.get("unet") or parts.get("transformer")
+    if denoiser is None:
+        raise LorafitError(f"{type(pipe).__name__} has no UNet or transformer to load a LoRA into")
+    spec = family_of_denoiser(denoiser)
+    components = {spec.denoiser_component: denoiser}
+    components.update({n: parts[n] for n in spec.text_encoder_components if parts.get(n) is not None})
     return components
 
 
 def _family(components: dict[str, torch.nn.Module]) -> str:
-    from lorafit.families.loading import detect_family
+    from lorafit.families.registry import family_of_denoiser
 
-    return detect_family(components["unet"].config, "text_encoder_2" in components)
+    denoiser = components.get("unet") or components.get("transformer")
+    spec = family_of_denoiser(denoiser)
+    if spec.name in ("sd1", "sd2", "sdxl") and "text_encoder_2" in components:
+        return "sdxl"
+    return spec.name
 
 
 def _registry(module: torch.nn.Module) -> dict[str, LoadedLora]:

@@ -12,16 +12,16 @@ import json
 from dataclasses import dataclass, field
 
 from lorafit import __version__
+from lorafit.families.registry import get_family
 
-_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_IMPLEMENTATION = {
+    "sdxl": "https://github.com/Stability-AI/generative-models",
+    "flux": "https://github.com/black-forest-labs/flux",
+}
 
 
 def modelspec_architecture(family: str, prediction_type: str) -> str:
-    if family == "sdxl":
-        return "stable-diffusion-xl-v1-base/lora"
-    if family == "sd2":
-        return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else "stable-diffusion-v2-512/lora"
-    return "stable-diffusion-v1/lora"
+    return get_family(family).modelspec_architecture(prediction_type)
 
 
 @dataclass
@@ -49,6 +49,10 @@ class TrainingInfo:
     started_at: float = 0.0
     network_args: dict = field(default_factory=dict)
     network_module: str = "networks.lora"  # kohya's for LoRA/LoCon; LyCORIS files say lycoris.kohya
+    max_sequence_length: int | None = None  # flow families only, from here down
+    guidance: float | None = None
+    timestep_sampling: str | None = None
+    flow_shift: str | None = None
 
 
 def kohya_metadata(info: TrainingInfo) -> dict[str, str]:
@@ -59,7 +63,7 @@ def kohya_metadata(info: TrainingInfo) -> dict[str, str]:
         "ss_network_dim": str(info.rank),
         "ss_network_alpha": _number(info.alpha),
         "ss_network_args": json.dumps(info.network_args) if info.network_args else "",
-        "ss_base_model_version": _BASE_VERSION[info.family],
+        "ss_base_model_version": get_family(info.family).base_model_version,
         "ss_v2": str(info.family == "sd2"),
         "ss_v_parameterization": str(info.prediction_type == "v_prediction"),
         "ss_sd_model_name": info.base_model,
@@ -73,13 +77,12 @@ def kohya_metadata(info: TrainingInfo) -> dict[str, str]:
         "ss_training_comment": f"trained with lorafit {__version__}",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": modelspec_architecture(info.family, info.prediction_type),
-        # kohya writes SGM for SDXL LoRAs (SGM key names) and "diffusers" for SD1/2 ones.
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if info.family == "sdxl"
-        else "diffusers",
+        # kohya writes SGM for SDXL LoRAs (SGM key names), BFL's repository for Flux (BFL key names)
+        # and "diffusers" for SD1/2 ones.
+        "modelspec.implementation": _IMPLEMENTATION.get(info.family, "diffusers"),
         "modelspec.title": info.output_name,
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": {"v_prediction": "v", "epsilon": "epsilon"}.get(info.prediction_type, ""),
         "modelspec.date": datetime.datetime.fromtimestamp(int(info.started_at or 0)).isoformat()
         if info.started_at
         else "",
@@ -90,9 +93,14 @@ def kohya_metadata(info: TrainingInfo) -> dict[str, str]:
         "ss_unet_lr": info.learning_rate,
         "ss_text_encoder_lr": info.text_encoder_lr if info.trains_text_encoder else None,
         "ss_seed": info.seed,
-        "ss_clip_skip": info.clip_skip if info.family != "sdxl" else None,
-        "modelspec.encoder_layer": info.clip_skip if info.family != "sdxl" else None,
+        "ss_clip_skip": info.clip_skip if info.family in ("sd1", "sd2") else None,
+        "modelspec.encoder_layer": info.clip_skip if info.family in ("sd1", "sd2") else None,
         "ss_max_token_length": info.max_token_length,
+        # Flux (kohya's names): the T5 length and the training guidance of guidance-distilled models.
+        "ss_t5xxl_max_token_length": info.max_sequence_length,
+        "ss_guidance_scale": info.guidance,
+        "ss_timestep_sampling": info.timestep_sampling,
+        "ss_discrete_flow_shift": info.flow_shift,
     }
     meta.update({k: _number(v) for k, v in optional.items() if v is not None})
     if info.tag_frequency is not None:

@@ -1,18 +1,8 @@
-"""Which modules a network trains: presets by block type, plus include/exclude regexes.
+"""Which modules a network trains: the family's presets, plus include/exclude regexes.
 
-The presets pick modules the way kohya and LyCORIS do, by the class of the block they sit in, so
-they mean the same on SD1, SD2 and SDXL (and on the tiny test models):
-
-- ``attn``: the attention projections ``to_q``/``to_k``/``to_v``/``to_out.0`` of every
-  transformer block (self- and cross-attention). lorafit's default; what diffusers' examples train.
-- ``attn-mlp``: every Linear and 1x1 conv inside ``Transformer2DModel`` blocks — attention,
-  feed-forward (``ff.net.0.proj``, ``ff.net.2``) and ``proj_in``/``proj_out``. kohya's default
-  ``networks.lora`` targets.
-- ``full``: ``attn-mlp`` plus every Linear/conv of ``ResnetBlock2D``, ``Downsample2D`` and
-  ``Upsample2D`` blocks, ``conv_in``, ``conv_out`` and the time embedding. LyCORIS's ``full`` preset.
-
-Network type ``locon`` adds the ResNet/Down/Upsample blocks to ``attn``/``attn-mlp``, as kohya's
-``networks.lora`` does once ``conv_dim`` is set. Regexes follow PEFT's ``rank_pattern`` rule: a
+Each family defines what its presets select (``attn``, ``attn-mlp``, ``full``): for the UNet
+families see :mod:`lorafit.families.unet`, for Flux :meth:`lorafit.families.flux.FluxFamily.preset_modules`.
+Regexes follow PEFT's ``rank_pattern`` rule: a
 pattern matches a module whose full name equals it or ends in ``.`` + it (``ff\\.net\\.2``,
 ``up_blocks\\.0\\..*``, ``conv_in``).
 """
@@ -25,14 +15,10 @@ from typing import Literal
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.families.family import adaptable_modules
 
 TargetPreset = Literal["attn", "attn-mlp", "full"]
 TARGET_PRESETS = ("attn", "attn-mlp", "full")
-
-_ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-_TRANSFORMER_BLOCKS = ("Transformer2DModel",)
-_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-_FULL_NAMES = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 
 
 def matches(pattern: str, name: str) -> bool:
@@ -48,40 +34,11 @@ def _check_regexes(patterns: list[str], key: str) -> None:
             raise LorafitError(f"{key}: {pattern!r} is not a valid regex ({error})") from None
 
 
-def adaptable_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every Linear/Conv2d of ``model`` by name (never inside an existing PEFT adapter)."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name and ".base_layer" not in name
-    }
+def preset_modules(denoiser: torch.nn.Module, preset: TargetPreset, with_conv_blocks: bool = False) -> set[str]:
+    """Module names of ``denoiser`` a preset selects, by its family's rules (``with_conv_blocks``: LoCon)."""
+    from lorafit.families.registry import family_of_denoiser
 
-
-def _inside(model: torch.nn.Module, class_names: tuple[str, ...]) -> set[str]:
-    """Names of the Linear/Conv2d modules that sit inside a block of one of ``class_names``."""
-    found: set[str] = set()
-    for block_name, block in model.named_modules():
-        if type(block).__name__ in class_names:
-            for name, module in block.named_modules():
-                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                    found.add(f"{block_name}.{name}" if name else block_name)
-    return found
-
-
-def preset_modules(unet: torch.nn.Module, preset: TargetPreset, with_conv_blocks: bool = False) -> set[str]:
-    """Module names the UNet ``preset`` selects; ``with_conv_blocks`` adds ResNet/Down/Upsample (LoCon)."""
-    if preset not in TARGET_PRESETS:
-        raise LorafitError(f"model.target_preset: {preset!r} is not one of {', '.join(TARGET_PRESETS)}")
-    transformer = _inside(unet, _TRANSFORMER_BLOCKS)
-    if preset == "attn":
-        names = {n for n in transformer if n.endswith(tuple(f".{p}" for p in _ATTENTION_PROJECTIONS))}
-    else:
-        names = set(transformer)
-    if preset == "full" or with_conv_blocks:
-        names |= _inside(unet, _CONV_BLOCKS)
-    if preset == "full":
-        names |= {n for n in adaptable_modules(unet) if n in _FULL_NAMES}
-    return names
+    return family_of_denoiser(denoiser).preset_modules(denoiser, preset, with_conv_blocks)
 
 
 def select_modules(

@@ -24,43 +24,49 @@ PARKABLE = ("vae", "text_encoders")
 
 
 class HostParts:
-    """A mixin of LoraDiffusionModule: keep the VAE / text encoders on the host when no batch needs them."""
+    """Keep the VAE / text encoders of ``module`` on the host when no batch needs them (see module docstring).
+
+    Parked parts leave ``module._modules`` for ``module.__dict__``: the attribute still resolves
+    (``module.vae``), but ``.modules()``, ``.to()`` and DDP no longer see it.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
 
     @property
-    def host_parts(self) -> tuple[str, ...]:
+    def names(self) -> tuple[str, ...]:
         """Names of the parts held outside the module tree (``vae``, ``text_encoders``)."""
-        return tuple(name for name in PARKABLE if name in self.__dict__)
+        return tuple(name for name in PARKABLE if name in self.module.__dict__)
 
-    def park_unused_parts(self, unused: Iterable[str]) -> None:
+    def park(self, unused: Iterable[str], text_encoders_train: bool) -> None:
         """Take the ``unused`` parts out of the module tree, so ``.to(device)`` (and DDP) pass them by.
 
         Text encoders with LoRA always stay: they train.
         """
+        module = self.module
         for name in unused:
-            if name not in PARKABLE or name not in self._modules:
+            if name not in PARKABLE or name not in module._modules:
                 continue
-            if name == "text_encoders" and self.trained_text_encoders():
+            if name == "text_encoders" and text_encoders_train:
                 continue
-            module = self._modules.pop(name)
-            self.__dict__[name] = module  # found before nn.Module.__getattr__, invisible to .modules()
-        if self.host_parts:
-            log.info(
-                "cached data: %s stay on the host (not moved to the training device)", " and ".join(self.host_parts)
-            )
+            part = module._modules.pop(name)
+            module.__dict__[name] = part  # found before nn.Module.__getattr__, invisible to .modules()
+        if self.names:
+            log.info("cached data: %s stay on the host (not moved to the training device)", " and ".join(self.names))
 
     @contextlib.contextmanager
-    def host_parts_on_device(self) -> Iterator[None]:
-        """The host parts on the training device for the duration (sample images), then back.
+    def on_device(self, device: torch.device) -> Iterator[None]:
+        """The host parts on ``device`` for the duration (sample images), then back.
 
         Their weights are frozen, so going back needs no copy: each tensor is swapped with a device
         copy (``torch.utils.swap_tensors``, so every reference to it sees the move) and swapped back.
         """
         swapped = []
         try:
-            for name in self.host_parts:
-                module = self.__dict__[name]
-                for tensor in itertools.chain(module.parameters(), module.buffers()):
-                    on_device = tensor.detach().to(self.device, non_blocking=True)
+            for name in self.names:
+                part = self.module.__dict__[name]
+                for tensor in itertools.chain(part.parameters(), part.buffers()):
+                    on_device = tensor.detach().to(device, non_blocking=True)
                     if isinstance(tensor, torch.nn.Parameter):
                         on_device = torch.nn.Parameter(on_device, requires_grad=tensor.requires_grad)
                     torch.utils.swap_tensors(tensor, on_device)

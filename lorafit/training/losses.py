@@ -147,6 +147,24 @@ def huber_threshold(
     return (1 - huber_c) / (1 + sigma) ** 2 + huber_c
 
 
+def flow_huber_threshold(
+    sigmas: torch.Tensor, schedule: HuberSchedule, huber_c: float, huber_scale: float
+) -> torch.Tensor:
+    """:func:`huber_threshold` for flow matching, on sigmas in (0, 1] instead of DDPM timesteps.
+
+    constant: ``c * scale``; exponential: ``exp(ln(c) * sigma) * scale`` (1 at no noise, ``c`` at pure
+    noise, as the DDPM form over t/T); snr: ``(1 - c) / (1 + r)**2 + c`` with ``r = sigma / (1 - sigma)``,
+    the noise-to-signal ratio that DDPM's ``sqrt((1 - alpha_bar) / alpha_bar)`` is.
+    """
+    s = sigmas.float()
+    if schedule == "constant":
+        return torch.full_like(s, huber_c * huber_scale)
+    if schedule == "exponential":
+        return torch.exp(math.log(huber_c) * s) * huber_scale
+    ratio = s / (1 - s).clamp(min=1e-6)
+    return (1 - huber_c) / (1 + ratio) ** 2 + huber_c
+
+
 def per_sample_loss(
     prediction: torch.Tensor, target: torch.Tensor, loss_type: LossType = "l2", huber_c: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """What to do when training meets a NaN/Inf: detect it without stalling the GPU, say where in one line.
 
 A diverged run must not overwrite the last good LoRA file. After every step the loss and the norm
-of the trainable weights go to the host through :class:`lorafit.distributed.host_readback.HostReadback` and
-are checked one step later, so the check costs no host sync (a NaN weight makes the next loss NaN
-anyway). Before anything is written (LoRA export, checkpoint) and at the end of each epoch the
+of the trainable weights go to the host through
+:class:`lorafit.distributed.host_readback.HostReadback` and are checked one step later
+(:class:`NonfiniteGuard`, a callback), so the check costs no host sync (a NaN weight makes the
+next loss NaN anyway). Before anything is written (LoRA export, checkpoint) and at the end of each epoch the
 check waits for the latest values, so no file ever holds a non-finite weight, and the error names
 the step and images where it started. ``model.nonfinite_loss: skip`` has to decide before the
 backward pass, so it reads each loss at once (one host sync per step).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 
+import lightning.pytorch as pl
 import torch
 
 from lorafit.distributed.host_readback import HostReadback
@@ -69,51 +71,58 @@ def nonfinite_weights_error(where: str) -> NonFiniteLossError:
     )
 
 
-class NonfiniteGuard:
-    """The training module's NaN/Inf handling (a mixin of LoraDiffusionModule): ``model.nonfinite_loss``
-    stops or skips on a bad loss; a bad weight after a step always stops (see module docstring)."""
+class NonfiniteGuard(pl.Callback):
+    """The training module's NaN/Inf handling: ``model.nonfinite_loss`` stops or skips on a bad loss;
+    a bad weight after a step always stops (see module docstring).
 
-    _pending_loss: tuple[torch.Tensor, str] | None = None
+    A callback (the module adds it through ``configure_callbacks``) that queues each step's checks
+    after the step and decides a step later; the module asks it to wait before anything is written
+    (:meth:`ensure_finite`) and, in ``skip`` mode, whether a loss may go on (:meth:`watch_loss`).
 
-    @property
-    def _readback(self) -> HostReadback:
-        if "_nonfinite_readback" not in self.__dict__:
-            self.__dict__["_nonfinite_readback"] = HostReadback()
-        return self.__dict__["_nonfinite_readback"]
+    Args:
+        mode: ``stop`` or ``skip`` (``model.nonfinite_loss``).
+    """
 
-    def _position(self, batch: dict | None = None, batch_idx: int | None = None) -> str:
-        return batch_position(self.global_step, self.current_epoch, batch_idx, batch)
+    def __init__(self, mode: str = "stop"):
+        self.mode = mode
+        self.skipped = 0  # batches skipped in ``skip`` mode; saved in checkpoints by the module
+        self._readback = HostReadback()
+        self._pending_loss: tuple[torch.Tensor, str] | None = None
 
-    def _watch_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> bool:
+    @staticmethod
+    def _position(module, batch: dict | None = None, batch_idx: int | None = None) -> str:
+        return batch_position(module.global_step, module.current_epoch, batch_idx, batch)
+
+    def watch_loss(self, module, loss: torch.Tensor, batch: dict, batch_idx: int) -> bool:
         """Whether the step goes on with ``loss``: ``stop`` queues it for a check a step later,
         ``skip`` reads it now and drops the batch when it is not finite."""
-        self._pending_loss = (loss.detach().float(), self._position(batch, batch_idx))
-        if self.hparams.nonfinite_loss != "skip" or torch.isfinite(loss):
+        self._pending_loss = (loss.detach().float(), self._position(module, batch, batch_idx))
+        if self.mode != "skip" or torch.isfinite(loss):
             return True
         self._pending_loss = None
-        self.skipped_nonfinite += 1
+        self.skipped += 1
         log.warning(
             "skipped a batch with loss %s at %s; %d skipped so far",
             loss.item(),
-            self._position(batch, batch_idx),
-            self.skipped_nonfinite,
+            self._position(module, batch, batch_idx),
+            self.skipped,
         )
-        self.log(
+        module.log(
             "loss/skipped_nonfinite",
-            torch.tensor(float(self.skipped_nonfinite)),
+            torch.tensor(float(self.skipped)),
             on_step=True,
             on_epoch=False,
             batch_size=len(batch["captions"]),
         )
         return False  # training_step then returns None: Lightning skips backward and the optimizer step
 
-    def _queue_checks(self, batch: dict | None = None, batch_idx: int | None = None) -> None:
+    def _queue_checks(self, module, batch: dict | None = None, batch_idx: int | None = None) -> None:
         """Send this step's loss and the weights' norm to the host (no wait)."""
-        norm = trainable_weights_norm(self).float()
+        norm = trainable_weights_norm(module).float()
         # No loss this step (a skipped batch, or a check outside a step): a placeholder, not checked.
         loss, loss_position = self._pending_loss or (torch.zeros((), device=norm.device), None)
         self._pending_loss = None
-        self._readback.push(torch.stack([loss, norm]), (loss_position, self._position(batch, batch_idx)))
+        self._readback.push(torch.stack([loss, norm]), (loss_position, self._position(module, batch, batch_idx)))
 
     def _raise_on_nonfinite(self, keep: int) -> float | None:
         """Check every queued step but the newest ``keep``; returns the newest checked loss."""
@@ -128,14 +137,14 @@ class NonfiniteGuard:
             newest = loss if loss_position is not None else newest
         return newest
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: dict, batch_idx: int) -> None:
         # Queue this step's checks and run the previous step's. A finite loss can still produce an
         # overflowing update (LR far too high); the next step's check, or the one before any file is
         # written, catches it. The previous step's loss, on the host now, goes to the progress bar.
-        self._queue_checks(batch, batch_idx)
+        self._queue_checks(pl_module, batch, batch_idx)
         previous_loss = self._raise_on_nonfinite(keep=1)
         if previous_loss is not None:
-            self.log(
+            pl_module.log(
                 "loss",
                 torch.tensor(previous_loss),
                 prog_bar=True,
@@ -145,10 +154,10 @@ class NonfiniteGuard:
                 batch_size=len(batch["captions"]),
             )
 
-    def on_train_epoch_end(self) -> None:
-        self.ensure_finite()
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.ensure_finite(pl_module)
 
-    def ensure_finite(self, batch: dict | None = None, batch_idx: int | None = None) -> None:
+    def ensure_finite(self, module, batch: dict | None = None, batch_idx: int | None = None) -> None:
         """Wait for every check up to now (before a file is written): raise NonFiniteLossError on NaN/Inf."""
-        self._queue_checks(batch, batch_idx)
+        self._queue_checks(module, batch, batch_idx)
         self._raise_on_nonfinite(keep=0)

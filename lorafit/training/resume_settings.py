@@ -10,16 +10,16 @@ with both values.
 
 Refused when changed (the network's identity):
 
-* ``network_type``, ``rank``, ``alpha``, ``conv_rank``, ``conv_alpha``, ``rank_pattern``,
+* ``network.type``, ``rank``, ``alpha``, ``conv_rank``, ``conv_alpha``, ``rank_pattern``,
   ``alpha_pattern``, ``lokr_factor``: the adapter layers' shapes and scales;
-* ``target_preset``, ``unet_target_modules``, ``text_encoder_target_modules``, ``include``,
-  ``exclude``, ``train_text_encoder``: which modules carry an adapter;
-* ``clip_skip`` (SD1/SD2; SDXL ignores it): which text-encoder layers' LoRA trains, and which
-  hidden state the LoRA learnt to shape;
+* ``network.preset``, ``targets``, ``text_encoder_targets``, ``include``, ``exclude``,
+  ``train_text_encoder``: which modules carry an adapter;
+* ``conditioning.clip_skip`` (SD1/SD2; SDXL ignores it): which text-encoder layers' LoRA trains,
+  and which hidden state the LoRA learnt to shape;
 * the base model's family (``model.family``, detected from ``model.model``);
-* which parts (UNet, each text encoder) have a LoRA at all: a learning rate of 0 leaves a part
-  without one, so ``learning_rate``/``unet_lr``/``text_encoder_lr``/``text_encoder_2_lr`` may change
-  their values but not go to or from 0.
+* which parts (UNet/transformer, each text encoder) have a LoRA at all: a learning rate of 0
+  leaves a part without one, so the ``optimizer.*_lr`` rates may change their values but not go to
+  or from 0.
 
 Everything else may change on resume and the config's value is used: learning rates, optimizer
 arguments, schedule, noise and loss settings, ``max_token_length``, dtypes, gradient checkpointing,
@@ -37,7 +37,9 @@ the config (back to the optimizer's default) keeps the checkpoint's value. ``mod
 itself should not change on resume: the moment estimates of one optimizer mean nothing to another.
 
 ``None``, ``[]`` and ``{}`` count as the same (all mean "not set"), as do a list and a tuple, and
-``4`` and ``4.0``. A key the checkpoint does not record (written by an older lorafit) is not compared.
+``4`` and ``4.0``. A key the checkpoint does not record (written by an older lorafit) is not compared;
+checkpoints of lorafit versions with flat ``model.*`` keys are read through
+:mod:`lorafit.training.legacy_keys`.
 """
 
 from __future__ import annotations
@@ -54,25 +56,45 @@ from lorafit.networks.adapters import ADAPTER_NAME
 
 log = logging.getLogger("lorafit.train")
 
-NETWORK_KEYS = (
-    "network_type",
-    "rank",
-    "alpha",
-    "conv_rank",
-    "conv_alpha",
-    "rank_pattern",
-    "alpha_pattern",
-    "lokr_factor",
-    "target_preset",
-    "unet_target_modules",
-    "text_encoder_target_modules",
-    "include",
-    "exclude",
-    "train_text_encoder",
+NETWORK_KEYS = tuple(
+    f"network.{key}"
+    for key in (
+        "type",
+        "rank",
+        "alpha",
+        "conv_rank",
+        "conv_alpha",
+        "rank_pattern",
+        "alpha_pattern",
+        "lokr_factor",
+        "preset",
+        "targets",
+        "text_encoder_targets",
+        "include",
+        "exclude",
+        "train_text_encoder",
+    )
 )
 # Parameter-name prefix of each part that can carry a LoRA -> the part's diffusers name.
-_PART = re.compile(r"^(unet|text_encoders\.\d+)\.")
-_PART_NAMES = {"unet": "unet", "text_encoders.0": "text_encoder", "text_encoders.1": "text_encoder_2"}
+_PART = re.compile(r"^(unet|transformer|text_encoders\.\d+)\.")
+_PART_NAMES = {
+    "unet": "unet",
+    "transformer": "transformer",
+    "text_encoders.0": "text_encoder",
+    "text_encoders.1": "text_encoder_2",
+}
+
+
+def flat_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"network.rank": 8, ...}`` from grouped hyperparameters (or a checkpoint's flat old ones)."""
+    from lorafit.training.legacy_keys import GROUPS, nest_model_settings
+
+    nested = nest_model_settings(dict(hparams), warn=False)
+    flat = {key: value for key, value in nested.items() if key not in GROUPS}
+    for group in GROUPS:
+        for key, value in dict(nested.get(group) or {}).items():
+            flat[f"{group}.{key}"] = value
+    return flat
 
 
 def _normalised(value: Any) -> Any:
@@ -97,7 +119,8 @@ def changed_network_settings(
         current: The hyperparameters of the module being resumed.
         family: The base model's family; ``clip_skip`` is compared unless it is ``sdxl``.
     """
-    keys = NETWORK_KEYS + (() if family == "sdxl" else ("clip_skip",))
+    keys = NETWORK_KEYS + (() if family in ("sdxl", "flux") else ("conditioning.clip_skip",))
+    saved, current = flat_settings(saved), flat_settings(current)
     return [
         (key, saved[key], current.get(key))
         for key in keys
@@ -246,9 +269,7 @@ def prepare_resume(checkpoint: dict, module) -> None:
     from lorafit.training.optim import optimizer_kwargs
 
     refuse_changed_network(checkpoint, module)
-    hp = module.hparams
+    opt = module.optimizer_config
     use_configured_optimizer_settings(
-        checkpoint,
-        module.learning_rates(),
-        optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas, hp.optimizer_args),
+        checkpoint, module.learning_rates(), optimizer_kwargs(opt.name, opt.weight_decay, opt.betas, opt.args)
     )

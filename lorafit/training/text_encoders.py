@@ -11,21 +11,20 @@ import re
 
 import torch
 
-from lorafit.families.clip_text import text_layers_used
 from lorafit.networks.adapters import ADAPTER_NAME
 
 _TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
 
-def freeze_unread_text_lora(family: str, encoder_index: int, encoder: torch.nn.Module, clip_skip: int = 1) -> None:
-    """Freeze LoRA on the text-encoder layers after the hidden state the UNet is conditioned on.
+def freeze_unread_text_lora(encoder: torch.nn.Module, used_layers: int) -> None:
+    """Freeze the adapters on the text-encoder layers after the first ``used_layers`` (those the
+    family's conditioning reads, :meth:`~lorafit.families.family.Family.text_layers_used`).
 
     They cannot affect the loss (SDXL's first encoder skips its last layer, as does clip_skip), so
     they never get a gradient. They stay in the exported files at their initial, no-op values.
     """
-    used = text_layers_used(family, encoder_index, encoder.config.num_hidden_layers, clip_skip)
     for name, parameter in encoder.named_parameters():
         match = _TEXT_LAYER.search(name)
         # Every network type's weights carry the adapter name (lora_A.default, hada_w1_a.default, ...).
-        if f".{ADAPTER_NAME}" in name and match and int(match.group(1)) >= used:
+        if f".{ADAPTER_NAME}" in name and match and int(match.group(1)) >= used_layers:
             parameter.requires_grad_(False)

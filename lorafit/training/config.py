@@ -1,0 +1,293 @@
+"""The training module's settings, grouped by concern, each field documented (it becomes ``--help``).
+
+``model.network.*`` (the adapter), ``model.optimizer.*`` (optimizer and learning-rate schedule),
+``model.noise.*`` (the forward process: noise and timesteps/sigmas), ``model.loss.*`` (what is
+regressed and how it is weighted), ``model.conditioning.*`` (captions to conditioning,
+:class:`~lorafit.families.family.TextOptions`) and ``model.memory.*`` (speed and memory). Every
+check of a value against the others lives in :func:`check_settings`, run before any weights load.
+
+The groups are frozen dataclasses, so the defaults in the module's signature are safe to share.
+kohya's option names are given in each docstring; :mod:`lorafit.training.legacy_keys` maps the
+flat keys of earlier lorafit versions onto these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lorafit.errors import LorafitError
+from lorafit.families.family import TextOptions
+from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS
+from lorafit.networks.network_types import NetworkType
+from lorafit.networks.presets import TargetPreset
+from lorafit.training.losses import HuberSchedule, LossType
+from lorafit.training.optim import OptimizerName, SchedulerName, optimizer_kwargs
+
+TimestepSampling = Literal["uniform", "logit_normal", "sigmoid"]
+FlowWeighting = Literal["none", "sigma_sqrt", "cosmap"]
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The adapter: its type, size and the modules it sits on (kohya's ``network_*`` options).
+
+    Args:
+        type: ``lora``; ``locon`` (LoRA also on ResNet/Down/Upsample convs, kohya's ``conv_dim``;
+            UNet families only); ``loha``, ``lokr`` (LyCORIS ``algo``); ``dora`` (LoRA with learnt
+            per-channel magnitude, LyCORIS ``dora_wd``). See docs/network-types.md.
+        rank: LoRA rank (kohya's ``network_dim``); LoHa/LoKr: their rank or factor dimension.
+        alpha: Alpha (kohya's ``network_alpha``); the update is scaled by ``alpha / rank``. Empty
+            means ``alpha = rank`` (scale 1). kohya's default is 1; alpha 0 is refused (kohya and
+            A1111 read a written 0 as alpha = rank).
+        preset: Denoiser modules to adapt, per family (docs/network-types.md): ``attn``
+            (attention projections), ``attn-mlp`` (also the feed-forward Linears; kohya's default
+            on UNets) or ``full`` (every Linear/conv incl. ResNets or modulation and embedders).
+        targets: Denoiser modules to adapt instead of ``preset``: name suffixes or one full-match
+            regex. Empty: the preset decides.
+        include: Extra modules: regexes matched against module names (a name matches when it
+            equals the pattern or ends in ``.`` + pattern), denoiser and text encoders.
+        exclude: Modules not to adapt, regexes as for ``include`` (applied last).
+        conv_rank: Rank of convolutions larger than 1x1 (kohya's ``conv_dim``); empty = ``rank``.
+        conv_alpha: Their alpha (kohya's ``conv_alpha``); empty = scale 1 when ``conv_rank`` is
+            set, else ``alpha``.
+        rank_pattern: Rank per module, ``{regex: rank}``; the first matching regex wins (kohya's
+            block dims).
+        alpha_pattern: Alpha per module, ``{regex: alpha}``, as ``rank_pattern``.
+        lokr_factor: LoKr only: the Kronecker factor (LyCORIS's ``factor``); -1 = as square as possible.
+        train_text_encoder: Also train the network on the text encoder(s) the family allows
+            (CLIP; never T5).
+        text_encoder_targets: Text-encoder modules to adapt (suffixes or a regex).
+    """
+
+    type: NetworkType = "lora"
+    rank: int = 16
+    alpha: float | None = None
+    preset: TargetPreset = "attn"
+    targets: list[str] | str | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lokr_factor: int = -1
+    train_text_encoder: bool = False
+    text_encoder_targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS))
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer and learning-rate schedule (kohya's ``optimizer_type``, ``*_lr``, ``lr_scheduler*``).
+
+    Args:
+        name: ``AdamW``, ``AdamW8bit``/``Lion8bit`` (bitsandbytes), ``Adafactor`` (transformers),
+            ``Prodigy`` (prodigyopt; learning rates near 1.0), ``Lion`` (lion-pytorch; ~3-10x lower
+            learning rate than AdamW).
+        learning_rate: Base learning rate (kohya's ``learning_rate``), for every part whose own
+            rate is empty.
+        denoiser_lr: Learning rate of the UNet/transformer LoRA (kohya's ``unet_lr``); empty =
+            ``learning_rate``; 0 leaves the denoiser without LoRA (text-encoder-only training).
+        text_encoder_lr: Learning rate of the (first) text encoder's LoRA (kohya's
+            ``text_encoder_lr``); empty = ``learning_rate``; 0 leaves it frozen, without LoRA.
+        text_encoder_2_lr: SDXL: the second text encoder's (OpenCLIP bigG); empty = ``text_encoder_lr``.
+        weight_decay: Weight decay; empty keeps the optimizer's default (AdamW 0.01, others 0).
+        betas: Betas (AdamW, Lion, Prodigy); empty keeps the optimizer's default.
+        args: Extra constructor arguments (kohya's ``optimizer_args``), e.g. for Adafactor
+            ``{scale_parameter: false, relative_step: false, warmup_init: false}``.
+        lr_scheduler: Schedule (diffusers/kohya names), stepped per optimizer step.
+        lr_warmup_steps: Linear warmup: optimizer steps if >= 1, a fraction of the run if < 1.
+        lr_scheduler_num_cycles: Hard restarts of ``cosine_with_restarts``.
+        lr_scheduler_power: Exponent of ``polynomial`` decay.
+    """
+
+    name: OptimizerName = "AdamW"
+    learning_rate: float = 1e-4
+    denoiser_lr: float | None = None
+    text_encoder_lr: float | None = None
+    text_encoder_2_lr: float | None = None
+    weight_decay: float | None = None
+    betas: tuple[float, float] | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    lr_scheduler: SchedulerName = "constant"
+    lr_warmup_steps: float = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The forward process: noise and where on the noise schedule each sample is trained.
+
+    DDPM families (SD1/SD2/SDXL) use the ``offset``..``max_timestep`` fields; flow-matching families
+    (Flux) use ``timestep_sampling``..``shift`` and refuse the DDPM-only ones.
+
+    Args:
+        offset: Offset noise strength, ~0.05-0.1 (kohya's ``noise_offset``).
+        offset_random_strength: Scale the offset by a uniform [0, 1) draw per batch.
+        multires_iterations: Pyramid (multi-resolution) noise levels, ~6-10; 0 = off.
+        multires_discount: Weight decay per pyramid level (kohya's default 0.3).
+        ip_gamma: Input-perturbation noise strength, ~0.1 (kohya's ``ip_noise_gamma``).
+        ip_gamma_random_strength: Scale ``ip_gamma`` by a uniform [0, 1) draw per batch.
+        zero_terminal_snr: Rescale the noise schedule to zero SNR at the last timestep (needs a
+            v-prediction model).
+        min_timestep: Smallest DDPM training timestep (inclusive).
+        max_timestep: Largest DDPM training timestep (exclusive); empty = the schedule's length.
+        timestep_sampling: Flow families: how sigmas are drawn: ``uniform``; ``logit_normal``
+            (SD3's, with ``logit_mean``/``logit_std``); ``sigmoid`` (kohya's: sigmoid of a scaled
+            normal draw, ``sigmoid_scale``).
+        logit_mean: Mean of the ``logit_normal`` draw.
+        logit_std: Standard deviation of the ``logit_normal`` draw.
+        sigmoid_scale: Scale of the normal draw inside ``sigmoid`` (kohya's ``sigmoid_scale``).
+        shift: Flow families: shift of the drawn sigmas towards noise, ``s*t / (1 + (s-1)*t)``: a
+            number (kohya's ``discrete_flow_shift``, e.g. 3.0), ``resolution`` (Flux inference's
+            resolution-dependent shift, kohya's ``flux_shift``), or empty for the family's default
+            (Flux: ``resolution``).
+    """
+
+    offset: float = 0.0
+    offset_random_strength: bool = False
+    multires_iterations: int = 0
+    multires_discount: float = 0.3
+    ip_gamma: float = 0.0
+    ip_gamma_random_strength: bool = False
+    zero_terminal_snr: bool = False
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    timestep_sampling: TimestepSampling = "sigmoid"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sigmoid_scale: float = 1.0
+    shift: float | Literal["resolution"] | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """What is regressed and how samples are weighted.
+
+    Args:
+        type: ``l2`` (MSE), ``l1``, ``huber`` or ``smooth_l1`` (kohya's pseudo-Huber forms).
+        huber_schedule: How the Huber ``c`` varies with the timestep: ``constant``, ``exponential``, ``snr``.
+        huber_c: Huber ``c`` (kohya's ``huber_c``).
+        huber_scale: Multiplies ``c`` in the constant and exponential schedules.
+        min_snr_gamma: DDPM families: Min-SNR-gamma weighting, 5 is the paper's value; empty = off.
+        debiased_estimation: DDPM families: weight by 1/sqrt(SNR) (eps) or 1/(SNR+1) (v).
+        prior_weight: Loss weight of regularization images (kohya's ``prior_loss_weight``).
+        weighting: Flow families: per-sigma weights as SD3's trainers apply them: ``none``,
+            ``sigma_sqrt`` (1/sigma^2), ``cosmap``.
+    """
+
+    type: LossType = "l2"
+    huber_schedule: HuberSchedule = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    min_snr_gamma: float | None = None
+    debiased_estimation: bool = False
+    prior_weight: float = 1.0
+    weighting: FlowWeighting = "none"
+
+
+@dataclass(frozen=True)
+class ConditioningConfig(TextOptions):
+    """Captions to conditioning; see :class:`lorafit.families.family.TextOptions` for each field.
+
+    Args:
+        clip_skip: SD1/SD2: use the hidden state this many layers from the end (2 = A1111 "clip skip 2").
+        max_token_length: CLIP families: kohya's 150/225 caption tokens in 75-token chunks; empty = 75.
+        max_sequence_length: Flux: T5 tokens per caption; empty = 512 for [dev], 256 for [schnell].
+        guidance: Guidance-distilled models (Flux.1 [dev]): the guidance value during training (1.0
+            as kohya, ai-toolkit and SimpleTuner train).
+    """
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Speed and memory of the step.
+
+    Args:
+        gradient_checkpointing: Recompute activations in the backward pass of the denoiser and the
+            trained text encoders: much less activation memory for one extra forward pass.
+        channels_last: UNets: store weights and activations channels-last (tensor cores run
+            convolutions fastest in it; mostly pays for SD1.5).
+        compile: ``torch.compile`` the denoiser after the adapters are attached.
+    """
+
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+_DDPM_ONLY = {
+    "noise.offset": lambda n, loss: n.offset,
+    "noise.multires_iterations": lambda n, loss: n.multires_iterations,
+    "noise.ip_gamma": lambda n, loss: n.ip_gamma,
+    "noise.zero_terminal_snr": lambda n, loss: n.zero_terminal_snr,
+    "noise.min_timestep": lambda n, loss: n.min_timestep,
+    "noise.max_timestep": lambda n, loss: n.max_timestep is not None,
+    "loss.min_snr_gamma": lambda n, loss: loss.min_snr_gamma is not None,
+    "loss.debiased_estimation": lambda n, loss: loss.debiased_estimation,
+}
+
+
+def check_settings(
+    network: NetworkConfig,
+    optimizer: OptimizerConfig,
+    noise: NoiseConfig,
+    loss: LossConfig,
+    conditioning: ConditioningConfig,
+) -> None:
+    """Fail on impossible values with one line naming the key, before any weights are read."""
+    if network.rank < 1:
+        raise LorafitError(f"model.network.rank: {network.rank}; a rank must be >= 1 (16 or 32 are usual)")
+    if network.alpha is not None and network.alpha <= 0:
+        raise LorafitError(
+            f"model.network.alpha: {network.alpha} trains nothing (alpha 0 also reads as alpha = rank in kohya and "
+            "A1111); use e.g. 1 (kohya's default) or leave it empty for alpha = rank"
+        )
+    for key in ("learning_rate", "denoiser_lr", "text_encoder_lr", "text_encoder_2_lr"):
+        if (getattr(optimizer, key) or 0) < 0:
+            raise LorafitError(
+                f"model.optimizer.{key}: {getattr(optimizer, key)} is negative; use 0 to freeze that part"
+            )
+    optimizer_kwargs(optimizer.name, optimizer.weight_decay, optimizer.betas, optimizer.args)  # raises on conflicts
+    if loss.min_snr_gamma is not None and loss.min_snr_gamma <= 0:
+        raise LorafitError(
+            f"model.loss.min_snr_gamma: {loss.min_snr_gamma} must be > 0 (5 is usual); leave empty for off"
+        )
+    if loss.type in ("huber", "smooth_l1") and not 0 < loss.huber_c <= 1:
+        raise LorafitError(f"model.loss.huber_c: {loss.huber_c} must be in (0, 1]")
+    if conditioning.max_token_length is not None and conditioning.max_token_length < 1:
+        raise LorafitError(
+            f"model.conditioning.max_token_length: {conditioning.max_token_length}; use 150 or 225, or leave it empty"
+        )
+    if noise.max_timestep is not None and not 0 <= noise.min_timestep < noise.max_timestep:
+        raise LorafitError(
+            f"model.noise.min_timestep/max_timestep: need 0 <= {noise.min_timestep} < {noise.max_timestep}"
+        )
+    if isinstance(noise.shift, (int, float)) and noise.shift <= 0:
+        raise LorafitError(f"model.noise.shift: {noise.shift} must be > 0 (1 = no shift, 3 is SD3's)")
+    if noise.logit_std <= 0 or noise.sigmoid_scale <= 0:
+        raise LorafitError("model.noise.logit_std and model.noise.sigmoid_scale must be > 0")
+
+
+def check_objective_settings(
+    objective: str, family_title: str, noise: NoiseConfig, loss: LossConfig, network: NetworkConfig
+) -> None:
+    """Refuse settings the family's objective would silently ignore (one line naming the key)."""
+    if objective == "flow":
+        used = [key for key, value in _DDPM_ONLY.items() if value(noise, loss)]
+        if used:
+            raise LorafitError(
+                f"model.{used[0]}: a DDPM setting, but {family_title} trains by flow matching; remove it (flow "
+                "families use model.noise.timestep_sampling/shift and model.loss.weighting)"
+            )
+        if network.type == "locon":
+            raise LorafitError(
+                f"model.network.type: locon adds LoRA to convolutions, which {family_title}'s "
+                "transformer does not have; use lora"
+            )
+    elif loss.weighting != "none":
+        raise LorafitError(
+            f"model.loss.weighting: {loss.weighting} is for flow-matching families; "
+            f"{family_title} uses model.loss.min_snr_gamma / debiased_estimation"
+        )
