@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -31,13 +33,52 @@ from tqdm import tqdm
 from lorafit.data.captions import CaptionOps
 from lorafit.data.epoch_plan import plan_epoch
 from lorafit.data.sample_transform import BucketSpec, SampleTransform
-from lorafit.data.shard_index import load_index
+from lorafit.data.shard_index import DatasetIndex, is_local, load_index
 from lorafit.data.stream import ShardStream
 from lorafit.errors import LorafitError
 
 logger = logging.getLogger("lorafit.data")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What one ``lorafit cache`` run reads, encodes and writes; settled before the model loads."""
+
+    index: DatasetIndex
+    spec: BucketSpec
+    out_dir: Path
+    total: int  # samples to encode
+    batch_size: int
+    max_samples_per_shard: int
+    text_embeddings: bool
+    clip_skip: int
+    max_token_length: int | None
+    flip_aug: bool
+    dtype: str
+
+    def settings(self, model: str, family: str) -> dict:
+        """The ``cached`` section of dataset.json: what the DataModule and the model check at fit start."""
+        return {
+            "model": model,
+            "resolution": self.spec.resolution,
+            "bucket_spec": repr(self.spec),
+            "flip_aug": self.flip_aug,
+            "text_embeddings": self.text_embeddings,
+            "clip_skip": self.clip_skip,
+            "max_token_length": self.max_token_length,
+            "dtype": self.dtype,
+            "family": family,
+        }
+
+
+@dataclass
+class CachedSample:
+    """One encoded sample: its shard members (no ``__key__`` yet) and its index row."""
+
+    members: dict[str, bytes]
+    entry: list
 
 
 def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:
@@ -109,11 +150,46 @@ def cache(
     Returns:
         The summary written to dataset.json.
     """
-    import webdataset as wds
-
-    from lorafit.families.clip_text import encode_tokens, tokenize
+    plan = plan_cache(
+        src,
+        out,
+        text_embeddings=text_embeddings,
+        clip_skip=clip_skip,
+        max_token_length=max_token_length,
+        flip_aug=flip_aug,
+        spec=BucketSpec(
+            resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, enable_bucket
+        ),
+        batch_size=batch_size,
+        dtype=dtype,
+        max_samples_per_shard=max_samples_per_shard,
+        overwrite=overwrite,
+    )
     from lorafit.families.loading import load_base_model
 
+    base = load_base_model(model, single_file_config=single_file_config)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = write_cache(plan, encode_samples(plan, base, device), plan.settings(model, base.family))
+    logger.info("cached %d samples into %s", summary["samples_written"], plan.out_dir)
+    return summary
+
+
+def plan_cache(
+    src: str | list[str],
+    out: str,
+    *,
+    text_embeddings: bool,
+    clip_skip: int,
+    max_token_length: int | None,
+    flip_aug: bool,
+    spec: BucketSpec,
+    batch_size: int,
+    dtype: str,
+    max_samples_per_shard: int,
+    overwrite: bool,
+) -> CachePlan:
+    """Check the options and the output folder and index the source: every refusal comes before the
+    model loads, and a folder to overwrite is kept until the encoded samples are being written."""
     if max_token_length is not None and max_token_length < 1:
         raise LorafitError(f"--max_token_length: {max_token_length}; use 150 or 225, or leave it empty for 75")
     if max_token_length and not text_embeddings:
@@ -122,18 +198,39 @@ def cache(
             "it has no effect (training encodes captions with model.max_token_length)"
         )
     out_dir = Path(out).expanduser()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise LorafitError(f"output folder {out_dir} is not empty; choose a new one or pass --overwrite true")
-        shutil.rmtree(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise LorafitError(f"output folder {out_dir} is not empty; choose a new one or pass --overwrite true")
     index = load_index(src, "SRC")
-    spec = BucketSpec(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, enable_bucket)
-    choose = spec.chooser()
-    stream = ShardStream(
+    inside = [
+        s.url for s in index.shards if is_local(s.url) and Path(s.url).resolve().is_relative_to(out_dir.resolve())
+    ]
+    if inside:
+        raise LorafitError(f"--out {out_dir} holds the source shard {inside[0]}; write the cache to another folder")
+    eval_plan = plan_epoch(
+        index, spec.chooser(), seed=0, epoch=0, world_size=1, workers=0, batch_size=batch_size, repeats=False
+    )
+    return CachePlan(
         index,
         spec,
+        out_dir,
+        sum(map(sum, eval_plan.copies)),
+        batch_size,
+        max_samples_per_shard,
+        text_embeddings,
+        clip_skip,
+        max_token_length,
+        flip_aug,
+        dtype,
+    )
+
+
+def encode_samples(plan: CachePlan, base, device: str) -> Iterator[CachedSample]:
+    """Every source sample once, through the VAE (twice with flips) and the text encoders."""
+    stream = ShardStream(
+        plan.index,
+        plan.spec,
         SampleTransform(CaptionOps()),
-        batch_size=batch_size,
+        batch_size=plan.batch_size,
         seed=0,
         reg_ratio=1.0,
         shuffle_buffer=0,
@@ -141,95 +238,81 @@ def cache(
         num_workers=0,
         keep_meta=True,
     )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = load_base_model(model, single_file_config=single_file_config)
     vae = base.vae.to(device).eval()
     encoders = [encoder.to(device).eval() for encoder in base.text_encoders]
-    storage = DTYPES[dtype]
-    total = sum(
-        sum(row)
-        for row in plan_epoch(
-            index, choose, seed=0, epoch=0, world_size=1, workers=0, batch_size=batch_size, repeats=False
-        ).copies
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for batch in stream:
+        yield from _encode_batch(plan, base, vae, encoders, batch, device)
+
+
+@torch.no_grad()
+def _encode_batch(plan: CachePlan, base, vae, encoders: list, batch: dict, device: str) -> list[CachedSample]:
+    from lorafit.families.clip_text import encode_tokens, tokenize
+
+    storage = DTYPES[plan.dtype]
+    pixels = batch["pixel_values"].to(device, vae.dtype)
+    moments = vae.encode(pixels).latent_dist.parameters
+    flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters if plan.flip_aug else None
+    if plan.text_embeddings:
+        ids = tokenize(base.tokenizers, batch["captions"], device, plan.max_token_length)
+        text = encode_tokens(base.family, encoders, ids, plan.clip_skip)
+    bucket = (pixels.shape[-1], pixels.shape[-2])
+    encoded = []
+    for j, meta in enumerate(batch["metas"]):
+        crop = batch["crop_top_left"][j].tolist()
+        original = batch["original_size"][j].tolist()
+        members = {"txt": batch["captions"][j].encode("utf-8"), "latent.pth": _tensor_bytes(moments[j], storage)}
+        info = {**meta, "original_size": original, "crop_top_left": crop, "bucket": list(bucket)}
+        if flipped is not None:
+            members["latent_flip.pth"] = _tensor_bytes(flipped[j], storage)
+            info["crop_top_left_flip"] = _flipped_crop(original, crop, bucket, plan.spec.chooser())
+        if plan.text_embeddings:
+            members["prompt_embeds.pth"] = _tensor_bytes(text.hidden_states[j], storage)
+            if text.pooled is not None:
+                members["pooled_prompt_embeds.pth"] = _tensor_bytes(text.pooled[j], storage)
+        members["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        row = [meta.get("w", original[1]), meta.get("h", original[0]), meta.get("repeats", 1)]
+        encoded.append(CachedSample(members, [*row, int(bool(meta.get("is_reg", False))), *bucket]))
+    return encoded
+
+
+def write_cache(plan: CachePlan, samples: Iterable[CachedSample], cached: dict) -> dict:
+    """Write the encoded samples as shards, then index.json and dataset.json (whose ``cached``
+    section is ``cached``); returns the summary written to dataset.json."""
+    import webdataset as wds
+
+    shutil.rmtree(plan.out_dir, ignore_errors=True)  # plan_cache refused a non-empty one without --overwrite
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
     entries: dict[str, list] = {}
     written = 0
     with (
-        torch.no_grad(),
-        tqdm(total=total, desc="lorafit cache", unit="img") as bar,
+        tqdm(total=plan.total, desc="lorafit cache", unit="img") as bar,
         wds.ShardWriter(
-            str(out_dir / "train-%06d.tar"), maxcount=max_samples_per_shard, verbose=0, encoder=False, mtime=0.0
+            str(plan.out_dir / "train-%06d.tar"),
+            maxcount=plan.max_samples_per_shard,
+            verbose=0,
+            encoder=False,
+            mtime=0.0,
         ) as writer,
     ):
-        for batch in stream:
-            pixels = batch["pixel_values"].to(device, vae.dtype)
-            moments = vae.encode(pixels).latent_dist.parameters
-            flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters if flip_aug else None
-            if text_embeddings:
-                ids = tokenize(base.tokenizers, batch["captions"], device, max_token_length)
-                text = encode_tokens(base.family, encoders, ids, clip_skip)
-            bucket = (pixels.shape[-1], pixels.shape[-2])
-            for j, meta in enumerate(batch["metas"]):
-                crop = batch["crop_top_left"][j].tolist()
-                original = batch["original_size"][j].tolist()
-                sample = {
-                    "__key__": f"{written:08d}",
-                    "txt": batch["captions"][j].encode("utf-8"),
-                    "latent.pth": _tensor_bytes(moments[j], storage),
-                }
-                info = {**meta, "original_size": original, "crop_top_left": crop, "bucket": list(bucket)}
-                if flipped is not None:
-                    sample["latent_flip.pth"] = _tensor_bytes(flipped[j], storage)
-                    info["crop_top_left_flip"] = _flipped_crop(original, crop, bucket, choose)
-                if text_embeddings:
-                    sample["prompt_embeds.pth"] = _tensor_bytes(text.hidden_states[j], storage)
-                    if text.pooled is not None:
-                        sample["pooled_prompt_embeds.pth"] = _tensor_bytes(text.pooled[j], storage)
-                sample["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
-                writer.write(sample)
-                name = os.path.basename(writer.fname)
-                entries.setdefault(name, []).append(
-                    [
-                        meta.get("w", original[1]),
-                        meta.get("h", original[0]),
-                        meta.get("repeats", 1),
-                        int(bool(meta.get("is_reg", False))),
-                        *bucket,
-                    ]
-                )
-                written += 1
-                bar.update(1)
-    source_summary = dict(index.summary or {})
+        for sample in samples:
+            writer.write({"__key__": f"{written:08d}", **sample.members})
+            entries.setdefault(os.path.basename(writer.fname), []).append(sample.entry)
+            written += 1
+            bar.update(1)
+    return _write_report(plan, entries, written, cached)
+
+
+def _write_report(plan: CachePlan, entries: dict[str, list], written: int, cached: dict) -> dict:
+    shards = sorted(entries.items())
+    source_summary = dict(plan.index.summary or {})
+    kept = ("instance_samples", "reg_samples", "ss_tag_frequency", "images_in", "folders")
     summary = {
-        **{
-            k: v
-            for k, v in source_summary.items()
-            if k in ("instance_samples", "reg_samples", "ss_tag_frequency", "images_in", "folders")
-        },
+        **{key: value for key, value in source_summary.items() if key in kept},
         "samples_written": written,
-        "shards": [{"name": name, "samples": len(rows)} for name, rows in sorted(entries.items())],
-        "cached": {
-            "model": model,
-            "resolution": resolution,
-            "bucket_spec": repr(spec),
-            "flip_aug": flip_aug,
-            "text_embeddings": text_embeddings,
-            "clip_skip": clip_skip,
-            "max_token_length": max_token_length,
-            "dtype": dtype,
-            "family": base.family,
-        },
+        "shards": [{"name": name, "samples": len(rows)} for name, rows in shards],
+        "cached": cached,
     }
-    (out_dir / "index.json").write_text(
-        json.dumps(
-            {
-                "format": "lorafit-index",
-                "version": 1,
-                "shards": [{"name": name, "samples": rows} for name, rows in sorted(entries.items())],
-            }
-        )
-    )
-    (out_dir / "dataset.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    logger.info("cached %d samples into %s", written, out_dir)
+    index = {"format": "lorafit-index", "version": 1, "shards": [{"name": n, "samples": rows} for n, rows in shards]}
+    (plan.out_dir / "index.json").write_text(json.dumps(index))
+    (plan.out_dir / "dataset.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
