@@ -6,7 +6,10 @@ stores the VAE posterior's *moments* (mean and log-variance), not one sample of 
 still draws fresh latent noise each step, and draws exactly what the uncached path would draw
 with the same generator: cached and uncached training give the same loss (tested).
 
-Output: ``train-NNNNNN.tar`` with ``<key>.latent.pth`` (+ ``latent_flip.pth`` with ``--flip_aug``:
+Output: one ``train-NNNNNN.tar`` per source shard, holding its samples in its order, so the shard
+index and therefore every epoch plan are the source's: training on the cache plays the samples
+in the order (and with the flips and captions) training on the source images does. Each sample
+has ``<key>.latent.pth`` (+ ``latent_flip.pth`` with ``--flip_aug``:
 the mirrored image's moments), ``<key>.prompt_embeds.pth`` (+ pooled for SDXL) with
 ``--text_embeddings`` (77 token positions, or 1 + 75n + 1 with ``--max_token_length``: kohya's
 long captions in n chunks), the caption and JSON, plus ``index.json`` and ``dataset.json`` whose
@@ -17,12 +20,10 @@ start (LoraDiffusionModule.check_cache).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,16 +31,12 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from lorafit.data.captions import CaptionOps
-from lorafit.data.epoch_plan import plan_epoch
-from lorafit.data.sample_transform import BucketSpec, SampleTransform
+from lorafit.data.cache_encode import CachedSample, EncodeSettings, encode_samples
+from lorafit.data.sample_transform import BucketSpec
 from lorafit.data.shard_index import DatasetIndex, is_local, load_index
-from lorafit.data.stream import ShardStream
 from lorafit.errors import LorafitError
 
 logger = logging.getLogger("lorafit.data")
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -49,50 +46,22 @@ class CachePlan:
     index: DatasetIndex
     spec: BucketSpec
     out_dir: Path
-    total: int  # samples to encode
-    batch_size: int
-    max_samples_per_shard: int
-    text_embeddings: bool
-    clip_skip: int
-    max_token_length: int | None
-    flip_aug: bool
-    dtype: str
+    encode: EncodeSettings
 
     def settings(self, model: str, family: str) -> dict:
         """The ``cached`` section of dataset.json: what the DataModule and the model check at fit start."""
+        encode = self.encode
         return {
             "model": model,
             "resolution": self.spec.resolution,
             "bucket_spec": repr(self.spec),
-            "flip_aug": self.flip_aug,
-            "text_embeddings": self.text_embeddings,
-            "clip_skip": self.clip_skip,
-            "max_token_length": self.max_token_length,
-            "dtype": self.dtype,
+            "flip_aug": encode.flip_aug,
+            "text_embeddings": encode.text_embeddings,
+            "clip_skip": encode.clip_skip,
+            "max_token_length": encode.max_token_length,
+            "dtype": encode.dtype,
             "family": family,
         }
-
-
-@dataclass
-class CachedSample:
-    """One encoded sample: its shard members (no ``__key__`` yet) and its index row."""
-
-    members: dict[str, bytes]
-    entry: list
-
-
-def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(tensor.detach().to("cpu", dtype).contiguous().clone(), buffer)
-    return buffer.getvalue()
-
-
-def _flipped_crop(original_size, crop_top_left, bucket, choose) -> list[int]:
-    """``crop_top_left`` of the mirrored crop: the left offset is then measured from the right edge."""
-    height, width = original_size
-    resized_w = choose((width, height)).resized_size[0]
-    top, left = crop_top_left
-    return [top, resized_w - left - bucket[0]]
 
 
 def cache(
@@ -114,7 +83,7 @@ def cache(
     batch_size: int = 4,
     dtype: Literal["float32", "float16", "bfloat16"] = "float32",
     device: str | None = None,
-    max_samples_per_shard: int = 1000,
+    max_samples_per_shard: int | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Encode prepared shards into latent (and text-embedding) shards that training streams instead.
@@ -144,59 +113,42 @@ def cache(
         batch_size: Images per VAE call (memory vs speed; results do not depend on it).
         dtype: Storage dtype of the cached tensors (float32 = training sees exactly uncached values).
         device: Device for the encoders (default: cuda when available, else cpu).
-        max_samples_per_shard: Start a new output shard after this many samples.
+        max_samples_per_shard: Ignored (old command lines): each cached shard mirrors a source shard.
         overwrite: Replace a non-empty output folder.
 
     Returns:
         The summary written to dataset.json.
     """
-    plan = plan_cache(
-        src,
-        out,
-        text_embeddings=text_embeddings,
-        clip_skip=clip_skip,
-        max_token_length=max_token_length,
-        flip_aug=flip_aug,
-        spec=BucketSpec(
-            resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, enable_bucket
-        ),
-        batch_size=batch_size,
-        dtype=dtype,
-        max_samples_per_shard=max_samples_per_shard,
-        overwrite=overwrite,
-    )
+    if max_samples_per_shard is not None:
+        logger.warning(
+            "--max_samples_per_shard is ignored: cached shards mirror the source shards, so that training "
+            "on the cache plays the samples in the order training on the images does"
+        )
+    spec = BucketSpec(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale, enable_bucket)
+    encode = EncodeSettings(batch_size, text_embeddings, clip_skip, max_token_length, flip_aug, dtype)
+    plan = plan_cache(src, out, spec, encode, overwrite)
     from lorafit.families.loading import load_base_model
 
     base = load_base_model(model, single_file_config=single_file_config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    summary = write_cache(plan, encode_samples(plan, base, device), plan.settings(model, base.family))
+    samples = encode_samples(plan.index, plan.spec, plan.encode, base, device)
+    summary = write_cache(plan, samples, plan.settings(model, base.family))
     logger.info("cached %d samples into %s", summary["samples_written"], plan.out_dir)
     return summary
 
 
-def plan_cache(
-    src: str | list[str],
-    out: str,
-    *,
-    text_embeddings: bool,
-    clip_skip: int,
-    max_token_length: int | None,
-    flip_aug: bool,
-    spec: BucketSpec,
-    batch_size: int,
-    dtype: str,
-    max_samples_per_shard: int,
-    overwrite: bool,
-) -> CachePlan:
+def plan_cache(src: str | list[str], out: str, spec: BucketSpec, encode: EncodeSettings, overwrite: bool) -> CachePlan:
     """Check the options and the output folder and index the source: every refusal comes before the
     model loads, and a folder to overwrite is kept until the encoded samples are being written."""
-    if max_token_length is not None and max_token_length < 1:
-        raise LorafitError(f"--max_token_length: {max_token_length}; use 150 or 225, or leave it empty for 75")
-    if max_token_length and not text_embeddings:
+    if encode.max_token_length is not None and encode.max_token_length < 1:
+        raise LorafitError(f"--max_token_length: {encode.max_token_length}; use 150 or 225, or leave it empty for 75")
+    if encode.max_token_length and not encode.text_embeddings:
         logger.warning(
             "--max_token_length only changes cached text embeddings; without --text_embeddings true "
             "it has no effect (training encodes captions with model.max_token_length)"
         )
+    if encode.batch_size < 1:
+        raise LorafitError(f"--batch_size: {encode.batch_size}; use 1 or more")
     out_dir = Path(out).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise LorafitError(f"output folder {out_dir} is not empty; choose a new one or pass --overwrite true")
@@ -206,104 +158,34 @@ def plan_cache(
     ]
     if inside:
         raise LorafitError(f"--out {out_dir} holds the source shard {inside[0]}; write the cache to another folder")
-    eval_plan = plan_epoch(
-        index, spec.chooser(), seed=0, epoch=0, world_size=1, workers=0, batch_size=batch_size, repeats=False
-    )
-    return CachePlan(
-        index,
-        spec,
-        out_dir,
-        sum(map(sum, eval_plan.copies)),
-        batch_size,
-        max_samples_per_shard,
-        text_embeddings,
-        clip_skip,
-        max_token_length,
-        flip_aug,
-        dtype,
-    )
-
-
-def encode_samples(plan: CachePlan, base, device: str) -> Iterator[CachedSample]:
-    """Every source sample once, through the VAE (twice with flips) and the text encoders."""
-    stream = ShardStream(
-        plan.index,
-        plan.spec,
-        SampleTransform(CaptionOps()),
-        batch_size=plan.batch_size,
-        seed=0,
-        reg_ratio=1.0,
-        shuffle_buffer=0,
-        training=False,
-        num_workers=0,
-        keep_meta=True,
-    )
-    vae = base.vae.to(device).eval()
-    encoders = [encoder.to(device).eval() for encoder in base.text_encoders]
-    for batch in stream:
-        yield from _encode_batch(plan, base, vae, encoders, batch, device)
-
-
-@torch.no_grad()
-def _encode_batch(plan: CachePlan, base, vae, encoders: list, batch: dict, device: str) -> list[CachedSample]:
-    from lorafit.families.clip_text import encode_tokens, tokenize
-
-    storage = DTYPES[plan.dtype]
-    pixels = batch["pixel_values"].to(device, vae.dtype)
-    moments = vae.encode(pixels).latent_dist.parameters
-    flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters if plan.flip_aug else None
-    if plan.text_embeddings:
-        ids = tokenize(base.tokenizers, batch["captions"], device, plan.max_token_length)
-        text = encode_tokens(base.family, encoders, ids, plan.clip_skip)
-    bucket = (pixels.shape[-1], pixels.shape[-2])
-    encoded = []
-    for j, meta in enumerate(batch["metas"]):
-        crop = batch["crop_top_left"][j].tolist()
-        original = batch["original_size"][j].tolist()
-        members = {"txt": batch["captions"][j].encode("utf-8"), "latent.pth": _tensor_bytes(moments[j], storage)}
-        info = {**meta, "original_size": original, "crop_top_left": crop, "bucket": list(bucket)}
-        if flipped is not None:
-            members["latent_flip.pth"] = _tensor_bytes(flipped[j], storage)
-            info["crop_top_left_flip"] = _flipped_crop(original, crop, bucket, plan.spec.chooser())
-        if plan.text_embeddings:
-            members["prompt_embeds.pth"] = _tensor_bytes(text.hidden_states[j], storage)
-            if text.pooled is not None:
-                members["pooled_prompt_embeds.pth"] = _tensor_bytes(text.pooled[j], storage)
-        members["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
-        row = [meta.get("w", original[1]), meta.get("h", original[0]), meta.get("repeats", 1)]
-        encoded.append(CachedSample(members, [*row, int(bool(meta.get("is_reg", False))), *bucket]))
-    return encoded
+    return CachePlan(index, spec, out_dir, encode)
 
 
 def write_cache(plan: CachePlan, samples: Iterable[CachedSample], cached: dict) -> dict:
-    """Write the encoded samples as shards, then index.json and dataset.json (whose ``cached``
-    section is ``cached``); returns the summary written to dataset.json."""
+    """Write the encoded samples (in source order) as one shard per source shard, then index.json and
+    dataset.json (whose ``cached`` section is ``cached``); returns the summary written to dataset.json."""
     import webdataset as wds
 
     shutil.rmtree(plan.out_dir, ignore_errors=True)  # plan_cache refused a non-empty one without --overwrite
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    entries: dict[str, list] = {}
-    written = 0
-    with (
-        tqdm(total=plan.total, desc="lorafit cache", unit="img") as bar,
-        wds.ShardWriter(
-            str(plan.out_dir / "train-%06d.tar"),
-            maxcount=plan.max_samples_per_shard,
-            verbose=0,
-            encoder=False,
-            mtime=0.0,
-        ) as writer,
-    ):
-        for sample in samples:
-            writer.write({"__key__": f"{written:08d}", **sample.members})
-            entries.setdefault(os.path.basename(writer.fname), []).append(sample.entry)
-            written += 1
-            bar.update(1)
+    names = [f"train-{s:06d}.tar" for s in range(len(plan.index.shards))]
+    entries: dict[str, list] = {name: [] for name in names}
+    samples = iter(samples)
+    pending, written = next(samples, None), 0
+    with tqdm(total=plan.index.num_samples, desc="lorafit cache", unit="img") as bar:
+        for shard, name in enumerate(names):  # every source shard, the empty ones too: the index keeps them
+            with wds.TarWriter(str(plan.out_dir / name), encoder=False, mtime=0.0) as writer:
+                while pending is not None and pending.shard == shard:
+                    writer.write({"__key__": f"{written:08d}", **pending.members})
+                    entries[name].append(pending.entry)
+                    written += 1
+                    bar.update(1)
+                    pending = next(samples, None)
     return _write_report(plan, entries, written, cached)
 
 
 def _write_report(plan: CachePlan, entries: dict[str, list], written: int, cached: dict) -> dict:
-    shards = sorted(entries.items())
+    shards = list(entries.items())
     source_summary = dict(plan.index.summary or {})
     kept = ("instance_samples", "reg_samples", "ss_tag_frequency", "images_in", "folders")
     summary = {

@@ -419,10 +419,12 @@ class LoraDiffusionModule(DenoisingStep, NonfiniteGuard, LoraCheckpointState, Ho
         ]
         kwargs = optimizer_kwargs(hp.optimizer, hp.weight_decay, hp.betas, hp.optimizer_args)
         optimizer = build_optimizer(hp.optimizer, groups, hp.learning_rate, kwargs)
+        # The data module counts every epoch's batches; Lightning multiplies the first epoch's by max_epochs.
+        planned = getattr(getattr(self.trainer, "datamodule", None), "stepping_batches", lambda: None)()
         scheduler = build_scheduler(
             hp.lr_scheduler,
             optimizer,
-            self.trainer.estimated_stepping_batches,
+            planned or self.trainer.estimated_stepping_batches,
             hp.lr_warmup_steps,
             hp.lr_scheduler_num_cycles,
             hp.lr_scheduler_power,
