@@ -45,10 +45,10 @@ def _counting_open(path, mode="rb"):
 
 
 def _recording_read_shard(url, wanted):
-    for i, sample in _READ_SHARD(url, wanted):
+    for i, key, sample in _READ_SHARD(url, wanted):
         if sample is not None:
             READ_KEYS.append(json.loads(sample["json"])["source"])
-        yield i, sample
+        yield i, key, sample
 
 
 # Every read of the stream goes through lorafit.data.shard_reader (workers 0: in this process).

@@ -62,8 +62,8 @@ def test_samples_are_webdatasets_and_only_the_wanted_ones_are_read(shard, monkey
 
     monkeypatch.setattr(shard_reader, "open", lambda path, mode: Counting(path, "r"), raising=False)
     got = list(read_shard(str(shard), lambda i: i != 3))
-    assert [i for i, _ in got] == [0, 1, 2, 3]
-    assert [s for _, s in got[:3]] == expected[:3] and got[3][1] is None
+    assert [(i, key) for i, key, _ in got] == [(i, s["__key__"]) for i, s in enumerate(expected)]
+    assert [s for _, _, s in got[:3]] == expected[:3] and got[3][2] is None
     # The 20 kB member of the unwanted sample was seeked over: headers and the wanted bytes only.
     assert read["bytes"] < shard.stat().st_size - 19000
 
@@ -72,11 +72,28 @@ def test_streams_cannot_seek_and_still_give_the_same_samples(shard):
     url = f"pipe:cat {shard}"
     got = list(read_shard(url, lambda i: i % 2 == 0))
     expected = _webdataset(url)
-    assert [s for _, s in got] == [expected[0], None, expected[2], None]
+    assert [s for _, _, s in got] == [expected[0], None, expected[2], None]
+
+
+def _indexed(path: Path, listed: int) -> ShardIndex:
+    return ShardIndex(str(path), [(64, 64, 1, 0)] * listed)
 
 
 def test_a_shard_that_does_not_match_its_index_is_named(shard):
-    for listed in (3, 5):
-        with pytest.raises(LorafitError, match=rf"odd.tar does not match its index \({listed} samples listed"):
-            list(read_indexed(ShardIndex(str(shard), [(64, 64, 1, 0)] * listed), lambda i: True))
-    assert len(list(read_indexed(ShardIndex(str(shard), [(64, 64, 1, 0)] * 4), lambda i: True))) == 4
+    assert len(list(read_indexed(_indexed(shard, 4), lambda i: True))) == 4
+    with pytest.raises(LorafitError, match=r"odd.tar holds more samples than its index lists \(3\)"):
+        list(read_indexed(_indexed(shard, 3), lambda i: True))
+    with pytest.raises(LorafitError, match=r"odd.tar is truncated or corrupt: .*after sample 4 of 5 .*ends early"):
+        list(read_indexed(_indexed(shard, 5), lambda i: True))
+
+
+@pytest.mark.parametrize("wanted", [True, False])
+def test_a_truncated_shard_is_named_with_the_last_sample_read(shard, tmp_path, wanted):
+    """Cut inside the last sample's 20 kB image: read for the sample, or seeked over for another reader."""
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[: shard.stat().st_size - 12000])
+    with pytest.raises(LorafitError) as err:
+        list(read_indexed(_indexed(cut, 4), lambda i: wanted))
+    message = str(err.value)
+    assert message.startswith(f"shard {cut} is truncated or corrupt: reading stopped after sample 3 of 4 (key three)")
+    assert "re-run `lorafit prepare`" in message and "\n" not in message

@@ -26,23 +26,42 @@ _META = re.compile(r"__[^/]*__($|/)")
 
 
 def read_indexed(shard: ShardIndex, wanted: Callable[[int], bool]) -> Iterator[tuple[int, dict | None]]:
-    """:func:`read_shard` over an indexed shard, which must hold exactly the samples its index lists."""
-    count = 0
-    for i, sample in read_shard(shard.url, wanted):
-        count = i + 1
-        if i >= len(shard.samples):
-            break
-        yield i, sample
-    if count != len(shard.samples):
+    """:func:`read_shard` over an indexed shard, checked against its index.
+
+    A shard cut short (a copy interrupted, a full disk, a download stopped) or with damaged bytes
+    either makes the tar reader raise or, as often, just ends early: both are named here with the
+    shard and the last sample read, mid-epoch, instead of a tar traceback or a silently short epoch.
+    """
+    listed = len(shard.samples)
+    count, key = 0, None
+    try:
+        for i, sample_key, sample in read_shard(shard.url, wanted):
+            count, key = i + 1, sample_key  # the last sample read, for the message
+            if i >= listed:
+                break
+            yield i, sample
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        reason = " ".join(str(err).split())[:120] or type(err).__name__
+        raise LorafitError(_damaged(shard.url, count, listed, key, reason)) from None
+    if count > listed:
         raise LorafitError(
-            f"shard {shard.url} does not match its index ({len(shard.samples)} samples listed, "
-            f"{'more' if count > len(shard.samples) else count} found); re-run `lorafit prepare` or "
+            f"shard {shard.url} holds more samples than its index lists ({listed}); re-run `lorafit prepare` or "
             "delete the index cache (~/.cache/lorafit/index)"
         )
+    if count < listed:
+        raise LorafitError(_damaged(shard.url, count, listed, key, "it ends early"))
 
 
-def read_shard(url: str, wanted: Callable[[int], bool]) -> Iterator[tuple[int, dict | None]]:
-    """``(i, sample)`` for every sample of the shard, in order; ``sample`` is None unless ``wanted(i)``.
+def _damaged(url: str, count: int, listed: int, key: str | None, reason: str) -> str:
+    after = f"after sample {count} of {listed} (key {key})" if key else f"before the first of its {listed} samples"
+    return (
+        f"shard {url} is truncated or corrupt: reading stopped {after}: {reason}; re-run `lorafit prepare` "
+        "(or `lorafit cache`) for it, or restore it from a good copy"
+    )
+
+
+def read_shard(url: str, wanted: Callable[[int], bool]) -> Iterator[tuple[int, str, dict | None]]:
+    """``(i, key, sample)`` for every sample of the shard, in order; ``sample`` is None unless ``wanted(i)``.
 
     A sample is webdataset's dict: ``__key__``, ``__url__`` and one bytes entry per member suffix.
     """
@@ -50,12 +69,12 @@ def read_shard(url: str, wanted: Callable[[int], bool]) -> Iterator[tuple[int, d
         from webdataset.tariterators import tarfile_samples
 
         for i, sample in enumerate(tarfile_samples([{"url": url}])):
-            yield i, sample if wanted(i) else None
+            yield i, sample["__key__"], sample if wanted(i) else None
         return
     yield from _read_local(url, wanted)
 
 
-def _read_local(path: str, wanted: Callable[[int], bool]) -> Iterator[tuple[int, dict | None]]:
+def _read_local(path: str, wanted: Callable[[int], bool]) -> Iterator[tuple[int, str, dict | None]]:
     from webdataset.tariterators import base_plus_ext
 
     i, key, sample = -1, None, None
@@ -71,7 +90,7 @@ def _read_local(path: str, wanted: Callable[[int], bool]) -> Iterator[tuple[int,
                 continue
             if prefix != key:
                 if key is not None:
-                    yield i, sample
+                    yield i, key, sample
                 i, key = i + 1, prefix
                 sample = {"__key__": prefix, "__url__": path} if wanted(i) else None
             if sample is not None:
@@ -80,7 +99,7 @@ def _read_local(path: str, wanted: Callable[[int], bool]) -> Iterator[tuple[int,
                     raise ValueError(f"{name}: duplicate file name in tar file {path}")
                 sample[suffix] = tar.extractfile(member).read()
     if key is not None:
-        yield i, sample
+        yield i, key, sample
 
 
 def _is_metadata_file(name: str) -> bool:
