@@ -74,7 +74,7 @@ def _cached_samples(cached: Path) -> dict[str, dict]:
         for j, caption in enumerate(batch["captions"]):
             samples[caption] = {
                 "prompt_embeds": batch["prompt_embeds"][j],
-                "pooled": batch["pooled_prompt_embeds"][j],
+                "pooled": batch["pooled_prompt_embeds"][j] if "pooled_prompt_embeds" in batch else None,
                 "batch_shape": tuple(batch["prompt_embeds"].shape),
             }
     return samples
@@ -127,8 +127,7 @@ def _sources(shards: Path) -> list[str]:
 
 def test_training_from_the_long_cache_gives_the_uncached_lora(tiny_models, long_shards, tmp_path):
     prepared, cached = long_shards
-    # `lorafit cache` writes samples in its reading order (shards in interleaved parts, grouped by
-    # bucket), which for these two images is the prepared order: both runs then see the same batches.
+    # `lorafit cache` keeps the prepared shards and order: both runs see the same batches.
     assert _sources(cached) == _sources(prepared)
     runs = {"images": (prepared, 225), "cache": (cached, 225), "cut": (prepared, None)}
     for name, (shards, max_token_length) in runs.items():
@@ -260,3 +259,37 @@ def test_tokenize_with_max_token_length_matches_hidden_length(tiny_models):
     [ids] = tokenize(base.tokenizers, [HEAD], max_token_length=225)
     assert ids.shape == (1, 3, 77)
     assert [hidden_length(base.tokenizers[0], n) for n in (None, 75, 150, 225)] == [77, 77, 152, 227]
+
+
+@pytest.mark.parametrize(("family", "clip_skip"), [("sd1", 2), ("sd2", 1)])
+def test_sd1_and_sd2_caches_hold_the_long_embeddings_training_computes(
+    tiny_models, long_shards, tmp_path, family, clip_skip
+):
+    """SD1 (with clip skip, re-normalised) and SD2 (padding other than the end token) chunk too; the
+    model accepts their caches at fit start."""
+    from lorafit.data.cache import cache
+
+    prepared, _ = long_shards
+    summary = cache(
+        str(prepared),
+        out=str(tmp_path / "cached"),
+        model=tiny_models[family],
+        text_embeddings=True,
+        clip_skip=clip_skip,
+        max_token_length=225,
+        batch_size=3,
+        **BUCKETS,
+    )
+    module = LoraDiffusionModule(model=tiny_models[family], rank=4, max_token_length=225, clip_skip=clip_skip)
+    module.configure_model()
+    module.check_cache(summary["cached"])
+    samples = _cached_samples(tmp_path / "cached")
+    captions = sorted(samples)
+    assert captions == sorted(HEAD + tail for tail in TAILS)
+    with torch.no_grad():
+        encoded = module.text_conditioning({"captions": captions})
+    cached = torch.stack([samples[c]["prompt_embeds"] for c in captions])
+    assert cached.shape[1] == 227
+    torch.testing.assert_close(cached, encoded.hidden_states, rtol=1e-5, atol=1e-6)
+    # The third chunk tells the captions apart: cut at 150 tokens they would be the same.
+    assert not torch.allclose(cached[0, 152:], cached[1, 152:], atol=1e-4)

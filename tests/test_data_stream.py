@@ -54,7 +54,7 @@ def _epoch(dm: LoraDataModule, epoch: int = 0, skip: int = 0) -> list[dict]:
 
 
 def _module(prepared: Path, **kwargs) -> LoraDataModule:
-    dm = LoraDataModule(shards=str(prepared), seed=3, **{"batch_size": 2, **BUCKETS, **kwargs})
+    dm = LoraDataModule(shards=str(prepared), **{"seed": 3, "batch_size": 2, **BUCKETS, **kwargs})
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -114,9 +114,7 @@ def test_resume_skips_exactly_the_trained_batches_with_workers(prepared):
 def _as_rank(dm: LoraDataModule, rank: int, world_size: int) -> LoraDataModule:
     """``dm``'s training stream as rank ``rank`` of ``world_size`` would play it (no trainer needed)."""
     stream = dm.train_stream
-    stream.rank, stream.world_size, stream._plans, stream.max_batches = rank, world_size, {}, None
-    stream.max_batches = stream.plan(0).batches_per_rank  # as setup() does with the trainer's world
-    stream._plans = {}
+    stream.rank, stream.world_size, stream._plans = rank, world_size, {}
     return dm
 
 

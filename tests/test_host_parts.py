@@ -108,3 +108,36 @@ def test_borrowing_moves_to_the_device_and_gives_back_the_same_host_weights(tiny
     for name, p in module.vae.named_parameters():
         pointer, value = before[name]
         assert p.device.type == "cpu" and p.data_ptr() == pointer and torch.equal(p, value), name
+
+
+def test_no_move_reaches_the_host_parts_from_configure_model_to_the_end_of_fit(
+    tiny_models, caches, tmp_path, monkeypatch
+):
+    """Every ``.to()``/``.cuda()``/``.half()`` of a module runs ``nn.Module._apply`` on it and its children:
+    from the end of ``configure_model`` (where they leave the tree) through Lightning's move to the
+    device, the training steps and a sample round, none may reach the VAE or the text encoders. On a
+    GPU any such call would put their 1.8 GB (SDXL) on the card; on this CPU it is the call that shows."""
+    applied: list[torch.nn.Module] = []
+    recording = False
+    original_apply = torch.nn.Module._apply
+
+    def spy(self, fn, recurse=True):
+        if recording:
+            applied.append(self)
+        return original_apply(self, fn, recurse)
+
+    monkeypatch.setattr(torch.nn.Module, "_apply", spy)
+    original_configure = LoraDiffusionModule.configure_model
+
+    def configure_then_record(self):
+        nonlocal recording
+        original_configure(self)
+        recording = True
+
+    monkeypatch.setattr(LoraDiffusionModule, "configure_model", configure_then_record)
+    module, _, samples = _fit(tiny_models["sdxl"], caches["latents+text"], tmp_path)
+    assert samples.written  # the sample round ran (and borrowed the parts)
+    assert any(m is module for m in applied), "Lightning's move to the device was not seen"
+    parked = {id(m) for part in (module.vae, *module.text_encoders) for m in part.modules()}
+    moved = [type(m).__name__ for m in applied if id(m) in parked]
+    assert not moved, moved

@@ -8,13 +8,16 @@ The epoch is planned before it is read (:mod:`lorafit.data.epoch_plan`), from th
 and world size taken in ``setup()`` (spawned DataLoader workers have no RANK variables). The
 plan's epoch is read from the trainer when the loader starts its workers, and a checkpoint
 records how many batches of the epoch were trained, so a resumed run continues the interrupted
-epoch's exact batch sequence instead of starting it again.
+epoch's exact batch sequence instead of starting it again. Epochs differ by a few batches; each is
+played in full (Lightning re-reads the length every epoch), and :meth:`LoraDataModule.stepping_batches`
+gives LR schedulers the run's exact step count.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -45,12 +48,23 @@ class EpochLoader(DataLoader):
     ``estimated_stepping_batches`` during setup), and the epoch read then would be the wrong one.
     """
 
-    def __init__(self, dataset: ShardStream, position: Callable[[], tuple[int, int]], **kwargs) -> None:
+    def __init__(
+        self,
+        dataset: ShardStream,
+        position: Callable[[], tuple[int, int]],
+        upcoming: Callable[[], int] = lambda: 0,
+        **kwargs,
+    ) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
         self.position = position
+        self.upcoming = upcoming
 
     def __iter__(self):
         return _LazyEpochIterator(self)
+
+    def __len__(self) -> int:
+        """Batches of the epoch about to be played: Lightning reads it when each epoch starts."""
+        return self.dataset.plan(self.upcoming()).batches_per_rank
 
 
 class _LazyEpochIterator:
@@ -125,11 +139,11 @@ class LoraDataModule(L.LightningDataModule):
         cache_dir: Where prepared folders and shard indexes go; default ``$LORAFIT_CACHE`` or
             ``~/.cache/lorafit``.
         worker_start_method: ``fork``, ``spawn`` or ``forkserver`` for the workers (default: platform's).
-        global_batch: DDP only: every rank reads the whole epoch and trains its share of each global
-            batch of ``devices x batch_size`` samples, so N devices train exactly what one device
-            would with an N times larger batch (same batches, noise and loss; float tolerance).
-            Costs N times the shard reading (decoding is not repeated); off = each rank reads its
-            own shards.
+        global_batch: DDP only: every rank plays the one-process epoch and trains its share of each
+            global batch of ``devices x batch_size`` samples, so N devices train exactly what one
+            device would with an N times larger batch (same batches, noise and loss; float
+            tolerance). Each rank reads only its own samples' bytes of local shards (``pipe:``/http
+            shards are streamed whole on every rank); off = each rank reads its own shards.
     """
 
     def __init__(
@@ -327,9 +341,11 @@ class LoraDataModule(L.LightningDataModule):
                     f"x {max(1, self.hparams.num_workers)} worker(s) a batch; lower data.num_workers, "
                     "data.batch_size or trainer.devices, or add images/repeats"
                 )
-            # Every epoch is cut to the first one's length: len(dataloader) stays true for Lightning.
-            self.train_stream.max_batches = first.batches_per_rank
             self.index = index
+            if self.trainer is not None:
+                # Epochs differ by a few batches: Lightning must ask each epoch for its length (a
+                # loader here is a cheap view of the one stream), or it would cut longer epochs.
+                self.trainer.reload_dataloaders_every_n_epochs = 1
             self._log_plan(first)
         if self.val_stream is None and (self.hparams.val_dir or self.hparams.val_shards):
             source, key = self._sources("val")
@@ -375,13 +391,16 @@ class LoraDataModule(L.LightningDataModule):
                 plan.dropped_samples,
             )
 
+    def _upcoming(self) -> int:
+        """The epoch Lightning is about to play, or plays (what it passes to samplers' set_epoch, too)."""
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.fit_loop.epoch_progress.current.processed
+
     def _position(self) -> tuple[int, int]:
         """(epoch, batches to skip) for the epoch about to be iterated."""
-        trainer = self.trainer
-        if trainer is None:
+        if self.trainer is None:
             return 0, 0
-        # The epoch Lightning is about to play (what it passes to samplers' set_epoch, too).
-        epoch = trainer.fit_loop.epoch_progress.current.processed
+        epoch = self._upcoming()
         self._playing = epoch
         skip = 0
         if self._resume is not None:
@@ -390,18 +409,40 @@ class LoraDataModule(L.LightningDataModule):
             skip = resume_skip if resume_epoch == epoch else 0
         return epoch, skip
 
-    def _loader(self, stream: ShardStream, position) -> EpochLoader:
+    def _loader(self, stream: ShardStream, position, upcoming=lambda: 0) -> EpochLoader:
         hp = self.hparams
         return EpochLoader(
             stream,
             position,
+            upcoming,
             num_workers=hp.num_workers,
             pin_memory=torch.cuda.is_available(),
             multiprocessing_context=hp.worker_start_method if hp.num_workers else None,
         )
 
     def train_dataloader(self) -> EpochLoader:
-        return self._loader(self.train_stream, self._position)
+        return self._loader(self.train_stream, self._position, self._upcoming)
+
+    def stepping_batches(self) -> int | None:
+        """Optimizer steps of the whole run, summed epoch by epoch, for LR schedulers; None where
+        Lightning's ``estimated_stepping_batches`` applies (no epoch limit, limited train batches).
+
+        Lightning multiplies the first epoch's batch count by ``max_epochs``, but epochs differ by
+        a few batches here, and a cosine schedule run past its end climbs again.
+        """
+        trainer = self.trainer
+        if trainer is None or self.train_stream is None or trainer.max_epochs in (None, -1):
+            return None
+        limit = trainer.limit_train_batches
+        if not (isinstance(limit, float) and limit == 1):
+            return None
+        steps = 0
+        for epoch in range(trainer.max_epochs):
+            # Lightning steps every accumulate_grad_batches batches and on each epoch's last batch.
+            steps += math.ceil(self.train_stream.plan(epoch).batches_per_rank / trainer.accumulate_grad_batches)
+            if 0 <= trainer.max_steps <= steps:
+                return trainer.max_steps
+        return steps
 
     def val_dataloader(self):
         if self.val_stream is None:
@@ -418,7 +459,7 @@ class LoraDataModule(L.LightningDataModule):
         if trainer is None or self._playing is None:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done >= len(self.train_stream):  # the epoch is over: a resume starts the next one
+        if done >= self.train_stream.plan(self._playing).batches_per_rank:  # over: a resume starts the next
             return {"epoch": self._playing + 1, "batches_done": 0}
         return {"epoch": self._playing, "batches_done": done}
 

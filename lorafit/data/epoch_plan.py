@@ -176,13 +176,11 @@ def plan_epoch(
     reg_ratio: float = 1.0,
     repeats: bool = True,
     repeats_override: int | None = None,
-    max_batches: int | None = None,
 ) -> EpochPlan:
     """Plan one epoch (see module docstring).
 
-    ``repeats=False`` plans an evaluation pass: each sample once. ``max_batches`` caps the batches
-    per rank: the DataModule passes the first epoch's count, so the length Lightning read from
-    ``len(dataloader)`` (and schedulers sized from it) holds for every epoch.
+    ``repeats=False`` plans an evaluation pass: each sample once. Epochs differ by a few batches
+    (other shards per slot, other reg samples, so other partial batches); each is played in full.
     """
     workers = max(1, workers)
     slots = world_size * workers
@@ -204,16 +202,14 @@ def plan_epoch(
         batches.append(sum(math.ceil(n / batch_size) for n in counts.values()))
         full.append(sum(n // batch_size for n in counts.values()) if batch_size > 1 else 0)
 
-    quotas, splits = _even_out(batches, full, world_size, workers, max_batches)
+    quotas, splits = _even_out(batches, full, world_size, workers)
     dropped = sum(
         _samples_in_last(bucket_counts[s], batch_size, batches[s] + splits[s] - quotas[s]) for s in range(slots)
     )
     return EpochPlan(dealt, copies, batches, quotas, splits, workers, dropped)
 
 
-def _even_out(
-    batches: list[int], full: list[int], world_size: int, workers: int, max_batches: int | None
-) -> tuple[list[int], list[int]]:
+def _even_out(batches: list[int], full: list[int], world_size: int, workers: int) -> tuple[list[int], list[int]]:
     """Per-slot (quota, splits) giving every rank the same batch count, losing as few samples as possible.
 
     Ranks short of batches split full batches in two (every sample still seen once, in a smaller
@@ -227,8 +223,6 @@ def _even_out(
     totals = [sum(batches[s] for s in rank_slots(r)) for r in range(world_size)]
     reach = [totals[r] + sum(full[s] for s in rank_slots(r)) for r in range(world_size)]
     target = min(max(totals), *reach)
-    if max_batches is not None:
-        target = min(target, max_batches)
     quotas, splits = list(batches), [0] * len(batches)
     for rank in range(world_size):
         slots = rank_slots(rank)

@@ -71,12 +71,12 @@ def expand_sources(sources: str | list[str], key: str) -> list[str]:
         else:
             urls += [os.path.expanduser(u) for u in expand_urls(item)]
     for url in urls:
-        if _is_local(url) and not Path(url).is_file():
+        if is_local(url) and not Path(url).is_file():
             raise LorafitError(f"{key}: shard {url} does not exist; check the path or brace pattern")
     return urls
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
@@ -100,8 +100,8 @@ def _read_json(path: Path) -> dict | None:
 
 def _from_written_index(urls: list[str]) -> DatasetIndex | None:
     """The index.json that ``prepare``/``cache`` wrote, when every shard is covered by one."""
-    folders = {Path(url).parent for url in urls if _is_local(url)}
-    if len(folders) != 1 or not all(_is_local(u) for u in urls):
+    folders = {Path(url).parent for url in urls if is_local(url)}
+    if len(folders) != 1 or not all(is_local(u) for u in urls):
         return None
     folder = folders.pop()
     index = _read_json(folder / INDEX_NAME)
@@ -145,7 +145,7 @@ def _cache_key(urls: list[str]) -> str:
     digest = hashlib.sha1()
     for url in urls:
         digest.update(url.encode())
-        if _is_local(url):
+        if is_local(url):
             stat = os.stat(url)
             digest.update(f":{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]

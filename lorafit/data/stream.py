@@ -1,13 +1,17 @@
 """The streaming half of the data path: read planned shards, shuffle, bucket-batch, transform.
 
-Per DataLoader worker: read the shard parts the epoch plan gave this slot (webdataset's tar
-reader, so local paths, ``pipe:`` commands and http URLs all work), emit each sample as many
-times as the plan says, shuffle through a seeded buffer, group into one-bucket batches, and only
-then decode: skipped batches (resume) and cut batches (equal ranks) cost no image decoding.
+Per DataLoader worker: take the shard parts the epoch plan gave this slot, emit each sample as
+many times as the plan says, shuffle through a seeded buffer, group into one-bucket batches, and
+only then decode. Which sample lands in which batch depends on the index and the seeds alone, not
+on the bytes, so the worker plays its epoch twice: first on the index alone, to learn which
+samples it trains (its rows of global batches; not those of batches skipped on resume or cut to
+even the ranks), then for real, reading only those samples' bytes (:mod:`lorafit.data.shard_reader`:
+local shards seek over the rest; ``pipe:`` commands and URLs are streamed).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -21,18 +25,19 @@ from torch.utils.data import IterableDataset, get_worker_info
 from lorafit.data.epoch_plan import EpochPlan, epoch_rng, plan_epoch
 from lorafit.data.sample_transform import BucketSpec, SampleTransform, collate, decode_tensor, pick_cached
 from lorafit.data.shard_index import DatasetIndex
-from lorafit.errors import LorafitError
+from lorafit.data.shard_reader import read_indexed
 
 
 @dataclass
 class Draw:
-    """One appearance of a sample in the epoch: copy ``copy`` of sample ``i`` of shard ``shard``."""
+    """One appearance of a sample in the epoch: copy ``copy`` of sample ``i`` of shard ``shard``;
+    ``sample`` is None while the epoch is played on the index alone, or when this reader does not train it."""
 
     shard: int
     i: int
     copy: int
     entry: tuple
-    sample: dict
+    sample: dict | None
 
 
 def shuffle_buffer(items: Iterable[Draw], size: int, rng: random.Random) -> Iterator[Draw]:
@@ -91,7 +96,6 @@ class ShardStream(IterableDataset):
         repeats_override: int | None = None,
         world_size: int = 1,
         rank: int = 0,
-        keep_meta: bool = False,
         global_batch: bool = False,
     ) -> None:
         self.index, self.spec, self.transform = index, spec, transform
@@ -99,60 +103,69 @@ class ShardStream(IterableDataset):
         self.buffer_size, self.training, self.num_workers = shuffle_buffer, training, num_workers
         self.repeats_override = repeats_override
         self.world_size, self.rank = world_size, rank
-        self.keep_meta = keep_meta  # pass each sample's JSON through (lorafit cache re-writes it)
         # Global batches (training only): every rank plays the one-process plan with batches of
         # world_size x batch_size and keeps its share of each; see global_share().
         self.global_batch = global_batch and training
         self.epoch, self.skip = 0, 0
-        self.max_batches: int | None = None
         self._plans: dict[int, EpochPlan] = {}
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The plan of ``epoch`` (default: the one being played); each epoch has its own batch count."""
         epoch = self.epoch if epoch is None else epoch
         if epoch not in self._plans:
-            world, batch = (
-                (1, self.batch_size * self.world_size) if self.global_batch else (self.world_size, self.batch_size)
+            world = 1 if self.global_batch else self.world_size
+            plan = plan_epoch(
+                self.index,
+                self.spec.chooser(),
+                seed=self.seed,
+                epoch=epoch if self.training else 0,
+                world_size=world,
+                workers=self.num_workers,
+                batch_size=self._batch_size(),
+                reg_ratio=self.reg_ratio,
+                repeats=self.training,
+                repeats_override=self.repeats_override,
             )
-            self._plans = {
-                epoch: plan_epoch(
-                    self.index,
-                    self.spec.chooser(),
-                    seed=self.seed,
-                    epoch=epoch if self.training else 0,
-                    world_size=world,
-                    workers=self.num_workers,
-                    batch_size=batch,
-                    reg_ratio=self.reg_ratio,
-                    repeats=self.training,
-                    repeats_override=self.repeats_override,
-                    max_batches=self.max_batches,
-                )
-            }
+            # The epoch played and the next one (its length is asked for before it starts).
+            self._plans = {e: p for e, p in self._plans.items() if e == self.epoch} | {epoch: plan}
         return self._plans[epoch]
 
     def __len__(self) -> int:
         return self.plan().batches_per_rank
 
-    def _draws(self, plan: EpochPlan, slot: int) -> Iterator[Draw]:
-        from webdataset.tariterators import tarfile_samples
+    def _batch_size(self) -> int:
+        """Samples per planned batch: a global batch spans every rank."""
+        return self.batch_size * self.world_size if self.global_batch else self.batch_size
 
+    def _planned_draws(self, plan: EpochPlan, slot: int) -> Iterator[Draw]:
+        """The slot's draws from the index alone, in reading order: what :meth:`_read_draws` yields, without bytes."""
+        for unit in plan.units[slot]:
+            copies = plan.copies[unit.shard]
+            for i, entry in enumerate(self.index.shards[unit.shard].samples):
+                if copies[i] and unit.takes(i):
+                    for copy in range(copies[i]):
+                        yield Draw(unit.shard, i, copy, entry, None)
+
+    def _read_draws(self, plan: EpochPlan, slot: int, wanted: set[tuple[int, int]]) -> Iterator[Draw]:
+        """The slot's draws with the bytes of the ``wanted`` (shard, i) samples, the others without."""
         for unit in plan.units[slot]:
             shard = self.index.shards[unit.shard]
             copies = plan.copies[unit.shard]
-            count = 0
-            for i, sample in enumerate(tarfile_samples([{"url": shard.url}])):
-                count = i + 1
-                if i >= len(shard.samples):
-                    break
+            for i, sample in read_indexed(shard, lambda i, u=unit: u.takes(i) and (u.shard, i) in wanted):
                 if copies[i] and unit.takes(i):
                     for copy in range(copies[i]):
                         yield Draw(unit.shard, i, copy, shard.samples[i], sample)
-            if count != len(shard.samples):
-                raise LorafitError(
-                    f"shard {shard.url} does not match its index ({len(shard.samples)} samples listed, "
-                    f"{'more' if count > len(shard.samples) else count} found); re-run `lorafit prepare` or "
-                    "delete the index cache (~/.cache/lorafit/index)"
-                )
+
+    def _batches(self, draws: Iterable[Draw], plan: EpochPlan, slot: int) -> Iterator[tuple[int, list[Draw]]]:
+        """(n, draws of batch n) for the slot's planned batches: shuffled, bucketed, split and cut as planned."""
+        if self.training and self.buffer_size > 1:
+            draws = shuffle_buffer(draws, self.buffer_size, epoch_rng(self.seed, self.epoch, "buffer", slot))
+        groups = bucket_batches(draws, self.spec.chooser(), self._batch_size(), plan.splits[slot])
+        return itertools.islice(enumerate(groups), plan.quotas[slot])
+
+    def _rows(self, group: list[Draw]) -> list[int]:
+        """Positions in a planned batch that this rank trains: all, or its share of a global batch."""
+        return global_share(len(group), self.rank, self.world_size)[0] if self.global_batch else list(range(len(group)))
 
     def _item(self, draw: Draw, bucket_of) -> dict[str, Any]:
         rng = epoch_rng(self.seed, self.epoch, draw.shard, draw.i, draw.copy)
@@ -162,8 +175,6 @@ class ShardStream(IterableDataset):
         # The source file's path when the shard records it: what a user recognises in an error.
         name = meta.get("source") or f"{PurePosixPath(self.index.shards[draw.shard].url).name}:{sample['__key__']}"
         item: dict[str, Any] = {"key": name, "is_reg": is_reg}
-        if self.keep_meta:
-            item["meta"] = meta
         item["caption"] = self.transform.caption(sample, rng, is_reg)
         if "latent.pth" in sample:
             moments, crop = pick_cached(sample, rng, self.transform.flip_aug and self.training)
@@ -191,22 +202,22 @@ class ShardStream(IterableDataset):
             return
         planned_worker, skip = role
         slot = plan.slot(plan_rank, planned_worker)
+        # First pass, on the index: the samples this reader trains, so that the second reads only those.
+        wanted = {
+            (group[row].shard, group[row].i)
+            for n, group in self._batches(self._planned_draws(plan, slot), plan, slot)
+            if n >= skip
+            for row in self._rows(group)
+        }
         bucket_of = self.spec.chooser()
-        draws = self._draws(plan, slot)
-        if self.training and self.buffer_size > 1:
-            draws = shuffle_buffer(draws, self.buffer_size, epoch_rng(self.seed, self.epoch, "buffer", slot))
-        batch_size = self.batch_size * self.world_size if self.global_batch else self.batch_size
-        for n, group in enumerate(bucket_batches(draws, bucket_of, batch_size, plan.splits[slot])):
-            if n >= plan.quotas[slot]:
-                return
+        for n, group in self._batches(self._read_draws(plan, slot, wanted), plan, slot):
             if n < skip:
                 continue
-            if not self.global_batch:
-                yield collate([self._item(draw, bucket_of) for draw in group])
-                continue
-            rows, weights = global_share(len(group), self.rank, self.world_size)
+            rows = self._rows(group)
             batch = collate([self._item(group[row], bucket_of) for row in rows])
-            batch.update(global_size=len(group), global_rows=torch.tensor(rows), global_weights=weights)
+            if self.global_batch:
+                _, weights = global_share(len(group), self.rank, self.world_size)
+                batch.update(global_size=len(group), global_rows=torch.tensor(rows), global_weights=weights)
             yield batch
 
 

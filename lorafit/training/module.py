@@ -396,10 +396,12 @@ class LoraDiffusionModule(pl.LightningModule):
         ]
         kwargs = optimizer_kwargs(opt.name, opt.weight_decay, opt.betas, opt.args)
         optimizer = build_optimizer(opt.name, groups, opt.learning_rate, kwargs)
+        # The data module counts every epoch's batches; Lightning multiplies the first epoch's by max_epochs.
+        planned = getattr(getattr(self.trainer, "datamodule", None), "stepping_batches", lambda: None)()
         scheduler = build_scheduler(
             opt.lr_scheduler,
             optimizer,
-            self.trainer.estimated_stepping_batches,
+            planned or self.trainer.estimated_stepping_batches,
             opt.lr_warmup_steps,
             opt.lr_scheduler_num_cycles,
             opt.lr_scheduler_power,
