@@ -114,9 +114,19 @@ def _build_cli_class():
     return LorafitCLI, LoraDiffusionModule, LoraDataModule, RunDirConfig
 
 
+def renamed_keys() -> dict[str, str]:
+    """Old config keys of fit/validate -> their new place (kept working with a notice, cli/renamed.py)."""
+    from lorafit.callbacks.samples import SampleImages
+
+    return {f"samples.{old}": f"samples.{new}" for old, new in SampleImages.renamed_keys.items()}
+
+
 def run_lightning(argv: list[str]):
+    from lorafit.cli.renamed import rename_fit_args
+
     # `--print_config` alone prints the YAML with every option's help as a comment.
     argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
+    argv = rename_fit_args(argv, renamed_keys())
     cli_class, module_class, data_class, config_callback = _build_cli_class()
     return cli_class(
         module_class,

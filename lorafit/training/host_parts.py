@@ -49,15 +49,19 @@ class HostParts:
             )
 
     @contextlib.contextmanager
-    def host_parts_on_device(self) -> Iterator[None]:
-        """The host parts on the training device for the duration (sample images), then back.
+    def host_parts_on_device(self, names: Iterable[str] | None = None) -> Iterator[None]:
+        """The host parts (or only ``names`` of them) on the training device for the duration, then back.
 
-        Their weights are frozen, so going back needs no copy: each tensor is swapped with a device
-        copy (``torch.utils.swap_tensors``, so every reference to it sees the move) and swapped back.
+        Sampling borrows the text encoders to encode the prompts and the VAE to decode, one after the
+        other, so the two are never on the device at the same time. Their weights are frozen, so
+        going back needs no copy: each tensor is swapped with a device copy
+        (``torch.utils.swap_tensors``, so every reference to it sees the move) and swapped back.
         """
         swapped = []
         try:
             for name in self.host_parts:
+                if names is not None and name not in names:
+                    continue
                 module = self.__dict__[name]
                 for tensor in itertools.chain(module.parameters(), module.buffers()):
                     on_device = tensor.detach().to(self.device, non_blocking=True)
