@@ -168,7 +168,7 @@ class SampleImages(pl.Callback):
             hparams = pl_module.hparams
             self._renderer = Renderer(
                 pl_module.base,
-                clip_skip=self.render.clip_skip or hparams.get("clip_skip", 1),
+                clip_skip=self.render.clip_skip or hparams.clip_skip,
                 max_token_length=self.render.max_token_length or hparams.get("max_token_length"),
             )
         return self._renderer
