@@ -159,10 +159,6 @@ class SampleImages(pl.Callback):
             for seed in ([prompt.seed] if prompt.seed is not None else [s + i for s in self.render.seeds])
         ]
 
-    def requests(self, trainer, renderer: Renderer) -> list[SamplePrompt]:
-        """The requests of a round, every default filled in."""
-        return [image.request for image in self.images(trainer, renderer)]
-
     def _renderer_for(self, pl_module) -> Renderer:
         if self._renderer is None:
             hparams = pl_module.hparams
