@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # ``lorafit.load_lora`` etc. without importing torch/diffusers on ``import lorafit`` (the CLI
     # starts faster and ``lorafit --help`` works without them loaded).
-    if name in ("load_lora", "set_lora_weight", "unload_lora", "loaded_loras"):
+    if name in ("load_lora", "set_lora_weight", "set_block_weights", "unload_lora", "loaded_loras"):
         from lorafit.networks import loading
 
         return getattr(loading, name)

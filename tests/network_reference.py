@@ -7,6 +7,8 @@ produces with a pipeline whose weights were patched this way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lorafit.networks.files import read_lora_file
@@ -34,15 +36,19 @@ def family(pipe) -> str:
 
 
 @torch.no_grad()
-def merge_into(pipe, path, strength: float = 1.0):
-    """Patch ``pipe``'s weights in place: ``W += strength * (W' - W)`` for every module in ``path``."""
+def merge_into(pipe, path, strength: float | Callable[[str, str], float] = 1.0):
+    """Patch ``pipe``'s weights in place: ``W += strength * (W' - W)`` for every module in ``path``.
+
+    ``strength`` may be a function of (component, module path): a strength per module (block weights).
+    """
     parts = components(pipe)
     weights, _, _ = read_lora_file(path, kohya_name_table(family(pipe), parts))
     for component, modules in weights.items():
         named = dict(parts[component].named_modules())
         for name, module in modules.items():
             base = named[name].weight
-            base += strength * delta_weight(module, base).to(base.dtype)
+            scale = strength(component, name) if callable(strength) else strength
+            base += scale * delta_weight(module, base).to(base.dtype)
     return pipe
 
 

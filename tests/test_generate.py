@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,9 +13,11 @@ from lorafit.cli import main
 from lorafit.errors import LorafitError
 from lorafit.inference.generate import apply_loras, generate, load_renderer, parse_lora_spec
 from lorafit.inference.prompts import SamplePrompt
+from lorafit.inference.render_options import BaseModelOptions, RenderOptions
 from lorafit.networks.loading import set_lora_weight
 
-COMMON = dict(steps=2, seed=[3], device="cpu")
+CPU = BaseModelOptions(device="cpu")
+COMMON = dict(render=RenderOptions(steps=2, seed=[3]), base=CPU)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def test_strength_zero_is_the_base_model_bit_for_bit(run, tiny_models, tmp_path)
 
 def test_two_loras_compose_with_independent_strengths(run, tiny_models):
     first, last = (run / "lora" / f"test-epoch-00{e}.safetensors" for e in (1, 3))
-    renderer = load_renderer(tiny_models["sdxl"], device="cpu")
+    renderer = load_renderer(tiny_models["sdxl"], CPU)
     request = SamplePrompt("ohwx star").with_defaults(64, 64, 2, 7.0, 3, "euler")
 
     def image() -> np.ndarray:
@@ -83,15 +87,15 @@ def test_cli_batch_of_seeds_with_hires_fix(run, tiny_models, tmp_path, capsys):
             "ohwx star --n blurry",
             "--lora",
             f"{lora}:0.8",
-            "--seed",
+            "--render.seed",
             "1",
-            "--seed",
+            "--render.seed",
             "2",
-            "--steps",
+            "--render.steps",
             "2",
-            "--hires_scale",
+            "--render.hires_scale",
             "1.5",
-            "--device",
+            "--base.device",
             "cpu",
             "--out",
             str(out),
@@ -112,11 +116,11 @@ def test_cli_batch_of_seeds_with_hires_fix(run, tiny_models, tmp_path, capsys):
             tiny_models["sdxl"],
             "--prompt",
             "ohwx star",
-            "--seed",
+            "--render.seed",
             "5",
-            "--steps",
+            "--render.steps",
             "1",
-            "--device",
+            "--base.device",
             "cpu",
             "--out",
             str(out),
@@ -145,10 +149,9 @@ def test_sd1_sd2_with_clip_skip(family, tiny_models, tmp_path):
     # SD2 is v-prediction: its samplers must keep the model's prediction type. Clip skip 2 encodes
     # the prompt from the penultimate layer, as A1111 does, so the image changes.
     model = tiny_models[family]
-    (last,) = generate(model, "ohwx star", steps=2, sampler="dpmpp_2m", device="cpu", out=str(tmp_path / "a"))
-    (skip,) = generate(
-        model, "ohwx star", steps=2, sampler="dpmpp_2m", clip_skip=2, device="cpu", out=str(tmp_path / "b")
-    )
+    render = RenderOptions(steps=2, sampler="dpmpp_2m")
+    (last,) = generate(model, "ohwx star", render=render, base=CPU, out=str(tmp_path / "a"))
+    (skip,) = generate(model, "ohwx star", render=replace(render, clip_skip=2), base=CPU, out=str(tmp_path / "b"))
     assert Image.open(last).size == (64, 64)
     assert np.abs(_pixels(last).astype(int) - _pixels(skip)).max() > 0
 

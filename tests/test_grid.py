@@ -28,7 +28,7 @@ def grid_run(tiny_models, tiny_clip, demo_data, tmp_path_factory):
     argv = [
         "grid",
         tiny_models["sdxl"],
-        "--loras",
+        "--lora",
         str(root),
         "--prompt",
         PROMPTS[0],
@@ -40,9 +40,9 @@ def grid_run(tiny_models, tiny_clip, demo_data, tmp_path_factory):
         "0.5",
         "--strength",
         "1",
-        "--steps",
+        "--render.steps",
         "2",
-        "--cfg",
+        "--render.cfg",
         "1",
         "--clip_model",
         tiny_clip,
@@ -50,7 +50,7 @@ def grid_run(tiny_models, tiny_clip, demo_data, tmp_path_factory):
         demo_data,
         "--flexibility_prompt",
         "a watercolor painting of {subject}",
-        "--device",
+        "--base.device",
         "cpu",
         "--out",
         str(out),
@@ -177,7 +177,7 @@ def test_lora_files_and_axes(tmp_path):
     ] == ["x", "step 50"]
     with pytest.raises(LorafitError, match="no \\*-epoch-NNN.safetensors"):
         find_lora_files(str(tmp_path))
-    values = {"epoch": [0, 1], "strength": [1.0], "prompt": [0], "seed": [1, 2], "cfg": [7.0]}
+    values = {"epoch": [0, 1], "strength": [1.0], "prompt": [0], "seed": [1, 2], "cfg": [7.0], "lbw": [None]}
     with pytest.raises(LorafitError, match="seed has 2 values but is on no axis; set --x, --y or --z to seed"):
         check_axes("epoch", "strength", "prompt", values)
     with pytest.raises(LorafitError, match="must name different axes"):

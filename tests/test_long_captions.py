@@ -86,19 +86,15 @@ def test_generate_reads_long_prompts_with_max_token_length(tiny_models, tmp_path
     from PIL import Image
 
     from lorafit.inference.generate import generate
+    from lorafit.inference.render_options import BaseModelOptions, RenderOptions
 
     def pixels(prompt, out, **kwargs):
         [path] = generate(
             model=tiny_models["sd1"],
             prompt=prompt,
-            seed=3,
-            steps=2,
-            width=64,
-            height=64,
-            sampler="euler",
+            render=RenderOptions(seed=3, steps=2, width=64, height=64, sampler="euler", **kwargs),
             out=str(tmp_path / out),
-            device="cpu",
-            **kwargs,
+            base=BaseModelOptions(device="cpu"),
         )
         return list(Image.open(path).getdata())
 

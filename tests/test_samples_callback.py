@@ -12,6 +12,7 @@ from training import train
 
 from lorafit.callbacks.metrics import TrainingMetrics
 from lorafit.callbacks.samples import SampleImages
+from lorafit.inference.render_options import RenderOptions
 
 PROMPTS = ["ohwx star, a yellow star --s 2 --d 5", "a photo of a cat --n blurry --s 2 --ss ddim"]
 
@@ -32,7 +33,7 @@ def tensorboard_run(tiny_models, demo_data, tmp_path_factory):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     root = tmp_path_factory.mktemp("samples-tb")
-    samples = SampleImages(prompts=PROMPTS, steps=2, before_training=True, compare_base=True)
+    samples = SampleImages(prompts=PROMPTS, render=RenderOptions(steps=2), before_training=True, compare_base=True)
     logger = TensorBoardLogger(save_dir=str(root), name="tb", version=0)
     common = dict(
         max_epochs=2,
@@ -52,9 +53,36 @@ def test_samples_written_every_epoch_with_parameters(tensorboard_run):
     names = sorted(p.name for p in (root / "samples").glob("*.png"))
     assert names == [f"epoch-{e:03d}_step-{s:06d}_{i:02d}.png" for e, s in ((0, 0), (1, 2), (2, 4)) for i in (0, 1)]
     parameters = Image.open(root / "samples" / "epoch-002_step-000004_01.png").text["parameters"]
-    assert parameters.startswith("a photo of a cat\nNegative prompt: blurry\n")
+    assert parameters.startswith("a photo of a cat <lora:test-epoch-002:1>\nNegative prompt: blurry\n")
     assert "Steps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64" in parameters  # seed 0 + index 1
     assert "Seed: 5," in Image.open(root / "samples" / "epoch-001_step-000002_00.png").text["parameters"]
+
+
+def test_the_lora_half_is_the_exported_file_as_generate_draws_it(tensorboard_run, tiny_models, tmp_path):
+    """What a user compares: the sample of epoch 2 is `lorafit generate` with lora/test-epoch-002 at strength 1."""
+    from lorafit.inference.generate import generate
+    from lorafit.inference.png_info import short_hash
+    from lorafit.inference.render_options import BaseModelOptions
+
+    root = tensorboard_run[0]
+    sample = root / "samples" / "epoch-002_step-000004_00.png"
+    lora = root / "lora" / "test-epoch-002.safetensors"
+    parameters = Image.open(sample).text["parameters"]
+    assert parameters.startswith("ohwx star, a yellow star <lora:test-epoch-002:1>\n")
+    assert f'Lora hashes: "test-epoch-002: {short_hash(lora)}"' in parameters and "Model: " in parameters
+    assert "Sample layout: left base model, right LoRA" in parameters
+    (drawn,) = generate(
+        tiny_models["sdxl"],
+        PROMPTS[0],
+        lora=[str(lora)],
+        render=RenderOptions(steps=20),  # the prompt's own --s 2 and --d 5 win, as in the sample
+        base=BaseModelOptions(device="cpu"),
+        out=str(tmp_path),
+    )
+    assert np.array_equal(np.asarray(Image.open(drawn).convert("RGB")), _halves(sample)[1])
+    # Before training there is no file yet: the tag still names the run's LoRA, without a hash.
+    first = Image.open(root / "samples" / "epoch-000_step-000000_00.png").text["parameters"]
+    assert "<lora:test-epoch-000:1>" in first and "Lora hashes" not in first
 
 
 def test_base_and_lora_side_by_side(tensorboard_run):
@@ -137,7 +165,7 @@ def test_wandb_offline_run_holds_images_and_config(tiny_models, demo_data, tmp_p
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lorafit-test")
-    samples = SampleImages(prompts=[PROMPTS[0]], steps=2)
+    samples = SampleImages(prompts=[PROMPTS[0]], render=RenderOptions(steps=2))
     try:
         train(
             tiny_models["sdxl"],
@@ -163,3 +191,31 @@ def test_wandb_offline_run_holds_images_and_config(tiny_models, demo_data, tmp_p
     (media,) = json.loads(logged[0]["samples/00/filenames"])
     image = Image.open(run_dir / "files" / media)
     assert image.size == Image.open(samples.written[0]).size
+
+
+def test_a_round_shares_images_out_equally_over_ranks():
+    from lorafit.callbacks.sample_round import rank_share
+
+    shares = [rank_share(7, rank, 3) for rank in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(i for share in shares for i in share) == list(range(7))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host/device moves need an accelerator")
+def test_optimizer_state_and_gradients_leave_the_gpu_during_a_round_and_come_back_exactly():
+    from lorafit.callbacks.sample_round import move_training_state, restore_training_state
+
+    layer = torch.nn.Linear(256, 256).cuda()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    layer(torch.randn(8, 256, device="cuda")).sum().backward()
+    optimizer.step()
+    layer(torch.randn(8, 256, device="cuda")).sum().backward()  # gradients of the next step, kept
+    before = {k: v.clone() for k, v in optimizer.state[layer.weight].items()}, layer.weight.grad.clone()
+    allocated = torch.cuda.memory_allocated()
+    moved = move_training_state([optimizer], torch.device("cpu"))
+    # Two AdamW moments and a gradient per parameter, 4 bytes per value, left the GPU.
+    assert allocated - torch.cuda.memory_allocated() >= 3 * 4 * (256 * 256 + 256)
+    assert layer.weight.grad is None and optimizer.state[layer.weight]["exp_avg"].device.type == "cpu"
+    restore_training_state(moved)
+    assert all(torch.equal(optimizer.state[layer.weight][k], v) for k, v in before[0].items())
+    assert torch.equal(layer.weight.grad, before[1]) and layer.weight.grad.device.type == "cuda"

@@ -1,6 +1,6 @@
 """Command-line spellings users type, rewritten before jsonargparse reads them.
 
-Repeatable list flags for the tool verbs: ``--lora a:0.8 --lora b --seed 1 --seed 2``.
+Repeatable list flags for the tool verbs: ``--lora a:0.8 --lora b --render.seed 1 --render.seed 2``.
 
 jsonargparse reads a list argument from one value (``--seed [1,2]``) or appends with ``--seed+ 3``
 (onto the default, so ``--seed+ 3`` with default ``[0]`` gives ``[0, 3]``); given twice, a plain
@@ -11,11 +11,12 @@ as a list (``--seed '[1, 2]'``) is spliced in, so both spellings work and can be
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
@@ -34,12 +35,25 @@ def _element_type(annotation: Any) -> Any:
     return None
 
 
-def list_flags(function: Callable) -> dict[str, Any]:
-    """``{"--name": item type}`` for every list-typed parameter of ``function``."""
+def _options(function: Callable) -> Iterator[tuple[str, Any]]:
+    """``(option name, type)`` of every parameter; a dataclass parameter (a group such as ``render``)
+    gives its fields as ``render.steps``, which is how jsonargparse names them."""
     hints = typing.get_type_hints(function)
-    flags = {}
     for name in inspect.signature(function).parameters:
-        element = _element_type(hints.get(name))
+        annotation = hints.get(name)
+        if dataclasses.is_dataclass(annotation):
+            field_hints = typing.get_type_hints(annotation)
+            for field in dataclasses.fields(annotation):
+                yield f"{name}.{field.name}", field_hints.get(field.name)
+        else:
+            yield name, annotation
+
+
+def list_flags(function: Callable) -> dict[str, Any]:
+    """``{"--name": item type}`` for every list-typed option of ``function`` (group fields included)."""
+    flags = {}
+    for name, annotation in _options(function):
+        element = _element_type(annotation)
         if element is not None:
             flags[f"--{name}"] = element
     return flags
@@ -93,10 +107,9 @@ def gather_leading_positionals(argv: list[str]) -> list[str]:
 def underscore_flags(function, argv: list[str]) -> list[str]:
     """Accept ``--caption-ext`` for ``--caption_ext``: options are parameter names (kohya spells them
     with underscores too), but many users and issue texts type dashes; only real parameter names
-    are rewritten, so a dashed value is never touched."""
-    import inspect
-
-    names = set(inspect.signature(function).parameters)
+    are rewritten, so a dashed value is never touched. Old spellings (``renamed_flags``) count too."""
+    names = {name for name, _ in _options(function)}
+    names |= {flag.removeprefix("--") for flag in getattr(function, "renamed_flags", {})}
     rewritten = []
     for arg in argv:
         flag, equals, value = arg.partition("=")

@@ -114,42 +114,47 @@ def _build_cli_class():
     return LorafitCLI, LoraDiffusionModule, LoraDataModule, RunDirConfig
 
 
-def migrate_legacy_config(argv: list[str]) -> list[str]:
-    """``argv`` with the flat ``model.*`` keys of older lorafit versions moved into their groups.
+def renamed_keys() -> dict[str, str]:
+    """Old config keys of fit/validate -> their new place (kept working with a notice, cli/renamed.py):
+    the samples' rendering options and the model's flat settings of earlier versions."""
+    from lorafit.callbacks.samples import SampleImages
+    from lorafit.training.legacy_keys import LEGACY_KEYS
 
-    Flags are rewritten in place; a ``--config`` file that uses old keys is passed on as YAML text
-    with the keys moved (the file itself is left as the user wrote it). One notice per moved key.
-    """
+    renamed = {f"samples.{old}": f"samples.{new}" for old, new in SampleImages.renamed_keys.items()}
+    renamed.update({f"model.{old}": f"model.{group}.{name}" for old, (group, name) in LEGACY_KEYS.items()})
+    return renamed
+
+
+def optimizer_name_as_group(argv: list[str]) -> list[str]:
+    """The one old key whose value changed shape: ``model.optimizer: AdamW`` (a name) is now
+    ``model.optimizer.name``, in flags and in ``--config`` files (passed on as rewritten YAML)."""
     import yaml
 
-    from lorafit.training.legacy_keys import nest_model_settings, rewrite_argv
+    from lorafit.training.legacy_keys import log
 
-    argv = rewrite_argv(argv)
     out, index = [], 0
     while index < len(argv):
         arg = argv[index]
         flag, equals, value = arg.partition("=")
-        if flag in ("--config", "-c") and (equals or index + 1 < len(argv)):
-            if not equals:
-                index += 1
-                value = argv[index]
+        has_value = equals or index + 1 < len(argv)
+        if flag in ("--config", "-c") and has_value:
+            index += 0 if equals else 1
+            value = value if equals else argv[index]
             path = Path(value).expanduser()
-            loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
-            if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
-                migrated = nest_model_settings(loaded["model"], where=str(path))
-                if migrated != loaded["model"]:
-                    value = yaml.safe_dump({**loaded, "model": migrated}, sort_keys=False)
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+            if isinstance(loaded, dict) and isinstance((loaded.get("model") or {}).get("optimizer"), str):
+                log.warning("%s: model.optimizer NAME is now model.optimizer.name; the old key still works", value)
+                loaded["model"]["optimizer"] = {"name": loaded["model"]["optimizer"]}
+                value = yaml.safe_dump(loaded, sort_keys=False)
             out += [flag, value]
-        elif flag == "--model.optimizer" and not equals and index + 1 < len(argv):
-            name = argv[index + 1]
-            if name.startswith(("{", "[", "-")):
-                out.append(arg)
-            else:  # `--model.optimizer AdamW`: the old spelling of the optimizer's name
-                from lorafit.training.legacy_keys import log
-
+        elif flag == "--model.optimizer" and has_value:
+            index += 0 if equals else 1
+            value = value if equals else argv[index]
+            if value.lstrip().startswith(("{", "[")) or value.startswith("-"):
+                out += [flag, value]
+            else:
                 log.warning("--model.optimizer NAME is now --model.optimizer.name NAME; the old flag still works")
-                out += ["--model.optimizer.name", name]
-                index += 1
+                out += ["--model.optimizer.name", value]
         else:
             out.append(arg)
         index += 1
@@ -157,8 +162,11 @@ def migrate_legacy_config(argv: list[str]) -> list[str]:
 
 
 def run_lightning(argv: list[str]):
+    from lorafit.cli.renamed import rename_fit_args
+
     # `--print_config` alone prints the YAML with every option's help as a comment.
-    argv = ["--print_config=comments" if a == "--print_config" else a for a in migrate_legacy_config(argv)]
+    argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
+    argv = rename_fit_args(optimizer_name_as_group(argv), renamed_keys())
     cli_class, module_class, data_class, config_callback = _build_cli_class()
     return cli_class(
         module_class,

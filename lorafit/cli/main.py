@@ -63,6 +63,7 @@ def run_tool(verb: str, argv: list[str]):
         gather_repeated_flags,
         underscore_flags,
     )
+    from lorafit.cli.renamed import rename_flags
 
     if verb in VARIADIC_FIRST:
         argv = gather_leading_positionals(argv)
@@ -73,6 +74,7 @@ def run_tool(verb: str, argv: list[str]):
     if getattr(function, "parses_own_args", False):  # e.g. submit, whose flags follow sbatch's spelling
         return function(argv)
     argv = underscore_flags(function, argv)
+    argv = rename_flags(argv, getattr(function, "renamed_flags", {}))
     if verb in REPEATABLE_LISTS:
         argv = gather_repeated_flags(function, argv)
     return auto_cli(

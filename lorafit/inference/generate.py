@@ -1,49 +1,36 @@
 """``lorafit generate``: images from a base model with any number of LoRAs, each at its own strength.
 
     lorafit generate --model sdxl-base --prompt "ohwx dog in a park" \\
-        --lora runs/dog/lora/dog-epoch-004.safetensors:0.8 --lora style.safetensors:0.4 \\
-        --seed 1 --seed 2 --steps 30 --cfg 7 --hires_scale 1.5 --hires_denoise 0.4
+        --lora runs/dog/lora/dog-epoch-004.safetensors:0.8 --lora style.safetensors:0.4:lbw=OUTALL \\
+        --render.seed 1 --render.seed 2 --render.steps 30 --render.cfg 7 --render.hires_scale 1.5
 
 LoRA files are read by :func:`lorafit.load_lora`: kohya/LyCORIS files from any trainer and every
-format lorafit writes. Each PNG carries its settings as A1111-style ``parameters`` text.
+format lorafit writes. Each PNG carries its settings as A1111-style ``parameters`` text. Three
+steps: :func:`plan_images` checks everything the user gave (before a model loads), the renderer
+draws, :func:`write_images` numbers and saves the files.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from lorafit.errors import LorafitError
 from lorafit.families.loading import load_base_model, resolve_model_source
+from lorafit.inference.lora_specs import parse_lora_spec
 from lorafit.inference.png_info import AppliedLora, a1111_parameters, save_png
-from lorafit.inference.prompts import parse_prompt_line, read_prompt_file
-from lorafit.inference.render import HiresFix, Renderer
-from lorafit.inference.samplers import canonical_sampler
+from lorafit.inference.progress import image_progress
+from lorafit.inference.prompts import SamplePrompt, parse_prompt_line, read_prompt_file
+from lorafit.inference.render import Renderer
+from lorafit.inference.render_options import BASE_RENAMES, RENDER_RENAMES, BaseModelOptions, RenderOptions
 
 log = logging.getLogger("lorafit.generate")
 
-Dtype = Literal["auto", "float32", "float16", "bfloat16"]
-
-
-def parse_lora_spec(spec: str, key: str = "--lora") -> AppliedLora:
-    """``path.safetensors:0.8`` -> (path, 0.8); a bare path means strength 1.
-
-    Only a trailing ``:<number>`` is a strength, so ``C:\\loras\\x.safetensors`` stays a path.
-    """
-    path, strength = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        with contextlib.suppress(ValueError):
-            path, strength = head, float(tail)
-    if not Path(path).expanduser().is_file():
-        raise LorafitError(f"{key} {spec}: LoRA file {path} does not exist")
-    return AppliedLora(str(Path(path).expanduser()), strength)
+__all__ = ["apply_loras", "generate", "load_renderer", "parse_lora_spec"]
 
 
 def pick_device(device: str) -> torch.device:
@@ -53,39 +40,86 @@ def pick_device(device: str) -> torch.device:
 
 
 def load_renderer(
-    model: str,
-    device: str = "auto",
-    dtype: Dtype = "auto",
-    clip_skip: int = 1,
-    single_file_config: str | None = None,
-    max_token_length: int | None = None,
+    model: str, base: BaseModelOptions = BaseModelOptions(), render: RenderOptions = RenderOptions()
 ) -> Renderer:
-    """Load ``model`` (diffusers dir, hub id or single file) and wrap it in a :class:`Renderer` on ``device``."""
+    """Load ``model`` (diffusers dir, hub id or single file) and wrap it in a :class:`Renderer` on the device."""
     from diffusers.utils import logging as diffusers_logging
 
-    resolve_model_source(model, key="--model")
+    resolve_model_source(model, key="model")
     # One "Loading pipeline components" bar per load would bury the tools' own output.
     diffusers_logging.disable_progress_bar()
-    target = pick_device(device)
+    target = pick_device(base.device)
+    dtype = base.dtype
     if dtype == "auto":
         # Half precision is what GPUs sample in; CPUs have no fast float16 path.
         dtype = "float16" if target.type == "cuda" else "float32"
-    base = load_base_model(model, single_file_config=single_file_config, weight_dtype=dtype)
-    renderer = Renderer(base, clip_skip=clip_skip, max_token_length=max_token_length)
+    loaded = load_base_model(model, single_file_config=base.single_file_config, weight_dtype=dtype)
+    renderer = Renderer(loaded, clip_skip=render.clip_skip or 1, max_token_length=render.max_token_length)
     renderer.pipe.to(target)
     return renderer
 
 
 def apply_loras(renderer: Renderer, loras: list[AppliedLora]) -> list[str]:
-    """Load each LoRA into the renderer's pipeline at its strength; returns their adapter names."""
+    """Load each LoRA into the renderer's pipeline at its strength (and block weights); returns their adapter names."""
     from lorafit.networks.loading import load_lora
 
     names = []
     for index, lora in enumerate(loras):
         # File stems repeat across runs ("lora.safetensors"), so the position makes names unique.
         name = f"{re.sub(r'[^A-Za-z0-9_-]', '_', Path(lora.path).stem)}_{index}"
-        names.append(load_lora(renderer.pipe, lora.path, weight=lora.strength, adapter_name=name))
+        names.append(
+            load_lora(
+                renderer.pipe, lora.path, weight=lora.strength, adapter_name=name, block_weights=lora.block_weights
+            )
+        )
     return names
+
+
+def a1111_loras(loras: list[AppliedLora], family: str) -> list[AppliedLora]:
+    """The LoRAs with their block weights as A1111's extension reads them (``lbw=`` a preset or a vector)."""
+    from lorafit.networks.block_weights import parse_block_weights
+
+    return [
+        replace(lora, block_weights=parse_block_weights(lora.block_weights, family).a1111())
+        if lora.block_weights
+        else lora
+        for lora in loras
+    ]
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """What ``generate`` draws: every prompt at every seed and CFG, with these LoRAs."""
+
+    prompts: list[SamplePrompt]
+    loras: list[AppliedLora]
+    render: RenderOptions
+
+    @property
+    def count(self) -> int:
+        return len(self.prompts) * len(self.render.seeds) * len(self.render.cfgs)
+
+    def requests(self, native: int) -> list[SamplePrompt]:
+        """Every image as a fully specified request; several seeds/CFGs override a prompt's own --d/--l."""
+        seeds, cfgs = self.render.seeds, self.render.cfgs
+        return [
+            self.render.fill(prompt, native, seed, cfg, force_seed=len(seeds) > 1, force_cfg=len(cfgs) > 1)
+            for prompt in self.prompts
+            for cfg in cfgs
+            for seed in seeds
+        ]
+
+
+def plan_images(
+    prompt: str | None, prompt_file: str | None, lora: list[str] | None, render: RenderOptions
+) -> ImagePlan:
+    """Check and gather the prompts and LoRAs (no model needed): a typo fails before minutes of loading."""
+    prompts = ([parse_prompt_line(prompt, "--prompt")] if prompt else []) + (
+        read_prompt_file(prompt_file) if prompt_file else []
+    )
+    if not prompts:
+        raise LorafitError("give --prompt or --prompt_file")
+    return ImagePlan(prompts, [parse_lora_spec(spec) for spec in (lora or [])], render)
 
 
 def _next_index(out: Path) -> int:
@@ -93,83 +127,52 @@ def _next_index(out: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def write_images(plan: ImagePlan, renderer: Renderer, model: str, out: Path) -> list[Path]:
+    """Draw every planned image and write it as ``NNNNN-<seed>.png`` after the files already in ``out``."""
+    loras = a1111_loras(plan.loras, renderer.base.family)
+    hires = plan.render.hires
+    index = _next_index(out) if out.is_dir() else 0
+    written = []
+    with image_progress(plan.count, "generate") as bar:
+        for request in plan.requests(renderer.default_size):
+            image = renderer(request, hires)
+            parameters = a1111_parameters(request, model, loras, hires.scale, hires.denoise, hires.steps)
+            written.append(save_png(image, out / f"{index:05d}-{request.seed}.png", parameters))
+            index += 1
+            bar.update()
+    return written
+
+
 def generate(
     model: str,
     prompt: str | None = None,
     *,
     lora: list[str] | None = None,
-    negative_prompt: str = "",
-    seed: list[int] = [0],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
-    steps: int = 30,
-    cfg: float = 7.0,
-    width: int | None = None,
-    height: int | None = None,
-    sampler: str = "euler_a",
-    hires_scale: float = 1.0,
-    hires_denoise: float = 0.4,
-    hires_steps: int | None = None,
-    clip_skip: int = 1,
-    max_token_length: int | None = None,
     prompt_file: str | None = None,
     out: str = "outputs",
-    single_file_config: str | None = None,
-    dtype: Dtype = "auto",
-    device: str = "auto",
+    render: RenderOptions = RenderOptions(),
+    base: BaseModelOptions = BaseModelOptions(),
 ) -> list[Path]:
     """Generate images with a base model and LoRAs at chosen strengths; PNGs carry A1111 parameters.
 
     Args:
         model: Base model: diffusers directory, hub id or .safetensors/.ckpt single file.
         prompt: The prompt; kohya inline options work here too ("ohwx dog --n blurry --s 20").
-        lora: LoRA file with strength, "path.safetensors:0.8" (no ":x" = 1). Repeat --lora for more;
-            strengths add up as in A1111/ComfyUI. 0 gives the base model exactly.
-        negative_prompt: Negative prompt (a prompt's own --n wins).
-        seed: Seed(s); one image per seed. Repeat --seed for a batch: --seed 1 --seed 2.
-        steps: Sampling steps.
-        cfg: Classifier-free guidance scale.
-        width: Width in pixels (multiple of 8); empty = the model's native size.
-        height: Height in pixels; empty = like width.
-        sampler: euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, pndm, heun, dpm_2, dpm_2_a, unipc.
-        hires_scale: Hires fix: upscale factor of the second pass (1 = off; the guides use 1.5).
-        hires_denoise: Hires fix: denoising strength of the second pass (the guides use 0.4).
-        hires_steps: Hires fix: steps of the second pass; empty = as many as the first.
-        clip_skip: A1111 clip skip the LoRA was trained with (SD1/SD2; 2 for many anime models).
-        max_token_length: Prompt tokens read, in 75-token chunks as kohya trains with
-            ``max_token_length`` 150/225; empty = 75 (longer prompts are cut, as in diffusers).
-        prompt_file: A kohya prompt file (.txt/.toml/.json); one image per prompt and seed.
+        lora: A LoRA file, with a strength and block weights if wanted: "x.safetensors" (strength 1),
+            "x.safetensors:0.8", "x.safetensors:0.8:lbw=INALL" (A1111's LoRA Block Weight: a preset,
+            a vector of 17/26 values, SDXL 12/20, or named blocks "IN=1,MID=0.5,OUT=0"). Repeat
+            --lora for more; strengths add up as in A1111/ComfyUI; 0 gives the base model exactly.
+        prompt_file: A kohya prompt file (.txt/.toml/.json); one image per prompt, seed and CFG.
         out: Output folder; files are numbered NNNNN-<seed>.png after the ones already there.
-        single_file_config: For single-file models offline: a diffusers directory of the same architecture.
-        dtype: Weight dtype; auto = float16 on GPU, float32 on CPU.
-        device: auto, cpu, cuda, cuda:1, ...
+        render: How each image is drawn (sampler, steps, CFG, seeds, size, hires fix, ...).
+        base: Where the base model is loaded (device, dtype, single-file config).
     """
-    requests = ([parse_prompt_line(prompt, "--prompt")] if prompt else []) + (
-        read_prompt_file(prompt_file) if prompt_file else []
-    )
-    if not requests:
-        raise LorafitError("give --prompt or --prompt_file")
-    loras = [parse_lora_spec(spec) for spec in (lora or [])]
-    sampler = canonical_sampler(sampler, key="--sampler")
-    hires = HiresFix(hires_scale, hires_denoise, hires_steps)
-    seeds = [seed] if isinstance(seed, int) else list(seed)
-    if not seeds:
-        raise LorafitError("--seed: give at least one seed")
-
-    renderer = load_renderer(model, device, dtype, clip_skip, single_file_config, max_token_length)
-    apply_loras(renderer, loras)
-    side = renderer.default_size
-    out_dir = Path(out)
-    index = _next_index(out_dir) if out_dir.is_dir() else 0
-    written = []
-    for request in requests:
-        for image_seed in seeds:
-            filled = replace(request, negative_prompt=request.negative_prompt or negative_prompt).with_defaults(
-                width or side, height or width or side, steps, cfg, image_seed, sampler
-            )
-            if len(seeds) > 1:  # several --seed values override a prompt's own --d
-                filled = replace(filled, seed=image_seed)
-            image = renderer(filled, hires)
-            parameters = a1111_parameters(filled, model, loras, hires.scale, hires.denoise, hires.steps)
-            written.append(save_png(image, out_dir / f"{index:05d}-{filled.seed}.png", parameters))
-            index += 1
-    log.info("wrote %d image(s) to %s", len(written), out_dir)
+    plan = plan_images(prompt, prompt_file, lora, render)
+    renderer = load_renderer(model, base, render)
+    apply_loras(renderer, plan.loras)
+    written = write_images(plan, renderer, model, Path(out))
+    log.info("wrote %d image(s) to %s", len(written), out)
     return written
+
+
+generate.renamed_flags = {**RENDER_RENAMES, **BASE_RENAMES}

@@ -27,14 +27,21 @@ from lorafit.inference.samplers import display_name
 
 @dataclass(frozen=True)
 class AppliedLora:
-    """A LoRA file applied at a strength, as recorded in the PNG."""
+    """A LoRA file applied at a strength (and block weights), as recorded in the PNG."""
 
     path: str
     strength: float
+    block_weights: str | None = None  # A1111 LoRA Block Weight spec, written as ``lbw=...``
 
     @property
     def name(self) -> str:
         return Path(self.path).stem
+
+    @property
+    def tag(self) -> str:
+        """A1111's prompt tag: ``<lora:name:0.8>``, with ``:lbw=...`` when block weights are set."""
+        blocks = f":lbw={self.block_weights}" if self.block_weights else ""
+        return f"<lora:{self.name}:{_number(self.strength)}{blocks}>"
 
 
 def short_hash(path: str | Path, digits: int = 12) -> str:
@@ -60,7 +67,7 @@ def a1111_parameters(
     extra: dict | None = None,
 ) -> str:
     """The ``parameters`` text for ``request`` (fields filled in) with the LoRAs and hires settings."""
-    prompt = request.prompt + "".join(f" <lora:{lora.name}:{_number(lora.strength)}>" for lora in loras)
+    prompt = request.prompt + "".join(f" {lora.tag}" for lora in loras)
     lines = [prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
@@ -80,8 +87,9 @@ def a1111_parameters(
         fields["Hires upscale"] = _number(hires_scale)
         fields["Hires steps"] = hires_steps or 0  # A1111: 0 = as many as the first pass
         fields["Hires upscaler"] = "Lanczos"
-    if loras:
-        fields["Lora hashes"] = '"' + ", ".join(f"{lora.name}: {short_hash(lora.path)}" for lora in loras) + '"'
+    hashed = [lora for lora in loras if Path(lora.path).is_file()]  # a sample's file may not be written yet
+    if hashed:
+        fields["Lora hashes"] = '"' + ", ".join(f"{lora.name}: {short_hash(lora.path)}" for lora in hashed) + '"'
     fields.update(extra or {})
     from lorafit import __version__
 

@@ -7,70 +7,66 @@ Draws base-model images for a few of the dataset's own captions, for each synony
 description, lays them out under sample training images (``probe.png``), scores how close they
 come with CLIP and prints one of the four verdicts with the numbers behind it (the scale and
 thresholds are explained in :mod:`lorafit.inference.probe_verdict`). Also writes ``index.html``
-and ``probe.json``.
+and ``probe.json``. Three steps: :func:`~lorafit.inference.probe_plan.plan_probe` (the phrasings,
+checked before a model loads), :func:`draw_phrasings`, and
+:func:`~lorafit.inference.probe_report.write_probe_report`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import random
 from dataclasses import replace
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from lorafit.errors import LorafitError
-from lorafit.inference.contact_sheet import make_sheet
-from lorafit.inference.generate import Dtype, load_renderer
+from lorafit.inference.generate import load_renderer
 from lorafit.inference.png_info import a1111_parameters, save_png
-from lorafit.inference.probe_verdict import PhrasingScore, Thresholds, decide
-from lorafit.inference.prompts import parse_prompt_line
-from lorafit.inference.reference_images import load_reference_set
-from lorafit.inference.report_html import Report, Table, write_html
-from lorafit.inference.samplers import canonical_sampler
+from lorafit.inference.probe_plan import ProbePlan, plan_probe
+from lorafit.inference.probe_report import write_probe_report
+from lorafit.inference.probe_verdict import Thresholds
+from lorafit.inference.progress import image_progress
+from lorafit.inference.render import Renderer
+from lorafit.inference.render_options import BASE_RENAMES, RENDER_RENAMES, BaseModelOptions, RenderOptions
 
-log = logging.getLogger("lorafit.probe")
 
-
-def _phrasings(
-    captions: list[str], count: int, synonyms: list[str], descriptions: list[str], seed: int
-) -> list[tuple[str, str]]:
-    unique = list(dict.fromkeys(c for c in captions if c.strip()))
-    picked = unique if len(unique) <= count else random.Random(seed).sample(unique, count)
-    return (
-        [("caption", c) for c in picked]
-        + [("synonym", s) for s in synonyms]
-        + [("description", d) for d in descriptions]
-    )
+def draw_phrasings(plan: ProbePlan, renderer: Renderer, model: str, out: Path) -> list[list[Image.Image]]:
+    """One row of images per phrasing, one per seed (and CFG), each also saved under ``images/``."""
+    render = plan.render
+    hires = render.hires
+    columns = [(seed, cfg) for cfg in render.cfgs for seed in render.seeds]
+    images = []
+    with image_progress(len(plan.prompts) * len(columns), "probe") as bar:
+        for row, ((kind, _), prompt) in enumerate(zip(plan.tried, plan.prompts)):
+            row_images = []
+            for seed, cfg in columns:
+                # Every phrasing at the probe's seeds: a prompt's own --d would leave nothing to compare.
+                request = render.fill(replace(prompt, seed=None), renderer.default_size, seed, cfg)
+                image = renderer(request, hires)
+                suffix = f"-seed{seed}" + (f"-cfg{cfg:g}" if len(render.cfgs) > 1 else "")
+                parameters = a1111_parameters(request, model, (), hires.scale, hires.denoise, hires.steps)
+                save_png(image, out / "images" / f"{row:02d}-{kind}{suffix}.png", parameters)
+                row_images.append(image)
+                bar.update()
+            images.append(row_images)
+    return images
 
 
 def probe(
     model: str,
     *,
     data: str,
-    phrasing: list[str] = [],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
-    description: list[str] = [],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
+    phrasing: list[str] | None = None,
+    description: list[str] | None = None,
     captions: int = 3,
-    seed: list[int] = [0, 1, 2, 3],  # noqa: B006 -- jsonargparse shows it in --help; never mutated
     clip_model: str | None = None,
     control_prompt: str = "a photograph of an empty room",
-    negative_prompt: str = "",
-    steps: int = 30,
-    cfg: float = 7.0,
-    sampler: str = "euler_a",
-    width: int | None = None,
-    height: int | None = None,
     good: float = 0.8,
     close: float = 0.5,
     consistent: float = 0.75,
     reference_images: int = 16,
-    clip_skip: int = 1,
-    max_token_length: int | None = None,
     out: str = "probe",
-    single_file_config: str | None = None,
-    dtype: Dtype = "auto",
-    device: str = "auto",
+    render: RenderOptions = RenderOptions(seed=(0, 1, 2, 3)),
+    base: BaseModelOptions = BaseModelOptions(),
 ) -> dict:
     """Show what the base model draws for the concept's captions, synonyms and descriptions, and judge it.
 
@@ -82,146 +78,26 @@ def probe(
             repeat for more.
         description: Visual description to try ("a woman with fox ears and a fox tail"); repeat for more.
         captions: How many of the dataset's own captions to try as prompts.
-        seed: Seeds; every phrasing is drawn once per seed (consistency needs several).
         clip_model: transformers CLIPModel (hub id or directory) for scores and the verdict; empty =
             images only.
         control_prompt: An unrelated prompt; its images anchor "not the concept" (closeness 0).
-        negative_prompt: Negative prompt for every image.
-        steps: Sampling steps.
-        cfg: CFG scale.
-        sampler: Sampler (euler, euler_a, dpmpp_2m, ddim, ...).
-        width: Width in pixels; empty = the model's native size.
-        height: Height in pixels; empty = like width.
         good: Closeness from which an image counts as showing the concept.
         close: Mean closeness from which a phrasing "gets close".
         consistent: Share of seeds that must be good for "already performs well".
         reference_images: At most this many training images are compared against.
-        clip_skip: A1111 clip skip (SD1/SD2) to draw with.
-        max_token_length: Prompt tokens read in 75-token chunks, as the LoRA was trained with
-            (kohya's 150/225); empty = 75.
         out: Output folder for probe.png, images/, index.html and probe.json.
-        single_file_config: For single-file models offline: a diffusers directory of the same architecture.
-        dtype: Weight dtype; auto = float16 on GPU, float32 on CPU.
-        device: auto, cpu, cuda, ...
+        render: How each image is drawn; every phrasing is drawn once per seed (consistency needs
+            several: the default is seeds 0 to 3).
+        base: Where the base model is loaded (device, dtype, single-file config).
     """
-    reference = load_reference_set(data, reference_images, key="--data")
-    if clip_model and not reference.images:
-        raise LorafitError(
-            f"--data {data} holds captions only; scores compare with training images, so give "
-            "the image folder (or drop --clip_model to only look at the images)"
-        )
     thresholds = Thresholds(good=good, close=close, consistent=consistent)
-    seeds = list(seed)
-    if not seeds:
-        raise LorafitError("--seed: give at least one seed")
-    tried = _phrasings(reference.captions, captions, list(phrasing), list(description), seeds[0])
-    if not tried:
-        raise LorafitError(f"--data {data}: no captions found; add --phrasing or --description prompts")
-    tried.append(("control", control_prompt))
-    renderer = load_renderer(model, device, dtype, clip_skip, single_file_config, max_token_length)
-    side = renderer.default_size
-    w, h = width or side, height or width or side
-    sampler = canonical_sampler(sampler, "--sampler")
+    plan = plan_probe(
+        data, phrasing or [], description or [], captions, control_prompt, reference_images, render, bool(clip_model)
+    )
+    renderer = load_renderer(model, base, render)
     out_dir = Path(out)
-
-    images: list[list[Image.Image]] = []
-    for row, (kind, text) in enumerate(tried):
-        prompt = parse_prompt_line(text, f"--{kind}")
-        row_images = []
-        for image_seed in seeds:
-            request = replace(
-                prompt, negative_prompt=prompt.negative_prompt or negative_prompt, seed=None
-            ).with_defaults(w, h, steps, cfg, image_seed, sampler)
-            image = renderer(request)
-            save_png(
-                image, out_dir / "images" / f"{row:02d}-{kind}-seed{image_seed}.png", a1111_parameters(request, model)
-            )
-            row_images.append(image)
-        images.append(row_images)
-
-    references = [ImageOps.fit(im, (w, h), Image.LANCZOS) for im in reference.images[: len(seeds)]]
-    report = Report(
-        title=f"lorafit probe: does {Path(model).name or model} already know the concept?",
-        settings={
-            "model": model,
-            "data": data,
-            "seeds": ", ".join(map(str, seeds)),
-            "steps": steps,
-            "cfg": cfg,
-            "sampler": sampler,
-            "size": f"{w}x{h}",
-        },
-    )
-    summary: dict = {"phrasings": [{"kind": k, "prompt": t} for k, t in tried]}
-    labels = [f"{kind}: {text}" for kind, text in tried]
-    if clip_model:
-        verdict, scores = _score(reference, tried, images, clip_model, renderer.pipe.device, thresholds)
-        labels = [f"{label} (closeness {s.mean_closeness:.2f})" for label, s in zip(labels, scores)]
-        report.notes += [f"Verdict: {verdict.title}. {verdict.advice}.", verdict.explanation]
-        report.tables.append(
-            Table(
-                "Closeness per phrasing (0 = like the control prompt, 1 = like the training images)",
-                ["phrasing", "kind", "mean similarity", "mean closeness", f"seeds >= {good:g}"],
-                [
-                    [
-                        s.prompt,
-                        s.kind,
-                        sum(s.similarities) / len(s.similarities),
-                        s.mean_closeness,
-                        f"{s.hit_rate(good):.0%}",
-                    ]
-                    for s in scores
-                ],
-                highlight=scores.index(verdict.best) if verdict.best in scores else None,
-            )
-        )
-        summary.update(
-            verdict=verdict.key,
-            title=verdict.title,
-            advice=verdict.advice,
-            explanation=verdict.explanation,
-            floor=verdict.floor,
-            ceiling=verdict.ceiling,
-            scores=[{**vars(s), "mean_closeness": s.mean_closeness} for s in scores],
-        )
-        lines = [f"verdict: {verdict.title}", f"  what to do: {verdict.advice}", f"  {verdict.explanation}"]
-        lines += [
-            f"  {s.kind:<11} similarity {sum(s.similarities) / len(s.similarities):6.3f}  closeness "
-            f"{s.mean_closeness:6.2f}  {s.hit_rate(good):4.0%} good  {s.prompt}"
-            for s in scores
-        ]
-    else:
-        lines = [
-            (
-                f"no --clip_model: compare the rows of {out_dir / 'probe.png'} with the training images by eye "
-                "(pass --clip_model for scores and a verdict)"
-            )
-        ]
-    rows, row_labels = ([references], ["training images"]) if references else ([], [])
-    sheet, _ = make_sheet(
-        [*rows, *images],
-        [f"seed {s}" for s in seeds],
-        [*row_labels, *labels],
-        title="base model images per phrasing, under sample training images",
-    )
-    sheet_path = out_dir / "probe.png"
-    sheet.save(sheet_path)
-    report.sheets.append(("Training images (top row) and the base model's images per phrasing", sheet_path))
-    summary["html"] = str(write_html(report, out_dir / "index.html"))
-    (out_dir / "probe.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    print("\n".join(lines))
-    return summary
+    images = draw_phrasings(plan, renderer, model, out_dir)
+    return write_probe_report(plan, images, model, renderer, clip_model, thresholds, out_dir)
 
 
-def _score(reference, tried, images, clip_model, device, thresholds):
-    from lorafit.inference.clip_scores import ClipScorer, mean_pairwise_similarity, mean_similarity_to_set
-
-    scorer = ClipScorer(clip_model, device)
-    refs = scorer.image_embeddings(reference.images)
-    ceiling = mean_pairwise_similarity(refs)
-    scores = [
-        PhrasingScore(kind, text, mean_similarity_to_set(scorer.image_embeddings(row), refs).tolist())
-        for (kind, text), row in zip(tried, images)
-    ]
-    verdict = decide(scores[:-1], scores[-1], ceiling, thresholds)
-    return verdict, scores
+probe.renamed_flags = {**RENDER_RENAMES, **BASE_RENAMES}

@@ -13,6 +13,7 @@ in a batch, an image's noise would depend on its position.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -59,9 +60,9 @@ class HiresFix:
 
     def __post_init__(self):
         if self.scale < 1.0:
-            raise LorafitError(f"hires_scale must be >= 1 (1 = off), got {self.scale}")
+            raise LorafitError(f"render.hires_scale: {self.scale}; use >= 1 (1 = off, the guides use 1.5)")
         if not 0.0 < self.denoise <= 1.0:
-            raise LorafitError(f"hires_denoise must be in (0, 1], got {self.denoise}")
+            raise LorafitError(f"render.hires_denoise: {self.denoise}; use a value in (0, 1] (the guides use 0.4)")
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         """Upscaled size, rounded down to the VAE's 8-pixel grid."""
@@ -100,11 +101,14 @@ class Renderer:
             return dict(
                 prompt=request.prompt, negative_prompt=request.negative_prompt or None, guidance_scale=request.cfg
             )
+        return self._embeddings(request)
+
+    def _embeddings(self, request: SamplePrompt) -> dict:
         # Clip skip on SD1/SD2: diffusers 0.42's own clip_skip path reaches for
         # ``text_encoder.text_model``, which transformers 5 removed; long prompts: diffusers cuts
         # them at 77 tokens. Either way the embeddings are encoded here, by the same function
         # training conditions the UNet with.
-        device = self.pipe._execution_device
+        device = self.base.denoiser.device
         ids = tokenize(
             self.base.tokenizers, [request.prompt, request.negative_prompt or ""], device, self.max_token_length
         )
@@ -132,12 +136,62 @@ class Renderer:
             common.update(negative_prompt=request.negative_prompt, true_cfg_scale=request.cfg)
         return common
 
+    @torch.no_grad()
+    def encode(self, request: SamplePrompt) -> dict:
+        """The request's text conditioning, computed now, as pipeline arguments for ``__call__(encoded=...)``.
+
+        Encoding first lets a caller hold the text encoders on the device only for this step (the
+        training samples do, so the text encoders and the VAE never take memory at the same time).
+        The pipeline's own ``encode_prompt`` is called with the arguments its ``__call__`` would use,
+        so the image is the same as when the pipeline encodes the prompt itself.
+        """
+        common = self._common(request)
+        if "prompt" not in common:
+            return common
+        device = self.base.denoiser.device  # not pipe._execution_device: host-parked parts would report the CPU
+        if get_family(self.base.family).objective == "flow":
+            return self._flow_encoded(request, common, device)
+        do_cfg = request.cfg > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        negative = request.negative_prompt or None
+        if self.base.family == "sdxl":
+            names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+            encoded = self.pipe.encode_prompt(
+                prompt=request.prompt,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=do_cfg,
+                negative_prompt=negative,
+            )
+        else:
+            names = ("prompt_embeds", "negative_prompt_embeds")
+            encoded = self.pipe.encode_prompt(request.prompt, device, 1, do_cfg, negative)
+        return dict(zip(names, encoded), guidance_scale=request.cfg)
+
+    def _flow_encoded(self, request: SamplePrompt, common: dict, device) -> dict:
+        """FluxPipeline's own ``encode_prompt`` for the prompt (and the negative one for true CFG)."""
+        encoded = dict(common)
+        prompt = encoded.pop("prompt")
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
+        encoded.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        if "negative_prompt" in encoded:
+            negative, negative_pooled, _ = self.pipe.encode_prompt(
+                prompt=encoded.pop("negative_prompt"), prompt_2=None, device=device
+            )
+            encoded.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        return encoded
+
     def _scheduler(self, request: SamplePrompt):
         return make_scheduler(request.sampler, self.base.scheduler_config, self.base.prediction_type)
 
     @torch.no_grad()
-    def __call__(self, request: SamplePrompt, hires: HiresFix | None = None) -> Image.Image:
-        """One image for a request whose fields are all set (see ``SamplePrompt.with_defaults``)."""
+    def __call__(
+        self, request: SamplePrompt, hires: HiresFix | None = None, encoded: dict | None = None
+    ) -> Image.Image:
+        """One image for a request whose fields are all set (see ``RenderOptions.fill``).
+
+        ``encoded``: the request's conditioning from :meth:`encode`; empty = encoded now.
+        """
+        conditioning = encoded if encoded is not None else self._common(request)
         self.pipe.scheduler = self._scheduler(request)
         image = self.pipe(
             width=request.width,
@@ -145,13 +199,15 @@ class Renderer:
             num_inference_steps=request.steps,
             generator=_generator(request.seed),
             output_type="pil",
-            **self._common(request),
+            **conditioning,
         ).images[0]
         if hires is None or hires.scale == 1.0:
             return image
-        return self._hires_pass(request, image, hires)
+        return self._hires_pass(request, image, hires, conditioning)
 
-    def _hires_pass(self, request: SamplePrompt, image: Image.Image, hires: HiresFix) -> Image.Image:
+    def _hires_pass(
+        self, request: SamplePrompt, image: Image.Image, hires: HiresFix, conditioning: dict
+    ) -> Image.Image:
         from diffusers import AutoPipelineForImage2Image
 
         if self._img2img is None:
@@ -160,16 +216,19 @@ class Renderer:
         self._img2img.scheduler = self._scheduler(request)
         upscaled = image.resize(hires.size(image.width, image.height), Image.LANCZOS)
         # diffusers runs int(steps * strength) of the schedule; asking for steps / strength makes
-        # the second pass run the requested number, as A1111's hires fix does.
+        # the second pass run the requested number, as A1111's hires fix does. Rounded up, never
+        # down: int(2 * 0.4) = 0 steps (1 step wanted at denoise 0.4) crashed the pipeline.
         wanted = hires.steps or request.steps
-        schedule = max(wanted, round(wanted / hires.denoise))
+        schedule = max(wanted, math.ceil(wanted / hires.denoise))
+        while int(schedule * hires.denoise) < wanted:  # float rounding of schedule * denoise
+            schedule += 1
         return self._img2img(
             image=upscaled,
             strength=hires.denoise,
             num_inference_steps=schedule,
             generator=_generator(request.seed),
             output_type="pil",
-            **self._common(request),
+            **conditioning,
         ).images[0]
 
 

@@ -38,6 +38,7 @@ class SelectionPlan:
         class_word: Plain class word for CLIP's text; empty = from the training folder's name.
         train_images: Training image folder or prepared dataset folder.
         reference_limit: At most this many training images.
+        lbw: Block weights of the metric images (the grid's first ``--lbw`` value); None = none.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class SelectionPlan:
         class_word: str | None,
         train_images: str,
         reference_limit: int,
+        lbw: str | None = None,
     ):
         # Loaded before any rendering, so a wrong folder fails in seconds, not after the grid.
         self.reference = load_reference_set(train_images, reference_limit)
@@ -65,6 +67,7 @@ class SelectionPlan:
         if not pairs:
             raise LorafitError("--flexibility_prompt: give at least one prompt")
         self.files, self.seeds, self.cfg, self.strength = list(files), list(seeds), cfg, strength
+        self.lbw = lbw
         self.fidelity_prompts = list(range(prompt_count))
         self.extra_prompts: list[SamplePrompt] = [parse_prompt_line(p, "--flexibility_prompt") for p, _ in pairs]
         self.flexibility_texts = [text for _, text in pairs]
@@ -73,8 +76,8 @@ class SelectionPlan:
     def _cells(self, epoch: int | None, prompt_indices: list[int]) -> list:
         from lorafit.inference.grid_cells import Cell
 
-        strength = 0.0 if epoch is None else self.strength
-        return [Cell(epoch, strength, p, s, self.cfg) for p in prompt_indices for s in self.seeds]
+        strength, lbw = (0.0, None) if epoch is None else (self.strength, self.lbw)
+        return [Cell(epoch, strength, p, s, self.cfg, lbw) for p in prompt_indices for s in self.seeds]
 
     def epochs(self) -> list[int | None]:
         return [None, *range(len(self.files))]

@@ -4,6 +4,7 @@
     load_lora(pipe, "runs/x/lora/x.safetensors", weight=0.8)            # adapter name "x"
     load_lora(pipe, "style.safetensors", weight=0.5, adapter_name="style")
     set_lora_weight(pipe, "x", 1.0)
+    set_block_weights(pipe, "x", "INALL")                             # per-block strength (LBW)
     unload_lora(pipe, "style")
 
 Why not ``pipe.load_lora_weights`` (diffusers 0.42): its kohya path builds ``alpha_pattern`` keys
@@ -18,6 +19,8 @@ Strength follows A1111/ComfyUI: ``W + weight * (W' - W)``. For LoRA/LoHa/LoKr th
 adapter scale. For DoRA PEFT's scale would also change the direction inside the norm, so the
 DoRA part's output is multiplied by ``weight`` instead (a forward hook); 0 is the base model exactly.
 DoRA applies to the weight as patched by the adapters loaded before it, as in ComfyUI.
+Block weights (A1111's LoRA Block Weight, :mod:`lorafit.networks.block_weights`) multiply the
+strength per layer: each layer's adapter scale (or DoRA output) is ``weight x`` its block's value.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.networks.block_weights import BlockWeights, parse_block_weights
 from lorafit.networks.files import read_lora_file
 from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.peft_layers import adapter_layers, injection_config, outer_name, write_layer
@@ -43,6 +47,8 @@ class LoadedLora:
     weight: float
     adapters: dict[str, str] = field(default_factory=dict)  # PEFT adapter name -> kind
     hooks: list = field(default_factory=list)
+    blocks: BlockWeights | None = None  # per-block strength; None = the same strength everywhere
+    dora_scales: dict[torch.nn.Module, float] = field(default_factory=dict)  # DoRA module -> its strength
 
 
 def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
@@ -97,7 +103,13 @@ def _adapter_name(path: Path, adapter_name: str | None, components: dict[str, to
     return name
 
 
-def load_lora(pipe, path: str | Path, weight: float = 1.0, adapter_name: str | None = None) -> str:
+def load_lora(
+    pipe,
+    path: str | Path,
+    weight: float = 1.0,
+    adapter_name: str | None = None,
+    block_weights: str | BlockWeights | None = None,
+) -> str:
     """Load a LoRA/LoCon/DoRA/LoHa/LoKr file (kohya/LyCORIS or diffusers format) into ``pipe``.
 
     Args:
@@ -105,6 +117,8 @@ def load_lora(pipe, path: str | Path, weight: float = 1.0, adapter_name: str | N
         path: The ``.safetensors`` file.
         weight: Strength: 1 = as trained, 0 = the base model exactly; other values scale the update.
         adapter_name: Name to refer to it later; default: the file name without extension.
+        block_weights: Strength per block, A1111 LBW style ("INALL", a 17/26-value vector,
+            "IN=1,OUT=0"; see :mod:`lorafit.networks.block_weights`); empty = ``weight`` everywhere.
 
     Returns:
         The adapter name, for :func:`set_lora_weight` and :func:`unload_lora`.
@@ -112,7 +126,10 @@ def load_lora(pipe, path: str | Path, weight: float = 1.0, adapter_name: str | N
     path = Path(path)
     components = pipeline_components(pipe)
     name = _adapter_name(path, adapter_name, components)
-    table = kohya_name_table(_family(components), components)
+    family = _family(components)
+    if isinstance(block_weights, str):  # parsed before the file is read: a typo fails at once
+        block_weights = parse_block_weights(block_weights, family)
+    table = kohya_name_table(family, components)
     weights, _, _ = read_lora_file(path, table)
     missing = sorted(set(weights) - set(components))
     if missing:
@@ -123,6 +140,9 @@ def load_lora(pipe, path: str | Path, weight: float = 1.0, adapter_name: str | N
     except Exception:
         _remove(components, [name])  # a half-loaded file must not stay active
         raise
+    for model in components.values():
+        if name in _registry(model):
+            _registry(model)[name].blocks = block_weights
     set_lora_weight(pipe, name, weight)
     return name
 
@@ -167,25 +187,57 @@ def _dora_strength_hook(layer: torch.nn.Module, peft_name: str, loaded: LoadedLo
     # The DoRA module returns this adapter's whole contribution (W' - W) x; scaling it by the
     # strength interpolates between the base and the DoRA weight, as A1111/ComfyUI do.
     def scale_output(module, args, output):
-        return output if loaded.weight == 1.0 else output * loaded.weight
+        scale = loaded.dora_scales.get(module, loaded.weight)
+        return output if scale == 1.0 else output * scale
 
     return layer.lora_magnitude_vector[peft_name].register_forward_hook(scale_output)
 
 
 def set_lora_weight(pipe, adapter_name: str, weight: float) -> None:
-    """Change the strength of a loaded file (1 = as trained, 0 = off)."""
+    """Change the strength of a loaded file (1 = as trained, 0 = off); its block weights stay."""
     found = False
-    for model in pipeline_components(pipe).values():
+    for component, model in pipeline_components(pipe).items():
         loaded = _registry(model).get(adapter_name)
         if loaded is None:
             continue
         found = True
         loaded.weight = float(weight)
-        for peft_name, kind in loaded.adapters.items():
-            for layer in adapter_layers(model, peft_name).values():
-                layer.set_scale(peft_name, 1.0 if kind == "dora" else float(weight))
+        _apply_strength(component, model, loaded)
     if not found:
         raise LorafitError(f"no LoRA named {adapter_name!r} is loaded (loaded: {sorted(loaded_loras(pipe)) or 'none'})")
+
+
+def set_block_weights(pipe, adapter_name: str, block_weights: str | BlockWeights | None) -> None:
+    """Set a loaded file's strength per block (A1111 LBW: a preset, a vector or ``BLOCK=value`` pairs).
+
+    None gives every block the file's strength again. See :mod:`lorafit.networks.block_weights`.
+    """
+    components = pipeline_components(pipe)
+    if isinstance(block_weights, str):
+        block_weights = parse_block_weights(block_weights, _family(components))
+    loaded = [_registry(model).get(adapter_name) for model in components.values()]
+    if not any(loaded):
+        raise LorafitError(f"no LoRA named {adapter_name!r} is loaded (loaded: {sorted(loaded_loras(pipe)) or 'none'})")
+    for entry in filter(None, loaded):
+        entry.blocks = block_weights
+        weight = entry.weight
+    set_lora_weight(pipe, adapter_name, weight)
+
+
+def _apply_strength(component: str, model: torch.nn.Module, loaded: LoadedLora) -> None:
+    """Each layer's adapter scale: the file's strength times its block's value."""
+    loaded.dora_scales.clear()
+    for peft_name, kind in loaded.adapters.items():
+        for layer_name, layer in adapter_layers(model, peft_name).items():
+            scale = loaded.weight
+            if loaded.blocks is not None:
+                scale *= loaded.blocks.factor(component, outer_name(layer_name), getattr(model, "config", None))
+            if kind == "dora":
+                # PEFT's scale would also move the direction inside DoRA's norm: the hook scales its output.
+                layer.set_scale(peft_name, 1.0)
+                loaded.dora_scales[layer.lora_magnitude_vector[peft_name]] = scale
+            else:
+                layer.set_scale(peft_name, scale)
 
 
 def unload_lora(pipe, adapter_name: str | None = None) -> None:

@@ -55,15 +55,19 @@ class HostParts:
             log.info("cached data: %s stay on the host (not moved to the training device)", " and ".join(self.names))
 
     @contextlib.contextmanager
-    def on_device(self, device: torch.device) -> Iterator[None]:
-        """The host parts on ``device`` for the duration (sample images), then back.
+    def on_device(self, device: torch.device, names: Iterable[str] | None = None) -> Iterator[None]:
+        """The host parts (or only ``names`` of them) on ``device`` for the duration, then back.
 
-        Their weights are frozen, so going back needs no copy: each tensor is swapped with a device
-        copy (``torch.utils.swap_tensors``, so every reference to it sees the move) and swapped back.
+        Sampling borrows the text encoders to encode the prompts and the VAE to decode, one after the
+        other, so the two are never on the device at the same time. Their weights are frozen, so
+        going back needs no copy: each tensor is swapped with a device copy
+        (``torch.utils.swap_tensors``, so every reference to it sees the move) and swapped back.
         """
         swapped = []
         try:
             for name in self.names:
+                if names is not None and name not in names:
+                    continue
                 part = self.module.__dict__[name]
                 for tensor in itertools.chain(part.parameters(), part.buffers()):
                     on_device = tensor.detach().to(device, non_blocking=True)

@@ -2,8 +2,9 @@
 
 Old configs, run folders' ``config.yaml``, command lines and checkpoints keep working: each old
 key is rewritten to its place (``model.rank`` -> ``model.network.rank``) with one notice per key
-naming the new spelling. Used by the CLI (argv and ``--config`` files) and when a checkpoint's
-saved settings are compared on resume.
+naming the new spelling. The CLI renames flags and ``--config`` keys through
+:mod:`lorafit.cli.renamed` with this table; Python callers and the saved settings of older
+checkpoints (compared on resume) go through :func:`nest_model_settings`.
 """
 
 from __future__ import annotations
@@ -88,20 +89,3 @@ def nest_model_settings(settings: dict[str, Any], where: str = "", warn: bool = 
         for old, new in moved:
             log.warning("%smodel.%s is now model.%s; the old key still works", f"{where}: " if where else "", old, new)
     return out
-
-
-def rewrite_argv(argv: list[str]) -> list[str]:
-    """Command-line flags ``--model.rank 8`` / ``--model.rank=8`` rewritten to ``--model.network.rank``."""
-    rewritten = []
-    for arg in argv:
-        flag, equals, value = arg.partition("=")
-        key = flag.removeprefix("--model.")
-        if flag.startswith("--model.") and key in LEGACY_KEYS:
-            group, name = LEGACY_KEYS[key]
-            log.warning("--model.%s is now --model.%s.%s; the old flag still works", key, group, name)
-            arg = f"--model.{group}.{name}{equals}{value}"
-        elif flag == "--model.optimizer" and equals and not value.startswith(("{", "[")):
-            log.warning("--model.optimizer NAME is now --model.optimizer.name NAME; the old flag still works")
-            arg = f"--model.optimizer.name={value}"
-        rewritten.append(arg)
-    return rewritten
