@@ -290,6 +290,6 @@ def test_sd1_and_sd2_caches_hold_the_long_embeddings_training_computes(
         encoded = module.text_conditioning({"captions": captions})
     cached = torch.stack([samples[c]["prompt_embeds"] for c in captions])
     assert cached.shape[1] == 227
-    torch.testing.assert_close(cached, encoded.hidden_states, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached, encoded["prompt_embeds"], rtol=1e-5, atol=1e-6)
     # The third chunk tells the captions apart: cut at 150 tokens they would be the same.
     assert not torch.allclose(cached[0, 152:], cached[1, 152:], atol=1e-4)

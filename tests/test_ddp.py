@@ -24,7 +24,7 @@ from lorafit.training.module import LoraDiffusionModule
 
 # Both train the text encoder(s), whose unread last layers (SD1 with clip skip 2, SDXL's CLIP-L)
 # must not stop DDP.
-FAMILY_ARGS = {"sd1": ["--model.clip_skip", "2"], "sdxl": []}
+FAMILY_ARGS = {"sd1": ["--model.clip_skip", "2"], "sdxl": [], "flux": []}
 # Two epochs of the 4 demo images x 5 repeats (demo_data), no sample images (not under test here).
 COMMON = [
     "--trainer.max_epochs",
@@ -47,7 +47,7 @@ COMMON = [
 TOLERANCE = 1e-7
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
 def test_two_ddp_processes_equal_one_process_with_twice_the_batch(family, tiny_models, demo_data, tmp_path):
     def fit(root, *args):
         result = run_lorafit(*demo_fit_args(tiny_models[family], demo_data, root, *FAMILY_ARGS[family], *COMMON, *args))

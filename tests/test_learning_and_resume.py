@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from training import tiny_data, train
 
@@ -51,18 +52,25 @@ def _lora_tensors(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k}
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_models, demo_data, tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_resume_from_checkpoint_matches_uninterrupted_run(family, tiny_models, demo_data, tmp_path):
     kwargs = dict(learning_rate=5e-3, train_text_encoder=True)
-    _, straight = train(tiny_models["sd1"], demo_data, tmp_path / "straight", max_epochs=2, **kwargs)
+    _, straight = train(tiny_models[family], demo_data, tmp_path / "straight", max_epochs=2, **kwargs)
 
-    train(tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=1, **kwargs)
+    train(tiny_models[family], demo_data, tmp_path / "stopped", max_epochs=1, **kwargs)
     checkpoint = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     # The checkpoint is small: LoRA weights and optimizer state only, no frozen base.
     saved = torch.load(checkpoint, weights_only=False)["state_dict"]
     assert saved and all("lora_" in k for k in saved)
     # A different global seed on restart must not matter: noise depends on the saved seed and position.
     _, resumed = train(
-        tiny_models["sd1"], demo_data, tmp_path / "stopped", max_epochs=2, ckpt_path=str(checkpoint), seed=123, **kwargs
+        tiny_models[family],
+        demo_data,
+        tmp_path / "stopped",
+        max_epochs=2,
+        ckpt_path=str(checkpoint),
+        seed=123,
+        **kwargs,
     )
 
     expected, got = _lora_tensors(straight), _lora_tensors(resumed)

@@ -19,15 +19,8 @@ from lorafit.training.module import LoraDiffusionModule
 
 def tiny_data(data_dir: str, batch_size: int = 2, **kwargs) -> LoraDataModule:
     """The DataModule at the tiny models' 64 px (buckets from 64 to 128 px)."""
-    return LoraDataModule(
-        train_dir=data_dir,
-        resolution=64,
-        batch_size=batch_size,
-        seed=0,
-        min_bucket_reso=64,
-        max_bucket_reso=128,
-        **kwargs,
-    )
+    settings = dict(resolution=64, batch_size=batch_size, seed=0, min_bucket_reso=64, max_bucket_reso=128)
+    return LoraDataModule(**{"train_dir": data_dir, **settings, **kwargs})  # kwargs may swap train_dir for shards
 
 
 def tiny_batch(data_dir: str, size: int = 2) -> dict:

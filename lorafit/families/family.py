@@ -87,6 +87,12 @@ class BaseModel:
     tokenizers: list = field(default_factory=list)
     scheduler_config: dict = field(default_factory=dict)
     source: str = ""
+    # The dtype the denoiser computes in when its storage differs (fp8 / NF4 / int8 weights); None =
+    # the denoiser's own dtype.
+    compute_dtype: torch.dtype | None = None
+
+    def denoiser_dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.denoiser.dtype
 
     @property
     def unet(self) -> torch.nn.Module:

@@ -174,7 +174,7 @@ class FluxFamily(Family):
         options: TextOptions,
     ) -> torch.Tensor:
         transformer = base.denoiser
-        dtype = conditioning["prompt_embeds"].dtype if transformer.dtype == torch.float8_e4m3fn else transformer.dtype
+        dtype = base.denoiser_dtype()
         b, _, h, w = noisy.shape
         if h % 2 or w % 2:
             raise LorafitError(f"Flux packs 2x2 latent patches; latents of {h}x{w} are odd (use bucket steps of 16 px)")

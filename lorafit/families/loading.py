@@ -164,7 +164,17 @@ def _load_pipeline(source, kind, single_file_config, revision, variant, parts, q
     denoiser = next((c for c in ("unet", "transformer") if c in index), None)
     config = _component_config(source, denoiser, revision) if denoiser else {}
     family = detect_from_index(index, config, source)
-    return family, family.load_pretrained(source, revision, variant, quantization_config(quantization, family, dtype))
+    try:
+        return family, family.load_pretrained(
+            source, revision, variant, quantization_config(quantization, family, dtype)
+        )
+    except RuntimeError as error:
+        if "GPU is needed for quantization" in str(error):  # diffusers' bitsandbytes quantizer
+            raise LorafitError(
+                f"model.quantization: {quantization} needs a CUDA GPU (bitsandbytes quantizes on it); use fp8 or "
+                "none on this machine"
+            ) from None
+        raise
 
 
 def model_skeleton(source: str, key: str = "--base") -> tuple[str, dict[str, torch.nn.Module]]:
@@ -270,4 +280,5 @@ def load_base_model(
         tokenizers=tokenizers,
         scheduler_config=scheduler_config,
         source=source,
+        compute_dtype=dtype if quantization != "none" else None,
     )

@@ -195,9 +195,14 @@ def tiny_sd_pipeline(sd2: bool, seed: int = 0):
 
 
 def build_tiny_pipeline(family: str, seed: int = 0):
-    """Return a tiny random-weight diffusers pipeline of ``family`` (weights fixed by ``seed``)."""
+    """Return a tiny random-weight diffusers pipeline of ``family`` (weights fixed by ``seed``);
+    ``flux-schnell`` is the Flux.1 [schnell] layout (no guidance embedding)."""
     from lorafit.families.registry import get_family
 
+    if family == "flux-schnell":
+        from lorafit.families.flux_tiny import tiny_flux_pipeline
+
+        return tiny_flux_pipeline(guidance_embeds=False, seed=seed)
     return get_family(family, key="family").tiny_pipeline(seed=seed)
 
 

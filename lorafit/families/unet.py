@@ -123,10 +123,10 @@ class UNetFamily(Family):
         batch: dict,
         options: TextOptions,
     ) -> torch.Tensor:
-        unet = base.denoiser
+        unet, dtype = base.denoiser, base.denoiser_dtype()
         added = self.added_conditioning(base, noisy, conditioning, batch)
-        hidden = conditioning["prompt_embeds"].to(unet.dtype)
-        return unet(noisy.to(unet.dtype), timesteps, hidden, added_cond_kwargs=added).sample
+        hidden = conditioning["prompt_embeds"].to(dtype)
+        return unet(noisy.to(dtype), timesteps, hidden, added_cond_kwargs=added).sample
 
     def text_layers_used(self, encoder_index: int, num_layers: int, options: TextOptions) -> int:
         return text_layers_used(self.name, encoder_index, num_layers, options.clip_skip)

@@ -193,14 +193,20 @@ class Renderer:
         """
         conditioning = encoded if encoded is not None else self._common(request)
         self.pipe.scheduler = self._scheduler(request)
-        image = self.pipe(
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.steps,
-            generator=_generator(request.seed),
-            output_type="pil",
-            **conditioning,
-        ).images[0]
+        # Some schedulers draw fresh noise from the global RNG at every step (FlowMatchEuler's
+        # stochastic sampling, which pipelines call without their generator): seeding it here, in a
+        # fork, keeps "one seed, one image" for every sampler without touching the caller's RNG.
+        device = self.base.denoiser.device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(int(request.seed))
+            image = self.pipe(
+                width=request.width,
+                height=request.height,
+                num_inference_steps=request.steps,
+                generator=_generator(request.seed),
+                output_type="pil",
+                **conditioning,
+            ).images[0]
         if hires is None or hires.scale == 1.0:
             return image
         return self._hires_pass(request, image, hires, conditioning)

@@ -42,7 +42,13 @@ _ALIASES = {
     "plms": "pndm",
 }
 SAMPLER_NAMES = tuple(_SAMPLERS)
-_FLOW_SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
+# Flow-matching models: their Euler, its stochastic form (fresh noise each step, as "ancestral"
+# samplers do for DDPM models) and Heun.
+_FLOW_SAMPLERS = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "euler_a": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+}
 
 
 def canonical_sampler(name: str, key: str = "sampler") -> str:
@@ -73,7 +79,8 @@ def make_scheduler(name: str, scheduler_config: dict, prediction_type: str | Non
             raise LorafitError(
                 f"sampler {name!r} works on DDPM models only; flow-matching models take {' or '.join(_FLOW_SAMPLERS)}"
             )
-        return getattr(diffusers, _FLOW_SAMPLERS[chosen]).from_config(scheduler_config)
+        class_name, extra = _FLOW_SAMPLERS[chosen]
+        return getattr(diffusers, class_name).from_config(scheduler_config, **extra)
     class_name, extra, _ = _SAMPLERS[canonical_sampler(name)]
     overrides = dict(extra)
     if prediction_type:

@@ -179,7 +179,6 @@ class LoraDiffusionModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.base is not None:  # Lightning may call this more than once
             return
-        hp = self.hparams
         base = self.load_base()
         spec = get_family(base.family)
         check_objective_settings(spec.objective, spec.title, self.noise, self.loss_config, self.network)
@@ -225,8 +224,14 @@ class LoraDiffusionModule(pl.LightningModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if hasattr(datamodule, "unused_model_parts"):  # before Lightning moves the module to the device
             self.host_parts.park(datamodule.unused_model_parts(), bool(self.trained_text_encoders()))
-        if hp.parts and hp.quantization == "none" and spec.objective == "flow":
-            log.info("a %s base in %s: model.quantization nf4 needs far less memory", spec.title, hp.weight_dtype)
+        if len(base.text_encoders) > 1 and "text_encoders" not in self.host_parts.names:
+            size = sum(p.numel() * p.element_size() for e in base.text_encoders for p in e.parameters()) / 2**30
+            log.info(
+                "the text encoders (%.2f GB here) stay on the training device and run every step; cache the "
+                "text embeddings (`lorafit cache ... --text_embeddings true`, data.shards) to free them%s",
+                size,
+                " (T5-XXL alone is 9.5 GB in bf16)" if spec.objective == "flow" else "",
+            )
 
     def _objective(self, spec, base: BaseModel):
         if spec.objective == "flow":
@@ -325,9 +330,10 @@ class LoraDiffusionModule(pl.LightningModule):
         """Wait for every NaN/Inf check up to now; raise before any file would be written."""
         self.nonfinite.ensure_finite(self, batch, batch_idx)
 
-    def host_parts_on_device(self):
-        """The parts kept on the host (cached data) on the training device for a sample round."""
-        return self.host_parts.on_device(self.device)
+    def host_parts_on_device(self, names=None):
+        """The parts kept on the host (cached data), or only ``names`` of them, on the training device
+        for a sample round (then back)."""
+        return self.host_parts.on_device(self.device, names)
 
     def denoising_loss(self, batch: dict, generator: torch.Generator, timesteps=None, noise=None) -> torch.Tensor:
         fixed = None if timesteps is None else (noise, timesteps)
