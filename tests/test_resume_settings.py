@@ -74,11 +74,22 @@ def test_resuming_a_checkpoint_file_with_another_rank_and_alpha_is_refused(one_e
     assert not (root / "lora" / "ohwx-star-epoch-002.safetensors").exists()
 
 
-def test_a_part_losing_its_lora_through_a_zero_learning_rate_is_refused(one_epoch_run, tmp_path):
-    result, _ = _resume(one_epoch_run, tmp_path, "--model.text_encoder_lr", "0")
+def _folder_state(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a folder)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def test_a_part_losing_its_lora_through_a_zero_learning_rate_is_refused_and_the_run_folder_is_left_alone(
+    one_epoch_run, tmp_path
+):
+    # Refused only once the network is built, inside trainer.fit: after Lightning started the
+    # loggers (a new lightning_logs/version_N) and where config.yaml used to be rewritten already.
+    before = _folder_state(one_epoch_run[0])
+    result, root = _resume(one_epoch_run, tmp_path, "--model.text_encoder_lr", "0")
     error = _error_line(result)
     assert "parts with a LoRA" in error
     assert '["unet", "text_encoder", "text_encoder_2"] in the checkpoint, ["unet"] in the config' in error
+    assert _folder_state(root) == before
 
 
 def test_a_changed_learning_rate_is_used_when_resuming_from_a_checkpoint_file(one_epoch_run, tmp_path):

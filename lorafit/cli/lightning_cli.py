@@ -6,9 +6,12 @@ Every ``__init__`` argument of the module, data module, trainer and callbacks is
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-from pathlib import Path
+import warnings
+
+from lorafit.cli.run_folder import RefusedStartCleanup
+from lorafit.errors import LorafitError
 
 # ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
 # Not `save_last=True, save_top_k=0`: since Lightning 2.6 that writes last.ckpt only when a top-k
@@ -21,42 +24,93 @@ LAST_CHECKPOINT = {
     "save_last": False,
     "enable_version_counter": False,
     "every_n_epochs": 1,
+    # At the end of every training epoch, whatever the validation settings: left to Lightning, the
+    # save waits for a validation round, and with trainer.check_val_every_n_epoch > 1 and no
+    # validation data none ever comes (no last.ckpt at all).
+    "save_on_train_epoch_end": True,
 }
+
+log = logging.getLogger("lorafit.cli")
+
+
+def honour_disabled_checkpointing(trainer, ckpt_path: str | None) -> None:
+    """``trainer.enable_checkpointing: false``: no checkpoint files, and the user is told resume is off.
+
+    Lightning refuses the flag when a checkpoint callback is configured, and lorafit always
+    configures two (``checkpoint``: last.ckpt, ``requeue``: the SLURM save). The trainer is built
+    with checkpointing on and both are taken out here, so nothing writes a checkpoint.
+    """
+    from lightning.pytorch.callbacks import Checkpoint
+
+    if ckpt_path == "last":  # Lightning would find no checkpoint callback and start over, with a warning
+        raise LorafitError(
+            "--ckpt_path last looks for the run's checkpoints/last.ckpt, which trainer.enable_checkpointing: "
+            "false does not keep; give the checkpoint file, or drop enable_checkpointing: false"
+        )
+
+    trainer.callbacks = [callback for callback in trainer.callbacks if not isinstance(callback, Checkpoint)]
+    log.info(
+        "trainer.enable_checkpointing is false: no checkpoints (last.ckpt, SLURM requeue), so this run cannot "
+        "be resumed with --ckpt_path; the LoRA files are exported as usual"
+    )
+
+
+def use_lorafit_progress_bar(trainer, configured_callbacks) -> None:
+    """Lightning's default bar -> lorafit's (epochs from 1, the whole run's time left); a configured bar stays."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from lorafit.callbacks.progress import LorafitProgressBar
+
+    entries = configured_callbacks if isinstance(configured_callbacks, list) else [configured_callbacks]
+    if any("ProgressBar" in str(getattr(entry, "class_path", entry)) for entry in entries if entry):
+        return
+    trainer.callbacks = [
+        LorafitProgressBar() if isinstance(callback, ProgressBar) else callback for callback in trainer.callbacks
+    ]
+
+
+def record_run_folder(cli) -> None:
+    """What the run folder holds before the trainer starts, so a refused start can leave it so."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    trainer = cli.trainer
+    if cli.config[cli.subcommand].get("ckpt_path"):
+        # Resuming in place rewrites checkpoints/last.ckpt by design (LAST_CHECKPOINT); a fresh run in
+        # an old run folder still gets Lightning's warning that it overwrites a checkpoint.
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
+    if trainer.is_global_zero:
+        saved = [c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)]
+        cli.refused_start.record(trainer.default_root_dir, started=lambda: any(c.already_saved for c in saved))
+
+
+def keep_config_out_of_lightning_hparams(*components) -> None:
+    """The loggers get the whole run config once (lorafit/cli/run_config.py), not Lightning's partial copy.
+
+    Lightning logs the module's and data module's hyperparameters itself when their
+    ``_log_hyperparams`` is set (``save_hyperparameters(logger=True)``, the default); that copy is
+    flattened, lacks the trainer and callback settings and comes with a placeholder ``hp_metric``.
+    Fenced in tests/test_lightning_fences.py.
+    """
+    for component in components:
+        if component is not None:
+            component._log_hyperparams = False
 
 
 def _build_cli_class():
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from lorafit.callbacks.export import LoraExport
     from lorafit.callbacks.metrics import TrainingMetrics
     from lorafit.callbacks.requeue import RequeueOnSignal
     from lorafit.callbacks.samples import SampleImages
+    from lorafit.cli.run_config import RunDirConfig
     from lorafit.data.datamodule import LoraDataModule
-    from lorafit.io.atomic import atomic_write_text
     from lorafit.loggers.wandb import WandbRunLogger
     from lorafit.training.checkpoint_io import AtomicCheckpointIO
     from lorafit.training.module import LoraDiffusionModule
     from lorafit.training.resume_settings import refuse_changed_network_in_file
-
-    class RunDirConfig(SaveConfigCallback):
-        """Save the resolved config as ``<default_root_dir>/config.yaml``, beside the LoRA files.
-
-        Overwriting is intended: a resumed or requeued run rewrites the same run's config (through a
-        temporary file, so a kill mid-write leaves the previous one). W&B also gets the whole config
-        (Lightning itself logs only the model's and data module's arguments).
-        """
-
-        def save_config(self, trainer, pl_module, stage) -> None:
-            text = self.parser.dump(self.config, skip_none=False)
-            atomic_write_text(Path(trainer.default_root_dir) / self.config_filename, text)
-            wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-            if wandb_loggers:
-                config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
-                for logger in wandb_loggers:
-                    logger.log_hyperparams({"config": config})
 
     class LorafitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -86,7 +140,13 @@ def _build_cli_class():
             """
 
         def instantiate_trainer(self, **kwargs):
+            checkpointing = self.config[self.subcommand].get("trainer.enable_checkpointing") is not False
+            if not checkpointing:  # built with it on, then lorafit's checkpoint callbacks are taken out
+                kwargs["enable_checkpointing"] = True
             trainer = super().instantiate_trainer(**kwargs)
+            if not checkpointing:
+                honour_disabled_checkpointing(trainer, self.config[self.subcommand].get("ckpt_path"))
+            use_lorafit_progress_bar(trainer, self.config[self.subcommand].get("trainer.callbacks"))
             # Atomic checkpoint files unless the config chose its own CheckpointIO plugin.
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -102,14 +162,20 @@ def _build_cli_class():
             if ckpt_path and os.path.isfile(ckpt_path):
                 refuse_changed_network_in_file(ckpt_path, self.model.hparams)
 
+        refused_start = RefusedStartCleanup()  # replaced per run by run_lightning
+
         def before_fit(self) -> None:
+            record_run_folder(self)
             self._check_resume_settings()
+            keep_config_out_of_lightning_hparams(self.model, self.datamodule)
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbRunLogger):
                     logger.bind_run_dir(self.trainer.default_root_dir)
 
         def before_validate(self) -> None:
+            record_run_folder(self)
             self._check_resume_settings()
+            keep_config_out_of_lightning_hparams(self.model, self.datamodule)
 
     return LorafitCLI, LoraDiffusionModule, LoraDataModule, RunDirConfig
 
@@ -118,6 +184,15 @@ def run_lightning(argv: list[str]):
     # `--print_config` alone prints the YAML with every option's help as a comment.
     argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
     cli_class, module_class, data_class, config_callback = _build_cli_class()
+    cli_class.refused_start = refused_start = RefusedStartCleanup()
+    try:
+        return _start(cli_class, module_class, data_class, config_callback, argv)
+    except LorafitError:
+        refused_start.undo()  # a check refused the start: the run folder is left as it was
+        raise
+
+
+def _start(cli_class, module_class, data_class, config_callback, argv: list[str]):
     return cli_class(
         module_class,
         data_class,
@@ -125,6 +200,9 @@ def run_lightning(argv: list[str]):
         save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
         trainer_defaults={"default_root_dir": "runs/lorafit", "max_epochs": 10},
         seed_everything_default=0,
+        # No --optimizer/--lr_scheduler (LightningCLI's): lorafit builds its optimizer and schedule from
+        # model.* (kohya's names, per-part learning rates); LightningCLI's would get no parameters.
+        auto_configure_optimizers=False,
         # exit_on_error=False: a bad key raises instead of printing the whole usage; main() prints one line.
         parser_kwargs={"description": "Train LoRA adapters on Stable Diffusion 1.x/2.x/SDXL.", "exit_on_error": False},
         args=argv,
