@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.families.single_file_weights import settle_single_file_weights
 
 log = logging.getLogger("lorafit.models")
 
@@ -174,6 +175,8 @@ def load_base_model(
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
     detected = detect_family(pipe.unet.config, len(text_encoders) > 1)
+    if kind == "single_file":  # a tensor the file lacks would stay on the meta device
+        settle_single_file_weights(pipe, detected, source)
     if family and family != detected:
         log.warning("model.family=%s overrides the detected family %s for %s", family, detected, source)
     scheduler_config = dict(pipe.scheduler.config)
