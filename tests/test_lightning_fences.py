@@ -12,7 +12,7 @@ these tests say at once which fence broke instead of a fix silently coming undon
   run restarts at.
 - ``RichProgressBar._get_train_description`` (lorafit/callbacks/progress.py): the epoch label.
 - ``LightningModule._log_hyperparams`` / ``LightningDataModule._log_hyperparams``
-  (lorafit/cli/lightning_cli.py): switched off so the loggers get lorafit's whole config once.
+  (lorafit/cli/trainer_setup.py): switched off so the loggers get lorafit's whole config once.
 """
 
 from __future__ import annotations

@@ -6,11 +6,14 @@ Every ``__init__`` argument of the module, data module, trainer and callbacks is
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 
-from lorafit.cli.run_folder import RefusedStartCleanup
+from lorafit.cli.run_folder import RefusedStartCleanup, record_run_folder
+from lorafit.cli.trainer_setup import (
+    honour_disabled_checkpointing,
+    keep_config_out_of_lightning_hparams,
+    use_lorafit_progress_bar,
+)
 from lorafit.errors import LorafitError
 
 # ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
@@ -29,71 +32,6 @@ LAST_CHECKPOINT = {
     # validation data none ever comes (no last.ckpt at all).
     "save_on_train_epoch_end": True,
 }
-
-log = logging.getLogger("lorafit.cli")
-
-
-def honour_disabled_checkpointing(trainer, ckpt_path: str | None) -> None:
-    """``trainer.enable_checkpointing: false``: no checkpoint files, and the user is told resume is off.
-
-    Lightning refuses the flag when a checkpoint callback is configured, and lorafit always
-    configures two (``checkpoint``: last.ckpt, ``requeue``: the SLURM save). The trainer is built
-    with checkpointing on and both are taken out here, so nothing writes a checkpoint.
-    """
-    from lightning.pytorch.callbacks import Checkpoint
-
-    if ckpt_path == "last":  # Lightning would find no checkpoint callback and start over, with a warning
-        raise LorafitError(
-            "--ckpt_path last looks for the run's checkpoints/last.ckpt, which trainer.enable_checkpointing: "
-            "false does not keep; give the checkpoint file, or drop enable_checkpointing: false"
-        )
-
-    trainer.callbacks = [callback for callback in trainer.callbacks if not isinstance(callback, Checkpoint)]
-    log.info(
-        "trainer.enable_checkpointing is false: no checkpoints (last.ckpt, SLURM requeue), so this run cannot "
-        "be resumed with --ckpt_path; the LoRA files are exported as usual"
-    )
-
-
-def use_lorafit_progress_bar(trainer, configured_callbacks) -> None:
-    """Lightning's default bar -> lorafit's (epochs from 1, the whole run's time left); a configured bar stays."""
-    from lightning.pytorch.callbacks import ProgressBar
-
-    from lorafit.callbacks.progress import LorafitProgressBar
-
-    entries = configured_callbacks if isinstance(configured_callbacks, list) else [configured_callbacks]
-    if any("ProgressBar" in str(getattr(entry, "class_path", entry)) for entry in entries if entry):
-        return
-    trainer.callbacks = [
-        LorafitProgressBar() if isinstance(callback, ProgressBar) else callback for callback in trainer.callbacks
-    ]
-
-
-def record_run_folder(cli) -> None:
-    """What the run folder holds before the trainer starts, so a refused start can leave it so."""
-    from lightning.pytorch.cli import SaveConfigCallback
-
-    trainer = cli.trainer
-    if cli.config[cli.subcommand].get("ckpt_path"):
-        # Resuming in place rewrites checkpoints/last.ckpt by design (LAST_CHECKPOINT); a fresh run in
-        # an old run folder still gets Lightning's warning that it overwrites a checkpoint.
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
-    if trainer.is_global_zero:
-        saved = [c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)]
-        cli.refused_start.record(trainer.default_root_dir, started=lambda: any(c.already_saved for c in saved))
-
-
-def keep_config_out_of_lightning_hparams(*components) -> None:
-    """The loggers get the whole run config once (lorafit/cli/run_config.py), not Lightning's partial copy.
-
-    Lightning logs the module's and data module's hyperparameters itself when their
-    ``_log_hyperparams`` is set (``save_hyperparameters(logger=True)``, the default); that copy is
-    flattened, lacks the trainer and callback settings and comes with a placeholder ``hp_metric``.
-    Fenced in tests/test_lightning_fences.py.
-    """
-    for component in components:
-        if component is not None:
-            component._log_hyperparams = False
 
 
 def _build_cli_class():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,3 +61,17 @@ class RefusedStartCleanup:
                 path.unlink(missing_ok=True)
         if added:
             log.debug("refused start: removed %d new path(s) under %s", len(added), self.root)
+
+
+def record_run_folder(cli) -> None:
+    """What the run folder holds before the trainer starts, so a refused start can leave it so."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    trainer = cli.trainer
+    if cli.config[cli.subcommand].get("ckpt_path"):
+        # Resuming in place rewrites checkpoints/last.ckpt by design (LAST_CHECKPOINT); a fresh run in
+        # an old run folder still gets Lightning's warning that it overwrites a checkpoint.
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
+    if trainer.is_global_zero:
+        saved = [c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)]
+        cli.refused_start.record(trainer.default_root_dir, started=lambda: any(c.already_saved for c in saved))
