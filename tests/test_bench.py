@@ -25,6 +25,7 @@ def _bench_tool():
     return module
 
 
+@pytest.mark.slow
 def test_bench_cpu_run_writes_a_complete_row(tmp_path):
     from lorafit.bench.report import COLUMNS
 

@@ -140,6 +140,7 @@ def test_append_adds_to_the_caption_line_and_keeps_the_other_lines_of_the_file(t
     assert read_caption(sidecar) == lines[1].decode()
 
 
+@pytest.mark.slow
 def test_blip_captions_through_the_cli_with_progress_and_summary(blip, tmp_path):
     root = _tree(tmp_path / "train")
     # Dashed spellings (as the issue writes them) work as well as the parameter names.

@@ -20,7 +20,9 @@ OVERLAYS = sorted((REPO / "configs").glob("*/*.yaml"))
 
 def _lorafit(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run the installed console script, as a user would."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # One torch thread, as every other test process: two tests' processes with two threads each on a
+    # 2-core machine made a 40-step tiny fit take 85 s instead of 10 (OpenMP threads waiting on each other).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     script = Path(sys.executable).with_name("lorafit")
     return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -79,6 +81,7 @@ def test_bad_input_gets_one_line_before_heavy_work(tmp_path, capsys, demo_data, 
     assert not (tmp_path / "run" / "lora").exists()
 
 
+@pytest.mark.slow
 def test_help_for_every_verb():
     for verb in (
         "fit",
@@ -101,6 +104,7 @@ def test_help_for_every_verb():
     assert unknown.returncode == 2 and "unknown verb 'trian'" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_demo_commands_end_to_end(tmp_path):
     """The plumbing demo: tiny SDXL model, generated data, `lorafit fit` on configs/tiny-demo.yaml.
 
@@ -183,6 +187,7 @@ def test_presets_exist_and_say_what_they_are_in_one_line():
         assert first.startswith("# ") and len(first) > 40, f"{preset.name}: first line should describe the preset"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_every_preset_trains_a_step_on_the_tiny_model(preset, tiny_models, demo_data, tmp_path):
     """The recipe in each preset (optimizer + args, schedule, loss options) really runs."""

@@ -34,6 +34,7 @@ def _probe(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [("--help",), ("convert", "--help"), ("fit", "--help"), ("tiny", "sd1")], ids=" ".join)
 def test_verbs_print_no_library_noise_and_do_not_import_bitsandbytes(args, tmp_path):
     if args[0] == "tiny":  # a verb that loads diffusers models: their import pulled bitsandbytes in

@@ -18,6 +18,8 @@ from test_data_stream import BUCKETS, FOLDERS, REG, _source_meta, _write
 
 from lorafit.data.prepare import prepare
 
+pytestmark = pytest.mark.slow  # subprocesses: DDP ranks, SLURM jobs, a browser, killed trainings
+
 PROBE = Path(__file__).with_name("ddp_data_probe.py")
 
 
@@ -42,6 +44,7 @@ def shard_sets(tmp_path_factory) -> dict[str, Path]:
 )
 def test_two_ranks_see_disjoint_samples_and_equal_batches(shard_sets, tmp_path, shards, workers, start_method, epochs):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROBE.parent), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"  # two ranks (and their workers) on two cores: one torch thread each
     result = subprocess.run(
         [sys.executable, str(PROBE), str(shard_sets[shards]), str(tmp_path), str(workers), start_method, str(epochs)],
         env=env,

@@ -96,6 +96,7 @@ def test_autocast_follows_cuda_lists_while_active_and_cpu_lists_after():
     assert dtypes(x.bfloat16(), weight) == dict.fromkeys(cuda, torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_estimate_on_fake_tensors_equals_the_real_cpu_step(small_runs):
     estimate, real = small_runs
     assert estimate["fake"] and not real["fake"]
@@ -108,6 +109,7 @@ def test_estimate_on_fake_tensors_equals_the_real_cpu_step(small_runs):
     assert estimate["breakdown"]["activations"] > 0
 
 
+@pytest.mark.slow
 def test_checkpointing_lowers_the_activation_peak(small_runs):
     from devbench.memory import estimate_step_memory
 

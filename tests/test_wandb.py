@@ -31,6 +31,7 @@ def _history(records) -> dict[int, float]:
     return steps
 
 
+@pytest.mark.slow
 def test_offline_run_logs_config_and_loss_and_a_resume_continues_the_same_run(tiny_models, demo_data, tmp_path):
     from wandb_records import wandb_records  # needs wandb: a dev dependency (the `wandb` extra)
 
@@ -92,6 +93,7 @@ def test_without_wandb_the_overlay_fails_in_one_line_naming_the_extra(
     assert not (tmp_path / "run" / "lora").exists()
 
 
+@pytest.mark.slow
 def test_without_wandb_training_with_tensorboard_works(tiny_models, demo_data, tmp_path):
     args = demo_fit_args(
         tiny_models["sd1"],
