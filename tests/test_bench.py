@@ -25,6 +25,7 @@ def _bench_tool():
     return module
 
 
+@pytest.mark.slow
 def test_bench_cpu_run_writes_a_complete_row(tmp_path):
     from lorafit.bench.report import COLUMNS
 
@@ -84,3 +85,47 @@ def test_bad_setting_is_one_line_error():
 
     with pytest.raises(LorafitError, match="--optimizer: 'sgd' is not one of"):
         BenchSetting(optimizer="sgd")
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_end_to_end_on_the_cpu_and_prints_every_section(tmp_path):
+    """tools/gpu_check.sh --dry-run: the GPU machine's script, on the CPU at tiny sizes."""
+    import os
+    import subprocess
+
+    output = tmp_path / "rows.jsonl"
+    env = {**os.environ, "LORAFIT_SKIP_INSTALL": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_check.sh"), "--dry-run", "--output", str(output)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = result.stdout.split("Rows for benchmarks/RESULTS.md", 1)[1]
+    for title in ("## SDXL 1024²", "## SD1.5 512²", "## Low-VRAM recipe", "## Flux"):
+        assert title in report, title
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["family"] for row in rows] == ["sdxl", "sd1", "sdxl"]
+    assert rows[2]["gradient_checkpointing"] and rows[2]["optimizer"] == "adafactor"
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["lightning_over_reference"] > 0 and row["peak_gib"] > 0
+        assert f"| {row['setting']} |" in report
+    assert "--output" not in report  # the printed commands are the ones to rerun
+
+
+def test_the_gpu_check_refuses_to_run_without_a_gpu_unless_dry():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the real check would run")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gpu_check.py")], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and "no CUDA device" in result.stderr and "--dry-run" in result.stderr

@@ -140,6 +140,7 @@ def test_append_adds_to_the_caption_line_and_keeps_the_other_lines_of_the_file(t
     assert read_caption(sidecar) == lines[1].decode()
 
 
+@pytest.mark.slow
 def test_blip_captions_through_the_cli_with_progress_and_summary(blip, tmp_path):
     root = _tree(tmp_path / "train")
     # Dashed spellings (as the issue writes them) work as well as the parameter names.
@@ -249,3 +250,28 @@ def test_caption_and_review_have_help():
         result = run_lorafit(verb, "--help", timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "--caption_ext" in result.stdout
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once the socket is closed
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["Salesforce/blip-image-captioning-base", "SmilingWolf/wd-vit-tagger-v3"])
+def test_a_hub_model_without_network_or_cache_fails_at_once_in_one_line(model, tmp_path):
+    """No network, HF_HUB_OFFLINE unset: the hub client used to retry every file for minutes."""
+    _solid(tmp_path / "data" / "a.png", (220, 20, 20))
+    no_network = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+    result = run_lorafit(
+        "caption", str(tmp_path / "data"), "--model", model, timeout=90, HF_HOME=str(tmp_path / "hf"), **no_network
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if "error" in line.lower() or "retry" in line.lower()]
+    assert line.startswith(f"lorafit: error: --model {model} is not in the local Hugging Face cache and ")
+    assert "cannot be reached" in line
+    offline = run_lorafit("caption", str(tmp_path / "data"), "--model", model, HF_HOME=str(tmp_path / "hf"))
+    assert offline.returncode == 2 and "HF_HUB_OFFLINE is set" in offline.stderr.splitlines()[-1]

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lorafit.cli import main
+from lorafit.errors import LorafitError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -20,7 +22,9 @@ OVERLAYS = sorted((REPO / "configs").glob("*/*.yaml"))
 
 def _lorafit(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run the installed console script, as a user would."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # One torch thread, as every other test process: two tests' processes with two threads each on a
+    # 2-core machine made a 40-step tiny fit take 85 s instead of 10 (OpenMP threads waiting on each other).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     script = Path(sys.executable).with_name("lorafit")
     return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -79,6 +83,7 @@ def test_bad_input_gets_one_line_before_heavy_work(tmp_path, capsys, demo_data, 
     assert not (tmp_path / "run" / "lora").exists()
 
 
+@pytest.mark.slow
 def test_help_for_every_verb():
     for verb in (
         "fit",
@@ -101,6 +106,7 @@ def test_help_for_every_verb():
     assert unknown.returncode == 2 and "unknown verb 'trian'" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_demo_commands_end_to_end(tmp_path):
     """The plumbing demo: tiny SDXL model, generated data, `lorafit fit` on configs/tiny-demo.yaml.
 
@@ -183,13 +189,25 @@ def test_presets_exist_and_say_what_they_are_in_one_line():
         assert first.startswith("# ") and len(first) > 40, f"{preset.name}: first line should describe the preset"
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def _needs_cuda(preset: Path) -> bool:
+    """bitsandbytes quantizes a base on a CUDA GPU only (diffusers' quantizer checks)."""
+    return yaml.safe_load(preset.read_text())["model"].get("quantization") in ("nf4", "int8")
+
+
+# Overlays (a second --config) on top of the family's full config.
+OVERLAY_OF = {"flux-lowvram": "flux.yaml"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not _needs_cuda(p)], ids=lambda p: p.stem)
 def test_every_preset_trains_a_step_on_the_tiny_model(preset, tiny_models, demo_data, tmp_path):
     """The recipe in each preset (optimizer + args, schedule, loss options) really runs."""
-    family = "sdxl" if preset.stem.startswith("sdxl") else "sd1"
+    family = next(f for f in ("sdxl", "flux", "sd1") if preset.stem.startswith(f) or f == "sd1")
+    base_config = ["--config", str(REPO / "configs" / OVERLAY_OF[preset.stem])] if preset.stem in OVERLAY_OF else []
     main(
         [
             "fit",
+            *base_config,
             "--config",
             str(preset),
             "--model.model",
@@ -222,3 +240,17 @@ def test_every_preset_trains_a_step_on_the_tiny_model(preset, tiny_models, demo_
     wanted = yaml.safe_load(preset.read_text())["model"]["optimizer"]
     assert {key: saved["model"]["optimizer"][key] for key in wanted} == wanted
     assert list((tmp_path / "lora").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if _needs_cuda(p)], ids=lambda p: p.stem)
+def test_presets_with_a_quantized_base_compose_and_say_they_need_a_gpu_here(preset, tiny_models, capsys):
+    base_config = ["--config", str(REPO / "configs" / OVERLAY_OF[preset.stem])] if preset.stem in OVERLAY_OF else []
+    with pytest.raises(SystemExit):
+        main(["fit", *base_config, "--config", str(preset), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["quantization"] in ("nf4", "int8")
+    if not torch.cuda.is_available():
+        from lorafit.families.loading import load_base_model
+
+        with pytest.raises(LorafitError, match="needs a CUDA GPU"):
+            load_base_model(tiny_models["flux"], quantization=printed["model"]["quantization"])

@@ -24,6 +24,8 @@ from lorafit.data.prepare import prepare
 from lorafit.data.sample_transform import BucketSpec
 from lorafit.data.shard_index import load_index
 
+pytestmark = pytest.mark.slow  # subprocesses: DDP ranks, SLURM jobs, a browser, killed trainings
+
 PROBE = Path(__file__).with_name("ddp_data_probe.py")
 NOISE = {"1_ohwx dog": [(96, 64), (64, 96), (64, 64), (128, 64), (64, 64), (96, 64)], "1_style": [(64, 64)] * 5}
 pytestmark = pytest.mark.slow
@@ -57,6 +59,7 @@ def shard_sets(tmp_path_factory) -> dict[str, Path]:
 
 def _run_probe(shards: Path, out: Path, workers: int, start_method: str, epochs: int, *extra: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROBE.parent), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"  # two ranks (and their workers) on two cores: one torch thread each
     result = subprocess.run(
         [sys.executable, str(PROBE), str(shards), str(out), str(workers), start_method, str(epochs), *extra],
         env=env,

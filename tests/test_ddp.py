@@ -22,6 +22,8 @@ from cli_runs import demo_fit_args, lora_file, max_abs_difference, run_lorafit, 
 
 from lorafit.training.module import LoraDiffusionModule
 
+pytestmark = pytest.mark.slow  # subprocesses: DDP ranks, SLURM jobs, a browser, killed trainings
+
 # Both train the text encoder(s), whose unread last layers (SD1 with clip skip 2, SDXL's CLIP-L)
 # must not stop DDP.
 FAMILY_ARGS = {"sd1": ["--model.clip_skip", "2"], "sdxl": [], "flux": []}

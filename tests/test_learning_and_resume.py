@@ -29,6 +29,7 @@ def fixed_point_loss(module: LoraDiffusionModule, data_dir: str) -> float:
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_denoising_loss(tiny_models, demo_data, tmp_path):
     fresh = LoraDiffusionModule(model=tiny_models["sd1"], rank=8, alpha=8, unet_target_modules=CONV_TARGETS)
     fresh.configure_model()

@@ -10,6 +10,9 @@ these tests say at once which fence broke instead of a fix silently coming undon
   by a check that reads its broadcast a step late, so DDP steps never wait on the host.
 - The fit loop's progress counters (lorafit/data/datamodule.py): which epoch and batch a resumed
   run restarts at.
+- ``RichProgressBar._get_train_description`` (lorafit/callbacks/progress.py): the epoch label.
+- ``LightningModule._log_hyperparams`` / ``LightningDataModule._log_hyperparams``
+  (lorafit/cli/trainer_setup.py): switched off so the loggers get lorafit's whole config once.
 """
 
 from __future__ import annotations
@@ -48,3 +51,27 @@ def test_the_progress_counters_the_data_module_reads_exist():
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     assert isinstance(trainer.fit_loop.epoch_progress.current.processed, int)
     assert isinstance(trainer.fit_loop.epoch_loop.batch_progress.current.processed, int)
+
+
+def test_the_rich_bar_still_labels_epochs_through_the_method_lorafit_replaces():
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from lorafit.callbacks.progress import LorafitProgressBar
+
+    epoch_start = inspect.getsource(RichProgressBar.on_train_epoch_start)
+    assert "self._get_train_description(trainer.current_epoch)" in epoch_start
+    assert LorafitProgressBar._get_train_description is not RichProgressBar._get_train_description
+
+
+def test_lightning_still_logs_hyperparameters_only_when_the_flag_lorafit_clears_is_set():
+    from lightning.pytorch.loggers.utilities import _log_hyperparams
+
+    source = inspect.getsource(_log_hyperparams)
+    assert "pl_module._log_hyperparams" in source and "datamodule._log_hyperparams" in source
+
+    class Module(pl.LightningModule):
+        def __init__(self, rank: int = 8):
+            super().__init__()
+            self.save_hyperparameters()
+
+    assert Module()._log_hyperparams is True  # what save_hyperparameters() sets by default, and lorafit clears

@@ -65,6 +65,72 @@ def test_single_file_checkpoint_loads_with_local_config(tiny_models, tmp_path, f
         assert torch.equal(base.unet.state_dict()[name], tensor), name
 
 
+@pytest.fixture(scope="module")
+def sd2_with_24_text_layers(tiny_models, tmp_path_factory):
+    """A tiny SD2 pipeline whose OpenCLIP-style text encoder has 24 layers, as SD2's has before diffusers
+    drops the last; its single file with all 24 blocks, and a config folder per layer count."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from lorafit.families.original_checkpoint import save_original_checkpoint
+
+    root = tmp_path_factory.mktemp("sd2-24")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd2"], safety_checker=None)
+    config = pipe.text_encoder.config
+    config.num_hidden_layers = 24
+    torch.manual_seed(0)
+    pipe.text_encoder = CLIPTextModel(config).eval()
+    full = save_original_checkpoint(pipe, root / "sd2-full.safetensors")
+    configs = {}
+    for layers in (23, 24):
+        folder = root / f"config-{layers}"
+        shutil.copytree(tiny_models["sd2"], folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+        text_config = folder / "text_encoder" / "config.json"
+        text_config.write_text(json.dumps({**json.loads(text_config.read_text()), "num_hidden_layers": layers}))
+        configs[layers] = str(folder)
+    return pipe, full, configs
+
+
+def _without(source, target, fragment: str):
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v for k, v in load_file(str(source)).items() if fragment not in k}, str(target))
+    return str(target)
+
+
+def _sd2_conditioning(encoder, ids):
+    from lorafit.families.clip_text import encode_tokens
+
+    with torch.no_grad():
+        return encode_tokens("sd2", [encoder], [ids]).hidden_states
+
+
+def test_sd2_single_files_without_the_last_openclip_block_load_with_the_penultimate_conditioning(
+    sd2_with_24_text_layers, tmp_path
+):
+    pipe, full, configs = sd2_with_24_text_layers
+    cut = _without(full, tmp_path / "sd2-no-resblock-23.safetensors", "resblocks.23.")
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():  # A1111 / ComfyUI: the penultimate hidden state of all 24 layers, final layer norm
+        hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        penultimate = pipe.text_encoder.final_layer_norm(hidden)
+    for file, layers in [(cut, 23), (full, 23), (cut, 24), (full, 24)]:
+        base = load_base_model(file, single_file_config=configs[layers])
+        (encoder,) = base.text_encoders
+        assert encoder.config.num_hidden_layers == 23 == len(encoder.encoder.layers), (file, layers)
+        assert torch.allclose(_sd2_conditioning(encoder, ids), penultimate, atol=1e-5), (file, layers)
+
+
+def test_a_single_file_missing_weights_the_model_uses_is_refused_in_one_line(sd2_with_24_text_layers, tmp_path):
+    _, full, configs = sd2_with_24_text_layers
+    gap = _without(full, tmp_path / "sd2-no-resblock-10.safetensors", "resblocks.10.")
+    with pytest.raises(LorafitError, match=r"has no weights for \d+ tensor\(s\) of the text_encoder") as error:
+        load_base_model(gap, single_file_config=configs[23])
+    assert "encoder.layers.10." in str(error.value) and "\n" not in str(error.value)
+
+
 def test_bad_model_paths_fail_with_one_line(tmp_path):
     cases = {
         str(tmp_path / "missing"): "does not exist",

@@ -39,6 +39,7 @@ def _fit(tmp_path, tiny_models, demo_data, *args: str):
     )
 
 
+@pytest.mark.slow
 def test_network_options_from_a_config_file_reach_the_exported_file(tmp_path, tiny_models, demo_data):
     overlay = tmp_path / "loha.yaml"
     overlay.write_text(
@@ -66,6 +67,7 @@ def test_network_options_from_a_config_file_reach_the_exported_file(tmp_path, ti
     assert not torch.equal(unet_output(pipe.unet), base)
 
 
+@pytest.mark.slow
 def test_a_lokr_run_resumes_from_its_checkpoint(tmp_path, tiny_models, demo_data):
     _fit(tmp_path, tiny_models, demo_data, "--model.network_type", "lokr")
     lora = tmp_path / "run" / "lora"

@@ -21,6 +21,8 @@ import torch
 from cli_runs import REPO, demo_fit_args, lora_file, lorafit_command, lorafit_env, run_lorafit
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses: DDP ranks, SLURM jobs, a browser, killed trainings
+
 RUN_ARGS = [
     "--model.train_text_encoder",
     "false",

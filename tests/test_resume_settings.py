@@ -54,6 +54,7 @@ def _error_line(result) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_resuming_last_with_another_network_type_is_refused_naming_both_values(one_epoch_run, tmp_path):
     result, root = _resume(one_epoch_run, tmp_path, "--model.network_type", "loha")
     error = _error_line(result)
@@ -65,6 +66,7 @@ def test_resuming_last_with_another_network_type_is_refused_naming_both_values(o
     assert not (root / "lora" / "ohwx-star-epoch-002.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resuming_a_checkpoint_file_with_another_rank_and_alpha_is_refused(one_epoch_run, tmp_path):
     # Lightning's CLI used to replace the config by the checkpoint's settings here, silently.
     result, root = _resume(one_epoch_run, tmp_path, "--model.rank", "4", "--model.alpha", "8", ckpt="file")
@@ -74,13 +76,26 @@ def test_resuming_a_checkpoint_file_with_another_rank_and_alpha_is_refused(one_e
     assert not (root / "lora" / "ohwx-star-epoch-002.safetensors").exists()
 
 
-def test_a_part_losing_its_lora_through_a_zero_learning_rate_is_refused(one_epoch_run, tmp_path):
-    result, _ = _resume(one_epoch_run, tmp_path, "--model.text_encoder_lr", "0")
+def _folder_state(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a folder)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_a_part_losing_its_lora_through_a_zero_learning_rate_is_refused_and_the_run_folder_is_left_alone(
+    one_epoch_run, tmp_path
+):
+    # Refused only once the network is built, inside trainer.fit: after Lightning started the
+    # loggers (a new lightning_logs/version_N) and where config.yaml used to be rewritten already.
+    before = _folder_state(one_epoch_run[0])
+    result, root = _resume(one_epoch_run, tmp_path, "--model.text_encoder_lr", "0")
     error = _error_line(result)
     assert "parts with a LoRA" in error
     assert '["unet", "text_encoder", "text_encoder_2"] in the checkpoint, ["unet"] in the config' in error
+    assert _folder_state(root) == before
 
 
+@pytest.mark.slow
 def test_a_changed_learning_rate_is_used_when_resuming_from_a_checkpoint_file(one_epoch_run, tmp_path):
     result, root = _resume(one_epoch_run, tmp_path, "--model.learning_rate", "0.02", ckpt="file")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from review_fixtures import make_tree, running_server
 
+pytestmark = pytest.mark.slow  # subprocesses: DDP ranks, SLURM jobs, a browser, killed trainings
+
 
 def _browser_or_fail() -> tuple[str, str]:
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")

@@ -25,6 +25,8 @@ import torch
 from cli_runs import DEMO_CONFIG, REPO, lorafit_command, lorafit_env
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses: DDP ranks, SLURM jobs, a browser, killed trainings
+
 LOCAL_SLURM = REPO / "tools" / "local_slurm.sh"
 SLURM_DIR = Path(os.environ.get("LORAFIT_SLURM_DIR", "/tmp/lorafit-slurm"))
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch")

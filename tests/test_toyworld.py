@@ -132,6 +132,7 @@ def demo_run(tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_demo_lora_teaches_the_star_and_keeps_the_world(demo_run, base_scores):
     base_in_world, base_trigger = base_scores
     final = sorted((demo_run / "lora").glob("*-epoch-*.safetensors"))[-1]

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/devbench: the memory estimate (not in the wheel)
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -78,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--estimate-memory",
         action="store_true",
         help="instead of timing, ESTIMATE each setting's peak GPU memory on fake tensors (no device "
-        "needed; lorafit/bench/memory.py, docs/memory-estimate.md) and print a table",
+        "needed; tools/devbench/memory.py, docs/memory-estimate.md) and print a table",
     )
     parser.add_argument(
         "--check-real",
@@ -126,8 +127,9 @@ def print_flop_budget() -> None:
 def print_memory_estimates(settings: list, output=None, command: str = "", check_real: bool = False) -> list[dict]:
     """Estimated peak GiB and its breakdown for each setting (2 steps each, fake tensors); with
     ``check_real`` also the same count on real CPU tensors, as a ``real CPU`` note."""
+    from devbench.memory import estimate_step_memory, measure_step_memory, memory_table
+
     from lorafit.bench.devices import environment
-    from lorafit.bench.memory import estimate_step_memory, measure_step_memory, memory_table
     from lorafit.bench.report import write_jsonl
 
     env = environment()

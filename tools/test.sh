@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: install (if needed) and run the whole test suite on the CPU, offline.
-# Extra arguments go to pytest, e.g. `bash tools/test.sh -k convert`.
+# Extra arguments go to pytest, e.g. `bash tools/test.sh -k convert`, or `-m "not slow"` for the quick part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh

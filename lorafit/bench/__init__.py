@@ -2,7 +2,7 @@
 
 architectures: published configs -> random-weight models; module: lorafit's module on them;
 flops: FlopCounter counts on meta; settings: the grid and presets; runner: lorafit's Lightning step
-and the plain reference loop timed side by side; devices: clocks, memory, peaks; report: rows;
-memory: the step's peak GPU memory ESTIMATED on fake tensors (with cuda_autocast and
-flash_attention modelling what a GPU does differently from the CPU).
+and the plain reference loop timed side by side; host_syncs: how often a step makes the host wait;
+devices: clocks, memory, peaks; report: rows. The peak-memory ESTIMATE on fake tensors is a
+developer tool outside the wheel: tools/devbench/.
 """

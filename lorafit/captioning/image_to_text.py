@@ -15,6 +15,7 @@ import os
 import torch
 from PIL import Image
 
+from lorafit.captioning.hub_access import cache_first
 from lorafit.errors import LorafitError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -72,9 +73,16 @@ class ImageToTextCaptioner:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
+
+        def load(local_files_only: bool):
+            processor = AutoProcessor.from_pretrained(str(model), local_files_only=local_files_only)
+            loaded = AutoModelForImageTextToText.from_pretrained(
+                str(model), dtype=self.dtype, local_files_only=local_files_only
+            )
+            return processor, loaded
+
         try:
-            self.processor = AutoProcessor.from_pretrained(str(model))
-            self.model = AutoModelForImageTextToText.from_pretrained(str(model), dtype=self.dtype)
+            self.processor, self.model = cache_first(str(model), load)
         except (OSError, ValueError, KeyError) as error:
             reason = " ".join(str(error).split())[:240]
             raise LorafitError(

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from lorafit.captioning.hub_access import cache_first
 from lorafit.captioning.tags import tag_to_prompt
 from lorafit.errors import LorafitError
 
@@ -82,9 +83,14 @@ def fetch_tagger(repo_id: str) -> Path:
     """Downloads (or finds in the Hugging Face cache) a hub tagger's two files; returns their folder."""
     from huggingface_hub import hf_hub_download
 
+    def download(local_files_only: bool) -> str:
+        hf_hub_download(repo_id, TAGS_FILE, local_files_only=local_files_only)
+        return hf_hub_download(repo_id, MODEL_FILE, local_files_only=local_files_only)
+
     try:
-        model = hf_hub_download(repo_id, MODEL_FILE)
-        hf_hub_download(repo_id, TAGS_FILE)
+        model = cache_first(repo_id, download)
+    except LorafitError:
+        raise
     except Exception as error:  # noqa: BLE001 -- offline, unknown repo, gated: all mean "cannot use this name"
         raise LorafitError(
             f"cannot get {MODEL_FILE} and {TAGS_FILE} of tagger {repo_id!r} from the Hugging Face "

@@ -6,9 +6,15 @@ Every ``__init__`` argument of the module, data module, trainer and callbacks is
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
+
+from lorafit.cli.run_folder import RefusedStartCleanup, record_run_folder
+from lorafit.cli.trainer_setup import (
+    honour_disabled_checkpointing,
+    keep_config_out_of_lightning_hparams,
+    use_lorafit_progress_bar,
+)
+from lorafit.errors import LorafitError
 
 # ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
 # Not `save_last=True, save_top_k=0`: since Lightning 2.6 that writes last.ckpt only when a top-k
@@ -21,42 +27,28 @@ LAST_CHECKPOINT = {
     "save_last": False,
     "enable_version_counter": False,
     "every_n_epochs": 1,
+    # At the end of every training epoch, whatever the validation settings: left to Lightning, the
+    # save waits for a validation round, and with trainer.check_val_every_n_epoch > 1 and no
+    # validation data none ever comes (no last.ckpt at all).
+    "save_on_train_epoch_end": True,
 }
 
 
 def _build_cli_class():
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from lorafit.callbacks.export import LoraExport
     from lorafit.callbacks.metrics import TrainingMetrics
     from lorafit.callbacks.requeue import RequeueOnSignal
     from lorafit.callbacks.samples import SampleImages
+    from lorafit.cli.run_config import RunDirConfig
     from lorafit.data.datamodule import LoraDataModule
-    from lorafit.io.atomic import atomic_write_text
     from lorafit.loggers.wandb import WandbRunLogger
     from lorafit.training.checkpoint_io import AtomicCheckpointIO
     from lorafit.training.module import LoraDiffusionModule
     from lorafit.training.resume_settings import refuse_changed_network_in_file
-
-    class RunDirConfig(SaveConfigCallback):
-        """Save the resolved config as ``<default_root_dir>/config.yaml``, beside the LoRA files.
-
-        Overwriting is intended: a resumed or requeued run rewrites the same run's config (through a
-        temporary file, so a kill mid-write leaves the previous one). W&B also gets the whole config
-        (Lightning itself logs only the model's and data module's arguments).
-        """
-
-        def save_config(self, trainer, pl_module, stage) -> None:
-            text = self.parser.dump(self.config, skip_none=False)
-            atomic_write_text(Path(trainer.default_root_dir) / self.config_filename, text)
-            wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-            if wandb_loggers:
-                config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
-                for logger in wandb_loggers:
-                    logger.log_hyperparams({"config": config})
 
     class LorafitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -86,7 +78,13 @@ def _build_cli_class():
             """
 
         def instantiate_trainer(self, **kwargs):
+            checkpointing = self.config[self.subcommand].get("trainer.enable_checkpointing") is not False
+            if not checkpointing:  # built with it on, then lorafit's checkpoint callbacks are taken out
+                kwargs["enable_checkpointing"] = True
             trainer = super().instantiate_trainer(**kwargs)
+            if not checkpointing:
+                honour_disabled_checkpointing(trainer, self.config[self.subcommand].get("ckpt_path"))
+            use_lorafit_progress_bar(trainer, self.config[self.subcommand].get("trainer.callbacks"))
             # Atomic checkpoint files unless the config chose its own CheckpointIO plugin.
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -102,14 +100,20 @@ def _build_cli_class():
             if ckpt_path and os.path.isfile(ckpt_path):
                 refuse_changed_network_in_file(ckpt_path, self.model.hparams)
 
+        refused_start = RefusedStartCleanup()  # replaced per run by run_lightning
+
         def before_fit(self) -> None:
+            record_run_folder(self)
             self._check_resume_settings()
+            keep_config_out_of_lightning_hparams(self.model, self.datamodule)
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbRunLogger):
                     logger.bind_run_dir(self.trainer.default_root_dir)
 
         def before_validate(self) -> None:
+            record_run_folder(self)
             self._check_resume_settings()
+            keep_config_out_of_lightning_hparams(self.model, self.datamodule)
 
     return LorafitCLI, LoraDiffusionModule, LoraDataModule, RunDirConfig
 
@@ -128,6 +132,8 @@ def renamed_keys() -> dict[str, str]:
 def optimizer_name_as_group(argv: list[str]) -> list[str]:
     """The one old key whose value changed shape: ``model.optimizer: AdamW`` (a name) is now
     ``model.optimizer.name``, in flags and in ``--config`` files (passed on as rewritten YAML)."""
+    from pathlib import Path
+
     import yaml
 
     from lorafit.training.legacy_keys import log
@@ -168,6 +174,15 @@ def run_lightning(argv: list[str]):
     argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
     argv = rename_fit_args(optimizer_name_as_group(argv), renamed_keys())
     cli_class, module_class, data_class, config_callback = _build_cli_class()
+    cli_class.refused_start = refused_start = RefusedStartCleanup()
+    try:
+        return _start(cli_class, module_class, data_class, config_callback, argv)
+    except LorafitError:
+        refused_start.undo()  # a check refused the start: the run folder is left as it was
+        raise
+
+
+def _start(cli_class, module_class, data_class, config_callback, argv: list[str]):
     return cli_class(
         module_class,
         data_class,
@@ -175,6 +190,9 @@ def run_lightning(argv: list[str]):
         save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
         trainer_defaults={"default_root_dir": "runs/lorafit", "max_epochs": 10},
         seed_everything_default=0,
+        # No --optimizer/--lr_scheduler (LightningCLI's): lorafit builds its optimizer and schedule from
+        # model.* (kohya's names, per-part learning rates); LightningCLI's would get no parameters.
+        auto_configure_optimizers=False,
         # exit_on_error=False: a bad key raises instead of printing the whole usage; main() prints one line.
         parser_kwargs={"description": "Train LoRA adapters on SD 1.x/2.x, SDXL and FLUX.1.", "exit_on_error": False},
         args=argv,

@@ -10,9 +10,9 @@ import importlib
 import logging
 import os
 import sys
-import warnings
 from argparse import ArgumentError
 
+from lorafit.cli.startup import block_optional_imports, quiet_known_notices
 from lorafit.errors import LorafitError
 
 # verb -> "module:function"; imported only when the verb runs, so `lorafit --help` stays fast.
@@ -54,6 +54,11 @@ REPEATABLE_LISTS = {"generate", "grid", "probe", "caption"}
 LIGHTNING_VERBS = ("fit", "validate")
 
 
+def _tool_function(verb: str):
+    module_name, function_name = TOOL_VERBS[verb][0].split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
 def run_tool(verb: str, argv: list[str]):
     from jsonargparse import auto_cli
 
@@ -68,9 +73,7 @@ def run_tool(verb: str, argv: list[str]):
     if verb in VARIADIC_FIRST:
         argv = gather_leading_positionals(argv)
 
-    target, _ = TOOL_VERBS[verb]
-    module_name, function_name = target.split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
+    function = _tool_function(verb)
     if getattr(function, "parses_own_args", False):  # e.g. submit, whose flags follow sbatch's spelling
         return function(argv)
     argv = underscore_flags(function, argv)
@@ -89,27 +92,44 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _quiet_known_warnings() -> None:
-    # We pass the (rewritten) command line on purpose; Lightning warns whenever args are given.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    # Frozen base modules stay in eval mode by design (no dropout in the frozen parts).
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode")
-    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")  # diffusers -> huggingface_hub
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")  # lightning on torch 2.13
-    # Our val_dataloader returns [] when no data.val_dir is set: no validation, nothing to warn about.
-    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
-    # transformers warns at import that torchvision is absent (only its image processors use it).
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # Loading adapters into a module that already has one (several LoRAs at once) is intended.
-    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-    # Per-component "Loading pipeline components" bars would bury the one line per image a tool prints.
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+def _run_verb(verb: str, argv: list[str]):
+    if verb in LIGHTNING_VERBS:
+        from lorafit.cli.lightning_cli import run_lightning
+
+        return run_lightning(argv)
+    if verb in TOOL_VERBS:
+        return run_tool(verb, argv[1:])
+    raise LorafitError(f"unknown verb {verb!r}; run `lorafit --help` for the list")
+
+
+def _explained(verb: str, argv: list[str], error: ArgumentError) -> str:
+    """The parser's message with the closest key for a mistyped one (lorafit/cli/suggestions.py).
+
+    The parser is built again the way the verb built it (jsonargparse's ``capture_parser`` stops
+    before parsing), so the suggestions come from exactly the options the verb accepts.
+    """
+    from jsonargparse import capture_parser
+
+    from lorafit.cli.suggestions import explain_for_parser
+
+    message = str(error)
+    if verb in TOOL_VERBS and getattr(_tool_function(verb), "parses_own_args", False):  # argparse of its own
+        return " ".join(message.split())
+    try:
+        parser = capture_parser(lambda: _run_verb(verb, argv))
+    except Exception as failure:  # noqa: BLE001 - no suggestion is better than a second error
+        logging.getLogger("lorafit.cli").debug("no parser to suggest from: %s", failure)
+        return " ".join(message.split())
+    return explain_for_parser(message, parser, verb if verb in LIGHTNING_VERBS else None)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_known_warnings()
+    block_optional_imports()
+    quiet_known_notices()
+    # transformers draws a "Loading weights" bar per model inside diffusers' "Loading pipeline
+    # components" bar; it follows the hub's switch (read when transformers is imported).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # force=True: bind to the current stderr on every call (tests swap it; in-process reuse too).
     logging.basicConfig(
         level=os.environ.get("LORAFIT_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s", force=True
@@ -121,20 +141,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     verb = argv[0]
     try:
-        if verb in LIGHTNING_VERBS:
-            from lorafit.cli.lightning_cli import run_lightning
-
-            run_lightning(argv)
-        elif verb in TOOL_VERBS:
-            run_tool(verb, argv[1:])
-        else:
-            raise LorafitError(f"unknown verb {verb!r}; run `lorafit --help` for the list")
+        _run_verb(verb, argv)
     except LorafitError as error:
         print(f"lorafit: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except ArgumentError as error:
-        message = " ".join(str(error).split())
-        print(f"lorafit: error: {message} (see `lorafit {verb} --help`)", file=sys.stderr)
+        print(f"lorafit: error: {_explained(verb, argv, error)} (see `lorafit {verb} --help`)", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as error:
         # jsonargparse wraps errors raised while instantiating a union-typed option (trainer.logger)

@@ -248,7 +248,7 @@ class FluxFamily(Family):
     def native_size(self, base: BaseModel) -> int:
         return 1024
 
-    def tiny_pipeline(self, seed: int = 0):
+    def tiny_pipeline(self, seed: int = 0, guidance_embeds: bool = True):
         from lorafit.families.flux_tiny import tiny_flux_pipeline
 
-        return tiny_flux_pipeline(guidance_embeds=True, seed=seed)
+        return tiny_flux_pipeline(guidance_embeds=guidance_embeds, seed=seed)

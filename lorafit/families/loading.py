@@ -19,6 +19,7 @@ import torch
 from lorafit.errors import LorafitError
 from lorafit.families.family import BaseModel, Family
 from lorafit.families.registry import detect_from_index, detect_from_keys, get_family
+from lorafit.families.single_file_weights import settle_single_file_weights
 
 log = logging.getLogger("lorafit.models")
 
@@ -245,6 +246,8 @@ def load_base_model(
     if family and family != spec.name:
         log.warning("model.family=%s overrides the detected family %s for %s", family, spec.name, source)
         spec = get_family(family)
+    if kind == "single_file" and spec.objective == "ddpm":  # a tensor the file lacks would stay on the meta device
+        settle_single_file_weights(pipe, spec.name, source)
     denoiser = getattr(pipe, spec.denoiser_component)
     text_encoders = [getattr(pipe, c) for c in spec.text_encoder_components if getattr(pipe, c, None) is not None]
     tokenizers = [getattr(pipe, c) for c in spec.tokenizer_components if getattr(pipe, c, None) is not None]

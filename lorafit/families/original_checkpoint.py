@@ -113,7 +113,8 @@ def _open_clip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
     Only the layers the encoder has are written. Real SD2 checkpoints hold one more resblock
     (24) than diffusers keeps (23, the penultimate-layer output SD2 conditions on); diffusers
     skips that block by its literal name (``resblocks.23``), so a file with exactly the kept
-    layers loads back to the same weights.
+    layers loads back to the same weights. A1111 and ComfyUI never run that block either and
+    load such files too (lorafit/families/single_file_weights.py says how each reader treats it).
     """
     state, qkv = {}, {}
     for name, tensor in _hf_clip_state_dict(text_encoder).items():

@@ -199,10 +199,8 @@ def build_tiny_pipeline(family: str, seed: int = 0):
     ``flux-schnell`` is the Flux.1 [schnell] layout (no guidance embedding)."""
     from lorafit.families.registry import get_family
 
-    if family == "flux-schnell":
-        from lorafit.families.flux_tiny import tiny_flux_pipeline
-
-        return tiny_flux_pipeline(guidance_embeds=False, seed=seed)
+    if family == "flux-schnell":  # FLUX.1 [schnell]'s layout: no guidance embedding
+        return get_family("flux").tiny_pipeline(seed=seed, guidance_embeds=False)
     return get_family(family, key="family").tiny_pipeline(seed=seed)
 
 

@@ -1,4 +1,5 @@
-"""Logger integrations (W&B run naming and config logging).
+"""Logger integrations: W&B run naming (``wandb.py``) and the run config logged once, truthfully
+(``run_config.py``).
 
 May import: ``lorafit.errors``, ``lorafit.io``.
 """

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.io.optional_imports import BITSANDBYTES, allow_import
 
 log = logging.getLogger("lorafit.training.optim")
 
@@ -40,9 +41,8 @@ def optimizer_class(name: str) -> type:
     if name not in _OPTIMIZERS:
         raise LorafitError(f"model.optimizer: {name!r} is not one of {', '.join(_OPTIMIZERS)}")
     module_name, class_name, extra = _OPTIMIZERS[name]
-    if module_name.startswith("bitsandbytes"):
-        # bitsandbytes warns at import about 4-bit CPU matmul kernels; its optimizers do not use them.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if module_name.startswith(BITSANDBYTES):
+        allow_import(BITSANDBYTES)  # the CLI keeps it unimportable until asked for (lorafit/io/optional_imports.py)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

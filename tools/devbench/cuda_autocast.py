@@ -78,7 +78,7 @@ def cuda_policies(header: Path = HEADER) -> dict[str, str]:
         raise LorafitError(
             f"memory estimate: the autocast lists of {header} and the dispatcher's AutocastCUDA "
             f"kernels differ ({sorted((registered - CUDA_ONLY) ^ listed)}); this torch's autocast "
-            "changed, update lorafit/bench/cuda_autocast.py"
+            "changed, update tools/devbench/cuda_autocast.py"
         )
     return policies
 

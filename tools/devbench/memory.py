@@ -1,4 +1,4 @@
-"""Estimate the peak GPU memory of lorafit's training step at full size, on any machine.
+"""Estimate the peak GPU memory of lorafit's training step at full size, on any machine (a developer tool).
 
 The step is lorafit's own (``BenchLoraModule`` = ``LoraDiffusionModule`` on the published
 architecture): LoRA attached by ``configure_model``, ``denoising_loss`` on a synthetic batch, the
@@ -11,9 +11,11 @@ activation gradients, recomputed checkpoints), optimizer state and the batch.
 
 What makes the count a GPU's rather than a CPU's:
 
-- attention allocates what CUDA's flash kernel allocates (:mod:`lorafit.bench.flash_attention`),
-  not the math form's [L, L] score matrix (unless the setting asks for ``sdpa=math``);
-- autocast follows CUDA's op lists (:mod:`lorafit.bench.cuda_autocast`: norms, softmax and
+- attention keeps no [L, L] score matrix: PyTorch's CPU dispatch runs its flash kernel for the
+  UNets' attention (no mask, no dropout), which keeps what CUDA's flash kernel keeps; a stand-in
+  that allocated exactly CUDA's flash tensors changed no estimate by a byte (benchmarks/memory.md)
+  and was dropped. ``sdpa=math`` forces the math form, as it would on a GPU;
+- autocast follows CUDA's op lists (:mod:`devbench.cuda_autocast`: norms, softmax and
   upsampling in float32);
 - torch's plain AdamW runs its ``foreach`` implementation, CUDA's default (on a CPU it would
   loop over the parameters, with other temporaries);
@@ -35,9 +37,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from devbench.cuda_autocast import cuda_autocast_policy
 from lorafit.bench.architectures import count_params, synthetic_batch
-from lorafit.bench.cuda_autocast import cuda_autocast_policy
-from lorafit.bench.flash_attention import flash_attention_memory
 from lorafit.bench.module import BenchLoraModule
 from lorafit.bench.settings import BenchSetting
 from lorafit.errors import LorafitError
@@ -204,7 +205,8 @@ def _tracked_steps(setting: BenchSetting, steps: int, fake: FakeTensorMode | Non
     tracker.track_external(module, *[value for value in batch.values() if isinstance(value, torch.Tensor)])
     with contextlib.ExitStack() as stack:
         # sdpa=math keeps the attention matrix on a GPU too: then SDPA runs its math form here as well.
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH) if setting.sdpa == "math" else flash_attention_memory())
+        if setting.sdpa == "math":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if autocast:
             stack.enter_context(cuda_autocast_policy())
         stack.enter_context(tracker)

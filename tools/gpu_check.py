@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Every GPU measurement lorafit wants, in one unattended run of under 8 minutes (tools/gpu_check.sh).
+
+Runs tools/bench.py's training-step benchmark on the full-size architectures and prints the rows
+for benchmarks/RESULTS.md, with date, GPU, versions and commands:
+
+1. SDXL 1024², rank 32 on attention, batch 1 and 4: images/s, MFU, lightning / reference ratio;
+2. SD1.5 512², batch 8: the same;
+3. the low-VRAM recipe (configs/presets/sdxl-lowvram.yaml; Adafactor and AdamW8bit, and the same
+   without checkpointing): the measured peak (``torch.cuda.max_memory_allocated``) beside the
+   estimate in benchmarks/memory-estimates.jsonl for the same setting;
+4. Flux: :func:`flux_bench_args` returns the rows once tools/bench.py has a Flux family.
+
+Groups run in that order, each in its own process under what is left of ``--budget-s``: one that
+does not fit is stopped and named in the report, so the run always ends in time and prints what it
+measured. ``--dry-run`` runs the same groups on the CPU at tiny sizes (1/8 width, 64 px, one step):
+CI proves the script works end to end without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+# Warm-up and timed steps per loop: enough for a stable H100 step time (about 0.2 s for SDXL b1).
+TIMING = ["--warmup", "3", "--steps", "10", "--count-syncs", "false"]
+# The same code path on a CPU at a size that takes seconds.
+DRY_RUN = ["--width-divisor", "8", "--resolution", "64", "--precision", "fp32", "--optimizer", "adamw", "--rank", "4"]
+DRY_TIMING = ["--device", "cpu", "--warmup", "1", "--steps", "1", "--count-syncs", "false", "--threads", "1"]
+
+
+@dataclasses.dataclass
+class Group:
+    """One tools/bench.py invocation and the RESULTS.md section its rows go to."""
+
+    title: str
+    args: list[str]
+    dry_args: list[str]
+
+
+def flux_bench_args() -> list[str] | None:
+    """tools/bench.py arguments of the Flux rows, or None while the bench has no Flux family.
+
+    The hook for the Flux family: when ``BenchSetting(family="flux")`` is accepted, fill in the
+    rows wanted (e.g. ``["--family", "flux", "--resolution", "1024", "--batch-size", "1"]``).
+    """
+    from lorafit.bench.settings import BenchSetting
+    from lorafit.errors import LorafitError
+
+    try:
+        BenchSetting(family="flux")
+    except LorafitError:
+        return None
+    return ["--family", "flux", "--resolution", "1024", "--batch-size", "1"]
+
+
+def groups() -> list[Group]:
+    """The measurements in the order they run (the most wanted first, in case the budget runs out)."""
+    flux = flux_bench_args()
+    return [
+        Group(
+            "SDXL 1024², rank 32 on attention",
+            ["--family", "sdxl", "--resolution", "1024", "--batch-size", "1,4"],
+            ["--family", "sdxl"],
+        ),
+        Group(
+            "SD1.5 512², batch 8",
+            ["--family", "sd1", "--resolution", "512", "--batch-size", "8"],
+            ["--family", "sd1"],
+        ),
+        Group(
+            "Low-VRAM recipe (SDXL 1024², batch 1)",
+            ["--preset", "low-vram"],
+            ["--family", "sdxl", "--gradient-checkpointing", "true", "--optimizer", "adafactor"],
+        ),
+        Group("Flux", flux or [], ["--family", "flux", "--batch-size", "1"] if flux else []),
+    ]
+
+
+def _bench_command(group: Group, dry_run: bool, output: Path) -> list[str]:
+    if dry_run:
+        # Later flags win in tools/bench.py's parser, so the group's own choices come after the tiny sizes.
+        args = [*DRY_RUN, *group.dry_args, *DRY_TIMING]
+    else:
+        args = [*group.args, *TIMING]
+    return [sys.executable, str(REPO / "tools" / "bench.py"), *args, "--output", str(output)]
+
+
+def _estimates() -> dict[str, float]:
+    """Estimated peak GiB per setting label (benchmarks/memory-estimates.jsonl), to print beside measured peaks."""
+    path = REPO / "benchmarks" / "memory-estimates.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return {row["setting"]: row["peak_bytes"] / 2**30 for row in rows}
+
+
+def run(dry_run: bool, budget_s: float, output: Path) -> int:
+    from lorafit.bench.devices import environment
+    from lorafit.bench.report import markdown_table
+
+    started = time.monotonic()
+    env = environment()
+    dry = " · DRY RUN (CPU, tiny sizes)" if dry_run else ""
+    print(f"# lorafit GPU check · {env['date']} · commit {env['commit']}{dry}")
+    sections, failed = [], 0
+    for group in groups():
+        if not group.args:
+            sections.append(f"## {group.title}\n\nnot measured: tools/bench.py has no {group.title} family yet\n")
+            continue
+        left = budget_s - (time.monotonic() - started)
+        if left < 30:
+            sections.append(f"## {group.title}\n\nnot measured: the {budget_s:.0f} s budget was spent\n")
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            rows_file = Path(scratch) / "rows.jsonl"
+            command = _bench_command(group, dry_run, rows_file)
+            print(f"\n[{time.monotonic() - started:5.0f} s] {group.title}: {' '.join(command[1:])}", flush=True)
+            try:
+                result = subprocess.run(command, cwd=REPO, timeout=left, capture_output=True, text=True)
+                status = "" if result.returncode == 0 else f"tools/bench.py failed (exit {result.returncode})"
+                if status:
+                    print(result.stderr[-3000:], file=sys.stderr)
+            except subprocess.TimeoutExpired:
+                status = f"stopped after {left:.0f} s: the budget ran out"
+            rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
+        failed += bool(status) and not rows
+        with output.open("a") as handle:
+            for row in rows:
+                handle.write(json.dumps({**row, "gpu_check": group.title}) + "\n")
+        sections.append(_section(group, rows, status, env, markdown_table))
+    print(f"\nRows for benchmarks/RESULTS.md ({time.monotonic() - started:.0f} s in all; raw rows: {output}):\n")
+    print("\n".join(sections))
+    return 1 if failed else 0
+
+
+def _section(group: Group, rows: list[dict], status: str, env: dict, markdown_table) -> str:
+    device = rows[0]["device"] if rows else "?"
+    head = (
+        f"## {group.title}\n\n{env['date']} · {device} · torch {env['torch']} · lightning {env['lightning']} · "
+        f"diffusers {env['diffusers']} · peft {env['peft']} · commit {env['commit']} · "
+        f"command: `{rows[0]['command'].split(' --output')[0] if rows else 'python tools/bench.py'}`\n"
+    )
+    lines = [head, markdown_table(rows)] if rows else [head]
+    estimates = _estimates()
+    compared = [row for row in rows if row["setting"] in estimates and row.get("peak_gib") is not None]
+    for row in compared:
+        lines.append(
+            f"- {row['setting']}: measured peak {row['peak_gib']:.2f} GiB, estimate {estimates[row['setting']]:.2f} GiB"
+        )
+    if status:
+        lines.append(f"\n{status}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, one step: prove the script runs")
+    parser.add_argument(
+        "--budget-s", type=float, default=450, help="wall-clock seconds for all measurements (default 450)"
+    )
+    parser.add_argument("--output", default=None, help="JSONL of every row (default: benchmarks/results-gpu.jsonl)")
+    args = parser.parse_args(argv)
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device: run on a GPU machine, or pass --dry-run to check the script on a CPU")
+    default = REPO / "benchmarks" / "results-gpu.jsonl"
+    if args.dry_run:
+        default = Path(tempfile.gettempdir()) / "lorafit-gpu-check-dry-run.jsonl"
+    return run(args.dry_run, args.budget_s, Path(args.output) if args.output else default)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
