@@ -6,7 +6,7 @@ after lorafit moves the training-only state off the device for the round (lorafi
     python tools/estimate_sample_memory.py --width-divisor 8 --resolution 256   # CPU-sized check
 
 Counted on fake tensors with PyTorch's MemTracker and the flash-attention stand-in, as the training
-estimate is (lorafit/bench/memory.py, docs/memory-estimate.md):
+estimate is (tools/devbench/memory.py, docs/memory-estimate.md):
 
 - one denoising step of the sampler: the UNet (bf16 weights, the recipe's LoRA) on a CFG batch of 2,
   no gradient;
@@ -30,14 +30,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/devbench: the memory estimate (not in the wheel)
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch
+from devbench import memory
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lorafit.bench import memory
 from lorafit.bench.architectures import CONTEXT, POOLED_WIDTH, build_vae
-from lorafit.bench.flash_attention import flash_attention_memory
 from lorafit.bench.settings import LOW_VRAM
 
 # Published text encoders of stabilityai/stable-diffusion-xl-base-1.0 (text_encoder: CLIP-L,
@@ -49,7 +49,7 @@ GIB = 2**30
 def _tracked_peak(run) -> int:
     """Peak bytes of every tensor alive while ``run()`` runs (weights tracked by the caller included)."""
     tracker = memory.LoraMemTracker()
-    with flash_attention_memory(), tracker, torch.no_grad():
+    with tracker, torch.no_grad():
         run(tracker)
     return sum(memory._snapshot(tracker, "peak").values())  # the bench's own breakdown helper
 
