@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lorafit.data.captions import CaptionOps
-from lorafit.data.kohya_folders import IMAGE_EXTENSIONS
+from lorafit.data.kohya_folders import IMAGE_EXTENSIONS, MAX_REPEATS
 from lorafit.data.sample_transform import BucketSpec, SampleTransform
 from lorafit.data.shard_index import DatasetIndex, default_cache_dir, load_index
 from lorafit.data.stream import ShardStream
@@ -186,8 +185,8 @@ class LoraDataModule(L.LightningDataModule):
                 raise LorafitError(f"data.{key} is {value}; use {low} or more")
         if resolution % 8:
             raise LorafitError(f"data.resolution is {resolution}; use a multiple of 8 (e.g. 512, 768, 1024)")
-        if repeats is not None and repeats < 1:
-            raise LorafitError(f"data.repeats is {repeats}; use 1 or more, or leave it unset for folder names")
+        if repeats is not None and not 1 <= repeats <= MAX_REPEATS:
+            raise LorafitError(f"data.repeats is {repeats}; use 1 to {MAX_REPEATS}, or leave it unset for folder names")
         if reg_ratio < 0:
             raise LorafitError(f"data.reg_ratio is {reg_ratio}; use 0 or more (1.0 = as many reg as instance samples)")
         for key, folder in (("train_dir", train_dir), ("val_dir", val_dir)):
@@ -235,14 +234,12 @@ class LoraDataModule(L.LightningDataModule):
         return self.cache_dir / "prepared" / f"{roots[0].resolve().name}-{key}"
 
     def _prepare_folder(self, folder: str, reg) -> Path:
-        from lorafit.data.prepare import prepare
+        from lorafit.data.prepare import prepare_staged
 
         out = self._prepared_dir(folder, reg)
         if (out / "dataset.json").is_file():
             return out
         hp = self.hparams
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         logger.info("preparing %s into %s (once; reused until a file changes)", folder, out)
         # Without buckets every image becomes one square: the bucket range must not stop prepare
         # (a 32 px run would fail the default min_bucket_reso of 256).
@@ -251,10 +248,11 @@ class LoraDataModule(L.LightningDataModule):
             if hp.enable_bucket
             else (hp.resolution, hp.resolution, 8)
         )
-        prepare(
+        # Staged: complete or absent (a crash mid-prepare is redone, not half-used), nothing left on failure.
+        prepare_staged(
             folder,
-            out=str(tmp),
-            reg=reg,
+            out,
+            reg_dir=reg,
             caption_ext=hp.caption_ext,
             resolution=hp.resolution,
             min_bucket_reso=bucket_range[0],
@@ -262,8 +260,6 @@ class LoraDataModule(L.LightningDataModule):
             bucket_reso_steps=bucket_range[2],
             bucket_no_upscale=hp.bucket_no_upscale and hp.enable_bucket,
         )
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)  # complete or absent: a crash mid-prepare is redone, not half-used
         return out
 
     def _sources(self, split: str) -> tuple[Any, str]:
