@@ -314,3 +314,31 @@ def test_the_steps_plan_write_and_report_work_alone(tmp_path):
     summary = finish(plan, tally, shards, index, out, out)
     assert json.loads((out / "dataset.json").read_text()) == json.loads(json.dumps(summary))
     assert (out / "report.md").is_file() and (out / "index.json").is_file()
+
+
+# ----------------------------------------------------------------------------- epoch size
+
+
+def test_a_batch_larger_than_the_epoch_is_refused(tmp_path):
+    train = _toy_tree(tmp_path / "toy")  # 3 pictures x 20 repeats
+    data = LoraDataModule(train_dir=str(train), cache_dir=str(tmp_path / "cache"), batch_size=100, **SMALL)
+    data.prepare_data()
+    with pytest.raises(LorafitError) as err:
+        data.setup("fit")
+    assert str(err.value) == (
+        "data.batch_size 100 is larger than the 60 samples per epoch (data.train_dir, repeats included), so no "
+        "batch would be that large; set data.batch_size to at most 60"
+    )
+    fits = LoraDataModule(train_dir=str(train), cache_dir=str(tmp_path / "cache"), batch_size=60, **SMALL)
+    fits.setup("fit")
+    assert len(fits.train_dataloader()) == 1
+
+
+def test_an_epoch_too_large_to_plan_is_refused(tmp_path, monkeypatch):
+    import lorafit.data.datamodule as datamodule
+
+    monkeypatch.setattr(datamodule, "MAX_SAMPLES_PER_EPOCH", 59)
+    data = LoraDataModule(train_dir=str(_toy_tree(tmp_path / "toy")), cache_dir=str(tmp_path / "cache"), **SMALL)
+    data.prepare_data()
+    with pytest.raises(LorafitError, match="data.train_dir: 60 samples per epoch .* more than lorafit plans"):
+        data.setup("fit")

@@ -33,6 +33,9 @@ from lorafit.errors import LorafitError
 
 logger = logging.getLogger("lorafit.data")
 
+# The most samples one epoch may hold: far beyond any LoRA dataset, below what planning can hold.
+MAX_SAMPLES_PER_EPOCH = 100_000_000
+
 
 class EpochLoader(DataLoader):
     """A DataLoader that tells its stream which epoch (and resume offset) to play before workers start.
@@ -316,6 +319,7 @@ class LoraDataModule(L.LightningDataModule):
             self._check_cached(index, key)
             self.train_stream = self._stream(index, training=True)
             first = self.train_stream.plan(0)
+            self._check_epoch_size(first, key)
             if first.batches_per_rank == 0:
                 world = self._world()[0]
                 raise LorafitError(
@@ -352,6 +356,26 @@ class LoraDataModule(L.LightningDataModule):
             raise LorafitError(
                 "these shards hold cached text embeddings, so captions cannot change per draw; "
                 "turn off trigger_word/shuffle_caption/caption dropout or cache latents only"
+            )
+
+    def _check_epoch_size(self, plan, key: str) -> None:
+        """Refuses an epoch no batch can fill, or too large to plan (a repeats field gone wrong)."""
+        samples = sum(map(sum, plan.copies))
+        if samples > MAX_SAMPLES_PER_EPOCH:
+            raise LorafitError(
+                f"{key}: {samples} samples per epoch (repeats included) is more than lorafit plans "
+                f"({MAX_SAMPLES_PER_EPOCH}); lower the repeat counts or data.repeats"
+            )
+        world = self._world()[0]
+        batch, per_rank = self.batch_size, samples // world
+        if self.hparams.global_batch:  # every rank plays the one-process epoch with world-size batches
+            batch, per_rank = batch * world, samples
+        if 0 < per_rank < batch:
+            ranks = f" for each of {world} ranks" if world > 1 else ""
+            raise LorafitError(
+                f"data.batch_size {self.batch_size} is larger than the {per_rank} samples per epoch{ranks} "
+                f"({key}, repeats included), so no batch would be that large; set data.batch_size to at most "
+                f"{max(1, per_rank // (world if self.hparams.global_batch else 1))}"
             )
 
     def _log_plan(self, plan) -> None:
