@@ -294,9 +294,9 @@ def test_the_data_module_prepares_in_a_staging_folder_that_never_stays_behind(tm
 
 
 def test_the_steps_plan_write_and_report_work_alone(tmp_path):
-    from lorafit.data.prepare import finish, write_shards
     from lorafit.data.prepare_plan import DEFAULTS, plan_prepare
     from lorafit.data.prepare_report import PrepareTally
+    from lorafit.data.prepare_write import finish, write_shards
 
     train = _toy_tree(tmp_path / "toy")
     out = tmp_path / "out"

@@ -21,7 +21,7 @@ import webdataset as wds
 from jsonargparse import auto_cli
 from PIL import Image
 
-import lorafit.data.prepare as prepare_module
+import lorafit.data.prepare_write as prepare_write
 from lorafit.data.buckets import make_bucket_table
 from lorafit.data.prepare import prepare
 from lorafit.errors import LorafitError
@@ -304,7 +304,7 @@ def test_overwrite_and_interrupted_runs(tree, tmp_path, monkeypatch):
 
     # A run that dies half-way leaves no dataset.json, even over a finished dataset.
     calls = {"n": 0}
-    real = prepare_module.prepare_file
+    real = prepare_write.prepare_file
 
     def dies_on_fifth(*args, **kw):
         calls["n"] += 1
@@ -312,7 +312,7 @@ def test_overwrite_and_interrupted_runs(tree, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(prepare_module, "prepare_file", dies_on_fifth)
+    monkeypatch.setattr(prepare_write, "prepare_file", dies_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(train)], out=str(out), overwrite=True, **SETTINGS)
     assert not (out / "dataset.json").exists()

@@ -237,7 +237,7 @@ class LoraDataModule(L.LightningDataModule):
         return self.cache_dir / "prepared" / f"{roots[0].resolve().name}-{key}"
 
     def _prepare_folder(self, folder: str, reg) -> Path:
-        from lorafit.data.prepare import prepare_staged
+        from lorafit.data.prepare_write import prepare_staged
 
         out = self._prepared_dir(folder, reg)
         if (out / "dataset.json").is_file():

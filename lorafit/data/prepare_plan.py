@@ -1,8 +1,7 @@
 """Step 1 of ``lorafit prepare``: every check and every decision, before a byte is written.
 
-:func:`plan_prepare` resolves the settings (flags, else the ``--config`` fit config's ``data.*``,
-else prepare's defaults), checks the folders and settings, scans the trees and loads the caption
-tokenizer. Whatever can refuse the run refuses it here, so a refused run leaves the output folder
+:func:`plan_prepare` takes the resolved settings, checks the folders and settings, scans the trees
+and loads the caption tokenizer. Whatever can refuse the run refuses it here, so a refused run leaves the output folder
 as it was. The plan then drives the write step (:mod:`lorafit.data.prepare`) and the report.
 """
 
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from PIL import ImageColor
 
 from lorafit.data.buckets import make_bucket_table
@@ -34,8 +32,6 @@ DEFAULTS = {
     "bucket_reso_steps": 64,
     "bucket_no_upscale": False,
 }
-# Keys of a fit config's data section that prepare takes over (enable_bucket changes the ranges).
-_DATA_KEYS = (*DEFAULTS, "enable_bucket")
 
 
 @dataclass(frozen=True)
@@ -110,53 +106,6 @@ def _background(alpha_background: str) -> tuple[int, int, int]:
         raise LorafitError(
             f"alpha_background {alpha_background!r} is not a colour; use a name such as white or black, or #rrggbb"
         ) from None
-
-
-def _find(section: Any, key: str) -> Any:
-    """``section[key]``, or the first ``key`` in its nested groups (``model.*`` is being grouped)."""
-    if not isinstance(section, dict):
-        return None
-    if key in section:
-        return section[key]
-    return next((v for v in (_find(sub, key) for sub in section.values()) if v is not None), None)
-
-
-def fit_config_settings(configs: str | list[str]) -> dict[str, Any]:
-    """The prepare settings a ``lorafit fit`` config implies: its ``data.*`` bucket settings and
-    caption extension (the data module's defaults where it sets none: what ``fit`` itself would use)
-    and its base model's tokenizer. Later files override earlier ones, as in ``lorafit fit``.
-
-    Raises:
-        LorafitError: a config file is missing or is not YAML.
-    """
-    import inspect
-
-    from lorafit.data.datamodule import LoraDataModule  # its defaults are what `fit` prepares with
-
-    data: dict[str, Any] = {}
-    model: dict[str, Any] = {}
-    for path in [configs] if isinstance(configs, str) else configs:
-        try:
-            loaded = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8")) or {}
-        except OSError as err:
-            raise LorafitError(f"--config {path}: cannot read it ({err.strerror})") from None
-        except yaml.YAMLError as err:
-            raise LorafitError(f"--config {path} is not YAML ({' '.join(str(err).split())[:160]})") from None
-        data.update((loaded.get("data") or {}) if isinstance(loaded, dict) else {})
-        model.update((loaded.get("model") or {}) if isinstance(loaded, dict) else {})
-    data = data.get("init_args", data)
-    parameters = inspect.signature(LoraDataModule.__init__).parameters
-    defaults = {name: parameters[name].default for name in _DATA_KEYS}
-    settings = {key: data.get(key, defaults[key]) for key in _DATA_KEYS}
-    if not settings.pop("enable_bucket"):  # the data module's square crops: one bucket, as it prepares them
-        resolution = settings["resolution"]
-        settings.update(min_bucket_reso=resolution, max_bucket_reso=resolution, bucket_reso_steps=8)
-        settings["bucket_no_upscale"] = False
-    # A single-file base holds no tokenizer files; its single_file_config folder has them.
-    base = _find(model, "single_file_config") or _find(model, "model")
-    settings["tokenizer"] = base if isinstance(base, str) else None
-    settings["max_token_length"] = _find(model, "max_token_length")
-    return settings
 
 
 def plan_prepare(

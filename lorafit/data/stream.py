@@ -134,25 +134,13 @@ class ShardStream(IterableDataset):
         return self.plan().batches_per_rank
 
     def _draws(self, plan: EpochPlan, slot: int) -> Iterator[Draw]:
-        from webdataset.tariterators import tarfile_samples
-
         for unit in plan.units[slot]:
             shard = self.index.shards[unit.shard]
             copies = plan.copies[unit.shard]
-            count = 0
-            for i, sample in enumerate(tarfile_samples([{"url": shard.url}])):
-                count = i + 1
-                if i >= len(shard.samples):
-                    break
+            for i, sample in _read_shard(shard.url, len(shard.samples)):
                 if copies[i] and unit.takes(i):
                     for copy in range(copies[i]):
                         yield Draw(unit.shard, i, copy, shard.samples[i], sample)
-            if count != len(shard.samples):
-                raise LorafitError(
-                    f"shard {shard.url} does not match its index ({len(shard.samples)} samples listed, "
-                    f"{'more' if count > len(shard.samples) else count} found); re-run `lorafit prepare` or "
-                    "delete the index cache (~/.cache/lorafit/index)"
-                )
 
     def _item(self, draw: Draw, bucket_of) -> dict[str, Any]:
         rng = epoch_rng(self.seed, self.epoch, draw.shard, draw.i, draw.copy)
@@ -208,6 +196,44 @@ class ShardStream(IterableDataset):
             batch = collate([self._item(group[row], bucket_of) for row in rows])
             batch.update(global_size=len(group), global_rows=torch.tensor(rows), global_weights=weights)
             yield batch
+
+
+def _read_shard(url: str, listed: int) -> Iterator[tuple[int, dict]]:
+    """``(position, sample)`` of each sample of a shard, checked against the ``listed`` count of its index.
+
+    A shard cut short (a copy interrupted, a full disk, a download stopped) or with damaged bytes
+    either makes the tar reader raise or, as often, just ends early: both are named here with the
+    shard and the last sample read, mid-epoch, instead of a tar traceback or a silently short epoch.
+    """
+    import tarfile
+
+    from webdataset.tariterators import tarfile_samples
+
+    count, key = 0, None
+    try:
+        for i, sample in enumerate(tarfile_samples([{"url": url}])):
+            count, key = i + 1, sample.get("__key__")
+            if i >= listed:
+                break
+            yield i, sample
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        reason = " ".join(str(err).split())[:120] or type(err).__name__
+        raise LorafitError(_damaged(url, count, listed, key, reason)) from None
+    if count > listed:
+        raise LorafitError(
+            f"shard {url} holds more samples than its index lists ({listed}); re-run `lorafit prepare` or "
+            "delete the index cache (~/.cache/lorafit/index)"
+        )
+    if count < listed:
+        raise LorafitError(_damaged(url, count, listed, key, "it ends early"))
+
+
+def _damaged(url: str, count: int, listed: int, key: str | None, reason: str) -> str:
+    after = f"after sample {count} of {listed} (key {key})" if key else f"before the first of its {listed} samples"
+    return (
+        f"shard {url} is truncated or corrupt: reading stopped {after}: {reason}; re-run `lorafit prepare` "
+        "(or `lorafit cache`) for it, or restore it from a good copy"
+    )
 
 
 def global_share(size: int, rank: int, world_size: int) -> tuple[list[int], torch.Tensor]:
