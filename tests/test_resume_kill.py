@@ -139,13 +139,16 @@ def test_sigusr1_saves_at_a_step_boundary_requeues_and_resumes_exactly(reference
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_says_so_exits_143_and_resumes_exactly(reference, tiny_models, demo_data, tmp_path):
-    """kill, scancel, docker stop, a job manager: a resumable checkpoint and a status that is not success."""
+    """kill, scancel, docker stop, a job manager: a resumable checkpoint and a status that is not success.
+
+    The signal goes to the whole process group, data-loading worker included, as scancel sends it.
+    """
     expected, _ = reference
     root = tmp_path / "run"
-    args = demo_fit_args(tiny_models["sd1"], demo_data, root, *RUN_ARGS)
+    args = demo_fit_args(tiny_models["sd1"], demo_data, root, *RUN_ARGS, "--data.num_workers", "1")
     process = _start(args)
     _wait_for(root / "lora" / "ohwx-star-epoch-002.safetensors", process)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 143, stderr[-3000:]
     checkpoint = root / "hpc_ckpt_1.ckpt"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +69,14 @@ class _LazyEpochIterator:
             self.loader.dataset.epoch, self.loader.dataset.skip = self.loader.position()
             self.iterator = DataLoader.__iter__(self.loader)
         return next(self.iterator)
+
+
+def _worker_ignores_sigterm(worker_id: int) -> None:
+    """A SIGTERM to the whole process group (``scancel``, ``kill -- -PGID``) must not kill the data
+    workers before the training process saved its checkpoint (lorafit/callbacks/requeue.py): torch
+    would raise "DataLoader worker is killed" mid-step. The training process ends its workers when it
+    exits, and a worker whose parent is gone exits by itself (torch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _tree_fingerprint(roots: list[Path]) -> str:
@@ -418,6 +427,7 @@ class LoraDataModule(L.LightningDataModule):
             num_workers=hp.num_workers,
             pin_memory=torch.cuda.is_available(),
             multiprocessing_context=hp.worker_start_method if hp.num_workers else None,
+            worker_init_fn=_worker_ignores_sigterm if hp.num_workers else None,
         )
 
     def train_dataloader(self) -> EpochLoader:
