@@ -342,3 +342,22 @@ def test_an_epoch_too_large_to_plan_is_refused(tmp_path, monkeypatch):
     data.prepare_data()
     with pytest.raises(LorafitError, match="data.train_dir: 60 samples per epoch .* more than lorafit plans"):
         data.setup("fit")
+
+
+def test_a_decompression_bomb_is_skipped_without_decoding_it(tmp_path):
+    """A PNG whose header claims 20000 x 20000 pixels (1.2 GB of RGB) is refused from its header."""
+    import struct
+    import zlib
+
+    train = tmp_path / "train"
+    small = _png(train / "1_x" / "bomb.png", size=(1, 1))
+    data = bytearray(small.read_bytes())
+    header = struct.pack(">II", 20000, 20000) + bytes(data[24:29])  # width, height, then depth .. interlace
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    small.write_bytes(bytes(data))
+    small.with_suffix(".txt").write_text("ohwx")
+    _png(train / "1_x" / "fine.png").with_suffix(".txt").write_text("ohwx")
+    summary = prepare(str(train), out=str(tmp_path / "out"), **SMALL)
+    assert "too large to decode safely" in _skip_reason(summary, "bomb.png")
+    assert summary["samples_written"] == 1

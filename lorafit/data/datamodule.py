@@ -107,7 +107,9 @@ class LoraDataModule(L.LightningDataModule):
             prepared once into ``cache_dir`` (again only when a file changes). Or use ``shards``.
         reg_dir: With ``train_dir``: regularization folder(s) (e.g. ``1_dog/``) mixed into training.
         shards: Prepared data: a folder written by ``lorafit prepare``/``lorafit cache``, a brace
-            pattern (``data/train-{000000..000127}.tar``), paths, or ``pipe:``/http URLs.
+            pattern (``data/train-{000000..000127}.tar``), paths, or ``pipe:``/http URLs. ``pipe:CMD``
+            runs CMD as a shell command; refused in configs read from a run folder and in SLURM jobs
+            unless LORAFIT_ALLOW_PIPE=1 (docs/data.md).
         val_dir: Held-out kohya folder for ``loss/validation`` (fixed noise, so epochs compare).
         val_shards: Held-out shards instead of ``val_dir``.
         resolution: Training resolution; buckets hold at most resolution^2 pixels (512 SD1, 768
