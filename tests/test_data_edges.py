@@ -361,3 +361,39 @@ def test_a_decompression_bomb_is_skipped_without_decoding_it(tmp_path):
     summary = prepare(str(train), out=str(tmp_path / "out"), **SMALL)
     assert "too large to decode safely" in _skip_reason(summary, "bomb.png")
     assert summary["samples_written"] == 1
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_prepare_is_one_line_and_claims_no_finished_dataset(tmp_path):
+    import resource
+    import subprocess
+
+    import numpy as np
+    from cli_runs import lorafit_command, lorafit_env
+
+    train = tmp_path / "train" / "1_x"
+    train.mkdir(parents=True)
+    for i in range(6):  # noise: ~12 kB per PNG, so the shard outgrows the limit
+        pixels = np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(train / f"{i}.png")
+        (train / f"{i}.txt").write_text("ohwx")
+    out = tmp_path / "out"
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    result = subprocess.run(
+        lorafit_command(
+            "prepare", str(tmp_path / "train"), "--out", str(out), "--resolution", "64", "--min_bucket_reso", "64"
+        ),
+        env=lorafit_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=limited,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"lorafit: error: cannot write a file in {out} (File too large): raise the file-size"), last
+    assert last.endswith("holds no dataset.json, so nothing takes it for a prepared dataset; run prepare again")
+    assert "Traceback" not in result.stderr and not (out / "dataset.json").exists()

@@ -42,6 +42,7 @@ from lorafit.data.prepare_report import PrepareTally
 from lorafit.data.prepare_write import INDEX_NAME, REPORT_NAME, SUMMARY_NAME, finish, write_shards
 from lorafit.errors import LorafitError
 from lorafit.io.atomic import temporary_sibling
+from lorafit.io.write_errors import one_line_write_error
 
 logger = logging.getLogger("lorafit.data")
 
@@ -221,10 +222,17 @@ def prepare(
     )
     plan = plan_prepare(src, out, reg_dir, values, size_chosen=chosen)
     # Every check that can refuse the run happened in the plan, before the output folder is touched.
-    _clear_output(plan.out_dir, overwrite)
-    tally = PrepareTally()
-    shards, index = write_shards(plan, plan.out_dir, tally)
-    return finish(plan, tally, shards, index, plan.out_dir, plan.out_dir)
+    try:
+        _clear_output(plan.out_dir, overwrite)
+        tally = PrepareTally()
+        shards, index = write_shards(plan, plan.out_dir, tally)
+        return finish(plan, tally, shards, index, plan.out_dir, plan.out_dir)
+    except OSError as error:  # a full disk, a read-only --out: one line (dataset.json is not written)
+        unfinished = "the folder holds no dataset.json, so nothing takes it for a prepared dataset; run prepare again"
+        converted = one_line_write_error(error, plan.out_dir, "out", unfinished)
+        if converted is None:
+            raise
+        raise converted from None
 
 
 def _reg_dir(reg_dir, reg):

@@ -56,14 +56,22 @@ def write_failure(error: BaseException, folder: str | os.PathLike) -> tuple[int,
     return None
 
 
-def one_line_write_error(error: BaseException, folder: str | os.PathLike, key: str) -> LorafitError | None:
-    """The one-line error for a failed write into ``folder`` (named by config key ``key``), else None."""
+RESUMABLE = (
+    "the files already there are complete, as lorafit writes each to a temporary name first, so the run "
+    "can resume from its last checkpoint"
+)
+
+
+def one_line_write_error(
+    error: BaseException, folder: str | os.PathLike, key: str, consequence: str = RESUMABLE
+) -> LorafitError | None:
+    """The one-line error for a failed write into ``folder`` (named by option ``key``), else None.
+
+    ``consequence`` says what state the folder is left in and what to do next (default: training's).
+    """
     found = write_failure(error, folder)
     if found is None:
         return None
     code, name = found
     where = f"{name} in {folder}" if name else f"a file in {folder}"
-    return LorafitError(
-        f"cannot write {where} ({os.strerror(code)}): {_HINTS[code]} (--{key}); the files already there are "
-        "complete, as lorafit writes each to a temporary name first, so the run can resume from its last checkpoint"
-    )
+    return LorafitError(f"cannot write {where} ({os.strerror(code)}): {_HINTS[code]} (--{key}); {consequence}")
