@@ -71,7 +71,8 @@ def _config_files(config) -> list[str]:
     return [str(getattr(path, "absolute", path)) for path in config.get("config") or []]
 
 
-def _build_cli_class(run: _Run):
+def _build_cli_class(run: _Run | None = None):
+    run = run if run is not None else _Run()
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import WandbLogger
