@@ -191,7 +191,8 @@ def test_captions_longer_than_clip_reads_are_counted_with_the_models_tokenizer(t
     assert wide["long_captions"] == []
     # Without a tokenizer the report says the check was not made.
     prepare(str(train), out=str(tmp_path / "o3"), **SMALL)
-    assert "Not checked: give --tokenizer MODEL or --config FIT.yaml." in (tmp_path / "o3" / "report.md").read_text()
+    report = (tmp_path / "o3" / "report.md").read_text()
+    assert "Not checked: give --tokenizer MODEL or --fit_config FIT.yaml." in report
 
 
 # ----------------------------------------------------------------------------- settings from a fit config
@@ -212,7 +213,7 @@ def test_a_fit_config_gives_the_bucket_settings_and_small_pictures_become_a_note
         f"model:\n  model: {tiny_models['sd1']}\n"
         "data:\n  train_dir: toy\n  resolution: 32\n  min_bucket_reso: 16\n  bucket_reso_steps: 16\n"
     )
-    summary = prepare(str(train), out=str(tmp_path / "out"), config=str(config))
+    summary = prepare(str(train), out=str(tmp_path / "out"), fit_config=str(config))
     settings = summary["settings"]
     assert (settings["resolution"], settings["min_bucket_reso"], settings["bucket_reso_steps"]) == (32, 16, 16)
     assert settings["max_bucket_reso"] == 1024  # not in the config: the data module's default, what fit uses
@@ -220,8 +221,9 @@ def test_a_fit_config_gives_the_bucket_settings_and_small_pictures_become_a_note
     assert summary["fixed"] == []  # 32 px pictures fit the config's buckets
 
     # A flag beats the config; a size the user chose makes small pictures a note, not a warning.
+    flags = dict(fit_config=str(config), min_bucket_reso=64, resolution=64)
     with caplog.at_level(logging.WARNING, logger="lorafit.data"):
-        chosen = prepare(str(train), out=str(tmp_path / "o2"), config=str(config), min_bucket_reso=64, resolution=64)
+        chosen = prepare(str(train), out=str(tmp_path / "o2"), **flags)
     assert chosen["settings"]["min_bucket_reso"] == 64
     assert "note: 32x32 is below the smallest bucket side you chose" in _notes(chosen, "0.png")
     assert not any("smaller than the smallest bucket side" in r.getMessage() for r in caplog.records)
@@ -232,16 +234,16 @@ def test_a_fit_config_gives_the_bucket_settings_and_small_pictures_become_a_note
         default = prepare(str(train), out=str(tmp_path / "o3"))
     assert "of prepare's default settings" in _notes(default, "0.png")
     (warning,) = [r.getMessage() for r in caplog.records if "smaller than the smallest bucket side" in r.getMessage()]
-    assert warning.startswith("3 images are smaller") and "pass --config with your fit config" in warning
+    assert warning.startswith("3 images are smaller") and "pass --fit_config with your fit config" in warning
 
 
 def test_a_config_that_cannot_be_read_is_one_line(tmp_path):
     train = _toy_tree(tmp_path / "toy")
-    with pytest.raises(LorafitError, match="--config .*nope.yaml: cannot read it"):
-        prepare(str(train), out=str(tmp_path / "out"), config=str(tmp_path / "nope.yaml"))
+    with pytest.raises(LorafitError, match="--fit_config .*nope.yaml: cannot read it"):
+        prepare(str(train), out=str(tmp_path / "out"), fit_config=str(tmp_path / "nope.yaml"))
     (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
     with pytest.raises(LorafitError, match="bad.yaml is not YAML"):
-        prepare(str(train), out=str(tmp_path / "out"), config=str(tmp_path / "bad.yaml"))
+        prepare(str(train), out=str(tmp_path / "out"), fit_config=str(tmp_path / "bad.yaml"))
 
 
 def test_reg_is_the_old_spelling_of_reg_dir(tmp_path, caplog):

@@ -388,7 +388,7 @@ def test_prepare_as_a_command(tree, tmp_path, capsys):
         "--out OUT",
         "--reg_dir",
         "Regularization folder(s)",
-        "--config",
+        "--fit_config",
         "--drop_small",
         "--bucket_no_upscale",
         "--alpha_background",

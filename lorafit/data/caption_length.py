@@ -3,7 +3,7 @@
 CLIP reads 77 tokens, 75 of them caption (kohya's ``max_token_length`` 150/225 reads 2 or 3
 chunks of 75); training truncates anything longer, silently, as every trainer does. ``lorafit
 prepare`` counts each caption's tokens with the tokenizer(s) of the model the dataset is for
-(``--tokenizer``, or ``model.model`` of ``--config``) and lists the captions over the limit in its
+(``--tokenizer``, or ``model.model`` of ``--fit_config``) and lists the captions over the limit in its
 report, so a user learns before training which words never reach the model.
 
 Only the tokenizer files are read (``tokenizer/``, ``tokenizer_2/`` of a diffusers folder or hub

@@ -75,9 +75,9 @@ def fit_config_settings(configs: str | list[str]) -> dict[str, Any]:
         try:
             loaded = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8")) or {}
         except OSError as err:
-            raise LorafitError(f"--config {path}: cannot read it ({err.strerror})") from None
+            raise LorafitError(f"--fit_config {path}: cannot read it ({err.strerror})") from None
         except yaml.YAMLError as err:
-            raise LorafitError(f"--config {path} is not YAML ({' '.join(str(err).split())[:160]})") from None
+            raise LorafitError(f"--fit_config {path} is not YAML ({' '.join(str(err).split())[:160]})") from None
         data.update((loaded.get("data") or {}) if isinstance(loaded, dict) else {})
         model.update((loaded.get("model") or {}) if isinstance(loaded, dict) else {})
     data = data.get("init_args", data)
@@ -139,7 +139,7 @@ def prepare(
     *,
     out: str,
     reg_dir: str | list[str] | None = None,
-    config: str | list[str] | None = None,
+    fit_config: str | list[str] | None = None,
     caption_ext: str | None = None,
     resolution: int | None = None,
     min_bucket_reso: int | None = None,
@@ -167,9 +167,10 @@ def prepare(
         out: Output folder for train-NNNNNN.tar shards, report.md and dataset.json.
         reg_dir: Regularization folder(s) in the same layout (e.g. '1_dog'), as data.reg_dir; their
             samples get is_reg true and, without a caption file, their folder's class prompt as caption.
-        config: A `lorafit fit` config (or several, composed): its data.* bucket settings and
+        fit_config: A `lorafit fit` config (or several, composed): its data.* bucket settings and
             caption_ext become this run's defaults (what `fit` would prepare with), and its base
-            model's tokenizer counts caption tokens. Flags given here still win.
+            model's tokenizer counts caption tokens. Flags given here still win. (Not --config,
+            which every lorafit verb reads as a file of its own options.)
         caption_ext: Extension of the caption sidecar files (.txt or .caption). Default: the
             config's, else .txt.
         resolution: Training resolution; buckets hold at most resolution^2 pixels. Default: the
@@ -213,7 +214,7 @@ def prepare(
         tokenizer=tokenizer,
         max_token_length=max_token_length,
     )
-    values, chosen = _settings(config, explicit)
+    values, chosen = _settings(fit_config, explicit)
     values.update(
         drop_small=drop_small,
         alpha_background=alpha_background,

@@ -254,7 +254,7 @@ def render_report(summary: dict) -> str:
     )
     limit = cfg.get("caption_token_limit")
     if limit is None:
-        lines += ["## Caption length", "", "Not checked: give --tokenizer MODEL or --config FIT.yaml.", ""]
+        lines += ["## Caption length", "", "Not checked: give --tokenizer MODEL or --fit_config FIT.yaml.", ""]
     else:
         title = f"Captions longer than {limit} tokens ({len(s['long_captions'])}; training cuts the rest)"
         rows = [(e["path"], f"{e['tokens']} tokens (tokenizer of {cfg['tokenizer']})") for e in s["long_captions"]]

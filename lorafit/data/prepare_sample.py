@@ -229,7 +229,7 @@ def prepare_file(
         notes.append(f"note: {width}x{height} is below the smallest bucket side you chose; training upscales it")
     elif small:
         notes.append(
-            f"{too_small} of prepare's default settings: kept, training will upscale it (pass --config with "
+            f"{too_small} of prepare's default settings: kept, training will upscale it (pass --fit_config with "
             "your fit config, or --resolution/--min_bucket_reso, to prepare for your size; drop_small drops it)"
         )
 

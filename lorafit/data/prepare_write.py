@@ -162,7 +162,7 @@ def _log_findings(summary: dict, plan: PreparePlan, report: Path) -> None:
         side = plan.settings.smallest_side
         small = (
             f"{{n}} images are smaller than the smallest bucket side ({side} px) of prepare's defaults; pass "
-            "--config with your fit config (or --resolution/--min_bucket_reso) to prepare for your size"
+            "--fit_config with your fit config (or --resolution/--min_bucket_reso) to prepare for your size"
         )
         findings.append((with_note("smaller than the smallest bucket side"), small))
     if summary["long_captions"]:
