@@ -399,3 +399,14 @@ def test_a_full_disk_during_prepare_is_one_line_and_claims_no_finished_dataset(t
     assert last.startswith(f"lorafit: error: cannot write a file in {out} (File too large): raise the file-size"), last
     assert last.endswith("holds no dataset.json, so nothing takes it for a prepared dataset; run prepare again")
     assert "Traceback" not in result.stderr and not (out / "dataset.json").exists()
+
+
+def test_the_command_line_reads_the_fit_config(tmp_path):
+    from lorafit.cli import main
+
+    train = _toy_tree(tmp_path / "toy")
+    config = tmp_path / "fit.yaml"
+    config.write_text("data:\n  resolution: 32\n  min_bucket_reso: 16\n  bucket_reso_steps: 16\n")
+    main(["prepare", str(train), "--out", str(tmp_path / "out"), "--fit_config", str(config)])
+    settings = json.loads((tmp_path / "out" / "dataset.json").read_text())["settings"]
+    assert (settings["resolution"], settings["min_bucket_reso"]) == (32, 16)
