@@ -7,15 +7,16 @@ Every ``__init__`` argument of the module, data module, trainer and callbacks is
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorafit.errors import LorafitError
 
-log = logging.getLogger("lorafit.cli")
+if TYPE_CHECKING:
+    from lorafit.io.run_lock import RunFolderLock
 
 # ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
 # Not `save_last=True, save_top_k=0`: since Lightning 2.6 that writes last.ckpt only when a top-k
@@ -40,7 +41,7 @@ class _Run:
     """What one fit/validate holds while it runs: its folder and, on rank 0, the folder's lock."""
 
     folder: Path | None = None
-    lock: object | None = None
+    lock: RunFolderLock | None = None
 
     def release(self) -> None:
         if self.lock is not None:
@@ -72,7 +73,6 @@ def _config_files(config) -> list[str]:
 
 
 def _build_cli_class(run: _Run | None = None):
-    run = run if run is not None else _Run()
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import WandbLogger
@@ -88,6 +88,8 @@ def _build_cli_class(run: _Run | None = None):
     from lorafit.training.checkpoint_io import AtomicCheckpointIO
     from lorafit.training.module import LoraDiffusionModule
     from lorafit.training.resume_settings import refuse_changed_network_in_file
+
+    run = run if run is not None else _Run()
 
     class RunDirConfig(SaveConfigCallback):
         """Save the resolved config as ``<default_root_dir>/config.yaml``, beside the LoRA files.
