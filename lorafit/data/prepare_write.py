@@ -155,7 +155,7 @@ def _log_findings(summary: dict, plan: PreparePlan, report: Path) -> None:
 
     findings = [
         (with_note("used folder prompt"), f"{{n}} images have no {ext} caption, so their folder name was used instead"),
-        (with_note("caption file is not UTF-8"), "{n} caption files are not UTF-8; they were decoded (see the report)"),
+        (with_note("caption file is not UTF-8"), "{n} caption files are not UTF-8 and were decoded"),
         ([e["path"] for e in summary["links"]], "{n} symlinks lead outside the dataset folder or loop"),
     ]
     if not plan.settings.size_chosen:
