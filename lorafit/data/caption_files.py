@@ -26,6 +26,7 @@ from pathlib import Path
 from lorafit.errors import LorafitError
 
 UTF8 = "utf-8"
+UTF8_ENCODINGS = ("utf-8", "utf-8-sig")  # what every trainer reads as is
 # Names as the report shows them.
 ENCODING_NAMES = {
     "utf-8": "UTF-8",
@@ -56,7 +57,7 @@ class CaptionFile:
     @property
     def is_utf8(self) -> bool:
         """UTF-8 with or without a byte-order mark: what every trainer reads as is."""
-        return self.encoding in ("utf-8", "utf-8-sig")
+        return self.encoding in UTF8_ENCODINGS
 
     @property
     def caption(self) -> str | None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from lorafit.data.caption_files import ENCODING_NAMES, UTF8, read_caption_file
+from lorafit.data.caption_files import ENCODING_NAMES, UTF8, UTF8_ENCODINGS, read_caption_file
 from lorafit.errors import LorafitError
 
 logger = logging.getLogger("lorafit.data")
@@ -367,7 +367,7 @@ def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> lis
         raise LorafitError(f"image {orphans[0].path}{more}: {no_caption_reason(orphans[0], ext)}")
     for link in scan.links:
         logger.warning("%s -> %s %s", link.path, link.target, link.problem)
-    legacy = [r for r in records if r.caption is not None and r.caption_encoding not in ("utf-8", "utf-8-sig")]
+    legacy = [r for r in records if r.caption is not None and r.caption_encoding not in UTF8_ENCODINGS]
     if legacy:
         logger.warning(
             "%d captions are not UTF-8 and were decoded as %s (e.g. %s); re-save them as UTF-8",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.data.buckets import BucketChoice, Size, select_bucket
-from lorafit.data.caption_files import ENCODING_NAMES
+from lorafit.data.caption_files import ENCODING_NAMES, UTF8_ENCODINGS
 from lorafit.data.images import Color, DecodedImage, decode_rgb_with_fixes
 from lorafit.data.kohya_folders import ImageRecord, no_caption_reason
 from lorafit.errors import LorafitError
@@ -120,7 +120,7 @@ def split_prompt(prompt: str | None, is_reg: bool) -> tuple[str | None, str | No
 
 def _caption(record: ImageRecord, settings: SampleSettings) -> tuple[str, list[str]]:
     notes = []
-    if record.caption_encoding not in ("utf-8", "utf-8-sig"):
+    if record.caption_encoding not in UTF8_ENCODINGS:
         name = ENCODING_NAMES[record.caption_encoding]
         notes.append(f"caption file is not UTF-8: read as {name}; re-save it as UTF-8 to be sure of its accents")
     if record.caption is not None:
