@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from lorafit.data.kohya_folders import IMAGE_EXTENSIONS, MAX_REPEATS
 from lorafit.data.sample_transform import BucketSpec, SampleTransform
 from lorafit.data.shard_index import DatasetIndex, default_cache_dir, load_index
 from lorafit.data.stream import ShardStream
+from lorafit.data.worker_signals import sigterm_from_parent_only
 from lorafit.errors import LorafitError
 
 logger = logging.getLogger("lorafit.data")
@@ -69,14 +70,6 @@ class _LazyEpochIterator:
             self.loader.dataset.epoch, self.loader.dataset.skip = self.loader.position()
             self.iterator = DataLoader.__iter__(self.loader)
         return next(self.iterator)
-
-
-def _worker_ignores_sigterm(worker_id: int) -> None:
-    """A SIGTERM to the whole process group (``scancel``, ``kill -- -PGID``) must not kill the data
-    workers before the training process saved its checkpoint (lorafit/callbacks/requeue.py): torch
-    would raise "DataLoader worker is killed" mid-step. The training process ends its workers when it
-    exits, and a worker whose parent is gone exits by itself (torch's watchdog)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _tree_fingerprint(roots: list[Path]) -> str:
@@ -429,7 +422,8 @@ class LoraDataModule(L.LightningDataModule):
             num_workers=hp.num_workers,
             pin_memory=torch.cuda.is_available(),
             multiprocessing_context=hp.worker_start_method if hp.num_workers else None,
-            worker_init_fn=_worker_ignores_sigterm if hp.num_workers else None,
+            # scancel's SIGTERM must not kill the workers before the checkpoint is saved (worker_signals.py).
+            worker_init_fn=partial(sigterm_from_parent_only, training_process=os.getpid()) if hp.num_workers else None,
         )
 
     def train_dataloader(self) -> EpochLoader:
