@@ -40,8 +40,8 @@ def make_tree(base: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(root: Path) -> Iterator[ReviewServer]:
-    server = start_review_server(root)
+def running_server(root: Path, **options) -> Iterator[ReviewServer]:
+    server = start_review_server(root, **options)
     try:
         yield server
     finally:

@@ -115,6 +115,17 @@ def test_overwrite_and_append_keep_the_previous_text_as_bak(tagger, tmp_path):
     assert result["written"] == 0 and result["skipped_existing"] == 1 and sidecar.read_text() == before
 
 
+def test_append_to_a_caption_in_another_encoding_keeps_its_text(tagger, tmp_path):
+    root = tmp_path / "data"
+    image = _solid(root / "5_ohwx dog" / "a.png", (220, 20, 20))
+    sidecar = image.with_suffix(".txt")
+    sidecar.write_bytes("ohwx dog, café\n".encode("latin-1"))  # what training reads as Windows-1252
+
+    caption(str(root), model=str(tagger), mode="append", device="cpu")
+    assert sidecar.read_text(encoding="utf-8").startswith("ohwx dog, café, ")
+    assert Path(f"{sidecar}.bak").read_text(encoding="utf-8") == "ohwx dog, café\n"
+
+
 def test_append_adds_to_the_caption_line_and_keeps_the_other_lines_of_the_file(tagger, tmp_path):
     # Training reads the first non-empty line only; the lines around it are the user's notes and stay.
     root = tmp_path / "data"

@@ -39,9 +39,8 @@ def shard_sets(tmp_path_factory) -> dict[str, Path]:
     sets = {}
     # 12 samples in shards of 5, 5, 2 (uneven), and in one shard (fewer shards than 2 ranks x 2 workers).
     for name, per_shard in (("uneven", 5), ("single", 100)):
-        prepare(
-            str(base / "train"), out=str(base / name), reg=str(base / "reg"), max_samples_per_shard=per_shard, **BUCKETS
-        )
+        reg = str(base / "reg")
+        prepare(str(base / "train"), out=str(base / name), reg_dir=reg, max_samples_per_shard=per_shard, **BUCKETS)
         sets[name] = base / name
     # Noise images, their bytes outweigh the tar headers (so bytes read show who read what); one
     # repeat each: with kohya repeats a sample's copies land on rows of several ranks, each reading it.

@@ -115,6 +115,15 @@ def test_caption_bom_first_line_and_caption_extension(tmp_path, caplog):
     assert scan_image_folder(tmp_path, caption_ext="caption")[0].caption == "from the .caption file"
 
 
+def test_captions_in_other_encodings_are_read_with_one_warning(tmp_path, caplog):
+    latin = _png(tmp_path / "1_x" / "a.png")
+    latin.with_name("a.txt").write_bytes("ohwx caf\xe9".encode("latin-1"))
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        (record,) = scan_image_folder(tmp_path)
+    assert record.caption == "ohwx café" and record.caption_encoding == "cp1252"
+    assert "1 captions are not UTF-8 and were decoded as Windows-1252 (Latin-1)" in caplog.text
+
+
 def test_scan_errors_name_the_problem(tmp_path):
     with pytest.raises(LorafitError, match="does not exist"):
         scan_image_folder(tmp_path / "nope")
@@ -137,10 +146,10 @@ def test_scan_errors_name_the_problem(tmp_path):
     assert "lonely.png" in message and "lonely.txt" in message and "N_<trigger> <class>" in message
     assert "1 more" in message and "\n" not in message
 
-    bad = _png(tmp_path / "latin1" / "1_x" / "a.png")
-    bad.with_name("a.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(LorafitError, match=r"a\.txt is not UTF-8"):
-        scan_image_folder(tmp_path / "latin1")
+    binary = _png(tmp_path / "binary" / "1_x" / "a.png")
+    binary.with_name("a.txt").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(LorafitError, match=r"a\.txt cannot be read as text"):
+        scan_image_folder(tmp_path / "binary")
 
     _png(tmp_path / "zero" / "0_dog" / "a.png")
     with pytest.raises(LorafitError, match="0_dog asks for 0 repeats"):

@@ -43,7 +43,8 @@ def prepared(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("stream")
     _write(base / "train", FOLDERS, 1)
     _write(base / "reg", REG, 2)
-    prepare(str(base / "train"), out=str(base / "shards"), reg=str(base / "reg"), max_samples_per_shard=4, **BUCKETS)
+    reg = str(base / "reg")
+    prepare(str(base / "train"), out=str(base / "shards"), reg_dir=reg, max_samples_per_shard=4, **BUCKETS)
     return base / "shards"
 
 

@@ -21,7 +21,7 @@ import webdataset as wds
 from jsonargparse import auto_cli
 from PIL import Image
 
-import lorafit.data.prepare as prepare_module
+import lorafit.data.prepare_write as prepare_write
 from lorafit.data.buckets import make_bucket_table
 from lorafit.data.prepare import prepare
 from lorafit.errors import LorafitError
@@ -36,7 +36,7 @@ SKIPPED = {
     "truncated.jpg": "truncated or corrupt",
     "empty.png": "empty file (0 bytes)",
     "notes.jpg": "not an image format",
-    "badcap.png": "is not UTF-8",
+    "badcap.png": "cannot be read as text",
     "loose.png": "no caption",
 }
 # name -> note the report must give for a written but fixed or flagged file.
@@ -48,7 +48,7 @@ FIXED = {
     "d16.tiff": "16-bit image scaled",
     "cmyk.jpg": "CMYK converted",
     "anim.gif": "first frame kept",
-    "tiny.png": "smaller than the smallest bucket side",
+    "tiny.png": "below the smallest bucket side you chose",
     "s.png": "palette image converted",
     "g.png": "grayscale converted",
     "r1.jpg": "used folder prompt 'dog'",
@@ -104,7 +104,7 @@ def _write_tree(base: Path) -> tuple[Path, Path]:
     _save(frames[0], cat / "nested" / "anim.gif", "sks cat, animated", save_all=True, append_images=frames[1:])
     _save(_noise((64, 64), seed=8), cat / "nested" / "tiny.png", "sks cat, tiny")
     _save(_noise((256, 256), seed=9), cat / "badcap.png")
-    (cat / "badcap.txt").write_bytes(b"\xff\xfe\x00not utf-8\xc3")
+    (cat / "badcap.txt").write_bytes(b"\x00\x01binary\x02, not a caption")
 
     _save(_noise((256, 256), seed=10).convert("P"), style / "s.png", "style, painting")
     _save(_noise((256, 384), seed=11).convert("L"), style / "g.png")
@@ -152,7 +152,7 @@ def _report_line(report: str, name: str) -> str:
 def test_prepare_messy_tree(tree, tmp_path):
     train, reg, before = tree
     out = tmp_path / "out"
-    summary = prepare(str(train), out=str(out), reg=[str(reg)], **SETTINGS)
+    summary = prepare(str(train), out=str(out), reg_dir=[str(reg)], **SETTINGS)
 
     # Counts add up exactly, in the return value and in dataset.json alike.
     on_disk = json.loads((out / "dataset.json").read_text())
@@ -274,7 +274,7 @@ def test_prepare_messy_tree(tree, tmp_path):
 def test_overwrite_and_interrupted_runs(tree, tmp_path, monkeypatch):
     train, reg, before = tree
     out = tmp_path / "out"
-    prepare([str(train)], out=str(out), reg=str(reg), **SETTINGS)
+    prepare([str(train)], out=str(out), reg_dir=str(reg), **SETTINGS)
     first = (out / "train-000000.tar").read_bytes()
 
     with pytest.raises(LorafitError, match=f"{out}.* is not empty.*--overwrite"):
@@ -282,7 +282,13 @@ def test_overwrite_and_interrupted_runs(tree, tmp_path, monkeypatch):
 
     (out / "keep.me").write_text("not ours")
     summary = prepare(
-        [str(train)], out=str(out), reg=str(reg), overwrite=True, drop_small=True, max_samples_per_shard=4, **SETTINGS
+        [str(train)],
+        out=str(out),
+        reg_dir=str(reg),
+        overwrite=True,
+        drop_small=True,
+        max_samples_per_shard=4,
+        **SETTINGS,
     )
     assert (summary["samples_written"], summary["reported_skips"]) == (12, 7)
     assert "dropped because drop_small" in _report_line((out / "report.md").read_text(), "tiny.png")
@@ -291,14 +297,14 @@ def test_overwrite_and_interrupted_runs(tree, tmp_path, monkeypatch):
     assert len(_read_shards(out)) == 12
 
     # Overwrite removes the stale shards, leaves foreign files, and the same input gives the same bytes.
-    prepare([str(train)], out=str(out), reg=str(reg), overwrite=True, **SETTINGS)
+    prepare([str(train)], out=str(out), reg_dir=str(reg), overwrite=True, **SETTINGS)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"]
     assert (out / "train-000000.tar").read_bytes() == first
     assert (out / "keep.me").read_text() == "not ours"
 
     # A run that dies half-way leaves no dataset.json, even over a finished dataset.
     calls = {"n": 0}
-    real = prepare_module.prepare_file
+    real = prepare_write.prepare_file
 
     def dies_on_fifth(*args, **kw):
         calls["n"] += 1
@@ -306,7 +312,7 @@ def test_overwrite_and_interrupted_runs(tree, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(prepare_module, "prepare_file", dies_on_fifth)
+    monkeypatch.setattr(prepare_write, "prepare_file", dies_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(train)], out=str(out), overwrite=True, **SETTINGS)
     assert not (out / "dataset.json").exists()
@@ -319,7 +325,7 @@ def test_layout_and_setting_errors(tree, tmp_path):
         prepare(str(train), out=str(train / "shards"), **SETTINGS)
     assert not (train / "shards").exists()
     with pytest.raises(LorafitError, match="overlap"):
-        prepare(str(train), out=str(tmp_path / "o"), reg=str(train / "1_style"), **SETTINGS)
+        prepare(str(train), out=str(tmp_path / "o"), reg_dir=str(train / "1_style"), **SETTINGS)
     with pytest.raises(LorafitError, match="does not exist"):
         prepare(str(tmp_path / "missing"), out=str(tmp_path / "o"), **SETTINGS)
     with pytest.raises(LorafitError, match="holds no images"):
@@ -353,7 +359,7 @@ def test_prepare_as_a_command(tree, tmp_path, capsys):
         str(train),
         "--out",
         str(out),
-        "--reg",
+        "--reg_dir",
         str(reg),
         "--resolution",
         "512",
@@ -380,13 +386,14 @@ def test_prepare_as_a_command(tree, tmp_path, capsys):
     for expected in (
         "src",
         "--out OUT",
-        "--reg",
+        "--reg_dir",
         "Regularization folder(s)",
+        "--fit_config",
         "--drop_small",
         "--bucket_no_upscale",
         "--alpha_background",
         "--overwrite",
-        "default: 1024",
+        "else 1024",
     ):
         assert expected in help_text, expected
     assert os.listdir(out)  # the command wrote its dataset

@@ -139,6 +139,35 @@ def test_sigusr1_saves_at_a_step_boundary_requeues_and_resumes_exactly(reference
     assert _every_file_loads(root) == 2 * 9  # no epoch's export lost across the requeue
 
 
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_says_so_exits_143_and_resumes_exactly(reference, tiny_models, demo_data, tmp_path):
+    """kill, scancel, docker stop, a job manager: a resumable checkpoint and a status that is not success.
+
+    The signal goes to the whole process group, data-loading worker included, as scancel sends it.
+    """
+    expected, _ = reference
+    root = tmp_path / "run"
+    args = demo_fit_args(tiny_models["sd1"], demo_data, root, *RUN_ARGS, "--data.num_workers", "1")
+    process = _start(args)
+    _wait_for(root / "lora" / "ohwx-star-epoch-002.safetensors", process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 143, stderr[-3000:]
+    checkpoint = root / "hpc_ckpt_1.ckpt"
+    assert checkpoint.is_file(), stderr[-3000:]
+    assert (
+        f"SIGTERM: saved {checkpoint}; stopping with exit status 143 (resume with --ckpt_path {checkpoint})" in stderr
+    )
+    assert not (root / "lora" / "ohwx-star.safetensors").exists(), "a stopped run must not write the final LoRA"
+    assert not (root / ".lorafit.lock").exists()  # the run folder is free again
+    assert 2 <= torch.load(checkpoint, weights_only=False)["epoch"] < 8
+
+    resumed = run_lorafit(*args, "--ckpt_path", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = lora_file(root)
+    assert all(torch.equal(got[k], expected[k]) for k in expected), "resumed LoRA differs"
+
+
 _DYING_WRITER = """
 import os, signal, sys, torch
 import safetensors.torch

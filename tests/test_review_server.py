@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from cli_runs import REPO, lorafit_command, lorafit_env
+from PIL import Image
 from review_fixtures import SECRET, make_tree, request, running_server
 
 
@@ -172,3 +175,91 @@ def test_saves_must_be_json(tree):
         assert status == 415
         status, _ = request(server, "POST", "/api/save", {"not": "changes"})
         assert status == 400
+
+
+def _raw(server, data: bytes, timeout: float = 30) -> bytes:
+    """Send ``data`` as is on a fresh connection and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=timeout) as connection:
+        connection.sendall(data)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-5", b"1e3", b" ", b"12abc"])
+def test_a_content_length_that_is_not_a_number_is_a_400(tree, length):
+    port_header = b"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    with running_server(tree) as server:
+        answer = _raw(server, b"POST /api/save HTTP/1.1\r\n" + port_header + b"Content-Length: " + length + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert b"Content-Length must be a number of bytes" in answer
+        assert request(server, "GET", "/api/items")[0] == 200  # the server still serves
+
+
+def test_saves_from_another_origin_are_refused(tree):
+    a_txt = tree / "10_ohwx dog" / "a.txt"
+    with running_server(tree) as server:
+        port = server.server_address[1]
+        items = {item["id"]: item for item in request(server, "GET", "/api/items")[1]["items"]}
+        change = {
+            "changes": [
+                {"id": "0/10_ohwx dog/a.png", "text": "pwned", "version": items["0/10_ohwx dog/a.png"]["version"]}
+            ]
+        }
+        for origin in ("http://evil.example", "null", f"http://127.0.0.1:{port + 1}", f"https://127.0.0.1:{port}"):
+            status, body = request(server, "POST", "/api/save", change, headers={"Origin": origin})
+            assert status == 403 and "review page only" in body["error"], origin
+        assert "pwned" not in a_txt.read_text()
+        status, _ = request(server, "POST", "/api/save", change, headers={"Origin": f"http://localhost:{port}"})
+        assert status == 200 and a_txt.read_text() == "pwned\n"
+
+
+def test_stalled_requests_time_out_instead_of_holding_a_thread_each(tree):
+    with running_server(tree, read_timeout=0.5) as server:
+        before = threading.active_count()
+        stalled = []
+        for _ in range(30):
+            connection = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
+            connection.sendall(
+                b"POST /api/save HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"chan'  # and then nothing more
+            )
+            stalled.append(connection)
+        deadline = time.monotonic() + 20
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert threading.active_count() <= before, "stalled connections still hold their threads"
+        for connection in stalled:
+            assert connection.recv(100) == b""  # closed by the server
+            connection.close()
+        assert request(server, "GET", "/api/items")[0] == 200
+
+
+def test_caption_files_linked_out_of_the_dataset_are_neither_read_nor_written(tree):
+    outside = tree.parent / "outside"
+    linked = tree / "10_ohwx dog" / "d.png"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(linked)
+    linked.with_suffix(".txt").symlink_to(outside / "secret.txt")
+    with running_server(tree) as server:
+        status, body = request(server, "GET", "/api/items")
+        assert status == 200 and SECRET not in str(body)
+        assert "0/10_ohwx dog/d.png" not in [item["id"] for item in body["items"]]
+        assert "or whose caption file is such a symlink" in body["notes"][0]
+        change = {"changes": [{"id": "0/10_ohwx dog/d.png", "text": "pwned", "version": "absent"}]}
+        status, body = request(server, "POST", "/api/save", change)
+        assert status == 403 and "symlink leading outside" in body["error"]
+    assert (outside / "secret.txt").read_text() == SECRET + "\n"
+    assert linked.with_suffix(".txt").is_symlink() and not (tree / "10_ohwx dog" / "d.txt.bak").exists()
+
+
+def test_captions_in_other_encodings_show_their_text_and_the_bak_keeps_it(tree):
+    a_txt = tree / "10_ohwx dog" / "a.txt"
+    a_txt.write_bytes("ohwx dog, café".encode("latin-1"))
+    with running_server(tree) as server:
+        (item,) = [i for i in request(server, "GET", "/api/items")[1]["items"] if i["id"] == "0/10_ohwx dog/a.png"]
+        assert item["text"] == "ohwx dog, café"
+        change = {"changes": [{"id": item["id"], "text": "ohwx dog, café, smiling", "version": item["version"]}]}
+        assert request(server, "POST", "/api/save", change)[0] == 200
+    assert a_txt.read_text(encoding="utf-8") == "ohwx dog, café, smiling\n"
+    assert Path(f"{a_txt}.bak").read_text(encoding="utf-8") == "ohwx dog, café"

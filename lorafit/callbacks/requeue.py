@@ -15,6 +15,13 @@ same step, so all save together, at the same clean point ModelCheckpoint's step 
 one step after the signal. Rank 0 runs ``scontrol requeue``, and the processes exit. The requeued
 job resumes from ``hpc_ckpt_N.ckpt`` in the run directory (the name Lightning's SLURM resume looks
 for; the sbatch templates pass the newest checkpoint explicitly).
+
+``SIGTERM`` (``kill``, ``scancel``, ``docker stop``, a job manager ending the job, SLURM's
+preemption before its ``SIGKILL``) takes the same path without the requeue: the checkpoint is
+saved at the next step boundary, a line says where and how to resume, and the process exits with
+status 143 (128 + SIGTERM, what a shell reports for a process the signal ended), so no job manager
+mistakes the stop for a finished run. Lightning alone would stop at the next step without a
+checkpoint and exit with status 0.
 """
 
 from __future__ import annotations
@@ -38,6 +45,13 @@ log = logging.getLogger("lorafit.requeue")
 
 class TrainingRequeued(SystemExit):
     """Raised on every rank after the checkpoint is saved; exits the process with status 0."""
+
+
+class TrainingTerminated(SystemExit):
+    """Raised on every rank after the SIGTERM checkpoint is saved; exits the process with :data:`SIGTERM_EXIT`."""
+
+
+SIGTERM_EXIT = 128 + signal_module.SIGTERM  # 143: what `kill`/`timeout` and shells report for a SIGTERM death
 
 
 def next_hpc_checkpoint(run_dir: str | os.PathLike) -> Path:
@@ -72,16 +86,22 @@ class RequeueOnSignal(Checkpoint):
         signal: Signal that asks for checkpoint + requeue: the one in ``#SBATCH --signal`` (SIGUSR1).
             Empty disables the handler.
         requeue: Run ``scontrol requeue $SLURM_JOB_ID`` after saving (under SLURM only).
+        sigterm: On SIGTERM, save a resumable checkpoint at the next step boundary and exit with
+            status 143 (no requeue). Off: Lightning's own handling (stop without a checkpoint, status 0).
     """
 
-    def __init__(self, signal: str | None = "SIGUSR1", requeue: bool = True):
+    def __init__(self, signal: str | None = "SIGUSR1", requeue: bool = True, sigterm: bool = True):
         self.signal = signal
         self.requeue = requeue
+        self.sigterm = sigterm
         self.requested = False
+        self.terminated = False
         self._save_at_epoch_end = False
-        self._previous_handler = None
-        self._flag: torch.Tensor | None = None  # this rank's flag on the device, summed over ranks in place
+        self._previous_handlers: dict[int, object] = {}
+        # This rank's flags [requeue signal, SIGTERM] on the device, summed over ranks in place.
+        self._flag: torch.Tensor | None = None
         self._agreed = HostReadback()
+        self._agreed_terminate = False
 
     def _signum(self) -> int:
         name = self.signal.upper()
@@ -89,7 +109,14 @@ class RequeueOnSignal(Checkpoint):
 
     def _on_signal(self, signum, frame) -> None:
         # Nothing else may happen here: see the module docstring.
-        self.requested = True
+        if signum == signal_module.SIGTERM:
+            self.terminated = True
+        else:
+            self.requested = True
+
+    @property
+    def _listening(self) -> bool:
+        return bool(self.signal) or self.sigterm
 
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
         # Signals again: Lightning's own per-step SIGTERM check under DDP stalls each step (collectives.py).
@@ -97,9 +124,11 @@ class RequeueOnSignal(Checkpoint):
             defer_lightning_sigterm_check(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
-        # After Lightning registered its own handlers (which would save inside the handler).
-        if self.signal:
-            self._previous_handler = signal_module.signal(self._signum(), self._on_signal)
+        # After Lightning registered its own handlers (which would save inside the handler, or for
+        # SIGTERM stop without saving): ours replace them for the training loop.
+        signums = ([self._signum()] if self.signal else []) + ([signal_module.SIGTERM] if self.sigterm else [])
+        for signum in signums:
+            self._previous_handlers[signum] = signal_module.signal(signum, self._on_signal)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         self._restore_handler()
@@ -108,12 +137,12 @@ class RequeueOnSignal(Checkpoint):
         self._restore_handler()
 
     def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal_module.signal(self._signum(), self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous_handlers.items():
+            signal_module.signal(signum, handler)
+        self._previous_handlers = {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self.signal:
+        if not self._listening:
             return
         # Mid-accumulation the summed gradients are not in the checkpoint; wait for the step.
         accumulate = trainer.accumulate_grad_batches
@@ -123,8 +152,10 @@ class RequeueOnSignal(Checkpoint):
         # Every rank takes part in this reduction every step, and reads the previous step's sum
         # (the same on every rank), so all decide at the same step.
         if self._flag is None:
-            self._flag = torch.zeros((), device=pl_module.device)
-        self._flag.fill_(float(self.requested))  # a fill, not a copy from the host: nothing waits
+            self._flag = torch.zeros(2, device=pl_module.device)
+        # Fills, not a copy from the host: nothing waits.
+        self._flag[0].fill_(float(self.requested))
+        self._flag[1].fill_(float(self.terminated))
         self._agreed.push(all_reduce_in_place(self._flag, "sum"))
         if not self._asked(keep=1):
             return
@@ -136,18 +167,31 @@ class RequeueOnSignal(Checkpoint):
         self._save_requeue_and_exit(trainer)
 
     def _asked(self, keep: int) -> bool:
-        """Whether any rank got the signal by the step before the newest ``keep`` ones."""
-        return any(total > 0 for (total,), _ in self._agreed.collect(keep))
+        """Whether any rank got a signal by the step before the newest ``keep`` ones (all ranks agree)."""
+        asked = False
+        for (requeue, terminate), _ in self._agreed.collect(keep):
+            asked = asked or requeue > 0 or terminate > 0
+            self._agreed_terminate = self._agreed_terminate or terminate > 0
+        return asked
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         # The epoch's last step decides now rather than a step later, in the next epoch. The same on
         # every rank: decided by the reductions above.
-        if self._save_at_epoch_end or (self.signal and self._asked(keep=0)):
+        if self._save_at_epoch_end or (self._listening and self._asked(keep=0)):
             self._save_requeue_and_exit(trainer)
 
     def _save_requeue_and_exit(self, trainer: pl.Trainer) -> None:
         path = trainer.strategy.broadcast(str(next_hpc_checkpoint(trainer.default_root_dir)))
         trainer.save_checkpoint(path)
+        if self._agreed_terminate:  # SIGTERM wins: the job is being ended, not rescheduled
+            if trainer.is_global_zero:
+                log.warning(
+                    "SIGTERM: saved %s; stopping with exit status %d (resume with --ckpt_path %s)",
+                    path,
+                    SIGTERM_EXIT,
+                    path,
+                )
+            raise TrainingTerminated(SIGTERM_EXIT)
         job = slurm_job_id()
         if trainer.is_global_zero:
             if job and self.requeue:

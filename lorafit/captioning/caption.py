@@ -73,11 +73,14 @@ def replace_caption(sidecar: Path, text: str, previous: str | None) -> None:
 
 
 def _read_existing(sidecar: Path) -> str:
+    from lorafit.data.caption_files import decode_caption
+
     if not sidecar.is_file():
         return ""
     # Bytes, not read_text: text mode would turn \r\n into \n, and append keeps the lines it does
-    # not change (and the .bak) exactly as the user wrote them.
-    return sidecar.read_bytes().decode("utf-8-sig")
+    # not change (and the .bak) exactly as the user wrote them. Decoded as training reads captions
+    # (UTF-16, Windows-1252 too): the scan that listed this file did so.
+    return decode_caption(sidecar.read_bytes(), sidecar).text
 
 
 def _jobs(directory: str | os.PathLike, caption_ext: str, mode: Mode, tally: Tally) -> tuple[list[Job], DatasetRoots]:

@@ -7,6 +7,10 @@ Every ``__init__`` argument of the module, data module, trainer and callbacks is
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorafit.cli.run_folder import RefusedStartCleanup, record_run_folder
 from lorafit.cli.trainer_setup import (
@@ -15,6 +19,9 @@ from lorafit.cli.trainer_setup import (
     use_lorafit_progress_bar,
 )
 from lorafit.errors import LorafitError
+
+if TYPE_CHECKING:
+    from lorafit.io.run_lock import RunFolderLock
 
 # ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
 # Not `save_last=True, save_top_k=0`: since Lightning 2.6 that writes last.ckpt only when a top-k
@@ -34,7 +41,47 @@ LAST_CHECKPOINT = {
 }
 
 
-def _build_cli_class():
+# `--ckpt_path` values Lightning resolves itself (no file to check here).
+_CKPT_KEYWORDS = ("last", "best", "hpc")
+
+
+@dataclass
+class _Run:
+    """What one fit/validate holds while it runs: its folder and, on rank 0, the folder's lock."""
+
+    folder: Path | None = None
+    lock: RunFolderLock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def _refuse_settings_that_do_nothing(config, subcommand: str) -> None:
+    """Settings that would load the model and exit having trained or saved nothing, or end in a traceback."""
+    trainer, checkpoint = config["trainer"], config["checkpoint"]
+    if subcommand == "fit":
+        for key in ("max_epochs", "max_steps"):
+            if trainer.get(key) == 0:
+                raise LorafitError(
+                    f"trainer.{key} is 0: the run would load the model and stop without training or writing "
+                    f"anything; use 1 or more (-1: no limit, with the other of trainer.max_epochs/max_steps set)"
+                )
+    steps, epochs = checkpoint.get("every_n_train_steps") or 0, checkpoint.get("every_n_epochs") or 0
+    if steps > 0 and epochs > 0:
+        raise LorafitError(
+            f"checkpoint.every_n_train_steps {steps} and checkpoint.every_n_epochs {epochs} are both set, but "
+            f"Lightning's ModelCheckpoint takes one: add --checkpoint.every_n_epochs 0 to save every {steps} steps "
+            "(checkpoints/last.ckpt is then rewritten every that many steps)"
+        )
+
+
+def _config_files(config) -> list[str]:
+    return [str(getattr(path, "absolute", path)) for path in config.get("config") or []]
+
+
+def _build_cli_class(run: _Run | None = None):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -49,6 +96,8 @@ def _build_cli_class():
     from lorafit.training.checkpoint_io import AtomicCheckpointIO
     from lorafit.training.module import LoraDiffusionModule
     from lorafit.training.resume_settings import refuse_changed_network_in_file
+
+    run = run if run is not None else _Run()
 
     class LorafitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -76,6 +125,23 @@ def _build_cli_class():
             ckpt_path resumes with the config as written; the module then refuses, with one line,
             settings that do not fit the checkpoint's network (lorafit/training/resume_settings.py).
             """
+
+        def before_instantiate_classes(self) -> None:
+            """Every check that needs no model runs here, and rank 0 locks the run folder: before the
+            model loads and before anything is written there (config.yaml is written at setup)."""
+            from lorafit.data.pipe_policy import refuse_untrusted_pipes
+            from lorafit.io.checkpoint_file import check_resume_checkpoint
+            from lorafit.io.run_lock import RunFolderLock, is_launching_process
+
+            config = self.config[self.subcommand]
+            _refuse_settings_that_do_nothing(config, self.subcommand)
+            refuse_untrusted_pipes(config["data"], _config_files(config))
+            ckpt_path = config.get("ckpt_path")
+            if ckpt_path and str(ckpt_path) not in _CKPT_KEYWORDS and not str(ckpt_path).startswith("registry"):
+                check_resume_checkpoint(ckpt_path)
+            run.folder = Path(config["trainer"].get("default_root_dir") or ".")
+            if is_launching_process():
+                run.lock = RunFolderLock(run.folder).acquire()
 
         def instantiate_trainer(self, **kwargs):
             checkpointing = self.config[self.subcommand].get("trainer.enable_checkpointing") is not False
@@ -167,19 +233,49 @@ def optimizer_name_as_group(argv: list[str]) -> list[str]:
     return out
 
 
+def _worker_error(error: LorafitError) -> LorafitError:
+    """A LorafitError raised in a DataLoader worker arrives with the worker's traceback in its message
+    (torch's ExceptionWrapper); its own one line is the traceback's last."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return error
+    last = text.rstrip().splitlines()[-1]
+    return LorafitError(last.split("LorafitError: ", 1)[-1])
+
+
 def run_lightning(argv: list[str]):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lorafit.callbacks.requeue import SIGTERM_EXIT
     from lorafit.cli.renamed import rename_fit_args
+    from lorafit.io.write_errors import one_line_write_error
 
     # `--print_config` alone prints the YAML with every option's help as a comment.
     argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
     argv = rename_fit_args(optimizer_name_as_group(argv), renamed_keys())
-    cli_class, module_class, data_class, config_callback = _build_cli_class()
+    run = _Run()
+    cli_class, module_class, data_class, config_callback = _build_cli_class(run)
     cli_class.refused_start = refused_start = RefusedStartCleanup()
     try:
         return _start(cli_class, module_class, data_class, config_callback, argv)
-    except LorafitError:
+    except SIGTERMException:
+        # Lightning's own stop (SIGTERM before lorafit's requeue callback listened): no checkpoint of
+        # this moment exists, but the run did not finish, and status 0 would say it had.
+        print(
+            f"lorafit: stopped by SIGTERM before training could save a checkpoint (exit {SIGTERM_EXIT})",
+            file=sys.stderr,
+        )
+        raise SystemExit(SIGTERM_EXIT) from None
+    except LorafitError as error:
         refused_start.undo()  # a check refused the start: the run folder is left as it was
+        raise _worker_error(error) from None
+    except Exception as error:
+        converted = run.folder and one_line_write_error(error, run.folder, "trainer.default_root_dir")
+        if converted:
+            raise converted from error
         raise
+    finally:
+        run.release()
 
 
 def _start(cli_class, module_class, data_class, config_callback, argv: list[str]):

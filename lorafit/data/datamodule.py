@@ -19,8 +19,8 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,13 +29,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from lorafit.data.captions import CaptionOps
-from lorafit.data.kohya_folders import IMAGE_EXTENSIONS
+from lorafit.data.kohya_folders import IMAGE_EXTENSIONS, MAX_REPEATS
 from lorafit.data.sample_transform import BucketSpec, SampleTransform
 from lorafit.data.shard_index import DatasetIndex, default_cache_dir, load_index
 from lorafit.data.stream import ShardStream
+from lorafit.data.worker_signals import sigterm_from_parent_only
 from lorafit.errors import LorafitError
 
 logger = logging.getLogger("lorafit.data")
+
+# The most samples one epoch may hold: far beyond any LoRA dataset, below what planning can hold.
+MAX_SAMPLES_PER_EPOCH = 100_000_000
 
 
 class EpochLoader(DataLoader):
@@ -110,7 +114,9 @@ class LoraDataModule(L.LightningDataModule):
             prepared once into ``cache_dir`` (again only when a file changes). Or use ``shards``.
         reg_dir: With ``train_dir``: regularization folder(s) (e.g. ``1_dog/``) mixed into training.
         shards: Prepared data: a folder written by ``lorafit prepare``/``lorafit cache``, a brace
-            pattern (``data/train-{000000..000127}.tar``), paths, or ``pipe:``/http URLs.
+            pattern (``data/train-{000000..000127}.tar``), paths, or ``pipe:``/http URLs. ``pipe:CMD``
+            runs CMD as a shell command; refused in configs read from a run folder and in SLURM jobs
+            unless LORAFIT_ALLOW_PIPE=1 (docs/data.md).
         val_dir: Held-out kohya folder for ``loss/validation`` (fixed noise, so epochs compare).
         val_shards: Held-out shards instead of ``val_dir``.
         resolution: Training resolution; buckets hold at most resolution^2 pixels (512 SD1, 768
@@ -200,8 +206,8 @@ class LoraDataModule(L.LightningDataModule):
                 raise LorafitError(f"data.{key} is {value}; use {low} or more")
         if resolution % 8:
             raise LorafitError(f"data.resolution is {resolution}; use a multiple of 8 (e.g. 512, 768, 1024)")
-        if repeats is not None and repeats < 1:
-            raise LorafitError(f"data.repeats is {repeats}; use 1 or more, or leave it unset for folder names")
+        if repeats is not None and not 1 <= repeats <= MAX_REPEATS:
+            raise LorafitError(f"data.repeats is {repeats}; use 1 to {MAX_REPEATS}, or leave it unset for folder names")
         if reg_ratio < 0:
             raise LorafitError(f"data.reg_ratio is {reg_ratio}; use 0 or more (1.0 = as many reg as instance samples)")
         for key, folder in (("train_dir", train_dir), ("val_dir", val_dir)):
@@ -249,14 +255,12 @@ class LoraDataModule(L.LightningDataModule):
         return self.cache_dir / "prepared" / f"{roots[0].resolve().name}-{key}"
 
     def _prepare_folder(self, folder: str, reg) -> Path:
-        from lorafit.data.prepare import prepare
+        from lorafit.data.prepare_write import prepare_staged
 
         out = self._prepared_dir(folder, reg)
         if (out / "dataset.json").is_file():
             return out
         hp = self.hparams
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         logger.info("preparing %s into %s (once; reused until a file changes)", folder, out)
         # Without buckets every image becomes one square: the bucket range must not stop prepare
         # (a 32 px run would fail the default min_bucket_reso of 256).
@@ -265,10 +269,11 @@ class LoraDataModule(L.LightningDataModule):
             if hp.enable_bucket
             else (hp.resolution, hp.resolution, 8)
         )
-        prepare(
+        # Staged: complete or absent (a crash mid-prepare is redone, not half-used), nothing left on failure.
+        prepare_staged(
             folder,
-            out=str(tmp),
-            reg=reg,
+            out,
+            reg_dir=reg,
             caption_ext=hp.caption_ext,
             resolution=hp.resolution,
             min_bucket_reso=bucket_range[0],
@@ -276,8 +281,6 @@ class LoraDataModule(L.LightningDataModule):
             bucket_reso_steps=bucket_range[2],
             bucket_no_upscale=hp.bucket_no_upscale and hp.enable_bucket,
         )
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)  # complete or absent: a crash mid-prepare is redone, not half-used
         return out
 
     def _sources(self, split: str) -> tuple[Any, str]:
@@ -334,6 +337,7 @@ class LoraDataModule(L.LightningDataModule):
             self._check_cached(index, key)
             self.train_stream = self._stream(index, training=True)
             first = self.train_stream.plan(0)
+            self._check_epoch_size(first, key)
             if first.batches_per_rank == 0:
                 world = self._world()[0]
                 raise LorafitError(
@@ -372,6 +376,26 @@ class LoraDataModule(L.LightningDataModule):
             raise LorafitError(
                 "these shards hold cached text embeddings, so captions cannot change per draw; "
                 "turn off trigger_word/shuffle_caption/caption dropout or cache latents only"
+            )
+
+    def _check_epoch_size(self, plan, key: str) -> None:
+        """Refuses an epoch no batch can fill, or too large to plan (a repeats field gone wrong)."""
+        samples = sum(map(sum, plan.copies))
+        if samples > MAX_SAMPLES_PER_EPOCH:
+            raise LorafitError(
+                f"{key}: {samples} samples per epoch (repeats included) is more than lorafit plans "
+                f"({MAX_SAMPLES_PER_EPOCH}); lower the repeat counts or data.repeats"
+            )
+        world = self._world()[0]
+        batch, per_rank = self.batch_size, samples // world
+        if self.hparams.global_batch:  # every rank plays the one-process epoch with world-size batches
+            batch, per_rank = batch * world, samples
+        if 0 < per_rank < batch:
+            ranks = f" for each of {world} ranks" if world > 1 else ""
+            raise LorafitError(
+                f"data.batch_size {self.batch_size} is larger than the {per_rank} samples per epoch{ranks} "
+                f"({key}, repeats included), so no batch would be that large; set data.batch_size to at most "
+                f"{max(1, per_rank // (world if self.hparams.global_batch else 1))}"
             )
 
     def _log_plan(self, plan) -> None:
@@ -418,6 +442,8 @@ class LoraDataModule(L.LightningDataModule):
             num_workers=hp.num_workers,
             pin_memory=torch.cuda.is_available(),
             multiprocessing_context=hp.worker_start_method if hp.num_workers else None,
+            # scancel's SIGTERM must not kill the workers before the checkpoint is saved (worker_signals.py).
+            worker_init_fn=partial(sigterm_from_parent_only, training_process=os.getpid()) if hp.num_workers else None,
         )
 
     def train_dataloader(self) -> EpochLoader:

@@ -15,6 +15,12 @@ Images lying directly in ``train_dir`` (or under no concept folder) are seen onc
 
 This module is shared by the minimal folder DataModule and by ``lorafit prepare``, so it decides
 nothing about pixels: it only says which files exist, how often each counts and what its caption is.
+
+Symlinks are followed (datasets are often assembled from linked folders), but never silently out
+of the tree: a link whose target lies outside the scanned folder, and a link that loops back to
+its own ancestor or to a folder already read, is listed in :class:`TreeScan` for the caller to
+report. A repeat count is trusted only up to :data:`MAX_REPEATS`: ``99999999999_x/`` would plan
+an epoch no machine can hold.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from lorafit.data.caption_files import ENCODING_NAMES, UTF8, UTF8_ENCODINGS, read_caption_file
 from lorafit.errors import LorafitError
 
 logger = logging.getLogger("lorafit.data")
@@ -38,7 +45,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".tif", "
 # short enough to stay one readable line for a folder of a thousand uncaptioned images.
 _EXAMPLES_SHOWN = 3
 
-_KOHYA_NAME = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
+# A leading minus is read too, so "-3_x" is refused as a negative count instead of passing as a plain folder.
+_KOHYA_NAME = re.compile(r"^(-?\d+)_(.*)$", re.DOTALL)
+
+# The most repeats a folder may ask for. kohya guides use 1-100 (a few hundred for a single image);
+# beyond this a typo or an absurd count would plan an epoch of billions of samples.
+MAX_REPEATS = 10_000
 
 
 class FolderName(NamedTuple):
@@ -59,6 +71,8 @@ class ImageRecord:
         folder_prompt: Prompt from the nearest ``N_<prompt>`` folder, or None outside one.
         folder: Name of that concept folder (else the image's own folder); groups kohya's
             ``ss_tag_frequency`` metadata the way kohya groups it, by subset folder.
+        caption_encoding: How the caption sidecar was decoded (``utf-8`` unless it was in
+            another encoding, see :mod:`lorafit.data.caption_files`).
     """
 
     path: Path
@@ -66,6 +80,12 @@ class ImageRecord:
     repeats: int
     folder_prompt: str | None
     folder: str
+    caption_encoding: str = UTF8
+
+    @property
+    def in_concept_folder(self) -> bool:
+        """Whether the image lies under an ``N_...`` folder (``folder`` is then that folder's name)."""
+        return parse_folder_name(self.folder).repeats is not None
 
     @property
     def training_caption(self) -> str:
@@ -108,22 +128,28 @@ def read_caption(path: Path) -> str | None:
     """Reads a caption sidecar; None when the file is absent or holds only whitespace.
 
     Like kohya, only the first non-blank line is the caption (kohya treats further lines as
-    wildcard alternatives, which this trainer does not do). A UTF-8 byte-order mark, as Windows
-    Notepad writes, is dropped rather than ending up in the prompt.
+    wildcard alternatives, which this trainer does not do). UTF-8 (with or without the byte-order
+    mark Windows Notepad writes), UTF-16 and Windows-1252/Latin-1 files are decoded
+    (:mod:`lorafit.data.caption_files`).
     """
-    if not path.is_file():
-        return None
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise LorafitError(f"caption file {path} is not UTF-8 text; re-save it with UTF-8 encoding") from None
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        raise LorafitError(f"cannot read caption file {path} ({reason}); check its permissions") from None
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return None
+    caption_file = read_caption_file(path)
+    return None if caption_file is None else caption_file.caption
+
+
+def no_caption_reason(record: ImageRecord, caption_ext: str) -> str:
+    """Why an image without a caption sidecar has no caption to train on (its folder gives none)."""
+    sidecar = record.path.stem + caption_ext
+    if record.in_concept_folder:
+        return (
+            f"no caption: {sidecar} is missing or empty, and its folder '{record.folder}' has a repeat count but "
+            f"no trigger/class after the '_' to use instead; add the caption or rename the folder like "
+            f"'{record.repeats}_ohwx dog'"
+        )
+    hint = f" ('{record.folder}' is not one: it does not start with a repeat count)" if "_" in record.folder else ""
+    return (
+        f"no caption: {sidecar} is missing or empty, and the image is in no 'N_<trigger> <class>' folder{hint} "
+        "to take a prompt from; add the caption or move the image into a concept folder such as '10_ohwx dog'"
+    )
 
 
 def _raise_walk_error(err: OSError) -> None:
@@ -131,24 +157,51 @@ def _raise_walk_error(err: OSError) -> None:
     raise LorafitError(f"cannot read folder {err.filename} ({err.strerror}); check its permissions")
 
 
-def _walk_files(root: Path) -> list[Path]:
-    """All files under root, hidden files and folders skipped, sorted by relative path."""
+@dataclass(frozen=True)
+class LinkNote:
+    """A symlink the scan met: ``path`` (inside the tree) resolves to ``target``; ``problem`` says why it is listed."""
+
+    path: Path
+    target: Path
+    problem: str
+
+
+def _walk_files(root: Path) -> tuple[list[Path], list[LinkNote]]:
+    """All files under root (hidden files and folders skipped, sorted by relative path), and the
+    symlinks that lead outside root or loop."""
     found: list[Path] = []
-    visited: set[str] = set()
+    notes: list[LinkNote] = []
+    real_root = Path(os.path.realpath(root))
+    visited: dict[str, Path] = {}
     # followlinks: datasets are often assembled from symlinked folders; the visited set stops
-    # a link pointing at its own ancestor from looping forever.
+    # a link pointing at its own ancestor from looping forever, and such links are reported.
     for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in visited:
+        real = Path(os.path.realpath(dirpath))
+        if str(real) in visited:
+            first = visited[str(real)]
+            loops = first == Path(dirpath) or first in Path(dirpath).parents
+            problem = "loops back to its own parent folder" if loops else f"leads to {first}, already read"
+            notes.append(LinkNote(Path(dirpath), real, f"{problem}; not followed"))
             dirnames[:] = []
             continue
-        visited.add(real)
+        visited[str(real)] = Path(dirpath)
+        parent_inside = Path(os.path.realpath(Path(dirpath).parent)).is_relative_to(real_root)
+        if dirpath != str(root) and not real.is_relative_to(real_root) and parent_inside:
+            notes.append(LinkNote(Path(dirpath), real, "leads outside the dataset folder; followed"))
         # Hidden entries are editor/OS debris (.ipynb_checkpoints, macOS "._x.jpg" forks),
         # never training data; the demo writer also stages its output in a hidden folder.
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / name for name in filenames if not name.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            found.append(path)
+            target = Path(os.path.realpath(path))
+            if path.is_symlink() and real.is_relative_to(real_root) and not target.is_relative_to(real_root):
+                notes.append(LinkNote(path, target, "leads outside the dataset folder; followed"))
     # os.walk order depends on the file system; training order must not.
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    key = lambda p: p.relative_to(root).as_posix()
+    return sorted(found, key=key), sorted(notes, key=lambda n: key(n.path))
 
 
 def _is_image(path: Path) -> bool:
@@ -168,6 +221,12 @@ def _concept_of(directory: Path, root: Path, cache: dict[Path, FolderName | None
             raise LorafitError(
                 f"folder {directory} asks for {parsed.repeats} repeats; use a number of at least 1 "
                 "or move the folder out of data.train_dir"
+            )
+        elif parsed.repeats > MAX_REPEATS:
+            # Refused before anything is planned: an epoch of this many samples cannot be held.
+            raise LorafitError(
+                f"folder {directory} asks for {parsed.repeats} repeats per epoch, more than lorafit's limit of "
+                f"{MAX_REPEATS}; rename it with a smaller count (kohya guides use 1-100)"
             )
         else:
             concept = parsed
@@ -195,6 +254,7 @@ class TreeScan:
             the record (caption None) still says which folder, repeats and prompt the image has.
         other_files: Files that are neither images nor the caption sidecar of an image (notes,
             captions without an image, sidecars with another extension), in scan order.
+        links: Symlinks leading outside ``root`` (followed) or looping (not followed).
     """
 
     root: Path
@@ -202,6 +262,7 @@ class TreeScan:
     records: list[ImageRecord]
     caption_errors: list[tuple[ImageRecord, str]]
     other_files: list[Path]
+    links: list[LinkNote] = field(default_factory=list)
 
     @property
     def image_count(self) -> int:
@@ -233,7 +294,7 @@ def scan_tree(root: str | os.PathLike, caption_ext: str = ".txt") -> TreeScan:
     root = Path(root).expanduser()
     _check_root(root)
     ext = _normalise_caption_ext(caption_ext)
-    files = _walk_files(root)
+    files, links = _walk_files(root)
     images = [p for p in files if _is_image(p)]
     sidecars = {image.with_name(image.stem + ext) for image in images}
     other_files = [p for p in files if not _is_image(p) and p not in sidecars]
@@ -243,21 +304,24 @@ def scan_tree(root: str | os.PathLike, caption_ext: str = ".txt") -> TreeScan:
     caption_errors: list[tuple[ImageRecord, str]] = []
     for image in images:
         concept = _concept_of(image.parent, root, cache)
+        caption, encoding, error = None, UTF8, None
         try:
-            caption, error = read_caption(image.with_name(image.stem + ext)), None
+            caption_file = read_caption_file(image.with_name(image.stem + ext))
+            if caption_file is not None:
+                caption, encoding = caption_file.caption, caption_file.encoding
         except LorafitError as err:
-            caption, error = None, str(err)
+            error = str(err)
         if concept is None:
             # Outside any concept folder tag statistics are grouped by the image's own folder.
-            record = ImageRecord(image, caption, 1, None, image.parent.name)
+            record = ImageRecord(image, caption, 1, None, image.parent.name, encoding)
         else:
             folder = _concept_dir(image.parent).name
-            record = ImageRecord(image, caption, concept.repeats, concept.prompt, folder)
+            record = ImageRecord(image, caption, concept.repeats, concept.prompt, folder, encoding)
         if error is None:
             records.append(record)
         else:
             caption_errors.append((record, error))
-    return TreeScan(root, ext, records, caption_errors, other_files)
+    return TreeScan(root, ext, records, caption_errors, other_files, links)
 
 
 def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> list[ImageRecord]:
@@ -299,10 +363,17 @@ def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> lis
 
     orphans = [r for r in records if r.caption is None and r.folder_prompt is None]
     if orphans:
-        more = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
-        raise LorafitError(
-            f"image {orphans[0].path} has no caption{more}: add {orphans[0].path.stem}{ext} beside it "
-            "or put it in a 'N_<trigger> <class>' folder such as '10_ohwx dog'"
+        more = f" (and {len(orphans) - 1} more images)" if len(orphans) > 1 else ""
+        raise LorafitError(f"image {orphans[0].path}{more}: {no_caption_reason(orphans[0], ext)}")
+    for link in scan.links:
+        logger.warning("%s -> %s %s", link.path, link.target, link.problem)
+    legacy = [r for r in records if r.caption is not None and r.caption_encoding not in UTF8_ENCODINGS]
+    if legacy:
+        logger.warning(
+            "%d captions are not UTF-8 and were decoded as %s (e.g. %s); re-save them as UTF-8",
+            len(legacy),
+            ", ".join(sorted({ENCODING_NAMES[r.caption_encoding] for r in legacy})),
+            legacy[0].path.with_name(legacy[0].path.stem + ext),
         )
     fallback = [r for r in records if r.caption is None]
     if fallback:

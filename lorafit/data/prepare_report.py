@@ -18,6 +18,18 @@ from lorafit.data.buckets import BucketChoice, BucketStats
 from lorafit.data.kohya_folders import ImageRecord
 from lorafit.data.prepare_sample import PreparedSample
 
+# Skip kinds (lorafit.data.prepare_sample.SkipFile.kind) as the one-line error of a run with no
+# usable image words them: "none of the 3 images could be used: 3 have no caption ...".
+SKIP_KINDS = {
+    "no_caption": "have no caption and no 'N_<trigger> <class>' folder name to take one from",
+    "caption_file": "have a caption file that cannot be read as text",
+    "duplicate": "are exact duplicates of another image",
+    "undecodable": "are not images Pillow can decode (corrupt, truncated or another format)",
+    "empty": "are empty files",
+    "unreadable": "cannot be read (permissions)",
+    "small": "are smaller than the smallest bucket side, and drop_small is set",
+    "no_bucket": "fit no bucket",
+}
 SUMMARY_FORMAT = "lorafit-prepare"
 SUMMARY_VERSION = 1
 _TOP_TAGS = 25
@@ -52,6 +64,8 @@ class PrepareTally:
     skipped: list[dict] = field(default_factory=list)
     fixed: list[dict] = field(default_factory=list)
     ignored: list[dict] = field(default_factory=list)
+    long_captions: list[dict] = field(default_factory=list)
+    links: list[dict] = field(default_factory=list)
     stored: Counter = field(default_factory=Counter)
     images_in: int = 0
     instance_samples: int = 0
@@ -82,17 +96,25 @@ class PrepareTally:
         if sample.notes:
             self.fixed.append({"path": str(record.path), "notes": sample.notes})
 
-    def add_skipped(self, root: Path, record: ImageRecord, is_reg: bool, reason: str) -> None:
-        """Counts an image file that did not become a sample."""
+    def add_skipped(self, root: Path, record: ImageRecord, is_reg: bool, reason: str, kind: str) -> None:
+        """Counts an image file that did not become a sample (``kind``: a key of :data:`SKIP_KINDS`)."""
         self.images_in += 1
         folder = self._folder(root, record, is_reg)
         folder.images_in += 1
         folder.skipped += 1
-        self.skipped.append({"path": str(record.path), "reason": reason})
+        self.skipped.append({"path": str(record.path), "reason": reason, "kind": kind})
 
     def add_ignored(self, path: Path, reason: str) -> None:
         """Notes a non-image file; it is not an input image and is not counted in ``images_in``."""
         self.ignored.append({"path": str(path), "reason": reason})
+
+    def add_long_caption(self, path: Path, tokens: int) -> None:
+        """Notes a written sample whose caption training will cut."""
+        self.long_captions.append({"path": str(path), "tokens": tokens})
+
+    def add_link(self, path: Path, target: Path, problem: str) -> None:
+        """Notes a symlink that leads outside its dataset folder or loops."""
+        self.links.append({"path": str(path), "target": str(target), "problem": problem})
 
     @property
     def samples_written(self) -> int:
@@ -130,7 +152,18 @@ class PrepareTally:
             "skipped": self.skipped,
             "fixed": self.fixed,
             "ignored": self.ignored,
+            "long_captions": self.long_captions,
+            "links": self.links,
         }
+
+
+def unusable_message(summary: dict, where: str) -> str:
+    """The one-line error of a run that wrote no sample: why, by kind, with the first file as example."""
+    kinds = Counter(entry.get("kind", "other") for entry in summary["skipped"])
+    why = "; ".join(f"{n} {SKIP_KINDS.get(kind, 'were skipped')}" for kind, n in kinds.most_common())
+    first = summary["skipped"][0] if summary["skipped"] else None
+    example = f" - e.g. {first['path']}: {first['reason']}" if first else ""
+    return f"none of the {summary['images_in']} images in {where} could be used: {why}{example}"
 
 
 def _brace_pattern(shards: list[dict]) -> str:
@@ -215,6 +248,17 @@ def render_report(summary: dict) -> str:
     lines += _file_list(
         f"Ignored non-image files ({len(s['ignored'])})", [(e["path"], e["reason"]) for e in s["ignored"]]
     )
+    lines += _file_list(
+        f"Symlinks leading outside the dataset folder or looping ({len(s['links'])})",
+        [(e["path"], f"-> {e['target']}: {e['problem']}") for e in s["links"]],
+    )
+    limit = cfg.get("caption_token_limit")
+    if limit is None:
+        lines += ["## Caption length", "", "Not checked: give --tokenizer MODEL or --fit_config FIT.yaml.", ""]
+    else:
+        title = f"Captions longer than {limit} tokens ({len(s['long_captions'])}; training cuts the rest)"
+        rows = [(e["path"], f"{e['tokens']} tokens (tokenizer of {cfg['tokenizer']})") for e in s["long_captions"]]
+        lines += _file_list(title, rows)
     return "\n".join(lines)
 
 

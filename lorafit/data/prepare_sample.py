@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.data.buckets import BucketChoice, Size, select_bucket
+from lorafit.data.caption_files import ENCODING_NAMES, UTF8_ENCODINGS
 from lorafit.data.images import Color, DecodedImage, decode_rgb_with_fixes
-from lorafit.data.kohya_folders import ImageRecord
+from lorafit.data.kohya_folders import ImageRecord, no_caption_reason
 from lorafit.errors import LorafitError
 
 # Formats a training reader decodes cheaply and everywhere; anything else is re-encoded.
@@ -49,7 +50,15 @@ _FIX_NOTES = {
 
 
 class SkipFile(Exception):
-    """Raised with the report's reason when a source file cannot become a sample."""
+    """Raised with the report's reason when a source file cannot become a sample.
+
+    ``kind`` groups reasons for the one-line error of a run where no file was usable (see
+    :data:`lorafit.data.prepare_report.SKIP_KINDS`).
+    """
+
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,8 @@ class SampleSettings:
         drop_small: Skip small images instead of keeping them.
         background: RGB colour transparency is composited onto.
         background_name: The colour as the user gave it, for the report.
+        size_chosen: The user set the resolution or bucket sides (a flag or a fit config): an
+            image below the smallest side is then their choice, and the report words it as a note.
     """
 
     caption_ext: str
@@ -77,6 +88,7 @@ class SampleSettings:
     drop_small: bool
     background: Color
     background_name: str
+    size_chosen: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,16 +119,18 @@ def split_prompt(prompt: str | None, is_reg: bool) -> tuple[str | None, str | No
 
 
 def _caption(record: ImageRecord, settings: SampleSettings) -> tuple[str, list[str]]:
+    notes = []
+    if record.caption_encoding not in UTF8_ENCODINGS:
+        name = ENCODING_NAMES[record.caption_encoding]
+        notes.append(f"caption file is not UTF-8: read as {name}; re-save it as UTF-8 to be sure of its accents")
     if record.caption is not None:
-        return record.caption, []
+        return record.caption, notes
     sidecar = record.path.stem + settings.caption_ext
     if record.folder_prompt is None:
-        raise SkipFile(
-            f"no caption: {sidecar} is missing or empty and the image is in no 'N_<trigger> <class>' "
-            "folder to take a prompt from; add the caption or move the image into a concept folder"
-        )
+        raise SkipFile(no_caption_reason(record, settings.caption_ext), "no_caption")
     return record.folder_prompt, [
-        f"no caption ({sidecar} missing or empty): used folder prompt '{record.folder_prompt}'"
+        *notes,
+        f"no caption ({sidecar} missing or empty): used folder prompt '{record.folder_prompt}'",
     ]
 
 
@@ -125,9 +139,9 @@ def _read(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise SkipFile(f"cannot read file ({reason}); check its permissions") from None
+        raise SkipFile(f"cannot read file ({reason}); check its permissions", "unreadable") from None
     if not data:
-        raise SkipFile("empty file (0 bytes); re-export or remove it")
+        raise SkipFile("empty file (0 bytes); re-export or remove it", "empty")
     return data
 
 
@@ -142,7 +156,7 @@ def _bucket(width: int, height: int, settings: SampleSettings) -> BucketChoice:
             bucket_reso_steps=settings.bucket_reso_steps,
         )
     except LorafitError as err:  # bucket_no_upscale cannot fit extremely thin images
-        raise SkipFile(str(err)) from None
+        raise SkipFile(str(err), "no_bucket") from None
 
 
 def _encode(data: bytes, decoded: DecodedImage) -> tuple[str, bytes, str]:
@@ -157,8 +171,20 @@ def _encode(data: bytes, decoded: DecodedImage) -> tuple[str, bytes, str]:
     return "png", buffer.getvalue(), "png"
 
 
+def _duplicate(sha1: str, kept: tuple[Path, str], caption: str) -> str:
+    """The skip reason of an exact copy: which file was kept and, if they differ, which caption was dropped."""
+    path, kept_caption = kept
+    reason = f"exact duplicate of {path} (same sha1 {sha1[:12]}); kept the first copy only"
+    if caption == kept_caption:
+        return f"{reason} (same caption)"
+    return (
+        f"{reason} with its caption '{kept_caption}'; this copy's caption '{caption}' was dropped "
+        "- merge it into the kept one if it matters"
+    )
+
+
 def prepare_file(
-    record: ImageRecord, root: Path, is_reg: bool, settings: SampleSettings, seen: dict[str, Path]
+    record: ImageRecord, root: Path, is_reg: bool, settings: SampleSettings, seen: dict[str, tuple[Path, str]]
 ) -> PreparedSample:
     """Turns one scanned image into a sample.
 
@@ -167,9 +193,9 @@ def prepare_file(
         root: The SRC or ``--reg`` folder it was found under.
         is_reg: Whether root is a regularization folder.
         settings: Shared settings.
-        seen: sha1 -> path of every sample accepted so far; a returned sample adds itself. Only
-            accepted samples count, so a copy of a corrupt file is reported as corrupt, not as a
-            duplicate of a file that was itself skipped.
+        seen: sha1 -> (path, caption) of every sample accepted so far; a returned sample adds
+            itself. Only accepted samples count, so a copy of a corrupt file is reported as
+            corrupt, not as a duplicate of a file that was itself skipped.
 
     Raises:
         SkipFile: with the reason, for a file that must not become a sample.
@@ -178,18 +204,18 @@ def prepare_file(
     data = _read(record.path)
     sha1 = hashlib.sha1(data).hexdigest()
     if sha1 in seen:
-        raise SkipFile(f"exact duplicate of {seen[sha1]} (same sha1 {sha1[:12]}); kept the first copy only")
+        raise SkipFile(_duplicate(sha1, seen[sha1], caption), "duplicate")
     try:
         # The report line already shows the full path; the file name keeps the reason readable.
         decoded = decode_rgb_with_fixes(io.BytesIO(data), record.path.name, settings.background)
     except LorafitError as err:
-        raise SkipFile(str(err)) from None
+        raise SkipFile(str(err), "undecodable") from None
 
     width, height = decoded.image.size
     small = min(width, height) < settings.smallest_side
     too_small = f"{width}x{height} is smaller than the smallest bucket side ({settings.smallest_side} px)"
     if small and settings.drop_small:
-        raise SkipFile(f"{too_small}; dropped because drop_small is set")
+        raise SkipFile(f"{too_small}; dropped because drop_small is set", "small")
     choice = _bucket(width, height, settings)
     image_ext, image_bytes, stored = _encode(data, decoded)
 
@@ -199,8 +225,13 @@ def prepare_file(
     if stored != "original":
         how = f"JPEG q{JPEG_QUALITY}" if stored == "jpeg" else "PNG"
         notes.append(f"stored re-encoded as {how} (source {decoded.source_format})")
-    if small:
-        notes.append(f"{too_small}: kept, training will upscale it (set drop_small to drop such images)")
+    if small and settings.size_chosen:
+        notes.append(f"note: {width}x{height} is below the smallest bucket side you chose; training upscales it")
+    elif small:
+        notes.append(
+            f"{too_small} of prepare's default settings: kept, training will upscale it (pass --fit_config with "
+            "your fit config, or --resolution/--min_bucket_reso, to prepare for your size; drop_small drops it)"
+        )
 
     subject, class_ = split_prompt(record.folder_prompt, is_reg)
     fixes = decoded.fixes + (["caption_from_folder"] if record.caption is None else [])
@@ -225,5 +256,5 @@ def prepare_file(
         "bucket_resized": list(choice.resized_size),
         "aspect_error": round(choice.aspect_error, 6),
     }
-    seen[sha1] = record.path
+    seen[sha1] = (record.path, caption)
     return PreparedSample(image_ext, image_bytes, caption, meta, notes, choice)

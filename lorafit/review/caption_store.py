@@ -4,7 +4,13 @@ Every file the browser names arrives as ``<root number>/<path relative to that r
 through :meth:`CaptionStore.image_path`, which refuses anything that is not an image file inside
 a dataset root after resolving ``..`` and symlinks. A symlink leading out of the root is refused
 too: the page is a local web server, and the files it may touch must be exactly the ones under the
-folder the user named. Such images are left out of the listing and counted in a note.
+folder the user named. Such images are left out of the listing and counted in a note, and so are
+images whose *caption file* is a symlink leading out of the root: that file is neither read (its
+text would reach the page) nor written or backed up.
+
+Caption files are decoded as training reads them (UTF-8, UTF-16, Windows-1252; see
+:mod:`lorafit.data.caption_files`), so the page shows, and the ``.bak`` keeps, the real text of a
+file saved in another encoding; a save writes UTF-8.
 
 Saving uses optimistic concurrency: the page sends the version (SHA-256 of the file bytes) it
 loaded, and a file changed since (by another tab, an editor, ``lorafit caption``) is not
@@ -19,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from lorafit.captioning.caption import replace_caption
+from lorafit.data.caption_files import decode_caption
 from lorafit.data.kohya_folders import IMAGE_EXTENSIONS, scan_tree
+from lorafit.errors import LorafitError
 
 ABSENT = "absent"  # the version of a caption file that does not exist
 
@@ -44,11 +52,18 @@ def _read_bytes(path: Path) -> bytes | None:
         return None
 
 
+def _decoded(data: bytes) -> str:
+    try:
+        return decode_caption(data, "caption").text
+    except LorafitError:  # not text: shown as UTF-8 with replacement characters, as before
+        return data.decode("utf-8-sig", errors="replace")
+
+
 def as_text(data: bytes | None) -> str:
-    """Caption file bytes as the text box shows them: BOM and trailing newlines dropped."""
+    """Caption file bytes as the text box shows them: decoded, BOM and trailing newlines dropped."""
     if data is None:
         return ""
-    return data.decode("utf-8-sig", errors="replace").rstrip("\r\n")
+    return _decoded(data).rstrip("\r\n")
 
 
 @dataclass(frozen=True)
@@ -91,10 +106,17 @@ class CaptionStore:
             raise RefusedPath(403, f"{image_id!r} points outside the dataset folder")
         if resolved.suffix.lower() not in IMAGE_EXTENSIONS or not resolved.is_file():
             raise RefusedPath(404, f"no image {image_id!r} in the dataset")
+        if not self._inside(self.sidecar(root / relative), root):
+            raise RefusedPath(403, f"the caption file of {image_id!r} is a symlink leading outside the dataset folder")
         return root / relative
 
     def sidecar(self, image: Path) -> Path:
         return image.with_name(image.stem + self.caption_ext)
+
+    @staticmethod
+    def _inside(path: Path, root: Path) -> bool:
+        """Whether ``path`` (which may be absent, or a symlink) resolves to a place under ``root``."""
+        return path.resolve().is_relative_to(root)
 
     def items(self) -> tuple[list[dict], list[str]]:
         """Every image with its caption and version, and notes on files left out (rescanned each time)."""
@@ -103,7 +125,7 @@ class CaptionStore:
             scan = scan_tree(root, self.caption_ext)
             images = [record.path for record in scan.records] + [record.path for record, _ in scan.caption_errors]
             for image in sorted(images, key=lambda p: p.relative_to(root).as_posix()):
-                if not image.resolve().is_relative_to(root):
+                if not self._inside(image, root) or not self._inside(self.sidecar(image), root):
                     outside += 1
                     continue
                 relative = image.relative_to(root).as_posix()
@@ -120,8 +142,8 @@ class CaptionStore:
                 )
         if outside:
             notes.append(
-                f"{outside} images reached through symlinks leading outside the dataset folder are not "
-                "shown; open their own folder with `lorafit review` to edit them"
+                f"{outside} images reached through symlinks leading outside the dataset folder (or whose caption "
+                "file is such a symlink) are not shown; open their own folder with `lorafit review` to edit them"
             )
         return items, notes
 
@@ -140,6 +162,6 @@ class CaptionStore:
                 return SaveResult(image_id, "conflict", current, as_text(data))
             if data is not None and as_text(data) == text:
                 return SaveResult(image_id, "unchanged", current, text)
-            previous = data.decode("utf-8-sig", errors="replace") if data is not None else None
+            previous = _decoded(data) if data is not None else None
             replace_caption(sidecar, text, previous)
             return SaveResult(image_id, "saved", version_of(_read_bytes(sidecar)), text)

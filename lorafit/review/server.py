@@ -10,9 +10,12 @@ package (no CDN, works offline) and a small JSON API:
   changed on disk since the page loaded it (the others are saved), with the current text
 
 Requests are refused unless their ``Host`` header names the loopback address (a web page on
-another site cannot reach the server through DNS rebinding) and a save must be sent as
+another site cannot reach the server through DNS rebinding). A save must be sent as
 ``application/json`` (which a cross-site form cannot do without a CORS preflight this server
-never grants).
+never grants), with a numeric ``Content-Length`` of at most 16 MiB, and from the page itself: an
+``Origin`` header naming any other origin (another site, ``null`` from a sandbox or a file) is
+refused. Every connection has a read timeout, so clients that open a request and stall (300 of them
+once held 302 threads) are dropped instead of holding a thread each for ever.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ STATIC_FILES = {
     "/app.css": ("app.css", "text/css"),
 }
 MAX_BODY = 16 << 20  # a save of every caption of a large dataset fits; anything larger is not ours
+READ_TIMEOUT = 30.0  # seconds a connection may stay silent: the page's requests take milliseconds
 
 
 def _static(name: str) -> bytes:
@@ -53,6 +57,10 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
     server: ReviewServer
     protocol_version = "HTTP/1.1"
+
+    @property
+    def timeout(self) -> float:  # read by StreamRequestHandler.setup() as the socket's timeout
+        return self.server.read_timeout
 
     def log_message(self, format: str, *args) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
@@ -72,6 +80,14 @@ class ReviewHandler(BaseHTTPRequestHandler):
     def _host_allowed(self) -> bool:
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
         return host in (LOOPBACK, "localhost")
+
+    def _origin_allowed(self) -> bool:
+        """No Origin (not a browser), or the page's own: http://127.0.0.1:PORT or http://localhost:PORT."""
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return True
+        port = self.server.server_address[1]
+        return origin in (f"http://{LOOPBACK}:{port}", f"http://localhost:{port}")
 
     def do_GET(self) -> None:
         if not self._host_allowed():
@@ -109,10 +125,17 @@ class ReviewHandler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.FORBIDDEN, {"error": "requests must be addressed to 127.0.0.1"})
         if urlsplit(self.path).path != "/api/save":
             return self._json(HTTPStatus.NOT_FOUND, {"error": "POST goes to /api/save"})
+        if not self._origin_allowed():
+            return self._json(HTTPStatus.FORBIDDEN, {"error": "saves are accepted from the review page only"})
         if not (self.headers.get("Content-Type") or "").startswith("application/json"):
             return self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send the changes as application/json"})
-        length = int(self.headers.get("Content-Length") or 0)
+        declared = (self.headers.get("Content-Length") or "").strip()
+        if not declared.isdigit():  # isdigit: no sign, no blank, no "1e3"; int() would raise or accept those
+            self.close_connection = True  # the body's end is unknown: the connection cannot be reused
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "Content-Length must be a number of bytes"})
+        length = int(declared)
         if not 0 < length <= MAX_BODY:
+            self.close_connection = True
             return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "no body, or too large"})
         try:
             changes = json.loads(self.rfile.read(length))["changes"]
@@ -134,9 +157,12 @@ class ReviewServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, store: CaptionStore, port: int = 0, reminder: str | None = None) -> None:
+    def __init__(
+        self, store: CaptionStore, port: int = 0, reminder: str | None = None, read_timeout: float = READ_TIMEOUT
+    ) -> None:
         self.store = store
         self.reminder = reminder
+        self.read_timeout = read_timeout
         super().__init__((LOOPBACK, port), ReviewHandler)
 
     @property
@@ -144,10 +170,12 @@ class ReviewServer(ThreadingHTTPServer):
         return f"http://{LOOPBACK}:{self.server_address[1]}/"
 
 
-def start_review_server(directory: str | Path, caption_ext: str = ".txt", port: int = 0) -> ReviewServer:
+def start_review_server(
+    directory: str | Path, caption_ext: str = ".txt", port: int = 0, read_timeout: float = READ_TIMEOUT
+) -> ReviewServer:
     """Builds the server for DIR and starts serving in a background thread (for tests and notebooks)."""
     roots = dataset_roots(directory)
-    server = ReviewServer(CaptionStore(roots.roots, caption_ext), port, roots.reminder())
+    server = ReviewServer(CaptionStore(roots.roots, caption_ext), port, roots.reminder(), read_timeout)
     threading.Thread(target=server.serve_forever, name="lorafit-review", daemon=True).start()
     return server
 
