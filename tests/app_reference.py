@@ -77,3 +77,19 @@ def apply_kohya_file(pipe, family: str, path, strength: float = 1.0):
         layer = components[component].get_submodule(module)
         layer.weight.copy_(patched_weight(layer.weight, tensors, strength))
     return pipe
+
+
+# ComfyUI comfy/lora.py, model_lora_keys_clip: the diffusers-format names it maps onto CLIP layers
+# ("text_encoder.text_model.encoder.layers.{b}.{c}  #diffusers lora"); any other spelling is not loaded.
+_COMFY_CLIP_PARTS = (
+    "mlp.fc1",
+    "mlp.fc2",
+    "self_attn.k_proj",
+    "self_attn.q_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+)
+
+
+def comfy_diffusers_clip_keys(component: str, num_layers: int) -> set[str]:
+    return {f"{component}.text_model.encoder.layers.{b}.{c}" for b in range(num_layers) for c in _COMFY_CLIP_PARTS}
