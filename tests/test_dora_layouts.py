@@ -1,0 +1,122 @@
+"""DoRA magnitudes in kohya/LyCORIS files, per output and per input channel, as lorafit, ComfyUI and A1111
+merge them (the apps' merge code is written out in app_reference.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from app_reference import apply_kohya_file
+from network_reference import pipeline
+from safetensors.torch import load_file, save_file
+from training import unet_output
+
+import lorafit
+from lorafit.cli import main
+from lorafit.networks.kohya_format import kohya_stem
+
+MODULES = (
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",  # Linear
+    "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",  # Linear, in != out
+    "down_blocks.0.attentions.0.proj_in",  # 1x1 conv
+    "down_blocks.0.resnets.0.conv1",  # 3x3 conv
+)
+TEXT = "encoder.layers.1.self_attn.q_proj"
+
+
+def _random(*shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.3
+
+
+def _dora_file(pipe, path, axis: int):
+    """A DoRA file with magnitudes per output (axis 0, [out, 1...]) or input channel (axis 1, [1, in...])."""
+    tensors = {}
+    layers = [("unet", name, pipe.unet.get_submodule(name)) for name in MODULES]
+    layers.append(("text_encoder", TEXT, pipe.text_encoder.get_submodule(TEXT)))
+    for index, (component, name, layer) in enumerate(layers):
+        stem = kohya_stem("sd1", component, name)
+        weight = layer.weight.detach()
+        out, inner, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
+        tensors[f"{stem}.lora_down.weight"] = _random(2, inner, *kernel, seed=index)
+        tensors[f"{stem}.lora_up.weight"] = _random(out, 2, *[1] * len(kernel), seed=50 + index)
+        tensors[f"{stem}.alpha"] = torch.tensor(1.0 + index % 3)
+        moved = weight.transpose(0, axis)  # the norm per channel of that axis, then moved off it a bit
+        norm = moved.reshape(moved.shape[0], -1).norm(dim=1)
+        magnitude = norm * (1.2 + 0.5 * torch.rand(norm.shape, generator=torch.Generator().manual_seed(index)))
+        shape = [1] * weight.dim()
+        shape[axis] = -1
+        tensors[f"{stem}.dora_scale"] = magnitude.reshape(shape)
+    save_file(tensors, str(path))
+    return path
+
+
+@torch.no_grad()
+def _text(pipe) -> torch.Tensor:
+    return pipe.text_encoder(torch.tensor([[3, 9, 14, 1, 2]]))[0]
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor) -> float:
+    """How far ``got`` is from ``want``, relative to the update ``want - base``."""
+    return ((got - want).abs().max() / (want - base).abs().max()).item()
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_input_axis_dora_loads_as_comfyui_and_a1111_merge_it(tiny_models, tmp_path, strength):
+    """LyCORIS < 3.2 / OneTrainer layout ([1, in]): both apps normalise each input column of W + dW."""
+    model = tiny_models["sd1"]
+    pipe = pipeline(model)
+    base, base_text = unet_output(pipe.unet), _text(pipe)
+    path = _dora_file(pipe, tmp_path / "input-axis.safetensors", axis=1)
+    comfy = apply_kohya_file(pipeline(model), "sd1", path, strength, app="comfyui")
+    a1111 = apply_kohya_file(pipeline(model), "sd1", path, strength, app="a1111")
+    assert _relative(unet_output(a1111.unet), unet_output(comfy.unet), base) < 1e-4  # the apps agree here
+    lorafit.load_lora(pipe, path, weight=strength)
+    assert (unet_output(comfy.unet) - base).abs().max() > 1e-2
+    for app in (comfy, a1111):
+        assert _relative(unet_output(pipe.unet), unet_output(app.unet), base) < 1e-4
+        assert _relative(_text(pipe), _text(app), base_text) < 1e-4
+    lorafit.unload_lora(pipe)
+    assert torch.equal(unet_output(pipe.unet), base) and torch.equal(_text(pipe), base_text)
+
+
+def test_input_axis_dora_strength_and_block_weights_follow_the_apps(tiny_models, tmp_path):
+    model = tiny_models["sd1"]
+    pipe = pipeline(model)
+    base = unet_output(pipe.unet)
+    path = _dora_file(pipe, tmp_path / "input-axis.safetensors", axis=1)
+    name = lorafit.load_lora(pipe, path, weight=0.0)
+    assert torch.equal(unet_output(pipe.unet), base)
+    lorafit.set_lora_weight(pipe, name, 0.5)
+    half = apply_kohya_file(pipeline(model), "sd1", path, 0.5, app="comfyui")
+    assert _relative(unet_output(pipe.unet), unet_output(half.unet), base) < 1e-4
+    lorafit.set_block_weights(pipe, name, "IN=0")  # every module of this file sits in an input block
+    assert torch.equal(unet_output(pipe.unet), base)
+
+
+def test_output_axis_dora_is_read_as_lycoris_computes_it_and_the_apps_differ(tiny_models, tmp_path):
+    """lorafit's PEFT layout ([out, 1], LyCORIS >= 3.2 wd_on_output): lorafit and LyCORIS agree; ComfyUI
+    divides by ||W|| instead of ||W + dW|| and A1111 reads every dora_scale per input channel, so neither
+    reproduces it. docs/network-types.md says which file to give each app."""
+    model = tiny_models["sd1"]
+    pipe = pipeline(model)
+    base = unet_output(pipe.unet)
+    path = _dora_file(pipe, tmp_path / "output-axis.safetensors", axis=0)
+    lorafit.load_lora(pipe, path)
+    ours = unet_output(pipe.unet)
+    assert _relative(ours, unet_output(apply_kohya_file(pipeline(model), "sd1", path, app="lycoris").unet), base) < 1e-4
+    comfy = _relative(ours, unet_output(apply_kohya_file(pipeline(model), "sd1", path, app="comfyui").unet), base)
+    a1111 = _relative(ours, unet_output(apply_kohya_file(pipeline(model), "sd1", path, app="a1111").unet), base)
+    assert comfy > 1e-3 and a1111 > 1e-3, (comfy, a1111)
+
+
+def test_convert_keeps_input_axis_dora_in_kohya_format_and_refuses_diffusers(tiny_models, tmp_path, capsys):
+    pipe = pipeline(tiny_models["sd1"])
+    path = _dora_file(pipe, tmp_path / "input-axis.safetensors", axis=1)
+    main(["convert", str(path), str(tmp_path / "same.safetensors"), "--base", tiny_models["sd1"], "--to", "kohya"])
+    original, again = load_file(str(path)), load_file(str(tmp_path / "same.safetensors"))
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["convert", str(path), str(tmp_path / "d.safetensors"), "--base", tiny_models["sd1"]])
+    err = capsys.readouterr().err.strip()
+    assert "per input channel" in err and "--to kohya" in err and "\n" not in err
+    assert not (tmp_path / "d.safetensors").exists()
