@@ -15,6 +15,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.families.loading import model_skeleton
+from lorafit.networks.diffusers_format import diffusers_can_hold
 from lorafit.networks.files import DIFFUSERS_KINDS, read_lora_file, save_diffusers, save_kohya
 from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.lora_weights import network_kinds
@@ -64,9 +65,7 @@ def convert(
             f"convert: {src} is a {'/'.join(kinds)} network, which diffusers has no format for; "
             "use --to kohya to rewrite it in kohya/LyCORIS format"
         )
-    if target == "diffusers" and any(
-        getattr(m, "dora_axis", None) == 1 for modules in weights.values() for m in modules.values()
-    ):
+    if target == "diffusers" and not diffusers_can_hold(weights):
         raise LorafitError(
             f"convert: {src} is DoRA normalised per input channel (A1111/OneTrainer/LyCORIS < 3.2 layout), which "
             "diffusers/PEFT cannot hold (PEFT's DoRA is per output channel); use --to kohya"

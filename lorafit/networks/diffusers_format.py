@@ -45,6 +45,12 @@ _PARTS = {
 _TEXT_MODEL = "text_model."
 
 
+def diffusers_can_hold(weights: LoraWeights) -> bool:
+    """Whether the format holds ``weights``: LoRA/DoRA only, and DoRA per output channel only (PEFT's)."""
+    modules = [m for component in weights.values() for m in component.values()]
+    return all(m.kind in DIFFUSERS_KINDS and getattr(m, "dora_axis", 0) in (None, 0) for m in modules)
+
+
 def file_module_name(family, component: str, module: str) -> str:
     """A module's name in the file: CLIP text encoders' under the transformers-4 ``text_model.`` level."""
     if component in family.clip_components and not module.startswith(_TEXT_MODEL):
