@@ -13,7 +13,10 @@ so every attention module whose alpha differs from the most common one silently 
 scale (checked in ``tests/test_load_lora.py``); it drops ``dora_scale`` keys with a warning
 (``lora_pipeline.py``: "filter out the keys associated to 'dora_scale'") and refuses LoHa/LoKr
 keys. This loader reads every format lorafit writes (kohya/LyCORIS incl. SDXL SGM names, diffusers
-+ metadata) into :class:`LoraWeights` and injects PEFT adapters itself, one per file and kind.
++ metadata) and the layouts of other trainers that ComfyUI reads (docs/network-types.md) into
+:class:`LoraWeights`, checks them against the pipeline's modules (:func:`fit_to_model`) and
+injects PEFT adapters itself, one per file and kind. DoRA per input channel, which PEFT has no
+layer for, is applied by a hook on the base layer (:mod:`lorafit.networks.input_dora`).
 
 Strength follows A1111/ComfyUI: ``W + weight * (W' - W)``. For LoRA/LoHa/LoKr that is PEFT's
 adapter scale. For DoRA PEFT's scale would also change the direction inside the norm, so the
@@ -117,7 +120,7 @@ def load_lora(
     """Load a LoRA/LoCon/DoRA/LoHa/LoKr file (kohya/LyCORIS or diffusers format) into ``pipe``.
 
     Args:
-        pipe: A diffusers SD1/SD2/SDXL pipeline (txt2img, img2img, inpaint ...).
+        pipe: A diffusers pipeline of a family lorafit knows (SD1/SD2/SDXL, Flux; txt2img, img2img, inpaint ...).
         path: The ``.safetensors`` file.
         weight: Strength: 1 = as trained, 0 = the base model exactly; other values scale the update.
         adapter_name: Name to refer to it later; default: the file name without extension.
