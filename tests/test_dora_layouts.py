@@ -185,3 +185,33 @@ def test_dora_trained_per_output_channel_is_exact_in_lycoris_and_diffusers_only(
     pipe = pipeline(model)
     pipe.load_lora_weights(str(lora / "diffusers" / "test.safetensors"))
     assert _relative(unet_output(pipe.unet), unet_expected, base) < 1e-4
+
+
+@pytest.mark.slow
+def test_flux_dora_per_input_channel_is_written_per_module_and_reloads(tiny_models, demo_data, tmp_path):
+    """Fused BFL modules (q, k, v in one qkv) cannot hold per-part column norms: those modules go under
+    SimpleTuner's lycoris_ names, which ComfyUI maps onto slices of the fused weights."""
+    from flux_reference import flux_output
+
+    network = NetworkConfig(type="dora", dora_axis="input", preset="attn")
+    _, module = train(
+        tiny_models["flux"],
+        demo_data,
+        tmp_path,
+        max_steps=3,
+        learning_rate=1e-2,
+        network=network,
+        export={"every_n_epochs": 0},
+    )
+    expected = flux_output(module.transformer)
+    tensors = load_file(str(tmp_path / "lora" / "test.safetensors"))
+    stems = {k.partition(".")[0] for k in tensors}
+    assert "lycoris_transformer_blocks_0_attn_to_q" in stems and not any("qkv" in s for s in stems)
+    assert all(t.shape[0] == 1 for k, t in tensors.items() if k.endswith(".dora_scale"))
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_models["flux"])
+    before = flux_output(pipe.transformer)
+    lorafit.load_lora(pipe, tmp_path / "lora" / "test.safetensors")
+    assert (expected - before).abs().max() > 1e-4
+    torch.testing.assert_close(flux_output(pipe.transformer), expected, rtol=1e-4, atol=1e-5)

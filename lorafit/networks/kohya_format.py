@@ -11,9 +11,9 @@ turned into underscores. The family decides the names (:meth:`Family.kohya_stem`
   Reading, the UNet families also take the names ComfyUI maps (diffusers paths, LDM paths, ``lycoris_``).
 - Flux transformer: ``lora_unet_`` + BFL's path, where some modules are fused
   (``lora_unet_double_blocks_0_img_attn_qkv`` = ``to_q``/``to_k``/``to_v``): LoRA/DoRA are joined
-  and split exactly (:mod:`lorafit.networks.fused_lora`); LoHa/LoKr, which cannot be fused, are
-  written per diffusers module as ``lycoris_`` + path (SimpleTuner's LyCORIS layout, which ComfyUI
-  maps onto the fused weights). OneTrainer's ``lora_transformer_`` + path is read too.
+  and split exactly (:mod:`lorafit.networks.fused_lora`); LoHa/LoKr and DoRA per input channel,
+  which cannot be fused, are written per diffusers module as ``lycoris_`` + path (SimpleTuner's
+  LyCORIS layout, which ComfyUI maps onto the fused weights). OneTrainer's ``lora_transformer_`` + path is read too.
 - Text encoders: ``lora_te_`` (SD1/2) or ``lora_te1_`` (CLIP-L) / ``lora_te2_`` (OpenCLIP bigG) +
   the transformers-4 path, which starts with ``text_model_`` even though transformers 5 removed
   that level from ``named_modules()``.
@@ -114,9 +114,12 @@ def to_kohya_state_dict(
             for module, module_weights in modules.items():
                 write(spec.kohya_stem(component, module, denoiser_config), module_weights)
             continue
-        lora = {m: w for m, w in modules.items() if isinstance(w, LoraModuleWeights)}
+        # LoHa/LoKr and DoRA per input channel cannot be fused (their update is no low-rank product, or
+        # each part's norm is its own): per diffusers module under SimpleTuner's LyCORIS names, which
+        # ComfyUI maps onto slices of the fused weights.
+        lora = {m: w for m, w in modules.items() if isinstance(w, LoraModuleWeights) and w.dora_axis != 1}
         for module, module_weights in modules.items():
-            if module not in lora:  # LoHa/LoKr: not fusable, per diffusers module (SimpleTuner's LyCORIS names)
+            if module not in lora:
                 write(f"lycoris_{module.replace('.', '_')}", module_weights)
         covered = set()
         for stem, kohya_module in layout.items():
