@@ -14,6 +14,7 @@ import torch
 from lorafit.networks.files import read_lora_file
 from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.lora_weights import delta_weight
+from lorafit.networks.model_fit import fit_to_model
 
 
 def pipeline(model_dir: str):
@@ -43,6 +44,7 @@ def merge_into(pipe, path, strength: float | Callable[[str, str], float] = 1.0):
     """
     parts = components(pipe)
     weights, _, _ = read_lora_file(path, kohya_name_table(family(pipe), parts))
+    weights = fit_to_model(weights, parts, str(path))  # text-encoder names as the installed transformers has them
     for component, modules in weights.items():
         named = dict(parts[component].named_modules())
         for name, module in modules.items():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from training import tiny_data, train
 
+from lorafit.training.config import NetworkConfig
 from lorafit.training.module import LoraDiffusionModule
 
 # LoRA on attention plus the ResNet/in/out convolutions (LoCon-style targets) gives a random-weight
@@ -53,9 +54,12 @@ def _lora_tensors(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k}
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "flux", "sd1-dora-input"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(family, tiny_models, demo_data, tmp_path):
     kwargs = dict(learning_rate=5e-3, train_text_encoder=True)
+    if family == "sd1-dora-input":  # its magnitudes live outside PEFT (input_dora.py) and must resume too
+        network = NetworkConfig(type="dora", dora_axis="input", train_text_encoder=True)
+        family, kwargs = "sd1", dict(learning_rate=5e-3, network=network)
     _, straight = train(tiny_models[family], demo_data, tmp_path / "straight", max_epochs=2, **kwargs)
 
     train(tiny_models[family], demo_data, tmp_path / "stopped", max_epochs=1, **kwargs)
@@ -78,6 +82,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(family, tiny_models, d
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed run diverged"
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if "lora_B" in k)
+    magnitudes = [k for k in got if "lora_input_magnitude" in k]
+    assert bool(magnitudes) == ("network" in kwargs) and all(k in saved for k in magnitudes)
 
 
 def test_mid_epoch_resume_continues_the_interrupted_epoch_exactly(tiny_models, demo_data, tmp_path):

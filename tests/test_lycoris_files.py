@@ -114,7 +114,7 @@ def test_networks_of_two_kinds_on_the_same_modules_add_up(tiny_models, tmp_path)
         ({"hada_t1": (2, 2, 3, 3)}, r"unsupported \['hada_t1'\]"),
         ({"lokr_t2": (2, 2, 3, 3)}, r"unsupported \['lokr_t2'\]"),
         ({"lora_mid.weight": (2, 2, 3, 3)}, r"unsupported \['lora_mid.weight'\]"),
-        ({"dora_scale": (1, 32)}, "input-axis DoRA files are not supported"),
+        ({"dora_scale": (2, 32)}, "neither per output channel"),
         ({"weird": (1,)}, r"unsupported \['weird'\]"),
     ],
 )

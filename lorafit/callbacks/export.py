@@ -14,6 +14,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 
+from lorafit.networks.diffusers_format import diffusers_can_hold
 from lorafit.networks.files import DIFFUSERS_KINDS, save_diffusers, save_kohya
 from lorafit.networks.lora_weights import network_kinds
 from lorafit.networks.metadata import TrainingInfo, kohya_metadata
@@ -178,16 +179,18 @@ class LoraExport(pl.Callback):
             )
         if "diffusers" in self.formats:
             kinds = network_kinds(weights)
-            if kinds <= DIFFUSERS_KINDS:
+            if diffusers_can_hold(weights):
                 paths.append(
                     save_diffusers(directory / "diffusers" / f"{stem}.safetensors", pl_module.family, weights, dtype)
                 )
             elif not self._warned_no_diffusers:
-                # diffusers has no LoHa/LoKr format; the kohya/LyCORIS file loads with lorafit.load_lora.
+                # diffusers has no LoHa/LoKr format, nor DoRA per input channel; the kohya/LyCORIS file
+                # loads with lorafit.load_lora.
+                what = sorted(kinds - DIFFUSERS_KINDS) or ["DoRA per input channel"]
                 log.warning(
                     "no diffusers-format file for %s networks (diffusers cannot load them); "
                     "the kohya/LyCORIS file loads in A1111, ComfyUI and lorafit.load_lora",
-                    sorted(kinds),
+                    what,
                 )
                 self._warned_no_diffusers = True
         for path in paths:

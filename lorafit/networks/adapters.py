@@ -90,4 +90,9 @@ def attach_network(
     from lorafit.networks.presets import select_modules
 
     targets = select_modules(model, base_targets, include, exclude, key)
-    return add_network(model, network_config(spec, targets), key)
+    count = add_network(model, network_config(spec, targets), key)
+    if spec.network_type == "dora" and spec.dora_axis == "input":
+        from lorafit.networks.input_dora import add_input_magnitudes
+
+        add_input_magnitudes(model, ADAPTER_NAME)
+    return count

@@ -15,9 +15,11 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.families.loading import model_skeleton
+from lorafit.networks.diffusers_format import diffusers_can_hold
 from lorafit.networks.files import DIFFUSERS_KINDS, read_lora_file, save_diffusers, save_kohya
 from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.lora_weights import network_kinds
+from lorafit.networks.model_fit import fit_to_model
 
 log = logging.getLogger("lorafit.convert")
 
@@ -53,12 +55,20 @@ def convert(
             raise LorafitError(f"convert: {src} does not record its base model; pass --base <model dir or hub id>")
     family, components = model_skeleton(base)
     weights, source_format, metadata = read_lora_file(src, kohya_name_table(family, components))
+    # Shapes are checked against the base as load_lora checks them: a file for another model is refused
+    # here, not rewritten into a file that fails (or silently misbehaves) wherever it is loaded next.
+    weights = fit_to_model(weights, components, f"convert: {src}")
     target = to or ("diffusers" if source_format == "kohya" else "kohya")
     if target == "diffusers" and not network_kinds(weights) <= DIFFUSERS_KINDS:
         kinds = sorted(network_kinds(weights) - DIFFUSERS_KINDS)
         raise LorafitError(
             f"convert: {src} is a {'/'.join(kinds)} network, which diffusers has no format for; "
             "use --to kohya to rewrite it in kohya/LyCORIS format"
+        )
+    if target == "diffusers" and not diffusers_can_hold(weights):
+        raise LorafitError(
+            f"convert: {src} is DoRA normalised per input channel (A1111/OneTrainer/LyCORIS < 3.2 layout), which "
+            "diffusers/PEFT cannot hold (PEFT's DoRA is per output channel); use --to kohya"
         )
     if Path(dst).resolve() == Path(src).resolve():
         raise LorafitError(f"convert: {dst} is the source file; choose another output path")

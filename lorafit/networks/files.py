@@ -6,7 +6,6 @@ killed mid-save (OOM, SLURM preemption, Ctrl-C) leaves the previous file whole.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -18,27 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorafit.errors import LorafitError
+from lorafit.networks.diffusers_format import DIFFUSERS_KINDS, diffusers_layers, from_diffusers_state_dict
 from lorafit.networks.kohya_format import from_kohya_state_dict, is_kohya_state_dict, to_kohya_state_dict
-from lorafit.networks.lora_weights import (
-    LoraModuleWeights,
-    LoraWeights,
-    alpha_from_config,
-    cast,
-    network_kinds,
-    peft_config_for,
-)
+from lorafit.networks.lora_weights import LoraWeights, cast, network_kinds
+from lorafit.networks.other_layouts import generic_to_kohya, is_generic_layout
 
 LoraFormat = Literal["kohya", "diffusers"]
-_DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-DIFFUSERS_KINDS = {"lora", "dora"}  # network kinds the diffusers/PEFT LoRA format can hold
-# Key suffix -> part, for PEFT names and the older diffusers ``lora.down``/``lora.up`` names.
-_DIFFUSERS_PARTS = {
-    ".lora_A.weight": "down",
-    ".lora_B.weight": "up",
-    ".lora.down.weight": "down",
-    ".lora.up.weight": "up",
-    ".lora_magnitude_vector": "magnitude",
-}
 
 
 def _usual_permissions(path: str | Path) -> None:
@@ -101,29 +85,17 @@ def save_diffusers(path: str | Path, family: str, weights: LoraWeights, dtype: t
         )
     weights = cast(weights, dtype)
     spec = get_family(family)
-    pipeline_class = spec.pipeline_type()
-    layers, configs = {}, {}
-    for component, modules in weights.items():
-        tensors = {}
-        for name, m in modules.items():
-            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = m.down, m.up
-            if m.dora_scale is not None:  # PEFT's shape: [out] for a Linear, [1, out, 1, 1] for a conv
-                magnitude = m.dora_scale.flatten()
-                tensors[f"{name}.lora_magnitude_vector"] = (
-                    magnitude if m.down.dim() == 2 else magnitude.reshape(1, -1, 1, 1)
-                )
-        layers[f"{component}_lora_layers"] = tensors
-        configs[f"{component}_lora_adapter_metadata"] = peft_config_for(modules)
     unknown = sorted(set(weights) - {spec.denoiser_component, *spec.trainable_text_encoders})
     if unknown:
         raise LorafitError(
             f"{path}: {spec.title} has no trainable component {unknown[0]!r} for a diffusers-format file"
         )
+    layers = diffusers_layers(spec, weights)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        pipeline_class.save_lora_weights(tmp_dir, weight_name=path.name, safe_serialization=True, **layers, **configs)
+        spec.pipeline_type().save_lora_weights(tmp_dir, weight_name=path.name, safe_serialization=True, **layers)
         _usual_permissions(Path(tmp_dir) / path.name)
         os.replace(Path(tmp_dir) / path.name, path)
     finally:
@@ -142,64 +114,25 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise LorafitError(f"{path} is not a readable .safetensors file ({error})") from None
 
 
-def _from_diffusers_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoraWeights:
-    packed = json.loads(metadata.get(_DIFFUSERS_METADATA_KEY, "{}"))
-    weights: LoraWeights = {}
-    parts_of: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        component, _, rest = key.partition(".")
-        for suffix, part in _DIFFUSERS_PARTS.items():
-            if rest.endswith(suffix):
-                parts_of.setdefault((component, rest.removesuffix(suffix)), {})[part] = tensor
-                break
-        else:
-            raise LorafitError(f"{source}: key {key} is neither kohya/LyCORIS nor diffusers/PEFT LoRA format")
-    for (component, module), parts in sorted(parts_of.items()):
-        if not {"down", "up"} <= set(parts):
-            raise LorafitError(f"{source}: {component}.{module} lacks its {'up' if 'down' in parts else 'down'} matrix")
-        config = {k.partition(".")[2]: v for k, v in packed.items() if k.startswith(f"{component}.")}
-        # Without lora_adapter_metadata diffusers reloads with alpha = rank; read it the same way.
-        alpha = alpha_from_config(config, module) if config else float(parts["down"].shape[0])
-        dora_scale = parts.get("magnitude")
-        if dora_scale is not None:  # back to LyCORIS's [out, 1(, 1, 1)]
-            dora_scale = dora_scale.flatten().reshape(-1, *[1] * (parts["down"].dim() - 1))
-        weights.setdefault(component, {})[module] = LoraModuleWeights(parts["down"], parts["up"], alpha, dora_scale)
-    return weights
-
-
-# The generic layout ComfyUI also reads: the original model's (BFL's, for Flux) module path under
-# ``diffusion_model.``, with PEFT's or kohya's part names.
-_GENERIC_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-
-
-def _bfl_generic_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` -> the kohya key of the same module."""
-    if not tensors or not all(key.startswith("diffusion_model.") for key in tensors):
-        return tensors
-    renamed = {}
-    for key, tensor in tensors.items():
-        path = key.removeprefix("diffusion_model.")
-        for suffix in ("lora_A.weight", "lora_B.weight", "lora_down.weight", "lora_up.weight", "alpha", "dora_scale"):
-            if path.endswith("." + suffix):
-                module = path[: -len(suffix) - 1]
-                renamed[f"lora_unet_{module.replace('.', '_')}.{_GENERIC_PARTS.get(suffix, suffix)}"] = tensor
-                break
-        else:
-            raise LorafitError(f"key {key} is no LoRA part this reader knows (diffusion_model.* layout)")
-    return renamed
-
-
 def read_lora_file(path: str | Path, kohya_table: dict | None = None) -> tuple[LoraWeights, LoraFormat, dict]:
     """Read a kohya or diffusers-format LoRA into :class:`LoraWeights`.
 
     Args:
         path: The ``.safetensors`` file.
-        kohya_table: Name table of the base model (``kohya_name_table``); required for kohya files.
+        kohya_table: Name table of the base model (``kohya_name_table``); required for kohya files
+            (and ComfyUI's generic ``diffusion_model.`` layout, see :mod:`lorafit.networks.other_layouts`).
     """
     tensors, metadata = read_safetensors(path)
-    tensors = _bfl_generic_to_kohya(tensors)
-    if is_kohya_state_dict(tensors):
+    generic = is_generic_layout(tensors)
+    if generic or is_kohya_state_dict(tensors):
         if kohya_table is None:
             raise LorafitError(f"{path}: reading a kohya file needs the base model's module names (--base)")
+        if generic:
+            from lorafit.families.registry import get_family
+
+            try:
+                tensors = generic_to_kohya(tensors, get_family(kohya_table.family))
+            except LorafitError as error:
+                raise LorafitError(f"{path}: {error}") from None
         return from_kohya_state_dict(tensors, kohya_table, source=str(path)), "kohya", metadata
-    return _from_diffusers_state_dict(tensors, metadata, str(path)), "diffusers", metadata
+    return from_diffusers_state_dict(tensors, metadata, str(path)), "diffusers", metadata

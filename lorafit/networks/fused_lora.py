@@ -54,7 +54,7 @@ def join(
         (only,) = present
         if not module.swap_halves:
             return only
-        scale = None if only.dora_scale is None else _swap_halves(only.dora_scale)
+        scale = only.dora_scale if only.dora_axis != 0 else _swap_halves(only.dora_scale)
         return LoraModuleWeights(only.down, _swap_halves(only.up), only.alpha, scale)
     dora = [p.dora_scale is not None for p in present]
     if any(dora) and not all(dora):
@@ -98,6 +98,9 @@ def join(
 def split(module: KohyaModule, weights: LoraModuleWeights, where: str) -> list[LoraModuleWeights]:
     """The parts' LoRAs of one LoRA on the fused ``module`` (every part gets one)."""
     rows = [r for _, r in module.parts]
+    if weights.dora_axis == 1 and module.fused:
+        # The fused weight's column norms mix every part's rows: no per-part DoRA reproduces them.
+        raise LorafitError(f"{where}: DoRA per input channel on the fused module {module.stem} is not supported")
     if weights.up.shape[0] != sum(rows):
         raise LorafitError(
             f"{where}: {module.stem} has {weights.up.shape[0]} output rows, but this model's module has "
@@ -106,7 +109,8 @@ def split(module: KohyaModule, weights: LoraModuleWeights, where: str) -> list[L
     if not module.fused:
         if not module.swap_halves:
             return [weights]
-        scale = None if weights.dora_scale is None else _swap_halves(weights.dora_scale)
+        # Output-channel magnitudes follow their rows; input-channel ones do not depend on the row order.
+        scale = weights.dora_scale if weights.dora_axis != 0 else _swap_halves(weights.dora_scale)
         return [LoraModuleWeights(weights.down, _swap_halves(weights.up), weights.alpha, scale)]
     s = weights.alpha / weights.rank
     out, start = [], 0

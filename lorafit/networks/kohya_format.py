@@ -8,11 +8,12 @@ turned into underscores. The family decides the names (:meth:`Family.kohya_stem`
 - SD1/SD2 UNet: ``lora_unet_`` + the diffusers path (``lora_unet_down_blocks_0_attentions_0_...``).
 - SDXL UNet: ``lora_unet_`` + the *original SGM* path (``lora_unet_input_blocks_4_1_...``); this is
   what A1111/ComfyUI/kohya expect, and what diffusers' ``convert_state_dict_to_kohya`` gets wrong.
+  Reading, the UNet families also take the names ComfyUI maps (diffusers paths, LDM paths, ``lycoris_``).
 - Flux transformer: ``lora_unet_`` + BFL's path, where some modules are fused
   (``lora_unet_double_blocks_0_img_attn_qkv`` = ``to_q``/``to_k``/``to_v``): LoRA/DoRA are joined
-  and split exactly (:mod:`lorafit.networks.fused_lora`); LoHa/LoKr, which cannot be fused, are
-  written per diffusers module as ``lycoris_`` + path (SimpleTuner's LyCORIS layout, which ComfyUI
-  maps onto the fused weights). OneTrainer's ``lora_transformer_`` + path is read too.
+  and split exactly (:mod:`lorafit.networks.fused_lora`); LoHa/LoKr and DoRA per input channel,
+  which cannot be fused, are written per diffusers module as ``lycoris_`` + path (SimpleTuner's
+  LyCORIS layout, which ComfyUI maps onto the fused weights). OneTrainer's ``lora_transformer_`` + path is read too.
 - Text encoders: ``lora_te_`` (SD1/2) or ``lora_te1_`` (CLIP-L) / ``lora_te2_`` (OpenCLIP bigG) +
   the transformers-4 path, which starts with ``text_model_`` even though transformers 5 removed
   that level from ``named_modules()``.
@@ -23,6 +24,8 @@ forward name of every module of the real model and inverts that table.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lorafit.errors import LorafitError
@@ -30,6 +33,7 @@ from lorafit.families.family import KohyaModule
 from lorafit.families.registry import get_family
 from lorafit.networks.fused_lora import join, split
 from lorafit.networks.lora_weights import LoraModuleWeights, LoraWeights, module_from_parts
+from lorafit.networks.model_fit import adaptable_layers
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_", "lycoris_")
 
@@ -37,18 +41,6 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_tran
 def kohya_stem(family: str, component: str, module: str, denoiser_config=None) -> str:
     """The kohya name stem of ``module`` of ``component`` in a ``family`` model (1:1 modules)."""
     return get_family(family).kohya_stem(component, module, denoiser_config)
-
-
-def _linear_names(model: torch.nn.Module) -> list[str]:
-    """Every Linear/Conv2d an adapter could sit on, by its name outside PEFT's wrappers."""
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in name:
-            continue
-        while name.endswith(".base_layer"):  # PEFT wraps targeted layers; several adapter types nest
-            name = name.removesuffix(".base_layer")
-        names.append(name)
-    return names
 
 
 class KohyaTable(dict):
@@ -68,7 +60,7 @@ def kohya_name_table(family: str, components: dict[str, torch.nn.Module]) -> Koh
     for component, model in components.items():
         config = model.config if component == spec.denoiser_component else None
         layout = spec.kohya_layout(config) if config is not None else None
-        names = _linear_names(model)
+        names = list(adaptable_layers(model))
         if layout is not None:
             table.fused.update({stem: (component, module) for stem, module in layout.items()})
             # Other trainers name the same modules by their diffusers paths.
@@ -77,7 +69,28 @@ def kohya_name_table(family: str, components: dict[str, torch.nn.Module]) -> Koh
             continue
         for name in names:
             table[spec.kohya_stem(component, name, config)] = (component, name)
+        if component == "unet":
+            for stem, name in _unet_aliases(names, config).items():
+                table.setdefault(stem, (component, name))  # the family's own names win
     return table
+
+
+def _unet_aliases(names: list[str], config) -> dict[str, str]:
+    """Other names ComfyUI maps onto the same UNet modules (``comfy/lora.py``, ``model_lora_keys_unet``).
+
+    ``lora_unet_`` + the diffusers path (what diffusers' ``convert_state_dict_to_kohya`` writes for
+    SDXL), ``lora_unet_`` + the original LDM path (SD1/SD2 files named like SDXL's) and SimpleTuner's
+    LyCORIS ``lycoris_`` + the diffusers path.
+    """
+    from lorafit.families.original_layout import unet_module_to_original
+
+    aliases = {}
+    for name in names:
+        flat = name.replace(".", "_")
+        aliases[f"lora_unet_{flat}"] = aliases[f"lycoris_{flat}"] = name
+        with contextlib.suppress(LorafitError):  # a module the original layout does not have
+            aliases["lora_unet_" + unet_module_to_original(name, config).replace(".", "_")] = name
+    return aliases
 
 
 def to_kohya_state_dict(
@@ -101,9 +114,12 @@ def to_kohya_state_dict(
             for module, module_weights in modules.items():
                 write(spec.kohya_stem(component, module, denoiser_config), module_weights)
             continue
-        lora = {m: w for m, w in modules.items() if isinstance(w, LoraModuleWeights)}
+        # LoHa/LoKr and DoRA per input channel cannot be fused (their update is no low-rank product, or
+        # each part's norm is its own): per diffusers module under SimpleTuner's LyCORIS names, which
+        # ComfyUI maps onto slices of the fused weights.
+        lora = {m: w for m, w in modules.items() if isinstance(w, LoraModuleWeights) and w.dora_axis != 1}
         for module, module_weights in modules.items():
-            if module not in lora:  # LoHa/LoKr: not fusable, per diffusers module (SimpleTuner's LyCORIS names)
+            if module not in lora:
                 write(f"lycoris_{module.replace('.', '_')}", module_weights)
         covered = set()
         for stem, kohya_module in layout.items():

@@ -13,7 +13,10 @@ so every attention module whose alpha differs from the most common one silently 
 scale (checked in ``tests/test_load_lora.py``); it drops ``dora_scale`` keys with a warning
 (``lora_pipeline.py``: "filter out the keys associated to 'dora_scale'") and refuses LoHa/LoKr
 keys. This loader reads every format lorafit writes (kohya/LyCORIS incl. SDXL SGM names, diffusers
-+ metadata) into :class:`LoraWeights` and injects PEFT adapters itself, one per file and kind.
++ metadata) and the layouts of other trainers that ComfyUI reads (docs/network-types.md) into
+:class:`LoraWeights`, checks them against the pipeline's modules (:func:`fit_to_model`) and
+injects PEFT adapters itself, one per file and kind. DoRA per input channel, which PEFT has no
+layer for, is applied by a hook on the base layer (:mod:`lorafit.networks.input_dora`).
 
 Strength follows A1111/ComfyUI: ``W + weight * (W' - W)``. For LoRA/LoHa/LoKr that is PEFT's
 adapter scale. For DoRA PEFT's scale would also change the direction inside the norm, so the
@@ -34,7 +37,10 @@ import torch
 from lorafit.errors import LorafitError
 from lorafit.networks.block_weights import BlockWeights, parse_block_weights
 from lorafit.networks.files import read_lora_file
+from lorafit.networks.input_dora import InputAxisDora, attach
 from lorafit.networks.kohya_format import kohya_name_table
+from lorafit.networks.lora_weights import LoraModuleWeights
+from lorafit.networks.model_fit import adaptable_layers, fit_to_model
 from lorafit.networks.peft_layers import adapter_layers, injection_config, outer_name, write_layer
 
 _REGISTRY = "_lorafit_loras"  # attribute on each adapted component: {name: LoadedLora}
@@ -48,7 +54,8 @@ class LoadedLora:
     adapters: dict[str, str] = field(default_factory=dict)  # PEFT adapter name -> kind
     hooks: list = field(default_factory=list)
     blocks: BlockWeights | None = None  # per-block strength; None = the same strength everywhere
-    dora_scales: dict[torch.nn.Module, float] = field(default_factory=dict)  # DoRA module -> its strength
+    dora_scales: dict = field(default_factory=dict)  # DoRA module (PEFT's or an InputAxisDora) -> its strength
+    input_dora: dict[str, InputAxisDora] = field(default_factory=dict)  # module name -> input-axis DoRA
 
 
 def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
@@ -113,7 +120,7 @@ def load_lora(
     """Load a LoRA/LoCon/DoRA/LoHa/LoKr file (kohya/LyCORIS or diffusers format) into ``pipe``.
 
     Args:
-        pipe: A diffusers SD1/SD2/SDXL pipeline (txt2img, img2img, inpaint ...).
+        pipe: A diffusers pipeline of a family lorafit knows (SD1/SD2/SDXL, Flux; txt2img, img2img, inpaint ...).
         path: The ``.safetensors`` file.
         weight: Strength: 1 = as trained, 0 = the base model exactly; other values scale the update.
         adapter_name: Name to refer to it later; default: the file name without extension.
@@ -131,9 +138,7 @@ def load_lora(
         block_weights = parse_block_weights(block_weights, family)
     table = kohya_name_table(family, components)
     weights, _, _ = read_lora_file(path, table)
-    missing = sorted(set(weights) - set(components))
-    if missing:
-        raise LorafitError(f"{path}: has weights for {missing}, which {type(pipe).__name__} does not have")
+    weights = fit_to_model(weights, components, str(path))
     try:
         for component, modules in weights.items():
             _inject(components[component], name, modules, weight, f"{path}: {component}")
@@ -154,6 +159,14 @@ def _inject(model: torch.nn.Module, name: str, modules: dict, weight: float, whe
     active_before = {id(layer): list(layer.active_adapters) for layer in _tuner_layers(model)}
     loaded = LoadedLora(weight=weight)
     _registry(model)[name] = loaded  # registered first, so a failure below can be cleaned up
+    by_input = {m: w for m, w in modules.items() if isinstance(w, LoraModuleWeights) and w.dora_axis == 1}
+    if by_input:  # PEFT has no input-axis DoRA: a hook on the base layer applies it (input_dora.py)
+        layers = adaptable_layers(model)
+        for module, module_weights in by_input.items():
+            dora = InputAxisDora(layers[module], module_weights, f"{where} {module}")
+            loaded.input_dora[module] = dora
+            loaded.hooks.append(attach(layers[module], dora, _input_dora_strength(loaded, dora)))
+        modules = {m: w for m, w in modules.items() if m not in by_input}
     kinds = sorted({m.kind for m in modules.values()})
     for kind in kinds:
         # One PEFT adapter per kind: a LoraConfig cannot hold LoHa modules, nor DoRA and plain LoRA.
@@ -175,6 +188,10 @@ def _inject(model: torch.nn.Module, name: str, modules: dict, weight: float, whe
         before = [a for a in active_before.get(id(layer), []) if a in available]
         mine = [a for a in loaded.adapters if a in available]
         layer.set_adapter(list(dict.fromkeys(before + mine)), inference_mode=True)
+
+
+def _input_dora_strength(loaded: LoadedLora, dora: InputAxisDora):
+    return lambda: loaded.dora_scales.get(dora, loaded.weight)
 
 
 def _tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -227,6 +244,10 @@ def set_block_weights(pipe, adapter_name: str, block_weights: str | BlockWeights
 def _apply_strength(component: str, model: torch.nn.Module, loaded: LoadedLora) -> None:
     """Each layer's adapter scale: the file's strength times its block's value."""
     loaded.dora_scales.clear()
+    config = getattr(model, "config", None)
+    for module, dora in loaded.input_dora.items():
+        factor = 1.0 if loaded.blocks is None else loaded.blocks.factor(component, module, config)
+        loaded.dora_scales[dora] = loaded.weight * factor
     for peft_name, kind in loaded.adapters.items():
         for layer_name, layer in adapter_layers(model, peft_name).items():
             scale = loaded.weight

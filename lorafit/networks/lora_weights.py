@@ -28,8 +28,14 @@ class LoraModuleWeights:
     """LoRA (LoCon on convolutions): ``W' = W + alpha / rank * up @ down``; rank = ``down.shape[0]``.
 
     With ``dora_scale`` it is DoRA: ``W' = dora_scale * V / ||V||`` with ``V = W + alpha / rank *
-    up @ down`` and the norm taken per output channel. ``dora_scale`` is stored as LyCORIS writes it
-    with ``wd_on_out=True`` (its default): ``[out, 1]`` for a Linear, ``[out, 1, 1, 1]`` for a conv.
+    up @ down``. Its shape says along which axis the norm is taken (:attr:`dora_axis`), as LyCORIS,
+    ComfyUI and Forge tell the two apart:
+
+    - per output channel, ``[out, 1]`` (``[out, 1, 1, 1]`` for a conv): PEFT's DoRA (the paper's),
+      LyCORIS >= 3.2 (``wd_on_output=True``, its default) and lorafit's training;
+    - per input channel, ``[1, in]`` (``[1, in, 1, 1]``): LyCORIS before 3.2, OneTrainer's default,
+      and the only one A1111 reads.
+
     Convolutions: ``down`` is ``[rank, in, kh, kw]``, ``up`` is ``[out, rank, 1, 1]``.
     """
 
@@ -50,6 +56,18 @@ class LoraModuleWeights:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    @property
+    def dora_axis(self) -> int | None:
+        """0: DoRA magnitudes per output channel, 1: per input channel; None: no DoRA or neither shape."""
+        if self.dora_scale is None:
+            return None
+        shape, trailing = tuple(self.dora_scale.shape), (1,) * (self.up.dim() - 2)
+        if shape == (self.up.shape[0], 1, *trailing):
+            return 0
+        if shape == (1, self.down.shape[1], *trailing):
+            return 1
+        return None
+
     def parts(self) -> dict[str, torch.Tensor]:
         """The tensors under their kohya/LyCORIS part names (``alpha`` is written separately)."""
         parts = {"lora_down.weight": self.down, "lora_up.weight": self.up}
@@ -60,15 +78,15 @@ class LoraModuleWeights:
     @classmethod
     def from_parts(cls, parts: dict[str, torch.Tensor], alpha: float | None) -> LoraModuleWeights:
         down, up, dora_scale = parts["lora_down.weight"], parts["lora_up.weight"], parts.get("dora_scale")
-        if dora_scale is not None and tuple(dora_scale.shape) != (up.shape[0],) + (1,) * (up.dim() - 1):
-            # A1111 and LyCORIS wd_on_out=False files normalise per *input* channel ([1, in]); PEFT's
-            # DoRA (and so lorafit's) normalises per output channel and cannot represent those.
+        module = cls(down, up, float(down.shape[0]) if alpha is None else alpha, dora_scale)
+        if dora_scale is not None and module.dora_axis is None:
+            trailing = (1,) * (up.dim() - 2)
             raise LorafitError(
-                f"dora_scale {tuple(dora_scale.shape)} is not per output channel "
-                f"({up.shape[0]}, 1...): input-axis DoRA files are not supported"
+                f"dora_scale {tuple(dora_scale.shape)} is neither per output channel {(up.shape[0], 1, *trailing)} "
+                f"nor per input channel {(1, down.shape[1], *trailing)}"
             )
         # No alpha tensor means alpha = rank (scale 1), as kohya, A1111 and ComfyUI read it.
-        return cls(down, up, float(down.shape[0]) if alpha is None else alpha, dora_scale)
+        return module
 
     def to(self, dtype: torch.dtype) -> LoraModuleWeights:
         scale = None if self.dora_scale is None else self.dora_scale.to(dtype)
@@ -87,9 +105,15 @@ class LoraModuleWeights:
             return lora
         if base_weight is None:
             raise ValueError("a DoRA module's update depends on the base weight; pass base_weight")
-        merged = base_weight.float() + lora
-        norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
-        return self.dora_scale.float().reshape(norm.shape) * merged / norm - base_weight.float()
+        merged = base_weight.float() + lora.reshape(base_weight.shape)
+        return self.dora_scale.float() * merged / dora_norm(merged, self.dora_axis) - base_weight.float()
+
+
+def dora_norm(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """The norm of ``weight`` per output (``axis`` 0) or input (1) channel, shaped to broadcast against it."""
+    moved = weight.transpose(0, axis)
+    norm = moved.reshape(moved.shape[0], -1).norm(dim=1).reshape(moved.shape[0], *[1] * (weight.dim() - 1))
+    return norm.transpose(0, axis)
 
 
 ModuleWeights = LoraModuleWeights | LohaModuleWeights | LokrModuleWeights

@@ -8,7 +8,9 @@ All five come from PEFT; lorafit only decides which modules get which rank and a
 - ``loha``: Hadamard product of two low-rank pairs (``LoHaConfig``; LyCORIS ``algo=loha``).
 - ``lokr``: Kronecker product of two factors (``LoKrConfig``; LyCORIS ``algo=lokr``, ``factor``).
 - ``dora``: LoRA with a learnt magnitude per output channel (``LoraConfig(use_dora=True)``;
-  LyCORIS ``dora_wd``).
+  LyCORIS ``dora_wd``), or per input channel with ``dora_axis="input"`` (a plain ``LoraConfig``
+  plus :mod:`lorafit.networks.input_dora`; LyCORIS ``wd_on_output=False``, OneTrainer's default):
+  the decomposition A1111 and ComfyUI merge exactly, which diffusers/PEFT cannot load.
 
 Convolutions with a kernel larger than 1x1 take ``conv_rank``/``conv_alpha`` (kohya's
 ``conv_dim``/``conv_alpha``); ``rank_pattern``/``alpha_pattern`` regexes override both per module.
@@ -28,6 +30,7 @@ from lorafit.errors import LorafitError
 from lorafit.networks.presets import is_spatial_conv, matches
 
 NetworkType = Literal["lora", "locon", "loha", "lokr", "dora"]
+DoraAxis = Literal["output", "input"]
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
 # What kohya/LyCORIS record in ``ss_network_module`` / ``ss_network_args["algo"]`` for each type.
 KOHYA_NETWORK_MODULE = {
@@ -52,10 +55,18 @@ class NetworkSpec:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lokr_factor: int = -1
+    dora_axis: DoraAxis = "output"
 
     def check(self, key: str = "model") -> None:
         if self.network_type not in NETWORK_TYPES:
             raise LorafitError(f"{key}.network_type: {self.network_type!r} is not one of {', '.join(NETWORK_TYPES)}")
+        if self.dora_axis not in ("output", "input"):
+            raise LorafitError(f"{key}.dora_axis: {self.dora_axis!r} is not 'output' or 'input'")
+        if self.dora_axis == "input" and self.network_type != "dora":
+            raise LorafitError(
+                f"{key}.dora_axis: 'input' applies to network type dora, not {self.network_type!r}; remove it "
+                "or set the type to dora"
+            )
         for name, value in (("rank", self.rank), ("conv_rank", self.conv_rank), *self.rank_pattern.items()):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise LorafitError(f"{key}: rank {name!r} must be an integer >= 1, got {value!r}")
@@ -74,6 +85,7 @@ class NetworkSpec:
             args["algo"] = LYCORIS_ALGO[self.network_type]
         if self.network_type == "dora":
             args["dora_wd"] = "True"
+            args["wd_on_output"] = str(self.dora_axis == "output")  # LyCORIS's name for the axis
         if self.network_type == "lokr":
             args["factor"] = str(self.lokr_factor)
         if self.conv_rank is not None:
@@ -119,4 +131,6 @@ def network_config(spec: NetworkSpec, targets: dict[str, torch.nn.Module]):
     if spec.network_type == "lokr":
         return LoKrConfig(alpha=alpha, decompose_factor=spec.lokr_factor, **common)
     # init_lora_weights=True: down Kaiming-uniform, up zeros, so training starts at the base model.
-    return LoraConfig(lora_alpha=alpha, use_dora=spec.network_type == "dora", init_lora_weights=True, **common)
+    # DoRA per input channel is a plain LoRA here; attach_network adds its magnitudes (input_dora.py).
+    use_dora = spec.network_type == "dora" and spec.dora_axis == "output"
+    return LoraConfig(lora_alpha=alpha, use_dora=use_dora, init_lora_weights=True, **common)

@@ -4,7 +4,9 @@ PEFT names and shapes differ from the files in three places, all handled here:
 
 - DoRA's magnitude: PEFT keeps ``lora_magnitude_vector[adapter].weight`` as ``[out]`` (Linear) or
   ``[1, out, 1, 1]`` (Conv2d); LyCORIS files hold ``dora_scale`` as ``[out, 1]`` / ``[out, 1, 1, 1]``.
-  Both normalise per output channel (LyCORIS ``wd_on_out=True``), so only the shape changes.
+  Both normalise per output channel (LyCORIS ``wd_on_out=True``), so only the shape changes. DoRA
+  per input channel (:mod:`lorafit.networks.input_dora`) keeps ``lora_input_magnitude`` ``[in]``,
+  written as ``[1, in(, 1, 1)]``.
 - LoKr with both factors full: PEFT scales by ``alpha / r``, the apps by 1, so that factor is folded
   into ``w1`` on export and the layer's scale set from the file's reading on load.
 - LoKr factorisations from other tools need not be the ones PEFT would choose for a rank, so on
@@ -19,6 +21,7 @@ from collections import Counter
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.networks.input_dora import read_input_magnitude
 from lorafit.networks.lora_weights import LoraModuleWeights, LoraWeights, ModuleWeights
 from lorafit.networks.lycoris_weights import LohaModuleWeights, LokrModuleWeights
 
@@ -59,7 +62,7 @@ def read_layer(layer: torch.nn.Module, adapter: str) -> ModuleWeights:
 
     if isinstance(layer, LoraLayer):
         down, up = copy(layer.lora_A[adapter].weight), copy(layer.lora_B[adapter].weight)
-        dora_scale = None
+        dora_scale = read_input_magnitude(layer, adapter)  # DoRA per input channel (input_dora.py)
         if adapter in layer.lora_magnitude_vector:
             magnitude = copy(layer.lora_magnitude_vector[adapter].weight).flatten()
             dora_scale = magnitude.reshape(-1, *[1] * (down.dim() - 1))

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from lorafit.errors import LorafitError
 from lorafit.families.family import TextOptions
 from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS
-from lorafit.networks.network_types import NetworkType
+from lorafit.networks.network_types import DoraAxis, NetworkType
 from lorafit.networks.presets import TargetPreset
 from lorafit.training.losses import HuberSchedule, LossType
 from lorafit.training.optim import OptimizerName, SchedulerName, optimizer_kwargs
@@ -55,6 +55,10 @@ class NetworkConfig:
             block dims).
         alpha_pattern: Alpha per module, ``{regex: alpha}``, as ``rank_pattern``.
         lokr_factor: LoKr only: the Kronecker factor (LyCORIS's ``factor``); -1 = as square as possible.
+        dora_axis: DoRA only: ``output`` learns a magnitude per output channel (PEFT's and the
+            paper's; files load exactly in diffusers and LyCORIS, not in A1111/ComfyUI) or ``input``
+            per input channel (LyCORIS ``wd_on_output=False``, OneTrainer's default: kohya files load
+            exactly in A1111, ComfyUI and Forge; no diffusers-format file). See docs/network-types.md.
         train_text_encoder: Also train the network on the text encoder(s) the family allows
             (CLIP; never T5).
         text_encoder_targets: Text-encoder modules to adapt (suffixes or a regex).
@@ -72,6 +76,7 @@ class NetworkConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lokr_factor: int = -1
+    dora_axis: DoraAxis = "output"
     train_text_encoder: bool = False
     text_encoder_targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS))
 
@@ -239,6 +244,8 @@ def check_settings(
     """Fail on impossible values with one line naming the key, before any weights are read."""
     if network.rank < 1:
         raise LorafitError(f"model.network.rank: {network.rank}; a rank must be >= 1 (16 or 32 are usual)")
+    if network.dora_axis == "input" and network.type != "dora":
+        raise LorafitError(f"model.network.dora_axis: 'input' applies to type dora, not {network.type!r}")
     if network.alpha is not None and network.alpha <= 0:
         raise LorafitError(
             f"model.network.alpha: {network.alpha} trains nothing (alpha 0 also reads as alpha = rank in kohya and "

@@ -277,6 +277,7 @@ class LoraDiffusionModule(pl.LightningModule):
             dict(net.rank_pattern),
             dict(net.alpha_pattern),
             net.lokr_factor,
+            net.dora_axis,
         )
 
     @property

@@ -67,6 +67,7 @@ NETWORK_KEYS = tuple(
         "rank_pattern",
         "alpha_pattern",
         "lokr_factor",
+        "dora_axis",
         "preset",
         "targets",
         "text_encoder_targets",
