@@ -15,18 +15,21 @@ from test_ddp import COMMON, TOLERANCE
 
 pytestmark = pytest.mark.slow  # subprocesses: two DDP ranks and a one-process run per method
 
-# method -> (extra `lorafit fit` arguments, the files to compare, relative to the run's lora/ folder)
+# method -> (extra `lorafit fit` arguments, the files to compare relative to the run's lora/ folder,
+# the data fixture)
 METHODS = {
-    "ema": (["--ema.decay", "0.9"], ["ddp.safetensors", "ema/ddp.safetensors"]),
+    "ema": (["--ema.decay", "0.9"], ["ddp.safetensors", "ema/ddp.safetensors"], "demo_data"),
+    "masked": (["--model.loss.mask_floor", "0.1"], ["ddp.safetensors"], "masked_data"),
 }
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_two_ddp_processes_equal_one_process_with_twice_the_batch(method, tiny_models, demo_data, tmp_path):
-    extra, files = METHODS[method]
+def test_two_ddp_processes_equal_one_process_with_twice_the_batch(method, tiny_models, tmp_path, request):
+    extra, files, data = METHODS[method]
+    data = request.getfixturevalue(data)
 
     def fit(root: Path, *args: str) -> dict[str, dict[str, torch.Tensor]]:
-        result = run_lorafit(*demo_fit_args(tiny_models["sd1"], demo_data, root, *COMMON, *extra, *args))
+        result = run_lorafit(*demo_fit_args(tiny_models["sd1"], data, root, *COMMON, *extra, *args))
         assert result.returncode == 0, result.stderr[-3000:]
         return {name: load_file(str(root / "lora" / name)) for name in files}
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from lorafit.data.masks import find_mask_sidecars
 from lorafit.errors import LorafitError
 
 logger = logging.getLogger("lorafit.data")
@@ -59,6 +60,7 @@ class ImageRecord:
         folder_prompt: Prompt from the nearest ``N_<prompt>`` folder, or None outside one.
         folder: Name of that concept folder (else the image's own folder); groups kohya's
             ``ss_tag_frequency`` metadata the way kohya groups it, by subset folder.
+        mask: The image's loss-mask sidecar (``<stem>_mask.png``, :mod:`lorafit.data.masks`), or None.
     """
 
     path: Path
@@ -66,6 +68,7 @@ class ImageRecord:
     repeats: int
     folder_prompt: str | None
     folder: str
+    mask: Path | None = None
 
     @property
     def training_caption(self) -> str:
@@ -235,6 +238,9 @@ def scan_tree(root: str | os.PathLike, caption_ext: str = ".txt") -> TreeScan:
     ext = _normalise_caption_ext(caption_ext)
     files = _walk_files(root)
     images = [p for p in files if _is_image(p)]
+    masks = find_mask_sidecars(images)  # x_mask.png beside x.jpg is x's loss mask, not an image to train
+    mask_files = set(masks.values())
+    images = [p for p in images if p not in mask_files]
     sidecars = {image.with_name(image.stem + ext) for image in images}
     other_files = [p for p in files if not _is_image(p) and p not in sidecars]
 
@@ -249,10 +255,10 @@ def scan_tree(root: str | os.PathLike, caption_ext: str = ".txt") -> TreeScan:
             caption, error = None, str(err)
         if concept is None:
             # Outside any concept folder tag statistics are grouped by the image's own folder.
-            record = ImageRecord(image, caption, 1, None, image.parent.name)
+            record = ImageRecord(image, caption, 1, None, image.parent.name, masks.get(image))
         else:
             folder = _concept_dir(image.parent).name
-            record = ImageRecord(image, caption, concept.repeats, concept.prompt, folder)
+            record = ImageRecord(image, caption, concept.repeats, concept.prompt, folder, masks.get(image))
         if error is None:
             records.append(record)
         else:

@@ -9,11 +9,15 @@ Run once per dataset; training then always streams shards. The output folder hol
                            without opening a shard (lorafit.data.shard_index)
     dataset.json           summary, written last: a folder without it is an unfinished run
 
+A sample with a loss mask (a ``<stem>_mask.png`` beside its image, or with ``--alpha_mask`` its
+alpha channel; :mod:`lorafit.data.masks`) also has ``<key>.mask.png``.
+
 Per-sample ``<key>.json`` fields: ``w``/``h`` (size after EXIF orientation), ``repeats``,
 ``subject``, ``class``, ``is_reg``, ``folder``, ``folder_prompt``, ``caption_source``
 (``sidecar``/``folder``), ``source`` (absolute path), ``relpath``, ``sha1`` (of the source file),
 ``source_format``, ``stored`` (``original``/``jpeg``/``png``), ``fixes``, ``small``, ``bucket`` and
-``bucket_resized`` (``[w, h]`` under the prepare settings) and ``aspect_error``.
+``bucket_resized`` (``[w, h]`` under the prepare settings), ``aspect_error`` and ``mask``
+(``file``, ``alpha`` or null).
 
 Nothing is ever written into a source folder: files are only opened for reading, and an output
 folder inside a source folder is refused. Which bytes are stored (original or re-encoded, and
@@ -33,6 +37,7 @@ from tqdm import tqdm
 
 from lorafit.data.buckets import make_bucket_table
 from lorafit.data.kohya_folders import ImageRecord, TreeScan, scan_tree
+from lorafit.data.masks import MEMBER as MASK_MEMBER
 from lorafit.data.prepare_report import PrepareTally, render_report
 from lorafit.data.prepare_sample import SampleSettings, SkipFile, prepare_file
 from lorafit.errors import LorafitError
@@ -175,14 +180,15 @@ def _write_shards(
                     continue
                 key = f"{tally.samples_written:08d}"
                 meta = json.dumps({"key": key, **sample.meta}, ensure_ascii=False, sort_keys=True)
-                writer.write(
-                    {
-                        "__key__": key,
-                        sample.image_ext: sample.image_bytes,
-                        "txt": sample.caption.encode("utf-8"),
-                        "json": meta.encode("utf-8"),
-                    }
-                )
+                members = {
+                    "__key__": key,
+                    sample.image_ext: sample.image_bytes,
+                    "txt": sample.caption.encode("utf-8"),
+                    "json": meta.encode("utf-8"),
+                }
+                if sample.mask is not None:
+                    members[MASK_MEMBER] = sample.mask
+                writer.write(members)
                 # After write(): ShardWriter may have just rolled over to the next file.
                 name = os.path.basename(writer.fname)
                 shard_counts[name] = shard_counts.get(name, 0) + 1
@@ -214,6 +220,7 @@ def prepare(
     bucket_no_upscale: bool = False,
     drop_small: bool = False,
     alpha_background: str = "white",
+    alpha_mask: bool = False,
     max_samples_per_shard: int = 1000,
     max_shard_bytes: int = 1 << 30,
     overwrite: bool = False,
@@ -239,6 +246,9 @@ def prepare(
             bucket_no_upscale) instead of the nearest-aspect bucket of the table.
         drop_small: Skip images smaller than the smallest bucket side instead of keeping them.
         alpha_background: Colour transparent pixels are composited onto: a name or #rrggbb.
+        alpha_mask: Also keep a transparent image's alpha channel as its loss mask (kohya's
+            ``alpha_mask``; see model.loss.mask_floor). A ``<stem>_mask.png`` beside an image is
+            its loss mask either way, and wins over the alpha channel.
         max_samples_per_shard: Start a new shard after this many samples.
         max_shard_bytes: Start a new shard once a shard holds this many bytes.
         overwrite: Replace the shards, report.md and dataset.json of a non-empty output folder
@@ -277,6 +287,7 @@ def prepare(
         drop_small=drop_small,
         background=_background(alpha_background),
         background_name=alpha_background,
+        alpha_mask=alpha_mask,
     )
     _clear_output(out_dir, overwrite)
 
@@ -293,6 +304,7 @@ def prepare(
         "bucket_no_upscale": bucket_no_upscale,
         "drop_small": drop_small,
         "alpha_background": alpha_background,
+        "alpha_mask": alpha_mask,
         "max_samples_per_shard": max_samples_per_shard,
         "max_shard_bytes": max_shard_bytes,
     }

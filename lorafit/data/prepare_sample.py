@@ -27,6 +27,7 @@ from pathlib import Path
 from lorafit.data.buckets import BucketChoice, Size, select_bucket
 from lorafit.data.images import Color, DecodedImage, decode_rgb_with_fixes
 from lorafit.data.kohya_folders import ImageRecord
+from lorafit.data.masks import alpha_of, png_bytes, read_mask
 from lorafit.errors import LorafitError
 
 # Formats a training reader decodes cheaply and everywhere; anything else is re-encoded.
@@ -66,6 +67,7 @@ class SampleSettings:
         drop_small: Skip small images instead of keeping them.
         background: RGB colour transparency is composited onto.
         background_name: The colour as the user gave it, for the report.
+        alpha_mask: Use a transparent image's alpha channel as its loss mask (kohya's ``alpha_mask``).
     """
 
     caption_ext: str
@@ -77,6 +79,7 @@ class SampleSettings:
     drop_small: bool
     background: Color
     background_name: str
+    alpha_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class PreparedSample:
     meta: dict
     notes: list[str]
     choice: BucketChoice
+    mask: bytes | None = None  # the loss mask as an 8-bit PNG of the image's size (lorafit.data.masks)
 
 
 def split_prompt(prompt: str | None, is_reg: bool) -> tuple[str | None, str | None]:
@@ -145,6 +149,23 @@ def _bucket(width: int, height: int, settings: SampleSettings) -> BucketChoice:
         raise SkipFile(str(err)) from None
 
 
+def _mask(record: ImageRecord, data: bytes, size: tuple[int, int], settings: SampleSettings):
+    """(PNG bytes of the loss mask, where it came from: ``file``/``alpha``), or (None, None)."""
+    if record.mask is not None:
+        try:
+            mask_data = record.mask.read_bytes()
+            return png_bytes(read_mask(mask_data, record.mask.name, size)), "file"
+        except OSError as err:
+            raise SkipFile(f"cannot read its mask {record.mask.name} ({err.strerror or type(err).__name__})") from None
+        except LorafitError as err:
+            raise SkipFile(str(err)) from None
+    if settings.alpha_mask:
+        alpha = alpha_of(data)
+        if alpha is not None:
+            return png_bytes(alpha), "alpha"
+    return None, None
+
+
 def _encode(data: bytes, decoded: DecodedImage) -> tuple[str, bytes, str]:
     """(shard extension, bytes, how stored: original/jpeg/png)."""
     if not decoded.fixes and decoded.source_format in _KEPT_FORMATS:
@@ -191,6 +212,7 @@ def prepare_file(
     if small and settings.drop_small:
         raise SkipFile(f"{too_small}; dropped because drop_small is set")
     choice = _bucket(width, height, settings)
+    mask, mask_source = _mask(record, data, (width, height), settings)
     image_ext, image_bytes, stored = _encode(data, decoded)
 
     notes = [
@@ -224,6 +246,7 @@ def prepare_file(
         "bucket": list(choice.bucket),
         "bucket_resized": list(choice.resized_size),
         "aspect_error": round(choice.aspect_error, 6),
+        "mask": mask_source,
     }
     seen[sha1] = record.path
-    return PreparedSample(image_ext, image_bytes, caption, meta, notes, choice)
+    return PreparedSample(image_ext, image_bytes, caption, meta, notes, choice, mask)

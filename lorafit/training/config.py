@@ -175,6 +175,12 @@ class LossConfig:
         prior_weight: Loss weight of regularization images (kohya's ``prior_loss_weight``).
         weighting: Flow families: per-sigma weights as SD3's trainers apply them: ``none``,
             ``sigma_sqrt`` (1/sigma^2), ``cosmap``.
+        mask_floor: Images with a loss mask (``<stem>_mask.png`` beside the image, or
+            ``data.alpha_mask``): the loss weight where the mask is black; white counts 1, grey in
+            between. 0 learns only the masked subject (kohya's ``masked_loss``), 1 ignores masks
+            (OneTrainer's ``unmasked_weight``).
+        mask_normalize: Divide each masked sample's loss by its mean weight, so a small subject
+            weighs as much as a large one (OneTrainer's ``normalize_masked_area_loss``).
     """
 
     type: LossType = "l2"
@@ -185,6 +191,8 @@ class LossConfig:
     debiased_estimation: bool = False
     prior_weight: float = 1.0
     weighting: FlowWeighting = "none"
+    mask_floor: float = 0.0
+    mask_normalize: bool = False
 
 
 @dataclass(frozen=True)
@@ -253,6 +261,10 @@ def check_settings(
     if loss.min_snr_gamma is not None and loss.min_snr_gamma <= 0:
         raise LorafitError(
             f"model.loss.min_snr_gamma: {loss.min_snr_gamma} must be > 0 (5 is usual); leave empty for off"
+        )
+    if not 0.0 <= loss.mask_floor <= 1.0:
+        raise LorafitError(
+            f"model.loss.mask_floor: {loss.mask_floor} must be in [0, 1] (0 = background not learnt, 1 = masks ignored)"
         )
     if loss.type in ("huber", "smooth_l1") and not 0 < loss.huber_c <= 1:
         raise LorafitError(f"model.loss.huber_c: {loss.huber_c} must be in (0, 1]")

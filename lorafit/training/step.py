@@ -9,7 +9,8 @@ so resumed, DDP and global-batch runs draw exactly what an uninterrupted run wou
 The batch contract (every lorafit DataModule): ``captions`` (list of str), ``original_size`` and
 ``crop_top_left`` (long [B, 2]), ``is_reg`` (bool [B], regularization samples; absent = none),
 and either ``pixel_values`` (float [B, 3, H, W] in [-1, 1]) or ``latent_moments`` (cached); it may
-carry cached conditioning (the family's ``conditioning_keys``, e.g. ``prompt_embeds``).
+carry cached conditioning (the family's ``conditioning_keys``, e.g. ``prompt_embeds``) and
+``loss_mask`` (float [B, 1, H, W] in [0, 1], :mod:`~lorafit.training.masked_loss`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.families.family import BaseModel, Family, TextOptions
+from lorafit.training.masked_loss import latent_weights
 
 log = logging.getLogger("lorafit.train")
 
@@ -115,8 +117,13 @@ class DenoisingStep:
             draw = self.objective.at(latents, *fixed)
         conditioning = self.conditioning(batch, device, training)
         prediction = self.family.predict(self.base, draw.noisy, draw.timesteps, conditioning, batch, self.options)
+        mask = batch.get("loss_mask")
+        cfg = self.objective.loss_config
+        weight = latent_weights(
+            None if mask is None else mask.to(device), latents.shape[-2:], cfg.mask_floor, cfg.mask_normalize
+        )
         return self.objective.loss(
-            prediction, draw.target, draw.timesteps, batch.get("is_reg"), batch.get("global_weights")
+            prediction, draw.target, draw.timesteps, batch.get("is_reg"), batch.get("global_weights"), weight
         )
 
     def latent_shape(self, batch: dict) -> tuple[int, ...]:
