@@ -89,6 +89,10 @@ RECIPES = {
     # The teaching methods of docs/teaching-methods.md: each adds work to the step, none a wait.
     "sd1-ema": ("sd1", dict(train_text_encoder=True, callbacks=["ema"])),
     "sdxl-masked": ("sdxl", dict(data="masked_data", loss={"mask_floor": 0.1, "mask_normalize": True})),
+    "sdxl-prior": (
+        "sdxl",
+        dict(train_text_encoder=True, prior={"weight": 1.0, "class_word": "dog", "trigger": "ohwx"}),
+    ),
 }
 
 

@@ -16,20 +16,27 @@ from test_ddp import COMMON, TOLERANCE
 pytestmark = pytest.mark.slow  # subprocesses: two DDP ranks and a one-process run per method
 
 # method -> (extra `lorafit fit` arguments, the files to compare relative to the run's lora/ folder,
-# the data fixture)
+# the data fixture, the family). The demo config trains the text encoder(s) too.
 METHODS = {
-    "ema": (["--ema.decay", "0.9"], ["ddp.safetensors", "ema/ddp.safetensors"], "demo_data"),
-    "masked": (["--model.loss.mask_floor", "0.1"], ["ddp.safetensors"], "masked_data"),
+    "ema": (["--ema.decay", "0.9"], ["ddp.safetensors", "ema/ddp.safetensors"], "demo_data", "sd1"),
+    "masked": (["--model.loss.mask_floor", "0.1"], ["ddp.safetensors"], "masked_data", "sd1"),
+    # SDXL: the prior switches adapters off and on each step; CLIP-L's unread last layer must stay frozen.
+    "prior": (
+        ["--model.prior.weight", "0.5", "--model.prior.class_word", "shape", "--model.prior.trigger", "ohwx"],
+        ["ddp.safetensors"],
+        "demo_data",
+        "sdxl",
+    ),
 }
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_two_ddp_processes_equal_one_process_with_twice_the_batch(method, tiny_models, tmp_path, request):
-    extra, files, data = METHODS[method]
+    extra, files, data, family = METHODS[method]
     data = request.getfixturevalue(data)
 
     def fit(root: Path, *args: str) -> dict[str, dict[str, torch.Tensor]]:
-        result = run_lorafit(*demo_fit_args(tiny_models["sd1"], data, root, *COMMON, *extra, *args))
+        result = run_lorafit(*demo_fit_args(tiny_models[family], data, root, *COMMON, *extra, *args))
         assert result.returncode == 0, result.stderr[-3000:]
         return {name: load_file(str(root / "lora" / name)) for name in files}
 

@@ -225,6 +225,28 @@ class MemoryConfig:
     compile: bool = False
 
 
+@dataclass(frozen=True)
+class PriorConfig:
+    """Output-preserving prior: ai-toolkit's "differential output preservation" (docs/teaching-methods.md).
+
+    Each step also predicts, on the same noisy latents, with the caption's trigger replaced by the
+    class word ("ohwx dog" -> "dog"), once with the LoRA and once with it off (the base model), and
+    adds ``weight x`` the squared difference: the LoRA learns the subject while the class stays what
+    the base model draws, without a folder of regularization images.
+
+    Args:
+        weight: Weight of that term (ai-toolkit's ``diff_output_preservation_multiplier``, 1.0 there);
+            0 = off.
+        class_word: What the trigger becomes in the preserved prompts (ai-toolkit's
+            ``diff_output_preservation_class``), e.g. ``dog`` or ``woman``.
+        trigger: The word(s) replaced (whole words only); empty = ``data.trigger_word``.
+    """
+
+    weight: float = 0.0
+    class_word: str | None = None
+    trigger: str | None = None
+
+
 _DDPM_ONLY = {
     "noise.offset": lambda n, loss: n.offset,
     "noise.multires_iterations": lambda n, loss: n.multires_iterations,
@@ -280,6 +302,17 @@ def check_settings(
         raise LorafitError(f"model.noise.shift: {noise.shift} must be > 0 (1 = no shift, 3 is SD3's)")
     if noise.logit_std <= 0 or noise.sigmoid_scale <= 0:
         raise LorafitError("model.noise.logit_std and model.noise.sigmoid_scale must be > 0")
+
+
+def check_prior(prior: PriorConfig) -> None:
+    """Fail on an impossible output-preserving prior (one line naming the key)."""
+    if prior.weight < 0:
+        raise LorafitError(f"model.prior.weight: {prior.weight} is negative; use 0 (off) or e.g. 1.0")
+    if prior.weight > 0 and not (prior.class_word or "").strip():
+        raise LorafitError(
+            "model.prior.class_word: the output-preserving prior needs the class the trigger belongs to "
+            "(e.g. dog); the trigger is replaced by it in the preserved prompts"
+        )
 
 
 def check_objective_settings(

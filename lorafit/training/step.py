@@ -47,9 +47,21 @@ class DenoisingStep:
             :class:`~lorafit.training.flow_matching.FlowMatchingObjective`.
         options: How captions become conditioning (``model.conditioning``).
         trains_text: Whether any text encoder carries a trained LoRA (captions then run with grad).
+        prior: The output-preserving prior (:mod:`~lorafit.training.output_prior`), added to the
+            training loss; None = off.
+        adapted: The modules carrying adapters (switched off for the prior's base prediction).
     """
 
-    def __init__(self, base: BaseModel, family: Family, objective, options: TextOptions, trains_text: bool):
+    def __init__(
+        self,
+        base: BaseModel,
+        family: Family,
+        objective,
+        options: TextOptions,
+        trains_text: bool,
+        prior=None,
+        adapted: list[torch.nn.Module] | None = None,
+    ):
         self.base, self.family, self.objective, self.options, self.trains_text = (
             base,
             family,
@@ -57,6 +69,8 @@ class DenoisingStep:
             options,
             trains_text,
         )
+        self.prior, self.adapted = prior, list(adapted or [])
+        self.last_prior: torch.Tensor | None = None  # the last training step's prior term, for logging
 
     def conditioning(self, batch: dict, device: torch.device, training: bool) -> dict[str, torch.Tensor]:
         """Conditioning for ``batch``: cached tensors when the batch carries them, else encoded now."""
@@ -122,9 +136,14 @@ class DenoisingStep:
         weight = latent_weights(
             None if mask is None else mask.to(device), latents.shape[-2:], cfg.mask_floor, cfg.mask_normalize
         )
-        return self.objective.loss(
+        loss = self.objective.loss(
             prediction, draw.target, draw.timesteps, batch.get("is_reg"), batch.get("global_weights"), weight
         )
+        if self.prior is not None and training and fixed is None:  # validation stays the denoising loss
+            term = self.prior.loss(self, batch, draw, device, self.adapted)
+            self.last_prior = term.detach()
+            loss = loss + term
+        return loss
 
     def latent_shape(self, batch: dict) -> tuple[int, ...]:
         if "latent_moments" in batch:  # mean and log-variance stacked on channels
