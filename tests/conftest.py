@@ -42,3 +42,23 @@ def tiny_clip(tmp_path_factory) -> str:
     from lorafit.inference.tiny_clip import save_tiny_clip
 
     return str(save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def masked_data(tmp_path_factory, demo_data) -> str:
+    """The demo data with a loss mask beside every image: ``star_NNN_mask.png``, the left half white
+    (learn), the right half black (background), so crops and flips must move it with the image."""
+    import shutil
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("masked") / "data"
+    shutil.copytree(demo_data, root)
+    for image in sorted(Path(root).rglob("star_*.png")):
+        with Image.open(image) as img:
+            width, height = img.size
+        mask = Image.new("L", (width, height), 0)
+        mask.paste(255, (0, 0, width // 2, height))
+        mask.save(image.with_name(f"{image.stem}_mask.png"))
+    return str(root)

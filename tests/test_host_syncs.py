@@ -86,25 +86,41 @@ RECIPES = {
         ),
     ),
     "sdxl-dora": ("sdxl", dict(network_type="dora")),
+    # The teaching methods of docs/teaching-methods.md: each adds work to the step, none a wait.
+    "sd1-ema": ("sd1", dict(train_text_encoder=True, callbacks=["ema"])),
+    "sdxl-masked": ("sdxl", dict(data="masked_data", loss={"mask_floor": 0.1, "mask_normalize": True})),
+    "sdxl-prior": (
+        "sdxl",
+        dict(train_text_encoder=True, prior={"weight": 1.0, "class_word": "dog", "trigger": "ohwx"}),
+    ),
 }
 
 
+def _callbacks(names: list[str]) -> list:
+    from lorafit.callbacks.ema import AdapterEMA
+
+    made = {"ema": lambda: AdapterEMA(decay=0.99)}
+    return [made[name]() for name in names]
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_a_training_step_never_waits_for_the_gpu(recipe, tiny_models, demo_data, tmp_path):
+def test_a_training_step_never_waits_for_the_gpu(recipe, tiny_models, demo_data, tmp_path, request):
     family, kwargs = RECIPES[recipe]
     kwargs = dict(kwargs)
+    data = request.getfixturevalue(kwargs.pop("data")) if "data" in kwargs else demo_data
     # What `lorafit fit` runs each step: progress bar, training curves, loggers on their own schedule.
     trainer_kwargs = {"enable_progress_bar": True, "log_every_n_steps": 50, **kwargs.pop("trainer_kwargs", {})}
+    extra = _callbacks(kwargs.pop("callbacks", []))
     count = CountHostSyncs(first=1, last=4)  # the demo data's first epoch has 10 steps at batch 1
     trainer, _ = train(
         tiny_models[family],
-        demo_data,
+        data,
         tmp_path,
         max_epochs=1,
         max_steps=6,
         batch_size=1,
         trainer_kwargs=trainer_kwargs,
-        callbacks=[TrainingMetrics(), count],
+        callbacks=[TrainingMetrics(), *extra, count],
         **kwargs,
     )
     assert trainer.current_epoch == 0 or trainer.global_step == 6

@@ -36,6 +36,8 @@ from lorafit.toyworld import evaluate as ev  # noqa: E402
 from lorafit.toyworld.judge import Judge, accuracy_on_fresh_pictures, to_pixels  # noqa: E402
 from lorafit.toyworld.world import COLOUR_NAMES, HELD_OUT_SHAPE, WORLD_SHAPES, render, scenes  # noqa: E402
 
+TEACHING = "## Teaching methods on the toy world"  # tools/bench_teaching_methods.py's section
+
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
@@ -246,7 +248,10 @@ def main() -> None:
             "Command: `python " + " ".join(sys.argv) + "`",
             "",
         ]
-        Path(args.write).write_text("\n".join(header + out) + "\n")
+        # tools/bench_teaching_methods.py keeps its own section at the end of the same file.
+        existing = Path(args.write).read_text() if Path(args.write).is_file() else ""
+        kept = existing[existing.index(TEACHING) :] if TEACHING in existing else ""
+        Path(args.write).write_text("\n".join(header + out) + "\n" + ("\n" + kept if kept else ""))
 
 
 if __name__ == "__main__":

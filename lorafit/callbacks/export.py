@@ -78,7 +78,7 @@ class LoraExport(pl.Callback):
         if not trainer.is_global_zero:
             return
         directory = self._dir(trainer)
-        for leftover in [*directory.glob(".*.safetensors.*"), *directory.glob("diffusers/.*.safetensors.*")]:
+        for leftover in list(directory.rglob(".*.safetensors.*")):  # also diffusers/, ema/, embeddings/
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -150,21 +150,34 @@ class LoraExport(pl.Callback):
         batch: dict | None = None,
         batch_idx: int | None = None,
     ) -> list[Path]:
-        """Write ``stem`` in every configured format (global rank 0 only, no collectives)."""
+        """Write ``stem`` in every configured format (global rank 0 only, no collectives), and the
+        same files of every weight variant (the EMA, :mod:`lorafit.callbacks.ema`) in its sub-folder."""
         # Keep the last good files: a NaN LoRA would overwrite them. This waits for the NaN/Inf checks
         # of the steps so far (nonfinite.py) and stops the run on one. Every rank checks, so all stop
         # together (the weights are the same on all ranks) instead of leaving some in a collective.
         pl_module.ensure_finite(batch, batch_idx)
+        variants = list(_variants(trainer))  # every rank: a variant may have an update to make
         if not trainer.is_global_zero:
             return []
+        directory = self._dir(trainer)
+        paths = self._write(trainer, pl_module, directory, stem, epochs_done, {})
+        for callback, (subdir, metadata) in variants:
+            with callback.applied():
+                paths += self._write(trainer, pl_module, directory / subdir, stem, epochs_done, metadata)
+        self.written.extend(paths)
+        return paths
+
+    def _write(
+        self, trainer: pl.Trainer, pl_module, directory: Path, stem: str, epochs_done: int, extra: dict[str, str]
+    ) -> list[Path]:
         weights = pl_module.lora_weights()
         dtype = SAVE_DTYPES[self.save_dtype]
-        directory = self._dir(trainer)
         paths = []
         if "kohya" in self.formats:
             metadata = {
                 **kohya_metadata(self.training_info(trainer, pl_module, epochs_done)),
                 **recipe_metadata(trainer, pl_module),
+                **extra,
             }
             paths.append(
                 save_kohya(
@@ -195,8 +208,17 @@ class LoraExport(pl.Callback):
                 self._warned_no_diffusers = True
         for path in paths:
             log.info("saved LoRA %s", path)
-        self.written.extend(paths)
         return paths
+
+
+def _variants(trainer: pl.Trainer):
+    """``(callback, (sub-folder, metadata))`` of each callback that offers other weights to export
+    (``export_variant`` + ``applied()``, e.g. the EMA), in callback order."""
+    for callback in trainer.callbacks:
+        offer = getattr(callback, "export_variant", None)
+        variant = offer(trainer) if offer is not None else None
+        if variant is not None:
+            yield callback, variant
 
 
 def recipe_metadata(trainer: pl.Trainer, pl_module) -> dict[str, str]:

@@ -86,6 +86,7 @@ def _build_cli_class(run: _Run | None = None):
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+    from lorafit.callbacks.ema import AdapterEMA
     from lorafit.callbacks.export import LoraExport
     from lorafit.callbacks.metrics import TrainingMetrics
     from lorafit.callbacks.requeue import RequeueOnSignal
@@ -102,6 +103,7 @@ def _build_cli_class(run: _Run | None = None):
     class LorafitCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(LoraExport, "export")
+            parser.add_lightning_class_args(AdapterEMA, "ema")
             parser.add_lightning_class_args(SampleImages, "samples")
             parser.add_lightning_class_args(TrainingMetrics, "metrics")
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -19,6 +19,7 @@ from pathlib import PurePosixPath
 import torch
 
 from lorafit.data.captions import CaptionOps
+from lorafit.data.masks import MEMBER as MASK_MEMBER
 from lorafit.data.sample_transform import BucketSpec, SampleTransform, collate
 from lorafit.data.shard_index import DatasetIndex
 from lorafit.data.shard_reader import read_indexed
@@ -96,7 +97,7 @@ def _decoded(index: DatasetIndex, choose, shard: int, i: int, sample: dict) -> d
     name = meta.get("source") or f"{PurePosixPath(index.shards[shard].url).name}:{sample['__key__']}"
     transform = SampleTransform(CaptionOps())
     rng = random.Random(0)  # centred crops, no augmentation: nothing is drawn
-    pixels, original, crop = transform.pixels(sample, choose(index.shards[shard].samples[i]), rng, name)
+    pixels, mask, original, crop = transform.pixels_and_mask(sample, choose(index.shards[shard].samples[i]), rng, name)
     return {
         "key": name,
         "is_reg": False,
@@ -104,6 +105,7 @@ def _decoded(index: DatasetIndex, choose, shard: int, i: int, sample: dict) -> d
         "pixel_values": pixels,
         "original_size": original,
         "crop_top_left": crop,
+        "loss_mask": mask,
         "meta": meta,
     }
 
@@ -132,10 +134,20 @@ def _encode_batch(settings, base, vae, encoders, items, choose, device) -> list[
         if settings.text_embeddings:
             for key, tensor in text.items():  # the family's conditioning_keys
                 members[f"{key}.pth"] = _tensor_bytes(tensor[j], storage)
+        if items[j]["loss_mask"] is not None:  # at the crop's pixels; a flipped draw flips it (pick_cached)
+            members[MASK_MEMBER] = _mask_png(items[j]["loss_mask"])
         members["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
         row = [meta.get("w", original[1]), meta.get("h", original[0]), meta.get("repeats", 1)]
         encoded.append((members, [*row, int(bool(meta.get("is_reg", False))), *bucket]))
     return encoded
+
+
+def _mask_png(mask: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    from lorafit.data.masks import png_bytes
+
+    return png_bytes(Image.fromarray(mask[0].mul(255).round().to(torch.uint8).numpy(), "L"))
 
 
 def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:

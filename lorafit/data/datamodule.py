@@ -134,6 +134,9 @@ class LoraDataModule(L.LightningDataModule):
         random_crop: Random instead of centred crop of the excess (kohya ``random_crop``).
         flip_aug: Random horizontal flips (kohya ``flip_aug``): for symmetric subjects only.
         color_aug: Random hue shift (kohya ``color_aug``).
+        alpha_mask: With ``train_dir``/``val_dir``: a transparent image's alpha channel is its loss
+            mask (kohya's ``alpha_mask``); a ``<stem>_mask.png`` beside an image is its mask either
+            way. How masks weigh the loss: ``model.loss.mask_floor`` (docs/teaching-methods.md).
         trigger_word: Prepended as the first tag of instance captions lacking it (not reg captions).
         shuffle_caption: Shuffle the comma-separated tags (kohya ``shuffle_caption``).
         keep_tokens: Leading tags kept in place (kohya ``keep_tokens``; 1 keeps the trigger first).
@@ -173,6 +176,7 @@ class LoraDataModule(L.LightningDataModule):
         random_crop: bool = False,
         flip_aug: bool = False,
         color_aug: bool = False,
+        alpha_mask: bool = False,
         trigger_word: str | None = None,
         shuffle_caption: bool = False,
         keep_tokens: int = 0,
@@ -251,7 +255,8 @@ class LoraDataModule(L.LightningDataModule):
         roots = [Path(folder).expanduser()] + [
             Path(r).expanduser() for r in ([reg] if isinstance(reg, str) else reg or [])
         ]
-        key = hashlib.sha1(f"{_tree_fingerprint(roots)}:{hp.caption_ext}:{self.spec}".encode()).hexdigest()[:16]
+        masks = ":alpha_mask" if hp.alpha_mask else ""
+        key = hashlib.sha1(f"{_tree_fingerprint(roots)}:{hp.caption_ext}:{self.spec}{masks}".encode()).hexdigest()[:16]
         return self.cache_dir / "prepared" / f"{roots[0].resolve().name}-{key}"
 
     def _prepare_folder(self, folder: str, reg) -> Path:
@@ -280,6 +285,7 @@ class LoraDataModule(L.LightningDataModule):
             max_bucket_reso=bucket_range[1],
             bucket_reso_steps=bucket_range[2],
             bucket_no_upscale=hp.bucket_no_upscale and hp.enable_bucket,
+            alpha_mask=hp.alpha_mask,
         )
         return out
 
@@ -409,6 +415,13 @@ class LoraDataModule(L.LightningDataModule):
             world,
             f", global batches of {world * self.batch_size}" if self.hparams.global_batch else "",
         )
+        masks = (self.index.summary or {}).get("loss_masks") if getattr(self, "index", None) else None
+        if masks:
+            logger.info(
+                "data: %d images have a loss mask (%s); model.loss.mask_floor weighs their background",
+                sum(masks.values()),
+                ", ".join(f"{n} from {'_mask files' if how == 'file' else 'alpha'}" for how, n in masks.items()),
+            )
         if plan.dropped_samples:
             logger.info(
                 "data: %d samples per epoch are left out so every rank runs the same number of batches",

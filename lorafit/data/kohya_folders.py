@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lorafit.data.caption_files import ENCODING_NAMES, UTF8, UTF8_ENCODINGS, read_caption_file
+from lorafit.data.masks import find_mask_sidecars
 from lorafit.errors import LorafitError
 
 logger = logging.getLogger("lorafit.data")
@@ -73,6 +74,7 @@ class ImageRecord:
             ``ss_tag_frequency`` metadata the way kohya groups it, by subset folder.
         caption_encoding: How the caption sidecar was decoded (``utf-8`` unless it was in
             another encoding, see :mod:`lorafit.data.caption_files`).
+        mask: The image's loss-mask sidecar (``<stem>_mask.png``, :mod:`lorafit.data.masks`), or None.
     """
 
     path: Path
@@ -81,6 +83,7 @@ class ImageRecord:
     folder_prompt: str | None
     folder: str
     caption_encoding: str = UTF8
+    mask: Path | None = None
 
     @property
     def in_concept_folder(self) -> bool:
@@ -296,6 +299,9 @@ def scan_tree(root: str | os.PathLike, caption_ext: str = ".txt") -> TreeScan:
     ext = _normalise_caption_ext(caption_ext)
     files, links = _walk_files(root)
     images = [p for p in files if _is_image(p)]
+    masks = find_mask_sidecars(images)  # x_mask.png beside x.jpg is x's loss mask, not an image to train
+    mask_files = set(masks.values())
+    images = [p for p in images if p not in mask_files]
     sidecars = {image.with_name(image.stem + ext) for image in images}
     other_files = [p for p in files if not _is_image(p) and p not in sidecars]
 
@@ -313,10 +319,10 @@ def scan_tree(root: str | os.PathLike, caption_ext: str = ".txt") -> TreeScan:
             error = str(err)
         if concept is None:
             # Outside any concept folder tag statistics are grouped by the image's own folder.
-            record = ImageRecord(image, caption, 1, None, image.parent.name, encoding)
+            record = ImageRecord(image, caption, 1, None, image.parent.name, encoding, masks.get(image))
         else:
             folder = _concept_dir(image.parent).name
-            record = ImageRecord(image, caption, concept.repeats, concept.prompt, folder, encoding)
+            record = ImageRecord(image, caption, concept.repeats, concept.prompt, folder, encoding, masks.get(image))
         if error is None:
             records.append(record)
         else:

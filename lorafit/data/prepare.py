@@ -9,11 +9,15 @@ Run once per dataset; training then always streams shards. The output folder hol
                            without opening a shard (lorafit.data.shard_index)
     dataset.json           summary, written last: a folder without it is an unfinished run
 
+A sample with a loss mask (a ``<stem>_mask.png`` beside its image, or with ``--alpha_mask`` its
+alpha channel; :mod:`lorafit.data.masks`) also has ``<key>.mask.png``.
+
 Per-sample ``<key>.json`` fields: ``w``/``h`` (size after EXIF orientation), ``repeats``,
 ``subject``, ``class``, ``is_reg``, ``folder``, ``folder_prompt``, ``caption_source``
 (``sidecar``/``folder``), ``source`` (absolute path), ``relpath``, ``sha1`` (of the source file),
 ``source_format``, ``stored`` (``original``/``jpeg``/``png``), ``fixes``, ``small``, ``bucket`` and
-``bucket_resized`` (``[w, h]`` under the prepare settings) and ``aspect_error``.
+``bucket_resized`` (``[w, h]`` under the prepare settings), ``aspect_error`` and ``mask``
+(``file``, ``alpha`` or null).
 
 Nothing is ever written into a source folder: files are only opened for reading, and an output
 folder inside a source folder is refused. Which bytes are stored (original or re-encoded, and
@@ -150,6 +154,7 @@ def prepare(
     alpha_background: str = "white",
     tokenizer: str | None = None,
     max_token_length: int | None = None,
+    alpha_mask: bool = False,
     max_samples_per_shard: int = 1000,
     max_shard_bytes: int = 1 << 30,
     overwrite: bool = False,
@@ -191,6 +196,9 @@ def prepare(
             Default: the config's model.model.
         max_token_length: Caption tokens training reads (kohya's 150/225; default 75, CLIP's).
             Default: the config's model.max_token_length.
+        alpha_mask: Also keep a transparent image's alpha channel as its loss mask (kohya's
+            ``alpha_mask``; see model.loss.mask_floor). A ``<stem>_mask.png`` beside an image is
+            its loss mask either way, and wins over the alpha channel.
         max_samples_per_shard: Start a new shard after this many samples.
         max_shard_bytes: Start a new shard once a shard holds this many bytes.
         overwrite: Replace the shards, report.md and dataset.json of a non-empty output folder
@@ -220,6 +228,7 @@ def prepare(
         alpha_background=alpha_background,
         max_samples_per_shard=max_samples_per_shard,
         max_shard_bytes=max_shard_bytes,
+        alpha_mask=alpha_mask,
     )
     plan = plan_prepare(src, out, reg_dir, values, size_chosen=chosen)
     # Every check that can refuse the run happened in the plan, before the output folder is touched.

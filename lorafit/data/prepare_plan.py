@@ -31,6 +31,7 @@ DEFAULTS = {
     "max_bucket_reso": 2048,
     "bucket_reso_steps": 64,
     "bucket_no_upscale": False,
+    "alpha_mask": False,
 }
 
 
@@ -164,6 +165,7 @@ def plan_prepare(
         background=background,
         background_name=values["alpha_background"],
         size_chosen=size_chosen,
+        alpha_mask=values["alpha_mask"],
     )
     recorded = (
         "resolution",
@@ -173,6 +175,7 @@ def plan_prepare(
         "bucket_no_upscale",
         "drop_small",
         "alpha_background",
+        "alpha_mask",
         "max_samples_per_shard",
         "max_shard_bytes",
     )

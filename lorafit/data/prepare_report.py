@@ -29,6 +29,7 @@ SKIP_KINDS = {
     "unreadable": "cannot be read (permissions)",
     "small": "are smaller than the smallest bucket side, and drop_small is set",
     "no_bucket": "fit no bucket",
+    "mask": "have a _mask.png that cannot be read or does not match the image",
 }
 SUMMARY_FORMAT = "lorafit-prepare"
 SUMMARY_VERSION = 1
@@ -67,6 +68,7 @@ class PrepareTally:
     long_captions: list[dict] = field(default_factory=list)
     links: list[dict] = field(default_factory=list)
     stored: Counter = field(default_factory=Counter)
+    masks: Counter = field(default_factory=Counter)  # loss masks by source: file, alpha
     images_in: int = 0
     instance_samples: int = 0
     reg_samples: int = 0
@@ -93,6 +95,8 @@ class PrepareTally:
         self.choices.append(sample.choice)
         self.stored[sample.meta["stored"]] += 1
         self.small += int(sample.meta["small"])
+        if sample.mask is not None:
+            self.masks[sample.meta["mask"]] += 1
         if sample.notes:
             self.fixed.append({"path": str(record.path), "notes": sample.notes})
 
@@ -141,6 +145,7 @@ class PrepareTally:
             "reg_samples": self.reg_samples,
             "stored": dict(sorted(self.stored.items())),
             "small_images": self.small,
+            "loss_masks": dict(sorted(self.masks.items())),
             "settings": settings,
             "shards": shards,
             "shard_pattern": _brace_pattern(shards),
@@ -202,6 +207,12 @@ def render_report(summary: dict) -> str:
         f"- Shards: {len(s['shards'])} ({total_bytes / 1e6:.1f} MB), `{s['shard_pattern']}`",
         "- Stored: " + ", ".join(f"{n} {_STORED[how]}" for how, n in s["stored"].items()),
         f"- Sources: {sources}",
+        "- Loss masks: "
+        + (
+            ", ".join(f"{n} from {'_mask files' if how == 'file' else 'alpha channels'}" for how, n in masks.items())
+            if (masks := s.get("loss_masks"))
+            else "none"
+        ),
         (
             f"- Buckets: resolution {cfg['resolution']}, sides {cfg['min_bucket_reso']}..{cfg['max_bucket_reso']}"
             f" in steps of {cfg['bucket_reso_steps']}, bucket_no_upscale {cfg['bucket_no_upscale']}, "

@@ -28,6 +28,7 @@ from lorafit.data.buckets import BucketChoice, Size, select_bucket
 from lorafit.data.caption_files import ENCODING_NAMES, UTF8_ENCODINGS
 from lorafit.data.images import Color, DecodedImage, decode_rgb_with_fixes
 from lorafit.data.kohya_folders import ImageRecord, no_caption_reason
+from lorafit.data.masks import alpha_of, png_bytes, read_mask
 from lorafit.errors import LorafitError
 
 # Formats a training reader decodes cheaply and everywhere; anything else is re-encoded.
@@ -77,6 +78,7 @@ class SampleSettings:
         background_name: The colour as the user gave it, for the report.
         size_chosen: The user set the resolution or bucket sides (a flag or a fit config): an
             image below the smallest side is then their choice, and the report words it as a note.
+        alpha_mask: Use a transparent image's alpha channel as its loss mask (kohya's ``alpha_mask``).
     """
 
     caption_ext: str
@@ -89,6 +91,7 @@ class SampleSettings:
     background: Color
     background_name: str
     size_chosen: bool = False
+    alpha_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class PreparedSample:
     meta: dict
     notes: list[str]
     choice: BucketChoice
+    mask: bytes | None = None  # the loss mask as an 8-bit PNG of the image's size (lorafit.data.masks)
 
 
 def split_prompt(prompt: str | None, is_reg: bool) -> tuple[str | None, str | None]:
@@ -157,6 +161,25 @@ def _bucket(width: int, height: int, settings: SampleSettings) -> BucketChoice:
         )
     except LorafitError as err:  # bucket_no_upscale cannot fit extremely thin images
         raise SkipFile(str(err), "no_bucket") from None
+
+
+def _mask(record: ImageRecord, data: bytes, size: tuple[int, int], settings: SampleSettings):
+    """(PNG bytes of the loss mask, where it came from: ``file``/``alpha``), or (None, None)."""
+    if record.mask is not None:
+        try:
+            mask_data = record.mask.read_bytes()
+            return png_bytes(read_mask(mask_data, record.mask.name, size)), "file"
+        except OSError as err:
+            raise SkipFile(
+                f"cannot read its mask {record.mask.name} ({err.strerror or type(err).__name__})", "mask"
+            ) from None
+        except LorafitError as err:
+            raise SkipFile(str(err), "mask") from None
+    if settings.alpha_mask:
+        alpha = alpha_of(data)
+        if alpha is not None:
+            return png_bytes(alpha), "alpha"
+    return None, None
 
 
 def _encode(data: bytes, decoded: DecodedImage) -> tuple[str, bytes, str]:
@@ -217,6 +240,7 @@ def prepare_file(
     if small and settings.drop_small:
         raise SkipFile(f"{too_small}; dropped because drop_small is set", "small")
     choice = _bucket(width, height, settings)
+    mask, mask_source = _mask(record, data, (width, height), settings)
     image_ext, image_bytes, stored = _encode(data, decoded)
 
     notes = [
@@ -255,6 +279,7 @@ def prepare_file(
         "bucket": list(choice.bucket),
         "bucket_resized": list(choice.resized_size),
         "aspect_error": round(choice.aspect_error, 6),
+        "mask": mask_source,
     }
     seen[sha1] = (record.path, caption)
-    return PreparedSample(image_ext, image_bytes, caption, meta, notes, choice)
+    return PreparedSample(image_ext, image_bytes, caption, meta, notes, choice, mask)

@@ -20,6 +20,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from lorafit.data.kohya_folders import ImageRecord, TreeScan
+from lorafit.data.masks import MEMBER as MASK_MEMBER
 from lorafit.data.prepare_plan import DEFAULTS, PreparePlan, plan_prepare
 from lorafit.data.prepare_report import PrepareTally, render_report, unusable_message
 from lorafit.data.prepare_sample import SkipFile, prepare_file
@@ -78,14 +79,15 @@ def write_shards(plan: PreparePlan, out_dir: Path, tally: PrepareTally) -> tuple
                     continue
                 key = f"{tally.samples_written:08d}"
                 meta = json.dumps({"key": key, **sample.meta}, ensure_ascii=False, sort_keys=True)
-                writer.write(
-                    {
-                        "__key__": key,
-                        sample.image_ext: sample.image_bytes,
-                        "txt": sample.caption.encode("utf-8"),
-                        "json": meta.encode("utf-8"),
-                    }
-                )
+                members = {
+                    "__key__": key,
+                    sample.image_ext: sample.image_bytes,
+                    "txt": sample.caption.encode("utf-8"),
+                    "json": meta.encode("utf-8"),
+                }
+                if sample.mask is not None:
+                    members[MASK_MEMBER] = sample.mask
+                writer.write(members)
                 # After write(): ShardWriter may have just rolled over to the next file.
                 name = os.path.basename(writer.fname)
                 shard_counts[name] = shard_counts.get(name, 0) + 1

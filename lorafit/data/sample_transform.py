@@ -20,6 +20,8 @@ from PIL import Image
 from lorafit.data.buckets import BucketChoice, Size, make_bucket_table, plan_resize_crop, select_bucket
 from lorafit.data.captions import CaptionOps
 from lorafit.data.images import decode_rgb_with_fixes
+from lorafit.data.masks import MEMBER as MASK_MEMBER
+from lorafit.data.masks import decode_member, resize_mask
 from lorafit.data.shard_index import IMAGE_EXTS
 from lorafit.errors import LorafitError
 
@@ -81,10 +83,17 @@ class SampleTransform:
 
     def pixels(self, sample: dict, choice: BucketChoice, rng: random.Random, name: str):
         """``(tensor [3, H, W] in [-1, 1], original (h, w), crop (top, left))`` for one sample."""
+        tensor, _, original, crop = self.pixels_and_mask(sample, choice, rng, name)
+        return tensor, original, crop
+
+    def pixels_and_mask(self, sample: dict, choice: BucketChoice, rng: random.Random, name: str):
+        """:meth:`pixels` and the sample's loss mask ([1, H, W] in [0, 1], None without one), resized,
+        cropped and flipped exactly as the image (the same draws, whether or not there is a mask)."""
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise LorafitError(f"{name} has no image member ({', '.join(IMAGE_EXTS)}); re-run lorafit prepare")
         image = decode_rgb_with_fixes(io.BytesIO(sample[ext]), name, draft_size=choice.resized_size).image
+        mask = decode_member(sample[MASK_MEMBER]) if MASK_MEMBER in sample else None
         meta = json.loads(sample["json"]) if "json" in sample else {}
         width, height = meta.get("w", image.width), meta.get("h", image.height)
         plan = plan_resize_crop(
@@ -95,15 +104,23 @@ class SampleTransform:
             resample = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC
             image = image.resize(plan.resized_size, resample=resample)
         image = image.crop(plan.crop_box)
+        if mask is not None:
+            mask = resize_mask(mask, plan.resized_size).crop(plan.crop_box)
         crop_top_left = plan.crop_top_left
         if self.flip_aug and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            mask = None if mask is None else mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             crop_top_left = plan.flipped_crop_top_left
         if self.color_aug:
             image = _shift_hue(image, rng.uniform(-HUE_SHIFT, HUE_SHIFT))
         array = np.asarray(image, dtype=np.uint8)
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-        return tensor, plan.original_size, crop_top_left
+        return tensor, None if mask is None else mask_tensor(mask), plan.original_size, crop_top_left
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """An ``L`` mask as float [1, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy()).unsqueeze(0).float().div_(255.0)
 
 
 def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
@@ -132,6 +149,12 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     for name in ("pixel_values", "latent_moments", "prompt_embeds", "pooled_prompt_embeds"):
         if name in items[0]:
             batch[name] = torch.stack([item[name] for item in items])
+    if any(item.get("loss_mask") is not None for item in items):
+        # Samples without a mask (regularization images, unmasked ones) count everywhere.
+        size = next(item["loss_mask"] for item in items if item.get("loss_mask") is not None).shape
+        batch["loss_mask"] = torch.stack(
+            [item["loss_mask"] if item.get("loss_mask") is not None else torch.ones(size) for item in items]
+        )
     return batch
 
 
@@ -140,9 +163,12 @@ def decode_tensor(data: bytes) -> torch.Tensor:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def pick_cached(sample: dict, rng: random.Random, flip_aug: bool) -> tuple[torch.Tensor, list | None]:
-    """Cached latent moments, the flipped variant half the time when ``flip_aug``; with its crop."""
+def pick_cached(sample: dict, rng: random.Random, flip_aug: bool):
+    """``(latent moments, crop, loss mask)`` of a cached sample: the flipped variant half the time when
+    ``flip_aug``; the mask (cached at the crop's pixels) flipped with it, None without one."""
     meta = json.loads(sample["json"])
+    mask = mask_tensor(decode_member(sample[MASK_MEMBER])) if MASK_MEMBER in sample else None
     if flip_aug and "latent_flip.pth" in sample and rng.random() < 0.5:
-        return decode_tensor(sample["latent_flip.pth"]), meta["crop_top_left_flip"]
-    return decode_tensor(sample["latent.pth"]), meta["crop_top_left"]
+        flipped = None if mask is None else mask.flip(-1)
+        return decode_tensor(sample["latent_flip.pth"]), meta["crop_top_left_flip"], flipped
+    return decode_tensor(sample["latent.pth"]), meta["crop_top_left"], mask

@@ -177,15 +177,16 @@ class ShardStream(IterableDataset):
         item: dict[str, Any] = {"key": name, "is_reg": is_reg}
         item["caption"] = self.transform.caption(sample, rng, is_reg)
         if "latent.pth" in sample:
-            moments, crop = pick_cached(sample, rng, self.transform.flip_aug and self.training)
+            moments, crop, mask = pick_cached(sample, rng, self.transform.flip_aug and self.training)
             item.update(latent_moments=moments, original_size=tuple(meta["original_size"]), crop_top_left=tuple(crop))
+            item["loss_mask"] = mask
             if "prompt_embeds.pth" in sample:
                 item["prompt_embeds"] = decode_tensor(sample["prompt_embeds.pth"])
                 if "pooled_prompt_embeds.pth" in sample:
                     item["pooled_prompt_embeds"] = decode_tensor(sample["pooled_prompt_embeds.pth"])
             return item
-        pixels, original, crop = self.transform.pixels(sample, bucket_of(draw.entry), rng, name)
-        item.update(pixel_values=pixels, original_size=original, crop_top_left=crop)
+        pixels, mask, original, crop = self.transform.pixels_and_mask(sample, bucket_of(draw.entry), rng, name)
+        item.update(pixel_values=pixels, original_size=original, crop_top_left=crop, loss_mask=mask)
         return item
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

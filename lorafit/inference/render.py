@@ -12,9 +12,7 @@ in a batch, an image's noise would depend on its position.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +24,9 @@ from lorafit.families.loading import BaseModel
 from lorafit.families.registry import get_family
 from lorafit.inference.prompts import SamplePrompt
 from lorafit.inference.samplers import make_scheduler
+from lorafit.networks.adapter_switch import adapters_disabled
+
+__all__ = ["HiresFix", "Renderer", "adapters_disabled", "build_pipeline", "default_size"]
 
 
 def build_pipeline(base: BaseModel):
@@ -236,30 +237,3 @@ class Renderer:
             output_type="pil",
             **conditioning,
         ).images[0]
-
-
-def _tuner_layers(modules: Iterable[torch.nn.Module]) -> list:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [layer for module in modules for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
-
-
-@contextlib.contextmanager
-def adapters_disabled(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
-    """Run the base model: every PEFT adapter in ``modules`` off, then back on as it was.
-
-    PEFT's ``enable_adapters`` also flips ``requires_grad`` of the adapter weights, so the flags
-    are restored explicitly: sampling mid-training must not freeze the LoRA it samples.
-    """
-    modules = list(modules)
-    layers = [layer for layer in _tuner_layers(modules) if not layer.disable_adapters]
-    flags = {p: p.requires_grad for m in modules for p in m.parameters()}
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-        for param, flag in flags.items():
-            param.requires_grad_(flag)

@@ -180,6 +180,12 @@ class LossConfig:
         prior_weight: Loss weight of regularization images (kohya's ``prior_loss_weight``).
         weighting: Flow families: per-sigma weights as SD3's trainers apply them: ``none``,
             ``sigma_sqrt`` (1/sigma^2), ``cosmap``.
+        mask_floor: Images with a loss mask (``<stem>_mask.png`` beside the image, or
+            ``data.alpha_mask``): the loss weight where the mask is black; white counts 1, grey in
+            between. 0 learns only the masked subject (kohya's ``masked_loss``), 1 ignores masks
+            (OneTrainer's ``unmasked_weight``).
+        mask_normalize: Divide each masked sample's loss by its mean weight, so a small subject
+            weighs as much as a large one (OneTrainer's ``normalize_masked_area_loss``).
     """
 
     type: LossType = "l2"
@@ -190,6 +196,8 @@ class LossConfig:
     debiased_estimation: bool = False
     prior_weight: float = 1.0
     weighting: FlowWeighting = "none"
+    mask_floor: float = 0.0
+    mask_normalize: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,6 +228,28 @@ class MemoryConfig:
     gradient_checkpointing: bool = False
     channels_last: bool = False
     compile: bool = False
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Output-preserving prior: ai-toolkit's "differential output preservation" (docs/teaching-methods.md).
+
+    Each step also predicts, on the same noisy latents, with the caption's trigger replaced by the
+    class word ("ohwx dog" -> "dog"), once with the LoRA and once with it off (the base model), and
+    adds ``weight x`` the squared difference: the LoRA learns the subject while the class stays what
+    the base model draws, without a folder of regularization images.
+
+    Args:
+        weight: Weight of that term (ai-toolkit's ``diff_output_preservation_multiplier``, 1.0 there);
+            0 = off.
+        class_word: What the trigger becomes in the preserved prompts (ai-toolkit's
+            ``diff_output_preservation_class``), e.g. ``dog`` or ``woman``.
+        trigger: The word(s) replaced (whole words only); empty = ``data.trigger_word``.
+    """
+
+    weight: float = 0.0
+    class_word: str | None = None
+    trigger: str | None = None
 
 
 _DDPM_ONLY = {
@@ -261,6 +291,10 @@ def check_settings(
         raise LorafitError(
             f"model.loss.min_snr_gamma: {loss.min_snr_gamma} must be > 0 (5 is usual); leave empty for off"
         )
+    if not 0.0 <= loss.mask_floor <= 1.0:
+        raise LorafitError(
+            f"model.loss.mask_floor: {loss.mask_floor} must be in [0, 1] (0 = background not learnt, 1 = masks ignored)"
+        )
     if loss.type in ("huber", "smooth_l1") and not 0 < loss.huber_c <= 1:
         raise LorafitError(f"model.loss.huber_c: {loss.huber_c} must be in (0, 1]")
     if conditioning.max_token_length is not None and conditioning.max_token_length < 1:
@@ -275,6 +309,17 @@ def check_settings(
         raise LorafitError(f"model.noise.shift: {noise.shift} must be > 0 (1 = no shift, 3 is SD3's)")
     if noise.logit_std <= 0 or noise.sigmoid_scale <= 0:
         raise LorafitError("model.noise.logit_std and model.noise.sigmoid_scale must be > 0")
+
+
+def check_prior(prior: PriorConfig) -> None:
+    """Fail on an impossible output-preserving prior (one line naming the key)."""
+    if prior.weight < 0:
+        raise LorafitError(f"model.prior.weight: {prior.weight} is negative; use 0 (off) or e.g. 1.0")
+    if prior.weight > 0 and not (prior.class_word or "").strip():
+        raise LorafitError(
+            "model.prior.class_word: the output-preserving prior needs the class the trigger belongs to "
+            "(e.g. dog); the trigger is replaced by it in the preserved prompts"
+        )
 
 
 def check_objective_settings(

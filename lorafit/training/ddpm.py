@@ -98,10 +98,12 @@ class DDPMObjective:
         timesteps: torch.Tensor,
         is_reg: torch.Tensor | None = None,
         share: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample loss, weighted by prior-loss, min-SNR and debiased weights, averaged over the batch.
 
-        ``share`` weighs a rank's rows of a global batch (see lorafit.data.stream.global_share).
+        ``share`` weighs a rank's rows of a global batch (see lorafit.data.stream.global_share);
+        ``weight`` each element (a loss mask, :mod:`lorafit.training.masked_loss`).
         """
         cfg = self.loss_config
         alphas_cumprod = self.noise_scheduler.alphas_cumprod
@@ -110,7 +112,7 @@ class DDPMObjective:
             huber_c = losses.huber_threshold(
                 timesteps, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale, alphas_cumprod, self.num_train_timesteps
             )
-        per_sample = losses.per_sample_loss(prediction, target, cfg.type, huber_c)
+        per_sample = losses.per_sample_loss(prediction, target, cfg.type, huber_c, weight)
         snr = losses.signal_to_noise(alphas_cumprod, timesteps)
         return losses.weighted_mean(
             per_sample,

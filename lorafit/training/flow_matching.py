@@ -99,13 +99,14 @@ class FlowMatchingObjective:
         sigmas: torch.Tensor,
         is_reg: torch.Tensor | None = None,
         share: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample loss weighted by the flow weighting and the prior-loss weight, averaged."""
         cfg = self.loss_config
         huber_c = None
         if cfg.type in ("huber", "smooth_l1"):
             huber_c = losses.flow_huber_threshold(sigmas, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale)
-        per_sample = losses.per_sample_loss(prediction, target, cfg.type, huber_c)
+        per_sample = losses.per_sample_loss(prediction, target, cfg.type, huber_c, weight)
         return losses.weighted_mean(
             per_sample,
             losses.prior_weights(is_reg, per_sample.shape[0], cfg.prior_weight, per_sample.device),

@@ -166,12 +166,17 @@ def flow_huber_threshold(
 
 
 def per_sample_loss(
-    prediction: torch.Tensor, target: torch.Tensor, loss_type: LossType = "l2", huber_c: torch.Tensor | None = None
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    loss_type: LossType = "l2",
+    huber_c: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss per sample ([B]): the elementwise loss averaged over every other dimension.
 
     huber: ``2 c (sqrt(d^2 + c^2) - c)`` (pseudo-Huber, ~``d^2`` for small d, ~``2c|d|`` for large);
-    smooth_l1: ``2 (sqrt(d^2 + c^2) - c)``; both with kohya's per-sample ``c`` ([B]).
+    smooth_l1: ``2 (sqrt(d^2 + c^2) - c)``; both with kohya's per-sample ``c`` ([B]). ``weight``
+    (broadcast against the elementwise loss, e.g. a loss mask's [B, 1, h, w]) multiplies it first.
     """
     prediction, target = prediction.float(), target.float()
     if loss_type == "l2":
@@ -186,6 +191,8 @@ def per_sample_loss(
         elementwise = 2 * c * root if loss_type == "huber" else 2 * root
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
+    if weight is not None:
+        elementwise = elementwise * weight.to(elementwise.dtype)
     return elementwise.mean(dim=tuple(range(1, elementwise.dim())))
 
 

@@ -35,13 +35,16 @@ from lorafit.training.config import (
     NetworkConfig,
     NoiseConfig,
     OptimizerConfig,
+    PriorConfig,
     check_objective_settings,
+    check_prior,
     check_settings,
 )
 from lorafit.training.host_parts import HostParts
 from lorafit.training.legacy_keys import GROUPS, nest_model_settings
 from lorafit.training.nonfinite import NonfiniteGuard
 from lorafit.training.optim import build_optimizer, build_scheduler, effective_learning_rates, optimizer_kwargs
+from lorafit.training.output_prior import output_prior
 from lorafit.training.speed import apply_speed_settings
 from lorafit.training.step import DenoisingStep, check_cached_shards, step_seed
 from lorafit.training.text_encoders import freeze_unread_text_lora
@@ -56,6 +59,7 @@ _GROUP_TYPES = {
     "loss": LossConfig,
     "conditioning": ConditioningConfig,
     "memory": MemoryConfig,
+    "prior": PriorConfig,
 }
 
 
@@ -91,6 +95,8 @@ class LoraDiffusionModule(pl.LightningModule):
         loss: Loss type and weights (``model.loss.*``).
         conditioning: Captions to conditioning (``model.conditioning.*``).
         memory: Gradient checkpointing, channels-last, compile (``model.memory.*``).
+        prior: Output-preserving prior: the base model's prediction on the class prompt as a second
+            target, instead of (or with) regularization images (``model.prior.*``).
         nonfinite_loss: On a NaN/Inf loss: ``stop`` the run with a message naming the step and
             images (checked a step late, so the GPU never waits) or ``skip`` the batch (one device
             only; one host sync per step).
@@ -116,6 +122,7 @@ class LoraDiffusionModule(pl.LightningModule):
         loss: LossConfig = LossConfig(),
         conditioning: ConditioningConfig = ConditioningConfig(),
         memory: MemoryConfig = MemoryConfig(),
+        prior: PriorConfig = PriorConfig(),
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         **legacy: Any,
     ):
@@ -129,6 +136,7 @@ class LoraDiffusionModule(pl.LightningModule):
             "loss": loss,
             "conditioning": conditioning,
             "memory": memory,
+            "prior": prior,
         }
         if legacy:
             nested = nest_model_settings(legacy, where="LoraDiffusionModule")
@@ -143,7 +151,9 @@ class LoraDiffusionModule(pl.LightningModule):
         self.network, self.optimizer_config = groups["network"], groups["optimizer"]
         self.noise, self.loss_config = groups["noise"], groups["loss"]
         self.conditioning_config, self.memory = groups["conditioning"], groups["memory"]
+        self.prior_config = groups["prior"]
         check_settings(self.network, self.optimizer_config, self.noise, self.loss_config, self.conditioning_config)
+        check_prior(self.prior_config)
         # Plain types only: checkpoints are loaded with weights_only, which refuses dataclasses.
         self.save_hyperparameters(
             {
@@ -218,10 +228,16 @@ class LoraDiffusionModule(pl.LightningModule):
             self.memory.channels_last,
             self.memory.compile,
         )
-        self.step = DenoisingStep(
-            base, spec, self.objective, self.conditioning_config, trains_text=bool(self.trained_text_encoders())
-        )
         datamodule = self._trainer.datamodule if self._trainer is not None else None
+        self.step = DenoisingStep(
+            base,
+            spec,
+            self.objective,
+            self.conditioning_config,
+            trains_text=bool(self.trained_text_encoders()),
+            prior=output_prior(self.prior_config, datamodule),
+            adapted=list(self.lora_components().values()),
+        )
         if hasattr(datamodule, "unused_model_parts"):  # before Lightning moves the module to the device
             self.host_parts.park(datamodule.unused_model_parts(), bool(self.trained_text_encoders()))
         if len(base.text_encoders) > 1 and "text_encoders" not in self.host_parts.names:
@@ -345,6 +361,8 @@ class LoraDiffusionModule(pl.LightningModule):
 
     def check_cache(self, cached: dict | None) -> None:
         check_cached_shards(cached, self.spec, self.base, self.conditioning_config, self.hparams.model)
+        if self.step.prior is not None:
+            self.step.prior.check_cache(cached)
 
     def fixed_noise(self, batch: dict, batch_idx: int):
         return self.step.fixed_points(batch, batch_idx, self.device)
@@ -377,6 +395,8 @@ class LoraDiffusionModule(pl.LightningModule):
         # The mean over all ranks' samples, i.e. the global batch's loss; reduced without Lightning's
         # sync_dist, whose barrier would stall every step (collectives.py). Only loggers read it.
         self.log("loss/current", all_reduce_in_place(loss.detach().clone(), "mean"), batch_size=batch_size)
+        if self.step.last_prior is not None:  # the output-preserving prior's part of it
+            self.log("loss/prior", all_reduce_in_place(self.step.last_prior.clone(), "mean"), batch_size=batch_size)
         rates = effective_learning_rates(self.trainer.optimizers[0])
         # Host tensors: Lightning would copy a Python float to the GPU, waiting for the queue.
         self.log_dict(

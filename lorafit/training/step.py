@@ -9,7 +9,8 @@ so resumed, DDP and global-batch runs draw exactly what an uninterrupted run wou
 The batch contract (every lorafit DataModule): ``captions`` (list of str), ``original_size`` and
 ``crop_top_left`` (long [B, 2]), ``is_reg`` (bool [B], regularization samples; absent = none),
 and either ``pixel_values`` (float [B, 3, H, W] in [-1, 1]) or ``latent_moments`` (cached); it may
-carry cached conditioning (the family's ``conditioning_keys``, e.g. ``prompt_embeds``).
+carry cached conditioning (the family's ``conditioning_keys``, e.g. ``prompt_embeds``) and
+``loss_mask`` (float [B, 1, H, W] in [0, 1], :mod:`~lorafit.training.masked_loss`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.families.family import BaseModel, Family, TextOptions
+from lorafit.training.masked_loss import latent_weights
 
 log = logging.getLogger("lorafit.train")
 
@@ -45,9 +47,21 @@ class DenoisingStep:
             :class:`~lorafit.training.flow_matching.FlowMatchingObjective`.
         options: How captions become conditioning (``model.conditioning``).
         trains_text: Whether any text encoder carries a trained LoRA (captions then run with grad).
+        prior: The output-preserving prior (:mod:`~lorafit.training.output_prior`), added to the
+            training loss; None = off.
+        adapted: The modules carrying adapters (switched off for the prior's base prediction).
     """
 
-    def __init__(self, base: BaseModel, family: Family, objective, options: TextOptions, trains_text: bool):
+    def __init__(
+        self,
+        base: BaseModel,
+        family: Family,
+        objective,
+        options: TextOptions,
+        trains_text: bool,
+        prior=None,
+        adapted: list[torch.nn.Module] | None = None,
+    ):
         self.base, self.family, self.objective, self.options, self.trains_text = (
             base,
             family,
@@ -55,6 +69,8 @@ class DenoisingStep:
             options,
             trains_text,
         )
+        self.prior, self.adapted = prior, list(adapted or [])
+        self.last_prior: torch.Tensor | None = None  # the last training step's prior term, for logging
 
     def conditioning(self, batch: dict, device: torch.device, training: bool) -> dict[str, torch.Tensor]:
         """Conditioning for ``batch``: cached tensors when the batch carries them, else encoded now."""
@@ -115,9 +131,19 @@ class DenoisingStep:
             draw = self.objective.at(latents, *fixed)
         conditioning = self.conditioning(batch, device, training)
         prediction = self.family.predict(self.base, draw.noisy, draw.timesteps, conditioning, batch, self.options)
-        return self.objective.loss(
-            prediction, draw.target, draw.timesteps, batch.get("is_reg"), batch.get("global_weights")
+        mask = batch.get("loss_mask")
+        cfg = self.objective.loss_config
+        weight = latent_weights(
+            None if mask is None else mask.to(device), latents.shape[-2:], cfg.mask_floor, cfg.mask_normalize
         )
+        loss = self.objective.loss(
+            prediction, draw.target, draw.timesteps, batch.get("is_reg"), batch.get("global_weights"), weight
+        )
+        if self.prior is not None and training and fixed is None:  # validation stays the denoising loss
+            term = self.prior.loss(self, batch, draw, device, self.adapted)
+            self.last_prior = term.detach()
+            loss = loss + term
+        return loss
 
     def latent_shape(self, batch: dict) -> tuple[int, ...]:
         if "latent_moments" in batch:  # mean and log-variance stacked on channels
