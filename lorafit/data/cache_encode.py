@@ -115,10 +115,11 @@ def _encode_batch(settings, base, vae, encoders, items, choose, device) -> list[
     batch = collate(items)
     storage = DTYPES[settings.dtype]
     pixels = batch["pixel_values"].to(device, vae.dtype)
-    moments = vae.encode(pixels).latent_dist.parameters
-    flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters if settings.flip_aug else None
+    family = get_family(base.family)
+    moments = family.vae_posterior(vae, pixels).parameters
+    flipped = family.vae_posterior(vae, pixels.flip(-1)).parameters if settings.flip_aug else None
     if settings.text_embeddings:
-        text = get_family(base.family).encode_text(base, batch["captions"], settings.text_options(), device)
+        text = family.encode_text(base, batch["captions"], settings.text_options(), device)
     bucket = (pixels.shape[-1], pixels.shape[-2])
     encoded = []
     for j, meta in enumerate(batch["metas"]):
@@ -130,17 +131,30 @@ def _encode_batch(settings, base, vae, encoders, items, choose, device) -> list[
             members["latent_flip.pth"] = _tensor_bytes(flipped[j], storage)
             info["crop_top_left_flip"] = _flipped_crop(original, crop, bucket, choose)
         if settings.text_embeddings:
-            for key, tensor in text.items():  # the family's conditioning_keys
-                members[f"{key}.pth"] = _tensor_bytes(tensor[j], storage)
+            for key, tensor in _unpadded(text, j).items():  # the family's conditioning_keys
+                members[f"{key}.pth"] = _tensor_bytes(tensor, storage)
         members["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
         row = [meta.get("w", original[1]), meta.get("h", original[0]), meta.get("repeats", 1)]
         encoded.append((members, [*row, int(bool(meta.get("is_reg", False))), *bucket]))
     return encoded
 
 
+def _unpadded(text: dict[str, torch.Tensor], j: int) -> dict[str, torch.Tensor]:
+    """Sample ``j``'s conditioning; with a ``prompt_embeds_mask`` (LLM text encoders, whose captions
+    vary in length) only its real tokens: the batch's padding is not stored, collate pads again."""
+    row = {key: tensor[j] for key, tensor in text.items()}
+    if "prompt_embeds_mask" in row:
+        length = int(row["prompt_embeds_mask"].sum())
+        row["prompt_embeds"] = row["prompt_embeds"][:length]
+        row["prompt_embeds_mask"] = row["prompt_embeds_mask"][:length]
+    return row
+
+
 def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:
     buffer = io.BytesIO()
-    torch.save(tensor.detach().to("cpu", dtype).contiguous().clone(), buffer)
+    if tensor.is_floating_point():  # masks keep their bool dtype
+        tensor = tensor.to(dtype=dtype)
+    torch.save(tensor.detach().to("cpu").contiguous().clone(), buffer)
     return buffer.getvalue()
 
 
