@@ -126,6 +126,8 @@ class Family(ABC):
     load_formats: ClassVar[tuple[str, ...]] = ("diffusers directory", "hub id", "single file")
     # What kohya writes into ss_base_model_version, and SAI modelspec's architecture.
     base_model_version: ClassVar[str] = ""
+    # How its kohya/ComfyUI files name the denoiser's modules (the README's family table).
+    kohya_names: ClassVar[str] = "diffusers module paths"
 
     # ---- detection and loading -------------------------------------------------------------
 

@@ -77,6 +77,8 @@ class FluxFamily(Family):
     kohya_aliases: ClassVar[tuple[str, ...]] = ("lora_transformer", "lycoris")  # OneTrainer, SimpleTuner
     pipeline_class: ClassVar[str] = "FluxPipeline"
     base_model_version: ClassVar[str] = "flux1"
+    kohya_names: ClassVar[str] = "BFL names, q/k/v fused"
+    load_formats: ClassVar[tuple[str, ...]] = ("diffusers directory", "hub id", "single file + parts")
 
     @classmethod
     def matches_index(cls, index: dict, denoiser_config: dict) -> bool:
