@@ -47,8 +47,8 @@ class _TinyModels(dict):
 
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory) -> dict[str, str]:
-    """Tiny pipelines of the transformer families added after Flux (``qwen-image``, ``z-image``), built
-    when a test first asks for one."""
+    """Tiny pipelines of the transformer families added after Flux (``qwen-image``, ``z-image``,
+    ``flux2-klein``), built when a test first asks for one."""
     return _TinyModels(tmp_path_factory.mktemp("tiny-families"))
 
 

@@ -1,4 +1,4 @@
-"""Ground truth for the transformer families added after Flux (Qwen-Image, Z-Image):
+"""Ground truth for the transformer families added after Flux (Qwen-Image, Z-Image, FLUX.2 [klein]):
 fixed denoiser inputs, and their weights under the names of the files ComfyUI and BFL ship.
 
 ``denoiser_output`` calls the family's own ``predict`` on fixed latents, sigmas and conditioning (two
@@ -13,7 +13,7 @@ import torch
 from lorafit.families.family import BaseModel, TextOptions
 from lorafit.families.registry import get_family
 
-NEW_FAMILIES = ("qwen-image", "z-image")
+NEW_FAMILIES = ("qwen-image", "z-image", "flux2-klein")
 
 
 def _text_width(family: str, config) -> int:
@@ -24,7 +24,8 @@ def fixed_inputs(family: str, transformer, seed: int = 1) -> tuple[torch.Tensor,
     """(noisy latents [2, C, 8, 8], sigmas, conditioning) for ``transformer`` of ``family``."""
     generator = torch.Generator().manual_seed(seed)
     config = transformer.config
-    channels = {"qwen-image": config.in_channels // 4, "z-image": config.in_channels}[family]
+    channels = {"qwen-image": config.in_channels // 4, "z-image": config.in_channels}.get(family)
+    channels = channels or config.in_channels // 4  # FLUX.2: 128 patchified channels = 4 x 32
     latents = torch.randn(2, channels, 8, 8, generator=generator)
     embeds = torch.randn(2, 7, _text_width(family, config), generator=generator)
     conditioning = {"prompt_embeds": embeds}
@@ -48,6 +49,10 @@ def native_state_dict(family: str, transformer) -> dict[str, torch.Tensor]:
         from lorafit.families.z_image_layout import native_state_dict as z_image_native
 
         return z_image_native(transformer)
+    if family == "flux2-klein":
+        from lorafit.families.flux2_layout import bfl_state_dict
+
+        return bfl_state_dict(transformer)
     return dict(transformer.state_dict())  # Qwen-Image's files use diffusers' names
 
 
@@ -57,5 +62,6 @@ def diffusers_from_native(family: str, native: dict[str, torch.Tensor]) -> dict[
 
     convert = {
         "z-image": files.convert_z_image_transformer_checkpoint_to_diffusers,
+        "flux2-klein": files.convert_flux2_transformer_checkpoint_to_diffusers,
     }.get(family)
     return convert(dict(native)) if convert else dict(native)

@@ -1,4 +1,4 @@
-"""Qwen-Image and Z-Image end to end on tiny random-weight pipelines of the real classes:
+"""Qwen-Image, Z-Image and FLUX.2 [klein] end to end on tiny random-weight pipelines of the real classes:
 detection, the prediction their pipelines step with, native single files, training every network type,
 both export formats, and reloading them in lorafit, in diffusers and as ComfyUI maps them."""
 
@@ -21,11 +21,13 @@ from lorafit.families.registry import get_family
 TRANSFORMERS = {
     "qwen-image": ("QwenImageTransformer2DModel", "Qwen2_5_VLForConditionalGeneration"),
     "z-image": ("ZImageTransformer2DModel", "Qwen3Model"),
+    "flux2-klein": ("Flux2Transformer2DModel", "Qwen3ForCausalLM"),
 }
 # What each family's kohya/ComfyUI file must name (musubi-tuner's and ComfyUI's layouts).
 KOHYA_STEMS = {
     "qwen-image": ("lora_unet_transformer_blocks_0_attn_to_q", "lora_unet_transformer_blocks_1_attn_add_v_proj"),
     "z-image": ("lora_unet_layers_0_attention_qkv", "lora_unet_layers_1_attention_out"),
+    "flux2-klein": ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_1_linear1"),
 }
 
 
@@ -52,8 +54,14 @@ def _one_pipeline_step(family: str, pipe, noise: torch.Tensor, sigma: float) -> 
     if family == "qwen-image":
         out = pipe(**kwargs, latents=pack_latents(noise), true_cfg_scale=1.0).images
         out = unpack_latents(out, *noise.shape[-2:])
-    else:
+    elif family == "z-image":
         out = pipe(**kwargs, latents=noise, guidance_scale=0.0).images
+    else:  # FLUX.2 takes patchified latents in and gives denormalised VAE latents out
+        from lorafit.families.flux2 import patchify
+
+        out = get_family(family).normalize_latents(
+            pipe.vae, pipe(**kwargs, latents=patchify(noise), guidance_scale=1.0).images
+        )
     return out, pipe.scheduler.sigmas
 
 
@@ -131,6 +139,17 @@ def test_a_family_the_installed_diffusers_cannot_build_is_refused_in_one_line(tm
         FutureFamily().pipeline_type()
 
 
+def test_flux2_dev_is_not_taken_for_klein(family_models, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(family_models["flux2-klein"], tmp_path / "flux2-dev")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "Flux2Pipeline"}))
+    with pytest.raises(LorafitError, match="is a Flux2Pipeline, which lorafit does not train"):
+        load_base_model(str(folder))
+
+
 @pytest.fixture(scope="module")
 def trained(family_models, demo_data, tmp_path_factory):
     """``trained(family, kind)``: (LoRA folder, the training model's denoiser output) of a 3-step run."""
@@ -148,7 +167,7 @@ def trained(family_models, demo_data, tmp_path_factory):
                 alpha=2.0,
                 learning_rate=1e-2,
                 network_type=kind,
-                conditioning={"max_sequence_length": 96},
+                conditioning={"max_sequence_length": 96},  # captions fit; FLUX.2 pads every caption to it
                 export={"every_n_epochs": 0},
             )
             runs[family, kind] = (root / "lora", denoiser_output(family, module.transformer))
@@ -162,6 +181,7 @@ CASES = [
     pytest.param("qwen-image", "loha", marks=pytest.mark.slow),
     pytest.param("z-image", "dora", marks=pytest.mark.slow),
     pytest.param("z-image", "lokr", marks=pytest.mark.slow),
+    pytest.param("flux2-klein", "dora", marks=pytest.mark.slow),
 ]
 
 
@@ -230,6 +250,7 @@ def test_presets_select_the_anchors_targets(family_models, family):
     expected = {
         "qwen-image": ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.img_mlp.net.2"),
         "z-image": ("layers.0.attention.to_q", "layers.0.feed_forward.w2"),
+        "flux2-klein": ("transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.ff.linear_in"),
     }[family]
     assert expected[0] in attn and expected[1] in attn_mlp - attn
     if family == "z-image":  # musubi-tuner leaves the refiners out

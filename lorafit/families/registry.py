@@ -20,6 +20,7 @@ _FAMILY_CLASSES: dict[str, str] = {
     "flux": "lorafit.families.flux:FluxFamily",
     "qwen-image": "lorafit.families.qwen_image:QwenImageFamily",
     "z-image": "lorafit.families.z_image:ZImageFamily",
+    "flux2-klein": "lorafit.families.flux2:Flux2KleinFamily",
 }
 _INSTANCES: dict[str, Family] = {}
 
