@@ -269,3 +269,16 @@ def test_nf4_quantizes_the_transformer_on_a_gpu_and_is_refused_in_one_line_witho
 
     base = load_base_model(family_models[family], quantization="nf4", weight_dtype="bfloat16")
     assert any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in base.denoiser.modules())
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_lorafit_convert_round_trips_the_kohya_file_exactly(trained, family_models, family, tmp_path):
+    from lorafit.networks.convert import convert
+
+    lora, _ = trained(family, "lora")
+    original = load_file(str(lora / "test.safetensors"))
+    base = family_models[family]
+    convert(str(lora / "test.safetensors"), str(tmp_path / "diffusers.safetensors"), base=base)
+    convert(str(tmp_path / "diffusers.safetensors"), str(tmp_path / "back.safetensors"), base=base, to="kohya")
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)

@@ -126,12 +126,13 @@ class QwenImageFamily(Family):
         b, _, h, w = noisy.shape
         if h % 2 or w % 2:
             raise LorafitError(f"Qwen-Image packs 2x2 latent patches; latents of {h}x{w} are odd (use 16 px steps)")
-        mask = conditioning["prompt_embeds_mask"].to(noisy.device)
+        mask = conditioning.get("prompt_embeds_mask")  # absent: every token is a caption's
+        if mask is not None and bool(mask.all()):  # as the pipeline passes it: None when nothing is padded
+            mask = None
         out = base.denoiser(
             hidden_states=pack_latents(noisy).to(dtype),
             encoder_hidden_states=conditioning["prompt_embeds"].to(dtype),
-            # As the pipeline passes it: None when no caption of the batch is padded.
-            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            encoder_hidden_states_mask=None if mask is None else mask.to(noisy.device),
             timestep=timesteps.to(dtype),  # sigmas: the pipeline passes t / 1000
             img_shapes=[[(1, h // 2, w // 2)]] * b,
             return_dict=False,

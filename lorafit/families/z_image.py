@@ -104,11 +104,12 @@ class ZImageFamily(Family):
         h, w = noisy.shape[-2:]
         if h % 2 or w % 2:
             raise LorafitError(f"Z-Image patchifies 2x2 latents; latents of {h}x{w} are odd (bucket steps of 16 px)")
-        embeds, mask = conditioning["prompt_embeds"].to(dtype), conditioning["prompt_embeds_mask"].to(noisy.device)
+        embeds, mask = conditioning["prompt_embeds"].to(dtype), conditioning.get("prompt_embeds_mask")
+        captions = list(embeds) if mask is None else [e[m.to(e.device).bool()] for e, m in zip(embeds, mask)]
         out = base.denoiser(
             list(noisy.to(dtype).unsqueeze(2).unbind(0)),  # one [C, frames=1, h, w] latent per image
             1 - timesteps.to(dtype),  # Z-Image's own time runs from noise (0) to data (1)
-            [embeds[i][mask[i].bool()] for i in range(len(embeds))],  # each caption's real tokens only
+            captions,  # each caption's real tokens only
             return_dict=False,
         )[0]
         return -torch.stack(out).squeeze(2)  # it predicts x0 - noise; the objective regresses noise - x0
