@@ -30,6 +30,28 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {family: str(save_tiny_pipeline(family, root / family)) for family in (*FAMILIES, "flux")}
 
 
+class _TinyModels(dict):
+    """Family -> tiny pipeline directory, each built on first use (the LLM-conditioned families take a
+    few seconds each, and most test files use none of them)."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> str:
+        from lorafit.families.tiny import save_tiny_pipeline
+
+        self[family] = str(save_tiny_pipeline(family, self.root / family))
+        return self[family]
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny pipelines of the transformer families added after Flux (``qwen-image``, ``z-image``,
+    ``flux2-klein``), built when a test first asks for one."""
+    return _TinyModels(tmp_path_factory.mktemp("tiny-families"))
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> str:
     from lorafit.data.demo_dataset import write_demo_dataset

@@ -18,7 +18,10 @@ from lorafit.errors import LorafitError
 # verb -> "module:function"; imported only when the verb runs, so `lorafit --help` stays fast.
 TOOL_VERBS = {
     "convert": ("lorafit.networks.convert:convert", "Convert a LoRA file between kohya and diffusers format."),
-    "tiny": ("lorafit.families.tiny:save_tiny_pipeline", "Write a tiny random-weight SD1/SD2/SDXL pipeline."),
+    "tiny": (
+        "lorafit.families.tiny:save_tiny_pipeline",
+        "Write a tiny random-weight pipeline of a model family (sd1, flux, z-image, ...).",
+    ),
     "tiny-clip": (
         "lorafit.inference.tiny_clip:save_tiny_clip",
         "Write a tiny random-weight CLIP model (for trying grid/probe).",

@@ -111,6 +111,7 @@ def cache(
             whose hidden states are joined (1 + 75n + 1 positions). Empty: 75, longer captions cut.
         max_sequence_length: Flux: T5 tokens per caption for --text_embeddings, as in the training
             config (model.conditioning.max_sequence_length); empty = 512 ([dev]) / 256 ([schnell]).
+            Qwen-Image / Z-Image / FLUX.2 [klein]: the LLM's caption budget (1024 / 512 / 512).
         flip_aug: Also cache the horizontally mirrored image, for data.flip_aug.
         resolution: data.resolution of the training config.
         min_bucket_reso: data.min_bucket_reso.

@@ -117,10 +117,11 @@ def _encode_batch(settings, base, vae, encoders, items, choose, device) -> list[
     batch = collate(items)
     storage = DTYPES[settings.dtype]
     pixels = batch["pixel_values"].to(device, vae.dtype)
-    moments = vae.encode(pixels).latent_dist.parameters
-    flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters if settings.flip_aug else None
+    family = get_family(base.family)
+    moments = family.vae_posterior(vae, pixels).parameters
+    flipped = family.vae_posterior(vae, pixels.flip(-1)).parameters if settings.flip_aug else None
     if settings.text_embeddings:
-        text = get_family(base.family).encode_text(base, batch["captions"], settings.text_options(), device)
+        text = family.encode_text(base, batch["captions"], settings.text_options(), device)
     bucket = (pixels.shape[-1], pixels.shape[-2])
     encoded = []
     for j, meta in enumerate(batch["metas"]):
@@ -132,8 +133,8 @@ def _encode_batch(settings, base, vae, encoders, items, choose, device) -> list[
             members["latent_flip.pth"] = _tensor_bytes(flipped[j], storage)
             info["crop_top_left_flip"] = _flipped_crop(original, crop, bucket, choose)
         if settings.text_embeddings:
-            for key, tensor in text.items():  # the family's conditioning_keys
-                members[f"{key}.pth"] = _tensor_bytes(tensor[j], storage)
+            for key, tensor in _unpadded(text, j).items():  # the family's conditioning_keys
+                members[f"{key}.pth"] = _tensor_bytes(tensor, storage)
         if items[j]["loss_mask"] is not None:  # at the crop's pixels; a flipped draw flips it (pick_cached)
             members[MASK_MEMBER] = _mask_png(items[j]["loss_mask"])
         members["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
@@ -150,9 +151,22 @@ def _mask_png(mask: torch.Tensor) -> bytes:
     return png_bytes(Image.fromarray(mask[0].mul(255).round().to(torch.uint8).numpy(), "L"))
 
 
+def _unpadded(text: dict[str, torch.Tensor], j: int) -> dict[str, torch.Tensor]:
+    """Sample ``j``'s conditioning; with a ``prompt_embeds_mask`` (LLM text encoders, whose captions
+    vary in length) only its real tokens: the batch's padding is not stored, collate pads again."""
+    row = {key: tensor[j] for key, tensor in text.items()}
+    if "prompt_embeds_mask" in row:
+        length = int(row["prompt_embeds_mask"].sum())
+        row["prompt_embeds"] = row["prompt_embeds"][:length]
+        row["prompt_embeds_mask"] = row["prompt_embeds_mask"][:length]
+    return row
+
+
 def _tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:
     buffer = io.BytesIO()
-    torch.save(tensor.detach().to("cpu", dtype).contiguous().clone(), buffer)
+    if tensor.is_floating_point():  # masks keep their bool dtype
+        tensor = tensor.to(dtype=dtype)
+    torch.save(tensor.detach().to("cpu").contiguous().clone(), buffer)
     return buffer.getvalue()
 
 

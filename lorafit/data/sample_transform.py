@@ -140,13 +140,15 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "meta" in items[0]:
         batch["metas"] = [item["meta"] for item in items]
+    if "prompt_embeds_mask" in items[0]:  # LLM text encoders: each caption's own length, padded per batch
+        _pad_to_longest(items)
     lengths = sorted({item["prompt_embeds"].shape[0] for item in items if "prompt_embeds" in item})
     if len(lengths) > 1:  # one cache has one length; data.shards mixing two caches would fail in torch.stack
         raise LorafitError(
             f"a batch holds cached text embeddings of {lengths} token positions: data.shards mix "
             "caches made with different --max_token_length; cache all shards with the same one"
         )
-    for name in ("pixel_values", "latent_moments", "prompt_embeds", "pooled_prompt_embeds"):
+    for name in ("pixel_values", "latent_moments", *CACHED_CONDITIONING):
         if name in items[0]:
             batch[name] = torch.stack([item[name] for item in items])
     if any(item.get("loss_mask") is not None for item in items):
@@ -156,6 +158,22 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
             [item["loss_mask"] if item.get("loss_mask") is not None else torch.ones(size) for item in items]
         )
     return batch
+
+
+# Cached conditioning tensors a sample may carry (families' ``conditioning_keys``), as ``<key>.pth``.
+CACHED_CONDITIONING = ("prompt_embeds", "pooled_prompt_embeds", "prompt_embeds_mask")
+
+
+def _pad_to_longest(items: list[dict[str, Any]]) -> None:
+    """Zero-pad cached ``prompt_embeds`` (and their masks) to the batch's longest caption, in place:
+    what the family's text encoding does for a batch of captions of different lengths."""
+    longest = max(item["prompt_embeds"].shape[0] for item in items)
+    for item in items:
+        missing = longest - item["prompt_embeds"].shape[0]
+        if missing:
+            embeds, mask = item["prompt_embeds"], item["prompt_embeds_mask"]
+            item["prompt_embeds"] = torch.cat([embeds, embeds.new_zeros(missing, *embeds.shape[1:])])
+            item["prompt_embeds_mask"] = torch.cat([mask, mask.new_zeros(missing)])
 
 
 def decode_tensor(data: bytes) -> torch.Tensor:

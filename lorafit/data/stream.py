@@ -23,7 +23,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lorafit.data.epoch_plan import EpochPlan, epoch_rng, plan_epoch
-from lorafit.data.sample_transform import BucketSpec, SampleTransform, collate, decode_tensor, pick_cached
+from lorafit.data.sample_transform import (
+    CACHED_CONDITIONING,
+    BucketSpec,
+    SampleTransform,
+    collate,
+    decode_tensor,
+    pick_cached,
+)
 from lorafit.data.shard_index import DatasetIndex
 from lorafit.data.shard_reader import read_indexed
 
@@ -180,10 +187,9 @@ class ShardStream(IterableDataset):
             moments, crop, mask = pick_cached(sample, rng, self.transform.flip_aug and self.training)
             item.update(latent_moments=moments, original_size=tuple(meta["original_size"]), crop_top_left=tuple(crop))
             item["loss_mask"] = mask
-            if "prompt_embeds.pth" in sample:
-                item["prompt_embeds"] = decode_tensor(sample["prompt_embeds.pth"])
-                if "pooled_prompt_embeds.pth" in sample:
-                    item["pooled_prompt_embeds"] = decode_tensor(sample["pooled_prompt_embeds.pth"])
+            for key in CACHED_CONDITIONING:
+                if f"{key}.pth" in sample:
+                    item[key] = decode_tensor(sample[f"{key}.pth"])
             return item
         pixels, mask, original, crop = self.transform.pixels_and_mask(sample, bucket_of(draw.entry), rng, name)
         item.update(pixel_values=pixels, original_size=original, crop_top_left=crop, loss_mask=mask)

@@ -39,8 +39,9 @@ class TextOptions:
         max_token_length: CLIP families: kohya's ``max_token_length``: caption tokens read (150
             or 225) instead of CLIP's 75, encoded in 75-token chunks whose hidden states are joined
             (kohya's method; A1111 and ComfyUI join chunks at generation time). Empty: 75.
-        max_sequence_length: T5 families (Flux): T5 tokens per caption. Empty: the family's
-            default (Flux.1 [dev] 512, [schnell] 256, as their pipelines use).
+        max_sequence_length: T5 and LLM families: tokens per caption. Empty: the family's
+            default, as its pipeline uses (Flux.1 [dev] 512, [schnell] 256; Qwen-Image 1024; Z-Image
+            and FLUX.2 [klein] 512).
         guidance: Guidance-distilled models (Flux.1 [dev]): the guidance value fed to the
             guidance embedding during training. 1.0 is what kohya, ai-toolkit and SimpleTuner
             train with; generation then uses the usual 3-4. Ignored by models without one.
@@ -90,6 +91,8 @@ class BaseModel:
     # The dtype the denoiser computes in when its storage differs (fp8 / NF4 / int8 weights); None =
     # the denoiser's own dtype.
     compute_dtype: torch.dtype | None = None
+    # The pipeline's own settings from model_index.json (FLUX.2 [klein]'s ``is_distilled``).
+    pipeline_config: dict = field(default_factory=dict)
 
     def denoiser_dtype(self) -> torch.dtype:
         return self.compute_dtype or self.denoiser.dtype
@@ -124,6 +127,8 @@ class Family(ABC):
     load_formats: ClassVar[tuple[str, ...]] = ("diffusers directory", "hub id", "single file")
     # What kohya writes into ss_base_model_version, and SAI modelspec's architecture.
     base_model_version: ClassVar[str] = ""
+    # How its kohya/ComfyUI files name the denoiser's modules (the README's family table).
+    kohya_names: ClassVar[str] = "diffusers module paths"
 
     # ---- detection and loading -------------------------------------------------------------
 
@@ -141,7 +146,13 @@ class Family(ABC):
         """The diffusers pipeline class (imported on first use: diffusers is slow to import)."""
         import diffusers
 
-        return getattr(diffusers, self.pipeline_class)
+        try:
+            return getattr(diffusers, self.pipeline_class)
+        except AttributeError:
+            raise LorafitError(
+                f"{self.title} needs diffusers' {self.pipeline_class}, which diffusers {diffusers.__version__} lacks; "
+                "upgrade diffusers (pip install -U diffusers)"
+            ) from None
 
     def pipeline_kwargs(self) -> dict:
         """Extra ``from_pretrained``/``from_single_file`` arguments (SD1/SD2: no safety checker)."""
@@ -209,6 +220,20 @@ class Family(ABC):
         ``flow`` families.
         """
 
+    def vae_posterior(self, vae: torch.nn.Module, pixels: torch.Tensor):
+        """The VAE's posterior for ``pixels`` [B, 3, H, W]: a diffusers ``DiagonalGaussianDistribution``
+        over 4-D latents [B, C, h, w] (its ``parameters`` are what ``lorafit cache`` stores). Families
+        whose VAE works on video (Qwen-Image's) add and remove the frame axis here."""
+        return vae.encode(pixels).latent_dist
+
+    def latent_channels(self, vae: torch.nn.Module) -> int:
+        """Channels of the VAE's latents (before any packing the denoiser does)."""
+        return int(vae.config.latent_channels)
+
+    def vae_scale_factor(self, vae: torch.nn.Module) -> int:
+        """How many pixels one latent spans per side (8 for every released family)."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
     def normalize_latents(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents to the denoiser's scale: ``(z - shift) * scale`` (Flux has a shift, SD none)."""
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -226,6 +251,15 @@ class Family(ABC):
     def text_layers_used(self, encoder_index: int, num_layers: int, options: TextOptions) -> int:
         """How many of a text encoder's layers the conditioning reads, counted from the input."""
         return num_layers
+
+    def sequence_length(self, base: BaseModel, options: TextOptions) -> int | None:
+        """Families with a long-sequence text encoder (T5, an LLM): the token positions a caption is read
+        to (``model.conditioning.max_sequence_length`` or the family's default); None for CLIP families."""
+        return None
+
+    def guidance_distilled(self, base: BaseModel) -> bool:
+        """Whether the denoiser takes an embedded guidance value (FLUX.1 [dev]), fed ``options.guidance``."""
+        return False
 
     # ---- networks ---------------------------------------------------------------------------
 
@@ -259,8 +293,20 @@ class Family(ABC):
 
     def native_size(self, base: BaseModel) -> int:
         """The side in pixels the model was trained at (samples' default)."""
-        scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
-        return int(getattr(base.denoiser.config, "sample_size", 64) * scale)
+        return int(getattr(base.denoiser.config, "sample_size", 64) * self.vae_scale_factor(base.vae))
+
+    def sample_arguments(self, prompt: str, negative_prompt: str, cfg: float, guidance: float | None) -> dict:
+        """Flow families: the txt2img pipeline's arguments for one image (``--l`` = ``cfg``, ``--g`` =
+        ``guidance``), with the prompt as text. The default is diffusers' common signature."""
+        arguments = dict(prompt=prompt, guidance_scale=cfg)
+        if negative_prompt:
+            arguments["negative_prompt"] = negative_prompt
+        return arguments
+
+    def encode_sample_arguments(self, pipe, arguments: dict, device) -> dict:
+        """:meth:`sample_arguments` with the text encoded now by the pipeline's own ``encode_prompt``, so
+        the text encoders can leave the device before denoising. The default leaves encoding to the call."""
+        return arguments
 
 
 # ---- module selection helpers shared by the families' target presets -------------------------

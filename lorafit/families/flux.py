@@ -77,6 +77,8 @@ class FluxFamily(Family):
     kohya_aliases: ClassVar[tuple[str, ...]] = ("lora_transformer", "lycoris")  # OneTrainer, SimpleTuner
     pipeline_class: ClassVar[str] = "FluxPipeline"
     base_model_version: ClassVar[str] = "flux1"
+    kohya_names: ClassVar[str] = "BFL names, q/k/v fused"
+    load_formats: ClassVar[tuple[str, ...]] = ("diffusers directory", "hub id", "single file + parts")
 
     @classmethod
     def matches_index(cls, index: dict, denoiser_config: dict) -> bool:
@@ -247,6 +249,27 @@ class FluxFamily(Family):
 
     def native_size(self, base: BaseModel) -> int:
         return 1024
+
+    def sample_arguments(self, prompt: str, negative_prompt: str, cfg: float, guidance: float | None) -> dict:
+        """``--g`` is the embedded guidance of guidance-distilled models (3.5 when unset, the pipeline's
+        default); ``--l`` is true classifier-free guidance, which FluxPipeline runs only with a negative
+        prompt (``--n``), as kohya's Flux sampler does since it split the two."""
+        arguments = dict(prompt=prompt, guidance_scale=3.5 if guidance is None else guidance)
+        if negative_prompt:
+            arguments.update(negative_prompt=negative_prompt, true_cfg_scale=cfg)
+        return arguments
+
+    def encode_sample_arguments(self, pipe, arguments: dict, device) -> dict:
+        """FluxPipeline's own ``encode_prompt`` for the prompt (and the negative one for true CFG)."""
+        encoded = dict(arguments)
+        embeds, pooled, _ = pipe.encode_prompt(prompt=encoded.pop("prompt"), prompt_2=None, device=device)
+        encoded.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        if "negative_prompt" in encoded:
+            negative, negative_pooled, _ = pipe.encode_prompt(
+                prompt=encoded.pop("negative_prompt"), prompt_2=None, device=device
+            )
+            encoded.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        return encoded
 
     def tiny_pipeline(self, seed: int = 0, guidance_embeds: bool = True):
         from lorafit.families.flux_tiny import tiny_flux_pipeline

@@ -284,4 +284,5 @@ def load_base_model(
         scheduler_config=scheduler_config,
         source=source,
         compute_dtype=dtype if quantization != "none" else None,
+        pipeline_config={k: v for k, v in pipe.config.items() if not k.startswith("_") and not isinstance(v, list)},
     )

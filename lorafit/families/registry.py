@@ -18,6 +18,9 @@ _FAMILY_CLASSES: dict[str, str] = {
     "sd2": "lorafit.families.sd:SD2Family",
     "sd1": "lorafit.families.sd:SD1Family",
     "flux": "lorafit.families.flux:FluxFamily",
+    "qwen-image": "lorafit.families.qwen_image:QwenImageFamily",
+    "z-image": "lorafit.families.z_image:ZImageFamily",
+    "flux2-klein": "lorafit.families.flux2:Flux2KleinFamily",
 }
 _INSTANCES: dict[str, Family] = {}
 

@@ -34,6 +34,7 @@ class SDXLFamily(UNetFamily):
         "text_encoder_2": "lora_te2",
     }
     base_model_version: ClassVar[str] = "sdxl_base_v1-0"
+    kohya_names: ClassVar[str] = "SGM block names"
 
     @classmethod
     def matches_index(cls, index: dict, denoiser_config: dict) -> bool:

@@ -129,13 +129,9 @@ class Renderer:
         return embeds
 
     def _flow_common(self, request: SamplePrompt) -> dict:
-        """Flux: ``--g`` is the embedded guidance of guidance-distilled models (3.5 when unset, the
-        pipeline's default); ``--l`` is true classifier-free guidance, which FluxPipeline runs only
-        with a negative prompt (``--n``), as kohya's Flux sampler does since it split the two."""
-        common = dict(prompt=request.prompt, guidance_scale=3.5 if request.guidance is None else request.guidance)
-        if request.negative_prompt:
-            common.update(negative_prompt=request.negative_prompt, true_cfg_scale=request.cfg)
-        return common
+        """Flow families: their pipeline's arguments, as the family maps ``--l``/``--g``/``--n`` onto them."""
+        family = get_family(self.base.family)
+        return family.sample_arguments(request.prompt, request.negative_prompt, request.cfg, request.guidance)
 
     @torch.no_grad()
     def encode(self, request: SamplePrompt) -> dict:
@@ -150,8 +146,9 @@ class Renderer:
         if "prompt" not in common:
             return common
         device = self.base.denoiser.device  # not pipe._execution_device: host-parked parts would report the CPU
-        if get_family(self.base.family).objective == "flow":
-            return self._flow_encoded(request, common, device)
+        family = get_family(self.base.family)
+        if family.objective == "flow":  # the family's pipeline encodes, with the arguments its call would use
+            return family.encode_sample_arguments(self.pipe, common, device)
         do_cfg = request.cfg > 1 and self.pipe.unet.config.time_cond_proj_dim is None
         negative = request.negative_prompt or None
         if self.base.family == "sdxl":
@@ -167,19 +164,6 @@ class Renderer:
             names = ("prompt_embeds", "negative_prompt_embeds")
             encoded = self.pipe.encode_prompt(request.prompt, device, 1, do_cfg, negative)
         return dict(zip(names, encoded), guidance_scale=request.cfg)
-
-    def _flow_encoded(self, request: SamplePrompt, common: dict, device) -> dict:
-        """FluxPipeline's own ``encode_prompt`` for the prompt (and the negative one for true CFG)."""
-        encoded = dict(common)
-        prompt = encoded.pop("prompt")
-        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
-        encoded.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
-        if "negative_prompt" in encoded:
-            negative, negative_pooled, _ = self.pipe.encode_prompt(
-                prompt=encoded.pop("negative_prompt"), prompt_2=None, device=device
-            )
-            encoded.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
-        return encoded
 
     def _scheduler(self, request: SamplePrompt):
         return make_scheduler(request.sampler, self.base.scheduler_config, self.base.prediction_type)

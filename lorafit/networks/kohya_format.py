@@ -67,6 +67,8 @@ def kohya_name_table(family: str, components: dict[str, torch.nn.Module]) -> Koh
             for alias in spec.kohya_aliases:
                 table.update({f"{alias}_{name.replace('.', '_')}": (component, name) for name in names})
             continue
+        if component not in spec.kohya_prefixes:  # no kohya names: an LLM text encoder nobody trains LoRAs for
+            continue
         for name in names:
             table[spec.kohya_stem(component, name, config)] = (component, name)
         if component == "unet":

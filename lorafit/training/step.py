@@ -102,7 +102,7 @@ class DenoisingStep:
             if "latent_moments" in batch:
                 posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(device, torch.float32))
             else:
-                posterior = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist
+                posterior = self.family.vae_posterior(vae, batch["pixel_values"].to(device, vae.dtype))
             if "global_rows" in batch:  # this rank's rows of the global batch's draw
                 shape = (int(batch["global_size"]), *posterior.mean.shape[1:])
                 eps = torch.randn(shape, generator=generator, device=posterior.mean.device, dtype=posterior.mean.dtype)
@@ -151,8 +151,8 @@ class DenoisingStep:
             return b, c2 // 2, h, w
         b, _, h, w = batch["pixel_values"].shape
         vae = self.base.vae
-        scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        return b, vae.config.latent_channels, h // scale, w // scale
+        scale = self.family.vae_scale_factor(vae)
+        return b, self.family.latent_channels(vae), h // scale, w // scale
 
     def fixed_points(self, batch: dict, batch_idx: int, device: torch.device):
         """Noise, timesteps and a posterior generator that depend only on which samples are in ``batch``.
