@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_flags import cpu_fit_flags
 
 from lorafit.cli import main
 from lorafit.errors import LorafitError
@@ -212,28 +213,7 @@ def test_every_preset_trains_a_step_on_the_tiny_model(preset, tiny_models, demo_
             str(preset),
             "--model.model",
             tiny_models[family],
-            "--data.train_dir",
-            demo_data,
-            "--data.resolution",
-            "64",
-            "--data.min_bucket_reso",
-            "64",
-            "--data.max_bucket_reso",
-            "128",
-            "--data.num_workers",
-            "0",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.precision",
-            "32-true",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.default_root_dir",
-            str(tmp_path),
+            *cpu_fit_flags(demo_data, str(tmp_path), max_steps=2),
         ]
     )
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())

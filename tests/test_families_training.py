@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_flags import cpu_fit_flags
 from family_reference import NEW_FAMILIES
 from training import train
 
@@ -96,30 +97,7 @@ def _fit(config: str, model: str, data: str, root: Path, *extra: str) -> None:
             "AdamW",
             "--model.conditioning.max_sequence_length",
             "96",
-            "--data.train_dir",
-            data,
-            "--data.resolution",
-            "64",
-            "--data.min_bucket_reso",
-            "64",
-            "--data.max_bucket_reso",
-            "128",
-            "--data.num_workers",
-            "0",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.precision",
-            "32-true",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--samples.prompts",
-            "[]",
-            "--trainer.default_root_dir",
-            str(root),
+            *cpu_fit_flags(data, str(root), max_steps=2, no_samples=True),
             *extra,
         ]
     )

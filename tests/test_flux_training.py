@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_flags import cpu_fit_flags
 from training import tiny_batch, train
 
 from lorafit.cli import main
@@ -171,30 +172,7 @@ def test_the_flux_config_trains_a_step_on_the_tiny_flux(tiny_models, demo_data, 
             "float32",
             "--model.optimizer.name",
             "AdamW",
-            "--data.train_dir",
-            demo_data,
-            "--data.resolution",
-            "64",
-            "--data.min_bucket_reso",
-            "64",
-            "--data.max_bucket_reso",
-            "128",
-            "--data.num_workers",
-            "0",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.precision",
-            "32-true",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--samples.prompts",
-            "[]",
-            "--trainer.default_root_dir",
-            str(tmp_path),
+            *cpu_fit_flags(demo_data, str(tmp_path), max_steps=2, no_samples=True),
         ]
     )
     assert (tmp_path / "lora" / "flux-lora.safetensors").is_file()

@@ -268,7 +268,13 @@ class Family(ABC):
         """Module names of the denoiser a LoRA target preset (``attn``, ``attn-mlp``, ``full``) selects."""
 
     def kohya_stem(self, component: str, module: str, config: Any = None) -> str:
-        """The kohya/ComfyUI key stem of ``module`` of ``component`` (dots become underscores)."""
+        """The kohya/ComfyUI key stem of ``module`` of ``component``: dots become underscores, or,
+        for a denoiser with a :meth:`kohya_layout`, the stem of the layout's module that holds it."""
+        if component in ("transformer", "unet") and (layout := self.kohya_layout(config)) is not None:
+            for stem, kohya_module in layout.items():
+                if any(name == module for name, _ in kohya_module.parts):
+                    return stem
+            raise LorafitError(f"{self.title} {component} module {module} has no name in {self.kohya_names}")
         prefix = self.kohya_prefixes.get(component)
         if prefix is None:
             raise LorafitError(f"{self.name} has no component {component!r} for kohya names")

@@ -163,14 +163,6 @@ class Flux2KleinFamily(Family):
     def kohya_layout(self, denoiser_config: Any):
         return bfl_modules(denoiser_config, self.kohya_prefixes["transformer"])
 
-    def kohya_stem(self, component: str, module: str, config: Any = None) -> str:
-        if component != "transformer":
-            return super().kohya_stem(component, module, config)
-        for stem, kohya_module in self.kohya_layout(config).items():
-            if any(name == module for name, _ in kohya_module.parts):
-                return stem
-        raise LorafitError(f"FLUX.2 transformer module {module} has no BFL/kohya name")
-
     # ---- inference and tests ------------------------------------------------------------------
 
     def build_pipeline(self, base: BaseModel, scheduler):
