@@ -295,3 +295,28 @@ def test_missing_optional_optimizer_package_names_the_extra(monkeypatch):
             monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
         with pytest.raises(LorafitError, match=rf"model.optimizer: {name} needs .*pip install lorafit\[{extra}\]"):
             optimizer_class(name)
+
+
+def test_adamw_runs_fused_unless_the_user_chose_and_updates_the_same():
+    """AdamW takes torch's fused kernel by default (one pass over the LoRA's many small tensors instead
+    of a Python loop on the CPU); optimizer_args {foreach: ...} or {fused: ...} are kept as given."""
+    from lorafit.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    shapes = [(8, 32), (32, 8), (4, 4, 3, 3)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    results = {}
+    for args in ({}, {"foreach": False}, {"fused": False}):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        kwargs = optimizer_kwargs("AdamW", 0.01, None, args)
+        optimizer = build_optimizer("AdamW", [{"name": "unet", "lr": 1e-2, "params": params}], 1e-2, kwargs)
+        assert bool(optimizer.param_groups[0]["fused"]) is (not args)
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+        results[str(args)] = params
+    for name, params in results.items():
+        for fused, other in zip(results["{}"], params):
+            torch.testing.assert_close(fused, other, rtol=1e-6, atol=1e-7, msg=name)

@@ -50,6 +50,9 @@ KNOWN_BENIGN_WARNINGS: tuple[str, ...] = (
     re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
     # val_dataloader returns [] when no data.val_dir is set: no validation, nothing to warn about.
     "Total length of `list` across ranks is zero",
+    # Lightning's hint on a machine with SLURM installed, for a run started without srun: lorafit runs
+    # locally then on purpose (`lorafit submit` writes the sbatch script that uses srun).
+    re.escape("The `srun` command is available on your system but is not used"),
     # Several LoRAs loaded into one pipeline (generate/grid) is intended.
     "Already found a `peft_config` attribute",
 )
