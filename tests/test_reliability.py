@@ -54,6 +54,28 @@ def test_settings_that_would_do_nothing_or_crash_are_one_line_and_write_nothing(
     assert not run.exists()
 
 
+@pytest.mark.parametrize(
+    "key, value, start",
+    [
+        ("model.network.alpha", "0", "model.network.alpha: 0.0 trains nothing"),
+        ("model.network.rank", "0", "model.network.rank: 0; a rank must be >= 1"),
+        ("model.network.rank", "-4", "model.network.rank: -4; a rank must be >= 1"),
+    ],
+)
+def test_a_network_that_trains_nothing_is_refused_before_the_model_loads(
+    key, value, start, tmp_path, capsys, fit_args, monkeypatch
+):
+    """Refused with the other settings: no weights read, the run folder's config.yaml left as it was."""
+    import lorafit.training.module as module
+
+    monkeypatch.setattr(module.LoraDiffusionModule, "load_base", lambda self: pytest.fail("the model was loaded"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("kept: true\n")
+    assert _fit_error(capsys, run, *fit_args, f"--{key}", value).startswith(start)
+    assert (run / "config.yaml").read_text() == "kept: true\n"
+
+
 # ----------------------------------------------------------------------------- --ckpt_path
 
 
