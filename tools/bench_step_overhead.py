@@ -1,0 +1,224 @@
+"""What `lorafit fit` adds to a training step beyond the model's own work, on the toy demo.
+
+    python tools/bench_step_overhead.py [--config configs/demo.yaml] [--steps 30] [--repeats 2]
+
+One process, interleaved repeats: (a) `lorafit fit --config CONFIG` for ``--steps`` steps with its
+real callbacks (metrics, NaN/Inf guard, export, checkpoint, progress bar, logger; sample rounds off,
+the reference draws none), and (b) a plain PyTorch loop doing the same work on the same prepared
+shards: webdataset reads and decodes the same samples, the same tokenizer, text encoder (with its
+LoRA when the config trains it), VAE and UNet with the same LoRA (the module lorafit just trained,
+so targets, rank and dtypes are the same), the DDPM loss, gradient clipping at the config's value and
+the same AdamW. The time of a step is from one batch's start to the next one's, data fetch included;
+the figure is the median over steps (epoch ends, with their exports, are reported apart).
+
+It also times `lorafit fit`'s start-up in a fresh process: from launch to the first batch's start,
+beside `python -c "import torch"` for scale.
+
+Prints one Markdown block for benchmarks/RESULTS.md ("Per-step overhead on the toy demo").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import ClassVar
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+
+class StepClock(pl.Callback):
+    """Batch start times of a `lorafit fit` run, and the trained module and data module it used."""
+
+    runs: ClassVar[list[StepClock]] = []
+
+    def __init__(self, first_batch_file: str | None = None):
+        self.starts: list[float] = []
+        self.epoch_ends: list[int] = []
+        self.first_batch_file = first_batch_file
+        self.module = self.datamodule = None
+        StepClock.runs.append(self)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.starts.append(time.perf_counter())
+        if self.first_batch_file and len(self.starts) == 1:
+            Path(self.first_batch_file).write_text(repr(time.time()))
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch_ends.append(len(self.starts))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.starts.append(time.perf_counter())
+        self.module, self.datamodule = pl_module, trainer.datamodule
+
+
+def _step_times(starts: list[float], epoch_ends: list[int], warmup: int) -> tuple[list[float], list[float]]:
+    """Per-step seconds after ``warmup`` steps: (steps inside an epoch, steps that crossed an epoch end)."""
+    inside, crossing = [], []
+    for i in range(warmup, len(starts) - 1):
+        (crossing if i + 1 in epoch_ends else inside).append(starts[i + 1] - starts[i])
+    return inside, crossing
+
+
+def run_lorafit(config: str, data_dir: str, root: str, steps: int) -> StepClock:
+    from lorafit.cli.main import main
+
+    flags = ["--trainer.default_root_dir", root, "--trainer.max_steps", str(steps), "--samples.prompts", "[]"]
+    flags += ["--data.train_dir", data_dir, "--trainer.callbacks+=bench_step_overhead.StepClock"]
+    main(["fit", "--config", config, *flags])
+    import bench_step_overhead  # the CLI built the callback from this module, not from __main__
+
+    return bench_step_overhead.StepClock.runs[-1]
+
+
+def _plain_batches(shards: list[str], batch_size: int, resolution: int, seed: int):
+    """The same shards through webdataset alone: decode, to [-1, 1] tensors, shuffle, batch."""
+    import numpy as np
+    import webdataset as wds
+
+    def to_sample(sample):
+        image = next(v for k, v in sample.items() if k in ("png", "jpg", "jpeg", "webp"))
+        image = image.convert("RGB").resize((resolution, resolution))
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(127.5).sub(1)
+        return pixels, sample["txt"]
+
+    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False).shuffle(200, rng=None).decode("pil")
+    dataset = dataset.map(to_sample).batched(batch_size, partial=False)
+    torch.manual_seed(seed)
+    while True:
+        for pixels, captions in dataset:
+            yield pixels, list(captions)
+
+
+def run_plain(clock: StepClock, steps: int, clip: float | None) -> list[float]:
+    """The reference loop on ``clock``'s module (its LoRA already attached) for ``steps`` steps."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from lorafit.training.optim import build_optimizer, optimizer_kwargs
+
+    module, datamodule = clock.module, clock.datamodule
+    base = module.base
+    unet, vae, encoder, tokenizer = base.denoiser, base.vae, base.text_encoders[0], base.tokenizers[0]
+    scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    source = Path(datamodule._sources("train")[0])
+    shards = sorted(str(p) for p in source.glob("*.tar"))
+    opt = module.optimizer_config
+    groups = [
+        {"name": name, "lr": rate, "params": [p for p in part.parameters() if p.requires_grad]}
+        for name, rate, part in (("unet", opt.learning_rate, unet), ("text_encoder", opt.learning_rate, encoder))
+    ]
+    groups = [g for g in groups if g["params"]]
+    kwargs = optimizer_kwargs(opt.name, optimizer_args=opt.args)
+    optimizer = build_optimizer(opt.name, groups, opt.learning_rate, kwargs)
+    params = [p for g in groups for p in g["params"]]
+    batches = _plain_batches(shards, datamodule.batch_size, datamodule.resolution, seed=0)
+    unet.train()
+    starts = []
+    for _ in range(steps + 1):
+        starts.append(time.perf_counter())
+        pixels, captions = next(batches)
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        hidden = encoder(torch.tensor(ids.input_ids))[0]
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, hidden).sample
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return [b - a for a, b in itertools.pairwise(starts)]
+
+
+def startup_seconds(config: str, data_dir: str) -> tuple[float, float]:
+    """(launch of `lorafit fit` to its first batch, launch of `python -c "import torch"` to exit)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with tempfile.TemporaryDirectory() as root:
+        marker = Path(root) / "first-batch"
+        clock = {"class_path": "bench_step_overhead.StepClock", "init_args": {"first_batch_file": str(marker)}}
+        flags = [f"--trainer.callbacks+={json.dumps(clock)}"]
+        command = [sys.executable, "-m", "lorafit.cli.main", "fit", "--config", config, "--data.train_dir", data_dir]
+        command += ["--trainer.default_root_dir", str(Path(root) / "run"), "--samples.prompts", "[]", *flags]
+        launched = time.time()
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        fit = float(marker.read_text()) - launched
+        launched = time.time()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        return fit, time.time() - launched
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--steps", type=int, default=45, help="steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out at the start of each measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved lorafit/plain measurements")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import yaml
+
+    clip = (yaml.safe_load(Path(args.config).read_text()).get("trainer") or {}).get("gradient_clip_val")
+    lorafit_steps, lorafit_crossing, plain_steps = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "toy-data"
+        from lorafit.cli.main import main as lorafit
+
+        lorafit(["toy-data", str(data)])
+        for repeat in range(args.repeats):
+            clock = run_lorafit(args.config, str(data), str(Path(tmp) / f"run{repeat}"), args.warmup + args.steps)
+            inside, crossing = _step_times(clock.starts, clock.epoch_ends, args.warmup)
+            lorafit_steps += inside
+            lorafit_crossing += crossing
+            plain_steps += run_plain(clock, args.warmup + args.steps, clip)[args.warmup :]
+        fit_start, torch_start = startup_seconds(args.config, str(data))
+    ours, theirs = statistics.median(lorafit_steps), statistics.median(plain_steps)
+    row = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "config": os.path.relpath(args.config, ROOT),
+        "threads": args.threads,
+        "steps": len(lorafit_steps),
+        "lorafit_step_ms": round(ours * 1000, 1),
+        "plain_step_ms": round(theirs * 1000, 1),
+        "ratio": round(ours / theirs, 3),
+        "epoch_end_step_ms": [round(s * 1000) for s in lorafit_crossing],
+        "fit_startup_s": round(fit_start, 2),
+        "import_torch_s": round(torch_start, 2),
+    }
+    print(json.dumps(row))
+    print(
+        f"\n| date | machine | median step: lorafit | plain loop | lorafit / plain | steps crossing an epoch end "
+        f"| `lorafit fit` launch -> first step | `import torch` |\n|---|---|---|---|---|---|---|---|\n"
+        f"| {row['date']} | {row['machine']} | {row['lorafit_step_ms']} ms | {row['plain_step_ms']} ms | "
+        f"**{row['ratio']}** | {', '.join(map(str, row['epoch_end_step_ms'])) or '-'} ms | {row['fit_startup_s']} s "
+        f"| {row['import_torch_s']} s |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
