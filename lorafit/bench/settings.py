@@ -73,7 +73,7 @@ class BenchSetting:
     def module_kwargs(self) -> dict[str, Any]:
         """``LoraDiffusionModule`` arguments of this setting."""
         optimizer, args = {
-            "adamw": ("AdamW", {}),
+            "adamw": ("AdamW", {"fused": False}),  # torch's default update (lorafit's own default is fused)
             "adamw-fused": ("AdamW", {"fused": True}),
             "adamw8bit": ("AdamW8bit", {}),
             "adafactor": ("Adafactor", {"scale_parameter": False, "relative_step": False, "warmup_init": False}),

@@ -86,9 +86,10 @@ class OptimizerConfig:
     """Optimizer and learning-rate schedule (kohya's ``optimizer_type``, ``*_lr``, ``lr_scheduler*``).
 
     Args:
-        name: ``AdamW``, ``AdamW8bit``/``Lion8bit`` (bitsandbytes), ``Adafactor`` (transformers),
-            ``Prodigy`` (prodigyopt; learning rates near 1.0), ``Lion`` (lion-pytorch; ~3-10x lower
-            learning rate than AdamW).
+        name: ``AdamW`` (torch's fused kernel unless ``args`` sets ``fused`` or ``foreach``),
+            ``AdamW8bit``/``Lion8bit`` (bitsandbytes), ``Adafactor`` (transformers), ``Prodigy``
+            (prodigyopt; learning rates near 1.0), ``Lion`` (lion-pytorch; ~3-10x lower learning rate
+            than AdamW).
         learning_rate: Base learning rate (kohya's ``learning_rate``), for every part whose own
             rate is empty.
         denoiser_lr: Learning rate of the UNet/transformer LoRA (kohya's ``unet_lr``); empty =
