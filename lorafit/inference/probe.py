@@ -214,13 +214,12 @@ def probe(
 
 
 def _score(reference, tried, images, clip_model, device, thresholds):
-    from lorafit.inference.clip_scores import ClipScorer, mean_pairwise_similarity, mean_similarity_to_set
+    from lorafit.inference.clip_scores import ClipScorer
 
     scorer = ClipScorer(clip_model, device)
-    refs = scorer.image_embeddings(reference.images)
-    ceiling = mean_pairwise_similarity(refs)
+    ceiling = scorer.pairwise_similarity(reference.images)
     scores = [
-        PhrasingScore(kind, text, mean_similarity_to_set(scorer.image_embeddings(row), refs).tolist())
+        PhrasingScore(kind, text, scorer.similarity_to_set(row, reference.images))
         for (kind, text), row in zip(tried, images)
     ]
     verdict = decide(scores[:-1], scores[-1], ceiling, thresholds)
