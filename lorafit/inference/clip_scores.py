@@ -83,9 +83,11 @@ class ClipScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         self.device = torch.device(device)
-        dtype = torch.float32 if self.device.type == "cpu" else None  # small CLIPs ship fp16; CPUs want fp32
         try:
-            model = CLIPModel.from_pretrained(name, **({"dtype": dtype} if dtype else {})).to(self.device).eval()
+            model = CLIPModel.from_pretrained(name)
+            if self.device.type == "cpu":
+                model = model.float()  # small CLIPs ship in fp16 (the toy world's); a CPU wants float32
+            model = model.to(self.device).eval()
             self.processor = CLIPProcessor.from_pretrained(name)
         except (OSError, ValueError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -141,7 +141,12 @@ def _features(output) -> torch.Tensor:
 
 
 def train_toy_clip(
-    steps: int = 3000, batch_size: int = 256, pool_size: int = 40000, lr: float = 2e-3, seed: int = 0, log_every=250
+    steps: int = 2000,
+    batch_size: int = 128,
+    pool_size: int = 20000,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log_every: int = 250,
 ):
     """Train the toy CLIP from scratch; returns ``(model, processor)`` (pictures augmented every step)."""
     torch.manual_seed(seed)
