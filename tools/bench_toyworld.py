@@ -200,7 +200,11 @@ def run_description(args) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a finished lorafit run directory (uses its lora/*-epoch-*.safetensors)")
-    parser.add_argument("--before", help="an earlier run (the previous recipe) for the before/after lines")
+    parser.add_argument(
+        "--before",
+        help="an earlier run for the before/after lines (the first recipe: `lorafit toy-data` + `lorafit fit "
+        "--config configs/demo.yaml` in a clone at commit afad78f, docs/toyworld.md)",
+    )
     parser.add_argument("--count", type=int, default=96, help="prompts per measurement")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75, 1.0])
     parser.add_argument("--every", type=int, default=2, help="table: every N-th epoch (and the last)")
