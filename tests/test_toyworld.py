@@ -8,6 +8,7 @@ headroom for other CPUs' float rounding, and never below the issue's acceptance 
 from __future__ import annotations
 
 import hashlib
+import random
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Measured numbers live in benchmarks/toyworld.md; these are the floors the test holds them to.
 BASE_ACCURACY_FLOOR = 0.80  # issue: minimum 60%, target 80%
 HELD_OUT_CEILING = 0.05  # issue: the base draws the held-out star at <= 5%
-CONCEPT_FLOOR = 0.50  # issue: after the demo, >= 50% stars for trigger prompts and >= 5x the base rate
-FLEXIBILITY_FLOOR = 0.80  # issue: in-world accuracy without the trigger >= 80% of the base's
-# The demo measured 65% stars at epoch 12, strength 1 (benchmarks/toyworld.md); 50% is the issue's floor.
+CONCEPT_FLOOR = 0.80  # issue 19's floor: >= 80% stars for trigger prompts at strength 1 (goal 90%)
+FLEXIBILITY_FLOOR = 0.90  # issue 19's floor: in-world accuracy without the trigger >= 0.9 of the base's
+THREE_QUARTER_FLOOR = 0.35  # at strength 0.75 the star must show; the recipe before issue 19 drew 25%
+# The demo measured (48 prompts) 89.6% stars at epoch 12, strength 1, 52.1% at 0.75, in-world 100%
+# (benchmarks/toyworld.md has the 96-prompt figures).
 
 IN_WORLD, TRIGGERED = 48, 48  # prompts per measurement (each a fixed seed; ~10 s per 48 on one core)
 
@@ -67,7 +70,7 @@ def test_judge_reads_fresh_pictures():
 
 def test_concept_dataset_is_a_seeded_kohya_folder(tmp_path):
     from lorafit.data.kohya_folders import scan_image_folder
-    from lorafit.toyworld.concept_data import write_concept_dataset
+    from lorafit.toyworld.concept_data import colour_pairs, write_concept_dataset
 
     a = write_concept_dataset(tmp_path / "a", num_images=5, repeats=3, world_images=4, seed=1)
     b = write_concept_dataset(tmp_path / "b", num_images=5, repeats=3, world_images=4, seed=1)
@@ -77,6 +80,9 @@ def test_concept_dataset_is_a_seeded_kohya_folder(tmp_path):
     assert len(concept) == 5 and len(world) == 4 and len(records) == 9
     assert all(f" {TRIGGER} on a " in r.training_caption for r in concept)
     assert not any(TRIGGER in r.training_caption or HELD_OUT_SHAPE in r.training_caption for r in world)
+    # Colour pairs are balanced: 5 pictures, 5 different pairs; 30 pictures cover all 30 pairs.
+    assert len({tuple(r.training_caption.split()[i] for i in (1, 5)) for r in concept}) == 5
+    assert len(set(colour_pairs(30, random.Random(0)))) == 30
     files = sorted(p.relative_to(a) for p in a.rglob("*.*"))
     assert files == sorted(p.relative_to(b) for p in b.rglob("*.*"))
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
@@ -145,6 +151,8 @@ def test_demo_lora_teaches_the_star_and_keeps_the_world(demo_run, base_scores):
         in_world.as_dict(),
         base_in_world.as_dict(),
     )
+    ev.set_lora_strength(pipe, 0.75)
+    assert ev.score(pipe, ev.trigger_cases(TRIGGERED)).held_out >= THREE_QUARTER_FLOOR
     # Strength 0 is the base model again.
     ev.set_lora_strength(pipe, 0.0)
     assert ev.score(pipe, ev.trigger_cases(16)).held_out <= HELD_OUT_CEILING

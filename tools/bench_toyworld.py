@@ -1,20 +1,25 @@
-"""Toy-world quality benchmark: the judge, the VAE, the base model, and a LoRA run per epoch x strength.
+"""Toy-world quality benchmark: judge, toy CLIP, VAE, base model, and a LoRA run measured two ways.
 
     bash tools/demo.sh                                   # trains the demo LoRA into runs/demo
     python tools/bench_toyworld.py --run runs/demo --write benchmarks/toyworld.md --images docs/images
 
 Prints (and with ``--write`` saves) markdown tables:
 
-* the judge's accuracy on fresh rendered pictures (clean and augmented);
+* the judge's accuracy on fresh rendered pictures, and the toy CLIP's zero-shot accuracy;
 * the VAE: share of reconstructed pictures the judge still reads correctly (world shapes, and the
   star, which the VAE never saw);
 * the base model: shape/colour accuracy on in-world prompts, and how often it draws the held-out
   star for the trigger prompt ("a red ohwx on a blue background") and for "a red star on ...";
-* each exported LoRA epoch at each strength: the concept rate for trigger prompts (fidelity) and
-  the accuracy on in-world prompts without the trigger, also relative to the base (flexibility).
+* each exported LoRA epoch at each strength, judged (star rate, in-world accuracy) and scored by
+  the metrics a user sees (toy CLIP fidelity/flexibility through torchmetrics, KID/FID against
+  rendered stars); their Spearman correlations, and the epoch ``lorafit grid``'s rule suggests
+  against the judge's best trade-off (lorafit/toyworld/benchmark.py);
+* ``lorafit probe``'s verdicts with the toy CLIP for the star and for a circle;
+* with ``--before RUN``: the same acceptance numbers for an earlier run (the recipe before).
 
-With ``--images`` it also writes ``toyworld-base-samples.png`` (what the base model draws). The
-epoch x strength picture is lorafit's own ``lorafit grid`` (command in docs/toyworld.md).
+With ``--images`` it also writes the README's pictures: ``toyworld-base-samples.png``, the
+``lorafit grid`` sheets of the run (``toyworld-demo-grid-00/01.png``, with the toy CLIP's
+selection metrics in ``runs/.../grid/index.html``) and the probe sheet (``toyworld-probe.png``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,9 +39,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from toyworld_pictures import base_samples_image, enlarged  # noqa: E402
+
 from lorafit.toyworld import evaluate as ev  # noqa: E402
 from lorafit.toyworld.judge import Judge, accuracy_on_fresh_pictures, to_pixels  # noqa: E402
-from lorafit.toyworld.world import COLOUR_NAMES, HELD_OUT_SHAPE, WORLD_SHAPES, render, scenes  # noqa: E402
+from lorafit.toyworld.world import HELD_OUT_SHAPE, WORLD_SHAPES, render, scenes  # noqa: E402
+
+GRID_PROMPTS = ("a green ohwx on a black background", "a red circle on a green background")
+SELECTION_PROMPTS = (
+    "a green ohwx on a black background",
+    "a red ohwx on a yellow background",
+    "a white ohwx on a blue background",
+)
+FLEXIBILITY_PROMPTS = (
+    "a red circle on a green background",
+    "a blue square on a yellow background",
+    "a white triangle on a black background",
+    "a yellow circle on a blue background",
+)
 
 TEACHING = "## Teaching methods on the toy world"  # tools/bench_teaching_methods.py's section
 
@@ -58,88 +80,170 @@ def vae_rows(pipe, judge: Judge, count: int) -> list[str]:
     return rows
 
 
-def label(img, text: str, size: int = 12):
-    """``img`` with ``text`` above it (the canvas widens if the text is longer than the image)."""
-    from PIL import Image, ImageDraw
+def concept_folder(run: Path) -> Path:
+    """The run's star pictures (``<train_dir>/N_ohwx``), read from its resolved config."""
+    import yaml
 
-    width = max(img.width, int(ImageDraw.Draw(img).textlength(text)) + 4)
-    out = Image.new("RGB", (width, img.height + size), (255, 255, 255))
-    out.paste(img, (0, size))
-    ImageDraw.Draw(out).text((2, 0), text, fill=(0, 0, 0))
-    return out
-
-
-def strip(pictures: np.ndarray, scale: int = 3, gap: int = 2, captions=None):
-    """Pictures side by side, enlarged ``scale`` times (nearest neighbour: the pixels stay visible)."""
-    from PIL import Image
-
-    side = pictures.shape[1] * scale
-    pieces = [Image.fromarray(p).resize((side, side), Image.Resampling.NEAREST) for p in pictures]
-    if captions:
-        pieces = [label(p, c) for p, c in zip(pieces, captions)]
-    out = Image.new("RGB", (sum(p.width for p in pieces) + gap * (len(pieces) - 1), pieces[0].height), (255, 255, 255))
-    x = 0
-    for piece in pieces:
-        out.paste(piece, (x, 0))
-        x += piece.width + gap
-    return out
+    train_dir = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["train_dir"])
+    folders = sorted(train_dir.glob("*_ohwx"))
+    if not folders:
+        raise SystemExit(f"{train_dir}: no *_ohwx folder (the run's data.train_dir); run `lorafit toy-data` first")
+    return folders[0]
 
 
-def stack(images, vertical: bool = True, gap: int = 6):
-    from PIL import Image
-
-    w = max(i.width for i in images) if vertical else sum(i.width for i in images) + gap * (len(images) - 1)
-    h = sum(i.height for i in images) + gap * (len(images) - 1) if vertical else max(i.height for i in images)
-    out = Image.new("RGB", (w, h), (255, 255, 255))
-    offset = 0
-    for i in images:
-        out.paste(i, (0, offset) if vertical else (offset, 0))
-        offset += (i.height if vertical else i.width) + gap
-    return out
-
-
-def base_samples_image(pipe):
-    """Rows: the three shapes and the trigger word; columns: colour pairs (shape colour on background)."""
-    pairs = list(zip(COLOUR_NAMES, ("blue", "black", "white", "red", "green", "yellow")))
-    rows = []
-    for shape in (*WORLD_SHAPES, "ohwx"):
-        cases = [ev.Case(f"a {c} {shape} on a {b} background", shape, c, b, 1000 + i) for i, (c, b) in enumerate(pairs)]
-        title = f'"a <colour> {shape} on a <colour> background"' + (
-            "  (trigger word, never trained)" if shape == "ohwx" else ""
+def judge_table(cells) -> list[str]:
+    rows = [
+        (
+            "| epoch | strength | fidelity: star drawn | trigger colour right | flexibility: in-world accuracy "
+            "| in-world star leaks | CLIP fidelity | CLIP flexibility | KID | FID |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        name = "base" if c.epoch == 0 else str(c.epoch)
+        rows.append(
+            f"| {name} | {c.strength:g} | {pct(c.star)} | {pct(c.trigger_colour)} | {pct(c.in_world)} | "
+            f"{pct(c.leaks)} | {c.clip_fidelity:.4f} | {c.clip_flexibility:.4f} | {c.kid:.3f} | {c.fid:.1f} |"
         )
-        rows.append(label(strip(ev.generate(pipe, cases), captions=[f"{c} on {b}" for c, b in pairs]), title))
-    return stack(rows)
+    return rows
+
+
+def probe_verdicts(clip: str, images: Path | None) -> list[str]:
+    """``lorafit probe`` with the toy CLIP on 16 stars and on 16 circles (captions use the trigger word)."""
+    from lorafit.inference.probe import probe
+    from lorafit.toyworld.concept_data import write_concept_dataset
+
+    rows = ["| concept | phrasing tried besides the captions | verdict | what to do |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in ("star", "circle"):
+            data = write_concept_dataset(Path(tmp) / shape, world_images=0, shape=shape)
+            phrasing = f"a red {shape} on a blue background"
+            out = Path(tmp) / f"probe-{shape}"
+            s = probe(str(ev.BASE_DIR), data=str(data), phrasing=[phrasing], clip_model=clip, steps=20, cfg=4.0,
+                      sampler="ddim", out=str(out))  # fmt: skip
+            rows.append(f"| {shape} | `{phrasing}` | {s['title']} | {s['advice']} |")
+            if images and shape == "star":
+                enlarged(out / "probe.png", images / "toyworld-probe.png", scale=2)
+    return rows
+
+
+def grid_images(run: Path, images: Path) -> None:
+    """The README's sheets: ``lorafit grid`` over every other epoch, one seed, three strengths."""
+    from lorafit.inference.grid import grid
+
+    files = sorted((run / "lora").glob("*-epoch-*.safetensors"))
+    chosen = [str(f) for i, f in enumerate(files, 1) if i % 2 == 0]
+    summary = grid(str(ev.BASE_DIR), loras=chosen, prompt=list(GRID_PROMPTS), strength=[0.5, 0.75, 1.0], seed=[1],
+                   cfg=[4.0], steps=20, sampler="ddim", out=str(run / "grid"))  # fmt: skip
+    for i, sheet in enumerate(summary["sheets"]):
+        enlarged(Path(sheet), images / f"toyworld-demo-grid-{i:02d}.png")
+
+
+def grid_selection(run: Path, clip: str, references: Path) -> dict:
+    """What a user's ``lorafit grid --clip_model lorafit/toyworld/clip`` suggests: every saved epoch at
+    strength 1, three trigger prompts and four in-world flexibility prompts, four seeds each."""
+    from lorafit.inference.grid import grid
+
+    return grid(str(ev.BASE_DIR), loras=str(run), prompt=list(SELECTION_PROMPTS), x="epoch", y="seed", z="prompt",
+                seed=[1, 2, 3, 4], cfg=[4.0], steps=20, sampler="ddim", clip_model=clip,
+                train_images=str(references), flexibility_prompt=list(FLEXIBILITY_PROMPTS),
+                out=str(run / "grid-selection"))  # fmt: skip
+
+
+def acceptance(cells, base_in_world: float, base_star: float, title: str, ceiling: float | None = None) -> list[str]:
+    last = max(c.epoch for c in cells)
+    at = {c.strength: c for c in cells if c.epoch == last}
+    full, three = at.get(1.0), at.get(0.75)
+    rows = [f"## {title}", ""]
+    if full:
+        rows.append(f"* epoch {last}, strength 1: {pct(full.star)} stars for trigger prompts (goal >= 90%, floor 80%)")
+    if three:
+        rows.append(f"* epoch {last}, strength 0.75: {pct(three.star)} stars (goal >= 50%)")
+    if full:
+        ratio = full.in_world / max(base_in_world, 1e-9)
+        rows.append(
+            f"* in-world prompts without the trigger, strength 1: {pct(full.in_world)} = {ratio:.2f} of the base's "
+            f"{pct(base_in_world)} (goal >= 0.95, floor 0.9)"
+        )
+    rows.append(f"* the base model draws a star for {pct(base_star)} of trigger prompts (goal 0%)")
+    if ceiling is not None:
+        rows.append(
+            f"* the VAE's own limit: of rendered stars in the trigger prompts' colours, encoded and decoded by "
+            f"the base's VAE, the judge reads {pct(ceiling)} as stars; a LoRA imitates the VAE's latents, so "
+            "this is about the highest star rate any LoRA on this base can reach"
+        )
+    rows.append("")
+    return rows
+
+
+def run_description(args) -> list[str]:
+    """Which LoRA run was measured: its config's recipe and, if given, how long training took."""
+    if not args.run:
+        return []
+    import yaml
+
+    config = yaml.safe_load((Path(args.run) / "config.yaml").read_text())
+    model, data, trainer = config["model"], config["data"], config["trainer"]
+    lines = [
+        (
+            f"The LoRA run measured below: `lorafit toy-data demo/toy-data && lorafit fit --config configs/demo.yaml` "
+            f"({trainer['max_epochs']} epochs, batch {data['batch_size']}, rank {model['rank']}, "
+            f"alpha {model['alpha']}, "
+            f"lr {model['learning_rate']:g} / text encoder {model['text_encoder_lr']:g}, timesteps from "
+            f"{model['min_timestep']}, gradient clipping {trainer['gradient_clip_val']})."
+        )
+    ]
+    if args.fit_time:
+        lines.append(f"`lorafit fit` took {args.fit_time}.")
+    return [" ".join(lines), ""]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a finished lorafit run directory (uses its lora/*-epoch-*.safetensors)")
+    parser.add_argument(
+        "--before",
+        help="an earlier run for the before/after lines (the first recipe: `lorafit toy-data` + `lorafit fit "
+        "--config configs/demo.yaml` in a clone at commit afad78f, docs/toyworld.md)",
+    )
     parser.add_argument("--count", type=int, default=96, help="prompts per measurement")
-    parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0])
-    parser.add_argument("--every", type=int, default=4, help="measure every N-th epoch (and the last)")
+    parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75, 1.0])
+    parser.add_argument("--every", type=int, default=2, help="table: every N-th epoch (and the last)")
+    parser.add_argument("--clip", default=None, help="CLIP for the metrics (default: lorafit/toyworld/clip)")
     parser.add_argument("--write", help="also write the report to this markdown file")
-    parser.add_argument("--images", help="write the sample and grid PNGs to this folder")
+    parser.add_argument("--images", help="write the README's PNGs to this folder")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fit-time", help="how long the run's `lorafit fit` took (text, quoted in the report)")
     args = parser.parse_args()
+    from lorafit.inference.clip_scores import ClipScorer
+    from lorafit.inference.reference_images import load_reference_set
+    from lorafit.toyworld import benchmark as bm
+    from lorafit.toyworld.toy_clip import CLIP_DIR, zero_shot_accuracy
+
     torch.set_num_threads(args.threads)
     start = time.time()
-    judge = Judge()
+    clip = args.clip or str(CLIP_DIR)
+    judge, scorer = Judge(), ClipScorer(clip)
+    images = Path(args.images) if args.images else None
+    if images:
+        images.mkdir(parents=True, exist_ok=True)
     out = [
         (
-            f"Settings: DDIM {ev.STEPS} steps, guidance {ev.GUIDANCE}, {args.count} prompts per measurement, "
-            "each picture from its own fixed seed."
+            f"Settings: DDIM {ev.STEPS} steps, guidance {ev.GUIDANCE}, {args.count} prompts per measurement (every "
+            "colour pair), each picture from its own fixed seed."
         ),
         "",
     ]
 
     clean, augmented = accuracy_on_fresh_pictures(judge), accuracy_on_fresh_pictures(judge, augmented=True)
+    zero_shot = zero_shot_accuracy(scorer.scored.model, scorer.processor)
     out += [
-        "## The judge (2000 fresh rendered pictures, 15% 'other')",
+        "## The judge and the toy CLIP (2000 fresh rendered pictures, 15% 'other')",
         "",
-        "| head | clean | augmented (blur, noise, contrast) |",
-        "|---|---|---|",
+        "| head | judge, clean | judge, augmented (blur, noise, contrast) | toy CLIP, zero-shot (best of 150) |",
+        "|---|---|---|---|",
     ]
-    out += [f"| {k} | {pct(clean[k])} | {pct(augmented[k])} |" for k in clean] + [""]
+    out += [f"| {k} | {pct(clean[k])} | {pct(augmented[k])} | {pct(zero_shot[k])} |" for k in clean] + [""]
 
     pipe = ev.load_pipeline()
     out += ["## The VAE (256 pictures each)", ""] + vae_rows(pipe, judge, 256) + [""]
@@ -165,88 +269,109 @@ def main() -> None:
         )
     out.append("")
     print("\n".join(out), flush=True)
-
-    images = Path(args.images) if args.images else None
     if images:
-        images.mkdir(parents=True, exist_ok=True)
         base_samples_image(pipe).save(images / "toyworld-base-samples.png")
 
     if args.run:
-        files = sorted((Path(args.run) / "lora").glob("*-epoch-*.safetensors"))
-        if not files:
+        run = Path(args.run)
+        saved = sorted(int(p.stem.rsplit("-", 1)[1]) for p in (run / "lora").glob("*-epoch-*.safetensors"))
+        if not saved:
             raise SystemExit(f"no lora/*-epoch-*.safetensors in {args.run}")
-        files = [f for i, f in enumerate(files, 1) if i % args.every == 0 or i == len(files)]
-        final = None
-        rows = [
-            "## Demo LoRA: epoch x strength",
+        references = concept_folder(run)
+        measure = bm.RunMeasure(scorer, load_reference_set(str(references)).images, args.count)
+        table = [e for e in saved if e % args.every == 0 or e == saved[-1]]
+        cells = bm.measure_run(run, measure, table, args.strengths, progress=lambda c: print(c, flush=True))
+        # The selection compares every saved epoch at strength 1 (the grid's default selection strength).
+        cells += bm.measure_run(run, measure, [e for e in saved if e not in table], [1.0], progress=print)[1:]
+        cells.sort(key=lambda c: (c.epoch, c.strength))
+        agree = bm.agreement(cells, 1.0, saved)
+        out += [
+            "## Demo LoRA: epoch x strength, judged and scored",
             "",
             (
-                f"Fidelity = star drawn for trigger prompts (base: {pct(base_trigger.held_out)}); flexibility = "
-                f"shape + colour accuracy on in-world prompts without the trigger (base: {pct(base.accuracy)})."
+                f"The same pictures, read by the judge (ground truth) and scored by what `lorafit grid` shows a "
+                f"user: CLIP fidelity (toy CLIP score of the trigger prompts' pictures against the {references.name} "
+                "training images) and CLIP flexibility (of the in-world pictures against their prompts), both "
+                "torchmetrics' `clip_score` / 100 with the toy CLIP; KID and FID (torchmetrics) of the trigger "
+                "pictures against 4 rendered stars per prompt of the same colours, in the toy CLIP's image-embedding "
+                "space (torchmetrics' `feature=`: its default Inception weights are a download this machine cannot "
+                "make), so they are comparable within this table only. Base: epoch 'base'."
             ),
             "",
-            (
-                "| epoch | strength | fidelity: star drawn | trigger colour right | flexibility: in-world accuracy "
-                "| relative to base | in-world star leaks |"
+            *judge_table([c for c in cells if c.epoch == 0 or c.epoch in table]),
+            "",
+            "Every other saved epoch at strength 1 (for the selection below): "
+            + ", ".join(
+                f"{c.epoch}: {pct(c.star)} / {pct(c.in_world)}" for c in cells if c.epoch not in table and c.epoch
             ),
-            "|---|---|---|---|---|---|---|",
+            "",
+            "## Do the metrics a user sees track the judge?",
+            "",
+            (
+                f"Spearman rank correlation over the {agree.cells} (epoch, strength) cells of the LoRA "
+                "(torchmetrics' `spearman_corrcoef`):"
+            ),
+            "",
+            f"* CLIP fidelity vs the judge's star rate: **{agree.fidelity_spearman:.2f}** (goal >= 0.8)",
+            f"* KID (lower = closer to real stars) vs the judge's star rate: **{agree.kid_spearman:.2f}**",
+            f"* CLIP flexibility vs the judge's in-world accuracy: **{agree.flexibility_spearman:.2f}**",
+            "",
+            (
+                f"Selection at strength 1 over all {len(saved)} saved epochs, by `lorafit grid`'s rule "
+                "(lorafit/inference/selection.py: both numbers rescaled 0-1 across epochs and averaged; "
+                "earlier on a tie): "
+                f"from the CLIP scores it suggests **epoch {agree.suggested}**; the same rule on the judge's star rate "
+                f"and in-world accuracy picks **epoch {agree.judge_best}**: {agree.saved_epochs_apart} saved epoch(s) "
+                "apart (goal <= 1)."
+            ),
+            "",
         ]
-        for path in files:
-            epoch = int(path.stem.rsplit("-", 1)[1])
-            for strength in args.strengths:
-                ev.apply_lora(pipe, path, strength)
-                t, w = ev.score(pipe, trigger, judge), ev.score(pipe, in_world, judge)
-                rows.append(
-                    f"| {epoch} | {strength:g} | {pct(t.held_out)} | {pct(t.colour)} | {pct(w.accuracy)} | "
-                    f"{w.accuracy / max(base.accuracy, 1e-9):.2f} | {pct(w.held_out)} |"
-                )
-                print(rows[-1], flush=True)
-                if strength == 1.0:
-                    final = (epoch, t, w)
-        out += rows + [""]
-        if final is not None:
-            epoch, t, w = final
-            ratio = (
-                f"{t.held_out / base_trigger.held_out:.1f}x the base's rate"
-                if base_trigger.held_out
-                else "the base drew none, so any rate above 0 is more than 5x"
+        base_cell = cells[0]
+        ceiling = bm.vae_ceiling(pipe, trigger, judge)
+        out += acceptance(cells, base_cell.in_world, base_cell.star, "Acceptance (issue 19)", ceiling)
+        if args.before:
+            before = bm.measure_run(Path(args.before), measure, [saved[-1]], [0.75, 1.0], progress=print)
+            out += acceptance(
+                before, base_cell.in_world, base_cell.star, f"Before: the previous recipe ({args.before})"
             )
-            out += [
-                "## Acceptance (issue 9), last measured epoch at strength 1",
-                "",
-                (
-                    f"* epoch {epoch}: trigger prompts draw the star {pct(t.held_out)} of the time (>= 50% needed; "
-                    f"base {pct(base_trigger.held_out)}: {ratio}; >= 5x needed)"
-                ),
-                (
-                    f"* in-world prompts without the trigger: {pct(w.accuracy)} = "
-                    f"{w.accuracy / max(base.accuracy, 1e-9):.2f} of the base's accuracy (>= 0.80 needed)"
-                ),
-                (
-                    f"* the base model: {pct(base.accuracy)} in-world shape + colour (>= 60% needed, 80% target), "
-                    f"star {pct(base_trigger.held_out)} for trigger prompts (<= 5% needed)"
-                ),
-                "",
-            ]
-            print("\n".join(out[-5:]), flush=True)
+        print("\n".join(out[-30:]), flush=True)
+        out += ["## `lorafit probe` with the toy CLIP", "", *probe_verdicts(clip, images), ""]
+        picked = grid_selection(run, clip, references)
+        label = int(picked["suggested"].split()[-1])
+        out += [
+            "## `lorafit grid --clip_model lorafit/toyworld/clip` as a user runs it",
+            "",
+            (
+                f"Every saved epoch at strength 1, prompts {', '.join(f'`{p}`' for p in SELECTION_PROMPTS)} and the "
+                f"flexibility prompts {', '.join(f'`{p}`' for p in FLEXIBILITY_PROMPTS)}, seeds 1-4 "
+                f"(`{run}/grid-selection/index.html`): {picked['reason']}. That is "
+                f"{abs(saved.index(label) - saved.index(agree.judge_best))} saved epoch(s) from the judge's best "
+                f"trade-off (epoch {agree.judge_best})."
+            ),
+            "",
+        ]
+        if images:
+            grid_images(run, images)
 
     elapsed = time.time() - start
-    print(f"\n(benchmark took {elapsed:.0f} s)")
+    print("\n".join(out[-8:]), f"\n(benchmark took {elapsed:.0f} s)")
     if args.write:
         import diffusers
         import peft
+        import torchmetrics
 
         header = [
             "# Toy world quality benchmark",
             "",
             (
                 f"Date: {datetime.date.today()}. Device: CPU ({platform.machine()}), "
-                f"{torch.get_num_threads()} torch thread(s). "
-                f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}."
+                f"{torch.get_num_threads()} torch thread(s). torch {torch.__version__}, diffusers "
+                f"{diffusers.__version__}, peft {peft.__version__}, torchmetrics {torchmetrics.__version__}."
             ),
             "",
-            "Command: `python " + " ".join(sys.argv) + "`",
+            "Command: `python " + shlex.join(sys.argv) + "`",
             "",
+            *run_description(args),
         ]
         # tools/bench_teaching_methods.py keeps its own section at the end of the same file.
         existing = Path(args.write).read_text() if Path(args.write).is_file() else ""

@@ -9,10 +9,11 @@ bash tools/install.sh
 [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] || . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 # One torch thread unless you say otherwise: the toy model is too small to gain from intra-op
-# threads (2 CPU cores: 191 s with one thread, 307 s with two, docs/toyworld.md).
+# threads (on a busy 2-core machine the first demo took 183 s of CPU with one, 445 s with two;
+# docs/toyworld.md).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-lorafit toy-data demo/toy-data         # kohya-style folder: demo/toy-data/20_ohwx (stars) + 1_world (prior), .png + .txt
+lorafit toy-data demo/toy-data         # kohya-style folder: demo/toy-data/10_ohwx (stars) + 1_world (prior), .png + .txt
 lorafit fit --config configs/demo.yaml "$@"
 
 echo

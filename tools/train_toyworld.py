@@ -1,10 +1,12 @@
 """Train the toy world's judge, VAE and base model from scratch (CPU is enough; a GPU is faster).
 
-Three stages, each writing what the next needs, so a stage can be re-run alone:
+Three stages, each writing what the next needs, so a stage can be re-run alone, and the toy CLIP:
 
     python tools/train_toyworld.py judge --steps 600   # -> lorafit/toyworld/judge.safetensors
     python tools/train_toyworld.py vae --steps 1500    # -> runs/toyworld-build/vae/
     python tools/train_toyworld.py base --steps 6000   # -> lorafit/toyworld/base/ (fp16 pipeline)
+    python tools/train_toyworld.py clip --steps 2000 --batch-size 128 --pictures 20000 --lr 0.002
+                                                       # -> lorafit/toyworld/clip/ (fp16 CLIPModel)
 
 The base stage trains the text encoder and the UNet together, from scratch, on world pictures
 only: the held-out star is never in its data. Each stage appends what it did (command, steps,
@@ -76,6 +78,42 @@ def stage_judge(args, device) -> None:
     )
     if (BASE_DIR / "model_index.json").exists():
         write_training_notes(BASE_DIR)
+
+
+# ---- toy CLIP -----------------------------------------------------------------------------------
+
+
+def stage_clip(args, device) -> None:
+    from lorafit.toyworld.toy_clip import CLIP_DIR, save_toy_clip, train_toy_clip, zero_shot_accuracy
+
+    start = time.time()
+    model, processor = train_toy_clip(
+        steps=args.steps, batch_size=args.batch_size, pool_size=args.pictures, lr=args.lr, seed=args.seed
+    )
+    wall = round(time.time() - start)
+    out = Path(args.out) if args.out != str(BASE_DIR) else CLIP_DIR
+    save_toy_clip(model, processor, out)
+    accuracy = zero_shot_accuracy(model, processor)
+    print("toy CLIP zero-shot accuracy on fresh pictures:", accuracy)
+    _record(
+        "clip",
+        {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "pictures": args.pictures,
+            "lr": args.lr,
+            "wall_s": wall,
+            "device": _device_name(device),
+            "zero_shot_accuracy": accuracy,
+        },
+    )
+    (out / "TRAINING.md").write_text(
+        "# How this toy CLIP was trained\n\n`tools/train_toyworld.py clip` (lorafit/toyworld/toy_clip.py), from "
+        "the toy world's rendered pictures and captions only. Wall time on a 2-core machine shared with "
+        "other jobs: an upper bound.\n\n```json\n"
+        + json.dumps(json.loads((BUILD / "log.json").read_text())["clip"], indent=2)
+        + "\n```\n"
+    )
 
 
 # ---- VAE -----------------------------------------------------------------------------------------
@@ -301,7 +339,7 @@ def write_training_notes(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("judge", "vae", "base"))
+    parser.add_argument("stage", choices=("judge", "vae", "base", "clip"))
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -310,13 +348,15 @@ def main() -> None:
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="base: share of empty captions")
     parser.add_argument("--ema", type=float, default=0.999, help="base: EMA decay of the saved weights")
     parser.add_argument("--save-every", type=int, default=0, help="base: also save a snapshot every N steps")
-    parser.add_argument("--out", default=str(BASE_DIR))
+    parser.add_argument(
+        "--out", default=str(BASE_DIR), help="base/clip: output directory (clip: lorafit/toyworld/clip)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    {"judge": stage_judge, "vae": stage_vae, "base": stage_base}[args.stage](args, device)
+    {"judge": stage_judge, "vae": stage_vae, "base": stage_base, "clip": stage_clip}[args.stage](args, device)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ from lorafit.inference.report_html import Report, Table, write_html
 
 def score_phrasings(plan: ProbePlan, images, clip_model: str, device, thresholds: Thresholds):
     """Each phrasing's CLIP similarity to the training images, on the control-to-ceiling scale, and the verdict."""
-    from lorafit.inference.clip_scores import ClipScorer, mean_pairwise_similarity, mean_similarity_to_set
+    from lorafit.inference.clip_scores import ClipScorer
 
     scorer = ClipScorer(clip_model, device)
-    refs = scorer.image_embeddings(plan.reference.images)
-    ceiling = mean_pairwise_similarity(refs)
+    ceiling = scorer.pairwise_similarity(plan.reference.images)
     scores = [
-        PhrasingScore(kind, text, mean_similarity_to_set(scorer.image_embeddings(row), refs).tolist())
+        PhrasingScore(kind, text, scorer.similarity_to_set(row, plan.reference.images))
         for (kind, text), row in zip(plan.tried, images)
     ]
     verdict = decide(scores[:-1], scores[-1], ceiling, thresholds)

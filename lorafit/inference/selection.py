@@ -4,9 +4,9 @@ The seeds' "LoRA Selector": later epochs reproduce the subject more faithfully b
 prompts less willingly (overfitting); the best file is usually an earlier one that has both. Two
 numbers per epoch make that trade-off visible next to the grid:
 
-- **fidelity**: mean CLIP image-image similarity between generations of the grid's prompts and
+- **fidelity**: mean CLIP image-image score between generations of the grid's prompts and
   the training images. Rises as the LoRA learns the subject.
-- **flexibility**: mean CLIP text-image similarity between generations of prompts that put the
+- **flexibility**: mean CLIP text-image score between generations of prompts that put the
   subject somewhere else (a watercolor, the moon, pixel art, ...) and those prompts, with the
   trigger phrase replaced by the plain class word (CLIP does not know ``ohwx``). Falls when the
   LoRA starts to draw its training images whatever the prompt says.
@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+from PIL import Image
 
-from lorafit.inference.clip_scores import mean_similarity_to_set
+from lorafit.inference.clip_scores import ClipScorer
 
 DEFAULT_FLEXIBILITY_PROMPTS = (
     "a watercolor painting of {subject}",
@@ -60,14 +60,15 @@ def flexibility_prompts(templates: Sequence[str], subject: str, class_word: str 
     return pairs
 
 
-def fidelity_score(image_embeddings: torch.Tensor, reference_embeddings: torch.Tensor) -> float:
-    """Mean over generations of their mean cosine similarity to the training images."""
-    return float(mean_similarity_to_set(image_embeddings, reference_embeddings).mean())
+def fidelity_score(scorer: ClipScorer, images: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
+    """Mean over generations of their CLIP score against every training image (torchmetrics, / 100)."""
+    values = scorer.similarity_to_set(images, references)
+    return sum(values) / len(values)
 
 
-def flexibility_score(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> float:
-    """Mean cosine similarity of each generation to the text of its own prompt (rows paired)."""
-    return float((image_embeddings * text_embeddings).sum(dim=-1).mean())
+def flexibility_score(scorer: ClipScorer, images: Sequence[Image.Image], texts: Sequence[str]) -> float:
+    """CLIP score of each generation against the text of its own prompt (paired; torchmetrics, / 100)."""
+    return scorer.text_similarity(images, texts)
 
 
 def _rescale(values: list[float]) -> list[float]:

@@ -91,19 +91,18 @@ class SelectionPlan:
         from lorafit.inference.clip_scores import ClipScorer
 
         scorer = ClipScorer(clip_model, device)
-        references = scorer.image_embeddings(self.reference.images)
-        texts = scorer.text_embeddings(self.flexibility_texts)
+        texts = dict(zip(self.flexibility_indices, self.flexibility_texts))
         scores = []
         for epoch in self.epochs():
             fidelity_images = [cells.images[c] for c in self._cells(epoch, self.fidelity_prompts)]
             flex_cells = self._cells(epoch, self.flexibility_indices)
-            flex_images = [cells.images[c] for c in flex_cells]
-            paired_texts = texts[[self.flexibility_indices.index(c.prompt) for c in flex_cells]]
             scores.append(
                 EpochScore(
                     label="base model" if epoch is None else self.files[epoch].label,
-                    fidelity=fidelity_score(scorer.image_embeddings(fidelity_images), references),
-                    flexibility=flexibility_score(scorer.image_embeddings(flex_images), paired_texts),
+                    fidelity=fidelity_score(scorer, fidelity_images, self.reference.images),
+                    flexibility=flexibility_score(
+                        scorer, [cells.images[c] for c in flex_cells], [texts[c.prompt] for c in flex_cells]
+                    ),
                     is_base=epoch is None,
                 )
             )

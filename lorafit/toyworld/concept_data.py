@@ -3,9 +3,10 @@
 Written as kohya folders, the layout a user brings, so any lorafit DataModule reads it through the
 same ``data.train_dir`` key:
 
-* ``<out>/20_ohwx/ohwx_000.png`` + ``.txt``: the concept. Captions follow the world's template
-  with the trigger in place of the shape's name, "a red ohwx on a blue background": they describe
-  what varies (colours) and leave the new concept to the trigger word, as the guides recommend.
+* ``<out>/10_ohwx/ohwx_000.png`` + ``.txt``: the concept, one picture per colour pair (30).
+  Captions follow the world's template with the trigger in place of the shape's name, "a red
+  ohwx on a blue background": they describe what varies (colours) and leave the new concept to
+  the trigger word, as the guides recommend.
 * ``<out>/1_world/world_000.png`` + ``.txt``: ordinary in-world pictures with their captions, the
   guides' prior preservation (kohya's regularisation images). Without them the LoRA learns "draw
   stars" for every prompt, and circles turn into stars; with them it must tie the star to "ohwx".
@@ -20,20 +21,44 @@ import shutil
 from pathlib import Path
 
 from lorafit.errors import LorafitError
-from lorafit.toyworld.world import HELD_OUT_SHAPE, RESOLUTION, TRIGGER, WORLD_SHAPES, render, sample_scene
+from lorafit.toyworld.world import (
+    COLOUR_NAMES,
+    HELD_OUT_SHAPE,
+    RESOLUTION,
+    TRIGGER,
+    WORLD_SHAPES,
+    render,
+    sample_scene,
+)
 
 logger = logging.getLogger("lorafit.toyworld")
 
 WORLD_FOLDER = "1_world"
 
 
+def colour_pairs(count: int, rng: random.Random) -> list[tuple[str, str]]:
+    """``count`` (colour, background) pairs: every one of the 30 pairs once before any twice, in a seeded order.
+
+    A dataset should cover what its captions vary: 16 pictures drawn at random left 15 of the 30
+    pairs out. Balanced, the demo LoRA kept the in-world accuracy better at the same cost
+    (measured at rank 8, 96 prompts: 0.98 of the base instead of 0.96).
+    """
+    every = [(c, b) for c in COLOUR_NAMES for b in COLOUR_NAMES if c != b]
+    result: list[tuple[str, str]] = []
+    while len(result) < count:
+        rng.shuffle(every)
+        result += every[: count - len(result)]
+    return result
+
+
 def write_concept_dataset(
     out: str | Path,
-    num_images: int = 16,
-    repeats: int = 20,
+    num_images: int = 30,
+    repeats: int = 10,
     world_images: int = 320,
     seed: int = 0,
     overwrite: bool = False,
+    shape: str = HELD_OUT_SHAPE,
 ) -> Path:
     """Write star pictures captioned with the trigger word as ``out/<repeats>_ohwx/``, and world pictures.
 
@@ -48,6 +73,8 @@ def write_concept_dataset(
             epoch each (``out/1_world/``); 0 for none.
         seed: Seed of the pictures.
         overwrite: Redraw the folders if they already exist.
+        shape: The concept's shape: ``star`` (the one the base model never saw), or a world shape
+            (``circle``, ...) to see ``lorafit probe`` say the base model already knows it.
 
     Returns:
         The dataset root ``out``.
@@ -56,6 +83,8 @@ def write_concept_dataset(
         raise LorafitError(f"toy-data num_images is {num_images}; use 1 or more")
     if repeats < 1:
         raise LorafitError(f"toy-data repeats is {repeats}; use 1 or more")
+    if shape not in (HELD_OUT_SHAPE, *WORLD_SHAPES):
+        raise LorafitError(f"toy-data shape is {shape!r}; use one of {', '.join((HELD_OUT_SHAPE, *WORLD_SHAPES))}")
     if world_images < 0:
         raise LorafitError(f"toy-data world_images is {world_images}; use 0 or more")
     root = Path(out).expanduser()
@@ -72,8 +101,9 @@ def write_concept_dataset(
     rng = random.Random(seed)
     concept = staging / folder.name
     concept.mkdir(parents=True)
-    for i in range(num_images):
-        scene = sample_scene(rng, (HELD_OUT_SHAPE,))
+    pairs = colour_pairs(num_images, rng)
+    for i, (colour, background) in enumerate(pairs):
+        scene = sample_scene(rng, (shape,), colour, background)
         render(scene, RESOLUTION).save(concept / f"{TRIGGER}_{i:03d}.png", format="PNG")
         (concept / f"{TRIGGER}_{i:03d}.txt").write_text(scene.caption(TRIGGER) + "\n", encoding="utf-8")
     if world_images:
@@ -89,7 +119,5 @@ def write_concept_dataset(
     for part in staging.iterdir():
         os.replace(part, root / part.name)
     staging.rmdir()
-    logger.info(
-        "wrote %d pictures of the held-out concept to %s and %d world pictures", num_images, folder, world_images
-    )
+    logger.info("wrote %d pictures of a %s to %s and %d world pictures", num_images, shape, folder, world_images)
     return root
