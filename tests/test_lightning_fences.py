@@ -1,6 +1,6 @@
 """The Lightning internals lorafit relies on are still there, and still used the way lorafit assumes.
 
-lorafit overrides or reads three private pieces of Lightning, each for a reason given where it is
+lorafit overrides or reads a few private pieces of Lightning, each for a reason given where it is
 used. pyproject.toml bounds Lightning to the tested minor versions; when a new one is allowed,
 these tests say at once which fence broke instead of a fix silently coming undone:
 
@@ -11,6 +11,8 @@ these tests say at once which fence broke instead of a fix silently coming undon
 - The fit loop's progress counters (lorafit/data/datamodule.py): which epoch and batch a resumed
   run restarts at.
 - ``RichProgressBar._get_train_description`` (lorafit/callbacks/progress.py): the epoch label.
+- ``_TrainingEpochLoop._batches_that_stepped`` (lorafit/distributed/collectives.py): which steps the
+  loggers write, so logger-only values are computed on those steps only.
 - ``LightningModule._log_hyperparams`` / ``LightningDataModule._log_hyperparams``
   (lorafit/cli/trainer_setup.py): switched off so the loggers get lorafit's whole config once.
 """
@@ -75,3 +77,40 @@ def test_lightning_still_logs_hyperparameters_only_when_the_flag_lorafit_clears_
             self.save_hyperparameters()
 
     assert Module()._log_hyperparams is True  # what save_hyperparameters() sets by default, and lorafit clears
+
+
+def test_logged_this_step_agrees_with_lightnings_logger_connector_on_every_step():
+    """lorafit computes logger-only values on the steps Lightning writes them (the step counter
+    ``_batches_that_stepped``); a change in Lightning's rule would drop or misplace logged values."""
+    import torch
+
+    from lorafit.distributed.collectives import logged_this_step
+
+    decisions = []
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            decisions.append((logged_this_step(self.trainer), self.trainer._logger_connector.should_update_logs))
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.randn(14, 2), batch_size=1)
+    trainer = pl.Trainer(
+        max_steps=7,
+        accumulate_grad_batches=2,
+        log_every_n_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Module(), data)
+    assert len(decisions) == 14
+    assert [ours for ours, _ in decisions] == [theirs for _, theirs in decisions]
+    assert sum(ours for ours, _ in decisions) == 4  # optimizer steps 3 and 6, two batches each

@@ -32,7 +32,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics.aggregation import MeanMetric
 
-from lorafit.distributed.collectives import all_reduce_in_place
+from lorafit.distributed.collectives import all_reduce_in_place, logged_this_step
 
 _FALLBACK_WINDOW = 100  # for loaders of unknown length
 
@@ -124,13 +124,14 @@ class TrainingMetrics(pl.Callback):
         self._epoch.update(_per_image(value, weight))
         self._speed.append((images, elapsed))
         batch_size = images or None
-        if _logged_now(trainer):
+        logged = logged_this_step(trainer)
+        if logged:
             # Every rank reaches this step (the condition depends on the step count only), so the
             # all-reduce pairs up; it needs no barrier, and the logger reads the value anyway.
             totals = all_reduce_in_place(self._ordered().sum(0), "sum")
             pl_module.log("loss/average", totals[0] / totals[1], on_step=True, on_epoch=False, batch_size=batch_size)
         seconds = sum(s for _, s in self._speed)
-        if images and seconds > 0:
+        if logged and images and seconds > 0:
             per_sec = sum(n for n, _ in self._speed) / seconds * trainer.world_size
             # A host tensor: Lightning would copy a Python float to the GPU, waiting for the queue.
             pl_module.log(
@@ -179,14 +180,3 @@ class TrainingMetrics(pl.Callback):
             self._epoch._update_count = state["epoch_updates"]  # compute() refuses a metric never updated
         elif state["epoch_updates"]:
             self._epoch._update_count = state["epoch_updates"]
-
-
-def _logged_now(trainer) -> bool:
-    """Whether the loggers write this step: Lightning's own rule (``should_update_logs``) without its
-    ``should_stop`` clause, which could differ between ranks, so all ranks agree on the collective."""
-    every = trainer.log_every_n_steps
-    if not every:
-        return False
-    # The counter Lightning's LearningRateMonitor and logger connector read (+1: not yet incremented here).
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
-    return step % every == 0

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from lorafit.distributed.collectives import all_reduce_in_place
+from lorafit.distributed.collectives import all_reduce_in_place, logged_this_step
 from lorafit.errors import LorafitError
 from lorafit.families.family import BaseModel
 from lorafit.families.loading import DTYPES, PredictionType, Quantization, load_base_model, resolve_model_source
@@ -392,6 +392,8 @@ class LoraDiffusionModule(pl.LightningModule):
         batch_size = len(batch["captions"])
         if not self.nonfinite.watch_loss(self, loss, batch, batch_idx):
             return None
+        if not logged_this_step(self.trainer):  # the values below are for the loggers only
+            return loss
         # The mean over all ranks' samples, i.e. the global batch's loss; reduced without Lightning's
         # sync_dist, whose barrier would stall every step (collectives.py). Only loggers read it.
         self.log("loss/current", all_reduce_in_place(loss.detach().clone(), "mean"), batch_size=batch_size)
