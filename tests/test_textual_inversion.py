@@ -123,6 +123,33 @@ def test_sdxl_file_loads_into_both_encoders_and_encodes_as_in_training(tiny_mode
 
 
 @pytest.mark.slow
+def test_the_pivotal_bundle_loads_in_generate_and_grid(tiny_models, demo_data, tmp_path):
+    from lorafit.inference.generate import apply_loras, generate, load_renderer
+    from lorafit.inference.grid import grid
+    from lorafit.inference.png_info import AppliedLora
+    from lorafit.inference.prompts import SamplePrompt
+    from lorafit.networks.loading import loaded_loras
+
+    model = tiny_models["sd1"]
+    _, module = _train(model, demo_data, tmp_path / "run", pivotal=True)
+    path = tmp_path / "run" / "lora" / "test.safetensors"
+    keys = set(load_file(path))
+    assert "bundle_emb.ohwx.string_to_param.*" in keys and any(k.startswith("lora_unet_") for k in keys)
+    renderer = load_renderer(model)
+    names = apply_loras(renderer, [AppliedLora(str(path), 1.0)])
+    assert list(loaded_loras(renderer.pipe)) == names and len(names) == 1  # the LoRA, and
+    encoded = renderer.encode(SamplePrompt(CAPTION, negative_prompt="", cfg=1.0))  # the embedding, as trained
+    torch.testing.assert_close(
+        encoded["prompt_embeds"], _training_conditioning(module, CAPTION)["prompt_embeds"], rtol=0, atol=1e-6
+    )
+    written = generate(model, "ohwx star --s 2 --w 64 --h 64", lora=[str(path)], out=str(tmp_path / "out"))
+    assert len(written) == 1 and written[0].is_file()
+    # the grid loads each epoch's bundle and unloads it again (same token every epoch)
+    grid(model, lora=[str(path)], prompt=["ohwx star --s 2 --w 64 --h 64"], out=str(tmp_path / "grid"))
+    assert list((tmp_path / "grid").rglob("*.png"))
+
+
+@pytest.mark.slow
 def test_pivotal_vectors_freeze_after_n_steps_and_the_run_resumes_exactly(tiny_models, demo_data, tmp_path):
     class Record(pl.Callback):
         def __init__(self):
