@@ -213,3 +213,16 @@ def test_a_known_word_flux_or_cached_text_is_refused(tiny_models):
     module.configure_model()
     with pytest.raises(LorafitError, match=r"cached text embeddings"):
         module.check_cache({"family": "sd1", "model": tiny_models["sd1"], "text_embeddings": True})
+
+
+def test_resuming_with_another_token_or_vector_count_is_refused_in_one_line(tiny_models):
+    from lorafit.training.resume_settings import changed_network_settings
+
+    saved = LoraDiffusionModule(model=tiny_models["sd1"], embedding=TI).hparams
+    same = LoraDiffusionModule(model=tiny_models["sd1"], embedding={**TI, "learning_rate": 1e-3, "freeze_after": 9})
+    assert changed_network_settings(saved, same.hparams) == []  # rates and the freeze may change on resume
+    more = LoraDiffusionModule(model=tiny_models["sd1"], embedding={**TI, "vectors": 3})
+    assert changed_network_settings(saved, more.hparams) == [("embedding.vectors", 2, 3)]
+    off = LoraDiffusionModule(model=tiny_models["sd1"])
+    changed = changed_network_settings(saved, off.hparams)
+    assert changed == [("embedding.token", "ohwx", None), ("embedding.vectors", 2, 1)]
