@@ -226,3 +226,21 @@ def test_resuming_with_another_token_or_vector_count_is_refused_in_one_line(tiny
     off = LoraDiffusionModule(model=tiny_models["sd1"])
     changed = changed_network_settings(saved, off.hparams)
     assert changed == [("embedding.token", "ohwx", None), ("embedding.vectors", 2, 1)]
+
+
+@pytest.mark.slow
+def test_clip_skip_rendering_expands_the_multi_vector_token_as_training_does(tiny_models, demo_data, tmp_path):
+    """lorafit encodes clip-skip and long prompts itself (render.py); the embedding's ``ohwx ohwx_1`` must
+    be written out there too, or generation reads one vector where training read two."""
+    from lorafit.inference.generate import apply_loras, load_renderer
+    from lorafit.inference.png_info import AppliedLora
+    from lorafit.inference.prompts import SamplePrompt
+    from lorafit.inference.render_options import RenderOptions
+
+    model = tiny_models["sd1"]
+    _, module = _train(model, demo_data, tmp_path, conditioning={"clip_skip": 2})
+    renderer = load_renderer(model, render=RenderOptions(clip_skip=2))
+    assert apply_loras(renderer, [AppliedLora(str(tmp_path / "lora" / "test.safetensors"), 1.0)]) == []  # no LoRA
+    encoded = renderer.encode(SamplePrompt(CAPTION, negative_prompt="", cfg=1.0))
+    expected = _training_conditioning(module, CAPTION)["prompt_embeds"]
+    torch.testing.assert_close(encoded["prompt_embeds"], expected, rtol=0, atol=1e-6)
