@@ -194,6 +194,7 @@ def test_multi_vector_captions_expand_as_diffusers_expands_prompts(tiny_models):
         ({"token": "Ohwx Dog"}, r"^model\.embedding\.token: 'Ohwx Dog'; use one lowercase word"),
         ({"token": "ohwx", "vectors": 0}, r"^model\.embedding\.vectors: 0"),
         ({"init_word": "dog"}, r"^model\.embedding\.init_word is set but model\.embedding\.token is empty"),
+        ({"vectors": 4}, r"^model\.embedding\.vectors is set but model\.embedding\.token is empty"),
         ({"token": "ohwx", "freeze_after": 0}, r"^model\.embedding\.freeze_after: 0"),
     ],
 )

@@ -166,6 +166,8 @@ def generate(
             "x.safetensors:0.8", "x.safetensors:0.8:lbw=INALL" (A1111's LoRA Block Weight: a preset,
             a vector of 17/26 values, SDXL 12/20, or named blocks "IN=1,MID=0.5,OUT=0"). Repeat
             --lora for more; strengths add up as in A1111/ComfyUI; 0 gives the base model exactly.
+            A pivotal-tuning run's file brings its textual-inversion embedding; an embedding file
+            (A1111, ComfyUI, kohya or diffusers layout) loads as an embedding.
         prompt_file: A kohya prompt file (.txt/.toml/.json); one image per prompt, seed and CFG.
         out: Output folder; files are numbered NNNNN-<seed>.png after the ones already there.
         render: How each image is drawn (sampler, steps, CFG, seeds, size, hires fix, ...).

@@ -39,8 +39,9 @@ log = logging.getLogger("lorafit.train")
 def check_embedding(config: EmbeddingConfig) -> None:
     """Fail on an impossible ``model.embedding`` (one line naming the key), before weights load."""
     if config.token is None:
-        for key in ("init_word", "learning_rate", "freeze_after"):
-            if getattr(config, key) is not None:
+        defaults = EmbeddingConfig()
+        for key in ("init_word", "vectors", "learning_rate", "freeze_after"):
+            if getattr(config, key) != getattr(defaults, key):
                 raise LorafitError(f"model.embedding.{key} is set but model.embedding.token is empty; name the token")
         return
     token = config.token
