@@ -69,8 +69,9 @@ def _training_conditioning(module: LoraDiffusionModule, caption: str) -> dict:
 
 
 @pytest.mark.slow
-def test_sd1_files_load_in_diffusers_and_encode_as_in_training(tiny_models, demo_data, tmp_path):
-    _, module = _train(tiny_models["sd1"], demo_data, tmp_path)
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_one_encoder_files_load_in_diffusers_and_encode_as_in_training(family, tiny_models, demo_data, tmp_path):
+    _, module = _train(tiny_models[family], demo_data, tmp_path)
     expected = _training_conditioning(module, CAPTION)["prompt_embeds"]
     folder = tmp_path / "lora" / "embeddings"
     vectors = module.trained_tokens.vectors["text_encoder"].detach()
@@ -78,7 +79,7 @@ def test_sd1_files_load_in_diffusers_and_encode_as_in_training(tiny_models, demo
     # diffusers' own format: the key is the token
     diffusers_file = load_file(folder / "diffusers" / "ohwx.safetensors")
     assert list(diffusers_file) == ["ohwx"] and torch.equal(diffusers_file["ohwx"], vectors)
-    pipe = _pipeline(tiny_models["sd1"])
+    pipe = _pipeline(tiny_models[family])
     pipe.load_textual_inversion(str(folder / "diffusers" / "ohwx.safetensors"))
     embeds, _ = pipe.encode_prompt(CAPTION, "cpu", 1, False)
     torch.testing.assert_close(embeds, expected, rtol=0, atol=1e-6)
@@ -88,7 +89,7 @@ def test_sd1_files_load_in_diffusers_and_encode_as_in_training(tiny_models, demo
     assert list(load_file(a1111)) == ["emb_params"] and torch.equal(load_file(a1111)["emb_params"], vectors)
     with safe_open(str(a1111), framework="pt") as handle:
         assert handle.metadata()["lorafit_token"] == "ohwx"
-    pipe = _pipeline(tiny_models["sd1"])
+    pipe = _pipeline(tiny_models[family])
     pipe.load_textual_inversion(str(a1111), token="ohwx")
     torch.testing.assert_close(pipe.encode_prompt(CAPTION, "cpu", 1, False)[0], expected, rtol=0, atol=1e-6)
 
