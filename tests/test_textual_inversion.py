@@ -246,3 +246,14 @@ def test_clip_skip_rendering_expands_the_multi_vector_token_as_training_does(tin
     encoded = renderer.encode(SamplePrompt(CAPTION, negative_prompt="", cfg=1.0))
     expected = _training_conditioning(module, CAPTION)["prompt_embeds"]
     torch.testing.assert_close(encoded["prompt_embeds"], expected, rtol=0, atol=1e-6)
+
+
+def test_captions_without_the_token_get_one_warning(tiny_models, caplog):
+    module = LoraDiffusionModule(model=tiny_models["sd1"], embedding={"token": "ohwx", "vectors": 2})
+    module.configure_model()
+    with caplog.at_level("WARNING", logger="lorafit.train"):
+        assert module.trained_tokens.expand(["a dog", "a cat"]) == ["a dog", "a cat"]
+        assert module.trained_tokens.expand(["a dog"]) == ["a dog"]
+    warnings = [r.getMessage() for r in caplog.records if "model.embedding.token" in r.getMessage()]
+    assert len(warnings) == 1 and "none of the first batch's captions" in warnings[0]
+    assert module.trained_tokens.expand(["ohwx dog"]) == ["ohwx ohwx_1 dog"]

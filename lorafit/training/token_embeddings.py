@@ -118,6 +118,7 @@ class TrainedTokens(torch.nn.Module):
         self.token, self.count = config.token, config.vectors
         self.tokens = vector_tokens(config.token, config.vectors)
         self.vectors = torch.nn.ParameterDict()
+        self._named = False  # whether a caption named the token yet (else one warning)
         for component, (tokenizer, encoder) in components.items():
             self._extend(component, tokenizer, encoder, config.init_word)
 
@@ -142,6 +143,17 @@ class TrainedTokens(torch.nn.Module):
         return self.vectors[component]
 
     def expand(self, captions: list[str]) -> list[str]:
+        if not self._named and captions:
+            self._named = any(self.token in caption.lower() for caption in captions)
+            if not self._named:  # regularization batches may lack it; a run whose captions never name it learns nothing
+                log.warning(
+                    "model.embedding.token %r is in none of the first batch's captions (e.g. %r); its vectors learn "
+                    "only from captions that name it (kohya folder `10_%s dog`, or data.trigger_word)",
+                    self.token,
+                    captions[0],
+                    self.token,
+                )
+                self._named = True  # said once
         return [expand_token(caption, self.token, self.count) for caption in captions]
 
     def export(self) -> dict[str, torch.Tensor]:
