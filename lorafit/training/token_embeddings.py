@@ -127,7 +127,7 @@ class TrainedTokens(torch.nn.Module):
         if (len(pieces) == 1 and pieces[0] in tokenizer.get_vocab()) or self.token in tokenizer.get_vocab():
             raise LorafitError(
                 f"model.embedding.token: {self.token!r} is already a token of {component}'s vocabulary; pick a "
-                "rare made-up word (ohwx, sks) so the embedding does not replace a word the model knows"
+                "made-up word that splits into pieces (ohwx) so the embedding does not replace a word the model knows"
             )
         first = len(tokenizer)
         tokenizer.add_tokens(self.tokens)
