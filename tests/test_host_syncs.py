@@ -93,6 +93,8 @@ RECIPES = {
         "sdxl",
         dict(train_text_encoder=True, prior={"weight": 1.0, "class_word": "dog", "trigger": "ohwx"}),
     ),
+    # Pivotal tuning: the new token's rows looked up on the device, frozen after 2 steps by dropping grads.
+    "sdxl-pivotal": ("sdxl", dict(embedding={"token": "ohwx", "vectors": 2, "freeze_after": 2})),
 }
 
 

@@ -27,6 +27,13 @@ METHODS = {
         "demo_data",
         "sdxl",
     ),
+    # Pivotal tuning on SDXL: the LoRA with its bundled embedding, and the embedding file of both encoders.
+    "pivotal": (
+        ["--model.embedding.token", "ohwx", "--model.embedding.init_word", "star", "--model.embedding.vectors", "2"],
+        ["ddp.safetensors", "embeddings/ohwx.safetensors"],
+        "demo_data",
+        "sdxl",
+    ),
 }
 
 

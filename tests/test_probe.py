@@ -70,14 +70,16 @@ def test_probe_end_to_end_prints_a_verdict_with_scores(prepared, tiny_models, ti
     )
     assert printed[0].startswith("verdict: the base model ") and any(t in printed[0] for t in titles)
     assert printed[1].startswith("  what to do: ")
+    assert re.match(r"  method: (prompt|embedding|lora): ", printed[2])
     assert re.search(
-        r"control prompt -?\d\.\d{3} \(closeness 0\) to training images among themselves -?\d\.\d{3}", printed[2]
+        r"control prompt -?\d\.\d{3} \(closeness 0\) to training images among themselves -?\d\.\d{3}", printed[3]
     )
-    rows = printed[3:]
+    rows = printed[4:]
     assert [r.split()[0] for r in rows] == ["caption", "caption", "synonym", "description", "control"]
     assert all(re.search(r"similarity +-?\d\.\d{3} +closeness +-?\d+\.\d\d +\d+% good", r) for r in rows)
     summary = json.loads((out / "probe.json").read_text())
     assert summary["verdict"] in ("performs_well", "inconsistent", "gets_close", "unknown")
+    assert summary["method"] == {"performs_well": "prompt", "unknown": "lora"}.get(summary["verdict"], "embedding")
     assert len(summary["scores"]) == 5 and all(len(s["similarities"]) == 2 for s in summary["scores"])
     # Sheet: a row of training images above one row per phrasing, two seeds wide.
     sheet = Image.open(out / "probe.png")
@@ -146,3 +148,24 @@ def test_probe_from_captions_only_draws_without_scores(tiny_models, tmp_path, ca
     with pytest.raises(SystemExit):
         main(["probe", tiny_models["sd1"], "--data", str(captions), "--clip_model", "x", "--out", str(out)])
     assert "holds captions only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "caption, family, method",
+    [
+        ([0.89, 0.90, 0.88, 0.92], "sdxl", "prompt"),  # performs well: prompt, whatever the family
+        ([0.89, 0.62, 0.61, 0.60], "sd1", "embedding"),  # inconsistent: within a prompt's reach
+        ([0.75, 0.76, 0.74, 0.77], "sdxl", "embedding"),  # gets close
+        ([0.75, 0.76, 0.74, 0.77], "flux", "lora"),  # no textual inversion on Flux
+        ([0.62, 0.63, 0.60, 0.61], "sdxl", "lora"),  # unknown: the denoiser must learn it
+    ],
+)
+def test_probe_recommends_an_embedding_when_a_prompt_gets_close_else_a_lora(caption, family, method):
+    from lorafit.inference.probe_method import recommend_method
+
+    control = _score("control", [0.60, 0.60, 0.60, 0.60])
+    verdict = decide([_score("caption", caption)], control, ceiling=0.90)
+    recommended = recommend_method(verdict, family, "ohwx dog", "dog")
+    assert recommended.key == method
+    if method == "embedding":  # the settings to start from: the trigger as the token, the class as init word
+        assert "--model.embedding.token ohwx --model.embedding.init_word dog" in recommended.advice

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 
 from lorafit.networks.diffusers_format import diffusers_can_hold
+from lorafit.networks.embedding_files import bundle_tensors, save_embedding_files
 from lorafit.networks.files import DIFFUSERS_KINDS, save_diffusers, save_kohya
 from lorafit.networks.lora_weights import network_kinds
 from lorafit.networks.metadata import TrainingInfo, kohya_metadata
@@ -172,7 +173,14 @@ class LoraExport(pl.Callback):
     ) -> list[Path]:
         weights = pl_module.lora_weights()
         dtype = SAVE_DTYPES[self.save_dtype]
-        paths = []
+        paths, bundle = [], {}
+        tokens = getattr(pl_module, "trained_tokens", None)
+        if tokens is not None:  # textual inversion: standalone files, and the bundle inside the kohya file
+            vectors = tokens.export()
+            # The final file is named after the token: A1111 and ComfyUI name an embedding by its file.
+            emb_stem = tokens.token + stem[len(self.name) :] if stem.startswith(self.name) else stem
+            paths += save_embedding_files(directory / "embeddings", emb_stem, tokens.token, vectors, dtype, extra)
+            bundle = bundle_tensors(tokens.token, vectors)
         if "kohya" in self.formats:
             metadata = {
                 **kohya_metadata(self.training_info(trainer, pl_module, epochs_done)),
@@ -188,9 +196,10 @@ class LoraExport(pl.Callback):
                     metadata,
                     dtype,
                     denoiser=pl_module.denoiser,
+                    extra=bundle,
                 )
             )
-        if "diffusers" in self.formats:
+        if "diffusers" in self.formats and weights:
             kinds = network_kinds(weights)
             if diffusers_can_hold(weights):
                 paths.append(
@@ -207,7 +216,7 @@ class LoraExport(pl.Callback):
                 )
                 self._warned_no_diffusers = True
         for path in paths:
-            log.info("saved LoRA %s", path)
+            log.info("saved %s %s", "embedding" if "embeddings" in path.relative_to(directory).parts else "LoRA", path)
         return paths
 
 

@@ -60,18 +60,22 @@ def load_renderer(
 
 
 def apply_loras(renderer: Renderer, loras: list[AppliedLora]) -> list[str]:
-    """Load each LoRA into the renderer's pipeline at its strength (and block weights); returns their adapter names."""
-    from lorafit.networks.loading import load_lora
+    """Load each LoRA into the renderer's pipeline at its strength (and block weights); returns their adapter names.
+
+    A file may carry textual-inversion embeddings (a pivotal-tuning bundle) or be an embedding file:
+    those load too (:mod:`lorafit.inference.embeddings`); an embedding-only file has no adapter name.
+    """
+    from lorafit.inference.embeddings import load_lora_or_embedding
 
     names = []
     for index, lora in enumerate(loras):
         # File stems repeat across runs ("lora.safetensors"), so the position makes names unique.
         name = f"{re.sub(r'[^A-Za-z0-9_-]', '_', Path(lora.path).stem)}_{index}"
-        names.append(
-            load_lora(
-                renderer.pipe, lora.path, weight=lora.strength, adapter_name=name, block_weights=lora.block_weights
-            )
+        loaded, _ = load_lora_or_embedding(
+            renderer.pipe, lora.path, weight=lora.strength, adapter_name=name, block_weights=lora.block_weights
         )
+        if loaded:
+            names.append(loaded)
     return names
 
 
@@ -162,6 +166,8 @@ def generate(
             "x.safetensors:0.8", "x.safetensors:0.8:lbw=INALL" (A1111's LoRA Block Weight: a preset,
             a vector of 17/26 values, SDXL 12/20, or named blocks "IN=1,MID=0.5,OUT=0"). Repeat
             --lora for more; strengths add up as in A1111/ComfyUI; 0 gives the base model exactly.
+            A pivotal-tuning run's file brings its textual-inversion embedding; an embedding file
+            (A1111, ComfyUI, kohya or diffusers layout) loads as an embedding.
         prompt_file: A kohya prompt file (.txt/.toml/.json); one image per prompt, seed and CFG.
         out: Output folder; files are numbered NNNNN-<seed>.png after the ones already there.
         render: How each image is drawn (sampler, steps, CFG, seeds, size, hires fix, ...).

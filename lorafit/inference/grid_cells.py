@@ -96,16 +96,19 @@ class CellRenderer:
         )
 
     def render_all(self, cells: list[Cell], extra: dict[int | None, list[Cell]] | None = None) -> None:
-        from lorafit.networks.loading import load_lora, set_block_weights, set_lora_weight, unload_lora
+        from lorafit.inference.embeddings import load_lora_or_embedding, unload
+        from lorafit.networks.loading import set_block_weights, set_lora_weight
 
         wanted = list(dict.fromkeys(cells + [c for group in (extra or {}).values() for c in group]))
         todo = [c for c in wanted if c not in self.images]
         hires = self.render.hires
         with image_progress(len(todo), "grid") as bar:
             for epoch in sorted({c.epoch for c in todo}, key=lambda e: -1 if e is None else e):
-                name, blocks = None, None
-                if epoch is not None:
-                    name = load_lora(self.renderer.pipe, self.files[epoch].path, adapter_name=f"grid_epoch_{epoch}")
+                name, blocks, embeddings = None, None, {}
+                if epoch is not None:  # a pivotal-tuning file brings its embeddings (embeddings.py)
+                    name, embeddings = load_lora_or_embedding(
+                        self.renderer.pipe, self.files[epoch].path, adapter_name=f"grid_epoch_{epoch}"
+                    )
                 try:
                     for cell in (c for c in todo if c.epoch == epoch):
                         if name and cell.lbw != blocks:
@@ -117,8 +120,7 @@ class CellRenderer:
                         self.images[cell] = self.renderer(self.requests[cell], hires)
                         bar.update()
                 finally:
-                    if name:
-                        unload_lora(self.renderer.pipe, name)
+                    unload(self.renderer.pipe, name, embeddings)
 
     def applied(self, cell: Cell) -> list[AppliedLora]:
         """The LoRA of ``cell`` as its PNG records it (block weights as A1111's extension reads them)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from lorafit.inference.contact_sheet import make_sheet
+from lorafit.inference.probe_method import Method, recommend_method
 from lorafit.inference.probe_plan import ProbePlan
 from lorafit.inference.probe_verdict import PhrasingScore, Thresholds, Verdict, decide
 from lorafit.inference.render import Renderer
@@ -29,8 +30,13 @@ def score_phrasings(plan: ProbePlan, images, clip_model: str, device, thresholds
     return verdict, scores
 
 
-def _verdict_lines(verdict: Verdict, scores: list[PhrasingScore], good: float) -> list[str]:
-    lines = [f"verdict: {verdict.title}", f"  what to do: {verdict.advice}", f"  {verdict.explanation}"]
+def _verdict_lines(verdict: Verdict, scores: list[PhrasingScore], good: float, method: Method) -> list[str]:
+    lines = [
+        f"verdict: {verdict.title}",
+        f"  what to do: {verdict.advice}",
+        f"  method: {method.key}: {method.advice}",
+        f"  {verdict.explanation}",
+    ]
     return lines + [
         f"  {s.kind:<11} similarity {sum(s.similarities) / len(s.similarities):6.3f}  closeness "
         f"{s.mean_closeness:6.2f}  {s.hit_rate(good):4.0%} good  {s.prompt}"
@@ -79,19 +85,27 @@ def write_probe_report(
     labels = [f"{kind}: {text}" for kind, text in plan.tried]
     if clip_model:
         verdict, scores = score_phrasings(plan, images, clip_model, renderer.pipe.device, thresholds)
+        reference = plan.reference
+        method = recommend_method(verdict, renderer.base.family, reference.subject, reference.class_word)
         labels = [f"{label} (closeness {s.mean_closeness:.2f})" for label, s in zip(labels, scores)]
-        report.notes += [f"Verdict: {verdict.title}. {verdict.advice}.", verdict.explanation]
+        report.notes += [
+            f"Verdict: {verdict.title}. {verdict.advice}.",
+            f"Method: {method.key}: {method.advice}.",
+            verdict.explanation,
+        ]
         report.tables.append(_scores_table(verdict, scores, thresholds.good))
         summary.update(
             verdict=verdict.key,
             title=verdict.title,
             advice=verdict.advice,
+            method=method.key,
+            method_advice=method.advice,
             explanation=verdict.explanation,
             floor=verdict.floor,
             ceiling=verdict.ceiling,
             scores=[{**vars(s), "mean_closeness": s.mean_closeness} for s in scores],
         )
-        lines = _verdict_lines(verdict, scores, thresholds.good)
+        lines = _verdict_lines(verdict, scores, thresholds.good, method)
     else:
         lines = [
             (

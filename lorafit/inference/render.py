@@ -110,9 +110,10 @@ class Renderer:
         # them at 77 tokens. Either way the embeddings are encoded here, by the same function
         # training conditions the UNet with.
         device = self.base.denoiser.device
-        ids = tokenize(
-            self.base.tokenizers, [request.prompt, request.negative_prompt or ""], device, self.max_token_length
-        )
+        prompts = [request.prompt, request.negative_prompt or ""]
+        # Textual-inversion tokens of several vectors are written out as the pipeline does it.
+        prompts = [self.pipe.maybe_convert_prompt(p, self.base.tokenizers[0]) for p in prompts]
+        ids = tokenize(self.base.tokenizers, prompts, device, self.max_token_length)
         text = encode_tokens(self.base.family, self.base.text_encoders, ids, self.clip_skip)
         hidden, pooled = text.hidden_states, text.pooled
         if (

@@ -60,9 +60,12 @@ def save_kohya(
     metadata: dict | None = None,
     dtype: torch.dtype = torch.float32,
     denoiser: torch.nn.Module | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``weights`` as a kohya/A1111 LoRA file (``denoiser``: see :func:`to_kohya_state_dict`)."""
+    """Write ``weights`` as a kohya/A1111 LoRA file (``denoiser``: see :func:`to_kohya_state_dict`);
+    ``extra``: more tensors of the file, e.g. A1111's ``bundle_emb`` embedding keys (embedding_files.py)."""
     tensors = to_kohya_state_dict(family, cast(weights, dtype), denoiser_config, denoiser)
+    tensors.update({key: value.detach().to("cpu", dtype) for key, value in (extra or {}).items()})
     return atomic_save_safetensors(tensors, path, metadata)
 
 
@@ -123,6 +126,8 @@ def read_lora_file(path: str | Path, kohya_table: dict | None = None) -> tuple[L
             (and ComfyUI's generic ``diffusion_model.`` layout, see :mod:`lorafit.networks.other_layouts`).
     """
     tensors, metadata = read_safetensors(path)
+    # A1111's bundled embeddings (pivotal tuning) are not LoRA weights; lorafit.inference loads them.
+    tensors = {key: value for key, value in tensors.items() if not key.startswith("bundle_emb.")}
     generic = is_generic_layout(tensors)
     if generic or is_kohya_state_dict(tensors):
         if kohya_table is None:

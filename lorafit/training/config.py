@@ -254,6 +254,40 @@ class PriorConfig:
     trigger: str | None = None
 
 
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """Textual inversion: new token embeddings trained for the trigger; with a LoRA, pivotal tuning.
+
+    The token gets trained vectors in every CLIP text encoder of the family (SD1/SD2: one, SDXL:
+    CLIP-L and OpenCLIP bigG); the rest of each embedding matrix stays frozen. Exported as A1111 /
+    ComfyUI embedding files and diffusers' ``load_textual_inversion`` format, and inside the kohya
+    LoRA file as A1111's ``bundle_emb`` keys (docs/teaching-methods.md). Textual inversion alone:
+    set ``model.optimizer.denoiser_lr 0`` (no LoRA). Not for Flux and later families (their prompt
+    reaches the model through T5 or an LLM).
+
+    Args:
+        token: The new word, written in the captions where the subject is named (A1111's embedding
+            name, diffusers' placeholder token), e.g. ``ohwx``; lowercase, one word, not already a
+            single token of the vocabulary. Empty = no textual inversion.
+        init_word: Word(s) whose token embeddings the vectors start from (A1111's initialization
+            text, diffusers' ``initializer_token``), e.g. the class ``dog``: vector i starts as the
+            init word's token ``i * k // vectors`` of its k tokens. Empty = the mean of the vocabulary's
+            embeddings (a neutral start).
+        vectors: Vectors per token (A1111's "number of vectors per token"); the token stands for
+            that many prompt tokens (``ohwx ohwx_1 ...``, as diffusers' loader expands it).
+        learning_rate: Learning rate of the vectors; empty = ``model.optimizer.learning_rate``.
+            Textual inversion usually wants 1e-3 to 5e-3 (A1111's default 5e-3), far above a LoRA's.
+        freeze_after: Pivotal tuning: optimizer steps the vectors train for; after them they stay
+            fixed while the LoRA trains on. Empty = train throughout.
+    """
+
+    token: str | None = None
+    init_word: str | None = None
+    vectors: int = 1
+    learning_rate: float | None = None
+    freeze_after: int | None = None
+
+
 _DDPM_ONLY = {
     "noise.offset": lambda n, loss: n.offset,
     "noise.multires_iterations": lambda n, loss: n.multires_iterations,

@@ -63,7 +63,7 @@ LEGACY_KEYS: dict[str, tuple[str, str]] = {
     "channels_last": ("memory", "channels_last"),
     "compile_unet": ("memory", "compile"),
 }
-GROUPS = ("network", "optimizer", "noise", "loss", "conditioning", "memory")
+GROUPS = ("network", "optimizer", "noise", "loss", "conditioning", "memory", "embedding")
 
 
 def nest_model_settings(settings: dict[str, Any], where: str = "", warn: bool = True) -> dict[str, Any]:

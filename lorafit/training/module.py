@@ -30,6 +30,7 @@ from lorafit.networks.peft_layers import from_peft_model
 from lorafit.training import checkpoint_state
 from lorafit.training.config import (
     ConditioningConfig,
+    EmbeddingConfig,
     LossConfig,
     MemoryConfig,
     NetworkConfig,
@@ -48,6 +49,7 @@ from lorafit.training.output_prior import output_prior
 from lorafit.training.speed import apply_speed_settings
 from lorafit.training.step import DenoisingStep, check_cached_shards, step_seed
 from lorafit.training.text_encoders import freeze_unread_text_lora
+from lorafit.training.token_embeddings import EmbeddingFreeze, check_embedding, trained_tokens
 
 log = logging.getLogger("lorafit.train")
 
@@ -60,6 +62,7 @@ _GROUP_TYPES = {
     "conditioning": ConditioningConfig,
     "memory": MemoryConfig,
     "prior": PriorConfig,
+    "embedding": EmbeddingConfig,
 }
 
 
@@ -97,6 +100,8 @@ class LoraDiffusionModule(pl.LightningModule):
         memory: Gradient checkpointing, channels-last, compile (``model.memory.*``).
         prior: Output-preserving prior: the base model's prediction on the class prompt as a second
             target, instead of (or with) regularization images (``model.prior.*``).
+        embedding: Textual inversion / pivotal tuning: trained vectors for a new token in the text
+            encoders (``model.embedding.*``).
         nonfinite_loss: On a NaN/Inf loss: ``stop`` the run with a message naming the step and
             images (checked a step late, so the GPU never waits) or ``skip`` the batch (one device
             only; one host sync per step).
@@ -123,6 +128,7 @@ class LoraDiffusionModule(pl.LightningModule):
         conditioning: ConditioningConfig = ConditioningConfig(),
         memory: MemoryConfig = MemoryConfig(),
         prior: PriorConfig = PriorConfig(),
+        embedding: EmbeddingConfig = EmbeddingConfig(),
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         **legacy: Any,
     ):
@@ -137,6 +143,7 @@ class LoraDiffusionModule(pl.LightningModule):
             "conditioning": conditioning,
             "memory": memory,
             "prior": prior,
+            "embedding": embedding,
         }
         if legacy:
             nested = nest_model_settings(legacy, where="LoraDiffusionModule")
@@ -154,6 +161,9 @@ class LoraDiffusionModule(pl.LightningModule):
         self.prior_config = groups["prior"]
         check_settings(self.network, self.optimizer_config, self.noise, self.loss_config, self.conditioning_config)
         check_prior(self.prior_config)
+        self.embedding = groups["embedding"]
+        check_embedding(self.embedding)
+        self.trained_tokens = None  # textual inversion's vectors (token_embeddings.py), built with the model
         # Plain types only: checkpoints are loaded with weights_only, which refuses dataclasses.
         self.save_hyperparameters(
             {
@@ -221,6 +231,8 @@ class LoraDiffusionModule(pl.LightningModule):
                 "model.network.text_encoder_targets",
             )
         self._freeze_unread_text_layers()
+        self.trained_tokens = trained_tokens(self.embedding, base, spec)
+        trains_text = bool(self.trained_text_encoders()) or self.trained_tokens is not None
         apply_speed_settings(
             base.denoiser,
             self.trained_text_encoders().values(),
@@ -234,12 +246,13 @@ class LoraDiffusionModule(pl.LightningModule):
             spec,
             self.objective,
             self.conditioning_config,
-            trains_text=bool(self.trained_text_encoders()),
+            trains_text=trains_text,
             prior=output_prior(self.prior_config, datamodule),
             adapted=list(self.lora_components().values()),
+            captions=None if self.trained_tokens is None else self.trained_tokens.expand,
         )
         if hasattr(datamodule, "unused_model_parts"):  # before Lightning moves the module to the device
-            self.host_parts.park(datamodule.unused_model_parts(), bool(self.trained_text_encoders()))
+            self.host_parts.park(datamodule.unused_model_parts(), trains_text)
         if len(base.text_encoders) > 1 and "text_encoders" not in self.host_parts.names:
             size = sum(p.numel() * p.element_size() for e in base.text_encoders for p in e.parameters()) / 2**30
             log.info(
@@ -322,6 +335,8 @@ class LoraDiffusionModule(pl.LightningModule):
             trainable = spec.trainable_text_encoders if spec else TEXT_ENCODER_NAMES
             present = TEXT_ENCODER_NAMES[: len(self.text_encoders)] if len(self.text_encoders) else TEXT_ENCODER_NAMES
             rates.update({n: r for n, r in zip(TEXT_ENCODER_NAMES, (first, second)) if n in trainable and n in present})
+        if self.embedding.token is not None:  # textual inversion's vectors: their own parameter group
+            rates["embedding"] = self.embedding.learning_rate or opt.learning_rate
         return rates
 
     def trained_text_encoders(self) -> dict[str, torch.nn.Module]:
@@ -341,6 +356,9 @@ class LoraDiffusionModule(pl.LightningModule):
     # ---- what callbacks and tests use ------------------------------------------------------
 
     def configure_callbacks(self):
+        # Lightning asks before configure_model: the callback finds the vectors on the module.
+        if self.embedding.token is not None and self.embedding.freeze_after is not None:
+            return [self.nonfinite, EmbeddingFreeze(self.embedding.freeze_after)]
         return [self.nonfinite]
 
     def ensure_finite(self, batch: dict | None = None, batch_idx: int | None = None) -> None:
@@ -363,6 +381,8 @@ class LoraDiffusionModule(pl.LightningModule):
         check_cached_shards(cached, self.spec, self.base, self.conditioning_config, self.hparams.model)
         if self.step.prior is not None:
             self.step.prior.check_cache(cached)
+        if self.trained_tokens is not None:
+            self.trained_tokens.check_cache(cached)
 
     def fixed_noise(self, batch: dict, batch_idx: int):
         return self.step.fixed_points(batch, batch_idx, self.device)
@@ -418,6 +438,7 @@ class LoraDiffusionModule(pl.LightningModule):
     def configure_optimizers(self):
         opt = self.optimizer_config
         parts = {self.spec.denoiser_component: self.denoiser, **dict(zip(TEXT_ENCODER_NAMES, self.text_encoders))}
+        parts["embedding"] = self.trained_tokens
         groups = [
             {"name": name, "lr": rate, "params": [p for p in parts[name].parameters() if p.requires_grad]}
             for name, rate in self.learning_rates().items()

@@ -14,6 +14,7 @@ Refused when changed (the network's identity):
   ``alpha_pattern``, ``lokr_factor``: the adapter layers' shapes and scales;
 * ``network.preset``, ``targets``, ``text_encoder_targets``, ``include``, ``exclude``,
   ``train_text_encoder``: which modules carry an adapter;
+* ``embedding.token``, ``embedding.vectors``: the textual-inversion vectors' token and shape;
 * ``conditioning.clip_skip`` (SD1/SD2; SDXL ignores it): which text-encoder layers' LoRA trains,
   and which hidden state the LoRA learnt to shape;
 * the base model's family (``model.family``, detected from ``model.model``);
@@ -75,7 +76,7 @@ NETWORK_KEYS = tuple(
         "exclude",
         "train_text_encoder",
     )
-)
+) + ("embedding.token", "embedding.vectors")  # textual inversion's vectors: which token, how many
 # Parameter-name prefix of each part that can carry a LoRA -> the part's diffusers name.
 _PART = re.compile(r"^(unet|transformer|text_encoders\.\d+)\.")
 _PART_NAMES = {

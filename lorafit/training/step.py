@@ -50,6 +50,8 @@ class DenoisingStep:
         prior: The output-preserving prior (:mod:`~lorafit.training.output_prior`), added to the
             training loss; None = off.
         adapted: The modules carrying adapters (switched off for the prior's base prediction).
+        captions: Rewrites captions before they are encoded (textual inversion's multi-vector
+            tokens, :mod:`~lorafit.training.token_embeddings`); None = as they are.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class DenoisingStep:
         trains_text: bool,
         prior=None,
         adapted: list[torch.nn.Module] | None = None,
+        captions=None,
     ):
         self.base, self.family, self.objective, self.options, self.trains_text = (
             base,
@@ -69,7 +72,7 @@ class DenoisingStep:
             options,
             trains_text,
         )
-        self.prior, self.adapted = prior, list(adapted or [])
+        self.prior, self.adapted, self.captions = prior, list(adapted or []), captions
         self.last_prior: torch.Tensor | None = None  # the last training step's prior term, for logging
 
     def conditioning(self, batch: dict, device: torch.device, training: bool) -> dict[str, torch.Tensor]:
@@ -85,7 +88,8 @@ class DenoisingStep:
             self.family.check_cached_conditioning(self.base, batch, self.options)
             return {key: batch[key].to(device) for key in self.family.conditioning_keys if key in batch}
         with torch.set_grad_enabled(self.trains_text and training):
-            return self.family.encode_text(self.base, batch["captions"], self.options, device)
+            captions = batch["captions"] if self.captions is None else self.captions(batch["captions"])
+            return self.family.encode_text(self.base, captions, self.options, device)
 
     def latents(self, batch: dict, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """Normalized VAE latents of ``batch``, sampled from the posterior with ``generator``.
