@@ -9,6 +9,7 @@ checkpoints (compared on resume) go through :func:`nest_model_settings`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -89,3 +90,36 @@ def nest_model_settings(settings: dict[str, Any], where: str = "", warn: bool = 
         for old, new in moved:
             log.warning("%smodel.%s is now model.%s; the old key still works", f"{where}: " if where else "", old, new)
     return out
+
+
+def settings_groups(groups: dict[str, Any], legacy: dict[str, Any]) -> dict[str, Any]:
+    """Each ``model.*`` group as its dataclass, from the dataclass itself or a mapping (Python callers
+    and old checkpoints pass dicts), with the flat ``legacy`` keys merged into their groups."""
+    # Imported here: the CLI reads LEGACY_KEYS before anything imports torch (config's dataclasses do).
+    from lorafit.errors import LorafitError
+    from lorafit.training import config
+
+    types = {
+        "network": config.NetworkConfig,
+        "optimizer": config.OptimizerConfig,
+        "noise": config.NoiseConfig,
+        "loss": config.LossConfig,
+        "conditioning": config.ConditioningConfig,
+        "memory": config.MemoryConfig,
+        "prior": config.PriorConfig,
+        "embedding": config.EmbeddingConfig,
+    }
+
+    def build(name: str, value: Any):
+        return value if isinstance(value, types[name]) else types[name](**dict(value or {}))
+
+    groups = dict(groups)
+    if legacy:
+        nested = nest_model_settings(legacy, where="LoraDiffusionModule")
+        unknown = sorted(set(nested) - set(GROUPS))
+        if unknown:
+            raise LorafitError(f"model: unknown setting(s) {unknown}; see `lorafit fit --help`")
+        for name in GROUPS:
+            if name in nested:
+                groups[name] = {**dataclasses.asdict(build(name, groups[name])), **nested[name]}
+    return {name: build(name, value) for name, value in groups.items()}

@@ -42,7 +42,7 @@ from lorafit.training.config import (
     check_settings,
 )
 from lorafit.training.host_parts import HostParts
-from lorafit.training.legacy_keys import GROUPS, nest_model_settings
+from lorafit.training.legacy_keys import settings_groups
 from lorafit.training.nonfinite import NonfiniteGuard
 from lorafit.training.optim import build_optimizer, build_scheduler, effective_learning_rates, optimizer_kwargs
 from lorafit.training.output_prior import output_prior
@@ -54,22 +54,6 @@ from lorafit.training.token_embeddings import EmbeddingFreeze, check_embedding, 
 log = logging.getLogger("lorafit.train")
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
-_GROUP_TYPES = {
-    "network": NetworkConfig,
-    "optimizer": OptimizerConfig,
-    "noise": NoiseConfig,
-    "loss": LossConfig,
-    "conditioning": ConditioningConfig,
-    "memory": MemoryConfig,
-    "prior": PriorConfig,
-    "embedding": EmbeddingConfig,
-}
-
-
-def _group(value: Any, group: str):
-    """A group's dataclass from itself or a mapping (Python callers and old checkpoints pass dicts)."""
-    cls = _GROUP_TYPES[group]
-    return value if isinstance(value, cls) else cls(**dict(value or {}))
 
 
 class LoraDiffusionModule(pl.LightningModule):
@@ -135,26 +119,19 @@ class LoraDiffusionModule(pl.LightningModule):
         super().__init__()
         if isinstance(optimizer, str):  # the old `optimizer: AdamW` (a name) is now optimizer.name
             legacy, optimizer = {**legacy, "optimizer": optimizer}, OptimizerConfig()
-        groups = {
-            "network": network,
-            "optimizer": optimizer,
-            "noise": noise,
-            "loss": loss,
-            "conditioning": conditioning,
-            "memory": memory,
-            "prior": prior,
-            "embedding": embedding,
-        }
-        if legacy:
-            nested = nest_model_settings(legacy, where="LoraDiffusionModule")
-            unknown = sorted(set(nested) - set(GROUPS))
-            if unknown:
-                raise LorafitError(f"model: unknown setting(s) {unknown}; see `lorafit fit --help`")
-            for name in GROUPS:
-                if name in nested:
-                    base = dataclasses.asdict(_group(groups[name], name))
-                    groups[name] = {**base, **nested[name]}
-        groups = {name: _group(value, name) for name, value in groups.items()}
+        groups = settings_groups(
+            {
+                "network": network,
+                "optimizer": optimizer,
+                "noise": noise,
+                "loss": loss,
+                "conditioning": conditioning,
+                "memory": memory,
+                "prior": prior,
+                "embedding": embedding,
+            },
+            legacy,
+        )
         self.network, self.optimizer_config = groups["network"], groups["optimizer"]
         self.noise, self.loss_config = groups["noise"], groups["loss"]
         self.conditioning_config, self.memory = groups["conditioning"], groups["memory"]
