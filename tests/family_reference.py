@@ -1,4 +1,4 @@
-"""Ground truth for the transformer families added after Flux (Qwen-Image, Z-Image, FLUX.2 [klein]):
+"""Ground truth for the transformer families added after Flux (Qwen-Image, Z-Image, FLUX.2 [klein], Chroma):
 fixed denoiser inputs, and their weights under the names of the files ComfyUI and BFL ship.
 
 ``denoiser_output`` calls the family's own ``predict`` on fixed latents, sigmas and conditioning (two
@@ -13,7 +13,7 @@ import torch
 from lorafit.families.family import BaseModel, TextOptions
 from lorafit.families.registry import get_family
 
-NEW_FAMILIES = ("qwen-image", "z-image", "flux2-klein")
+NEW_FAMILIES = ("qwen-image", "z-image", "flux2-klein", "chroma")
 
 
 def _text_width(family: str, config) -> int:
@@ -24,8 +24,8 @@ def fixed_inputs(family: str, transformer, seed: int = 1) -> tuple[torch.Tensor,
     """(noisy latents [2, C, 8, 8], sigmas, conditioning) for ``transformer`` of ``family``."""
     generator = torch.Generator().manual_seed(seed)
     config = transformer.config
-    channels = {"qwen-image": config.in_channels // 4, "z-image": config.in_channels}.get(family)
-    channels = channels or config.in_channels // 4  # FLUX.2: 128 patchified channels = 4 x 32
+    # Qwen-Image, Chroma: 2x2 packed; FLUX.2: 128 patchified channels = 4 x 32; Z-Image: unpacked.
+    channels = config.in_channels if family == "z-image" else config.in_channels // 4
     latents = torch.randn(2, channels, 8, 8, generator=generator)
     embeds = torch.randn(2, 7, _text_width(family, config), generator=generator)
     conditioning = {"prompt_embeds": embeds}
@@ -53,12 +53,23 @@ def native_state_dict(family: str, transformer) -> dict[str, torch.Tensor]:
         from lorafit.families.flux2_layout import bfl_state_dict
 
         return bfl_state_dict(transformer)
+    if family == "chroma":
+        from lorafit.families.chroma_layout import original_state_dict
+
+        return original_state_dict(transformer)
     return dict(transformer.state_dict())  # Qwen-Image's files use diffusers' names
 
 
-def diffusers_from_native(family: str, native: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' own single-file reader for the family: native names back to diffusers' names."""
+def diffusers_from_native(family: str, native: dict[str, torch.Tensor], config=None) -> dict[str, torch.Tensor]:
+    """diffusers' own single-file reader for the family: native names back to diffusers' names. Chroma's
+    reader hard-codes the released width, so the tiny model goes through lorafit's table (``config``),
+    which test_families checks against diffusers' reader on that width."""
     from diffusers.loaders import single_file_utils as files
+
+    if family == "chroma":
+        from lorafit.families.chroma_layout import diffusers_state_dict
+
+        return diffusers_state_dict(dict(native), config)
 
     convert = {
         "z-image": files.convert_z_image_transformer_checkpoint_to_diffusers,

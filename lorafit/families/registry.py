@@ -21,6 +21,7 @@ _FAMILY_CLASSES: dict[str, str] = {
     "qwen-image": "lorafit.families.qwen_image:QwenImageFamily",
     "z-image": "lorafit.families.z_image:ZImageFamily",
     "flux2-klein": "lorafit.families.flux2:Flux2KleinFamily",
+    "chroma": "lorafit.families.chroma:ChromaFamily",
 }
 _INSTANCES: dict[str, Family] = {}
 
