@@ -1,0 +1,53 @@
+"""What SD3.5 does beyond the shared family tests (test_families*.py): its CLIP-L and CLIP-G can train
+(kohya's ``lora_te1``/``lora_te2``), and both files carry those adapters back into a fresh pipeline."""
+
+from __future__ import annotations
+
+import torch
+from family_reference import denoiser_output
+from safetensors.torch import load_file
+from training import train
+
+import lorafit
+from lorafit.families.family import BaseModel, TextOptions
+from lorafit.families.registry import get_family
+
+
+def _conditioning(pipe) -> dict[str, torch.Tensor]:
+    spec = get_family("sd3")
+    encoders = [getattr(pipe, name) for name in spec.text_encoder_components]
+    tokenizers = [getattr(pipe, name) for name in spec.tokenizer_components]
+    base = BaseModel("sd3", "flow", pipe.transformer, pipe.vae, encoders, tokenizers)
+    with torch.no_grad():
+        return spec.encode_text(base, ["ohwx star"], TextOptions(max_sequence_length=32), "cpu")
+
+
+def test_clip_l_and_clip_g_train_and_reload_from_both_files(family_models, demo_data, tmp_path):
+    _, module = train(
+        family_models["sd3"],
+        demo_data,
+        tmp_path,
+        max_steps=3,
+        rank=4,
+        learning_rate=1e-2,
+        train_text_encoder=True,
+        conditioning={"max_sequence_length": 32},
+    )
+    kohya = load_file(str(tmp_path / "lora" / "test.safetensors"))
+    prefixes = {key.split("_text_model_")[0] for key in kohya if "_text_model_" in key}
+    assert prefixes == {"lora_te1", "lora_te2"}  # CLIP-L, CLIP-G; T5 never trains
+    spec = get_family("sd3")
+    trained = BaseModel("sd3", "flow", module.transformer, None, list(module.text_encoders), module.base.tokenizers)
+    with torch.no_grad():
+        expected = spec.encode_text(trained, ["ohwx star"], TextOptions(max_sequence_length=32), "cpu")
+    for file in ("test.safetensors", "diffusers/test.safetensors"):
+        pipe = spec.pipeline_type().from_pretrained(family_models["sd3"])
+        before = _conditioning(pipe)
+        lorafit.load_lora(pipe, tmp_path / "lora" / file)
+        after = _conditioning(pipe)
+        assert (before["pooled_prompt_embeds"] - expected["pooled_prompt_embeds"]).abs().max() > 1e-4
+        for key in ("prompt_embeds", "pooled_prompt_embeds"):
+            torch.testing.assert_close(after[key], expected[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            denoiser_output("sd3", pipe.transformer), denoiser_output("sd3", module.transformer), rtol=1e-4, atol=1e-5
+        )
