@@ -166,3 +166,20 @@ def test_ai_toolkit_files_load_as_the_kohya_file(family_models, tmp_path):
         outputs.append(denoiser_output("chroma", pipe.transformer))
     assert (outputs[0] - before).abs().max() > 1e-4
     torch.testing.assert_close(outputs[1], outputs[0])
+
+
+def test_diffusers_deprecation_notice_of_its_own_chroma_class_is_not_shown():
+    """diffusers' ChromaTransformer2DModel builds FluxPosEmbed from its deprecated place on every load: a
+    FutureWarning no user can act on, which lorafit's CLI drops (other warnings still show)."""
+    import warnings
+
+    from diffusers import ChromaTransformer2DModel
+
+    from lorafit.cli.startup import quiet_known_notices
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_notices()  # catch_warnings reset the filters
+        ChromaTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)
+        warnings.warn("a warning of the user's own", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a warning of the user's own"]

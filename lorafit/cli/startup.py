@@ -55,6 +55,8 @@ KNOWN_BENIGN_WARNINGS: tuple[str, ...] = (
     re.escape("The `srun` command is available on your system but is not used"),
     # Several LoRAs loaded into one pipeline (generate/grid) is intended.
     "Already found a `peft_config` attribute",
+    # diffusers' own ChromaTransformer2DModel builds FluxPosEmbed from its deprecated place; nothing a user can change.
+    re.escape("`FluxPosEmbed` is deprecated and will be removed"),
 )
 
 
