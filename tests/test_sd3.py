@@ -1,5 +1,6 @@
 """What SD3.5 does beyond the shared family tests (test_families*.py): its CLIP-L and CLIP-G can train
-(kohya's ``lora_te1``/``lora_te2``), and both files carry those adapters back into a fresh pipeline."""
+(kohya's ``lora_te1``/``lora_te2``) and both files carry those adapters back into a fresh pipeline; the
+``full`` preset's kohya file (fused, swapped and conv modules) merges as ComfyUI merges it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from training import train
 import lorafit
 from lorafit.families.family import BaseModel, TextOptions
 from lorafit.families.registry import get_family
+from lorafit.training.config import NetworkConfig
 
 
 def _conditioning(pipe) -> dict[str, torch.Tensor]:
@@ -51,3 +53,41 @@ def test_clip_l_and_clip_g_train_and_reload_from_both_files(family_models, demo_
         torch.testing.assert_close(
             denoiser_output("sd3", pipe.transformer), denoiser_output("sd3", module.transformer), rtol=1e-4, atol=1e-5
         )
+
+
+def test_the_full_preset_kohya_file_merges_into_sais_weights_as_comfyui_does(family_models, demo_data, tmp_path):
+    """Every Linear and the patch embedding's Conv2d: fused q/k/v (MMDiT-X's attn2 too), the last block's
+    pre-only text modulation and the final layer's (both with swapped halves) merged into the MMDiT's
+    weights as ComfyUI merges ``lora_unet_`` + path (conv LoRAs flattened), read back by diffusers' reader."""
+    from family_reference import diffusers_from_native, native_state_dict
+
+    _, module = train(
+        family_models["sd3"],
+        demo_data,
+        tmp_path,
+        max_steps=2,
+        learning_rate=1e-2,
+        network=NetworkConfig(rank=4, alpha=2.0, preset="full"),
+        conditioning={"max_sequence_length": 32},
+    )
+    kohya = load_file(str(tmp_path / "lora" / "test.safetensors"))
+    stems = {key.split(".")[0] for key in kohya}
+    last = module.transformer.config.num_layers - 1
+    assert {
+        "lora_unet_x_embedder_proj",
+        f"lora_unet_joint_blocks_{last}_context_block_adaLN_modulation_1",
+        "lora_unet_final_layer_adaLN_modulation_1",
+        "lora_unet_joint_blocks_0_x_block_attn2_qkv",
+    } <= stems
+    pipe = get_family("sd3").pipeline_type().from_pretrained(family_models["sd3"])
+    merged = native_state_dict("sd3", pipe.transformer)
+    for stem in stems:
+        target = stem.removeprefix("lora_unet_")
+        key = next(k for k in merged if k.replace(".", "_") == f"{target}_weight")
+        down, up = kohya[f"{stem}.lora_down.weight"], kohya[f"{stem}.lora_up.weight"]
+        scale = float(kohya[f"{stem}.alpha"]) / down.shape[0]
+        merged[key] = merged[key] + scale * (up.flatten(1) @ down.flatten(1)).reshape(merged[key].shape)
+    pipe.transformer.load_state_dict(diffusers_from_native("sd3", merged))
+    torch.testing.assert_close(
+        denoiser_output("sd3", pipe.transformer), denoiser_output("sd3", module.transformer), rtol=1e-4, atol=1e-5
+    )
