@@ -1,7 +1,8 @@
 """What Chroma does beyond the shared family tests (test_families*.py): its T5 padding is masked for real
 (diffusers 0.42's pipeline passes the mask as floats, which attention adds instead of masking), also under
-gradient checkpointing, and at the released width lorafit's layout table and kohya file agree with
-diffusers' own readers (which hard-code that width, so the tiny model cannot show it)."""
+gradient checkpointing; at the released width lorafit's layout table and kohya file agree with diffusers'
+own readers (which hard-code that width, so the tiny model cannot show it); the ``full`` preset's kohya
+file (the approximator's modules too) merges as ComfyUI merges it; ai-toolkit's files load."""
 
 from __future__ import annotations
 
@@ -183,3 +184,32 @@ def test_diffusers_deprecation_notice_of_its_own_chroma_class_is_not_shown():
         ChromaTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)
         warnings.warn("a warning of the user's own", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["a warning of the user's own"]
+
+
+def test_the_full_preset_kohya_file_merges_into_original_weights_as_comfyui_does(family_models, demo_data, tmp_path):
+    """Every Linear, the approximator's (``distilled_guidance_layer.layers.N.in_layer``...) included: merged
+    into the original-layout weights as ComfyUI merges ``lora_unet_`` + path, the file reproduces the model."""
+    from family_reference import diffusers_from_native, native_state_dict
+    from flux_reference import comfy_merge
+    from training import train
+
+    from lorafit.training.config import NetworkConfig
+
+    _, module = train(
+        family_models["chroma"],
+        demo_data,
+        tmp_path,
+        max_steps=2,
+        learning_rate=1e-2,
+        network=NetworkConfig(rank=4, alpha=2.0, preset="full"),
+        conditioning={"max_sequence_length": 32},
+    )
+    kohya = load_file(str(tmp_path / "lora" / "test.safetensors"))
+    stems = {key.split(".")[0] for key in kohya}
+    assert {"lora_unet_distilled_guidance_layer_layers_1_out_layer", "lora_unet_final_layer_linear"} <= stems
+    pipe = get_family("chroma").pipeline_type().from_pretrained(family_models["chroma"])
+    merged = comfy_merge(native_state_dict("chroma", pipe.transformer), kohya)
+    pipe.transformer.load_state_dict(diffusers_from_native("chroma", merged, pipe.transformer.config))
+    torch.testing.assert_close(
+        denoiser_output("chroma", pipe.transformer), denoiser_output("chroma", module.transformer), rtol=1e-4, atol=1e-5
+    )
