@@ -91,3 +91,28 @@ def test_the_full_preset_kohya_file_merges_into_sais_weights_as_comfyui_does(fam
     torch.testing.assert_close(
         denoiser_output("sd3", pipe.transformer), denoiser_output("sd3", module.transformer), rtol=1e-4, atol=1e-5
     )
+
+
+def test_a_kohya_file_with_a_t5_lora_loads_onto_t5(family_models, tmp_path):
+    """kohya's sd3_train_network can train T5 (``lora_te3_``); lorafit never does, but reads such files."""
+    from flux_reference import write_lora_file
+
+    pipe = get_family("sd3").pipeline_type().from_pretrained(family_models["sd3"])
+    name = "encoder.block.0.layer.0.SelfAttention.q"
+    layer = pipe.text_encoder_3.get_submodule(name)
+    generator = torch.Generator().manual_seed(0)
+    down = torch.randn(2, layer.in_features, generator=generator)
+    up = torch.randn(layer.out_features, 2, generator=generator)
+    stem = "lora_te3_" + name.replace(".", "_")
+    tensors = {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(1.0)}
+    ids = torch.tensor([[5, 9, 14, 1]])
+    with torch.no_grad():
+        before = pipe.text_encoder_3(ids)[0]
+        layer.weight += 0.5 * up @ down  # alpha / rank = 1 / 2
+        expected = pipe.text_encoder_3(ids)[0]
+        layer.weight -= 0.5 * up @ down
+    lorafit.load_lora(pipe, write_lora_file(tmp_path / "t5.safetensors", tensors))
+    with torch.no_grad():
+        after = pipe.text_encoder_3(ids)[0]
+    assert (before - expected).abs().max() > 1e-3
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
