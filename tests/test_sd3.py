@@ -116,3 +116,42 @@ def test_a_kohya_file_with_a_t5_lora_loads_onto_t5(family_models, tmp_path):
         after = pipe.text_encoder_3(ids)[0]
     assert (before - expected).abs().max() > 1e-3
     torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_long_captions_train_without_the_pipelines_truncation_notice_every_batch(family_models):
+    """StableDiffusion3Pipeline.encode_prompt (which training calls) warns on every batch that CLIP and T5
+    truncate a long caption; lorafit truncates silently, as every trainer does (`lorafit prepare` lists
+    such captions), so the CLI drops exactly that notice."""
+    import logging
+
+    from lorafit.cli.startup import quiet_known_notices
+
+    quiet_known_notices()
+    names = (
+        "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3",
+        "transformers.tokenization_utils_base",
+    )
+    loggers = [logging.getLogger(name) for name in names]
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler, levels = Collect(logging.WARNING), [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+    try:
+        pipe = get_family("sd3").pipeline_type().from_pretrained(family_models["sd3"])
+        encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
+        base = BaseModel("sd3", "flow", pipe.transformer, pipe.vae, encoders, tokenizers)
+        with torch.no_grad():
+            get_family("sd3").encode_text(base, ["a " * 100], TextOptions(max_sequence_length=32), "cpu")
+        loggers[0].warning("another notice of the pipeline")  # the pipeline's other warnings still show
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    assert records == ["another notice of the pipeline"]
