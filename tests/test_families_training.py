@@ -1,4 +1,4 @@
-"""Training specifics of Qwen-Image, Z-Image and FLUX.2 [klein] on their tiny pipelines: cached LLM
+"""Training specifics of Qwen-Image, Z-Image, FLUX.2 [klein], Chroma and SD3.5 on their tiny pipelines: cached LLM
 embeddings of different lengths train as the uncached step, the shipped configs train, the shifts are
 the anchors', and `lorafit generate` draws with a trained LoRA."""
 
@@ -22,13 +22,16 @@ from lorafit.training.flow_matching import FlowMatchingObjective
 REPO = Path(__file__).resolve().parents[1]
 BUCKETS = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128)
 # Token budgets the tiny models' captions fit in (their tokenizers read one token per character).
-TOKENS = {"qwen-image": 256, "z-image": 96, "flux2-klein": 96}
+TOKENS = {"qwen-image": 256, "z-image": 96, "flux2-klein": 96, "chroma": 96, "sd3": 96}
 
 
 def test_resolution_shifts_are_the_anchors():
     """Qwen-Image: its pipeline's calculate_shift with its scheduler's constants (musubi-tuner's qwen_shift);
-    FLUX.2: musubi-tuner's flux2_shift (FLUX.1's line on the patch count); Z-Image: none (fixed shift)."""
+    FLUX.2: musubi-tuner's flux2_shift (FLUX.1's line on the patch count); Chroma: its pipeline's (FLUX.1's,
+    kohya's flux_shift); Z-Image, SD3: none (a fixed shift)."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    chroma = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
 
     qwen = {"base_image_seq_len": 256, "max_image_seq_len": 8192, "base_shift": 0.5, "max_shift": 0.9}
     for side in (64, 128, 166):  # latent sides of 512, 1024, 1328 px
@@ -37,8 +40,11 @@ def test_resolution_shifts_are_the_anchors():
         assert get_family("qwen-image").resolution_shift(side, side, qwen) == pytest.approx(expected)
         flux2 = math.exp(0.5 + 0.65 * (tokens - 256) / 3840)
         assert get_family("flux2-klein").resolution_shift(side, side, {}) == pytest.approx(flux2)
+        assert get_family("chroma").resolution_shift(side, side, chroma) == pytest.approx(flux2)
+        assert get_family("flux").resolution_shift(side, side, chroma) == pytest.approx(flux2)
     assert get_family("qwen-image").resolution_shift(166, 166, qwen) == pytest.approx(2.3, abs=0.05)  # ~2.2-2.3
     assert get_family("z-image").resolution_shift(128, 128, {}) is None
+    assert get_family("sd3").resolution_shift(128, 128, {}) is None
     with pytest.raises(LorafitError, match="Z-Image has no resolution-dependent shift"):
         FlowMatchingObjective(get_family("z-image"), {}, NoiseConfig(shift="resolution"), LossConfig())
 
@@ -68,9 +74,11 @@ def test_cached_text_embeddings_train_as_the_uncached_step(family_models, demo_d
             for member in tar.getmembers():
                 if member.name.endswith(".prompt_embeds.pth"):
                     lengths.add(torch.load(io.BytesIO(tar.extractfile(member).read())).shape[0])
-    # LLM families store each caption's real tokens (the batch pads them again); FLUX.2 pads to the budget.
+    # Masked families store each caption's real tokens (the batch pads them again); FLUX.2 pads to the budget,
+    # SD3 to CLIP's 77 tokens followed by the budget.
     budget = TOKENS[family]
-    assert (lengths == {budget}) if family == "flux2-klein" else (len(lengths) > 1 and max(lengths) < budget)
+    fixed = {"flux2-klein": budget, "sd3": 77 + budget}.get(family)
+    assert (lengths == {fixed}) if fixed else (len(lengths) > 1 and max(lengths) < budget)
     settings = dict(conditioning={"max_sequence_length": budget}, max_steps=2, batch_size=4)
     from_shards = {"train_dir": None, "shards": str(cached)}
     _, from_cache = train(family_models[family], demo_data, tmp_path / "a", data_kwargs=from_shards, **settings)

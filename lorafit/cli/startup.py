@@ -33,6 +33,14 @@ KNOWN_BENIGN_LOG_RECORDS: tuple[tuple[str, str], ...] = (
         "transformers.utils.import_utils",
         r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+ImageProcessorPil`",
     ),
+    # SD3's encode_prompt (which training calls) tokenizes each caption untruncated to warn, every batch, that
+    # CLIP reads 77 tokens and T5 max_sequence_length: training truncates long captions as every trainer does
+    # (`lorafit prepare` lists the captions over the limit once).
+    (
+        "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3",
+        r"The following part of your input was truncated because",
+    ),
+    ("transformers.tokenization_utils_base", r"Token indices sequence length is longer than the specified maximum"),
 )
 
 # Python warnings lorafit silences, by the start of their message (a regex, as warnings.filterwarnings takes).
@@ -55,6 +63,8 @@ KNOWN_BENIGN_WARNINGS: tuple[str, ...] = (
     re.escape("The `srun` command is available on your system but is not used"),
     # Several LoRAs loaded into one pipeline (generate/grid) is intended.
     "Already found a `peft_config` attribute",
+    # diffusers' own ChromaTransformer2DModel builds FluxPosEmbed from its deprecated place; nothing a user can change.
+    re.escape("`FluxPosEmbed` is deprecated and will be removed"),
 )
 
 

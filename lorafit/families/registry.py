@@ -21,6 +21,8 @@ _FAMILY_CLASSES: dict[str, str] = {
     "qwen-image": "lorafit.families.qwen_image:QwenImageFamily",
     "z-image": "lorafit.families.z_image:ZImageFamily",
     "flux2-klein": "lorafit.families.flux2:Flux2KleinFamily",
+    "chroma": "lorafit.families.chroma:ChromaFamily",
+    "sd3": "lorafit.families.sd3:SD3Family",
 }
 _INSTANCES: dict[str, Family] = {}
 

@@ -211,8 +211,9 @@ def save_tiny_pipeline(family: str, out: str | Path, seed: int = 0, overwrite: b
         family: Architecture to imitate: ``sd1`` (SD1.5, epsilon), ``sd2`` (SD2.x-768, v-prediction),
             ``sdxl`` (two text encoders, micro-conditioning), ``flux`` (Flux.1 [dev]: CLIP-L + T5,
             guidance embedding, 16-channel VAE), ``flux-schnell`` (no guidance embedding),
-            ``qwen-image`` (Qwen2.5-VL, video VAE), ``z-image`` (Qwen3) or ``flux2-klein`` (Qwen3,
-            32-channel VAE); see docs/families.md.
+            ``qwen-image`` (Qwen2.5-VL, video VAE), ``z-image`` (Qwen3), ``flux2-klein`` (Qwen3,
+            32-channel VAE), ``chroma`` (T5 only, no guidance embedding) or ``sd3`` (SD3.5: CLIP-L,
+            CLIP-G and T5); see docs/families.md.
         out: Directory to write; it gets ``model_index.json`` and one folder per component.
         seed: Seed of the random weights; the same seed writes the same tensors.
         overwrite: Rebuild even if ``out`` already holds a pipeline.

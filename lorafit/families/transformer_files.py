@@ -65,9 +65,18 @@ def _text_encoder_from_file(path: str, config: str, class_name: str, dtype: torc
     return model.eval()
 
 
-def load_transformer_single_file(family, path, config, parts, quantization, dtype, vae_file: bool):
+def read_state_dict(path: str, key: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file (one-line error naming ``key`` for a missing or broken one)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(_checked_file(path, key)))
+
+
+def load_transformer_single_file(family, path, config, parts, quantization, dtype, vae_file: bool, other_width=None):
     """``family``'s pipeline from its transformer file ``path``, ``parts`` files and ``config`` (see the
-    module docstring). ``vae_file``: whether the installed diffusers reads the family's VAE as a single file."""
+    module docstring). ``vae_file``: whether the installed diffusers reads the family's VAE as a single file.
+    ``other_width(path, config, dtype, quantization)``: the transformer where diffusers' reader cannot build
+    it (a width it hard-codes), else None."""
     import diffusers
     from diffusers import DiffusionPipeline
 
@@ -95,11 +104,12 @@ def load_transformer_single_file(family, path, config, parts, quantization, dtyp
             )
         )
     transformer_class = getattr(diffusers, index["transformer"][1])
-    components = {
-        "transformer": transformer_class.from_single_file(
+    transformer = other_width(path, config, dtype, quantization) if other_width else None
+    if transformer is None:
+        transformer = transformer_class.from_single_file(
             path, config=config, subfolder="transformer", dtype=dtype, **kwargs
         )
-    }
+    components = {"transformer": transformer}
     if "vae" in parts:
         _checked_file(parts["vae"], "model.parts.vae")
         vae_class = getattr(diffusers, index["vae"][1])

@@ -14,9 +14,9 @@ turned into underscores. The family decides the names (:meth:`Family.kohya_stem`
   and split exactly (:mod:`lorafit.networks.fused_lora`); LoHa/LoKr and DoRA per input channel,
   which cannot be fused, are written per diffusers module as ``lycoris_`` + path (SimpleTuner's
   LyCORIS layout, which ComfyUI maps onto the fused weights). OneTrainer's ``lora_transformer_`` + path is read too.
-- Text encoders: ``lora_te_`` (SD1/2) or ``lora_te1_`` (CLIP-L) / ``lora_te2_`` (OpenCLIP bigG) +
-  the transformers-4 path, which starts with ``text_model_`` even though transformers 5 removed
-  that level from ``named_modules()``.
+- Text encoders: ``lora_te_`` (SD1/2) or ``lora_te1_`` (CLIP-L) / ``lora_te2_`` (OpenCLIP bigG; Flux's T5) /
+  ``lora_te3_`` (SD3's T5, read only) + the transformers path; CLIP's starts with ``text_model_`` even
+  though transformers 5 removed that level from ``named_modules()``.
 
 Underscores make stems ambiguous to parse, so the reverse direction never parses: it builds the
 forward name of every module of the real model and inverts that table.
@@ -35,7 +35,7 @@ from lorafit.networks.fused_lora import join, split
 from lorafit.networks.lora_weights import LoraModuleWeights, LoraWeights, module_from_parts
 from lorafit.networks.model_fit import adaptable_layers
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_", "lycoris_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
 
 
 def kohya_stem(family: str, component: str, module: str, denoiser_config=None) -> str:
