@@ -63,9 +63,10 @@ def detect_from_keys(keys: set[str], source: str) -> Family:
         if family.matches_single_file(keys):
             return family
     sample = ", ".join(sorted(keys)[:3])
+    single = [f.title for f in all_families() if any("single file" in form for form in f.load_formats)]
     raise LorafitError(
         f"model.model: {source} is no checkpoint of a family lorafit knows (first keys: {sample}); "
-        "give a diffusers directory, or a single file of SD1.x/SD2.x/SDXL/Flux.1"
+        f"give a diffusers directory, or a single file of {', '.join(single)}"
     )
 
 
