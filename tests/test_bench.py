@@ -198,40 +198,49 @@ def test_flux_batches_carry_t5_and_clip_conditioning_of_the_published_shapes():
     assert synthetic_batch("flux-schnell", 512, 1)["prompt_embeds"].shape == (1, 256, 4096)
 
 
-@pytest.mark.slow
-def test_the_gpu_check_runs_end_to_end_on_the_cpu_and_prints_every_section(tmp_path):
-    """tools/gpu_check.sh --dry-run: the GPU machine's script, on the CPU at tiny sizes."""
+def _gpu_check_dry_run(tmp_path, *only: str) -> tuple[str, list[dict]]:
+    """tools/gpu_check.sh --dry-run (the GPU machine's script on the CPU at tiny sizes): report and rows."""
     import os
     import subprocess
 
     output = tmp_path / "rows.jsonl"
     env = {**os.environ, "LORAFIT_SKIP_INSTALL": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    # The default budget is sized for the GPU; a shared CPU needs longer for the same five groups.
-    result = subprocess.run(
-        ["bash", str(ROOT / "tools" / "gpu_check.sh"), "--dry-run", "--budget-s", "1100", "--output", str(output)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    command = ["bash", str(ROOT / "tools" / "gpu_check.sh"), "--dry-run", "--output", str(output)]
+    # The default budget is sized for the GPU; a shared CPU needs longer for the same groups.
+    command += ["--budget-s", "850", *(["--only", *only] if only else [])]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = result.stdout.split("Rows for benchmarks/RESULTS.md", 1)[1]
-    for title in ("## SDXL 1024²", "## SD1.5 512²", "## Low-VRAM recipe", "## Flux.1 [dev] 512² and 1024²"):
-        assert title in report, title
-    assert "## Flux.1 [dev] 1024² without checkpointing" in report
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    nf4 = importlib.util.find_spec("bitsandbytes") is not None
-    assert [row["family"] for row in rows] == ["sdxl", "sd1", "sdxl", "flux", *(["flux"] if nf4 else []), "flux"]
-    assert rows[2]["gradient_checkpointing"] and rows[2]["optimizer"] == "adafactor"
-    flux = rows[3:]
-    assert [row["quantization"] for row in flux] == ["none", *(["nf4"] if nf4 else []), "none"]
-    assert [row["gradient_checkpointing"] for row in flux] == [True, *([True] if nf4 else []), False]
     for row in rows:
         assert row["images_per_s"] > 0 and row["lightning_over_reference"] > 0 and row["peak_gib"] > 0
         assert f"| {row['setting']} |" in report
     assert "--output" not in report  # the printed commands are the ones to rerun
+    return report, rows
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_end_to_end_on_the_cpu_and_prints_every_section(tmp_path):
+    report, rows = _gpu_check_dry_run(tmp_path, "sdxl", "sd1.5", "low-vram")
+    for title in ("## SDXL 1024²", "## SD1.5 512²", "## Low-VRAM recipe"):
+        assert title in report, title
+    assert "## Flux" not in report  # --only keeps to the groups asked for
+    assert [row["family"] for row in rows] == ["sdxl", "sd1", "sdxl"]
+    assert rows[2]["gradient_checkpointing"] and rows[2]["optimizer"] == "adafactor"
+
+
+@pytest.mark.slow
+def test_the_gpu_check_flux_groups_run_on_the_cpu(tmp_path):
+    """`tools/gpu_check.sh --only flux`: bf16 and (with bitsandbytes) NF4 with checkpointing, then bf16 without."""
+    report, rows = _gpu_check_dry_run(tmp_path, "flux")
+    assert "## Flux.1 [dev] 512² and 1024², bf16 vs NF4 base" in report
+    assert "## Flux.1 [dev] 1024² without checkpointing" in report
+    assert "## SDXL" not in report
+    nf4 = importlib.util.find_spec("bitsandbytes") is not None
+    assert [row["family"] for row in rows] == ["flux"] * (3 if nf4 else 2)
+    assert [row["quantization"] for row in rows] == ["none", *(["nf4"] if nf4 else []), "none"]
+    assert [row["gradient_checkpointing"] for row in rows] == [True, *([True] if nf4 else []), False]
 
 
 def _gpu_check_tool():
