@@ -127,12 +127,13 @@ def test_checkpointing_lowers_the_activation_peak(small_runs):
 def test_full_size_sdxl_parameters_are_bf16_base_plus_float32_lora():
     from devbench.memory import estimate_step_memory
 
-    from lorafit.bench.architectures import PUBLISHED_UNET_PARAMS
+    from lorafit.bench.architectures import ARCHITECTURES
 
     # The SDXL row, as loaded (steps=0: a step adds no parameters).
     result = estimate_step_memory(BenchSetting(precision="bf16-weights"), steps=0)
     assert result["peak_bytes"] == result["resident_bytes"]
-    assert result["unet_params"] == PUBLISHED_UNET_PARAMS["sdxl"]
+    published = ARCHITECTURES["sdxl"].denoiser_params
+    assert result["denoiser_params"] == published
     # Rank 32 on q, k, v, out of both attentions of SDXL's transformer blocks: 10 at width 640, 60 at
     # 1280; the cross-attention's k and v read the 2048-wide text embeddings. LoRA of a linear: r * (in + out).
     rank = 32
@@ -141,4 +142,4 @@ def test_full_size_sdxl_parameters_are_bf16_base_plus_float32_lora():
         return 4 * rank * 2 * width + 2 * rank * 2 * width + 2 * rank * (2048 + width)
 
     assert result["lora_params"] == 10 * block(640) + 60 * block(1280)
-    assert result["breakdown"]["parameters"] == 2 * PUBLISHED_UNET_PARAMS["sdxl"] + 4 * result["lora_params"]
+    assert result["breakdown"]["parameters"] == 2 * published + 4 * result["lora_params"]

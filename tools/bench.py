@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark lorafit's LoRA training step on the real SD1.5/SDXL architectures (random weights).
+"""Benchmark lorafit's LoRA training step on the real SD1.5/SDXL/FLUX.1 architectures (random weights).
 
 Every row times lorafit's Lightning step and a plain PyTorch loop on the same model, side by side,
 and reports images/s, step time, peak memory, MFU from a FlopCounter count of the same step, and
@@ -11,6 +11,8 @@ the Lightning/reference time ratio. See docs/performance.md.
     python tools/bench.py --preset h100 --steps 20 --warmup 5 --output benchmarks/results-h100.jsonl
     # one setting, any knob from the command line (comma lists make a grid):
     python tools/bench.py --family sdxl --resolution 1024 --batch-size 1,4 --gradient-checkpointing false,true
+    # FLUX.1 [dev], bf16 vs NF4 base (bitsandbytes), rank 16 on attention + MLP:
+    python tools/bench.py --family flux --resolution 512,1024 --rank 16 --targets attn-mlp --quantization none,nf4
     # no GPU: ESTIMATE the peak GPU memory of the same settings on fake tensors (docs/memory-estimate.md):
     python tools/bench.py --preset low-vram --estimate-memory
 """
@@ -73,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--count-flops",
         action="store_true",
-        help="only print the FLOP budget of the full-size UNets (meta device, no timing) and exit",
+        help="only print the FLOP budget of the full-size denoisers (meta device, no timing) and exit",
     )
     parser.add_argument(
         "--estimate-memory",
@@ -101,26 +103,33 @@ def settings_from(args) -> list:
 
 
 def print_flop_budget() -> None:
-    """Forward, LoRA step and checkpointed step FLOPs of full-size SD1.5 at 512² and SDXL at 1024²."""
+    """Forward, LoRA step and checkpointed step FLOPs of the full-size denoisers, counted on meta:
+    SD1.5 at 512² and SDXL at 1024² (rank 32 on attention), Flux.1 [dev] at 512² and 1024² (rank 16
+    on attention + MLP, configs/flux.yaml's network)."""
     from lorafit.bench.flops import forward_flops, step_flops
     from lorafit.bench.module import BenchLoraModule
 
-    print("| model | forward TFLOP | LoRA step TFLOP (rank 32, attn) | step with gradient checkpointing |")
-    print("|---|---|---|---|")
-    for family, resolution in (("sd1", 512), ("sdxl", 1024)):
+    rows = (
+        ("sd1", 512, {"rank": 32, "preset": "attn"}),
+        ("sdxl", 1024, {"rank": 32, "preset": "attn"}),
+        ("flux", 512, {"rank": 16, "preset": "attn-mlp"}),
+        ("flux", 1024, {"rank": 16, "preset": "attn-mlp"}),
+    )
+    print("| model | forward TFLOP | LoRA step TFLOP | step with gradient checkpointing | LoRA |")
+    print("|---|---|---|---|---|")
+    for family, resolution, network in rows:
         forward = forward_flops(family, resolution)
         step, checkpointed = (
             step_flops(
-                BenchLoraModule(family, build_device="meta", rank=32, target_preset="attn"),
-                resolution,
-                1,
-                gradient_checkpointing=gc,
+                BenchLoraModule(family, build_device="meta", network=network), resolution, 1, gradient_checkpointing=gc
             )
             for gc in (False, True)
         )
         print(
             f"| {family} {resolution}² | {forward / 1e12:.3f} | {step / 1e12:.3f} ({step / forward:.2f}x) | "
-            f"{checkpointed / 1e12:.3f} ({checkpointed / forward:.2f}x) |"
+            f"{checkpointed / 1e12:.3f} ({checkpointed / forward:.2f}x) | "
+            f"rank {network['rank']}, {network['preset']} |",
+            flush=True,
         )
 
 

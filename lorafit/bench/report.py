@@ -33,8 +33,8 @@ COLUMNS = (
 @functools.cache
 def counted_step_flops(setting: BenchSetting, gradient_checkpointing: bool) -> int:
     """FLOPs of one step of ``setting`` (whole batch), counted on meta; cached per distinct shape."""
-    kwargs = setting.module_kwargs()
-    kwargs.update(compile_unet=False, gradient_checkpointing=False)  # neither changes the count; set below
+    # Neither compile nor checkpointing changes the module built (checkpointing is set below).
+    kwargs = dataclasses.replace(setting, compile=False, gradient_checkpointing=False).module_kwargs()
     module = BenchLoraModule(
         setting.family, setting.width_divisor, build_device="meta", with_vae=setting.latents == "vae", **kwargs
     )
@@ -48,9 +48,11 @@ def counted_step_flops(setting: BenchSetting, gradient_checkpointing: bool) -> i
 
 
 def _flop_key(setting: BenchSetting) -> BenchSetting:
-    # Only shapes and graph matter to the count: drop the knobs that change neither.
+    # Only shapes and graph matter to the count: drop the knobs that change neither. NF4 counts as
+    # its bf16 model: MFU counts the model's FLOPs, and dequantizing a weight is no matmul FLOP.
     return dataclasses.replace(
         setting,
+        quantization="none",
         precision="fp32",
         sdpa="default",
         channels_last=False,

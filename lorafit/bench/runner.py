@@ -1,28 +1,25 @@
 """Time one setting two ways, side by side: lorafit's Lightning step and a plain PyTorch loop.
 
-Both run on the same ``BenchLoraModule`` (same UNet, same LoRA layers, same optimizer class and
-arguments) and the same batches, so their ratio isolates what Lightning and lorafit's step add.
-The reference is written as diffusers' training examples write it: autocast around the UNet,
-``loss.backward()``, ``optimizer.step()``, ``zero_grad(set_to_none=True)``; no Lightning.
+Both run on the same ``BenchLoraModule`` (same denoiser, same LoRA layers, same optimizer class
+and arguments) and the same batches, so their ratio isolates what Lightning and lorafit's step
+add. The reference loop (:mod:`lorafit.bench.reference`) is written as diffusers' training
+examples write it; no Lightning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
 from lorafit.bench.architectures import synthetic_batch
-from lorafit.bench.devices import PeakMemory, synchronize
-from lorafit.bench.host_syncs import CountHostSyncs, HostSyncCounter, optimizer_state_on_device
+from lorafit.bench.host_syncs import CountHostSyncs, HostSyncCounter
 from lorafit.bench.module import BenchLoraModule
+from lorafit.bench.reference import Timer, time_reference
 from lorafit.bench.settings import BenchSetting
 from lorafit.callbacks.metrics import TrainingMetrics
-from lorafit.training.optim import build_optimizer, optimizer_kwargs
 
 
 def sdpa_context(backend: str):
@@ -65,96 +62,14 @@ def make_batches(setting: BenchSetting, count: int = 2) -> list[dict]:
             setting.width_divisor,
             setting.latents == "cached",
             generator=generator,
+            text_tokens=setting.text_tokens,
         )
         for _ in range(count)
     ]
 
 
-class _Timer:
-    """Wall time of ``steps`` steps after ``warmup`` steps, with the device synchronised at both ends."""
-
-    def __init__(self, device: torch.device, warmup: int, steps: int):
-        self.device, self.warmup, self.steps = device, warmup, steps
-        self.memory = PeakMemory(device)
-        self.started = self.seconds = 0.0
-        self.peak: int | None = None
-
-    def before(self, index: int) -> None:
-        if index == self.warmup:
-            synchronize(self.device)
-            self.memory.reset()
-            self.started = time.perf_counter()
-
-    def after(self, index: int) -> None:
-        if index == self.warmup + self.steps - 1:
-            synchronize(self.device)
-            self.seconds = time.perf_counter() - self.started
-            self.peak = self.memory.peak_bytes()
-
-
-def time_reference(
-    module: BenchLoraModule,
-    setting: BenchSetting,
-    batches: list[dict],
-    device: torch.device,
-    warmup: int,
-    steps: int,
-    counter: HostSyncCounter | None = None,
-) -> _Timer:
-    """The diffusers-example loop on ``module.unet``; returns its timer. ``counter`` counts the
-    host syncs of the timed steps (it slows them: time and count in separate runs)."""
-    unet, vae, scheduler = module.unet, module.vae, module.objective.noise_scheduler
-    opt = module.optimizer_config
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        opt.name,
-        [{"name": "unet", "lr": opt.learning_rate, "params": params}],
-        opt.learning_rate,
-        optimizer_kwargs(opt.name, optimizer_args=opt.args),
-    )
-    autocast = setting.precision != "fp32"
-    scaling = vae.config.scaling_factor
-    timer = _Timer(device, warmup, steps)
-    unet.train()
-    for index in range(warmup + steps):
-        timer.before(index)
-        if counter is not None and index == warmup:
-            counter.mark_on_device(module, *optimizer_state_on_device([optimizer]))
-            counter.__enter__()
-        batch = batches[index % len(batches)]
-        with torch.no_grad():
-            if "latent_moments" in batch:
-                mean, logvar = batch["latent_moments"].to(device, non_blocking=True).chunk(2, dim=1)
-                latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-            else:
-                latents = vae.encode(
-                    batch["pixel_values"].to(device, vae.dtype, non_blocking=True)
-                ).latent_dist.sample()
-            latents = latents.float() * scaling
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        embeds = batch["prompt_embeds"].to(device, non_blocking=True)
-        added = None
-        if setting.family == "sdxl":
-            side = setting.resolution
-            time_ids = torch.tensor([[side, side, 0, 0, side, side]], device=device).repeat(latents.shape[0], 1)
-            added = {"text_embeds": batch["pooled_prompt_embeds"].to(device, non_blocking=True), "time_ids": time_ids}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            prediction = unet(noisy.to(unet.dtype), timesteps, embeds.to(unet.dtype), added_cond_kwargs=added).sample
-        loss = F.mse_loss(prediction.float(), noise.float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        timer.after(index)
-    if counter is not None:
-        counter.__exit__(None, None, None)
-    del optimizer  # its state must not count towards the next measurement's memory
-    return timer
-
-
 class _LightningTimer(pl.Callback):
-    def __init__(self, timer: _Timer):
+    def __init__(self, timer: Timer):
         self.timer = timer
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -194,9 +109,9 @@ def _fit(
 
 def time_lightning(
     module: BenchLoraModule, setting: BenchSetting, batches: list[dict], device: torch.device, warmup: int, steps: int
-) -> _Timer:
+) -> Timer:
     """lorafit's Lightning step, timed; returns its timer."""
-    timer = _Timer(device, warmup, steps)
+    timer = Timer(device, warmup, steps)
     _fit(module, setting, batches, device, warmup + steps, [_LightningTimer(timer)], progress_bar=False)
     return timer
 

@@ -11,6 +11,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from lorafit.bench.architectures import ARCHITECTURES
 from lorafit.errors import LorafitError
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
@@ -18,6 +19,7 @@ OPTIMIZERS = ("adamw", "adamw-fused", "adamw8bit", "adafactor")
 SDPA_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")
 LATENTS = ("cached", "vae")
 TARGETS = ("attn", "attn-mlp", "full")
+QUANTIZATIONS = ("none", "nf4")
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,8 @@ class BenchSetting:
     """One row of the grid.
 
     Args:
-        family: ``sd1`` (SD1.5 architecture) or ``sdxl``.
-        resolution: Image side in pixels (latents are 1/8 of it).
+        family: ``sd1`` (SD1.5 architecture), ``sdxl``, ``flux`` (FLUX.1 [dev]) or ``flux-schnell``.
+        resolution: Image side in pixels (latents are 1/8 of it; Flux: a multiple of 16).
         batch_size: Images per step.
         rank: LoRA rank (alpha = rank).
         targets: lorafit's ``target_preset``: ``attn``, ``attn-mlp`` or ``full``.
@@ -40,6 +42,11 @@ class BenchSetting:
             (bitsandbytes) or ``adafactor`` (transformers, fixed learning rate).
         latents: ``cached`` (the batch carries VAE moments) or ``vae`` (encode pixels every step).
         width_divisor: Every channel width divided by this; 1 = the real model.
+        quantization: Storage of the frozen denoiser: ``none`` (the precision's dtype) or ``nf4``
+            (bitsandbytes NF4 computing in bf16, or float32 with ``precision=fp32``), as
+            ``model.quantization`` loads it (:mod:`lorafit.bench.nf4`).
+        text_tokens: Flux: T5 tokens per caption (``model.conditioning.max_sequence_length``); 0 =
+            the pipeline's default, 512 for [dev] and 256 for [schnell]. CLIP families: 0.
     """
 
     family: str = "sdxl"
@@ -55,6 +62,8 @@ class BenchSetting:
     optimizer: str = "adamw-fused"
     latents: str = "cached"
     width_divisor: int = 1
+    quantization: str = "none"
+    text_tokens: int = 0
 
     def __post_init__(self):
         for name, allowed in (
@@ -63,12 +72,15 @@ class BenchSetting:
             ("sdpa", SDPA_BACKENDS),
             ("latents", LATENTS),
             ("targets", TARGETS),
-            ("family", ("sd1", "sdxl")),
+            ("family", tuple(ARCHITECTURES)),
+            ("quantization", QUANTIZATIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise LorafitError(
                     f"bench --{name.replace('_', '-')}: {getattr(self, name)!r} is not one of {', '.join(allowed)}"
                 )
+        if self.text_tokens and ARCHITECTURES[self.family].denoiser_part != "transformer":
+            raise LorafitError(f"bench --text-tokens: {self.family} reads CLIP's 77 tokens; leave it 0")
 
     def module_kwargs(self) -> dict[str, Any]:
         """``LoraDiffusionModule`` arguments of this setting."""
@@ -78,17 +90,20 @@ class BenchSetting:
             "adamw8bit": ("AdamW8bit", {}),
             "adafactor": ("Adafactor", {"scale_parameter": False, "relative_step": False, "warmup_init": False}),
         }[self.optimizer]
+        # NF4 computes in the weight dtype (lorafit's bnb_4bit_compute_dtype), so bf16 autocast
+        # over an NF4 base means bf16 compute, as configs/presets/flux-lowvram.yaml trains.
+        bf16_weights = self.precision == "bf16-weights" or (self.quantization == "nf4" and self.precision != "fp32")
         return dict(
-            rank=self.rank,
-            alpha=float(self.rank),
-            target_preset=self.targets,
-            weight_dtype="bfloat16" if self.precision == "bf16-weights" else "float32",
-            optimizer=optimizer,
-            optimizer_args=args,
-            learning_rate=1e-4,
-            gradient_checkpointing=self.gradient_checkpointing,
-            channels_last=self.channels_last,
-            compile_unet=self.compile,
+            weight_dtype="bfloat16" if bf16_weights else "float32",
+            quantization=self.quantization,
+            network={"rank": self.rank, "alpha": float(self.rank), "preset": self.targets},
+            conditioning={"max_sequence_length": self.text_tokens or None},
+            optimizer={"name": optimizer, "args": args, "learning_rate": 1e-4},
+            memory={
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "channels_last": self.channels_last,
+                "compile": self.compile,
+            },
         )
 
     @property
@@ -127,6 +142,10 @@ def _vary(base: BenchSetting, *changes: dict) -> list[BenchSetting]:
 SDXL = BenchSetting()  # the issue's target row: SDXL 1024², rank 32 attention, cached, bf16 weights
 SD15 = BenchSetting(family="sd1", resolution=512, batch_size=8)
 LOW_VRAM = BenchSetting(gradient_checkpointing=True, optimizer="adafactor")  # configs/presets/sdxl-lowvram.yaml
+# configs/flux.yaml: FLUX.1 [dev] 1024², rank 16 on attention + MLP, AdamW8bit, checkpointing, bf16 base.
+FLUX = BenchSetting(
+    family="flux", rank=16, targets="attn-mlp", optimizer="adamw8bit", gradient_checkpointing=True, resolution=1024
+)
 
 PRESETS: dict[str, list[BenchSetting]] = {
     # ~25 min of H100 time (see docs/performance.md): each row builds the model, warms up and times
@@ -177,9 +196,28 @@ PRESETS: dict[str, list[BenchSetting]] = {
             {"gradient_checkpointing": True, "optimizer": "adafactor"},
             {"optimizer": "adamw8bit"},
         ),
+        # Flux at 1/8 width (3 heads of 128), 256 px = 256 image tokens; 32 T5 tokens keep 1024²'s
+        # 8 image tokens per text token (4096 : 512).
+        *_vary(
+            dataclasses.replace(
+                FLUX,
+                resolution=256,
+                width_divisor=8,
+                precision="fp32",
+                optimizer="adamw",
+                gradient_checkpointing=False,
+                text_tokens=32,
+            ),
+            {},
+            {"gradient_checkpointing": True},
+            {"quantization": "nf4"},
+        ),
     ],
 }
-# The CI-sized row of tests/test_bench.py: the smallest step that still has every part.
+# The CI-sized rows of tests/test_bench.py: the smallest steps that still have every part.
 PRESETS["ci"] = [
-    BenchSetting(family="sdxl", resolution=64, width_divisor=8, precision="fp32", optimizer="adamw", rank=4)
+    BenchSetting(family="sdxl", resolution=64, width_divisor=8, precision="fp32", optimizer="adamw", rank=4),
+    BenchSetting(
+        family="flux", resolution=64, width_divisor=8, precision="fp32", optimizer="adamw", rank=4, text_tokens=64
+    ),
 ]

@@ -143,16 +143,26 @@ def cuda_autocast_policy() -> Iterator[None]:
     """While active, ``torch.autocast("cpu", ...)`` casts exactly as ``torch.autocast("cuda", ...)`` would.
 
     Every op with an ``AutocastCPU`` kernel gets CUDA's kernel logic, or none (fall through) when
-    CUDA autocast leaves it alone. The previous kernels come back on exit.
+    CUDA autocast leaves it alone, and ``torch.is_autocast_enabled()`` (CUDA's, asked without a
+    device) reports CPU autocast. The previous kernels and function come back on exit.
     """
     policies = cuda_policies()
     library = torch.library.Library("aten", "IMPL")
+    is_enabled = torch.is_autocast_enabled
+
+    def cuda_is_autocast_enabled(device_type: str | None = None) -> bool:
+        # Asked without a device, torch answers for CUDA: PEFT's 4-bit LoRA layers cast their input
+        # to float32 (a copy per layer) only when that says no. CPU autocast stands for CUDA's here.
+        return is_enabled("cpu" if device_type is None else device_type)
+
     try:
         with warnings.catch_warnings():  # replacing the registered kernels is the point
             warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
             _register(library, policies)
+        torch.is_autocast_enabled = cuda_is_autocast_enabled
         yield
     finally:
+        torch.is_autocast_enabled = is_enabled
         library._destroy()
 
 

@@ -29,6 +29,7 @@ compares the two, which checks that the fake-tensor count is the count of the re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import types
 
@@ -38,7 +39,8 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRef
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from devbench.cuda_autocast import cuda_autocast_policy
-from lorafit.bench.architectures import count_params, synthetic_batch
+from devbench.nf4_state import dequant_transient_bytes, expose_quant_state, fake_params4bit, is_nf4, logical_params
+from lorafit.bench.architectures import synthetic_batch
 from lorafit.bench.module import BenchLoraModule
 from lorafit.bench.settings import BenchSetting
 from lorafit.errors import LorafitError
@@ -114,13 +116,12 @@ def build_estimate_module(
     become fake CPU tensors of ``fake``: PEFT moves each new adapter with ``.to()``, which cannot
     swap a parameter created under ``FakeTensorMode``, so nothing is built under it.
     """
-    kwargs = setting.module_kwargs()
-    notes = []
-    if setting.compile:
-        kwargs["compile_unet"] = False  # fake tensors cannot be compiled; fusion would only lower the peak
-        notes.append("compile not modelled (eager step)")
+    # fake tensors cannot be compiled; fusion would only lower the peak
+    kwargs = dataclasses.replace(setting, compile=False).module_kwargs()
+    notes = ["compile not modelled (eager step)"] if setting.compile else []
     if setting.optimizer == "adamw":
-        kwargs["optimizer_args"] = {**kwargs["optimizer_args"], "foreach": True}  # CUDA's default (see docstring)
+        optimizer = kwargs["optimizer"]
+        optimizer["args"] = {**optimizer["args"], "foreach": True}  # CUDA's default (see docstring)
     if setting.sdpa in ("efficient", "cudnn"):
         notes.append(f"sdpa={setting.sdpa} counted as flash (the same O(L) tensors)")
     module = BenchLoraModule(
@@ -134,6 +135,7 @@ def build_estimate_module(
         module.configure_model()
     if fake:
         _to_fake(module, fake)
+    expose_quant_state(module)
     return module.train(), notes  # Trainer.fit trains the whole module; diffusers checkpoints only in train mode
 
 
@@ -157,7 +159,9 @@ def _to_fake(module: torch.nn.Module, mode: FakeTensorMode) -> None:
 
     for submodule in module.modules():
         for name, param in submodule._parameters.items():
-            if param is not None:
+            if param is not None and is_nf4(param):
+                submodule._parameters[name] = fake_params4bit(param, fake)
+            elif param is not None:
                 submodule._parameters[name] = torch.nn.Parameter(fake(param.data), requires_grad=param.requires_grad)
         for name, buffer in submodule._buffers.items():
             if buffer is not None:
@@ -199,6 +203,7 @@ def _tracked_steps(setting: BenchSetting, steps: int, fake: FakeTensorMode | Non
         setting.width_divisor,
         setting.latents == "cached",
         generator=torch.Generator().manual_seed(0),
+        text_tokens=setting.text_tokens,
     )
     autocast = setting.precision != "fp32"
     tracker = LoraMemTracker()
@@ -224,6 +229,11 @@ def _tracked_steps(setting: BenchSetting, steps: int, fake: FakeTensorMode | Non
         resident = _snapshot(tracker)
     peak = _snapshot(tracker, "peak")
     lora = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    dequant = dequant_transient_bytes(module)
+    if dequant:
+        notes.append(
+            f"+ up to {dequant / 2**20:.0f} MiB inside CUDA's gemm_4bit (one dequantized weight) not in the peak"
+        )
     return {
         "setting": setting.label,
         "fake": fake is not None,
@@ -231,9 +241,10 @@ def _tracked_steps(setting: BenchSetting, steps: int, fake: FakeTensorMode | Non
         "peak_bytes": sum(peak.values()),
         "breakdown": peak,
         "resident_bytes": sum(resident.values()),
-        "unet_params": count_params(module.unet) - lora,
-        "frozen_params": count_params(module) - lora,
+        "denoiser_params": logical_params(module.denoiser) - lora,
+        "frozen_params": logical_params(module) - lora,
         "lora_params": lora,
+        "nf4_dequant_bytes": dequant,
         "optimizer": type(optimizer).__name__,
         "notes": notes,
         "seconds": time.perf_counter() - started,
