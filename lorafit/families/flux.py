@@ -102,7 +102,11 @@ class FluxFamily(Family):
         return bool(base.denoiser.config.guidance_embeds)
 
     def sequence_length(self, base: BaseModel, options: TextOptions) -> int:
-        return options.max_sequence_length or (512 if self.guidance_distilled(base) else 256)
+        default = 512 if self.guidance_distilled(base) else 256
+        # A T5 tokenizer declaring a shorter context (the toy Flux base's 16 tokens) caps the
+        # default; FLUX.1's own declares 512, so the released models keep 512 / 256.
+        declared = getattr(base.tokenizers[1], "model_max_length", default) if len(base.tokenizers) > 1 else default
+        return options.max_sequence_length or min(default, declared)
 
     def encode_text(
         self, base: BaseModel, captions: list[str], options: TextOptions, device: torch.device | str

@@ -81,12 +81,23 @@ class Renderer:
         clip_skip: A1111-style clip skip the LoRA was trained with (SD1/SD2 only).
         max_token_length: Prompt tokens read (kohya's 150/225, in 75-token chunks, as training
             reads captions); empty = 75, as diffusers does.
+        max_sequence_length: Flux: T5 tokens per prompt; empty = the family's training default
+            (512 for [dev], 256 for [schnell], the T5 tokenizer's ``model_max_length`` if shorter).
+            FluxPipeline feeds the padding to the transformer unmasked, so a LoRA is drawn as it
+            trained only at the length it trained with.
     """
 
-    def __init__(self, base: BaseModel, clip_skip: int = 1, max_token_length: int | None = None):
+    def __init__(
+        self,
+        base: BaseModel,
+        clip_skip: int = 1,
+        max_token_length: int | None = None,
+        max_sequence_length: int | None = None,
+    ):
         self.base = base
         self.clip_skip = clip_skip
         self.max_token_length = max_token_length
+        self.max_sequence_length = max_sequence_length
         self.pipe = build_pipeline(base)
         self._img2img = None
 
@@ -131,7 +142,11 @@ class Renderer:
         """Flux: ``--g`` is the embedded guidance of guidance-distilled models (3.5 when unset, the
         pipeline's default); ``--l`` is true classifier-free guidance, which FluxPipeline runs only
         with a negative prompt (``--n``), as kohya's Flux sampler does since it split the two."""
-        common = dict(prompt=request.prompt, guidance_scale=3.5 if request.guidance is None else request.guidance)
+        common = dict(
+            prompt=request.prompt,
+            guidance_scale=3.5 if request.guidance is None else request.guidance,
+            max_sequence_length=self.t5_length,
+        )
         if request.negative_prompt:
             common.update(negative_prompt=request.negative_prompt, true_cfg_scale=request.cfg)
         return common
@@ -167,15 +182,25 @@ class Renderer:
             encoded = self.pipe.encode_prompt(request.prompt, device, 1, do_cfg, negative)
         return dict(zip(names, encoded), guidance_scale=request.cfg)
 
+    @property
+    def t5_length(self) -> int:
+        """T5 tokens per prompt (flow families): ``max_sequence_length`` or the family's default."""
+        from lorafit.families.family import TextOptions
+
+        options = TextOptions(max_sequence_length=self.max_sequence_length)
+        return get_family(self.base.family).sequence_length(self.base, options)
+
     def _flow_encoded(self, request: SamplePrompt, common: dict, device) -> dict:
         """FluxPipeline's own ``encode_prompt`` for the prompt (and the negative one for true CFG)."""
         encoded = dict(common)
-        prompt = encoded.pop("prompt")
-        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
+        prompt, length = encoded.pop("prompt"), encoded["max_sequence_length"]
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device, max_sequence_length=length
+        )
         encoded.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
         if "negative_prompt" in encoded:
             negative, negative_pooled, _ = self.pipe.encode_prompt(
-                prompt=encoded.pop("negative_prompt"), prompt_2=None, device=device
+                prompt=encoded.pop("negative_prompt"), prompt_2=None, device=device, max_sequence_length=length
             )
             encoded.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
         return encoded
