@@ -2,6 +2,8 @@
 
     bash tools/demo.sh                                   # trains the demo LoRA into runs/demo
     python tools/bench_toyworld.py --run runs/demo --write benchmarks/toyworld.md --images docs/images
+    lorafit toy-data demo/toy-data && lorafit fit --config configs/demo-flux.yaml   # FLUX.1 architecture
+    python tools/bench_toyworld.py --family flux --run runs/demo-flux --write benchmarks/toyworld.md
 
 Prints (and with ``--write`` saves) markdown tables:
 
@@ -15,6 +17,11 @@ Prints (and with ``--write`` saves) markdown tables:
 
 With ``--images`` it also writes ``toyworld-base-samples.png`` (what the base model draws). The
 epoch x strength picture is lorafit's own ``lorafit grid`` (command in docs/toyworld.md).
+
+``--family flux`` measures the FLUX.1-architecture base (``lorafit/toyworld/base_flux``) the same
+way (same prompts, seeds and judge; its own sampler, :mod:`lorafit.toyworld.flux_evaluate`); its
+report is the part of the ``--write`` file from ``FLUX_HEADING`` on, and each family's run
+rewrites only its own part.
 """
 
 from __future__ import annotations
@@ -32,9 +39,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lorafit.toyworld import evaluate as ev  # noqa: E402
+from lorafit.toyworld import evaluate as sd_evaluate  # noqa: E402
+from lorafit.toyworld import flux_evaluate  # noqa: E402
 from lorafit.toyworld.judge import Judge, accuracy_on_fresh_pictures, to_pixels  # noqa: E402
 from lorafit.toyworld.world import COLOUR_NAMES, HELD_OUT_SHAPE, WORLD_SHAPES, render, scenes  # noqa: E402
+
+FLUX_HEADING = "# Toy world quality benchmark: the FLUX.1-architecture base"
+# The issues' floors for the base's in-world accuracy (the SD base: 60%, target 80%; Flux: 80%, target 90%).
+BASE_FLOORS = {"sd1": "(>= 60% needed, 80% target)", "flux": "(>= 80% needed, 90% target)"}
 
 
 def pct(x: float) -> str:
@@ -96,7 +108,7 @@ def stack(images, vertical: bool = True, gap: int = 6):
     return out
 
 
-def base_samples_image(pipe):
+def base_samples_image(pipe, ev=sd_evaluate):
     """Rows: the three shapes and the trigger word; columns: colour pairs (shape colour on background)."""
     pairs = list(zip(COLOUR_NAMES, ("blue", "black", "white", "red", "green", "yellow")))
     rows = []
@@ -118,13 +130,17 @@ def main() -> None:
     parser.add_argument("--write", help="also write the report to this markdown file")
     parser.add_argument("--images", help="write the sample and grid PNGs to this folder")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--family", choices=("sd1", "flux"), default="sd1", help="which toy base to measure")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
     judge = Judge()
+    ev = flux_evaluate if args.family == "flux" else sd_evaluate
+    sampler = getattr(ev, "SAMPLER", "DDIM")
+    guidance = "true classifier-free guidance" if args.family == "flux" else "guidance"
     out = [
         (
-            f"Settings: DDIM {ev.STEPS} steps, guidance {ev.GUIDANCE}, {args.count} prompts per measurement, "
+            f"Settings: {sampler} {ev.STEPS} steps, {guidance} {ev.GUIDANCE}, {args.count} prompts per measurement, "
             "each picture from its own fixed seed."
         ),
         "",
@@ -167,7 +183,8 @@ def main() -> None:
     images = Path(args.images) if args.images else None
     if images:
         images.mkdir(parents=True, exist_ok=True)
-        base_samples_image(pipe).save(images / "toyworld-base-samples.png")
+        name = "toyworld-flux-base-samples.png" if args.family == "flux" else "toyworld-base-samples.png"
+        base_samples_image(pipe, ev).save(images / name)
 
     if args.run:
         files = sorted((Path(args.run) / "lora").glob("*-epoch-*.safetensors"))
@@ -221,7 +238,7 @@ def main() -> None:
                     f"{w.accuracy / max(base.accuracy, 1e-9):.2f} of the base's accuracy (>= 0.80 needed)"
                 ),
                 (
-                    f"* the base model: {pct(base.accuracy)} in-world shape + colour (>= 60% needed, 80% target), "
+                    f"* the base model: {pct(base.accuracy)} in-world shape + colour {BASE_FLOORS[args.family]}, "
                     f"star {pct(base_trigger.held_out)} for trigger prompts (<= 5% needed)"
                 ),
                 "",
@@ -235,7 +252,7 @@ def main() -> None:
         import peft
 
         header = [
-            "# Toy world quality benchmark",
+            FLUX_HEADING if args.family == "flux" else "# Toy world quality benchmark",
             "",
             (
                 f"Date: {datetime.date.today()}. Device: CPU ({platform.machine()}), "
@@ -246,7 +263,18 @@ def main() -> None:
             "Command: `python " + " ".join(sys.argv) + "`",
             "",
         ]
-        Path(args.write).write_text("\n".join(header + out) + "\n")
+        write_report(Path(args.write), header + out, flux=args.family == "flux")
+
+
+def write_report(path: Path, lines: list[str], flux: bool) -> None:
+    """Write one family's part of the report file and keep the other's: the SD1 report comes first,
+    the Flux one runs from ``FLUX_HEADING`` to the end of the file."""
+    sd_part, _, flux_part = (path.read_text() if path.exists() else "").partition(FLUX_HEADING)
+    report = "\n".join(lines) + "\n"
+    if flux:
+        path.write_text((sd_part.rstrip() + "\n\n" if sd_part.strip() else "") + report)
+    else:
+        path.write_text(report + ("\n" + FLUX_HEADING + flux_part if flux_part else ""))
 
 
 if __name__ == "__main__":
