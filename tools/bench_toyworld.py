@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toyworld_pictures import base_samples_image, enlarged  # noqa: E402
+from toyworld_report import replace_part  # noqa: E402
 
 from lorafit.toyworld import evaluate as ev  # noqa: E402
 from lorafit.toyworld.judge import Judge, accuracy_on_fresh_pictures, to_pixels  # noqa: E402
@@ -57,8 +58,6 @@ FLEXIBILITY_PROMPTS = (
     "a white triangle on a black background",
     "a yellow circle on a blue background",
 )
-
-TEACHING = "## Teaching methods on the toy world"  # tools/bench_teaching_methods.py's section
 
 
 def pct(x: float) -> str:
@@ -373,10 +372,8 @@ def main() -> None:
             "",
             *run_description(args),
         ]
-        # tools/bench_teaching_methods.py keeps its own section at the end of the same file.
-        existing = Path(args.write).read_text() if Path(args.write).is_file() else ""
-        kept = existing[existing.index(TEACHING) :] if TEACHING in existing else ""
-        Path(args.write).write_text("\n".join(header + out) + "\n" + ("\n" + kept if kept else ""))
+        # Other tools write their own parts of the same file (tools/toyworld_report.py).
+        replace_part(Path(args.write), "\n".join(header + out))
 
 
 if __name__ == "__main__":

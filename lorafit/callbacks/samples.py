@@ -165,6 +165,9 @@ class SampleImages(pl.Callback):
                 pl_module.base,
                 clip_skip=self.render.clip_skip or pl_module.conditioning_config.clip_skip,
                 max_token_length=self.render.max_token_length or pl_module.conditioning_config.max_token_length,
+                max_sequence_length=(
+                    self.render.max_sequence_length or pl_module.conditioning_config.max_sequence_length
+                ),
             )
         return self._renderer
 

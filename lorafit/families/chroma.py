@@ -195,6 +195,7 @@ class ChromaFamily(Family):
             negative_prompt=encoded.pop("negative_prompt", None) or "",
             device=device,
             do_classifier_free_guidance=cfg,
+            **({"max_sequence_length": encoded["max_sequence_length"]} if "max_sequence_length" in encoded else {}),
         )
         encoded.update(prompt_embeds=embeds, prompt_attention_mask=mask.bool())
         if cfg:

@@ -40,8 +40,8 @@ class TextOptions:
             or 225) instead of CLIP's 75, encoded in 75-token chunks whose hidden states are joined
             (kohya's method; A1111 and ComfyUI join chunks at generation time). Empty: 75.
         max_sequence_length: T5 and LLM families: tokens per caption. Empty: the family's
-            default, as its pipeline uses (Flux.1 [dev] 512, [schnell] 256; Qwen-Image 1024; Z-Image
-            and FLUX.2 [klein] 512).
+            default, as its pipeline uses (Flux.1 [dev] 512, [schnell] 256, at most the T5 tokenizer's
+            ``model_max_length``; Qwen-Image 1024; Z-Image and FLUX.2 [klein] 512).
         guidance: Guidance-distilled models (Flux.1 [dev]): the guidance value fed to the
             guidance embedding during training. 1.0 is what kohya, ai-toolkit and SimpleTuner
             train with; generation then uses the usual 3-4. Ignored by models without one.

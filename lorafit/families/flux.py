@@ -104,7 +104,11 @@ class FluxFamily(Family):
         return bool(base.denoiser.config.guidance_embeds)
 
     def sequence_length(self, base: BaseModel, options: TextOptions) -> int:
-        return options.max_sequence_length or (512 if self.guidance_distilled(base) else 256)
+        default = 512 if self.guidance_distilled(base) else 256
+        # A T5 tokenizer declaring a shorter context (the toy Flux base's 16 tokens) caps the
+        # default; FLUX.1's own declares 512, so the released models keep 512 / 256.
+        declared = getattr(base.tokenizers[1], "model_max_length", default) if len(base.tokenizers) > 1 else default
+        return options.max_sequence_length or min(default, declared)
 
     def encode_text(
         self, base: BaseModel, captions: list[str], options: TextOptions, device: torch.device | str
@@ -262,11 +266,12 @@ class FluxFamily(Family):
     def encode_sample_arguments(self, pipe, arguments: dict, device) -> dict:
         """FluxPipeline's own ``encode_prompt`` for the prompt (and the negative one for true CFG)."""
         encoded = dict(arguments)
-        embeds, pooled, _ = pipe.encode_prompt(prompt=encoded.pop("prompt"), prompt_2=None, device=device)
+        length = {"max_sequence_length": encoded["max_sequence_length"]} if "max_sequence_length" in encoded else {}
+        embeds, pooled, _ = pipe.encode_prompt(prompt=encoded.pop("prompt"), prompt_2=None, device=device, **length)
         encoded.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
         if "negative_prompt" in encoded:
             negative, negative_pooled, _ = pipe.encode_prompt(
-                prompt=encoded.pop("negative_prompt"), prompt_2=None, device=device
+                prompt=encoded.pop("negative_prompt"), prompt_2=None, device=device, **length
             )
             encoded.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
         return encoded

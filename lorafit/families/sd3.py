@@ -173,6 +173,7 @@ class SD3Family(Family):
             prompt_3=None,
             device=device,
             do_classifier_free_guidance=cfg,
+            **({"max_sequence_length": encoded["max_sequence_length"]} if "max_sequence_length" in encoded else {}),
             negative_prompt=encoded.pop("negative_prompt", None),
         )
         encoded.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled)

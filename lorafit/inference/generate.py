@@ -54,7 +54,12 @@ def load_renderer(
         # Half precision is what GPUs sample in; CPUs have no fast float16 path.
         dtype = "float16" if target.type == "cuda" else "float32"
     loaded = load_base_model(model, single_file_config=base.single_file_config, weight_dtype=dtype)
-    renderer = Renderer(loaded, clip_skip=render.clip_skip or 1, max_token_length=render.max_token_length)
+    renderer = Renderer(
+        loaded,
+        clip_skip=render.clip_skip or 1,
+        max_token_length=render.max_token_length,
+        max_sequence_length=render.max_sequence_length,
+    )
     renderer.pipe.to(target)
     return renderer
 

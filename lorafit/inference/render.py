@@ -12,6 +12,7 @@ in a batch, an image's noise would depend on its position.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -82,12 +83,23 @@ class Renderer:
         clip_skip: A1111-style clip skip the LoRA was trained with (SD1/SD2 only).
         max_token_length: Prompt tokens read (kohya's 150/225, in 75-token chunks, as training
             reads captions); empty = 75, as diffusers does.
+        max_sequence_length: Flux: T5 tokens per prompt; empty = the family's training default
+            (512 for [dev], 256 for [schnell], the T5 tokenizer's ``model_max_length`` if shorter).
+            FluxPipeline feeds the padding to the transformer unmasked, so a LoRA is drawn as it
+            trained only at the length it trained with.
     """
 
-    def __init__(self, base: BaseModel, clip_skip: int = 1, max_token_length: int | None = None):
+    def __init__(
+        self,
+        base: BaseModel,
+        clip_skip: int = 1,
+        max_token_length: int | None = None,
+        max_sequence_length: int | None = None,
+    ):
         self.base = base
         self.clip_skip = clip_skip
         self.max_token_length = max_token_length
+        self.max_sequence_length = max_sequence_length
         self.pipe = build_pipeline(base)
         self._img2img = None
 
@@ -130,9 +142,13 @@ class Renderer:
         return embeds
 
     def _flow_common(self, request: SamplePrompt) -> dict:
-        """Flow families: their pipeline's arguments, as the family maps ``--l``/``--g``/``--n`` onto them."""
+        """Flow families: their pipeline's arguments, as the family maps ``--l``/``--g``/``--n`` onto them,
+        with the text length the LoRA trained with where the pipeline takes one."""
         family = get_family(self.base.family)
-        return family.sample_arguments(request.prompt, request.negative_prompt, request.cfg, request.guidance)
+        arguments = family.sample_arguments(request.prompt, request.negative_prompt, request.cfg, request.guidance)
+        if "max_sequence_length" in inspect.signature(type(self.pipe).__call__).parameters:
+            arguments["max_sequence_length"] = self.t5_length
+        return arguments
 
     @torch.no_grad()
     def encode(self, request: SamplePrompt) -> dict:
@@ -165,6 +181,14 @@ class Renderer:
             names = ("prompt_embeds", "negative_prompt_embeds")
             encoded = self.pipe.encode_prompt(request.prompt, device, 1, do_cfg, negative)
         return dict(zip(names, encoded), guidance_scale=request.cfg)
+
+    @property
+    def t5_length(self) -> int:
+        """T5 tokens per prompt (flow families): ``max_sequence_length`` or the family's default."""
+        from lorafit.families.family import TextOptions
+
+        options = TextOptions(max_sequence_length=self.max_sequence_length)
+        return get_family(self.base.family).sequence_length(self.base, options)
 
     def _scheduler(self, request: SamplePrompt):
         return make_scheduler(request.sampler, self.base.scheduler_config, self.base.prediction_type)

@@ -60,6 +60,9 @@ class RenderOptions:
             trains with (samples) or 1 (the last layer).
         max_token_length: Prompt tokens read, in 75-token chunks as kohya trains with 150/225;
             empty = what the run trains with (samples) or 75 (longer prompts are cut, as in diffusers).
+        max_sequence_length: Flux: T5 tokens per prompt; empty = what the run trains with
+            (samples) or the model's training default (512 for [dev], 256 for [schnell], 16 for the
+            toy Flux base).
     """
 
     sampler: str = "euler_a"
@@ -74,6 +77,7 @@ class RenderOptions:
     hires_steps: int | None = None
     clip_skip: int | None = None
     max_token_length: int | None = None
+    max_sequence_length: int | None = None
 
     def __post_init__(self):
         # Checked when the options are built, before any model loads: a typo fails in a second.
@@ -93,6 +97,11 @@ class RenderOptions:
             raise LorafitError(f"render.clip_skip: {self.clip_skip}; 1 = the last layer, 2 = the penultimate")
         if self.max_token_length is not None and self.max_token_length < 1:
             raise LorafitError(f"render.max_token_length: {self.max_token_length}; use 150 or 225, or leave it empty")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise LorafitError(
+                f"render.max_sequence_length: {self.max_sequence_length}; use the T5 length the LoRA trained with "
+                "(512 for FLUX.1 [dev], 256 for [schnell]), or leave it empty"
+            )
         HiresFix(self.hires_scale, self.hires_denoise, self.hires_steps)  # raises on bad values
 
     @property

@@ -208,8 +208,9 @@ class ConditioningConfig(TextOptions):
     Args:
         clip_skip: SD1/SD2: use the hidden state this many layers from the end (2 = A1111 "clip skip 2").
         max_token_length: CLIP families: kohya's 150/225 caption tokens in 75-token chunks; empty = 75.
-        max_sequence_length: Flux: T5 tokens per caption; empty = 512 for [dev], 256 for [schnell].
-            Qwen-Image / Z-Image / FLUX.2 [klein]: the LLM's caption budget; empty = 1024 / 512 / 512.
+        max_sequence_length: Flux: T5 tokens per caption; empty = 512 for [dev], 256 for [schnell] (at most
+            the T5 tokenizer's ``model_max_length``: 16 for the toy Flux base). Qwen-Image / Z-Image /
+            FLUX.2 [klein]: the LLM's caption budget; empty = 1024 / 512 / 512.
         guidance: Guidance-distilled models (Flux.1 [dev]): the guidance value during training (1.0
             as kohya, ai-toolkit and SimpleTuner train).
     """
