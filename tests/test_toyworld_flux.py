@@ -155,7 +155,11 @@ def test_the_flux_demo_config_trains_a_step_on_the_shipped_base(tmp_path):
     from lorafit.toyworld.concept_data import write_concept_dataset
 
     data = write_concept_dataset(tmp_path / "data", num_images=4, repeats=2, world_images=4)
-    main(demo_args(data, tmp_path / "run", "--trainer.max_steps", "1", "--samples.prompts", "[]"))
+    main(
+        demo_args(
+            data, tmp_path / "run", "--trainer.max_steps", "1", "--data.batch_size", "4", "--samples.prompts", "[]"
+        )
+    )
     lora = tmp_path / "run" / "lora" / "ohwx-flux.safetensors"  # the final file, next to the epoch's
     with safe_open(str(lora), framework="pt") as handle:
         keys, metadata = set(handle.keys()), handle.metadata()
