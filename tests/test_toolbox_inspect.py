@@ -82,3 +82,42 @@ def test_a_file_that_is_not_a_network_is_one_line(tmp_path, capsys):
         main(["inspect", str(bad)])
     err = capsys.readouterr().err.strip()
     assert "is not a readable .safetensors file" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
+def test_inspect_reads_every_family_in_both_formats(tiny_models, tmp_path, capsys, family, fmt):
+    from lorafit.networks.toolbox.network_file import read_network
+
+    path = random_network(tiny_models[family], tmp_path / "x.safetensors", fmt)
+    main(["inspect", str(path), "--json", "--base", tiny_models[family]])
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["format"], info["family_guessed"]) == (family, fmt, False)
+    assert info["kinds"] == ["lora"] and len(info["modules"]) == len(read_network(path).modules)
+    blocks = {b["block"] for b in info["blocks"]}
+    ranks = {m["rank"] for m in info["modules"]}  # rank 4; Flux kohya fused modules: 4 per part (qkv 12, linear1 16)
+    assert ranks == ({4, 12, 16} if (family, fmt) == ("flux", "kohya") else {4})
+    assert blocks >= ({"TE"} if family == "sd1" else {"TE1"}) and blocks >= (
+        {"D00", "S00"} if family == "flux" else {"M00"}
+    )
+    data = path.read_bytes()
+    assert info["tensor_sha256"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
+
+
+def test_inspect_summarises_a_diffusers_files_peft_config(tiny_models, tmp_path, capsys):
+    path = random_network(tiny_models["sd1"], tmp_path / "x.safetensors", "diffusers", kind="dora", text_encoder=False)
+    main(["inspect", str(path)])
+    line = next(line for line in capsys.readouterr().out.splitlines() if "(lora_adapter_metadata:" in line)
+    assert "unet: r 4" in line and "DoRA" in line
+
+
+def test_a_comfyui_diffusion_model_file_is_refused_with_the_conversion_to_run(tiny_models, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    path = random_network(tiny_models["sdxl"], tmp_path / "x.safetensors", text_encoder=False)
+    comfy = tmp_path / "comfy.safetensors"
+    save_file({f"diffusion_model.{k.removeprefix('lora_unet_')}": v for k, v in load_file(str(path)).items()}, comfy)
+    with pytest.raises(SystemExit):
+        main(["resize", str(comfy), "--rank", "2"])
+    err = capsys.readouterr().err.strip()
+    assert "diffusion_model.*" in err and "lorafit convert" in err and "\n" not in err

@@ -25,6 +25,8 @@ from lorafit.families.original_checkpoint import original_state_dict
 from lorafit.networks.toolbox.network_file import read_network
 
 FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+# Every family with kohya files; SD1.5, SDXL and Flux with diffusers files too.
+FAMILY_FORMATS = [(f, "kohya") for f in FAMILIES] + [(f, "diffusers") for f in ("sd1", "sdxl", "flux")]
 
 
 def _two_loras(model_dir, tmp_path, fmt="kohya", **kwargs):
@@ -45,7 +47,7 @@ def _error(out, files, model_dir) -> float:
     return max(relative_error(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("family, fmt", [("sd1", "kohya"), ("sdxl", "diffusers"), ("flux", "kohya"), ("sd2", "kohya")])
+@pytest.mark.parametrize("family, fmt", FAMILY_FORMATS)
 def test_concatenation_is_exactly_the_weighted_sum_of_the_loras(tiny_models, tmp_path, family, fmt, capsys):
     a, b = _two_loras(tiny_models[family], tmp_path, fmt)
     out = tmp_path / "ab.safetensors"
@@ -62,9 +64,13 @@ def test_concatenation_is_exactly_the_weighted_sum_of_the_loras(tiny_models, tmp
     assert_loads_like(out, tiny_models[family], diffusers_too=False)
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
-def test_svd_merge_at_the_summed_rank_is_exact_and_a_lower_rank_reports_its_cut(tiny_models, tmp_path, family, capsys):
-    a, b = _two_loras(tiny_models[family], tmp_path)
+@pytest.mark.parametrize(
+    "family, fmt", [("sd1", "kohya"), ("sdxl", "diffusers"), ("flux", "kohya"), ("flux", "diffusers")]
+)
+def test_svd_merge_at_the_summed_rank_is_exact_and_a_lower_rank_reports_its_cut(
+    tiny_models, tmp_path, family, fmt, capsys
+):
+    a, b = _two_loras(tiny_models[family], tmp_path, fmt)
     full, cut, report = tmp_path / "full.safetensors", tmp_path / "cut.safetensors", tmp_path / "r.json"
     main(["merge", str(a), f"{b}:0.5", "--rank", "64", "--out", str(full)])
     assert _error(full, [(a, 1.0), (b, 0.5)], tiny_models[family]) < 1e-4
@@ -130,11 +136,11 @@ def single_files(tiny_models, tmp_path_factory) -> dict[str, str]:
     return files
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, fmt", FAMILY_FORMATS)
 def test_merge_into_a_single_file_writes_the_merged_weights_under_its_names(
-    tiny_models, single_files, tmp_path, family
+    tiny_models, single_files, tmp_path, family, fmt
 ):
-    a, b = _two_loras(tiny_models[family], tmp_path, text_encoder=family != "flux")
+    a, b = _two_loras(tiny_models[family], tmp_path, fmt, text_encoder=family != "flux")
     out = tmp_path / "merged.safetensors"
     config = ["--single_file_config", tiny_models[family]]
     main(["merge", f"{a}:0.8", f"{b}:-0.3", "--into", single_files[family], "--out", str(out), *config])
@@ -151,9 +157,10 @@ def test_merge_into_a_single_file_writes_the_merged_weights_under_its_names(
         assert isinstance(loaded, DiffusionPipeline)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_merge_into_a_directory_writes_a_pipeline_diffusers_loads(tiny_models, tmp_path, family):
-    a = random_network(tiny_models[family], tmp_path / "a.safetensors", kind="dora" if family == "sdxl" else "lora")
+@pytest.mark.parametrize("family, fmt", FAMILY_FORMATS)
+def test_merge_into_a_directory_writes_a_pipeline_diffusers_loads(tiny_models, tmp_path, family, fmt):
+    kind = "dora" if family == "sdxl" else "lora"
+    a = random_network(tiny_models[family], tmp_path / "a.safetensors", fmt, kind=kind)
     out = tmp_path / "merged"
     main(["merge", f"{a}:0.6", "--into", tiny_models[family], "--out", str(out)])
     loaded, truth = pipeline(str(out)), merged_components(tiny_models[family], [(a, 0.6)])
@@ -228,3 +235,20 @@ def test_merge_never_overwrites_a_model(tiny_models, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["merge", str(a), "--into", tiny_models["sd1"], "--out", str(tmp_path / "taken")])
     assert "already exists" in capsys.readouterr().err and (tmp_path / "taken" / "x").read_text() == "mine"
+
+
+def test_a_directory_merge_writes_only_what_the_pipeline_reads(tiny_models, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["sd1"], base)
+    # What hub snapshots also hold: a single-file copy at the root, weights of other frameworks.
+    shutil.copy(base / "unet" / "diffusion_pytorch_model.safetensors", base / "v1-5-pruned.safetensors")
+    (base / "text_encoder" / "flax_model.msgpack").write_bytes(b"flax")
+    a = random_network(str(base), tmp_path / "a.safetensors")
+    out = tmp_path / "merged"
+    main(["merge", str(a), "--into", str(base), "--out", str(out)])
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert "v1-5-pruned.safetensors" not in written and "text_encoder/flax_model.msgpack" not in written
+    assert {"model_index.json", "unet/config.json", "tokenizer/tokenizer.json"} <= written
+    assert "scheduler/scheduler_config.json" in written

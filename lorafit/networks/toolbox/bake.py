@@ -25,7 +25,13 @@ from lorafit.errors import LorafitError
 from lorafit.networks.lora_weights import ModuleWeights, delta_weight
 from lorafit.networks.toolbox.base_layout import BaseLayout
 from lorafit.networks.toolbox.checkpoint_keys import Location
-from lorafit.networks.toolbox.model_files import ModelWeights, TensorFiles, local_directory
+from lorafit.networks.toolbox.model_files import (
+    ModelWeights,
+    TensorFiles,
+    local_directory,
+    pipeline_files,
+    weight_files,
+)
 from lorafit.networks.toolbox.progress import progress
 from lorafit.networks.toolbox.safetensors_stream import Planned, write_streamed
 
@@ -117,7 +123,7 @@ def bake_streamed(
             plan = _file_plan(files, targets.get("", {}), save_dtype)
             merged_meta = {**files.metadata(), **metadata}
             return write_with_progress(out, plan, merged_meta)
-        return _bake_directory(local_directory(layout.source), out, layout, targets, save_dtype)
+        return _bake_directory(local_directory(layout.source), out, targets, save_dtype)
     finally:
         weights.close()
 
@@ -130,10 +136,14 @@ def write_with_progress(path: Path, plan: dict, metadata: dict | None, bar=None)
     return write_streamed(path, plan, metadata, on_tensor=lambda key: next(bar, None))
 
 
-def _bake_directory(root: Path, out: Path, layout: BaseLayout, targets: dict, save_dtype) -> Path:
+def _bake_directory(root: Path, out: Path, targets: dict, save_dtype) -> Path:
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    weights = sorted(p for p in root.rglob("*.safetensors") if not p.name.startswith("."))
+    files_to_copy = pipeline_files(root)
+    weights = [p for p in files_to_copy if p.suffix == ".safetensors"]
+    for component in targets:
+        if component:
+            weight_files(root / component)  # a component with .bin weights only: one line, before any writing
     count = 0
     for path in weights:
         files = TensorFiles([path])
@@ -141,9 +151,7 @@ def _bake_directory(root: Path, out: Path, layout: BaseLayout, targets: dict, sa
         files.close()
     bar = iter(progress(range(count), f"merge -> {out.name}", total=count, unit="tensor"))
     try:
-        for path in sorted(root.rglob("*")):
-            if path.is_dir() or path.name.startswith("."):
-                continue
+        for path in files_to_copy:
             relative = path.relative_to(root)
             target = tmp / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -160,8 +168,6 @@ def _bake_directory(root: Path, out: Path, layout: BaseLayout, targets: dict, sa
             else:
                 shutil.copy2(path, target)  # copies a hub cache symlink's file, not the link
         _fix_indexes(tmp)
-        if component_files_missing := [c for c in targets if c and not (tmp / c).is_dir()]:
-            raise LorafitError(f"{root} has no folder for {component_files_missing[0]}")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
     finally:

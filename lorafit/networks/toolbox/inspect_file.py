@@ -171,6 +171,9 @@ def _lines(info: dict, tags: int, every_module: bool) -> list[str]:
             elif len(value) > 120:
                 value = value[:117] + "..."
             lines.append(f"  {key} = {value}")
+        peft = _peft_summary(meta.get("lora_adapter_metadata"))
+        if peft:
+            lines.append(f"  (lora_adapter_metadata: {peft})")
         recorded = meta.get("sshs_model_hash")
         if recorded and recorded != info["tensor_sha256"]:
             lines.append("  (sshs_model_hash does not match the tensors: the file was changed after it was recorded)")
@@ -182,6 +185,23 @@ def _lines(info: dict, tags: int, every_module: bool) -> list[str]:
             "  " + ", ".join(f"{t} ({n})" for t, n in shown),
         ]
     return lines
+
+
+def _peft_summary(text: str | None) -> str:
+    """diffusers' PEFT config per component, in a few words: rank, alpha, DoRA, per-module patterns."""
+    try:
+        config = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return ""
+    parts = []
+    for component in sorted({key.partition(".")[0] for key in config}):
+        get = {key.partition(".")[2]: value for key, value in config.items() if key.startswith(f"{component}.")}.get
+        patterns = len(get("rank_pattern") or {}) + len(get("alpha_pattern") or {})
+        text = f"{component}: r {get('r')}, lora_alpha {get('lora_alpha')}"
+        text += ", DoRA" if get("use_dora") else ""
+        text += f", {patterns} per-module rank/alpha entries" if patterns else ""
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def inspect(

@@ -109,15 +109,39 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def local_directory(source: str) -> Path:
-    """A diffusers directory on disk for ``source`` (a hub id is taken from the local cache/Hub)."""
+    """A diffusers directory on disk for ``source``: the folder itself, or a hub id's snapshot with
+    just the pipeline's components (the local cache offline; never the root's single files, ONNX or
+    Flax copies that some repositories also hold)."""
     if resolve_model_source(source) == "directory":
         return Path(source).expanduser()
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+        index = json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+        folders = [name for name, value in index.items() if isinstance(value, list)]
+        patterns = ["model_index.json"] + [
+            f"{f}/*.{ext}" for f in folders for ext in ("json", "txt", "model", "safetensors")
+        ]
+        return Path(snapshot_download(source, allow_patterns=patterns))
     except Exception as error:  # noqa: BLE001 -- offline without a cache, network errors: one line
         raise LorafitError(f"{source}: not a local path and not available from the Hub cache ({error})") from None
+
+
+def pipeline_files(root: Path) -> list[Path]:
+    """The files of a diffusers directory a pipeline reads: ``model_index.json`` and its components'
+    folders, without weights in other formats (``.bin``, ONNX, Flax, OpenVINO), which a merge could
+    not patch and must not pass on unpatched."""
+    index = json.loads((root / "model_index.json").read_text())
+    folders = [name for name, value in index.items() if isinstance(value, list) and (root / name).is_dir()]
+    found = [root / "model_index.json"]
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and not path.name.startswith(".") and path.suffix not in _OTHER_WEIGHTS:
+                found.append(path)
+    return found
+
+
+_OTHER_WEIGHTS = {".bin", ".onnx", ".onnx_data", ".msgpack", ".pb", ".ckpt", ".pt", ".pth", ".xml", ".h5"}
 
 
 def read_rows(files: TensorFiles, location: Location) -> torch.Tensor:

@@ -113,6 +113,11 @@ def read_network(path: str | Path, layout: BaseLayout | None = None) -> Network:
     tensors, metadata = read_safetensors(path)
     if not tensors:
         raise LorafitError(f"{source} holds no tensors")
+    if all(key.startswith("diffusion_model.") for key in tensors):
+        raise LorafitError(
+            f"{source} is in ComfyUI's diffusion_model.* layout; write it in kohya format first: "
+            f"lorafit convert {source} OUT.safetensors --base MODEL --to kohya"
+        )
     if is_kohya_state_dict(tensors):
         fmt: LoraFormat = "kohya"
         modules = _kohya_modules(tensors, source)
