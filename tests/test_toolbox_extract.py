@@ -58,7 +58,7 @@ def test_extracting_a_merged_lora_gives_it_back(tiny_models, tmp_path, family, f
     assert {m.alpha / m.rank for m in read_network(out).modules.values()} == {1.0}  # alpha = rank, as kohya
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
 def test_an_extracted_file_loads_in_lorafit_diffusers_and_the_apps(tiny_models, tmp_path, family):
     model = tiny_models[family]
     tuned = _tuned(model, random_network(model, tmp_path / "a.safetensors", text_encoder=False), tmp_path / "tuned")

@@ -37,10 +37,12 @@ def test_resize_to_the_full_rank_is_lossless_and_keeps_every_name(tiny_models, t
         assert relative_error(resized.delta_weight(), module.delta_weight()) < 1e-5, name
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_resized_file_loads_in_lorafit_and_diffusers_as_its_update(tiny_models, tmp_path, family):
+@pytest.mark.parametrize(
+    "family, fmt", [(f, "kohya") for f in FAMILIES] + [(f, "diffusers") for f in ("sd1", "sdxl", "flux")]
+)
+def test_a_resized_file_loads_in_lorafit_and_diffusers_as_its_update(tiny_models, tmp_path, family, fmt):
     # One alpha for every module: diffusers 0.42's kohya loader scales modules whose alpha differs wrongly.
-    source = random_network(tiny_models[family], tmp_path / "in.safetensors", alpha=4.0, rank=6)
+    source = random_network(tiny_models[family], tmp_path / "in.safetensors", fmt, alpha=4.0, rank=6)
     out = tmp_path / "out.safetensors"
     main(["resize", str(source), "--rank", "2", "--out", str(out)])
     assert {read_network(out).modules[n].rank for n in read_network(out).modules} == {2}
