@@ -90,7 +90,7 @@ def gather_repeated_flags(function: Callable, argv: list[str]) -> list[str]:
 
 
 # Verbs whose first argument takes several values as bare words (`lorafit prepare a b --out x`).
-VARIADIC_FIRST = {"prepare"}
+VARIADIC_FIRST = {"prepare", "merge"}
 
 
 def gather_leading_positionals(argv: list[str]) -> list[str]:
@@ -116,4 +116,17 @@ def underscore_flags(function, argv: list[str]) -> list[str]:
         if flag.startswith("--") and "-" in flag[2:] and flag[2:].rstrip("+").replace("-", "_") in names:
             arg = "--" + flag[2:].replace("-", "_") + equals + value
         rewritten.append(arg)
+    return rewritten
+
+
+def bare_bool_flags(function, argv: list[str]) -> list[str]:
+    """Read a bool option given without a value (``--json``, ``--verbose``) as ``true``, as every shell
+    tool does; jsonargparse wants ``--json true`` and stops with "expected one argument" otherwise."""
+    bools = {f"--{name}" for name, annotation in _options(function) if annotation in (bool, bool | None)}
+    rewritten = []
+    for index, arg in enumerate(argv):
+        rewritten.append(arg)
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if arg in bools and (following is None or following.startswith("--")):
+            rewritten.append("true")
     return rewritten

@@ -18,6 +18,16 @@ from lorafit.errors import LorafitError
 # verb -> "module:function"; imported only when the verb runs, so `lorafit --help` stays fast.
 TOOL_VERBS = {
     "convert": ("lorafit.networks.convert:convert", "Convert a LoRA file between kohya and diffusers format."),
+    "inspect": (
+        "lorafit.networks.toolbox.inspect_file:inspect",
+        "Show a LoRA file: family, format, type, ranks/alphas per block, training metadata, tags, hash.",
+    ),
+    "resize": ("lorafit.networks.toolbox.resize:resize", "Cut a LoRA to a lower rank by SVD (fixed or dynamic)."),
+    "merge": (
+        "lorafit.networks.toolbox.merge:merge",
+        "Merge LoRAs into one LoRA, or into the base model (diffusers dir or single file).",
+    ),
+    "extract": ("lorafit.networks.toolbox.extract:extract", "Extract a LoRA/LoCon from the difference of two models."),
     "tiny": (
         "lorafit.families.tiny:save_tiny_pipeline",
         "Write a tiny random-weight pipeline of a model family (sd1, flux, z-image, ...).",
@@ -67,6 +77,7 @@ def run_tool(verb: str, argv: list[str]):
 
     from lorafit.cli.arguments import (
         VARIADIC_FIRST,
+        bare_bool_flags,
         gather_leading_positionals,
         gather_repeated_flags,
         underscore_flags,
@@ -79,7 +90,7 @@ def run_tool(verb: str, argv: list[str]):
     function = _tool_function(verb)
     if getattr(function, "parses_own_args", False):  # e.g. submit, whose flags follow sbatch's spelling
         return function(argv)
-    argv = underscore_flags(function, argv)
+    argv = bare_bool_flags(function, underscore_flags(function, argv))
     argv = rename_flags(argv, getattr(function, "renamed_flags", {}))
     if verb in REPEATABLE_LISTS:
         argv = gather_repeated_flags(function, argv)
