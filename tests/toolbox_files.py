@@ -18,6 +18,7 @@ from lorafit.networks.files import read_lora_file, save_diffusers, save_kohya
 from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.lora_weights import LoraModuleWeights, delta_weight
 from lorafit.networks.lycoris_weights import LohaModuleWeights, LokrModuleWeights
+from lorafit.networks.model_fit import fit_to_model
 
 _TEXT = ("q_proj", "v_proj", "fc1")
 
@@ -113,6 +114,7 @@ def merged_components(model_dir: str, files: list[tuple[str | Path, float]], pip
     table = kohya_name_table(family_of(model_dir), components)
     for path, strength in files:
         weights, _, _ = read_lora_file(path, table)
+        weights = fit_to_model(weights, components, str(path))  # names as the model has them, as load_lora does
         for component, modules in weights.items():
             for name, module in modules.items():
                 layer = components[component].get_submodule(name)
@@ -125,6 +127,7 @@ def updates(path: str | Path, model_dir: str) -> dict[tuple[str, str], torch.Ten
     pipe = pipeline(model_dir)
     components = pipeline_components(pipe)
     weights, _, _ = read_lora_file(path, kohya_name_table(family_of(model_dir), components))
+    weights = fit_to_model(weights, components, str(path))
     found = {}
     for component, modules in weights.items():
         for name, module in modules.items():

@@ -22,6 +22,8 @@ from lorafit.families.loading import model_skeleton, resolve_model_source, singl
 from lorafit.families.registry import detect_from_keys, get_family
 from lorafit.networks.kohya_format import KohyaTable, kohya_name_table
 
+_TEXT_MODEL = "text_model."
+
 
 @dataclass
 class BaseLayout:
@@ -45,11 +47,18 @@ class BaseLayout:
     def denoiser_config(self):
         return self.components[self.spec.denoiser_component].config
 
+    def live_name(self, component: str, name: str) -> str:
+        """``name`` as this base names the module: CLIP text encoders appear with or without
+        transformers 4's ``text_model.`` level, in files (lorafit writes it) and in models (transformers 5
+        dropped it from ``CLIPTextModel`` only)."""
+        modules = self._modules.get(component, {})
+        for candidate in (name, _TEXT_MODEL + name, name.removeprefix(_TEXT_MODEL)):
+            if candidate in modules:
+                return candidate
+        raise LorafitError(f"{self.source}: the base model has no module {component}.{name}")
+
     def module(self, component: str, name: str) -> torch.nn.Module:
-        found = self._modules.get(component, {}).get(name)
-        if found is None:
-            raise LorafitError(f"{self.source}: the base model has no module {component}.{name}")
-        return found
+        return self._modules[component][self.live_name(component, name)]
 
     def weight_shape(self, component: str, name: str) -> torch.Size:
         return self.module(component, name).weight.shape

@@ -127,11 +127,10 @@ def read_network(path: str | Path, layout: BaseLayout | None = None) -> Network:
     else:
         fmt = "diffusers"
         weights, _, _ = read_lora_file(path)
-        modules = {f"{c}.{m}": w for c, named in weights.items() for m, w in sorted(named.items())}
-        if layout is not None:
-            for name in modules:
-                component, _, module_name = name.partition(".")
-                layout.weight_shape(component, module_name)
+        # With the base known, names as the base has them (a LoRA of another model fails here, in one
+        # line): text encoders' with or without transformers 4's ``text_model.``, whichever the file used.
+        live = (lambda c, m: m) if layout is None else layout.live_name
+        modules = {f"{c}.{live(c, m)}": w for c, named in weights.items() for m, w in sorted(named.items())}
     family = (
         layout.family
         if layout is not None
