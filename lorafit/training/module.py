@@ -36,6 +36,7 @@ from lorafit.training.config import (
     NoiseConfig,
     OptimizerConfig,
     PriorConfig,
+    SliderConfig,
     check_objective_settings,
     check_prior,
     check_settings,
@@ -45,6 +46,7 @@ from lorafit.training.legacy_keys import GROUPS, nest_model_settings
 from lorafit.training.nonfinite import NonfiniteGuard
 from lorafit.training.optim import build_optimizer, build_scheduler, effective_learning_rates, optimizer_kwargs
 from lorafit.training.output_prior import output_prior
+from lorafit.training.slider import check_slider, concept_slider
 from lorafit.training.speed import apply_speed_settings
 from lorafit.training.step import DenoisingStep, check_cached_shards, step_seed
 from lorafit.training.text_encoders import freeze_unread_text_lora
@@ -60,6 +62,7 @@ _GROUP_TYPES = {
     "conditioning": ConditioningConfig,
     "memory": MemoryConfig,
     "prior": PriorConfig,
+    "slider": SliderConfig,
 }
 
 
@@ -97,6 +100,8 @@ class LoraDiffusionModule(pl.LightningModule):
         memory: Gradient checkpointing, channels-last, compile (``model.memory.*``).
         prior: Output-preserving prior: the base model's prediction on the class prompt as a second
             target, instead of (or with) regularization images (``model.prior.*``).
+        slider: Concept slider: a LoRA trained at +1 and -1 from a positive/negative prompt pair,
+            used from -N to +N (``model.slider.*``).
         nonfinite_loss: On a NaN/Inf loss: ``stop`` the run with a message naming the step and
             images (checked a step late, so the GPU never waits) or ``skip`` the batch (one device
             only; one host sync per step).
@@ -123,6 +128,7 @@ class LoraDiffusionModule(pl.LightningModule):
         conditioning: ConditioningConfig = ConditioningConfig(),
         memory: MemoryConfig = MemoryConfig(),
         prior: PriorConfig = PriorConfig(),
+        slider: SliderConfig = SliderConfig(),
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         **legacy: Any,
     ):
@@ -137,6 +143,7 @@ class LoraDiffusionModule(pl.LightningModule):
             "conditioning": conditioning,
             "memory": memory,
             "prior": prior,
+            "slider": slider,
         }
         if legacy:
             nested = nest_model_settings(legacy, where="LoraDiffusionModule")
@@ -151,9 +158,10 @@ class LoraDiffusionModule(pl.LightningModule):
         self.network, self.optimizer_config = groups["network"], groups["optimizer"]
         self.noise, self.loss_config = groups["noise"], groups["loss"]
         self.conditioning_config, self.memory = groups["conditioning"], groups["memory"]
-        self.prior_config = groups["prior"]
+        self.prior_config, self.slider_config = groups["prior"], groups["slider"]
         check_settings(self.network, self.optimizer_config, self.noise, self.loss_config, self.conditioning_config)
         check_prior(self.prior_config)
+        check_slider(self.slider_config, self.network, self.memory, self.prior_config)
         # Plain types only: checkpoints are loaded with weights_only, which refuses dataclasses.
         self.save_hyperparameters(
             {
@@ -237,6 +245,7 @@ class LoraDiffusionModule(pl.LightningModule):
             trains_text=bool(self.trained_text_encoders()),
             prior=output_prior(self.prior_config, datamodule),
             adapted=list(self.lora_components().values()),
+            slider=concept_slider(self.slider_config),
         )
         if hasattr(datamodule, "unused_model_parts"):  # before Lightning moves the module to the device
             self.host_parts.park(datamodule.unused_model_parts(), bool(self.trained_text_encoders()))
@@ -363,6 +372,8 @@ class LoraDiffusionModule(pl.LightningModule):
         check_cached_shards(cached, self.spec, self.base, self.conditioning_config, self.hparams.model)
         if self.step.prior is not None:
             self.step.prior.check_cache(cached)
+        if self.step.slider is not None:
+            self.step.slider.check_cache(cached)
 
     def fixed_noise(self, batch: dict, batch_idx: int):
         return self.step.fixed_points(batch, batch_idx, self.device)

@@ -50,6 +50,8 @@ class DenoisingStep:
         prior: The output-preserving prior (:mod:`~lorafit.training.output_prior`), added to the
             training loss; None = off.
         adapted: The modules carrying adapters (switched off for the prior's base prediction).
+        slider: A concept slider (:mod:`~lorafit.training.slider`), whose loss replaces the
+            denoising loss in training; None = off.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class DenoisingStep:
         trains_text: bool,
         prior=None,
         adapted: list[torch.nn.Module] | None = None,
+        slider=None,
     ):
         self.base, self.family, self.objective, self.options, self.trains_text = (
             base,
@@ -69,7 +72,7 @@ class DenoisingStep:
             options,
             trains_text,
         )
-        self.prior, self.adapted = prior, list(adapted or [])
+        self.prior, self.adapted, self.slider = prior, list(adapted or []), slider
         self.last_prior: torch.Tensor | None = None  # the last training step's prior term, for logging
 
     def conditioning(self, batch: dict, device: torch.device, training: bool) -> dict[str, torch.Tensor]:
@@ -129,6 +132,8 @@ class DenoisingStep:
             draw = self.objective.draw(latents, generator, batch.get("global_rows"), batch.get("global_size"))
         else:
             draw = self.objective.at(latents, *fixed)
+        if self.slider is not None and training and fixed is None:  # validation stays the denoising loss
+            return self.slider.loss(self, batch, draw, device, self.adapted)
         conditioning = self.conditioning(batch, device, training)
         prediction = self.family.predict(self.base, draw.noisy, draw.timesteps, conditioning, batch, self.options)
         mask = batch.get("loss_mask")
