@@ -27,6 +27,13 @@ METHODS = {
         "demo_data",
         "sdxl",
     ),
+    # The LoRA at +1 and -1 in one step, with the text encoder's LoRA (the demo config trains it).
+    "slider": (
+        ["--model.slider.positive", "a white star", "--model.slider.negative", "a black star"],
+        ["ddp.safetensors"],
+        "demo_data",
+        "sd1",
+    ),
 }
 
 
