@@ -99,6 +99,29 @@ def _direction_scores(module: LoraDiffusionModule, batch: dict, strengths=(-1.0,
     return [sum(v) / len(v) for v in scores.values()]
 
 
+def test_the_anchor_holds_its_prompt_at_the_bases_prediction_at_both_strengths(tiny_models, demo_data):
+    batch = tiny_batch(demo_data, 2)
+    anchored = _module(tiny_models["sd1"], slider={**SLIDER, "anchor": "a circle", "anchor_weight": 0.5})
+    _perturb(anchored)
+    plain = _module(tiny_models["sd1"], slider=SLIDER)
+    plain.load_state_dict(anchored.state_dict(), strict=False)
+    with torch.no_grad():
+        term = anchored.denoising_loss(batch, torch.Generator().manual_seed(1)) - plain.denoising_loss(
+            batch, torch.Generator().manual_seed(1)
+        )
+        generator = torch.Generator().manual_seed(1)
+        draw = plain.step.objective.draw(plain.step.latents(batch, generator, plain.device), generator)
+        adapted = list(plain.lora_components().values())
+        with adapters_disabled(adapted):
+            base = _predict(plain, batch, draw, "a circle")
+        errors = []
+        for strength in (1.0, -1.0):
+            with adapter_strength(adapted, strength):
+                errors.append(((_predict(plain, batch, draw, "a circle") - base) ** 2).mean())
+    assert term.item() > 0
+    torch.testing.assert_close(term, 0.5 * (errors[0] + errors[1]) / 2, rtol=1e-3, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_a_trained_slider_moves_the_prediction_its_way_at_both_signs(tiny_models, demo_data, tmp_path):
     """A few steps on the tiny SD1 model: at +1 the LoRA pushes the neutral prompt's prediction towards
