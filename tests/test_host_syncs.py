@@ -93,6 +93,10 @@ RECIPES = {
         "sdxl",
         dict(train_text_encoder=True, prior={"weight": 1.0, "class_word": "dog", "trigger": "ohwx"}),
     ),
+    "sd1-slider": (  # the LoRA at +1 and -1 and an anchor each step
+        "sd1",
+        dict(train_text_encoder=True, slider={"positive": "a white star", "negative": "a black star", "anchor": "dog"}),
+    ),
 }
 
 
