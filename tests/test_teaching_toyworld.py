@@ -3,12 +3,14 @@ the way docs/teaching-methods.md says, not only the files it writes."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from training import train
 
 from lorafit.toyworld import evaluate as ev
-from lorafit.toyworld.method_data import write_masked_concept
+from lorafit.toyworld.method_data import background_luminance, write_masked_concept, write_world_folder
 from lorafit.toyworld.world import COLOUR_NAMES, HELD_OUT_SHAPE, TRIGGER
 
 pytestmark = pytest.mark.slow  # toy-world trainings of a few minutes each
@@ -54,3 +56,26 @@ def test_masks_on_the_star_untie_the_trigger_from_the_training_pictures_backgrou
     untied = _black_share(pipe, cases)
     assert tied >= 0.9 and base <= 0.3, (base, tied, untied)
     assert untied <= tied - 0.1, (base, tied, untied)
+
+
+def test_a_brightness_slider_moves_the_background_monotonically_with_strength(tmp_path):
+    """A slider from "... on a white background" / "... on a black background", 60 steps on world
+    pictures: on prompts with coloured backgrounds the border luminance rises strictly from strength
+    -1 to 1 (measured 90, 113, 136, 172, 238), the judge sees white backgrounds at +1 (the base: none)
+    and some black ones at -1 (measured 2 of 16; the darkening side is the weaker at 60 steps)."""
+    data = write_world_folder(tmp_path / "data", num_images=64, repeats=5, seed=1)
+    slider = {"positive": "a red circle on a white background", "negative": "a red circle on a black background"}
+    lora = _toy_train(data, tmp_path / "slider", epochs=3, slider=slider)
+    cases = [c for c in ev.in_world_cases(64) if c.background not in ("white", "black")][:16]
+    pipe = ev.load_pipeline()
+    ev.apply_lora(pipe, lora, 0.0)
+    luminance, seen = [], {}
+    for strength in (-1.0, -0.5, 0.0, 0.5, 1.0):
+        ev.set_lora_strength(pipe, strength)
+        pictures = ev.generate(pipe, cases)
+        luminance.append(sum(background_luminance(pictures)) / len(cases))
+        seen[strength] = [v.background for v in ev.judge_pictures(pictures, cases).verdicts]
+    assert all(b > a for a, b in itertools.pairwise(luminance)), luminance
+    assert luminance[0] < luminance[2] - 25 and luminance[-1] > luminance[2] + 50, luminance
+    assert seen[1.0].count("white") > seen[0.0].count("white") + 4, (luminance, seen)
+    assert seen[-1.0].count("black") > seen[0.0].count("black"), (luminance, seen)
