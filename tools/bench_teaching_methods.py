@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import platform
 import sys
 import time
@@ -124,6 +123,17 @@ def prior_rows(args) -> list[str]:
     return rows
 
 
+def increasing_range(strengths: list[float], values: list[float]) -> tuple[float, float]:
+    """The widest run of ``strengths`` around 0 (or the first) over which ``values`` rise strictly."""
+    start = strengths.index(0.0) if 0.0 in strengths else 0
+    lo = hi = start
+    while lo > 0 and values[lo - 1] < values[lo]:
+        lo -= 1
+    while hi < len(values) - 1 and values[hi + 1] > values[hi]:
+        hi += 1
+    return strengths[lo], strengths[hi]
+
+
 SLIDER_PROMPTS = ("a red circle on a white background", "a red circle on a black background")
 
 
@@ -183,14 +193,11 @@ def slider_rows(args) -> list[str]:
             black = sum(v.background == "black" for v in score.verdicts) / len(cases)
             rows.append(f"| {name} | {strength:g} | {lum:.1f} | {pct(white)} | {pct(black)} | {pct(score.accuracy)} |")
             print(rows[-1], flush=True)
-        verdicts[name] = all(b > a for a, b in itertools.pairwise(lums))
+        verdicts[name] = increasing_range(strengths, lums)
     rows += [
         "",
-        "Luminance strictly increasing with strength: "
-        + ", ".join(
-            f"normalization {'on' if n == 'normalized' else 'off'}: {'yes' if ok else 'no'}"
-            for n, ok in verdicts.items()
-        )
+        "Border luminance rises strictly with strength "
+        + ", ".join(f"from {lo:g} to {hi:g} with normalization {n}" for n, (lo, hi) in verdicts.items())
         + ". Training time (wall, this machine): "
         + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
         + ".",
