@@ -122,6 +122,35 @@ def test_the_anchor_holds_its_prompt_at_the_bases_prediction_at_both_strengths(t
     torch.testing.assert_close(term, 0.5 * (errors[0] + errors[1]) / 2, rtol=1e-3, atol=1e-7)
 
 
+def test_image_pairs_denoise_the_right_half_at_plus_one_and_the_left_at_minus_one(tiny_models, demo_data):
+    batch = tiny_batch(demo_data, 2)
+    module = _module(tiny_models["sd1"], slider={"image_pairs": True})
+    _perturb(module)
+    with torch.no_grad():
+        loss = module.denoising_loss(batch, torch.Generator().manual_seed(1))
+        step, device = module.step, module.device
+        generator = torch.Generator().manual_seed(1)
+        latents = step.latents(batch, generator, device)
+        less, more = latents[..., :4], latents[..., 4:]  # 64 px pictures: 8 latents wide
+        timesteps = step.objective.draw(more, generator).timesteps
+        noise = torch.randn(more.shape, generator=generator)
+        conditioning = step.family.encode_text(step.base, batch["captions"], step.options, device)
+        scheduler = step.objective.noise_scheduler
+
+        def predict(half: torch.Tensor) -> torch.Tensor:
+            noisy = scheduler.add_noise(half, noise, timesteps)
+            return step.family.predict(step.base, noisy, timesteps, conditioning, batch, step.options)
+
+        at_plus = predict(more)
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.data.neg_()
+        at_minus = predict(less)
+    assert step.base.prediction_type == "epsilon"  # the target is the noise, shared by both halves
+    expected = (((at_plus - noise) ** 2).mean() + ((at_minus - noise) ** 2).mean()) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_a_trained_slider_moves_the_prediction_its_way_at_both_signs(tiny_models, demo_data, tmp_path):
     """A few steps on the tiny SD1 model: at +1 the LoRA pushes the neutral prompt's prediction towards
@@ -184,6 +213,7 @@ def test_the_exported_slider_works_at_negative_strengths_in_a_pipeline_and_the_g
         ({"slider": SLIDER, "network": {"type": "dora"}}, r"^model\.network\.type: a DoRA's strength"),
         ({"slider": SLIDER, "memory": {"gradient_checkpointing": True}}, r"^model\.memory\.gradient_checkpointing"),
         ({"slider": SLIDER, "prior": {"weight": 1.0, "class_word": "x"}}, r"^model\.prior\.weight: .*slider"),
+        ({"slider": {**SLIDER, "image_pairs": True}}, r"^model\.slider\.image_pairs: .*leave model\.slider\.positive"),
     ],
 )
 def test_impossible_slider_settings_are_refused_in_one_line(settings, message, tiny_models):
@@ -195,3 +225,15 @@ def test_a_slider_on_cached_text_embeddings_is_refused(tiny_models):
     module = _module(tiny_models["sd1"], slider=SLIDER)
     with pytest.raises(LorafitError, match=r"^model\.slider\.positive: .*cached text embeddings"):
         module.check_cache({"family": "sd1", "model": tiny_models["sd1"], "text_embeddings": True})
+
+
+def test_image_pairs_refuse_flips_which_would_swap_the_halves(tiny_models, demo_data, tmp_path):
+    with pytest.raises(LorafitError, match=r"^data\.flip_aug: would swap or shift the halves"):
+        train(
+            tiny_models["sd1"],
+            demo_data,
+            tmp_path,
+            max_steps=1,
+            slider={"image_pairs": True},
+            data_kwargs={"flip_aug": True},
+        )

@@ -276,6 +276,10 @@ class SliderConfig:
         anchor: A prompt the slider must leave as the base draws it at either strength (ai-toolkit's
             ``anchor_class``); empty = none.
         anchor_weight: Weight of the anchor's preservation term (ai-toolkit's ``anchor_strength``).
+        image_pairs: Train from picture pairs instead of a prompt pair: each training picture holds
+            two side by side, the left one "less", the right one "more" (ai-toolkit's image
+            reference slider); the LoRA learns the right half at +1 and the left at -1, same noise,
+            each picture's caption as the prompt. Leave positive/negative empty; no flips or random crops.
     """
 
     positive: str | None = None
@@ -285,6 +289,7 @@ class SliderConfig:
     normalize: bool = True
     anchor: str | None = None
     anchor_weight: float = 1.0
+    image_pairs: bool = False
 
 
 _DDPM_ONLY = {

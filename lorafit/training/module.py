@@ -245,7 +245,7 @@ class LoraDiffusionModule(pl.LightningModule):
             trains_text=bool(self.trained_text_encoders()),
             prior=output_prior(self.prior_config, datamodule),
             adapted=list(self.lora_components().values()),
-            slider=concept_slider(self.slider_config),
+            slider=concept_slider(self.slider_config, datamodule),
         )
         if hasattr(datamodule, "unused_model_parts"):  # before Lightning moves the module to the device
             self.host_parts.park(datamodule.unused_model_parts(), bool(self.trained_text_encoders()))

@@ -20,6 +20,12 @@ it replaces the denoising loss in training (validation losses stay the denoising
 1). Each forward reads its strength into the graph (``adapter_strength``), so one backward through
 the sum is exact without gradient checkpointing, which would recompute both passes at one strength
 and is refused. Works for every family whose ``predict`` this step calls (UNet families and Flux).
+
+With ``model.slider.image_pairs`` the slider learns from pictures instead (ai-toolkit's image
+reference slider, the paper's image-based sliders): each training picture holds a pair side by side,
+left "less", right "more". Both halves get the same noise and timestep (plain noise, the recipe's
+timestep distribution); the LoRA at +1 learns to denoise the right half, at -1 the left half, with
+the family's own target and loss weighting, each picture's caption as the prompt.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class ConceptSlider:
 
     def __init__(self, config: SliderConfig):
         self.config = config
-        self.positive, self.negative = config.positive.strip(), config.negative.strip()
+        self.positive, self.negative = (config.positive or "").strip(), (config.negative or "").strip()
         self.target = (config.target or "").strip() or None
         self.anchor = (config.anchor or "").strip() or None
 
@@ -66,16 +72,20 @@ class ConceptSlider:
             up, down = normalized_like(up, neutral.float()), normalized_like(down, neutral.float())
         return up, down
 
-    @staticmethod
-    def check_cache(cached: dict | None) -> None:
-        if cached and cached.get("text_embeddings"):
+    def check_cache(self, cached: dict | None) -> None:
+        if cached and cached.get("text_embeddings") and not self.config.image_pairs:
             raise LorafitError(
                 "model.slider.positive: a slider encodes its prompts each step, but data.shards hold cached "
                 "text embeddings; cache latents only (lorafit cache without --text_embeddings)"
             )
 
-    def loss(self, step, batch: dict, draw, device: torch.device, adapted: list[torch.nn.Module]) -> torch.Tensor:
-        """The slider loss at ``draw``'s noisy latents; ``adapted``: the modules carrying adapters."""
+    def loss(
+        self, step, batch: dict, latents: torch.Tensor, generator: torch.Generator, device, adapted
+    ) -> torch.Tensor:
+        """The slider loss on ``latents`` (noised with ``generator``); ``adapted``: the modules carrying adapters."""
+        if self.config.image_pairs:
+            return self.pair_loss(step, batch, latents, generator, device, adapted)
+        draw = step.objective.draw(latents, generator, batch.get("global_rows"), batch.get("global_size"))
         family, base, options = step.family, step.base, step.options
         if family.conditioning_keys[0] in batch:
             self.check_cache({"text_embeddings": True})
@@ -112,19 +122,64 @@ class ConceptSlider:
             total = total + term / 2
         return total
 
+    def pair_loss(self, step, batch: dict, latents: torch.Tensor, generator, device, adapted) -> torch.Tensor:
+        """Image pairs: the right half denoised at +1, the left half at -1, same noise and timesteps."""
+        width = latents.shape[-1]
+        if width % 2:
+            raise LorafitError(
+                f"model.slider.image_pairs: a picture {width} latents wide does not split into two halves; use "
+                "pictures whose bucket width is a multiple of twice data.bucket_reso_steps"
+            )
+        less, more = latents[..., : width // 2], latents[..., width // 2 :]
+        rows, size = batch.get("global_rows"), batch.get("global_size")
+        timesteps = step.objective.draw(more, generator, rows, size).timesteps  # the recipe's distribution
+        shape = more.shape if rows is None else (size, *more.shape[1:])
+        noise = torch.randn(shape, generator=generator, device=more.device)
+        noise = noise if rows is None else noise[rows.to(noise.device)]
+        half = dict(batch)
+        if "original_size" in batch:  # SDXL's size conditioning: each half is a picture of its own
+            half["original_size"] = batch["original_size"].clone()
+            half["original_size"][:, 1] //= 2
+            half["crop_top_left"] = batch["crop_top_left"].clone()
+            half["crop_top_left"][:, 1] //= 2
+        mask = batch.get("loss_mask")
+        cfg = step.objective.loss_config
+        total = 0.0
+        for strength, part, side in ((1.0, more, 1), (-1.0, less, 0)):
+            draw = step.objective.at(part, noise, timesteps)
+            weight = None
+            if mask is not None:
+                mask_half = mask.chunk(2, dim=-1)[side].to(device)
+                weight = latent_weights(mask_half, part.shape[-2:], cfg.mask_floor, cfg.mask_normalize)
+            with adapter_strength(adapted, strength):
+                conditioning = step.conditioning(half, device, training=True)
+                prediction = step.family.predict(
+                    step.base, draw.noisy, draw.timesteps, conditioning, half, step.options
+                )
+            loss = step.objective.loss(
+                prediction, draw.target, draw.timesteps, batch.get("is_reg"), batch.get("global_weights"), weight
+            )
+            total = total + loss / 2
+        return total
+
 
 def check_slider(slider: SliderConfig, network: NetworkConfig, memory: MemoryConfig, prior: PriorConfig) -> None:
     """Fail on an impossible slider (one line naming the key), before any weights are read."""
     positive, negative = (slider.positive or "").strip(), (slider.negative or "").strip()
-    if not positive and not negative:
+    if slider.image_pairs and (positive or negative):
+        raise LorafitError(
+            "model.slider.image_pairs: the slider learns from the picture pairs; leave model.slider.positive and "
+            "negative empty (or train a prompt-pair slider without image_pairs)"
+        )
+    if not positive and not negative and not slider.image_pairs:
         return
-    if not positive or not negative:
+    if not slider.image_pairs and (not positive or not negative):
         missing = "positive" if not positive else "negative"
         raise LorafitError(
             f"model.slider.{missing}: a slider needs both ends, a positive and a negative prompt that differ "
             "only in the attribute (e.g. 'a person, smiling' and 'a person, frowning')"
         )
-    if positive == negative:
+    if positive and positive == negative:
         raise LorafitError("model.slider.negative: the same prompt as model.slider.positive; nothing to learn")
     if slider.guidance <= 0:
         raise LorafitError(f"model.slider.guidance: {slider.guidance} must be > 0 (ai-toolkit uses 3)")
@@ -147,6 +202,16 @@ def check_slider(slider: SliderConfig, network: NetworkConfig, memory: MemoryCon
         )
 
 
-def concept_slider(slider: SliderConfig) -> ConceptSlider | None:
-    """The run's slider objective, or None when ``model.slider.positive`` is empty."""
-    return ConceptSlider(slider) if (slider.positive or "").strip() else None
+def concept_slider(slider: SliderConfig, datamodule=None) -> ConceptSlider | None:
+    """The run's slider objective, or None when neither ``model.slider.positive`` nor ``image_pairs`` is set;
+    image pairs refuse the data module's flips and random crops, which would tear a pair apart."""
+    if not (slider.positive or "").strip() and not slider.image_pairs:
+        return None
+    settings = getattr(datamodule, "hparams", None)
+    if slider.image_pairs:
+        for key in ("flip_aug", "random_crop"):
+            if getattr(settings, key, False):
+                raise LorafitError(
+                    f"data.{key}: would swap or shift the halves of model.slider.image_pairs pictures; turn it off"
+                )
+    return ConceptSlider(slider)

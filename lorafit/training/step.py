@@ -128,12 +128,12 @@ class DenoisingStep:
         drawn from ``generator`` with the recipe's noise options.
         """
         latents = self.latents(batch, generator, device)
+        if self.slider is not None and training and fixed is None:  # validation stays the denoising loss
+            return self.slider.loss(self, batch, latents, generator, device, self.adapted)
         if fixed is None:
             draw = self.objective.draw(latents, generator, batch.get("global_rows"), batch.get("global_size"))
         else:
             draw = self.objective.at(latents, *fixed)
-        if self.slider is not None and training and fixed is None:  # validation stays the denoising loss
-            return self.slider.loss(self, batch, draw, device, self.adapted)
         conditioning = self.conditioning(batch, device, training)
         prediction = self.family.predict(self.base, draw.noisy, draw.timesteps, conditioning, batch, self.options)
         mask = batch.get("loss_mask")
