@@ -11,7 +11,8 @@ in-world prompts without the trigger the shape + colour accuracy (kept world) an
 
 ``slider``: a background-brightness slider from a prompt pair ("... on a white background" vs
 "... on a black background"; ``model.slider.*``), trained on world pictures (their noisy latents
-and captions), with and without ai-toolkit's target normalization, measured at strengths -N..N on
+and captions), with and without ai-toolkit's target normalization, and one from image pairs (the
+same scene on black and on white, ``model.slider.image_pairs``), measured at strengths -N..N on
 in-world prompts with coloured backgrounds: the border pixels' mean luminance (which a slider must
 move monotonically), the judge's white/black background shares, and the shape + colour accuracy.
 
@@ -36,7 +37,11 @@ sys.path.insert(0, str(ROOT))
 from lorafit.cli.main import main as lorafit  # noqa: E402
 from lorafit.toyworld import evaluate as ev  # noqa: E402
 from lorafit.toyworld.concept_data import write_concept_dataset  # noqa: E402
-from lorafit.toyworld.method_data import background_luminance, write_world_folder  # noqa: E402
+from lorafit.toyworld.method_data import (  # noqa: E402
+    background_luminance,
+    write_brightness_pairs,
+    write_world_folder,
+)
 
 SECTION = "## Teaching methods on the toy world"
 
@@ -137,29 +142,30 @@ def increasing_range(strengths: list[float], values: list[float]) -> tuple[float
 SLIDER_PROMPTS = ("a red circle on a white background", "a red circle on a black background")
 
 
+SLIDER_VARIANTS = {
+    "on": "prompt pair, normalization on",
+    "off": "prompt pair, normalization off",
+    "pairs": "image pairs (black / white)",
+}
+
+
 def slider_rows(args) -> list[str]:
     out = Path(args.out)
     world = write_world_folder(out / "data-world", num_images=64, repeats=5, seed=1)  # 20 batches of 16 an epoch
     positive, negative = SLIDER_PROMPTS
     runs, timings = [], {}
-    for name in args.normalize:
-        normalize = name == "on"
+    for name in args.variants:
+        if name == "pairs":  # 64x32 pictures: resolution 48 holds the 64x32 bucket, each half 32x32
+            data = write_brightness_pairs(out / "data-pairs", num_images=64, repeats=5)
+            settings = ["--model.slider.image_pairs", "true", "--data.resolution", "48", "--data.max_bucket_reso", "64"]
+        else:
+            data = world
+            settings = ["--model.slider.positive", positive, "--model.slider.negative", negative]
+            normalize = "true" if name == "on" else "false"
+            settings += ["--model.slider.guidance", str(args.guidance), "--model.slider.normalize", normalize]
         started = time.time()
-        path = fit(
-            out / f"slider-normalize-{name}",
-            world,
-            args.epochs,
-            "--model.slider.positive",
-            positive,
-            "--model.slider.negative",
-            negative,
-            "--model.slider.guidance",
-            str(args.guidance),
-            "--model.slider.normalize",
-            str(normalize).lower(),
-        )
+        runs.append((name, fit(out / f"slider-{name}", data, args.epochs, *settings)))
         timings[name] = time.time() - started
-        runs.append((name, path))
     pipe = ev.load_pipeline()
     cases = [c for c in ev.in_world_cases(4 * args.count) if c.background not in ("white", "black")][: args.count]
     strengths = [float(s) for s in args.strengths]
@@ -168,15 +174,16 @@ def slider_rows(args) -> list[str]:
         "### Slider: background brightness",
         "",
         (
-            f'A slider trained from the prompt pair "{positive}" / "{negative}" (model.slider.guidance '
-            f"{args.guidance:g}, target = each picture's caption) on 64 world pictures, {steps} steps of batch 16 "
-            f"with the demo recipe, applied at strengths {', '.join(f'{s:g}' for s in strengths)} to "
-            f"{len(cases)} in-world prompts with coloured backgrounds (red, green, blue, yellow; fixed seeds). "
-            "Luminance: mean of the pictures' border pixels (0-255); white/black: the judge's background verdict; "
-            "accuracy: shape + colour as asked (the world kept)."
+            f'Sliders trained from the prompt pair "{positive}" / "{negative}" (model.slider.guidance '
+            f"{args.guidance:g}, target = each picture's caption; 64 world pictures) and from 64 image pairs (a "
+            "world scene on black beside the same scene on white, captioned with another background; "
+            f"model.slider.image_pairs), {steps} steps of batch 16 each with the demo recipe, applied at strengths "
+            f"{', '.join(f'{s:g}' for s in strengths)} to {len(cases)} in-world prompts with coloured backgrounds "
+            "(red, green, blue, yellow; fixed seeds). Luminance: mean of the pictures' border pixels (0-255); "
+            "white/black: the judge's background verdict; shape + colour: as asked (the world kept)."
         ),
         "",
-        "| target normalization | strength | border luminance | judged white | judged black | shape + colour |",
+        "| slider | strength | border luminance | judged white | judged black | shape + colour |",
         "|---|---|---|---|---|---|",
     ]
     verdicts = {}
@@ -191,15 +198,16 @@ def slider_rows(args) -> list[str]:
             lums.append(lum)
             white = sum(v.background == "white" for v in score.verdicts) / len(cases)
             black = sum(v.background == "black" for v in score.verdicts) / len(cases)
-            rows.append(f"| {name} | {strength:g} | {lum:.1f} | {pct(white)} | {pct(black)} | {pct(score.accuracy)} |")
+            label = SLIDER_VARIANTS[name]
+            rows.append(f"| {label} | {strength:g} | {lum:.1f} | {pct(white)} | {pct(black)} | {pct(score.accuracy)} |")
             print(rows[-1], flush=True)
         verdicts[name] = increasing_range(strengths, lums)
     rows += [
         "",
-        "Border luminance rises strictly with strength "
-        + ", ".join(f"from {lo:g} to {hi:g} with normalization {n}" for n, (lo, hi) in verdicts.items())
+        "Border luminance rises strictly with strength: "
+        + "; ".join(f"{SLIDER_VARIANTS[n]} from {lo:g} to {hi:g}" for n, (lo, hi) in verdicts.items())
         + ". Training time (wall, this machine): "
-        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
+        + ", ".join(f"{SLIDER_VARIANTS[n]} {seconds:.0f} s" for n, seconds in timings.items())
         + ".",
         "",
     ]
@@ -219,7 +227,7 @@ def main() -> None:
         "--strengths", nargs="+", default=["-2", "-1", "-0.5", "0", "0.5", "1", "2"], help="slider: strengths"
     )
     parser.add_argument(
-        "--normalize", nargs="+", default=["on", "off"], choices=["on", "off"], help="slider: model.slider.normalize"
+        "--variants", nargs="+", default=list(SLIDER_VARIANTS), choices=list(SLIDER_VARIANTS), help="slider: which"
     )
     parser.add_argument("--write", help="replace this method's section of this markdown file")
     args = parser.parse_args()
