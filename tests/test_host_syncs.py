@@ -97,6 +97,7 @@ RECIPES = {
         "sd1",
         dict(train_text_encoder=True, slider={"positive": "a white star", "negative": "a black star", "anchor": "dog"}),
     ),
+    "sd1-slider-pairs": ("sd1", dict(train_text_encoder=True, slider={"image_pairs": True})),
 }
 
 

@@ -34,6 +34,8 @@ METHODS = {
         "demo_data",
         "sd1",
     ),
+    # Each picture's halves at +1 and -1 with one noise draw, which the global batch must share.
+    "slider-pairs": (["--model.slider.image_pairs", "true"], ["ddp.safetensors"], "demo_data", "sd1"),
 }
 
 
