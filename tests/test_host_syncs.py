@@ -95,6 +95,11 @@ RECIPES = {
     ),
     # Pivotal tuning: the new token's rows looked up on the device, frozen after 2 steps by dropping grads.
     "sdxl-pivotal": ("sdxl", dict(embedding={"token": "ohwx", "vectors": 2, "freeze_after": 2})),
+    "sd1-slider": (  # the LoRA at +1 and -1 and an anchor each step
+        "sd1",
+        dict(train_text_encoder=True, slider={"positive": "a white star", "negative": "a black star", "anchor": "dog"}),
+    ),
+    "sd1-slider-pairs": ("sd1", dict(train_text_encoder=True, slider={"image_pairs": True})),
 }
 
 

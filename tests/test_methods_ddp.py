@@ -34,6 +34,15 @@ METHODS = {
         "demo_data",
         "sdxl",
     ),
+    # The LoRA at +1 and -1 in one step, with the text encoder's LoRA (the demo config trains it).
+    "slider": (
+        ["--model.slider.positive", "a white star", "--model.slider.negative", "a black star"],
+        ["ddp.safetensors"],
+        "demo_data",
+        "sd1",
+    ),
+    # Each picture's halves at +1 and -1 with one noise draw, which the global batch must share.
+    "slider-pairs": (["--model.slider.image_pairs", "true"], ["ddp.safetensors"], "demo_data", "sd1"),
 }
 
 

@@ -3,12 +3,19 @@ the way docs/teaching-methods.md says, not only the files it writes."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from training import train
 
 from lorafit.toyworld import evaluate as ev
-from lorafit.toyworld.method_data import write_masked_concept
+from lorafit.toyworld.method_data import (
+    background_luminance,
+    write_brightness_pairs,
+    write_masked_concept,
+    write_world_folder,
+)
 from lorafit.toyworld.world import COLOUR_NAMES, HELD_OUT_SHAPE, TRIGGER
 
 pytestmark = pytest.mark.slow  # toy-world trainings of a few minutes each
@@ -26,10 +33,10 @@ TOY_RECIPE = dict(
 )
 
 
-def _toy_train(data, root, epochs: int, **kwargs):
+def _toy_train(data, root, epochs: int, toy_data: dict = TOY_DATA, **kwargs):
     torch.set_num_threads(1)
     settings = {**TOY_RECIPE, **kwargs}
-    train(str(ev.BASE_DIR), str(data), root, max_epochs=epochs, batch_size=16, data_kwargs=TOY_DATA, **settings)
+    train(str(ev.BASE_DIR), str(data), root, max_epochs=epochs, batch_size=16, data_kwargs=toy_data, **settings)
     return root / "lora" / "test.safetensors"
 
 
@@ -54,3 +61,45 @@ def test_masks_on_the_star_untie_the_trigger_from_the_training_pictures_backgrou
     untied = _black_share(pipe, cases)
     assert tied >= 0.9 and base <= 0.3, (base, tied, untied)
     assert untied <= tied - 0.1, (base, tied, untied)
+
+
+def test_a_brightness_slider_moves_the_background_monotonically_with_strength(tmp_path):
+    """A slider from "... on a white background" / "... on a black background", 60 steps on world
+    pictures: on prompts with coloured backgrounds the border luminance rises strictly from strength
+    -1 to 1 (measured 90, 113, 136, 172, 238), the judge sees white backgrounds at +1 (the base: none)
+    and some black ones at -1 (measured 2 of 16; the darkening side is the weaker at 60 steps)."""
+    data = write_world_folder(tmp_path / "data", num_images=64, repeats=5, seed=1)
+    slider = {"positive": "a red circle on a white background", "negative": "a red circle on a black background"}
+    lora = _toy_train(data, tmp_path / "slider", epochs=3, slider=slider)
+    cases = [c for c in ev.in_world_cases(64) if c.background not in ("white", "black")][:16]
+    pipe = ev.load_pipeline()
+    ev.apply_lora(pipe, lora, 0.0)
+    luminance, seen = [], {}
+    for strength in (-1.0, -0.5, 0.0, 0.5, 1.0):
+        ev.set_lora_strength(pipe, strength)
+        pictures = ev.generate(pipe, cases)
+        luminance.append(sum(background_luminance(pictures)) / len(cases))
+        seen[strength] = [v.background for v in ev.judge_pictures(pictures, cases).verdicts]
+    assert all(b > a for a, b in itertools.pairwise(luminance)), luminance
+    assert luminance[0] < luminance[2] - 25 and luminance[-1] > luminance[2] + 50, luminance
+    assert seen[1.0].count("white") > seen[0.0].count("white") + 4, (luminance, seen)
+    assert seen[-1.0].count("black") > seen[0.0].count("black"), (luminance, seen)
+
+
+def test_a_slider_from_image_pairs_moves_the_background_monotonically_with_strength(tmp_path):
+    """The same scene on black (left) and on white (right), captioned with another background, 60 steps
+    of model.slider.image_pairs: the border luminance of coloured-background prompts rises strictly
+    from strength -1 to 1 (measured 108, 126, 136, 141, 148; a plain LoRA on the same pictures: 127,
+    129, 136, 138, 136, not monotonic)."""
+    data = write_brightness_pairs(tmp_path / "data", num_images=64, repeats=5)
+    pairs = dict(TOY_DATA, resolution=48, max_bucket_reso=64)  # 64x32 pictures, each half 32x32
+    lora = _toy_train(data, tmp_path / "pairs", epochs=3, slider={"image_pairs": True}, toy_data=pairs)
+    cases = [c for c in ev.in_world_cases(64) if c.background not in ("white", "black")][:16]
+    pipe = ev.load_pipeline()
+    ev.apply_lora(pipe, lora, 0.0)
+    luminance = []
+    for strength in (-1.0, -0.5, 0.0, 0.5, 1.0):
+        ev.set_lora_strength(pipe, strength)
+        luminance.append(sum(background_luminance(ev.generate(pipe, cases))) / len(cases))
+    assert all(b > a for a, b in itertools.pairwise(luminance)), luminance
+    assert luminance[-1] - luminance[0] > 20, luminance

@@ -10,8 +10,11 @@ output-preserving prior instead of them (stars only, ``model.prior.*``, class wo
 in-world prompts without the trigger the shape + colour accuracy (kept world) and star leaks.
 
 ``slider``: a background-brightness slider from a prompt pair ("... on a white background" vs
-"... on a black background"), measured at strengths -N..N: the judge's background and the border
-pixels' mean luminance, which a slider must move monotonically.
+"... on a black background"; ``model.slider.*``), trained on world pictures (their noisy latents
+and captions), with and without ai-toolkit's target normalization, and one from image pairs (the
+same scene on black and on white, ``model.slider.image_pairs``), measured at strengths -N..N on
+in-world prompts with coloured backgrounds: the border pixels' mean luminance (which a slider must
+move monotonically), the judge's white/black background shares, and the shape + colour accuracy.
 
 ``--write`` replaces this tool's section of the file (from its heading to the next of its own
 headings or the end), leaving the rest as it is.
@@ -34,6 +37,11 @@ sys.path.insert(0, str(ROOT))
 from lorafit.cli.main import main as lorafit  # noqa: E402
 from lorafit.toyworld import evaluate as ev  # noqa: E402
 from lorafit.toyworld.concept_data import write_concept_dataset  # noqa: E402
+from lorafit.toyworld.method_data import (  # noqa: E402
+    background_luminance,
+    write_brightness_pairs,
+    write_world_folder,
+)
 
 SECTION = "## Teaching methods on the toy world"
 
@@ -120,18 +128,112 @@ def prior_rows(args) -> list[str]:
     return rows
 
 
+def increasing_range(strengths: list[float], values: list[float]) -> tuple[float, float]:
+    """The widest run of ``strengths`` around 0 (or the first) over which ``values`` rise strictly."""
+    start = strengths.index(0.0) if 0.0 in strengths else 0
+    lo = hi = start
+    while lo > 0 and values[lo - 1] < values[lo]:
+        lo -= 1
+    while hi < len(values) - 1 and values[hi + 1] > values[hi]:
+        hi += 1
+    return strengths[lo], strengths[hi]
+
+
+SLIDER_PROMPTS = ("a red circle on a white background", "a red circle on a black background")
+
+
+SLIDER_VARIANTS = {
+    "on": "prompt pair, normalization on",
+    "off": "prompt pair, normalization off",
+    "pairs": "image pairs (black / white)",
+}
+
+
+def slider_rows(args) -> list[str]:
+    out = Path(args.out)
+    world = write_world_folder(out / "data-world", num_images=64, repeats=5, seed=1)  # 20 batches of 16 an epoch
+    positive, negative = SLIDER_PROMPTS
+    runs, timings = [], {}
+    for name in args.variants:
+        if name == "pairs":  # 64x32 pictures: resolution 48 holds the 64x32 bucket, each half 32x32
+            data = write_brightness_pairs(out / "data-pairs", num_images=64, repeats=5)
+            settings = ["--model.slider.image_pairs", "true", "--data.resolution", "48", "--data.max_bucket_reso", "64"]
+        else:
+            data = world
+            settings = ["--model.slider.positive", positive, "--model.slider.negative", negative]
+            normalize = "true" if name == "on" else "false"
+            settings += ["--model.slider.guidance", str(args.guidance), "--model.slider.normalize", normalize]
+        started = time.time()
+        runs.append((name, fit(out / f"slider-{name}", data, args.epochs, *settings)))
+        timings[name] = time.time() - started
+    pipe = ev.load_pipeline()
+    cases = [c for c in ev.in_world_cases(4 * args.count) if c.background not in ("white", "black")][: args.count]
+    strengths = [float(s) for s in args.strengths]
+    steps = args.epochs * 20
+    rows = [
+        "### Slider: background brightness",
+        "",
+        (
+            f'Sliders trained from the prompt pair "{positive}" / "{negative}" (model.slider.guidance '
+            f"{args.guidance:g}, target = each picture's caption; 64 world pictures) and from 64 image pairs (a "
+            "world scene on black beside the same scene on white, captioned with another background; "
+            f"model.slider.image_pairs), {steps} steps of batch 16 each with the demo recipe, applied at strengths "
+            f"{', '.join(f'{s:g}' for s in strengths)} to {len(cases)} in-world prompts with coloured backgrounds "
+            "(red, green, blue, yellow; fixed seeds). Luminance: mean of the pictures' border pixels (0-255); "
+            "white/black: the judge's background verdict; shape + colour: as asked (the world kept)."
+        ),
+        "",
+        "| slider | strength | border luminance | judged white | judged black | shape + colour |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts = {}
+    for name, path in runs:
+        ev.apply_lora(pipe, path, strengths[0])
+        lums = []
+        for strength in strengths:
+            ev.set_lora_strength(pipe, strength)
+            pictures = ev.generate(pipe, cases)
+            score = ev.judge_pictures(pictures, cases)
+            lum = sum(background_luminance(pictures)) / len(cases)
+            lums.append(lum)
+            white = sum(v.background == "white" for v in score.verdicts) / len(cases)
+            black = sum(v.background == "black" for v in score.verdicts) / len(cases)
+            label = SLIDER_VARIANTS[name]
+            rows.append(f"| {label} | {strength:g} | {lum:.1f} | {pct(white)} | {pct(black)} | {pct(score.accuracy)} |")
+            print(rows[-1], flush=True)
+        verdicts[name] = increasing_range(strengths, lums)
+    rows += [
+        "",
+        "Border luminance rises strictly with strength: "
+        + "; ".join(f"{SLIDER_VARIANTS[n]} from {lo:g} to {hi:g}" for n, (lo, hi) in verdicts.items())
+        + ". Training time (wall, this machine): "
+        + ", ".join(f"{SLIDER_VARIANTS[n]} {seconds:.0f} s" for n, seconds in timings.items())
+        + ".",
+        "",
+    ]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", choices=["prior"])
+    parser.add_argument("method", choices=["prior", "slider"])
     parser.add_argument("--out", required=True, help="folder for the runs (reused when their files exist)")
     parser.add_argument("--count", type=int, default=96, help="prompts per measurement")
     parser.add_argument("--class_word", nargs="+", default=["shape"], help="prior: class words to try")
     parser.add_argument("--weight", type=float, default=1.0, help="prior: model.prior.weight")
+    parser.add_argument("--epochs", type=int, default=8, help="slider: epochs of 20 steps")
+    parser.add_argument("--guidance", type=float, default=3.0, help="slider: model.slider.guidance")
+    parser.add_argument(
+        "--strengths", nargs="+", default=["-2", "-1", "-0.5", "0", "0.5", "1", "2"], help="slider: strengths"
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=list(SLIDER_VARIANTS), choices=list(SLIDER_VARIANTS), help="slider: which"
+    )
     parser.add_argument("--write", help="replace this method's section of this markdown file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.time()
-    rows = prior_rows(args)
+    rows = prior_rows(args) if args.method == "prior" else slider_rows(args)
     note = (
         f"{datetime.date.today()}, CPU ({platform.machine()}), 1 torch thread, torch {torch.__version__}; "
         f"`python {' '.join(sys.argv)}` took {time.time() - started:.0f} s."

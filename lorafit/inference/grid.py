@@ -58,7 +58,8 @@ def grid(
         x: Axis along the columns: epoch, strength, prompt, seed, cfg or lbw (empty = none).
         y: Axis along the rows.
         z: One sheet per value of this axis.
-        strength: LoRA strength(s) (the strength axis); repeat --strength for more.
+        strength: LoRA strength(s) (the strength axis); repeat --strength for more; negative values
+            apply the update reversed (sliders: -2 to 2).
         lbw: Block weights (A1111's LoRA Block Weight: a preset such as INALL, a 17/26-value vector,
             SDXL 12/20, or named blocks IN=1,MID=0.5,OUT=0), multiplying the strength per block
             (the lbw axis); repeat --lbw for more; empty = every block at the strength.

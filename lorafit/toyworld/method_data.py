@@ -8,12 +8,15 @@
   inversion, whose token must be new to the tokenizer), optionally without world pictures (for
   the output-preserving prior, which needs none).
 - :func:`write_world_folder`: world pictures with their captions, the x_t source of sliders.
+- :func:`write_brightness_pairs`: image pairs for a slider (the same scene on black, then on white,
+  side by side), captioned with the scene's own coloured background.
 
 Every picture comes from :mod:`lorafit.toyworld.world` with a seed, so a seed writes the same files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from lorafit.toyworld.world import (
     COLOUR_NAMES,
+    COLOURS,
     HELD_OUT_SHAPE,
     RESOLUTION,
     TRIGGER,
@@ -93,6 +97,24 @@ def write_world_folder(out: str | Path, num_images: int = 64, repeats: int = 1, 
     for i in range(num_images):
         scene = sample_scene(rng, WORLD_SHAPES)
         _write(folder, f"world_{i:03d}", render(scene), scene.caption())
+    return Path(out)
+
+
+def write_brightness_pairs(out: str | Path, num_images: int = 64, repeats: int = 5, seed: int = 2) -> Path:
+    """``out/<repeats>_pairs/``: 64x32 pictures, a world scene on black (left, "less") beside the same
+    scene on white (right, "more"), captioned with the coloured background the scene was drawn with
+    ("a red circle on a blue background"): model.slider.image_pairs then learns the brightness alone."""
+    rng = random.Random(seed)
+    folder = Path(out) / f"{repeats}_pairs"
+    plain = [c for c in COLOUR_NAMES if c not in ("white", "black")]
+    for i in range(num_images):
+        scene = sample_scene(rng, WORLD_SHAPES, colour=rng.choice(plain))
+        while scene.background in ("white", "black"):
+            scene = sample_scene(rng, WORLD_SHAPES, colour=scene.colour)
+        pair = Image.new("RGB", (2 * RESOLUTION, RESOLUTION))
+        for x, background in ((0, "black"), (RESOLUTION, "white")):
+            pair.paste(render(dataclasses.replace(scene, background_rgb=COLOURS[background])), (x, 0))
+        _write(folder, f"pair_{i:03d}", pair, scene.caption())
     return Path(out)
 
 

@@ -289,6 +289,45 @@ class EmbeddingConfig:
     freeze_after: int | None = None
 
 
+@dataclass(frozen=True)
+class SliderConfig:
+    """Concept slider: a LoRA that moves one attribute both ways (Gandikota et al., "Concept Sliders";
+    ai-toolkit's slider trainer; docs/teaching-methods.md).
+
+    The training pictures only supply noisy latents. At each step the frozen base predicts them for
+    the positive, negative and neutral prompts; the LoRA at strength +1 learns
+    ``neutral + guidance x (positive - negative)`` on the neutral prompt, at strength -1 the
+    opposite, so the file is used from -N to +N (``lorafit grid --strength -2 ... --strength 2``).
+
+    Args:
+        positive: The prompt of the "more" end, e.g. ``a photo of a person, smiling``; empty = off.
+        negative: The prompt of the "less" end, e.g. ``a photo of a person, frowning`` (the same
+            prompt but for the attribute works best: everything else cancels).
+        target: The neutral prompt the slider acts on (ai-toolkit's ``target_class``, e.g.
+            ``a photo of a person``); empty = each training picture's own caption.
+        guidance: How far strength 1 moves along positive - negative (ai-toolkit's
+            ``guidance_strength``, 3 there; the paper's eta).
+        normalize: Rescale each target to the neutral prediction's mean and standard deviation (per
+            sample), as ai-toolkit does, so a large ``guidance`` cannot ask for out-of-range noise.
+        anchor: A prompt the slider must leave as the base draws it at either strength (ai-toolkit's
+            ``anchor_class``); empty = none.
+        anchor_weight: Weight of the anchor's preservation term (ai-toolkit's ``anchor_strength``).
+        image_pairs: Train from picture pairs instead of a prompt pair: each training picture holds
+            two side by side, the left one "less", the right one "more" (ai-toolkit's image
+            reference slider); the LoRA learns the right half at +1 and the left at -1, same noise,
+            each picture's caption as the prompt. Leave positive/negative empty; no flips or random crops.
+    """
+
+    positive: str | None = None
+    negative: str | None = None
+    target: str | None = None
+    guidance: float = 3.0
+    normalize: bool = True
+    anchor: str | None = None
+    anchor_weight: float = 1.0
+    image_pairs: bool = False
+
+
 _DDPM_ONLY = {
     "noise.offset": lambda n, loss: n.offset,
     "noise.multires_iterations": lambda n, loss: n.multires_iterations,

@@ -108,6 +108,7 @@ def settings_groups(groups: dict[str, Any], legacy: dict[str, Any]) -> dict[str,
         "memory": config.MemoryConfig,
         "prior": config.PriorConfig,
         "embedding": config.EmbeddingConfig,
+        "slider": config.SliderConfig,
     }
 
     def build(name: str, value: Any):

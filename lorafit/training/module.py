@@ -37,6 +37,7 @@ from lorafit.training.config import (
     NoiseConfig,
     OptimizerConfig,
     PriorConfig,
+    SliderConfig,
     check_objective_settings,
     check_prior,
     check_settings,
@@ -46,6 +47,7 @@ from lorafit.training.legacy_keys import settings_groups
 from lorafit.training.nonfinite import NonfiniteGuard
 from lorafit.training.optim import build_optimizer, build_scheduler, effective_learning_rates, optimizer_kwargs
 from lorafit.training.output_prior import output_prior
+from lorafit.training.slider import check_slider, concept_slider
 from lorafit.training.speed import apply_speed_settings
 from lorafit.training.step import DenoisingStep, check_cached_shards, step_seed
 from lorafit.training.text_encoders import freeze_unread_text_lora
@@ -86,6 +88,8 @@ class LoraDiffusionModule(pl.LightningModule):
             target, instead of (or with) regularization images (``model.prior.*``).
         embedding: Textual inversion / pivotal tuning: trained vectors for a new token in the text
             encoders (``model.embedding.*``).
+        slider: Concept slider: a LoRA trained at +1 and -1 from a positive/negative prompt pair,
+            used from -N to +N (``model.slider.*``).
         nonfinite_loss: On a NaN/Inf loss: ``stop`` the run with a message naming the step and
             images (checked a step late, so the GPU never waits) or ``skip`` the batch (one device
             only; one host sync per step).
@@ -113,6 +117,7 @@ class LoraDiffusionModule(pl.LightningModule):
         memory: MemoryConfig = MemoryConfig(),
         prior: PriorConfig = PriorConfig(),
         embedding: EmbeddingConfig = EmbeddingConfig(),
+        slider: SliderConfig = SliderConfig(),
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         **legacy: Any,
     ):
@@ -129,18 +134,20 @@ class LoraDiffusionModule(pl.LightningModule):
                 "memory": memory,
                 "prior": prior,
                 "embedding": embedding,
+                "slider": slider,
             },
             legacy,
         )
         self.network, self.optimizer_config = groups["network"], groups["optimizer"]
         self.noise, self.loss_config = groups["noise"], groups["loss"]
         self.conditioning_config, self.memory = groups["conditioning"], groups["memory"]
-        self.prior_config = groups["prior"]
+        self.prior_config, self.slider_config = groups["prior"], groups["slider"]
         check_settings(self.network, self.optimizer_config, self.noise, self.loss_config, self.conditioning_config)
         check_prior(self.prior_config)
         self.embedding = groups["embedding"]
         check_embedding(self.embedding)
         self.trained_tokens = None  # textual inversion's vectors (token_embeddings.py), built with the model
+        check_slider(self.slider_config, self.network, self.memory, self.prior_config)
         # Plain types only: checkpoints are loaded with weights_only, which refuses dataclasses.
         self.save_hyperparameters(
             {
@@ -227,6 +234,7 @@ class LoraDiffusionModule(pl.LightningModule):
             prior=output_prior(self.prior_config, datamodule),
             adapted=list(self.lora_components().values()),
             captions=None if self.trained_tokens is None else self.trained_tokens.expand,
+            slider=concept_slider(self.slider_config, datamodule),
         )
         if hasattr(datamodule, "unused_model_parts"):  # before Lightning moves the module to the device
             self.host_parts.park(datamodule.unused_model_parts(), trains_text)
@@ -360,6 +368,8 @@ class LoraDiffusionModule(pl.LightningModule):
             self.step.prior.check_cache(cached)
         if self.trained_tokens is not None:
             self.trained_tokens.check_cache(cached)
+        if self.step.slider is not None:
+            self.step.slider.check_cache(cached)
 
     def fixed_noise(self, batch: dict, batch_idx: int):
         return self.step.fixed_points(batch, batch_idx, self.device)

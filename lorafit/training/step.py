@@ -52,6 +52,8 @@ class DenoisingStep:
         adapted: The modules carrying adapters (switched off for the prior's base prediction).
         captions: Rewrites captions before they are encoded (textual inversion's multi-vector
             tokens, :mod:`~lorafit.training.token_embeddings`); None = as they are.
+        slider: A concept slider (:mod:`~lorafit.training.slider`), whose loss replaces the
+            denoising loss in training; None = off.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class DenoisingStep:
         prior=None,
         adapted: list[torch.nn.Module] | None = None,
         captions=None,
+        slider=None,
     ):
         self.base, self.family, self.objective, self.options, self.trains_text = (
             base,
@@ -72,7 +75,7 @@ class DenoisingStep:
             options,
             trains_text,
         )
-        self.prior, self.adapted, self.captions = prior, list(adapted or []), captions
+        self.prior, self.adapted, self.captions, self.slider = prior, list(adapted or []), captions, slider
         self.last_prior: torch.Tensor | None = None  # the last training step's prior term, for logging
 
     def conditioning(self, batch: dict, device: torch.device, training: bool) -> dict[str, torch.Tensor]:
@@ -129,6 +132,8 @@ class DenoisingStep:
         drawn from ``generator`` with the recipe's noise options.
         """
         latents = self.latents(batch, generator, device)
+        if self.slider is not None and training and fixed is None:  # validation stays the denoising loss
+            return self.slider.loss(self, batch, latents, generator, device, self.adapted)
         if fixed is None:
             draw = self.objective.draw(latents, generator, batch.get("global_rows"), batch.get("global_size"))
         else:
