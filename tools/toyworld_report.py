@@ -38,6 +38,7 @@ def split_parts(text: str) -> list[tuple[str | None, str]]:
 def replace_part(path: Path, text: str) -> None:
     """Write ``text`` (which starts with its part's heading) in place of that part of ``path``, or
     append it; every other part stays as it was."""
+    text = text.lstrip("\n")
     part = part_of(text.splitlines()[0])
     if part is None:
         raise ValueError(f"the report must start with one of {PARTS}")
