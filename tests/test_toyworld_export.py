@@ -67,7 +67,8 @@ def _inputs():
 def _training_prediction(module) -> torch.Tensor:
     noisy, timesteps = _inputs()
     text = module.text_conditioning({"captions": CAPTIONS})
-    return module.predict(noisy, timesteps, text, {})
+    step = module.step  # the training step's own call of the family's denoiser
+    return step.family.predict(module.base, noisy, timesteps, text, {}, step.options)
 
 
 @torch.no_grad()
