@@ -165,17 +165,6 @@ class ChromaFamily(Family):
 
     # ---- inference and tests ------------------------------------------------------------------
 
-    def build_pipeline(self, base: BaseModel, scheduler):
-        from diffusers import ChromaPipeline
-
-        return ChromaPipeline(
-            scheduler=scheduler,
-            vae=base.vae,
-            text_encoder=base.text_encoders[0],
-            tokenizer=base.tokenizers[0],
-            transformer=base.denoiser,
-        )
-
     def native_size(self, base: BaseModel) -> int:
         return 1024
 

@@ -11,28 +11,13 @@ _TEXT_HIDDEN = 32  # stands for T5-XXL's 4096 (the transformer's joint_attention
 
 def tiny_chroma_pipeline(seed: int = 0):
     from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
-    from transformers import T5Config, T5EncoderModel
 
-    from lorafit.families.flux_tiny import build_t5_tokenizer
+    from lorafit.families.flux_tiny import build_t5_tokenizer, tiny_t5_encoder
     from lorafit.families.tiny import tiny_vae
 
     torch.manual_seed(seed)
     tokenizer = build_t5_tokenizer()
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=_TEXT_HIDDEN,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as T5-XXL
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
+    t5 = tiny_t5_encoder(tokenizer, _TEXT_HIDDEN)
     transformer = ChromaTransformer2DModel(
         patch_size=1,
         in_channels=64,  # 16 latent channels packed 2x2

@@ -289,9 +289,16 @@ class Family(ABC):
 
     # ---- inference and tests ------------------------------------------------------------------
 
-    @abstractmethod
     def build_pipeline(self, base: BaseModel, scheduler):
-        """A txt2img pipeline over ``base``'s own modules (shared, not copied)."""
+        """A txt2img pipeline over ``base``'s own modules (shared, not copied). The default is the
+        pipeline of one text encoder and a transformer (Qwen-Image, Z-Image, Chroma)."""
+        return self.pipeline_type()(
+            scheduler=scheduler,
+            vae=base.vae,
+            text_encoder=base.text_encoders[0],
+            tokenizer=base.tokenizers[0],
+            transformer=base.denoiser,
+        )
 
     @abstractmethod
     def tiny_pipeline(self, seed: int = 0):

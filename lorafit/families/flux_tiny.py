@@ -23,31 +23,37 @@ def build_t5_tokenizer(model_max_length: int = 512):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
+def tiny_t5_encoder(tokenizer, width: int):
+    """A 2-layer T5 v1.1 encoder (gated-GELU, as T5-XXL) of ``width`` for ``tokenizer``'s vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return T5EncoderModel(config)
+
+
 def tiny_flux_pipeline(guidance_embeds: bool = True, seed: int = 0):
     """Tiny Flux.1: [dev]-like with a guidance embedding, [schnell]-like without."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     from lorafit.families.tiny import _text_config, build_clip_tokenizer, tiny_vae
 
     torch.manual_seed(seed)
     clip_tokenizer = build_clip_tokenizer()
     t5_tokenizer = build_t5_tokenizer()
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=_TEXT_HIDDEN,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as T5-XXL
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-        )
-    )
+    t5 = tiny_t5_encoder(t5_tokenizer, _TEXT_HIDDEN)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,  # 16 latent channels packed 2x2

@@ -149,17 +149,6 @@ class QwenImageFamily(Family):
 
     # ---- inference and tests ---------------------------------------------------------------
 
-    def build_pipeline(self, base: BaseModel, scheduler):
-        from diffusers import QwenImagePipeline
-
-        return QwenImagePipeline(
-            scheduler=scheduler,
-            vae=base.vae,
-            text_encoder=base.text_encoders[0],
-            tokenizer=base.tokenizers[0],
-            transformer=base.denoiser,
-        )
-
     def native_size(self, base: BaseModel) -> int:
         return 1328  # the Qwen-Image model card's 1:1 size
 

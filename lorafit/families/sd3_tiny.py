@@ -12,30 +12,16 @@ _CLIP_L, _CLIP_G, _T5 = 32, 48, 96  # stand for 768, 1280 and 4096: CLIP-L + CLI
 
 def tiny_sd3_pipeline(seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
-    from lorafit.families.flux_tiny import build_t5_tokenizer
+    from lorafit.families.flux_tiny import build_t5_tokenizer, tiny_t5_encoder
     from lorafit.families.tiny import _PROJECTION_DIM, _text_config, build_clip_tokenizer, tiny_vae
 
     torch.manual_seed(seed)
     # CLIP-G's tokenizer pads with "!", CLIP-L's with the end token, as SDXL's and SD3's released ones.
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer(pad_token="!")
     t5_tokenizer = build_t5_tokenizer()
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=_T5,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as T5-XXL
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-        )
-    )
+    t5 = tiny_t5_encoder(t5_tokenizer, _T5)
     transformer = SD3Transformer2DModel(
         sample_size=32,
         patch_size=2,

@@ -127,17 +127,6 @@ class ZImageFamily(Family):
 
     # ---- inference and tests ----------------------------------------------------------------
 
-    def build_pipeline(self, base: BaseModel, scheduler):
-        from diffusers import ZImagePipeline
-
-        return ZImagePipeline(
-            scheduler=scheduler,
-            vae=base.vae,
-            text_encoder=base.text_encoders[0],
-            tokenizer=base.tokenizers[0],
-            transformer=base.denoiser,
-        )
-
     def native_size(self, base: BaseModel) -> int:
         return 1024
 
