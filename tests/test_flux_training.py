@@ -160,6 +160,28 @@ def test_fp8_storage_trains_float32_adapters_and_nf4_says_it_needs_a_gpu(tiny_mo
             load_base_model(tiny_models["flux"], quantization="nf4")
 
 
+@pytest.mark.slow
+def test_a_quantized_base_lifts_the_clis_bitsandbytes_block(tiny_models):
+    """The CLI keeps bitsandbytes unimportable (its import is noisy); asking for NF4 must lift that, so
+    the run gets as far as bitsandbytes itself (here: no CUDA GPU), not "install bitsandbytes"."""
+    import subprocess
+    import sys
+
+    script = (
+        "from lorafit.cli.startup import block_optional_imports\n"
+        "block_optional_imports()\n"
+        "from lorafit.errors import LorafitError\n"
+        "from lorafit.families.loading import load_base_model\n"
+        "try:\n"
+        f"    load_base_model({str(tiny_models['flux'])!r}, quantization='nf4')\n"
+        "except LorafitError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+    expected = "needs a CUDA GPU" if not torch.cuda.is_available() else ""
+    assert "needs bitsandbytes" not in done.stdout and expected in done.stdout, done.stdout + done.stderr
+
+
 def test_the_flux_config_trains_a_step_on_the_tiny_flux(tiny_models, demo_data, tmp_path):
     main(
         [

@@ -20,6 +20,7 @@ from lorafit.errors import LorafitError
 from lorafit.families.family import BaseModel, Family
 from lorafit.families.registry import detect_from_index, detect_from_keys, get_family
 from lorafit.families.single_file_weights import settle_single_file_weights
+from lorafit.io.optional_imports import BITSANDBYTES, allow_import
 
 log = logging.getLogger("lorafit.models")
 
@@ -112,6 +113,9 @@ def quantization_config(quantization: str, family: Family, compute_dtype: torch.
         return None
     from diffusers.quantizers import PipelineQuantizationConfig
 
+    # The CLI keeps bitsandbytes unimportable until something asks for it (its import prints library
+    # noise on every verb): a quantized base is such a request.
+    allow_import(BITSANDBYTES)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
