@@ -26,7 +26,8 @@ END = "<!-- families-table:end -->"
 def _network_types(family) -> list[str]:
     from lorafit.errors import LorafitError
     from lorafit.networks.network_types import NETWORK_TYPES
-    from lorafit.training.config import LossConfig, NetworkConfig, NoiseConfig, check_objective_settings
+    from lorafit.training.config import LossConfig, NetworkConfig, NoiseConfig
+    from lorafit.training.settings_checks import check_objective_settings
 
     accepted = []
     for kind in NETWORK_TYPES:

@@ -15,21 +15,20 @@ gives LR schedulers the run's exact step count.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from lorafit.data.captions import CaptionOps
+from lorafit.data.epoch_loader import EpochLoader
 from lorafit.data.kohya_folders import IMAGE_EXTENSIONS, MAX_REPEATS
+from lorafit.data.prepared_folders import has_image, prepare_folder, prepared_dir
 from lorafit.data.sample_transform import BucketSpec, SampleTransform
 from lorafit.data.shard_index import DatasetIndex, default_cache_dir, load_index
 from lorafit.data.stream import ShardStream
@@ -40,67 +39,6 @@ logger = logging.getLogger("lorafit.data")
 
 # The most samples one epoch may hold: far beyond any LoRA dataset, below what planning can hold.
 MAX_SAMPLES_PER_EPOCH = 100_000_000
-
-
-class EpochLoader(DataLoader):
-    """A DataLoader that tells its stream which epoch (and resume offset) to play before workers start.
-
-    Workers get a copy of the dataset when they start, so the epoch must be set on the dataset
-    right then; Lightning's ``set_epoch`` protocol only reaches samplers, and an iterable dataset
-    has none. The workers start at the first ``next()``, not at ``iter()``: Lightning may call
-    ``iter()`` before it restores a checkpoint's loop state (when a scheduler asks for
-    ``estimated_stepping_batches`` during setup), and the epoch read then would be the wrong one.
-    """
-
-    def __init__(
-        self,
-        dataset: ShardStream,
-        position: Callable[[], tuple[int, int]],
-        upcoming: Callable[[], int] = lambda: 0,
-        **kwargs,
-    ) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.position = position
-        self.upcoming = upcoming
-
-    def __iter__(self):
-        return _LazyEpochIterator(self)
-
-    def __len__(self) -> int:
-        """Batches of the epoch about to be played: Lightning reads it when each epoch starts."""
-        return self.dataset.plan(self.upcoming()).batches_per_rank
-
-
-class _LazyEpochIterator:
-    def __init__(self, loader: EpochLoader) -> None:
-        self.loader = loader
-        self.iterator = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.iterator is None:
-            self.loader.dataset.epoch, self.loader.dataset.skip = self.loader.position()
-            self.iterator = DataLoader.__iter__(self.loader)
-        return next(self.iterator)
-
-
-def _tree_fingerprint(roots: list[Path]) -> str:
-    """Changes whenever a file under ``roots`` is added, removed, renamed or modified."""
-    digest = hashlib.sha1()
-    for root in roots:
-        digest.update(str(root.resolve()).encode())
-        for dirpath, dirnames, filenames in sorted(os.walk(root)):
-            dirnames.sort()
-            for name in sorted(filenames):
-                stat = os.stat(os.path.join(dirpath, name))
-                digest.update(f"{os.path.relpath(dirpath, root)}/{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
-def _has_image(root: Path) -> bool:
-    return any(Path(name).suffix.lower() in IMAGE_EXTENSIONS for _, _, names in os.walk(root) for name in names)
 
 
 class LoraDataModule(L.LightningDataModule):
@@ -218,7 +156,7 @@ class LoraDataModule(L.LightningDataModule):
             if folder is not None and not Path(folder).expanduser().is_dir():
                 raise LorafitError(f"data.{key} {folder} is not a folder; check the path")
             # A typo'd or empty folder should fail now, not after minutes of model loading.
-            if folder is not None and not _has_image(Path(folder).expanduser()):
+            if folder is not None and not has_image(Path(folder).expanduser()):
                 raise LorafitError(
                     f"data.{key} {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); check the path"
                 )
@@ -252,42 +190,10 @@ class LoraDataModule(L.LightningDataModule):
 
     def _prepared_dir(self, folder: str, reg: str | list[str] | None) -> Path:
         hp = self.hparams
-        roots = [Path(folder).expanduser()] + [
-            Path(r).expanduser() for r in ([reg] if isinstance(reg, str) else reg or [])
-        ]
-        masks = ":alpha_mask" if hp.alpha_mask else ""
-        key = hashlib.sha1(f"{_tree_fingerprint(roots)}:{hp.caption_ext}:{self.spec}{masks}".encode()).hexdigest()[:16]
-        return self.cache_dir / "prepared" / f"{roots[0].resolve().name}-{key}"
+        return prepared_dir(self.cache_dir, folder, reg, f"{hp.caption_ext}:{self.spec}", hp.alpha_mask)
 
     def _prepare_folder(self, folder: str, reg) -> Path:
-        from lorafit.data.prepare_write import prepare_staged
-
-        out = self._prepared_dir(folder, reg)
-        if (out / "dataset.json").is_file():
-            return out
-        hp = self.hparams
-        logger.info("preparing %s into %s (once; reused until a file changes)", folder, out)
-        # Without buckets every image becomes one square: the bucket range must not stop prepare
-        # (a 32 px run would fail the default min_bucket_reso of 256).
-        bucket_range = (
-            (hp.min_bucket_reso, hp.max_bucket_reso, hp.bucket_reso_steps)
-            if hp.enable_bucket
-            else (hp.resolution, hp.resolution, 8)
-        )
-        # Staged: complete or absent (a crash mid-prepare is redone, not half-used), nothing left on failure.
-        prepare_staged(
-            folder,
-            out,
-            reg_dir=reg,
-            caption_ext=hp.caption_ext,
-            resolution=hp.resolution,
-            min_bucket_reso=bucket_range[0],
-            max_bucket_reso=bucket_range[1],
-            bucket_reso_steps=bucket_range[2],
-            bucket_no_upscale=hp.bucket_no_upscale and hp.enable_bucket,
-            alpha_mask=hp.alpha_mask,
-        )
-        return out
+        return prepare_folder(self._prepared_dir(folder, reg), folder, reg, self.hparams)
 
     def _sources(self, split: str) -> tuple[Any, str]:
         hp = self.hparams

@@ -38,15 +38,13 @@ from lorafit.training.config import (
     OptimizerConfig,
     PriorConfig,
     SliderConfig,
-    check_objective_settings,
-    check_prior,
-    check_settings,
 )
 from lorafit.training.host_parts import HostParts
 from lorafit.training.legacy_keys import settings_groups
 from lorafit.training.nonfinite import NonfiniteGuard
 from lorafit.training.optim import build_optimizer, build_scheduler, effective_learning_rates, optimizer_kwargs
 from lorafit.training.output_prior import output_prior
+from lorafit.training.settings_checks import check_objective_settings, check_prior, check_settings
 from lorafit.training.slider import check_slider, concept_slider
 from lorafit.training.speed import apply_speed_settings
 from lorafit.training.step import DenoisingStep, check_cached_shards, step_seed
