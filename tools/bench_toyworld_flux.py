@@ -42,12 +42,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from toyworld_pictures import base_samples_image  # noqa: E402
 from toyworld_report import replace_part  # noqa: E402
 
 from lorafit.toyworld import evaluate as sd_evaluate  # noqa: E402
 from lorafit.toyworld import flux_evaluate  # noqa: E402
 from lorafit.toyworld.judge import Judge, accuracy_on_fresh_pictures, to_pixels  # noqa: E402
-from lorafit.toyworld.world import COLOUR_NAMES, HELD_OUT_SHAPE, WORLD_SHAPES, render, scenes  # noqa: E402
+from lorafit.toyworld.world import HELD_OUT_SHAPE, WORLD_SHAPES, render, scenes  # noqa: E402
 
 FLUX_HEADING = "# Toy world quality benchmark: the FLUX.1-architecture base"
 # The issues' floors for the base's in-world accuracy (the SD base: 60%, target 80%; Flux: 80%, target 90%).
@@ -71,59 +72,6 @@ def vae_rows(pipe, judge: Judge, count: int) -> list[str]:
         colour = np.mean([v.colour == s.colour for v, s in zip(verdicts, world)])
         rows.append(f"| {name} | {pct(shape)} | {pct(colour)} |")
     return rows
-
-
-def label(img, text: str, size: int = 12):
-    """``img`` with ``text`` above it (the canvas widens if the text is longer than the image)."""
-    from PIL import Image, ImageDraw
-
-    width = max(img.width, int(ImageDraw.Draw(img).textlength(text)) + 4)
-    out = Image.new("RGB", (width, img.height + size), (255, 255, 255))
-    out.paste(img, (0, size))
-    ImageDraw.Draw(out).text((2, 0), text, fill=(0, 0, 0))
-    return out
-
-
-def strip(pictures: np.ndarray, scale: int = 3, gap: int = 2, captions=None):
-    """Pictures side by side, enlarged ``scale`` times (nearest neighbour: the pixels stay visible)."""
-    from PIL import Image
-
-    side = pictures.shape[1] * scale
-    pieces = [Image.fromarray(p).resize((side, side), Image.Resampling.NEAREST) for p in pictures]
-    if captions:
-        pieces = [label(p, c) for p, c in zip(pieces, captions)]
-    out = Image.new("RGB", (sum(p.width for p in pieces) + gap * (len(pieces) - 1), pieces[0].height), (255, 255, 255))
-    x = 0
-    for piece in pieces:
-        out.paste(piece, (x, 0))
-        x += piece.width + gap
-    return out
-
-
-def stack(images, vertical: bool = True, gap: int = 6):
-    from PIL import Image
-
-    w = max(i.width for i in images) if vertical else sum(i.width for i in images) + gap * (len(images) - 1)
-    h = sum(i.height for i in images) + gap * (len(images) - 1) if vertical else max(i.height for i in images)
-    out = Image.new("RGB", (w, h), (255, 255, 255))
-    offset = 0
-    for i in images:
-        out.paste(i, (0, offset) if vertical else (offset, 0))
-        offset += (i.height if vertical else i.width) + gap
-    return out
-
-
-def base_samples_image(pipe, ev=sd_evaluate):
-    """Rows: the three shapes and the trigger word; columns: colour pairs (shape colour on background)."""
-    pairs = list(zip(COLOUR_NAMES, ("blue", "black", "white", "red", "green", "yellow")))
-    rows = []
-    for shape in (*WORLD_SHAPES, "ohwx"):
-        cases = [ev.Case(f"a {c} {shape} on a {b} background", shape, c, b, 1000 + i) for i, (c, b) in enumerate(pairs)]
-        title = f'"a <colour> {shape} on a <colour> background"' + (
-            "  (trigger word, never trained)" if shape == "ohwx" else ""
-        )
-        rows.append(label(strip(ev.generate(pipe, cases), captions=[f"{c} on {b}" for c, b in pairs]), title))
-    return stack(rows)
 
 
 def main() -> None:

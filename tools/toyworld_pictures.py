@@ -1,6 +1,6 @@
 """The toy world benchmark's pictures: labelled strips of generations, enlarged so the pixels stay visible.
 
-Used by ``tools/bench_toyworld.py --images`` for the README's figures.
+Used by ``tools/bench_toyworld.py --images`` for the README's figures and by ``tools/bench_toyworld_flux.py``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafit.toyworld import evaluate as ev
+from lorafit.toyworld import evaluate as sd_evaluate
 from lorafit.toyworld.world import COLOUR_NAMES, WORLD_SHAPES
 
 
@@ -52,8 +52,9 @@ def stack(images, gap: int = 6):
     return out
 
 
-def base_samples_image(pipe):
-    """Rows: the three shapes and the trigger word; columns: colour pairs (shape colour on background)."""
+def base_samples_image(pipe, ev=sd_evaluate):
+    """Rows: the three shapes and the trigger word; columns: colour pairs (shape colour on background).
+    ``ev``: how the base draws (:mod:`lorafit.toyworld.evaluate`, or ``flux_evaluate`` for the Flux base)."""
     pairs = list(zip(COLOUR_NAMES, ("blue", "black", "white", "red", "green", "yellow")))
     rows = []
     for shape in (*WORLD_SHAPES, "ohwx"):
