@@ -308,3 +308,25 @@ def test_lorafit_convert_round_trips_the_kohya_file_exactly(trained, family_mode
     convert(str(tmp_path / "diffusers.safetensors"), str(tmp_path / "back.safetensors"), base=base, to="kohya")
     back = load_file(str(tmp_path / "back.safetensors"))
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_the_denoiser_and_vae_dtypes_follow_a_cast_without_walking_the_model_each_step(tiny_models, monkeypatch):
+    """``BaseModel.denoiser_dtype``/``vae_dtype`` run every training step; diffusers' ``ModelMixin.dtype``
+    walks every submodule, so it is asked again only when the weights were cast."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    base = load_base_model(tiny_models["sd1"])
+    asked = []
+    original = ModelMixin.dtype
+    monkeypatch.setattr(
+        ModelMixin, "dtype", property(lambda self: asked.append(type(self).__name__) or original.fget(self))
+    )
+    assert [base.denoiser_dtype() for _ in range(5)] == [torch.float32] * 5
+    assert [base.vae_dtype() for _ in range(5)] == [torch.float32] * 5
+    assert asked == ["UNet2DConditionModel", "AutoencoderKL"]
+    base.denoiser.to(torch.bfloat16)
+    base.vae.to(torch.float16)
+    assert (base.denoiser_dtype(), base.vae_dtype()) == (torch.bfloat16, torch.float16)
+    assert len(asked) == 4
+    base.compute_dtype = torch.float32  # quantized / fp8 storage: the compute dtype wins
+    assert base.denoiser_dtype() == torch.float32

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from lorafit.callbacks.progress import RunClock, epoch_label, format_duration
 
 
@@ -24,3 +26,36 @@ def test_the_run_estimate_extrapolates_the_pace_of_this_process_to_the_steps_lef
     assert clock.summary(100, 100, now=50.0) == "100% 0:00 left"
     assert clock.summary(50, math.inf, now=30.0) is None  # unknown run length
     assert format_duration(3723) == "1:02:03"
+
+
+def test_the_bar_shows_the_previous_steps_loss_as_the_nan_guard_read_it(tiny_models, demo_data, tmp_path):
+    """The bar's ``loss`` is the loss of the step before (read without waiting for the device), not logged."""
+    from lightning.pytorch.callbacks import Callback
+    from training import train
+
+    from lorafit.callbacks.progress import LorafitProgressBar
+
+    bar = LorafitProgressBar()
+
+    class Record(Callback):
+        def __init__(self):
+            self.losses, self.shown = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.shown.append(bar.get_metrics(trainer, pl_module).get("loss"))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    record = Record()
+    trainer, _ = train(
+        tiny_models["sd1"],
+        demo_data,
+        tmp_path,
+        max_steps=4,
+        trainer_kwargs={"enable_progress_bar": True, "callbacks": [bar, record]},
+    )
+    # After step n the guard has read step n-1's loss off the device (it checks one step late).
+    assert record.shown[:2] == [None, None]
+    assert record.shown[2:] == pytest.approx(record.losses[:2], rel=1e-6)
+    assert "loss" not in trainer.progress_bar_metrics, "not logged through Lightning each step any more"

@@ -74,5 +74,10 @@ class LorafitProgressBar(RichProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        # The training loss of the previous step, read by the NaN/Inf guard without waiting for the
+        # device (lorafit/training/nonfinite.py), rather than logged through Lightning every step.
+        loss = getattr(getattr(pl_module, "nonfinite", None), "last_loss", None)
+        if loss is not None:
+            items = {"loss": loss, **items}
         run = self.clock.summary(trainer.global_step, trainer.estimated_stepping_batches)
         return {"run": run, **items} if run else items

@@ -94,8 +94,27 @@ class BaseModel:
     # The pipeline's own settings from model_index.json (FLUX.2 [klein]'s ``is_distilled``).
     pipeline_config: dict = field(default_factory=dict)
 
+    # module name -> (its first weight's dtype, its dtype) at the last ``denoiser_dtype``/``vae_dtype`` call.
+    _dtypes_seen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def denoiser_dtype(self) -> torch.dtype:
-        return self.compute_dtype or self.denoiser.dtype
+        """The dtype the denoiser computes in (called every training step)."""
+        return self.compute_dtype or self._module_dtype("denoiser")
+
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's dtype (called every training step that encodes pixels)."""
+        return self._module_dtype("vae")
+
+    def _module_dtype(self, name: str) -> torch.dtype:
+        # diffusers' ``ModelMixin.dtype`` walks every submodule for layerwise-casting hooks: 4-6 ms a
+        # step on the toy UNet, whose LoRA layers add thousands of modules. Its answer changes only
+        # when the weights are cast, which changes the first weight's dtype too: that is the cache key.
+        module = getattr(self, name)
+        first = next(module.parameters()).dtype
+        seen = self._dtypes_seen.get(name)
+        if seen is None or seen[0] != first:
+            seen = self._dtypes_seen[name] = (first, module.dtype)
+        return seen[1]
 
     @property
     def unet(self) -> torch.nn.Module:

@@ -109,7 +109,7 @@ class DenoisingStep:
             if "latent_moments" in batch:
                 posterior = DiagonalGaussianDistribution(batch["latent_moments"].to(device, torch.float32))
             else:
-                posterior = self.family.vae_posterior(vae, batch["pixel_values"].to(device, vae.dtype))
+                posterior = self.family.vae_posterior(vae, batch["pixel_values"].to(device, self.base.vae_dtype()))
             if "global_rows" in batch:  # this rank's rows of the global batch's draw
                 shape = (int(batch["global_size"]), *posterior.mean.shape[1:])
                 eps = torch.randn(shape, generator=generator, device=posterior.mean.device, dtype=posterior.mean.dtype)
