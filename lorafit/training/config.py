@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from lorafit.families.family import TextOptions
 from lorafit.networks.adapters import DEFAULT_TEXT_ENCODER_TARGETS
-from lorafit.networks.network_types import DoraAxis, NetworkType
+from lorafit.networks.network_types import DoraAxis, NetworkSpec, NetworkType
 from lorafit.networks.presets import TargetPreset
 from lorafit.training.losses import HuberSchedule, LossType
 from lorafit.training.optim import OptimizerName, SchedulerName
@@ -79,6 +79,20 @@ class NetworkConfig:
     dora_axis: DoraAxis = "output"
     train_text_encoder: bool = False
     text_encoder_targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS))
+
+    def adapter_spec(self) -> NetworkSpec:
+        """The adapter these settings describe, as lorafit.networks builds it."""
+        return NetworkSpec(
+            self.type,
+            self.rank,
+            self.alpha,
+            self.conv_rank,
+            self.conv_alpha,
+            dict(self.rank_pattern),
+            dict(self.alpha_pattern),
+            self.lokr_factor,
+            self.dora_axis,
+        )
 
 
 @dataclass(frozen=True)

@@ -79,3 +79,16 @@ class HostParts:
         finally:
             for tensor, host in reversed(swapped):
                 torch.utils.swap_tensors(tensor, host)
+
+
+def note_resident_text_encoders(text_encoders: list, parked: Iterable[str], flow: bool) -> None:
+    """Say how much memory several text encoders take when they stay on the device and run every step."""
+    if len(text_encoders) < 2 or "text_encoders" in parked:
+        return
+    size = sum(p.numel() * p.element_size() for e in text_encoders for p in e.parameters()) / 2**30
+    log.info(
+        "the text encoders (%.2f GB here) stay on the training device and run every step; cache the "
+        "text embeddings (`lorafit cache ... --text_embeddings true`, data.shards) to free them%s",
+        size,
+        " (T5-XXL alone is 9.5 GB in bf16)" if flow else "",
+    )

@@ -23,11 +23,12 @@ from lorafit.errors import LorafitError
 from lorafit.families.family import BaseModel
 from lorafit.families.loading import DTYPES, PredictionType, Quantization, load_base_model, resolve_model_source
 from lorafit.families.registry import get_family
-from lorafit.networks.adapters import ADAPTER_NAME, attach_network
+from lorafit.networks.adapters import ADAPTER_NAME
 from lorafit.networks.lora_weights import LoraWeights
 from lorafit.networks.network_types import NetworkSpec
 from lorafit.networks.peft_layers import from_peft_model
 from lorafit.training import checkpoint_state
+from lorafit.training.adapter_setup import attach_adapters
 from lorafit.training.config import (
     ConditioningConfig,
     EmbeddingConfig,
@@ -39,16 +40,15 @@ from lorafit.training.config import (
     PriorConfig,
     SliderConfig,
 )
-from lorafit.training.host_parts import HostParts
+from lorafit.training.host_parts import HostParts, note_resident_text_encoders
 from lorafit.training.legacy_keys import settings_groups
 from lorafit.training.nonfinite import NonfiniteGuard
-from lorafit.training.optim import build_optimizer, build_scheduler, effective_learning_rates, optimizer_kwargs
+from lorafit.training.optim import effective_learning_rates, lightning_optimizers, part_learning_rates
 from lorafit.training.output_prior import output_prior
 from lorafit.training.settings_checks import check_objective_settings, check_prior, check_settings
 from lorafit.training.slider import check_slider, concept_slider
 from lorafit.training.speed import apply_speed_settings
 from lorafit.training.step import DenoisingStep, check_cached_shards, step_seed
-from lorafit.training.text_encoders import freeze_unread_text_lora
 from lorafit.training.token_embeddings import EmbeddingFreeze, check_embedding, trained_tokens
 
 log = logging.getLogger("lorafit.train")
@@ -195,24 +195,7 @@ class LoraDiffusionModule(pl.LightningModule):
         if not any(rate > 0 for rate in rates.values()):
             raise LorafitError(f"model.optimizer: every learning rate is 0 ({rates}); nothing would train")
         # Parts with learning rate 0 get no adapter at all: frozen, absent from checkpoints and exports.
-        net = self.network
-        if rates[spec.denoiser_component] > 0:
-            if net.targets is not None:
-                targets, key = net.targets, "model.network.targets"
-            else:
-                targets = spec.preset_modules(base.denoiser, net.preset, with_conv_blocks=net.type == "locon")
-                key = "model.network.preset"
-            attach_network(base.denoiser, self.network_spec(), targets, net.include, net.exclude, key)
-        for encoder in self.trained_text_encoders().values():
-            attach_network(
-                encoder,
-                self.network_spec(),
-                net.text_encoder_targets,
-                net.include,
-                net.exclude,
-                "model.network.text_encoder_targets",
-            )
-        self._freeze_unread_text_layers()
+        attach_adapters(base, spec, self.network, rates, self.trained_text_encoders(), self.conditioning_config)
         self.trained_tokens = trained_tokens(self.embedding, base, spec)
         trains_text = bool(self.trained_text_encoders()) or self.trained_tokens is not None
         apply_speed_settings(
@@ -236,14 +219,7 @@ class LoraDiffusionModule(pl.LightningModule):
         )
         if hasattr(datamodule, "unused_model_parts"):  # before Lightning moves the module to the device
             self.host_parts.park(datamodule.unused_model_parts(), trains_text)
-        if len(base.text_encoders) > 1 and "text_encoders" not in self.host_parts.names:
-            size = sum(p.numel() * p.element_size() for e in base.text_encoders for p in e.parameters()) / 2**30
-            log.info(
-                "the text encoders (%.2f GB here) stay on the training device and run every step; cache the "
-                "text embeddings (`lorafit cache ... --text_embeddings true`, data.shards) to free them%s",
-                size,
-                " (T5-XXL alone is 9.5 GB in bf16)" if spec.objective == "flow" else "",
-            )
+        note_resident_text_encoders(base.text_encoders, self.host_parts.names, flow=spec.objective == "flow")
 
     def _objective(self, spec, base: BaseModel):
         if spec.objective == "flow":
@@ -269,28 +245,8 @@ class LoraDiffusionModule(pl.LightningModule):
             hp.quantization,
         )
 
-    def _freeze_unread_text_layers(self) -> None:
-        # Left trainable, LoRA that cannot reach the loss stops DDP ("parameters that were not used
-        # in producing the loss"); see freeze_unread_text_lora.
-        trained = list(self.trained_text_encoders().values())
-        for index, encoder in enumerate(self.text_encoders):
-            if encoder in trained:
-                used = self.spec.text_layers_used(index, encoder.config.num_hidden_layers, self.conditioning_config)
-                freeze_unread_text_lora(encoder, used)
-
     def network_spec(self) -> NetworkSpec:
-        net = self.network
-        return NetworkSpec(
-            net.type,
-            net.rank,
-            net.alpha,
-            net.conv_rank,
-            net.conv_alpha,
-            dict(net.rank_pattern),
-            dict(net.alpha_pattern),
-            net.lokr_factor,
-            net.dora_axis,
-        )
+        return self.network.adapter_spec()
 
     @property
     def family(self) -> str:
@@ -309,18 +265,16 @@ class LoraDiffusionModule(pl.LightningModule):
 
     def learning_rates(self) -> dict[str, float]:
         """Learning rate of each part that may train (``unet``/``transformer``, text encoders); 0 = frozen."""
-        opt, spec = self.optimizer_config, self.spec if self.base is not None else None
-        denoiser = spec.denoiser_component if spec else "unet"
-        rates = {denoiser: opt.learning_rate if opt.denoiser_lr is None else opt.denoiser_lr}
+        spec = self.spec if self.base is not None else None
+        text_encoders = ()
         if self.network.train_text_encoder:
-            first = opt.learning_rate if opt.text_encoder_lr is None else opt.text_encoder_lr
-            second = first if opt.text_encoder_2_lr is None else opt.text_encoder_2_lr
             trainable = spec.trainable_text_encoders if spec else TEXT_ENCODER_NAMES
             present = TEXT_ENCODER_NAMES[: len(self.text_encoders)] if len(self.text_encoders) else TEXT_ENCODER_NAMES
-            rates.update({n: r for n, r in zip(TEXT_ENCODER_NAMES, (first, second)) if n in trainable and n in present})
-        if self.embedding.token is not None:  # textual inversion's vectors: their own parameter group
-            rates["embedding"] = self.embedding.learning_rate or opt.learning_rate
-        return rates
+            text_encoders = tuple(n for n in present if n in trainable)
+        embedding = None if self.embedding.token is None else (self.embedding.learning_rate or 0.0)
+        return part_learning_rates(
+            self.optimizer_config, spec.denoiser_component if spec else "unet", text_encoders, embedding
+        )
 
     def trained_text_encoders(self) -> dict[str, torch.nn.Module]:
         rates = self.learning_rates()
@@ -429,21 +383,9 @@ class LoraDiffusionModule(pl.LightningModule):
             for name, rate in self.learning_rates().items()
             if rate > 0
         ]
-        kwargs = optimizer_kwargs(opt.name, opt.weight_decay, opt.betas, opt.args)
-        optimizer = build_optimizer(opt.name, groups, opt.learning_rate, kwargs)
         # The data module counts every epoch's batches; Lightning multiplies the first epoch's by max_epochs.
         planned = getattr(getattr(self.trainer, "datamodule", None), "stepping_batches", lambda: None)()
-        scheduler = build_scheduler(
-            opt.lr_scheduler,
-            optimizer,
-            planned or self.trainer.estimated_stepping_batches,
-            opt.lr_warmup_steps,
-            opt.lr_scheduler_num_cycles,
-            opt.lr_scheduler_power,
-        )
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return lightning_optimizers(opt, groups, planned or self.trainer.estimated_stepping_batches)
 
     # ---- checkpoints ------------------------------------------------------------------------
 

@@ -205,3 +205,41 @@ def effective_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, floa
         else:
             rates[name] = float(group["lr"])
     return rates
+
+
+def lightning_optimizers(opt, groups: list[dict], total_steps: float):
+    """What ``configure_optimizers`` returns for the ``model.optimizer`` settings ``opt`` and the named
+    parameter ``groups``: the optimizer, with its schedule stepped every optimizer step when it has one."""
+    optimizer = build_optimizer(
+        opt.name, groups, opt.learning_rate, optimizer_kwargs(opt.name, opt.weight_decay, opt.betas, opt.args)
+    )
+    scheduler = build_scheduler(
+        opt.lr_scheduler,
+        optimizer,
+        total_steps,
+        opt.lr_warmup_steps,
+        opt.lr_scheduler_num_cycles,
+        opt.lr_scheduler_power,
+    )
+    if scheduler is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def part_learning_rates(
+    opt,
+    denoiser: str,
+    text_encoders: tuple[str, ...] = (),
+    embedding_lr: float | None = None,
+) -> dict[str, float]:
+    """Learning rate of each part that may train: the ``denoiser`` component, the ``text_encoders``
+    that train (first and second: kohya's ``text_encoder_lr`` and its SDXL split) and textual
+    inversion's vectors (``embedding``, when ``embedding_lr`` is given; 0 = the base rate); 0 = frozen."""
+    rates = {denoiser: opt.learning_rate if opt.denoiser_lr is None else opt.denoiser_lr}
+    first = opt.learning_rate if opt.text_encoder_lr is None else opt.text_encoder_lr
+    second = first if opt.text_encoder_2_lr is None else opt.text_encoder_2_lr
+    rates.update(dict(zip(("text_encoder", "text_encoder_2"), (first, second))))
+    rates = {name: rate for name, rate in rates.items() if name == denoiser or name in text_encoders}
+    if embedding_lr is not None:
+        rates["embedding"] = embedding_lr or opt.learning_rate
+    return rates
