@@ -22,10 +22,10 @@ from lorafit.data.buckets import (
     cover_size,
     make_bucket_table,
     no_upscale_bucket,
-    plan_resize_crop,
     select_bucket,
     verify_bucket_reso_steps,
 )
+from lorafit.data.resize_crop import plan_resize_crop
 from lorafit.errors import LorafitError
 
 KOHYA_512 = [

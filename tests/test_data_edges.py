@@ -337,9 +337,9 @@ def test_a_batch_larger_than_the_epoch_is_refused(tmp_path):
 
 
 def test_an_epoch_too_large_to_plan_is_refused(tmp_path, monkeypatch):
-    import lorafit.data.datamodule as datamodule
+    import lorafit.data.epoch_checks as epoch_checks
 
-    monkeypatch.setattr(datamodule, "MAX_SAMPLES_PER_EPOCH", 59)
+    monkeypatch.setattr(epoch_checks, "MAX_SAMPLES_PER_EPOCH", 59)
     data = LoraDataModule(train_dir=str(_toy_tree(tmp_path / "toy")), cache_dir=str(tmp_path / "cache"), **SMALL)
     data.prepare_data()
     with pytest.raises(LorafitError, match="data.train_dir: 60 samples per epoch .* more than lorafit plans"):

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lorafit.data.buckets import make_bucket_table, plan_resize_crop, select_bucket
+from lorafit.data.buckets import make_bucket_table, select_bucket
 from lorafit.data.datamodule import LoraDataModule
 from lorafit.data.prepare import prepare
+from lorafit.data.resize_crop import plan_resize_crop
 
 RESOLUTION, MAX_BUCKET, BATCH = 1024, 2048, 4
 

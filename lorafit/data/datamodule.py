@@ -26,6 +26,7 @@ import lightning as L
 import torch
 
 from lorafit.data.captions import CaptionOps
+from lorafit.data.epoch_checks import check_cached_settings, check_epoch_size, log_plan
 from lorafit.data.epoch_loader import EpochLoader
 from lorafit.data.kohya_folders import IMAGE_EXTENSIONS, MAX_REPEATS
 from lorafit.data.prepared_folders import has_image, prepare_folder, prepared_dir
@@ -36,9 +37,6 @@ from lorafit.data.worker_signals import sigterm_from_parent_only
 from lorafit.errors import LorafitError
 
 logger = logging.getLogger("lorafit.data")
-
-# The most samples one epoch may hold: far beyond any LoRA dataset, below what planning can hold.
-MAX_SAMPLES_PER_EPOCH = 100_000_000
 
 
 class LoraDataModule(L.LightningDataModule):
@@ -246,12 +244,13 @@ class LoraDataModule(L.LightningDataModule):
         if self.train_stream is None and stage == "fit":
             source, key = self._sources("train")
             index = load_index(source, key, str(self.cache_dir), scan=False)
-            self._check_cached(index, key)
+            hp = self.hparams
+            check_cached_settings(index.cached, key, hp.resolution, self.spec, hp, self.transform.captions.is_identity)
             self.train_stream = self._stream(index, training=True)
             first = self.train_stream.plan(0)
-            self._check_epoch_size(first, key)
+            world = self._world()[0]
+            check_epoch_size(first, key, self.batch_size, world, hp.global_batch)
             if first.batches_per_rank == 0:
-                world = self._world()[0]
                 raise LorafitError(
                     f"{key}: {sum(map(sum, first.copies))} samples per epoch cannot give each of {world} rank(s) "
                     f"x {max(1, self.hparams.num_workers)} worker(s) a batch; lower data.num_workers, "
@@ -262,77 +261,10 @@ class LoraDataModule(L.LightningDataModule):
                 # Epochs differ by a few batches: Lightning must ask each epoch for its length (a
                 # loader here is a cheap view of the one stream), or it would cut longer epochs.
                 self.trainer.reload_dataloaders_every_n_epochs = 1
-            self._log_plan(first)
+            log_plan(first, self.batch_size, world, hp.global_batch, (index.summary or {}).get("loss_masks"))
         if self.val_stream is None and (self.hparams.val_dir or self.hparams.val_shards):
             source, key = self._sources("val")
             self.val_stream = self._stream(load_index(source, key, str(self.cache_dir), scan=False), training=False)
-
-    def _check_cached(self, index: DatasetIndex, key: str) -> None:
-        cached = index.cached
-        if not cached:
-            return
-        hp = self.hparams
-        if cached["resolution"] != hp.resolution or cached.get("bucket_spec") != repr(self.spec):
-            raise LorafitError(
-                f"{key} holds latents cached for {cached['bucket_spec']}; set the same data.* bucket "
-                "settings or run `lorafit cache` again"
-            )
-        if hp.random_crop or hp.color_aug:
-            raise LorafitError(
-                "cached latents fix each crop and colour; turn data.random_crop/data.color_aug off "
-                "or train from uncached shards"
-            )
-        if hp.flip_aug and not cached.get("flip_aug"):
-            raise LorafitError("data.flip_aug needs latents cached with flips: run `lorafit cache ... --flip_aug true`")
-        if cached.get("text_embeddings") and not self.transform.captions.is_identity:
-            raise LorafitError(
-                "these shards hold cached text embeddings, so captions cannot change per draw; "
-                "turn off trigger_word/shuffle_caption/caption dropout or cache latents only"
-            )
-
-    def _check_epoch_size(self, plan, key: str) -> None:
-        """Refuses an epoch no batch can fill, or too large to plan (a repeats field gone wrong)."""
-        samples = sum(map(sum, plan.copies))
-        if samples > MAX_SAMPLES_PER_EPOCH:
-            raise LorafitError(
-                f"{key}: {samples} samples per epoch (repeats included) is more than lorafit plans "
-                f"({MAX_SAMPLES_PER_EPOCH}); lower the repeat counts or data.repeats"
-            )
-        world = self._world()[0]
-        batch, per_rank = self.batch_size, samples // world
-        if self.hparams.global_batch:  # every rank plays the one-process epoch with world-size batches
-            batch, per_rank = batch * world, samples
-        if 0 < per_rank < batch:
-            ranks = f" for each of {world} ranks" if world > 1 else ""
-            raise LorafitError(
-                f"data.batch_size {self.batch_size} is larger than the {per_rank} samples per epoch{ranks} "
-                f"({key}, repeats included), so no batch would be that large; set data.batch_size to at most "
-                f"{max(1, per_rank // (world if self.hparams.global_batch else 1))}"
-            )
-
-    def _log_plan(self, plan) -> None:
-        samples = sum(sum(row) for row in plan.copies)
-        world = self._world()[0]
-        logger.info(
-            "data: %d samples per epoch (repeats and reg included), %d batches per rank of %d, %d rank(s)%s",
-            samples,
-            plan.batches_per_rank,
-            self.batch_size,
-            world,
-            f", global batches of {world * self.batch_size}" if self.hparams.global_batch else "",
-        )
-        masks = (self.index.summary or {}).get("loss_masks") if getattr(self, "index", None) else None
-        if masks:
-            logger.info(
-                "data: %d images have a loss mask (%s); model.loss.mask_floor weighs their background",
-                sum(masks.values()),
-                ", ".join(f"{n} from {'_mask files' if how == 'file' else 'alpha'}" for how, n in masks.items()),
-            )
-        if plan.dropped_samples:
-            logger.info(
-                "data: %d samples per epoch are left out so every rank runs the same number of batches",
-                plan.dropped_samples,
-            )
 
     def _upcoming(self) -> int:
         """The epoch Lightning is about to play, or plays (what it passes to samplers' set_epoch, too)."""

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lorafit.data.buckets import BucketChoice, Size, make_bucket_table, plan_resize_crop, select_bucket
+from lorafit.data.buckets import BucketChoice, Size, make_bucket_table, select_bucket
 from lorafit.data.captions import CaptionOps
 from lorafit.data.images import decode_rgb_with_fixes
 from lorafit.data.masks import MEMBER as MASK_MEMBER
 from lorafit.data.masks import decode_member, resize_mask
+from lorafit.data.resize_crop import plan_resize_crop
 from lorafit.data.shard_index import IMAGE_EXTS
 from lorafit.errors import LorafitError
 
