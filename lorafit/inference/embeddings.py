@@ -100,7 +100,9 @@ def load_lora_or_embedding(
     has_lora, embeddings = embeddings_of(path)
     name = None
     if has_lora:
-        name = load_lora(pipe, path, weight=weight, adapter_name=adapter_name, block_weights=block_weights)
+        name = load_lora(
+            pipe, path, weight=weight, adapter_name=adapter_name, block_weights=block_weights, bundled_embeddings="skip"
+        )
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for token, vectors in embeddings.items():

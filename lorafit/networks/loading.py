@@ -28,9 +28,11 @@ strength per layer: each layer's adapter scale (or DoRA output) is ``weight x`` 
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -42,6 +44,8 @@ from lorafit.networks.kohya_format import kohya_name_table
 from lorafit.networks.lora_weights import LoraModuleWeights
 from lorafit.networks.model_fit import adaptable_layers, fit_to_model
 from lorafit.networks.peft_layers import adapter_layers, injection_config, outer_name, write_layer
+
+log = logging.getLogger("lorafit.lora")
 
 _REGISTRY = "_lorafit_loras"  # attribute on each adapted component: {name: LoadedLora}
 
@@ -116,6 +120,8 @@ def load_lora(
     weight: float = 1.0,
     adapter_name: str | None = None,
     block_weights: str | BlockWeights | None = None,
+    *,
+    bundled_embeddings: Literal["warn", "skip"] = "warn",
 ) -> str:
     """Load a LoRA/LoCon/DoRA/LoHa/LoKr file (kohya/LyCORIS or diffusers format) into ``pipe``.
 
@@ -126,6 +132,9 @@ def load_lora(
         adapter_name: Name to refer to it later; default: the file name without extension.
         block_weights: Strength per block, A1111 LBW style ("INALL", a 17/26-value vector,
             "IN=1,OUT=0"; see :mod:`lorafit.networks.block_weights`); empty = ``weight`` everywhere.
+        bundled_embeddings: A pivotal-tuning file's embeddings (A1111's ``bundle_emb`` keys) are not
+            loaded here: ``warn`` says so (``lorafit.inference.embeddings.load_lora_or_embedding``, what
+            ``lorafit generate`` uses, loads both), ``skip`` is for that caller.
 
     Returns:
         The adapter name, for :func:`set_lora_weight` and :func:`unload_lora`.
@@ -139,6 +148,8 @@ def load_lora(
     table = kohya_name_table(family, components)
     weights, _, _ = read_lora_file(path, table)
     weights = fit_to_model(weights, components, str(path))
+    if bundled_embeddings == "warn":
+        _warn_bundled_embeddings(path)
     try:
         for component, modules in weights.items():
             _inject(components[component], name, modules, weight, f"{path}: {component}")
@@ -150,6 +161,20 @@ def load_lora(
             _registry(model)[name].blocks = block_weights
     set_lora_weight(pipe, name, weight)
     return name
+
+
+def _warn_bundled_embeddings(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        names = sorted({key.split(".")[1] for key in handle.keys() if key.startswith("bundle_emb.")})
+    if names:
+        log.warning(
+            "%s also bundles the embedding(s) %s (pivotal tuning), which load_lora leaves out; "
+            "lorafit.inference.embeddings.load_lora_or_embedding loads the LoRA with them (as `lorafit generate` does)",
+            path,
+            ", ".join(names),
+        )
 
 
 def _inject(model: torch.nn.Module, name: str, modules: dict, weight: float, where: str) -> None:

@@ -20,7 +20,7 @@ from lorafit.families.registry import get_family
 from lorafit.networks.toolbox.base_layout import base_layout
 from lorafit.networks.toolbox.blocks import block_of, block_order
 from lorafit.networks.toolbox.file_family import family_is_guessed
-from lorafit.networks.toolbox.network_file import read_network
+from lorafit.networks.toolbox.network_file import embedding_names, read_network
 
 # Long JSON values summarised on the terminal (``--json`` has them whole).
 _LONG = ("ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_datasets", "lora_adapter_metadata")
@@ -126,6 +126,10 @@ def describe(file: str, base: str | None = None, single_file_config: str | None 
         "modules": modules,
         "metadata": network.metadata,
         "tags": dict(tag_counts(network.metadata).most_common()),
+        "embeddings": {
+            name: [list(t.shape) for k, t in sorted(network.embeddings.items()) if k.split(".")[1] == name]
+            for name in embedding_names(network.embeddings)
+        },
     }
 
 
@@ -156,6 +160,9 @@ def _lines(info: dict, tags: int, every_module: bool) -> list[str]:
     ]
     for b in info["blocks"]:
         lines.append(f"  {b['block']:<6} {b['modules']:>7}  {'+'.join(b['kinds']):<10} {b['rank']:>7}  {b['alpha']:>9}")
+    if info["embeddings"]:  # pivotal tuning: A1111's bundle_emb keys
+        lines += ["", "embeddings (bundled; A1111/Forge load them with the LoRA):"]
+        lines += [f"  {name}: {' + '.join(map(str, shapes))}" for name, shapes in info["embeddings"].items()]
     if every_module:
         lines += ["", "modules:"]
         lines += [

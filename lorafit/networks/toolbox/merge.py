@@ -25,7 +25,16 @@ from lorafit.networks.toolbox.bake_relayout import bake_relayout
 from lorafit.networks.toolbox.base_layout import BaseLayout, base_layout
 from lorafit.networks.toolbox.low_rank import RankRule
 from lorafit.networks.toolbox.merge_networks import merge_modules, merged_metadata
-from lorafit.networks.toolbox.network_file import DTYPES, Network, in_format, read_network, write_network
+from lorafit.networks.toolbox.network_file import (
+    DTYPES,
+    Network,
+    bundled_embeddings,
+    in_format,
+    merged_embeddings,
+    read_network,
+    warn_embeddings_left_out,
+    write_network,
+)
 from lorafit.networks.toolbox.report import summary_lines, write_report
 
 log = logging.getLogger("lorafit.toolbox")
@@ -60,6 +69,8 @@ def _patches(specs: list[tuple[str, float]], layout: BaseLayout, text_encoders: 
 def _merge_into_base(specs, into, out, single_file_config, save_dtype, text_encoders) -> Path:
     layout = base_layout(into, single_file_config, key="--into")
     patches = _patches(specs, layout, text_encoders)
+    for path, _ in specs:  # a model file has no place for embeddings: say so rather than drop them unseen
+        warn_embeddings_left_out(bundled_embeddings(path), path, "a merged base model")
     if not patches:
         raise LorafitError("merge: the LoRAs have no module left to merge")
     out_path = Path(out)
@@ -149,7 +160,8 @@ def merge(
     out_path = Path(out)
     if any(out_path.resolve() == Path(p).resolve() for p, _ in specs):
         raise LorafitError(f"--out {out} is one of the inputs; choose another path")
-    first = Network(networks[0].source, target, modules, networks[0].metadata, networks[0].family, layout)
+    embeddings = merged_embeddings(networks)
+    first = Network(networks[0].source, target, modules, networks[0].metadata, networks[0].family, layout, embeddings)
     metadata = merged_metadata(networks, strengths, modules, out_path, comment) if target == "kohya" else None
     path = write_network(first, modules, out_path, dtype, comment, metadata)
     ranks = sorted({m.rank for m in modules.values()})

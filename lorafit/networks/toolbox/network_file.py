@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.networks.embedding_files import BUNDLE_PREFIX
 from lorafit.networks.files import (
     LoraFormat,
     atomic_save_safetensors,
@@ -48,6 +49,9 @@ class Network:
     metadata: dict[str, str] = field(default_factory=dict)
     family: str | None = None
     layout: BaseLayout | None = None
+    # A1111's ``bundle_emb.*`` tensors (pivotal tuning's embeddings) as the file holds them: not
+    # modules, but carried into every kohya file written from this one.
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def kinds(self) -> set[str]:
@@ -111,8 +115,11 @@ def read_network(path: str | Path, layout: BaseLayout | None = None) -> Network:
     """Read a kohya/LyCORIS or diffusers/PEFT network file (``layout``: the base model, if known)."""
     source = str(path)
     tensors, metadata = read_safetensors(path)
+    embeddings = {k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)}
+    tensors = {k: v for k, v in tensors.items() if k not in embeddings}
     if not tensors:
-        raise LorafitError(f"{source} holds no tensors")
+        what = "only embeddings (bundle_emb keys), no LoRA modules" if embeddings else "no tensors"
+        raise LorafitError(f"{source} holds {what}")
     if all(key.startswith("diffusion_model.") for key in tensors):
         raise LorafitError(
             f"{source} is in ComfyUI's diffusion_model.* layout; write it in kohya format first: "
@@ -136,7 +143,7 @@ def read_network(path: str | Path, layout: BaseLayout | None = None) -> Network:
         if layout is not None
         else guess_family(list(tensors), metadata, {k: tuple(t.shape) for k, t in tensors.items()})
     )
-    return Network(source, fmt, modules, metadata, family, layout)
+    return Network(source, fmt, modules, metadata, family, layout, embeddings)
 
 
 def in_format(network: Network, target: LoraFormat) -> Network:
@@ -154,7 +161,9 @@ def in_format(network: Network, target: LoraFormat) -> Network:
     else:
         tensors = to_kohya_state_dict(network.family, weights, network.layout.denoiser_config)
         modules = _kohya_modules(tensors, network.source)
-    return Network(network.source, target, modules, network.metadata, network.family, network.layout)
+    return Network(
+        network.source, target, modules, network.metadata, network.family, network.layout, network.embeddings
+    )
 
 
 def uniform(values) -> str:
@@ -215,6 +224,7 @@ def write_network(
         raise LorafitError(f"--out {out}: network files are written as .safetensors")
     if network.format == "kohya":
         tensors = kohya_tensors({name: m.to(dtype) for name, m in modules.items()})
+        tensors.update({key: value.to(dtype) for key, value in network.embeddings.items()})
         return atomic_save_safetensors(tensors, out, metadata or output_metadata(network, modules, comment, out))
     if network.family is None:
         raise LorafitError(
@@ -225,6 +235,7 @@ def write_network(
         log.info(
             "diffusers format has no place for %d kohya ss_* metadata keys (kept in %s)", len(dropped), network.source
         )
+    warn_embeddings_left_out(network.embeddings, network.source, "a diffusers-format LoRA file")
     weights = Network(network.source, "diffusers", modules, family=network.family).component_weights()
     return save_diffusers(out, network.family, cast(weights, dtype), dtype)
 
@@ -236,3 +247,42 @@ def save_dtype_of(save_dtype: str | None, network: Network) -> torch.dtype:
     if save_dtype not in DTYPES:
         raise LorafitError(f"--save_dtype {save_dtype!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[save_dtype]
+
+
+def embedding_names(embeddings: dict[str, torch.Tensor]) -> list[str]:
+    """The embeddings' names (A1111's tokens) among ``bundle_emb.<name>.*`` keys."""
+    return sorted({key[len(BUNDLE_PREFIX) :].partition(".")[0] for key in embeddings})
+
+
+def warn_embeddings_left_out(embeddings: dict[str, torch.Tensor], source: str, where: str) -> None:
+    """Say that a file's bundled embeddings cannot go into the output, and where they still are."""
+    if embeddings:
+        log.warning(
+            "%s has no place for the embedding(s) %s bundled in %s; they stay in that file (a kohya-format "
+            "output keeps them)",
+            where,
+            ", ".join(embedding_names(embeddings)),
+            source,
+        )
+
+
+def merged_embeddings(networks: list[Network]) -> dict[str, torch.Tensor]:
+    """Every input's bundled embeddings, for a merged file; one name bundled with different vectors is refused."""
+    merged: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}
+    for network in networks:
+        for key, value in network.embeddings.items():
+            if key in merged and not torch.equal(merged[key], value):
+                name = embedding_names({key: value})[0]
+                raise LorafitError(
+                    f"merge: {owner[key]} and {network.source} both bundle an embedding named {name} with different "
+                    "vectors, and a merged file can hold one; merge the LoRAs of one of them without it"
+                )
+            merged[key], owner[key] = value, network.source
+    return merged
+
+
+def bundled_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``bundle_emb.*`` tensors of a LoRA file (empty for a file without embeddings)."""
+    tensors, _ = read_safetensors(path)
+    return {key: value for key, value in tensors.items() if key.startswith(BUNDLE_PREFIX)}
