@@ -253,3 +253,19 @@ def test_checkpoints_carry_the_global_rng_state_and_load_weights_only(tiny_model
     module.on_load_checkpoint(loaded)
     got = (torch.rand(3), np.random.rand(3), python_random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+@pytest.mark.slow
+def test_sigusr1_outside_slurm_saves_and_exits_138_not_success(tiny_models, demo_data, tmp_path):
+    """Nothing requeues the run, so its stop must not read as a finished run (status 0) to a job manager."""
+    root = tmp_path / "run"
+    process = _start(
+        demo_fit_args(tiny_models["sd1"], demo_data, root, *RUN_ARGS), SLURM_JOB_ID="", SLURM_ARRAY_JOB_ID=""
+    )
+    _wait_for(root / "lora" / "ohwx-star-epoch-001.safetensors", process)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 128 + signal.SIGUSR1 == 138, stderr[-3000:]
+    checkpoint = root / "hpc_ckpt_1.ckpt"
+    assert checkpoint.is_file()
+    assert f"saved {checkpoint}; stopping with exit status 138 (resume with --ckpt_path {checkpoint})" in stderr

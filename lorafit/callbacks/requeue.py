@@ -12,7 +12,8 @@ Here the handler only raises a flag. After each optimizer step the ranks sum the
 tiny all-reduce on the device per step) and read the sum a step later through a pinned host copy
 (lorafit/distributed/host_readback.py), so no step waits for the GPU; every rank reads the same sum at the
 same step, so all save together, at the same clean point ModelCheckpoint's step checkpoints use,
-one step after the signal. Rank 0 runs ``scontrol requeue``, and the processes exit. The requeued
+one step after the signal. Rank 0 runs ``scontrol requeue``, and the processes exit (status 0; a
+stop that nothing requeues, outside SLURM, exits 138 = 128 + SIGUSR1). The requeued
 job resumes from ``hpc_ckpt_N.ckpt`` in the run directory (the name Lightning's SLURM resume looks
 for; the sbatch templates pass the newest checkpoint explicitly).
 
@@ -44,7 +45,8 @@ log = logging.getLogger("lorafit.requeue")
 
 
 class TrainingRequeued(SystemExit):
-    """Raised on every rank after the checkpoint is saved; exits the process with status 0."""
+    """Raised on every rank after the checkpoint is saved; exits the process with status 0 when SLURM
+    requeued the job, else with 128 + the signal's number (138 for SIGUSR1)."""
 
 
 class TrainingTerminated(SystemExit):
@@ -193,13 +195,24 @@ class RequeueOnSignal(Checkpoint):
                 )
             raise TrainingTerminated(SIGTERM_EXIT)
         job = slurm_job_id()
+        # Status 0 only when SLURM runs the job again: a stop that nothing resumes (no SLURM, requeue
+        # off, scontrol failing) is not a finished run, so it exits 128 + the signal, as SIGTERM's does.
+        stopped = 128 + self._signum()
+        requeued = False
         if trainer.is_global_zero:
             if job and self.requeue:
                 result = subprocess.run(["scontrol", "requeue", job], check=False, capture_output=True, text=True)
                 if result.returncode:
-                    log.error("saved %s but `scontrol requeue %s` failed: %s", path, job, result.stderr.strip())
+                    log.error(
+                        "saved %s but `scontrol requeue %s` failed: %s; stopping with exit status %d",
+                        path,
+                        job,
+                        result.stderr.strip(),
+                        stopped,
+                    )
                 else:
                     log.info("saved %s and requeued SLURM job %s; it resumes from there", path, job)
+                    requeued = True
             else:
-                log.info("saved %s; resume with --ckpt_path %s", path, path)
-        raise TrainingRequeued(0)
+                log.info("saved %s; stopping with exit status %d (resume with --ckpt_path %s)", path, stopped, path)
+        raise TrainingRequeued(0 if trainer.strategy.broadcast(requeued) else stopped)
