@@ -410,3 +410,19 @@ def test_the_command_line_reads_the_fit_config(tmp_path):
     main(["prepare", str(train), "--out", str(tmp_path / "out"), "--fit_config", str(config)])
     settings = json.loads((tmp_path / "out" / "dataset.json").read_text())["settings"]
     assert (settings["resolution"], settings["min_bucket_reso"]) == (32, 16)
+
+
+def test_a_users_reload_dataloaders_setting_is_replaced_with_a_warning(tmp_path, caplog):
+    """Epochs differ in length, so the loader is rebuilt every epoch; a value the user set is not dropped unseen."""
+    import lightning.pytorch as pl
+
+    train = _toy_tree(tmp_path / "toy")
+    data = LoraDataModule(train_dir=str(train), cache_dir=str(tmp_path / "cache"), batch_size=4, **SMALL)
+    data.trainer = pl.Trainer(reload_dataloaders_every_n_epochs=3, logger=False, enable_progress_bar=False)
+    data.prepare_data()
+    with caplog.at_level(logging.WARNING, logger="lorafit.data"):
+        data.setup("fit")
+    assert data.trainer.reload_dataloaders_every_n_epochs == 1
+    assert [
+        r.getMessage() for r in caplog.records if "reload_dataloaders_every_n_epochs 3 is taken as 1" in r.getMessage()
+    ]

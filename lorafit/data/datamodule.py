@@ -260,6 +260,12 @@ class LoraDataModule(L.LightningDataModule):
             if self.trainer is not None:
                 # Epochs differ by a few batches: Lightning must ask each epoch for its length (a
                 # loader here is a cheap view of the one stream), or it would cut longer epochs.
+                if self.trainer.reload_dataloaders_every_n_epochs not in (0, 1):
+                    logger.warning(
+                        "trainer.reload_dataloaders_every_n_epochs %d is taken as 1: lorafit plans every epoch "
+                        "anew (their lengths differ), and a loader here is a cheap view of the data",
+                        self.trainer.reload_dataloaders_every_n_epochs,
+                    )
                 self.trainer.reload_dataloaders_every_n_epochs = 1
             log_plan(first, self.batch_size, world, hp.global_batch, (index.summary or {}).get("loss_masks"))
         if self.val_stream is None and (self.hparams.val_dir or self.hparams.val_shards):
