@@ -61,6 +61,10 @@ def test_only_the_new_tokens_vectors_train(family, pivotal, tiny_models, demo_da
     group = next(g for g in module.trainer.optimizers[0].param_groups if g["name"] == "embedding")
     assert [p.shape for p in group["params"]] == [v.shape for v in module.trained_tokens.vectors.values()]
     assert group["lr"] == TI["learning_rate"]
+    with safe_open(str(tmp_path / "lora" / "test.safetensors"), framework="pt") as handle:
+        network_keys = sorted(k for k in (handle.metadata() or {}) if k.startswith("ss_network_"))
+    # A textual-inversion-only file records no network it does not hold (A1111 shows these as the LoRA's settings).
+    assert bool(network_keys) == pivotal, network_keys
 
 
 def _training_conditioning(module: LoraDiffusionModule, caption: str) -> dict:

@@ -187,6 +187,8 @@ class LoraExport(pl.Callback):
                 **recipe_metadata(trainer, pl_module),
                 **extra,
             }
+            if not weights:  # textual inversion alone: the file holds no network, so no network settings
+                metadata = {k: v for k, v in metadata.items() if not k.startswith("ss_network_")}
             paths.append(
                 save_kohya(
                     directory / f"{stem}.safetensors",
