@@ -172,8 +172,9 @@ def run(dry_run: bool, budget_s: float, output: Path, only: list[str] | None = N
             try:
                 result = subprocess.run(command, cwd=REPO, timeout=left, capture_output=True, text=True)
                 status = "" if result.returncode == 0 else f"tools/bench.py failed (exit {result.returncode})"
-                if status:
-                    print(result.stderr[-3000:], file=sys.stderr)
+                if status:  # the first error and the last lines: a teardown error can follow the real one
+                    text = result.stderr
+                    print(text if len(text) < 12000 else f"{text[:6000]}\n[...]\n{text[-6000:]}", file=sys.stderr)
             except subprocess.TimeoutExpired:
                 status = f"stopped after {left:.0f} s: the budget ran out"
             rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []

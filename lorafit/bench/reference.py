@@ -129,6 +129,9 @@ def time_reference(
 ) -> Timer:
     """The plain loop on ``module``'s denoiser; returns its timer. ``counter`` counts the host syncs
     of the timed steps (it slows them: time and count in separate runs)."""
+    # Lightning's teardown after a timed `fit` moves the whole module to the CPU (SingleDeviceStrategy
+    # frees the GPU that way), and the reference loop runs on the same module next.
+    module.to(device)
     opt = module.optimizer_config
     params = [p for p in module.denoiser.parameters() if p.requires_grad]
     optimizer = build_optimizer(
