@@ -399,7 +399,9 @@ def write_training_notes(out: Path) -> None:
         "",
         "Trained from scratch by `tools/train_toyworld.py`: the VAE first, then the text encoder and UNet",
         "together on the VAE's latents; the judge is independent of both (it only scores pictures). The",
-        "held-out shape (star) is in none of the base model's training data. Versions: torch "
+        "VAE's decoder was fine-tuned afterwards (vae-decoder: encoder, quant_conv and scaling_factor",
+        "unchanged, so the UNet's latents are the same). The held-out shape (star) is in none of the",
+        "training data of any stage. Versions: torch "
         + torch.__version__
         + ", diffusers "
         + diffusers.__version__
