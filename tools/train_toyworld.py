@@ -4,6 +4,8 @@ Three stages, each writing what the next needs, so a stage can be re-run alone, 
 
     python tools/train_toyworld.py judge --steps 600   # -> lorafit/toyworld/judge.safetensors
     python tools/train_toyworld.py vae --steps 1500    # -> runs/toyworld-build/vae/
+    python tools/train_toyworld.py vae-decoder --steps 3000  # fine-tunes the decoder of
+                                                       #    lorafit/toyworld/base/vae in place (encoder frozen)
     python tools/train_toyworld.py base --steps 6000   # -> lorafit/toyworld/base/ (fp16 pipeline)
     python tools/train_toyworld.py clip --steps 2000 --batch-size 128 --pictures 20000 --lr 0.002
                                                        # -> lorafit/toyworld/clip/ (fp16 CLIPModel)
@@ -22,6 +24,7 @@ import json
 import math
 import platform
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))  # toyworld_decoder (the vae-decoder stage)
 
 from lorafit.toyworld import architecture as arch  # noqa: E402
 from lorafit.toyworld.judge import JUDGE_FILE, Judge, accuracy_on_fresh_pictures, judge_examples, to_pixels, train_judge  # noqa: E402
@@ -47,10 +51,23 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch thread(s)"
 
 
+def _shipped_log() -> dict:
+    """The stages recorded in the shipped TRAINING.md (its JSON blocks under "## stage" headings).
+
+    runs/ is not in git: in a fresh checkout this is how a later stage keeps the earlier stages'
+    records instead of rewriting TRAINING.md with only its own.
+    """
+    notes = BASE_DIR / "TRAINING.md"
+    if not notes.exists():
+        return {}
+    found = re.findall(r"^## (\S+)\n\n```json\n(.*?)\n```", notes.read_text(), flags=re.M | re.S)
+    return {stage: json.loads(block) for stage, block in found}
+
+
 def _record(stage: str, info: dict) -> None:
     BUILD.mkdir(parents=True, exist_ok=True)
     log_path = BUILD / "log.json"
-    log = json.loads(log_path.read_text()) if log_path.exists() else {}
+    log = json.loads(log_path.read_text()) if log_path.exists() else _shipped_log()
     log[stage] = {"command": "python " + " ".join(sys.argv), **info}
     log_path.write_text(json.dumps(log, indent=2))
 
@@ -196,6 +213,69 @@ def stage_vae(args, device) -> None:
     )
 
 
+def stage_vae_decoder(args, device) -> None:
+    """Fine-tune the shipped VAE's decoder on world pictures and generic shapes (tools/toyworld_decoder.py).
+
+    Reads ``--vae-from`` (default: the base's own VAE) and writes the result into the base
+    (``--out``/vae). The encoder, quant_conv and scaling_factor come out bit-identical: the
+    stage refuses to save otherwise.
+    """
+    import toyworld_decoder as td
+    from diffusers import AutoencoderKL
+
+    start = time.time()
+    torch.manual_seed(args.seed)
+    source = Path(args.vae_from)
+    vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch.float32).to(device)
+    encoder_before, scaling = td.encoder_digest(vae.state_dict()), vae.config.scaling_factor
+    # (a) the vae stage's own mix (world scenes without the star, the judge's "other" pictures,
+    # random polygons), so the decoder keeps what it draws well; (b) as many generic shapes.
+    pixels = torch.cat(
+        [vae_pictures(args.seed, args.pictures // 2), td.generic_pictures(args.seed + 1, args.pictures // 2)]
+    ).to(device)
+    before = td.reconstruction_check(vae)
+    vae.to(device)
+    print("before:", before, flush=True)
+    losses = td.finetune_decoder(
+        vae,
+        pixels,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        edge_weight=args.edge_weight,
+        seed=args.seed,
+        make_schedule=lambda optimizer, steps: _warmup_cosine(optimizer, steps, warmup=min(100, steps // 10 + 1)),
+    )
+    wall = time.time() - start
+    after = td.reconstruction_check(vae)
+    print("after:", after, flush=True)
+    if td.encoder_digest(vae.state_dict()) != encoder_before or vae.config.scaling_factor != scaling:
+        raise SystemExit(f"vae-decoder: the encoder drifted from {source}'s; nothing saved")
+    out = Path(args.out) / "vae" if args.out == str(BASE_DIR) else Path(args.out)
+    td.save_fp16(vae, out)
+    print(f"saved {out}", flush=True)
+    _record(
+        "vae-decoder",
+        {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "pictures": args.pictures,
+            "lr": args.lr,
+            "edge_weight": args.edge_weight,
+            "wall_s": round(wall),
+            "device": _device_name(device),
+            "final_mse": round(losses["final_mse"], 6),
+            "final_edge_l1": round(losses["final_edge_l1"], 5),
+            "encoder_sha256": encoder_before,
+            "scaling_factor": scaling,
+            "judge_reads_reconstructions_before": {k: round(v, 4) for k, v in before.items()},
+            "judge_reads_reconstructions_after": {k: round(v, 4) for k, v in after.items()},
+        },
+    )
+    if out == BASE_DIR / "vae":
+        write_training_notes(BASE_DIR)
+
+
 # ---- base model ----------------------------------------------------------------------------------
 
 
@@ -319,7 +399,9 @@ def write_training_notes(out: Path) -> None:
         "",
         "Trained from scratch by `tools/train_toyworld.py`: the VAE first, then the text encoder and UNet",
         "together on the VAE's latents; the judge is independent of both (it only scores pictures). The",
-        "held-out shape (star) is in none of the base model's training data. Versions: torch "
+        "VAE's decoder was fine-tuned afterwards (vae-decoder: encoder, quant_conv and scaling_factor",
+        "unchanged, so the UNet's latents are the same). The held-out shape (star) is in none of the",
+        "training data of any stage. Versions: torch "
         + torch.__version__
         + ", diffusers "
         + diffusers.__version__
@@ -331,7 +413,7 @@ def write_training_notes(out: Path) -> None:
         "the VAE and base stages), so they are upper bounds for one core.",
         "",
     ]
-    for stage in ("vae", "base", "judge"):
+    for stage in ("vae", "vae-decoder", "base", "judge"):
         if stage in log:
             lines += [f"## {stage}", "", "```json", json.dumps(log[stage], indent=2), "```", ""]
     (out / "TRAINING.md").write_text("\n".join(lines))
@@ -339,12 +421,16 @@ def write_training_notes(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("judge", "vae", "base", "clip"))
+    parser.add_argument("stage", choices=("judge", "vae", "vae-decoder", "base", "clip"))
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pictures", type=int, default=30000, help="distinct training pictures")
     parser.add_argument("--kl-weight", type=float, default=1e-3, help="VAE: weight of the KL term")
+    parser.add_argument(
+        "--vae-from", default=str(BASE_DIR / "vae"), help="vae-decoder: the VAE whose decoder is fine-tuned"
+    )
+    parser.add_argument("--edge-weight", type=float, default=0.5, help="vae-decoder: weight of the edge L1 term")
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="base: share of empty captions")
     parser.add_argument("--ema", type=float, default=0.999, help="base: EMA decay of the saved weights")
     parser.add_argument("--save-every", type=int, default=0, help="base: also save a snapshot every N steps")
@@ -356,7 +442,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    {"judge": stage_judge, "vae": stage_vae, "base": stage_base, "clip": stage_clip}[args.stage](args, device)
+    stages = {"judge": stage_judge, "vae": stage_vae, "vae-decoder": stage_vae_decoder, "base": stage_base}
+    {**stages, "clip": stage_clip}[args.stage](args, device)
 
 
 if __name__ == "__main__":
