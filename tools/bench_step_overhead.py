@@ -51,12 +51,24 @@ class StepClock(pl.Callback):
         self.epoch_ends: list[int] = []
         self.first_batch_file = first_batch_file
         self.module = self.datamodule = None
+        # Wall-clock moments of the start-up (time.time(), comparable with the launching process's).
+        self.moments = {"callbacks built": time.time()}
         StepClock.runs.append(self)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.moments["trainer setup"] = time.time()  # after the data module's setup, before configure_model
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.moments["model loaded"] = time.time()  # configure_model (the base + LoRA) has run
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.moments["train start"] = time.time()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.starts.append(time.perf_counter())
         if self.first_batch_file and len(self.starts) == 1:
-            Path(self.first_batch_file).write_text(repr(time.time()))
+            self.moments["first batch"] = time.time()
+            Path(self.first_batch_file).write_text(json.dumps(self.moments))
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -150,21 +162,63 @@ def run_plain(clock: StepClock, steps: int, clip: float | None) -> list[float]:
     return [b - a for a, b in itertools.pairwise(starts)]
 
 
-def startup_seconds(config: str, data_dir: str) -> tuple[float, float]:
-    """(launch of `lorafit fit` to its first batch, launch of `python -c "import torch"` to exit)."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def _fit_command(config: str, data_dir: str, root: str, marker: Path) -> list[str]:
+    clock = {"class_path": "bench_step_overhead.StepClock", "init_args": {"first_batch_file": str(marker)}}
+    command = [sys.executable, "-m", "lorafit.cli.main", "fit", "--config", config, "--data.train_dir", data_dir]
+    return (
+        command
+        + ["--trainer.default_root_dir", root, "--samples.prompts", "[]"]
+        + [f"--trainer.callbacks+={json.dumps(clock)}"]
+    )
+
+
+def _bench_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def _launch_seconds(command: list[str]) -> float:
+    launched = time.time()
+    subprocess.run(command, env=_bench_env(), check=True, capture_output=True)
+    return time.time() - launched
+
+
+def fit_startup(config: str, data_dir: str) -> dict[str, float]:
+    """One fresh `lorafit fit`: seconds from launch to each start-up moment, up to the first batch's start."""
     with tempfile.TemporaryDirectory() as root:
         marker = Path(root) / "first-batch"
-        clock = {"class_path": "bench_step_overhead.StepClock", "init_args": {"first_batch_file": str(marker)}}
-        flags = [f"--trainer.callbacks+={json.dumps(clock)}"]
-        command = [sys.executable, "-m", "lorafit.cli.main", "fit", "--config", config, "--data.train_dir", data_dir]
-        command += ["--trainer.default_root_dir", str(Path(root) / "run"), "--samples.prompts", "[]", *flags]
         launched = time.time()
-        subprocess.run(command, env=env, check=True, capture_output=True)
-        fit = float(marker.read_text()) - launched
-        launched = time.time()
-        subprocess.run([sys.executable, "-c", "import torch"], check=True)
-        return fit, time.time() - launched
+        done = subprocess.run(
+            _fit_command(config, data_dir, str(Path(root) / "run"), marker), env=_bench_env(), capture_output=True
+        )
+        if done.returncode != 0 or not marker.is_file():
+            raise SystemExit(f"lorafit fit failed (exit {done.returncode}):\n{done.stderr.decode()[-3000:]}")
+        return {name: moment - launched for name, moment in json.loads(marker.read_text()).items()}
+
+
+def startup_seconds(config: str, data_dir: str) -> tuple[float, float]:
+    """(launch of `lorafit fit` to its first batch, launch of `python -c "import torch"` to exit)."""
+    fit = fit_startup(config, data_dir)["first batch"]
+    return fit, _launch_seconds([sys.executable, "-c", "import torch"])
+
+
+# Fresh processes that each stop at one point of `lorafit fit`'s start-up (their wall time, exit included).
+_STARTUP_STAGES = {
+    "python": "pass",
+    "import torch": "import torch",
+    "import lightning.pytorch": "import lightning.pytorch",
+    "fit's imports": "from lorafit.cli.lightning_cli import _build_cli_class; _build_cli_class()",
+}
+
+
+def startup_breakdown(config: str, data_dir: str, repeats: int) -> dict[str, float]:
+    """Medians over ``repeats`` interleaved launches: where `lorafit fit`'s seconds before the first step go."""
+    samples: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for name, code in _STARTUP_STAGES.items():
+            samples.setdefault(name, []).append(_launch_seconds([sys.executable, "-c", code]))
+        for name, seconds in fit_startup(config, data_dir).items():
+            samples.setdefault(f"fit: {name}", []).append(seconds)
+    return {name: round(statistics.median(values), 2) for name, values in samples.items()}
 
 
 def main(argv=None) -> int:
@@ -174,9 +228,16 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out at the start of each measurement")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved lorafit/plain measurements")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="only time `lorafit fit`'s start-up, with a breakdown (medians over --repeats launches)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.startup_only:
+        return startup_only(args.config, args.repeats)
     import yaml
 
     clip = (yaml.safe_load(Path(args.config).read_text()).get("trainer") or {}).get("gradient_clip_val")
@@ -217,6 +278,29 @@ def main(argv=None) -> int:
         f"**{row['ratio']}** | {', '.join(map(str, row['epoch_end_step_ms'])) or '-'} ms | {row['fit_startup_s']} s "
         f"| {row['import_torch_s']} s |"
     )
+    return 0
+
+
+def startup_only(config: str, repeats: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "toy-data"
+        from lorafit.cli.main import main as lorafit
+
+        lorafit(["toy-data", str(data)])
+        breakdown = startup_breakdown(config, str(data), repeats)
+    print(
+        json.dumps(
+            {
+                "date": datetime.date.today().isoformat(),
+                "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+                "repeats": repeats,
+                **breakdown,
+            }
+        )
+    )
+    print("\n| moment | seconds from launch (median) |\n|---|---|")
+    for name, seconds in breakdown.items():
+        print(f"| {name} | {seconds} |")
     return 0
 
 
