@@ -173,13 +173,28 @@ def _fit_command(config: str, data_dir: str, root: str, marker: Path) -> list[st
 
 
 def _bench_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    """The child's path: this tools folder (for StepClock), then the caller's PYTHONPATH, then this checkout."""
+    path = [str(ROOT / "tools"), *filter(None, [os.environ.get("PYTHONPATH")]), str(ROOT)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def _launch_seconds(command: list[str]) -> float:
     launched = time.time()
     subprocess.run(command, env=_bench_env(), check=True, capture_output=True)
     return time.time() - launched
+
+
+def _import_seconds(code: str) -> float:
+    """Launch of a fresh ``python -c CODE`` to the end of CODE (the interpreter's exit left out)."""
+    launched = time.time()
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport time; print(repr(time.time()))"],
+        env=_bench_env(),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(done.stdout.strip().splitlines()[-1]) - launched
 
 
 def fit_startup(config: str, data_dir: str) -> dict[str, float]:
@@ -201,12 +216,26 @@ def startup_seconds(config: str, data_dir: str) -> tuple[float, float]:
     return fit, _launch_seconds([sys.executable, "-c", "import torch"])
 
 
-# Fresh processes that each stop at one point of `lorafit fit`'s start-up (their wall time, exit included).
+# Fresh processes, each importing one more of what `lorafit fit` imports, in its order (the differences
+# between consecutive ones are each step's cost), timed from launch to the end of the imports.
+# bitsandbytes is kept out as the CLI keeps it out (lorafit/cli/startup.py).
 _STARTUP_STAGES = {
     "python": "pass",
     "import torch": "import torch",
-    "import lightning.pytorch": "import lightning.pytorch",
-    "fit's imports": "from lorafit.cli.lightning_cli import _build_cli_class; _build_cli_class()",
+    "+ torch._dynamo (Lightning's fabric.wrappers)": "import torch._dynamo",
+    "+ transformers' auto models (torchmetrics' BERTScore, at Lightning's import)": (
+        "import torch._dynamo; from transformers import AutoModel, AutoTokenizer"
+    ),
+    "import lightning.pytorch (all of the above)": "import lightning.pytorch",
+    "+ lorafit fit's own modules": (
+        "from lorafit.cli.startup import block_optional_imports; block_optional_imports(); "
+        "from lorafit.cli.lightning_cli import _build_cli_class; _build_cli_class('fit')"
+    ),
+    "+ diffusers' SD pipeline, models and PEFT (at the model load)": (
+        "from lorafit.cli.startup import block_optional_imports; block_optional_imports(); "
+        "from lorafit.cli.lightning_cli import _build_cli_class; _build_cli_class('fit'); "
+        "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel"
+    ),
 }
 
 
@@ -215,7 +244,7 @@ def startup_breakdown(config: str, data_dir: str, repeats: int) -> dict[str, flo
     samples: dict[str, list[float]] = {}
     for _ in range(repeats):
         for name, code in _STARTUP_STAGES.items():
-            samples.setdefault(name, []).append(_launch_seconds([sys.executable, "-c", code]))
+            samples.setdefault(name, []).append(_import_seconds(code))
         for name, seconds in fit_startup(config, data_dir).items():
             samples.setdefault(f"fit: {name}", []).append(seconds)
     return {name: round(statistics.median(values), 2) for name, values in samples.items()}
