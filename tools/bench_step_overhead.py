@@ -51,23 +51,28 @@ class StepClock(pl.Callback):
         self.epoch_ends: list[int] = []
         self.first_batch_file = first_batch_file
         self.module = self.datamodule = None
-        # Wall-clock moments of the start-up (time.time(), comparable with the launching process's).
-        self.moments = {"callbacks built": time.time()}
+        # Moments of the start-up: wall clock (time.time(), comparable with the launching process's) and
+        # this process's CPU seconds since it started (less sensitive to other jobs on a shared machine).
+        self.moments: dict[str, tuple[float, float]] = {}
+        self._mark("callbacks built")
         StepClock.runs.append(self)
 
+    def _mark(self, moment: str) -> None:
+        self.moments[moment] = (time.time(), time.process_time())
+
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self.moments["trainer setup"] = time.time()  # after the data module's setup, before configure_model
+        self._mark("trainer setup")  # after the data module's setup, before configure_model
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.moments["model loaded"] = time.time()  # configure_model (the base + LoRA) has run
+        self._mark("model loaded")  # configure_model (the base + LoRA) has run
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.moments["train start"] = time.time()
+        self._mark("train start")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.starts.append(time.perf_counter())
         if self.first_batch_file and len(self.starts) == 1:
-            self.moments["first batch"] = time.time()
+            self._mark("first batch")
             Path(self.first_batch_file).write_text(json.dumps(self.moments))
             trainer.should_stop = True
 
@@ -184,21 +189,24 @@ def _launch_seconds(command: list[str]) -> float:
     return time.time() - launched
 
 
-def _import_seconds(code: str) -> float:
-    """Launch of a fresh ``python -c CODE`` to the end of CODE (the interpreter's exit left out)."""
+def _import_seconds(code: str) -> tuple[float, float]:
+    """Launch of a fresh ``python -c CODE`` to the end of CODE (the interpreter's exit left out): wall
+    seconds, and the CPU seconds the process had used by then."""
     launched = time.time()
     done = subprocess.run(
-        [sys.executable, "-c", f"{code}\nimport time; print(repr(time.time()))"],
+        [sys.executable, "-c", f"{code}\nimport json, time; print(json.dumps([time.time(), time.process_time()]))"],
         env=_bench_env(),
         check=True,
         capture_output=True,
         text=True,
     )
-    return float(done.stdout.strip().splitlines()[-1]) - launched
+    wall, cpu = json.loads(done.stdout.strip().splitlines()[-1])
+    return wall - launched, cpu
 
 
-def fit_startup(config: str, data_dir: str) -> dict[str, float]:
-    """One fresh `lorafit fit`: seconds from launch to each start-up moment, up to the first batch's start."""
+def fit_startup(config: str, data_dir: str) -> dict[str, tuple[float, float]]:
+    """One fresh `lorafit fit`: (wall seconds from launch, CPU seconds of the process) at each start-up
+    moment, up to the first batch's start."""
     with tempfile.TemporaryDirectory() as root:
         marker = Path(root) / "first-batch"
         launched = time.time()
@@ -207,12 +215,12 @@ def fit_startup(config: str, data_dir: str) -> dict[str, float]:
         )
         if done.returncode != 0 or not marker.is_file():
             raise SystemExit(f"lorafit fit failed (exit {done.returncode}):\n{done.stderr.decode()[-3000:]}")
-        return {name: moment - launched for name, moment in json.loads(marker.read_text()).items()}
+        return {name: (wall - launched, cpu) for name, (wall, cpu) in json.loads(marker.read_text()).items()}
 
 
 def startup_seconds(config: str, data_dir: str) -> tuple[float, float]:
     """(launch of `lorafit fit` to its first batch, launch of `python -c "import torch"` to exit)."""
-    fit = fit_startup(config, data_dir)["first batch"]
+    fit = fit_startup(config, data_dir)["first batch"][0]
     return fit, _launch_seconds([sys.executable, "-c", "import torch"])
 
 
@@ -244,9 +252,12 @@ def startup_breakdown(config: str, data_dir: str, repeats: int) -> dict[str, flo
     samples: dict[str, list[float]] = {}
     for _ in range(repeats):
         for name, code in _STARTUP_STAGES.items():
-            samples.setdefault(name, []).append(_import_seconds(code))
-        for name, seconds in fit_startup(config, data_dir).items():
-            samples.setdefault(f"fit: {name}", []).append(seconds)
+            wall, cpu = _import_seconds(code)
+            samples.setdefault(name, []).append(wall)
+            samples.setdefault(f"{name} (CPU s)", []).append(cpu)
+        for name, (wall, cpu) in fit_startup(config, data_dir).items():
+            samples.setdefault(f"fit: {name}", []).append(wall)
+            samples.setdefault(f"fit: {name} (CPU s)", []).append(cpu)
     return {name: round(statistics.median(values), 2) for name, values in samples.items()}
 
 
