@@ -15,6 +15,14 @@ It also times `lorafit fit`'s start-up in a fresh process: from launch to the fi
 beside `python -c "import torch"` for scale.
 
 Prints one Markdown block for benchmarks/RESULTS.md ("Per-step overhead on the toy demo").
+
+    python tools/bench_step_overhead.py --startup-only [--repeats 5]
+
+only times the start-up, with a breakdown: fresh processes that import one more of what `lorafit fit`
+imports each (torch, torch._dynamo, transformers' auto models, Lightning, lorafit's modules, diffusers'
+pipeline and PEFT), and the moments of real `lorafit fit` launches (callbacks built = imports + CLI
+parse + instantiation, trainer setup, model loaded, train start, first batch); wall seconds from launch
+and the process's CPU seconds, medians over interleaved launches.
 """
 
 from __future__ import annotations
@@ -247,18 +255,19 @@ _STARTUP_STAGES = {
 }
 
 
-def startup_breakdown(config: str, data_dir: str, repeats: int) -> dict[str, float]:
-    """Medians over ``repeats`` interleaved launches: where `lorafit fit`'s seconds before the first step go."""
-    samples: dict[str, list[float]] = {}
+def startup_breakdown(config: str, data_dir: str, repeats: int) -> dict[str, tuple[float, float]]:
+    """Medians over ``repeats`` interleaved launches of (wall seconds from launch, CPU seconds of the
+    process): where `lorafit fit`'s seconds before the first step go."""
+    samples: dict[str, list[tuple[float, float]]] = {}
     for _ in range(repeats):
         for name, code in _STARTUP_STAGES.items():
-            wall, cpu = _import_seconds(code)
-            samples.setdefault(name, []).append(wall)
-            samples.setdefault(f"{name} (CPU s)", []).append(cpu)
-        for name, (wall, cpu) in fit_startup(config, data_dir).items():
-            samples.setdefault(f"fit: {name}", []).append(wall)
-            samples.setdefault(f"fit: {name} (CPU s)", []).append(cpu)
-    return {name: round(statistics.median(values), 2) for name, values in samples.items()}
+            samples.setdefault(name, []).append(_import_seconds(code))
+        for name, seconds in fit_startup(config, data_dir).items():
+            samples.setdefault(f"`lorafit fit`: {name}", []).append(seconds)
+    return {
+        name: (round(statistics.median(w for w, _ in values), 2), round(statistics.median(c for _, c in values), 2))
+        for name, values in samples.items()
+    }
 
 
 def main(argv=None) -> int:
@@ -328,19 +337,11 @@ def startup_only(config: str, repeats: int) -> int:
 
         lorafit(["toy-data", str(data)])
         breakdown = startup_breakdown(config, str(data), repeats)
-    print(
-        json.dumps(
-            {
-                "date": datetime.date.today().isoformat(),
-                "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
-                "repeats": repeats,
-                **breakdown,
-            }
-        )
-    )
-    print("\n| moment | seconds from launch (median) |\n|---|---|")
-    for name, seconds in breakdown.items():
-        print(f"| {name} | {seconds} |")
+    machine = f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    print(json.dumps({"date": datetime.date.today().isoformat(), "machine": machine, "repeats": repeats, **breakdown}))
+    print(f"\n{machine}, medians of {repeats} launches each\n\n| moment | wall s from launch | CPU s |\n|---|---|---|")
+    for name, (wall, cpu) in breakdown.items():
+        print(f"| {name} | {wall} | {cpu} |")
     return 0
 
 
