@@ -15,6 +15,14 @@ It also times `lorafit fit`'s start-up in a fresh process: from launch to the fi
 beside `python -c "import torch"` for scale.
 
 Prints one Markdown block for benchmarks/RESULTS.md ("Per-step overhead on the toy demo").
+
+    python tools/bench_step_overhead.py --startup-only [--repeats 5]
+
+only times the start-up, with a breakdown: fresh processes that import one more of what `lorafit fit`
+imports each (torch, torch._dynamo, transformers' auto models, Lightning, lorafit's modules, diffusers'
+pipeline and PEFT), and the moments of real `lorafit fit` launches (callbacks built = imports + CLI
+parse + instantiation, trainer setup, model loaded, train start, first batch); wall seconds from launch
+and the process's CPU seconds, medians over interleaved launches.
 """
 
 from __future__ import annotations
@@ -51,12 +59,29 @@ class StepClock(pl.Callback):
         self.epoch_ends: list[int] = []
         self.first_batch_file = first_batch_file
         self.module = self.datamodule = None
+        # Moments of the start-up: wall clock (time.time(), comparable with the launching process's) and
+        # this process's CPU seconds since it started (less sensitive to other jobs on a shared machine).
+        self.moments: dict[str, tuple[float, float]] = {}
+        self._mark("callbacks built")
         StepClock.runs.append(self)
+
+    def _mark(self, moment: str) -> None:
+        self.moments[moment] = (time.time(), time.process_time())
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._mark("trainer setup")  # after the data module's setup, before configure_model
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._mark("model loaded")  # configure_model (the base + LoRA) has run
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._mark("train start")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.starts.append(time.perf_counter())
         if self.first_batch_file and len(self.starts) == 1:
-            Path(self.first_batch_file).write_text(repr(time.time()))
+            self._mark("first batch")
+            Path(self.first_batch_file).write_text(json.dumps(self.moments))
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -150,21 +175,99 @@ def run_plain(clock: StepClock, steps: int, clip: float | None) -> list[float]:
     return [b - a for a, b in itertools.pairwise(starts)]
 
 
-def startup_seconds(config: str, data_dir: str) -> tuple[float, float]:
-    """(launch of `lorafit fit` to its first batch, launch of `python -c "import torch"` to exit)."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def _fit_command(config: str, data_dir: str, root: str, marker: Path) -> list[str]:
+    clock = {"class_path": "bench_step_overhead.StepClock", "init_args": {"first_batch_file": str(marker)}}
+    command = [sys.executable, "-m", "lorafit.cli.main", "fit", "--config", config, "--data.train_dir", data_dir]
+    return (
+        command
+        + ["--trainer.default_root_dir", root, "--samples.prompts", "[]"]
+        + [f"--trainer.callbacks+={json.dumps(clock)}"]
+    )
+
+
+def _bench_env() -> dict[str, str]:
+    """The child's path: this tools folder (for StepClock), then the caller's PYTHONPATH, then this checkout."""
+    path = [str(ROOT / "tools"), *filter(None, [os.environ.get("PYTHONPATH")]), str(ROOT)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def _launch_seconds(command: list[str]) -> float:
+    launched = time.time()
+    subprocess.run(command, env=_bench_env(), check=True, capture_output=True)
+    return time.time() - launched
+
+
+def _import_seconds(code: str) -> tuple[float, float]:
+    """Launch of a fresh ``python -c CODE`` to the end of CODE (the interpreter's exit left out): wall
+    seconds, and the CPU seconds the process had used by then."""
+    launched = time.time()
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport json, time; print(json.dumps([time.time(), time.process_time()]))"],
+        env=_bench_env(),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    wall, cpu = json.loads(done.stdout.strip().splitlines()[-1])
+    return wall - launched, cpu
+
+
+def fit_startup(config: str, data_dir: str) -> dict[str, tuple[float, float]]:
+    """One fresh `lorafit fit`: (wall seconds from launch, CPU seconds of the process) at each start-up
+    moment, up to the first batch's start."""
     with tempfile.TemporaryDirectory() as root:
         marker = Path(root) / "first-batch"
-        clock = {"class_path": "bench_step_overhead.StepClock", "init_args": {"first_batch_file": str(marker)}}
-        flags = [f"--trainer.callbacks+={json.dumps(clock)}"]
-        command = [sys.executable, "-m", "lorafit.cli.main", "fit", "--config", config, "--data.train_dir", data_dir]
-        command += ["--trainer.default_root_dir", str(Path(root) / "run"), "--samples.prompts", "[]", *flags]
         launched = time.time()
-        subprocess.run(command, env=env, check=True, capture_output=True)
-        fit = float(marker.read_text()) - launched
-        launched = time.time()
-        subprocess.run([sys.executable, "-c", "import torch"], check=True)
-        return fit, time.time() - launched
+        done = subprocess.run(
+            _fit_command(config, data_dir, str(Path(root) / "run"), marker), env=_bench_env(), capture_output=True
+        )
+        if done.returncode != 0 or not marker.is_file():
+            raise SystemExit(f"lorafit fit failed (exit {done.returncode}):\n{done.stderr.decode()[-3000:]}")
+        return {name: (wall - launched, cpu) for name, (wall, cpu) in json.loads(marker.read_text()).items()}
+
+
+def startup_seconds(config: str, data_dir: str) -> tuple[float, float]:
+    """(launch of `lorafit fit` to its first batch, launch of `python -c "import torch"` to exit)."""
+    fit = fit_startup(config, data_dir)["first batch"][0]
+    return fit, _launch_seconds([sys.executable, "-c", "import torch"])
+
+
+# Fresh processes, each importing one more of what `lorafit fit` imports, in its order (the differences
+# between consecutive ones are each step's cost), timed from launch to the end of the imports.
+# bitsandbytes is kept out as the CLI keeps it out (lorafit/cli/startup.py).
+_STARTUP_STAGES = {
+    "python": "pass",
+    "import torch": "import torch",
+    "+ torch._dynamo (Lightning's fabric.wrappers)": "import torch._dynamo",
+    "+ transformers' auto models (torchmetrics' BERTScore, at Lightning's import)": (
+        "import torch._dynamo; from transformers import AutoModel, AutoTokenizer"
+    ),
+    "import lightning.pytorch (all of the above)": "import lightning.pytorch",
+    "+ lorafit fit's own modules": (
+        "from lorafit.cli.startup import block_optional_imports; block_optional_imports(); "
+        "from lorafit.cli.lightning_cli import _build_cli_class; _build_cli_class('fit')"
+    ),
+    "+ diffusers' SD pipeline, models and PEFT (at the model load)": (
+        "from lorafit.cli.startup import block_optional_imports; block_optional_imports(); "
+        "from lorafit.cli.lightning_cli import _build_cli_class; _build_cli_class('fit'); "
+        "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel"
+    ),
+}
+
+
+def startup_breakdown(config: str, data_dir: str, repeats: int) -> dict[str, tuple[float, float]]:
+    """Medians over ``repeats`` interleaved launches of (wall seconds from launch, CPU seconds of the
+    process): where `lorafit fit`'s seconds before the first step go."""
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(repeats):
+        for name, code in _STARTUP_STAGES.items():
+            samples.setdefault(name, []).append(_import_seconds(code))
+        for name, seconds in fit_startup(config, data_dir).items():
+            samples.setdefault(f"`lorafit fit`: {name}", []).append(seconds)
+    return {
+        name: (round(statistics.median(w for w, _ in values), 2), round(statistics.median(c for _, c in values), 2))
+        for name, values in samples.items()
+    }
 
 
 def main(argv=None) -> int:
@@ -174,9 +277,16 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out at the start of each measurement")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved lorafit/plain measurements")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="only time `lorafit fit`'s start-up, with a breakdown (medians over --repeats launches)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.startup_only:
+        return startup_only(args.config, args.repeats)
     import yaml
 
     clip = (yaml.safe_load(Path(args.config).read_text()).get("trainer") or {}).get("gradient_clip_val")
@@ -217,6 +327,21 @@ def main(argv=None) -> int:
         f"**{row['ratio']}** | {', '.join(map(str, row['epoch_end_step_ms'])) or '-'} ms | {row['fit_startup_s']} s "
         f"| {row['import_torch_s']} s |"
     )
+    return 0
+
+
+def startup_only(config: str, repeats: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "toy-data"
+        from lorafit.cli.main import main as lorafit
+
+        lorafit(["toy-data", str(data)])
+        breakdown = startup_breakdown(config, str(data), repeats)
+    machine = f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    print(json.dumps({"date": datetime.date.today().isoformat(), "machine": machine, "repeats": repeats, **breakdown}))
+    print(f"\n{machine}, medians of {repeats} launches each\n\n| moment | wall s from launch | CPU s |\n|---|---|---|")
+    for name, (wall, cpu) in breakdown.items():
+        print(f"| {name} | {wall} | {cpu} |")
     return 0
 
 

@@ -23,6 +23,9 @@ from lorafit.errors import LorafitError
 if TYPE_CHECKING:
     from lorafit.io.run_lock import RunFolderLock
 
+# LightningCLI's verbs that lorafit offers; Lightning's `test`/`predict` are not among them (no test step).
+VERBS = ("fit", "validate")
+
 # ModelCheckpoint settings that rewrite checkpoints/last.ckpt after every epoch, and only that file.
 # Not `save_last=True, save_top_k=0`: since Lightning 2.6 that writes last.ckpt only when a top-k
 # checkpoint is saved at the same step, i.e. never before the end of training, so a killed run had
@@ -81,7 +84,12 @@ def _config_files(config) -> list[str]:
     return [str(getattr(path, "absolute", path)) for path in config.get("config") or []]
 
 
-def _build_cli_class(run: _Run | None = None):
+def _build_cli_class(run: _Run | None = None, verb: str | None = None):
+    """LightningCLI for lorafit, with the parser of ``verb`` alone (of each of :data:`VERBS` otherwise).
+
+    Building one verb's parser is most of LightningCLI's start-up (every option of the trainer,
+    module, data module and callbacks, with their docstrings for ``--help``); a run uses one.
+    """
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -100,7 +108,14 @@ def _build_cli_class(run: _Run | None = None):
 
     run = run if run is not None else _Run()
 
+    verbs = (verb,) if verb in VERBS else VERBS
+
     class LorafitCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            """The verbs to build parsers for (LightningCLI's hook), with the ``Trainer`` method arguments they skip."""
+            return {name: skip for name, skip in LightningCLI.subcommands().items() if name in verbs}
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(LoraExport, "export")
             parser.add_lightning_class_args(AdapterEMA, "ema")
@@ -252,11 +267,12 @@ def run_lightning(argv: list[str]):
     from lorafit.cli.renamed import rename_fit_args
     from lorafit.io.write_errors import one_line_write_error
 
+    verb = argv[0] if argv else None
     # `--print_config` alone prints the YAML with every option's help as a comment.
     argv = ["--print_config=comments" if a == "--print_config" else a for a in argv]
     argv = rename_fit_args(optimizer_name_as_group(argv), renamed_keys())
     run = _Run()
-    cli_class, module_class, data_class, config_callback = _build_cli_class(run)
+    cli_class, module_class, data_class, config_callback = _build_cli_class(run, verb)
     cli_class.refused_start = refused_start = RefusedStartCleanup()
     try:
         return _start(cli_class, module_class, data_class, config_callback, argv)

@@ -12,6 +12,7 @@ import os
 import sys
 from argparse import ArgumentError
 
+from lorafit.cli.lightning_cli import VERBS as LIGHTNING_VERBS  # light: Lightning is imported when a verb runs
 from lorafit.cli.startup import block_optional_imports, quiet_known_notices
 from lorafit.errors import LorafitError
 
@@ -64,7 +65,6 @@ TOOL_VERBS = {
 }
 # Verbs whose list options may be repeated (`--lora a --lora b`); see lorafit/cli/arguments.py.
 REPEATABLE_LISTS = {"generate", "grid", "probe", "caption"}
-LIGHTNING_VERBS = ("fit", "validate")
 
 
 def _tool_function(verb: str):
