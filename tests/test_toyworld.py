@@ -21,11 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Measured numbers live in benchmarks/toyworld.md; these are the floors the test holds them to.
 BASE_ACCURACY_FLOOR = 0.80  # issue: minimum 60%, target 80%
 HELD_OUT_CEILING = 0.05  # issue: the base draws the held-out star at <= 5%
-CONCEPT_FLOOR = 0.80  # issue 19's floor: >= 80% stars for trigger prompts at strength 1 (goal 90%)
+CONCEPT_FLOOR = 0.85  # issue 19: floor 80%, goal 90% stars for trigger prompts at strength 1 (met: 93.8% of 96)
 FLEXIBILITY_FLOOR = 0.90  # issue 19's floor: in-world accuracy without the trigger >= 0.9 of the base's
-THREE_QUARTER_FLOOR = 0.35  # at strength 0.75 the star must show; the recipe before issue 19 drew 25%
-# The demo measured (48 prompts) 89.6% stars at epoch 12, strength 1, 52.1% at 0.75, in-world 100%
-# (benchmarks/toyworld.md has the 96-prompt figures).
+THREE_QUARTER_FLOOR = 0.50  # issue 19's goal at strength 0.75; the recipe before issue 19 drew 25%
+# The demo measured (48 prompts) 95.8% stars at epoch 12, strength 1, 70.8% at 0.75, in-world 100%
+# (benchmarks/toyworld.md has the 96-prompt figures); the floors leave room for another CPU's arithmetic.
 
 IN_WORLD, TRIGGERED = 48, 48  # prompts per measurement (each a fixed seed; ~10 s per 48 on one core)
 

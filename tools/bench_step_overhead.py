@@ -177,7 +177,7 @@ def run_plain(clock: StepClock, steps: int, clip: float | None) -> list[float]:
 
 def _fit_command(config: str, data_dir: str, root: str, marker: Path) -> list[str]:
     clock = {"class_path": "bench_step_overhead.StepClock", "init_args": {"first_batch_file": str(marker)}}
-    command = [sys.executable, "-m", "lorafit.cli.main", "fit", "--config", config, "--data.train_dir", data_dir]
+    command = [sys.executable, "-m", "lorafit.cli", "fit", "--config", config, "--data.train_dir", data_dir]
     return (
         command
         + ["--trainer.default_root_dir", root, "--samples.prompts", "[]"]

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from toyworld_pictures import base_samples_image, enlarged  # noqa: E402
 from toyworld_report import replace_part  # noqa: E402
 
+from lorafit.inference.render_options import RenderOptions  # noqa: E402
 from lorafit.toyworld import evaluate as ev  # noqa: E402
 from lorafit.toyworld.judge import Judge, accuracy_on_fresh_pictures, to_pixels  # noqa: E402
 from lorafit.toyworld.world import HELD_OUT_SHAPE, WORLD_SHAPES, render, scenes  # noqa: E402
@@ -118,8 +119,8 @@ def probe_verdicts(clip: str, images: Path | None) -> list[str]:
             data = write_concept_dataset(Path(tmp) / shape, world_images=0, shape=shape)
             phrasing = f"a red {shape} on a blue background"
             out = Path(tmp) / f"probe-{shape}"
-            s = probe(str(ev.BASE_DIR), data=str(data), phrasing=[phrasing], clip_model=clip, steps=20, cfg=4.0,
-                      sampler="ddim", out=str(out))  # fmt: skip
+            s = probe(str(ev.BASE_DIR), data=str(data), phrasing=[phrasing], clip_model=clip, out=str(out),
+                      render=RenderOptions(sampler="ddim", steps=20, cfg=4.0, seed=[0, 1, 2, 3]))  # fmt: skip
             rows.append(f"| {shape} | `{phrasing}` | {s['title']} | {s['advice']} |")
             if images and shape == "star":
                 enlarged(out / "probe.png", images / "toyworld-probe.png", scale=2)
@@ -132,8 +133,9 @@ def grid_images(run: Path, images: Path) -> None:
 
     files = sorted((run / "lora").glob("*-epoch-*.safetensors"))
     chosen = [str(f) for i, f in enumerate(files, 1) if i % 2 == 0]
-    summary = grid(str(ev.BASE_DIR), loras=chosen, prompt=list(GRID_PROMPTS), strength=[0.5, 0.75, 1.0], seed=[1],
-                   cfg=[4.0], steps=20, sampler="ddim", out=str(run / "grid"))  # fmt: skip
+    render = RenderOptions(sampler="ddim", steps=20, cfg=4.0, seed=[1])
+    summary = grid(str(ev.BASE_DIR), lora=chosen, prompt=list(GRID_PROMPTS), strength=[0.5, 0.75, 1.0], render=render,
+                   out=str(run / "grid"))  # fmt: skip
     for i, sheet in enumerate(summary["sheets"]):
         enlarged(Path(sheet), images / f"toyworld-demo-grid-{i:02d}.png")
 
@@ -143,8 +145,8 @@ def grid_selection(run: Path, clip: str, references: Path) -> dict:
     strength 1, three trigger prompts and four in-world flexibility prompts, four seeds each."""
     from lorafit.inference.grid import grid
 
-    return grid(str(ev.BASE_DIR), loras=str(run), prompt=list(SELECTION_PROMPTS), x="epoch", y="seed", z="prompt",
-                seed=[1, 2, 3, 4], cfg=[4.0], steps=20, sampler="ddim", clip_model=clip,
+    return grid(str(ev.BASE_DIR), lora=str(run), prompt=list(SELECTION_PROMPTS), x="epoch", y="seed", z="prompt",
+                render=RenderOptions(sampler="ddim", steps=20, cfg=4.0, seed=[1, 2, 3, 4]), clip_model=clip,
                 train_images=str(references), flexibility_prompt=list(FLEXIBILITY_PROMPTS),
                 out=str(run / "grid-selection"))  # fmt: skip
 
@@ -183,13 +185,17 @@ def run_description(args) -> list[str]:
 
     config = yaml.safe_load((Path(args.run) / "config.yaml").read_text())
     model, data, trainer = config["model"], config["data"], config["trainer"]
+    # config.yaml groups the model's settings (model.network.rank, ...); a run from before the grouping has them flat.
+    net, opt, noise = (
+        model[group] if isinstance(model.get(group), dict) else model for group in ("network", "optimizer", "noise")
+    )
     lines = [
         (
             f"The LoRA run measured below: `lorafit toy-data demo/toy-data && lorafit fit --config configs/demo.yaml` "
-            f"({trainer['max_epochs']} epochs, batch {data['batch_size']}, rank {model['rank']}, "
-            f"alpha {model['alpha']}, "
-            f"lr {model['learning_rate']:g} / text encoder {model['text_encoder_lr']:g}, timesteps from "
-            f"{model['min_timestep']}, gradient clipping {trainer['gradient_clip_val']})."
+            f"({trainer['max_epochs']} epochs, batch {data['batch_size']}, rank {net['rank']}, "
+            f"alpha {net['alpha']}, "
+            f"lr {opt['learning_rate']:g} / text encoder {opt['text_encoder_lr']:g}, timesteps from "
+            f"{noise['min_timestep']}, gradient clipping {trainer['gradient_clip_val']})."
         )
     ]
     if args.fit_time:
