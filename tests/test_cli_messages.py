@@ -132,3 +132,20 @@ def test_closest_option_compares_within_the_section_first_and_never_offers_a_sec
     assert closest_option("--trainer.strategi", options) == "--trainer.strategy"
     assert closest_option("--foo", options) is None
     assert explain("unrecognized arguments: --foo 1", options) == "unrecognized arguments: --foo 1"
+
+
+def test_loading_a_model_prints_no_library_progress_bars_and_restores_them(tiny_models, capfd):
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" tqdm lines stay off the
+    console while lorafit loads a base model (it logs what it loaded), and are on again afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from lorafit.families.loading import load_base_model
+
+    diffusers_logging.enable_progress_bar()
+    transformers_logging.enable_progress_bar()
+    capfd.readouterr()
+    load_base_model(tiny_models["sd1"])
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" not in err and "Loading weights" not in err, err[-2000:]
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()

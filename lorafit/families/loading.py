@@ -9,6 +9,7 @@ differs between families (pipeline class, components, single-file layout) is ask
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -134,6 +135,33 @@ def quantization_config(quantization: str, family: Family, compute_dtype: torch.
     )
 
 
+@contextlib.contextmanager
+def loading_bars_off():
+    """Without diffusers' "Loading pipeline components" and transformers' "Loading weights" bars.
+
+    Both are tqdm lines on stderr for a load of seconds, between lorafit's own log lines (which say
+    what was loaded). Downloads keep huggingface_hub's bars: transformers' switch turns those off too,
+    so they are turned back on at once (unless HF_HUB_DISABLE_PROGRESS_BARS asks otherwise).
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    states = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    hub_was_on = not are_progress_bars_disabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    if hub_was_on:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        if states[0]:
+            diffusers_logging.enable_progress_bar()
+        if states[1]:
+            transformers_logging.enable_progress_bar()
+
+
 def _load_pipeline(source, kind, single_file_config, revision, variant, parts, quantization, dtype):
     if kind == "single_file":
         path = Path(source).expanduser()
@@ -246,7 +274,10 @@ def load_base_model(
     if weight_dtype not in DTYPES:
         raise LorafitError(f"model.weight_dtype: {weight_dtype!r} is not one of {', '.join(DTYPES)}")
     dtype = DTYPES[weight_dtype]
-    spec, pipe = _load_pipeline(source, kind, single_file_config, revision, variant, parts or {}, quantization, dtype)
+    with loading_bars_off():
+        spec, pipe = _load_pipeline(
+            source, kind, single_file_config, revision, variant, parts or {}, quantization, dtype
+        )
     if family and family != spec.name:
         log.warning("model.family=%s overrides the detected family %s for %s", family, spec.name, source)
         spec = get_family(family)
