@@ -77,8 +77,10 @@ def convert(
     else:
         first = next(m for modules in weights.values() for m in modules.values())
         dtype = next(iter(first.parts().values())).dtype
-    from lorafit.networks.toolbox.network_file import bundled_embeddings, warn_embeddings_left_out
+    from lorafit.networks.embedding_files import bundled_embeddings
+    from lorafit.networks.toolbox.network_file import warn_embeddings_left_out
 
+    bundle = bundled_embeddings(src)
     if target == "kohya":
         from lorafit.networks.metadata import modelspec_architecture
 
@@ -90,9 +92,9 @@ def convert(
         kinds = network_kinds(weights)
         kept.setdefault("ss_network_module", "networks.lora" if kinds <= {"lora"} else "lycoris.kohya")
         denoiser = next(components[c] for c in ("unet", "transformer") if c in components)
-        path = save_kohya(dst, family, weights, denoiser.config, kept, dtype, extra=bundled_embeddings(src))
+        path = save_kohya(dst, family, weights, denoiser.config, kept, dtype, extra=bundle)
     else:
-        warn_embeddings_left_out(bundled_embeddings(src), src, "a diffusers-format LoRA file")
+        warn_embeddings_left_out(bundle, src, "a diffusers-format LoRA file")
         dropped = sorted(k for k in metadata if k.startswith("ss_"))
         if dropped:
             log.info("diffusers format has no place for %d kohya ss_* metadata keys (kept in %s)", len(dropped), src)

@@ -60,6 +60,19 @@ def bundle_tensors(token: str, vectors: dict[str, torch.Tensor]) -> dict[str, to
     return {f"{BUNDLE_PREFIX}{token}.{key}": vector for key, vector in a1111_tensors(vectors).items()}
 
 
+def embedding_names(keys) -> list[str]:
+    """The embeddings' names (A1111's tokens) among ``bundle_emb.<name>.*`` keys (other keys are ignored)."""
+    return sorted({key[len(BUNDLE_PREFIX) :].partition(".")[0] for key in keys if key.startswith(BUNDLE_PREFIX)})
+
+
+def bundled_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``bundle_emb.*`` tensors of a LoRA file (empty for a file without embeddings); only they are read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(BUNDLE_PREFIX)}
+
+
 def split_bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """``(LoRA tensors, {token: {component: vectors}})`` of a LoRA file that may carry ``bundle_emb`` keys."""
     lora = {key: value for key, value in tensors.items() if not key.startswith(BUNDLE_PREFIX)}

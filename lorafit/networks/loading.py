@@ -166,8 +166,10 @@ def load_lora(
 def _warn_bundled_embeddings(path: Path) -> None:
     from safetensors import safe_open
 
+    from lorafit.networks.embedding_files import embedding_names
+
     with safe_open(str(path), framework="pt") as handle:
-        names = sorted({key.split(".")[1] for key in handle.keys() if key.startswith("bundle_emb.")})
+        names = embedding_names(handle.keys())
     if names:
         log.warning(
             "%s also bundles the embedding(s) %s (pivotal tuning), which load_lora leaves out; "

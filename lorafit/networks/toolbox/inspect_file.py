@@ -17,10 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 from lorafit.families.registry import get_family
+from lorafit.networks.embedding_files import embedding_names
 from lorafit.networks.toolbox.base_layout import base_layout
 from lorafit.networks.toolbox.blocks import block_of, block_order
 from lorafit.networks.toolbox.file_family import family_is_guessed
-from lorafit.networks.toolbox.network_file import embedding_names, read_network
+from lorafit.networks.toolbox.network_file import read_network
 
 # Long JSON values summarised on the terminal (``--json`` has them whole).
 _LONG = ("ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_datasets", "lora_adapter_metadata")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from lorafit.errors import LorafitError
+from lorafit.networks.embedding_files import bundled_embeddings
 from lorafit.networks.files import read_lora_file
 from lorafit.networks.toolbox.bake import Contribution, Patches, bake_streamed
 from lorafit.networks.toolbox.bake_relayout import bake_relayout
@@ -28,7 +29,6 @@ from lorafit.networks.toolbox.merge_networks import merge_modules, merged_metada
 from lorafit.networks.toolbox.network_file import (
     DTYPES,
     Network,
-    bundled_embeddings,
     in_format,
     merged_embeddings,
     read_network,

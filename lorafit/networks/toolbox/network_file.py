@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.networks.embedding_files import BUNDLE_PREFIX
+from lorafit.networks.embedding_files import BUNDLE_PREFIX, embedding_names
 from lorafit.networks.files import (
     LoraFormat,
     atomic_save_safetensors,
@@ -249,11 +249,6 @@ def save_dtype_of(save_dtype: str | None, network: Network) -> torch.dtype:
     return DTYPES[save_dtype]
 
 
-def embedding_names(embeddings: dict[str, torch.Tensor]) -> list[str]:
-    """The embeddings' names (A1111's tokens) among ``bundle_emb.<name>.*`` keys."""
-    return sorted({key[len(BUNDLE_PREFIX) :].partition(".")[0] for key in embeddings})
-
-
 def warn_embeddings_left_out(embeddings: dict[str, torch.Tensor], source: str, where: str) -> None:
     """Say that a file's bundled embeddings cannot go into the output, and where they still are."""
     if embeddings:
@@ -273,16 +268,10 @@ def merged_embeddings(networks: list[Network]) -> dict[str, torch.Tensor]:
     for network in networks:
         for key, value in network.embeddings.items():
             if key in merged and not torch.equal(merged[key], value):
-                name = embedding_names({key: value})[0]
+                name = embedding_names([key])[0]
                 raise LorafitError(
                     f"merge: {owner[key]} and {network.source} both bundle an embedding named {name} with different "
                     "vectors, and a merged file can hold one; merge the LoRAs of one of them without it"
                 )
             merged[key], owner[key] = value, network.source
     return merged
-
-
-def bundled_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``bundle_emb.*`` tensors of a LoRA file (empty for a file without embeddings)."""
-    tensors, _ = read_safetensors(path)
-    return {key: value for key, value in tensors.items() if key.startswith(BUNDLE_PREFIX)}
