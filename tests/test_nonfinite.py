@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
-from training import logged_metrics, train, unet_output
+from training import DeferNonfiniteChecks, logged_metrics, train, unet_output
 
 from lorafit.cli import main
 from lorafit.training.module import LoraDiffusionModule
@@ -86,8 +86,10 @@ def test_injected_inf_stops_with_a_message_and_the_last_export_still_loads(
     assert all(torch.isfinite(t).all() for t in load_file(str(lora / "test-step-000002.safetensors")).values())
 
 
-def test_a_bad_step_stops_the_run_one_step_later_without_any_export(inf_loss_at_step, tiny_models, demo_data, tmp_path):
-    """Without per-step exports the check runs a step late (no GPU stall), still naming the bad step."""
+@pytest.mark.parametrize("deferred", [False, True], ids=["cpu-reads-at-once", "gpu-style-one-step-late"])
+def test_a_bad_step_stops_the_run_without_any_export(deferred, inf_loss_at_step, tiny_models, demo_data, tmp_path):
+    """On the CPU the bad loss stops the run before its update; checked a step late (no GPU stall),
+    the run stops at the end of the next step. Both name the bad step."""
     inf_loss_at_step(1)
     steps = StepsStarted()
     with pytest.raises(NonFiniteLossError, match=r"^loss is inf at step 1 \(epoch 0, batch 1, samples: "):
@@ -98,9 +100,9 @@ def test_a_bad_step_stops_the_run_one_step_later_without_any_export(inf_loss_at_
             max_epochs=10,
             max_steps=6,
             batch_size=1,
-            trainer_kwargs={"callbacks": [steps]},
+            trainer_kwargs={"callbacks": [steps, *([DeferNonfiniteChecks()] if deferred else [])]},
         )
-    assert steps.started == [0, 1, 2], "stopped at the end of the step after the bad one"
+    assert steps.started == ([0, 1, 2] if deferred else [0, 1])
     assert not list((tmp_path / "lora").rglob("*.safetensors"))
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
@@ -122,15 +124,17 @@ def test_overflowing_learning_rate_stops_the_run(tiny_models, demo_data, tmp_pat
     assert not (tmp_path / "lora" / "test.safetensors").exists()
 
 
-def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(tiny_models, demo_data, tmp_path):
-    """An Inf gradient (finite loss) turns AdamW's update into NaN: caught after the step, never exported."""
+@pytest.mark.parametrize("deferred", [False, True], ids=["cpu-reads-at-once", "gpu-style-one-step-late"])
+def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(deferred, tiny_models, demo_data, tmp_path):
+    """An Inf gradient (finite loss) turns AdamW's update into NaN: the error names the step whose
+    update it was (not the next batch, whose images are fine), and nothing from it is exported."""
 
     class InfGradient(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             if trainer.global_step == 1:
                 next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
 
-    with pytest.raises(NonFiniteLossError, match=r"^LoRA weights became NaN/Inf after step 2 \(epoch 0, batch 1"):
+    with pytest.raises(NonFiniteLossError, match=r"^LoRA weights became NaN/Inf after step 1 \(epoch 0, batch 1"):
         train(
             tiny_models["sd1"],
             demo_data,
@@ -139,9 +143,30 @@ def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(tiny_model
             max_steps=6,
             batch_size=1,
             export={"every_n_steps": 1, "every_n_epochs": 0},
-            trainer_kwargs={"callbacks": [InfGradient()]},
+            trainer_kwargs={"callbacks": [InfGradient(), *([DeferNonfiniteChecks()] if deferred else [])]},
         )
     assert sorted(p.name for p in (tmp_path / "lora").glob("*.safetensors")) == ["test-step-000001.safetensors"]
+
+
+def test_nan_weights_in_skip_mode_stop_instead_of_skipping_every_batch(tiny_models, demo_data, tmp_path):
+    """Skip mode drops bad batches; NaN weights would make every later batch bad, so they stop the run."""
+
+    class InfGradient(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 1:
+                next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+    with pytest.raises(NonFiniteLossError, match=r"^LoRA weights became NaN/Inf after step 1 \(epoch 0, batch 1"):
+        train(
+            tiny_models["sd1"],
+            demo_data,
+            tmp_path,
+            max_epochs=10,
+            max_steps=6,
+            batch_size=1,
+            nonfinite_loss="skip",
+            trainer_kwargs={"callbacks": [InfGradient()]},
+        )
 
 
 def test_skip_mode_drops_the_batch_counts_it_and_finishes(inf_loss_at_step, tiny_models, demo_data, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lorafit.callbacks.export import LoraExport
@@ -84,6 +84,14 @@ def train(
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, module
+
+
+class DeferNonfiniteChecks(Callback):
+    """Check each loss one step late, as training on a GPU does (on the CPU the NaN/Inf guard reads
+    losses at once: lorafit/training/nonfinite.py)."""
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.nonfinite.defer = True
 
 
 def logged_metrics(root: Path, name: str) -> dict[int, float]:

@@ -95,8 +95,6 @@ class LoraExport(pl.Callback):
                 pl_module,
                 f"{self.name}-step-{step:06d}",
                 epochs_done=trainer.current_epoch,
-                batch=batch,
-                batch_idx=batch_idx,
             )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -148,15 +146,13 @@ class LoraExport(pl.Callback):
         pl_module,
         stem: str,
         epochs_done: int,
-        batch: dict | None = None,
-        batch_idx: int | None = None,
     ) -> list[Path]:
         """Write ``stem`` in every configured format (global rank 0 only, no collectives), and the
         same files of every weight variant (the EMA, :mod:`lorafit.callbacks.ema`) in its sub-folder."""
         # Keep the last good files: a NaN LoRA would overwrite them. This waits for the NaN/Inf checks
         # of the steps so far (nonfinite.py) and stops the run on one. Every rank checks, so all stop
         # together (the weights are the same on all ranks) instead of leaving some in a collective.
-        pl_module.ensure_finite(batch, batch_idx)
+        pl_module.ensure_finite()
         variants = list(_variants(trainer))  # every rank: a variant may have an update to make
         if not trainer.is_global_zero:
             return []

@@ -40,6 +40,7 @@ from lorafit.training.config import (
     PriorConfig,
     SliderConfig,
 )
+from lorafit.training.garbage_collection import SetupObjectsFrozen
 from lorafit.training.host_parts import HostParts, note_resident_text_encoders
 from lorafit.training.legacy_keys import settings_groups
 from lorafit.training.nonfinite import NonfiniteGuard
@@ -293,14 +294,13 @@ class LoraDiffusionModule(pl.LightningModule):
     # ---- what callbacks and tests use ------------------------------------------------------
 
     def configure_callbacks(self):
-        # Lightning asks before configure_model: the callback finds the vectors on the module.
-        if self.embedding.token is not None and self.embedding.freeze_after is not None:
-            return [self.nonfinite, EmbeddingFreeze(self.embedding.freeze_after)]
-        return [self.nonfinite]
+        # Lightning asks before configure_model: EmbeddingFreeze finds the vectors on the module later.
+        after = self.embedding.freeze_after if self.embedding.token is not None else None
+        return [self.nonfinite, SetupObjectsFrozen(), *([EmbeddingFreeze(after)] if after is not None else [])]
 
-    def ensure_finite(self, batch: dict | None = None, batch_idx: int | None = None) -> None:
+    def ensure_finite(self) -> None:
         """Wait for every NaN/Inf check up to now; raise before any file would be written."""
-        self.nonfinite.ensure_finite(self, batch, batch_idx)
+        self.nonfinite.ensure_finite(self)
 
     def host_parts_on_device(self, names=None):
         """The parts kept on the host (cached data), or only ``names`` of them, on the training device

@@ -1,13 +1,21 @@
 """What to do when training meets a NaN/Inf: detect it without stalling the GPU, say where in one line.
 
-A diverged run must not overwrite the last good LoRA file. After every step the loss and the norm
-of the trainable weights go to the host through
-:class:`lorafit.distributed.host_readback.HostReadback` and are checked one step later
-(:class:`NonfiniteGuard`, a callback), so the check costs no host sync (a NaN weight makes the
-next loss NaN anyway). Before anything is written (LoRA export, checkpoint) and at the end of each epoch the
-check waits for the latest values, so no file ever holds a non-finite weight, and the error names
-the step and images where it started. ``model.nonfinite_loss: skip`` has to decide before the
-backward pass, so it reads each loss at once (one host sync per step).
+A diverged run must not overwrite the last good LoRA file. Two ways to watch, one rule: a weight
+gone NaN/Inf makes the next loss NaN/Inf, so the loss is the per-step signal and the weights are
+checked when a loss goes bad and before anything is written.
+
+* **On an accelerator** (``stop`` mode), reading a loss at once would stall the device every step. So
+  after every step the loss and the norm of the trainable weights go to the host through
+  :class:`lorafit.distributed.host_readback.HostReadback` and are checked one step later; the norm is
+  a few multi-tensor kernels there.
+* **On the CPU, and in ``skip`` mode,** each loss is read before its backward pass (on the CPU there is
+  nothing to stall; ``skip`` has to decide then). A bad loss stops the run before its update, and the
+  weights are checked then to say whether the previous update broke them. No weight norm runs per
+  step: on the CPU it is a loop over every LoRA tensor (0.55 ms a step on the toy demo, issue 19).
+
+Before anything is written (LoRA export, checkpoint) and at the end of each epoch the check waits for
+the latest values and the weights, so no file ever holds a non-finite weight, and the error names the
+step and images where it started.
 """
 
 from __future__ import annotations
@@ -50,9 +58,9 @@ def trainable_weights_norm(module: torch.nn.Module, params: list[torch.Tensor] |
     return torch.nn.utils.get_total_norm(params, error_if_nonfinite=False)
 
 
-def trainable_weights_finite(module: torch.nn.Module) -> bool:
-    """True when every trainable weight of ``module`` is finite (one host sync)."""
-    return bool(torch.isfinite(trainable_weights_norm(module)))
+def trainable_weights_finite(module: torch.nn.Module, params: list[torch.Tensor] | None = None) -> bool:
+    """True when every trainable weight of ``module`` (or of ``params``) is finite (one host sync)."""
+    return bool(torch.isfinite(trainable_weights_norm(module, params)))
 
 
 def batch_position(step: int, epoch: int, batch_idx: int | None = None, batch: dict | None = None) -> str:
@@ -79,21 +87,26 @@ def nonfinite_weights_error(where: str) -> NonFiniteLossError:
 
 class NonfiniteGuard(pl.Callback):
     """The training module's NaN/Inf handling: ``model.nonfinite_loss`` stops or skips on a bad loss;
-    a bad weight after a step always stops (see module docstring).
+    a bad weight always stops (see module docstring).
 
-    A callback (the module adds it through ``configure_callbacks``) that queues each step's checks
-    after the step and decides a step later; the module asks it to wait before anything is written
-    (:meth:`ensure_finite`) and, in ``skip`` mode, whether a loss may go on (:meth:`watch_loss`).
+    A callback (the module adds it through ``configure_callbacks``). The module hands it each loss
+    before the backward pass (:meth:`watch_loss`) and asks it to wait before anything is written
+    (:meth:`ensure_finite`).
 
     Args:
         mode: ``stop`` or ``skip`` (``model.nonfinite_loss``).
+        defer: check each step's loss one step later (no device stall) rather than at once; ``None``
+            defers when the loss is on an accelerator in ``stop`` mode.
     """
 
-    def __init__(self, mode: str = "stop"):
+    def __init__(self, mode: str = "stop", defer: bool | None = None):
         self.mode = mode
+        self.defer = defer
         self.skipped = 0  # batches skipped in ``skip`` mode; saved in checkpoints by the module
         self._readback = HostReadback()
         self._pending_loss: tuple[torch.Tensor, str] | None = None
+        # Where the newest step ran: the update that a NaN weight found later came from.
+        self._step_position: str | None = None
         # The trainable weights, listed once per epoch: walking every parameter of the frozen base at
         # each step cost more than the norm itself (toy demo: 8 of 10 ms a step).
         self._weights: list[torch.Tensor] | None = None
@@ -103,20 +116,36 @@ class NonfiniteGuard(pl.Callback):
     def _position(module, batch: dict | None = None, batch_idx: int | None = None) -> str:
         return batch_position(module.global_step, module.current_epoch, batch_idx, batch)
 
+    def _deferred(self, loss: torch.Tensor) -> bool:
+        if self.mode == "skip":
+            return False
+        return loss.device.type != "cpu" if self.defer is None else self.defer
+
+    def _trainable_weights(self, module) -> list[torch.Tensor]:
+        if self._weights is None:
+            self._weights = trainable_weights(module)
+        return self._weights
+
     def watch_loss(self, module, loss: torch.Tensor, batch: dict, batch_idx: int) -> bool:
-        """Whether the step goes on with ``loss``: ``stop`` queues it for a check a step later,
-        ``skip`` reads it now and drops the batch when it is not finite."""
-        self._pending_loss = (loss.detach().float(), self._position(module, batch, batch_idx))
-        if self.mode != "skip" or torch.isfinite(loss):
+        """Whether the step goes on with ``loss`` (before its backward pass): deferred, it is queued
+        for a check a step later; otherwise it is read now, and a bad one stops the run (``stop``)
+        or drops the batch (``skip``), after a check of the weights that says whether the previous
+        update broke them."""
+        position = self._position(module, batch, batch_idx)
+        previous_step, self._step_position = self._step_position, position
+        if self._deferred(loss):
+            self._pending_loss = (loss.detach().float(), position)
             return True
-        self._pending_loss = None
+        value = loss.item()  # on the CPU: no wait; in skip mode: the one host sync it costs a step
+        if math.isfinite(value):
+            self.last_loss = value
+            return True
+        if previous_step is not None and not trainable_weights_finite(module, self._trainable_weights(module)):
+            raise nonfinite_weights_error(previous_step)
+        if self.mode == "stop":
+            raise nonfinite_loss_error(value, position)
         self.skipped += 1
-        log.warning(
-            "skipped a batch with loss %s at %s; %d skipped so far",
-            loss.item(),
-            self._position(module, batch, batch_idx),
-            self.skipped,
-        )
+        log.warning("skipped a batch with loss %s at %s; %d skipped so far", value, position, self.skipped)
         module.log(
             "loss/skipped_nonfinite",
             torch.tensor(float(self.skipped)),
@@ -126,15 +155,14 @@ class NonfiniteGuard(pl.Callback):
         )
         return False  # training_step then returns None: Lightning skips backward and the optimizer step
 
-    def _queue_checks(self, module, batch: dict | None = None, batch_idx: int | None = None) -> None:
-        """Send this step's loss and the weights' norm to the host (no wait)."""
-        if self._weights is None:
-            self._weights = trainable_weights(module)
-        norm = trainable_weights_norm(module, self._weights).float()
-        # No loss this step (a skipped batch, or a check outside a step): a placeholder, not checked.
+    def _queue_checks(self, module) -> None:
+        """Send the pending loss and the weights' norm to the host (no wait)."""
+        norm = trainable_weights_norm(module, self._trainable_weights(module)).float()
+        # No loss queued (read at once, a skipped batch, or a check outside a step): a placeholder, not checked.
         loss, loss_position = self._pending_loss or (torch.zeros((), device=norm.device), None)
         self._pending_loss = None
-        self._readback.push(torch.stack([loss, norm]), (loss_position, self._position(module, batch, batch_idx)))
+        weights_position = self._step_position or self._position(module)
+        self._readback.push(torch.stack([loss, norm]), (loss_position, weights_position))
 
     def _raise_on_nonfinite(self, keep: int) -> float | None:
         """Check every queued step but the newest ``keep``; returns the newest checked loss."""
@@ -150,11 +178,13 @@ class NonfiniteGuard(pl.Callback):
         return newest
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: dict, batch_idx: int) -> None:
+        if self._pending_loss is None:
+            return  # read at once (nothing queued), or a skipped batch
         # Queue this step's checks and run the previous step's. A finite loss can still produce an
         # overflowing update (LR far too high); the next step's check, or the one before any file is
         # written, catches it. The previous step's loss, on the host now, is what the progress bar
         # shows (LorafitProgressBar reads it here: a `self.log` of it cost about a millisecond a step).
-        self._queue_checks(pl_module, batch, batch_idx)
+        self._queue_checks(pl_module)
         previous_loss = self._raise_on_nonfinite(keep=1)
         if previous_loss is not None:
             self.last_loss = previous_loss
@@ -165,7 +195,8 @@ class NonfiniteGuard(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.ensure_finite(pl_module)
 
-    def ensure_finite(self, module, batch: dict | None = None, batch_idx: int | None = None) -> None:
-        """Wait for every check up to now (before a file is written): raise NonFiniteLossError on NaN/Inf."""
-        self._queue_checks(module, batch, batch_idx)
+    def ensure_finite(self, module) -> None:
+        """Wait for every check up to now and check the weights (before a file is written): raise
+        NonFiniteLossError on NaN/Inf."""
+        self._queue_checks(module)
         self._raise_on_nonfinite(keep=0)
