@@ -261,3 +261,33 @@ def test_captions_without_the_token_get_one_warning(tiny_models, caplog):
     warnings = [r.getMessage() for r in caplog.records if "model.embedding.token" in r.getMessage()]
     assert len(warnings) == 1 and "none of the first batch's captions" in warnings[0]
     assert module.trained_tokens.expand(["ohwx dog"]) == ["ohwx ohwx_1 dog"]
+
+
+def test_the_samples_base_side_shows_nothing_the_run_learnt(tiny_models, demo_data, tmp_path):
+    """samples.compare_base on a textual-inversion run: the base-model side encodes the token with the
+    vectors training began from, so it stays the same image while the trained side changes."""
+    import numpy as np
+    from PIL import Image
+
+    from lorafit.callbacks.samples import SampleImages
+    from lorafit.inference.render_options import RenderOptions
+
+    samples = SampleImages(
+        prompts=["ohwx star, a yellow star --s 2 --d 5"],
+        render=RenderOptions(steps=2),
+        before_training=True,
+        compare_base=True,
+    )
+    _train(tiny_models["sd1"], demo_data, tmp_path, max_steps=-1, max_epochs=1, callbacks=[samples])
+    before, after = sorted((tmp_path / "samples").glob("*.png"))
+    assert before.name.startswith("epoch-000_") and after.name.startswith("epoch-001_")
+
+    def sides(path):  # the base-model and trained cells (64 px; 4 px gaps, labels above)
+        image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        top = image.shape[0] - 4 - 64
+        return image[top : top + 64, 4:68], image[top : top + 64, 72:136]
+
+    (base_before, trained_before), (base_after, trained_after) = sides(before), sides(after)
+    assert np.array_equal(base_before, trained_before), "before training both sides are the base"
+    assert np.abs(trained_after - trained_before).max() > 8, "the trained vectors change the image"
+    assert np.array_equal(base_after, base_before), "the base side does not show the learnt vectors"

@@ -61,6 +61,12 @@ class SampleImage:
     request: SamplePrompt
 
 
+def _token_vectors_at_start(pl_module) -> contextlib.AbstractContextManager:
+    """A textual-inversion run's token encoded as training began (its base-model side shows nothing learnt)."""
+    tokens = getattr(pl_module, "trained_tokens", None)
+    return contextlib.nullcontext() if tokens is None else tokens.at_start()
+
+
 class SampleImages(pl.Callback):
     """Render sample prompts every N epochs/steps into ``<default_root_dir>/samples/`` and the logger.
 
@@ -85,8 +91,9 @@ class SampleImages(pl.Callback):
             is ``render.sampler``); a prompt's own --s/--l/--d/--ss win. Prompt i is drawn at each
             ``render.seed`` + i (one image per seed: several seeds show how often the LoRA gets it
             right, one seed is a coin flip), the same every round, so rounds differ only by training.
-        compare_base: Also render each prompt with the LoRA switched off and show it beside (one
-            seed) or above (several) the LoRA's images.
+        compare_base: Also render each prompt with the LoRA switched off (and a textual-inversion
+            token at the vectors it started from) and show it beside (one seed) or above (several)
+            the LoRA's images.
         log_images: Send the images to the trainer's logger(s) as well as writing PNGs.
         dirpath: Folder for the PNGs; empty = ``<trainer.default_root_dir>/samples``.
     """
@@ -196,7 +203,7 @@ class SampleImages(pl.Callback):
         with pl_module.host_parts_on_device(["text_encoders"]):
             encoded = {i: renderer.encode(image.request) for i, image in todo.items()}
             if self.compare_base:
-                with adapters_disabled(adapted):
+                with adapters_disabled(adapted), _token_vectors_at_start(pl_module):
                     encoded_base = {i: renderer.encode(image.request) for i, image in todo.items()}
         hires = self.render.hires
         drawn = {}

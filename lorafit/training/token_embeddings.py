@@ -19,9 +19,11 @@ exactly what generation will.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
+from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -118,6 +120,7 @@ class TrainedTokens(torch.nn.Module):
         self.token, self.count = config.token, config.vectors
         self.tokens = vector_tokens(config.token, config.vectors)
         self.vectors = torch.nn.ParameterDict()
+        self._at_start = False  # rows() hands out the vectors training began from (at_start())
         self._named = False  # whether a caption named the token yet (else one warning)
         for component, (tokenizer, encoder) in components.items():
             self._extend(component, tokenizer, encoder, config.init_word)
@@ -137,10 +140,22 @@ class TrainedTokens(torch.nn.Module):
         embedding = encoder.get_input_embeddings()
         start = initial_vectors(tokenizer, embedding.weight, init_word, self.count, "model.embedding.init_word")
         self.vectors[component] = torch.nn.Parameter(start)
+        # Not in checkpoints (persistent=False): rebuilt the same from the base on resume.
+        self.register_buffer(f"start_{component}", start.clone(), persistent=False)
         encoder.set_input_embeddings(ExtendedTokenEmbedding(embedding, first, functools.partial(self.rows, component)))
 
     def rows(self, component: str) -> torch.Tensor:
-        return self.vectors[component]
+        return getattr(self, f"start_{component}") if self._at_start else self.vectors[component]
+
+    @contextlib.contextmanager
+    def at_start(self) -> Iterator[None]:
+        """Encode with the vectors training began from: the base model's side of a sample
+        (``samples.compare_base``) shows nothing the run learnt, with the LoRA off as well."""
+        self._at_start = True
+        try:
+            yield
+        finally:
+            self._at_start = False
 
     def expand(self, captions: list[str]) -> list[str]:
         if not self._named and captions:
