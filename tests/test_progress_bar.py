@@ -28,10 +28,12 @@ def test_the_run_estimate_extrapolates_the_pace_of_this_process_to_the_steps_lef
     assert format_duration(3723) == "1:02:03"
 
 
-def test_the_bar_shows_the_previous_steps_loss_as_the_nan_guard_read_it(tiny_models, demo_data, tmp_path):
-    """The bar's ``loss`` is the loss of the step before (read without waiting for the device), not logged."""
+@pytest.mark.parametrize("deferred", [False, True], ids=["cpu-reads-at-once", "gpu-style-one-step-late"])
+def test_the_bar_shows_the_loss_the_nan_guard_read(deferred, tiny_models, demo_data, tmp_path):
+    """The bar's ``loss`` is the newest loss the NaN/Inf guard has read (on a GPU without waiting for
+    the device), not a value logged through Lightning each step."""
     from lightning.pytorch.callbacks import Callback
-    from training import train
+    from training import DeferNonfiniteChecks, train
 
     from lorafit.callbacks.progress import LorafitProgressBar
 
@@ -53,9 +55,14 @@ def test_the_bar_shows_the_previous_steps_loss_as_the_nan_guard_read_it(tiny_mod
         demo_data,
         tmp_path,
         max_steps=4,
-        trainer_kwargs={"enable_progress_bar": True, "callbacks": [bar, record]},
+        trainer_kwargs={
+            "enable_progress_bar": True,
+            "callbacks": [bar, record, *([DeferNonfiniteChecks()] * deferred)],
+        },
     )
-    # After step n the guard has read step n-1's loss off the device (it checks one step late).
-    assert record.shown[:2] == [None, None]
-    assert record.shown[2:] == pytest.approx(record.losses[:2], rel=1e-6)
+    # On the CPU the guard reads each loss in its step; checking one step late (a GPU), at the start
+    # of step n it has read step n-2's.
+    late = 2 if deferred else 1
+    assert record.shown[:late] == [None] * late
+    assert record.shown[late:] == pytest.approx(record.losses[: 4 - late], rel=1e-6)
     assert "loss" not in trainer.progress_bar_metrics, "not logged through Lightning each step any more"

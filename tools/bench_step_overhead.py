@@ -238,7 +238,7 @@ def startup_seconds(config: str, data_dir: str) -> tuple[float, float]:
 _STARTUP_STAGES = {
     "python": "pass",
     "import torch": "import torch",
-    "+ torch._dynamo (Lightning's fabric.wrappers)": "import torch._dynamo",
+    "+ torch._dynamo (diffusers' utils.torch_utils and Lightning's fabric.wrappers import it)": "import torch._dynamo",
     "+ transformers' auto models (torchmetrics' BERTScore, at Lightning's import)": (
         "import torch._dynamo; from transformers import AutoModel, AutoTokenizer"
     ),
@@ -251,6 +251,12 @@ _STARTUP_STAGES = {
         "from lorafit.cli.startup import block_optional_imports; block_optional_imports(); "
         "from lorafit.cli.lightning_cli import _build_cli_class; _build_cli_class('fit'); "
         "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel"
+    ),
+    # The floor of any SD trainer built on diffusers (its own example scripts too): the pipeline's
+    # classes, the CLIP text encoder and PEFT, without Lightning or lorafit.
+    "floor: diffusers' SD pipeline + transformers' CLIP + PEFT alone (no Lightning, no lorafit)": (
+        "from lorafit.cli.startup import block_optional_imports; block_optional_imports(); "
+        "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel; import peft"
     ),
 }
 
