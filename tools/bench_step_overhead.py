@@ -321,6 +321,8 @@ def main(argv=None) -> int:
         "lorafit_step_ms": round(ours * 1000, 1),
         "plain_step_ms": round(theirs * 1000, 1),
         "ratio": round(ours / theirs, 3),
+        "lorafit_mean_ms": round(statistics.mean(lorafit_steps) * 1000, 1),
+        "plain_mean_ms": round(statistics.mean(plain_steps) * 1000, 1),
         "epoch_end_step_ms": [round(s * 1000) for s in lorafit_crossing],
         "fit_startup_s": round(fit_start, 2),
         "import_torch_s": round(torch_start, 2),

@@ -21,9 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import platform
-import random
 import re
 import sys
 import time
@@ -34,21 +31,16 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))  # toyworld_decoder (the vae-decoder stage)
+sys.path.insert(0, str(ROOT / "tools"))  # toyworld_data, toyworld_decoder
+
+from toyworld_data import device_name, encode_world, vae_pictures, warmup_cosine  # noqa: E402
 
 from lorafit.toyworld import architecture as arch  # noqa: E402
-from lorafit.toyworld.judge import JUDGE_FILE, Judge, accuracy_on_fresh_pictures, judge_examples, to_pixels, train_judge  # noqa: E402
+from lorafit.toyworld.judge import JUDGE_FILE, Judge, accuracy_on_fresh_pictures, train_judge  # noqa: E402
 from lorafit.toyworld.tokenizer import build_world_tokenizer  # noqa: E402
-from lorafit.toyworld.world import JUDGE_SHAPES, render, scenes  # noqa: E402
 
 BUILD = ROOT / "runs" / "toyworld-build"
 BASE_DIR = ROOT / "lorafit" / "toyworld" / "base"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch thread(s)"
 
 
 def _shipped_log() -> dict:
@@ -88,7 +80,7 @@ def stage_judge(args, device) -> None:
         {
             "steps": args.steps,
             "wall_s": round(time.time() - start),
-            "device": _device_name(device),
+            "device": device_name(device),
             "accuracy": accuracy,
             "accuracy_augmented": augmented,
         },
@@ -120,7 +112,7 @@ def stage_clip(args, device) -> None:
             "pictures": args.pictures,
             "lr": args.lr,
             "wall_s": wall,
-            "device": _device_name(device),
+            "device": device_name(device),
             "zero_shot_accuracy": accuracy,
         },
     )
@@ -136,48 +128,13 @@ def stage_clip(args, device) -> None:
 # ---- VAE -----------------------------------------------------------------------------------------
 
 
-def random_polygon(rng: random.Random):
-    """A random, often concave, polygon: sharp corners and spikes of every kind for the VAE to learn."""
-    from PIL import Image, ImageDraw
-
-    from lorafit.toyworld.world import COLOUR_NAMES, COLOURS, RESOLUTION, _jittered
-
-    colour, background = rng.sample(COLOUR_NAMES, 2)
-    s = 4
-    img = Image.new("RGB", (RESOLUTION * s, RESOLUTION * s), _jittered(rng, COLOURS[background]))
-    r, n = rng.uniform(6, 13) * s, rng.randint(3, 12)
-    cx, cy = rng.uniform(r, RESOLUTION * s - r), rng.uniform(r, RESOLUTION * s - r)
-    step = 2 * math.pi / n
-    angles = [k * step + rng.uniform(-0.3, 0.3) * step for k in range(n)]
-    points = [
-        (cx + r * rng.uniform(0.3, 1.0) * math.cos(a), cy + r * rng.uniform(0.3, 1.0) * math.sin(a)) for a in angles
-    ]
-    ImageDraw.Draw(img).polygon(points, fill=_jittered(rng, COLOURS[colour]))
-    return img.resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX)
-
-
-def vae_pictures(seed: int, count: int) -> torch.Tensor:
-    """The VAE's training pictures: world scenes, the judge's "other" pictures and random polygons.
-
-    The VAE plays the part of SD's general-purpose autoencoder, so it learns from more than the
-    base model's world: random (often spiky, concave) polygons teach it corners and points in
-    general. The star itself is filtered out; tools/bench_toyworld.py checks that the VAE still
-    encodes a star well enough for the judge to recognise the reconstruction.
-    """
-    rng = random.Random(seed)
-    images, labels = judge_examples(rng, count - count // 3, other_fraction=0.3)
-    world = to_pixels(images[labels[:, 0] != JUDGE_SHAPES.index("star")])
-    polygons = to_pixels([random_polygon(rng) for _ in range(count // 3)])
-    return torch.cat([world, polygons])
-
-
 def stage_vae(args, device) -> None:
     start = time.time()
     torch.manual_seed(args.seed)
     pixels = vae_pictures(args.seed, args.pictures).to(device)
     vae = arch.toy_vae().to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = _warmup_cosine(optimizer, args.steps, warmup=100)
+    schedule = warmup_cosine(optimizer, args.steps, warmup=100)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for step in range(args.steps):
         x = pixels[torch.randint(0, len(pixels), (args.batch_size,), generator=generator, device=device)]
@@ -205,7 +162,7 @@ def stage_vae(args, device) -> None:
             "steps": args.steps,
             "batch_size": args.batch_size,
             "wall_s": round(time.time() - start),
-            "device": _device_name(device),
+            "device": device_name(device),
             "final_mse": round(mse.item(), 6),
             "final_kl": round(kl.item(), 4),
             "scaling_factor": scaling_factor,
@@ -244,7 +201,7 @@ def stage_vae_decoder(args, device) -> None:
         lr=args.lr,
         edge_weight=args.edge_weight,
         seed=args.seed,
-        make_schedule=lambda optimizer, steps: _warmup_cosine(optimizer, steps, warmup=min(100, steps // 10 + 1)),
+        make_schedule=lambda optimizer, steps: warmup_cosine(optimizer, steps, warmup=min(100, steps // 10 + 1)),
     )
     wall = time.time() - start
     after = td.reconstruction_check(vae)
@@ -263,7 +220,7 @@ def stage_vae_decoder(args, device) -> None:
             "lr": args.lr,
             "edge_weight": args.edge_weight,
             "wall_s": round(wall),
-            "device": _device_name(device),
+            "device": device_name(device),
             "final_mse": round(losses["final_mse"], 6),
             "final_edge_l1": round(losses["final_edge_l1"], 5),
             "encoder_sha256": encoder_before,
@@ -277,28 +234,6 @@ def stage_vae_decoder(args, device) -> None:
 
 
 # ---- base model ----------------------------------------------------------------------------------
-
-
-def _warmup_cosine(optimizer, steps: int, warmup: int, floor: float = 0.1):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@torch.no_grad()
-def encode_world(vae, seed: int, count: int, device) -> tuple[torch.Tensor, list[str]]:
-    """VAE posterior moments (mean, logvar on channels) and captions of ``count`` world scenes."""
-    world = scenes(seed, count)
-    moments = []
-    for i in range(0, count, 512):
-        pixels = to_pixels([render(s) for s in world[i : i + 512]]).to(device)
-        posterior = vae.encode(pixels).latent_dist
-        moments.append(torch.cat([posterior.mean, posterior.logvar], dim=1))
-    return torch.cat(moments), [s.caption() for s in world]
 
 
 def stage_base(args, device) -> None:
@@ -322,7 +257,7 @@ def stage_base(args, device) -> None:
     # No weight decay: it would shrink the embeddings of tokens the world never uses (the trigger,
     # "star") towards zero, unlike a real CLIP's rare tokens, which stay ordinary vectors.
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    schedule = _warmup_cosine(optimizer, args.steps, warmup=200)
+    schedule = warmup_cosine(optimizer, args.steps, warmup=200)
     ema = [copy.deepcopy(text_encoder).eval().requires_grad_(False), copy.deepcopy(unet).eval().requires_grad_(False)]
     noise_scheduler = DDPMScheduler(**arch.scheduler_kwargs())
     snr = (noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)).to(device)
@@ -374,7 +309,7 @@ def stage_base(args, device) -> None:
             "ema": args.ema,
             "caption_dropout": args.caption_dropout,
             "wall_s": round(wall),
-            "device": _device_name(device),
+            "device": device_name(device),
             "final_loss_last_200_steps": round(final, 5),
         },
     )

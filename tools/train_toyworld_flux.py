@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from train_toyworld import _device_name, encode_world, vae_pictures  # noqa: E402  (the SD base's data)
+from toyworld_data import device_name, encode_world, vae_pictures  # noqa: E402  (the SD base's data)
 
 from lorafit.families.flux import image_ids, pack_latents  # noqa: E402
 from lorafit.toyworld import flux_architecture as arch  # noqa: E402
@@ -108,7 +108,7 @@ def stage_vae(args, device) -> None:
             "pictures": args.pictures,
             "lr": args.lr,
             "wall_s": round(time.time() - start),
-            "device": _device_name(device),
+            "device": device_name(device),
             "final_mse": round(mse.item(), 6),
             "final_kl": round(kl.item(), 4),
             "shift_factor": shift_factor,
@@ -229,7 +229,7 @@ def stage_base(args, device) -> None:
             "caption_dropout": args.caption_dropout,
             "sigma_shift": round(shift, 4),
             "wall_s": round(wall),
-            "device": _device_name(device),
+            "device": device_name(device),
             "final_loss_last_200_steps": round(final, 5),
         },
     )
