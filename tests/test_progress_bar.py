@@ -66,3 +66,35 @@ def test_the_bar_shows_the_loss_the_nan_guard_read(deferred, tiny_models, demo_d
     assert record.shown[:late] == [None] * late
     assert record.shown[late:] == pytest.approx(record.losses[: 4 - late], rel=1e-6)
     assert "loss" not in trainer.progress_bar_metrics, "not logged through Lightning each step any more"
+
+
+def test_the_bar_is_drawn_at_most_every_interval_and_at_each_epochs_end(tiny_models, demo_data, tmp_path):
+    """Redrawing the bar after every batch costs host time a fast GPU step does not have; each epoch's
+    last batch is always drawn, so the bar ends at its full count."""
+    from training import train
+
+    from lorafit.callbacks.progress import LorafitProgressBar
+
+    bar = LorafitProgressBar(min_interval_s=3600)
+    drawn = []
+    update = bar._update
+
+    def record(progress_bar_id, current, visible=True):
+        if progress_bar_id == bar.train_progress_bar_id:
+            drawn.append(current)
+        update(progress_bar_id, current, visible)
+
+    bar._update = record
+    trainer, _ = train(
+        tiny_models["sd1"],
+        demo_data,
+        tmp_path,
+        max_epochs=2,
+        max_steps=-1,
+        batch_size=2,
+        trainer_kwargs={"enable_progress_bar": True, "callbacks": [bar]},
+    )
+    batches = trainer.num_training_batches
+    assert batches > 2
+    # The first batch (the bar appears with the run), then only each epoch's last one within the hour.
+    assert drawn == [1, batches, batches]
