@@ -82,9 +82,12 @@ class ClipScorer:
     def __init__(self, name: str, device: torch.device | str = "cpu", batch_size: int = 16):
         from transformers import CLIPModel, CLIPProcessor
 
+        from lorafit.families.loading import loading_bars_off
+
         self.device = torch.device(device)
         try:
-            model = CLIPModel.from_pretrained(name)
+            with loading_bars_off():  # transformers' "Loading weights" bar between lorafit's lines
+                model = CLIPModel.from_pretrained(name)
             if self.device.type == "cpu":
                 model = model.float()  # small CLIPs ship in fp16 (the toy world's); a CPU wants float32
             model = model.to(self.device).eval()
