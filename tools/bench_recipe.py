@@ -270,4 +270,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from lorafit.cli.startup import quiet_known_notices
+
+    quiet_known_notices()  # bitsandbytes' offline kernel-fetch notices on CPUs, filtered by text as the CLI does
     main()

@@ -184,4 +184,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from lorafit.cli.startup import quiet_known_notices
+
+    quiet_known_notices()  # bitsandbytes' offline kernel-fetch notices on CPUs, filtered by text as the CLI does
     sys.exit(main())
