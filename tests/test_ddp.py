@@ -16,6 +16,8 @@ then bit-identical (measured), and the test allows 1e-7. The control run without
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from cli_runs import demo_fit_args, lora_file, max_abs_difference, run_lorafit, tensorboard_scalars
@@ -136,3 +138,41 @@ def test_a_ddp_step_never_makes_the_host_wait(tiny_models, demo_data, tmp_path):
     for rank in (0, 1):
         counted = json.loads((tmp_path / f"syncs.rank{rank}.json").read_text())
         assert counted["per_step"] == 0, counted["sites"]
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tiny_models, demo_data, tmp_path):
+    """Rank 0's loss is NaN at step 1; rank 1's is finite. Both stop by the guard at the same step with the
+    one-line error (a rank stopping before its backward pass would leave the other in the gradient
+    all-reduce until Lightning's process observer kills it, with no message)."""
+    import json
+    import os
+
+    injection = {"class_path": "nan_injection.InfPixels", "init_args": {"step": 1, "rank": 0}}
+    tests = Path(__file__).resolve().parent
+    result = run_lorafit(
+        *demo_fit_args(
+            tiny_models["sd1"],
+            demo_data,
+            tmp_path / "run",
+            *COMMON[2:],
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--data.batch_size",
+            "1",
+            "--trainer.max_steps",
+            "6",
+            f"--trainer.callbacks+={json.dumps(injection)}",
+        ),
+        timeout=300,
+        PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]),
+    )
+    assert result.returncode != 0
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("lorafit: error:"))
+    # Each rank stops on its own check, at the same step: rank 0 on its loss, rank 1 on the weights the
+    # all-reduced NaN gradient broke.
+    assert len(errors) == 2, result.stderr[-3000:]
+    assert errors[0].startswith("lorafit: error: LoRA weights became NaN/Inf after step 1 (epoch 0, batch 1")
+    assert errors[1].startswith("lorafit: error: loss is nan at step 1 (epoch 0, batch 1")
+    assert not list((tmp_path / "run" / "lora").rglob("*.safetensors")), "nothing exported from the broken step"

@@ -4,12 +4,13 @@ A diverged run must not overwrite the last good LoRA file. Two ways to watch, on
 gone NaN/Inf makes the next loss NaN/Inf, so the loss is the per-step signal and the weights are
 checked when a loss goes bad and before anything is written.
 
-* **On an accelerator** (``stop`` mode), reading a loss at once would stall the device every step. So
-  after every step the loss and the norm of the trainable weights go to the host through
-  :class:`lorafit.distributed.host_readback.HostReadback` and are checked one step later; the norm is
-  a few multi-tensor kernels there.
-* **On the CPU, and in ``skip`` mode,** each loss is read before its backward pass (on the CPU there is
-  nothing to stall; ``skip`` has to decide then). A bad loss stops the run before its update, and the
+* **On an accelerator, and under DDP** (``stop`` mode), reading a loss at once would stall the device
+  every step. So after every step the loss and the norm of the trainable weights go to the host
+  through :class:`lorafit.distributed.host_readback.HostReadback` and are checked one step later; the
+  norm is a few multi-tensor kernels there.
+* **In one CPU process, and in ``skip`` mode,** each loss is read before its backward pass (on the CPU
+  there is nothing to stall; ``skip`` has to decide then; under DDP the deferred way above is kept, so
+  every rank stops at the same step). A bad loss stops the run before its update, and the
   weights are checked then to say whether the previous update broke them. No weight norm runs per
   step: on the CPU it is a loop over every LoRA tensor (0.55 ms a step on the toy demo, issue 19).
 
@@ -116,10 +117,15 @@ class NonfiniteGuard(pl.Callback):
     def _position(module, batch: dict | None = None, batch_idx: int | None = None) -> str:
         return batch_position(module.global_step, module.current_epoch, batch_idx, batch)
 
-    def _deferred(self, loss: torch.Tensor) -> bool:
+    def _deferred(self, module, loss: torch.Tensor) -> bool:
         if self.mode == "skip":
             return False
-        return loss.device.type != "cpu" if self.defer is None else self.defer
+        if self.defer is not None:
+            return self.defer
+        # At once only in one CPU process. Under DDP a rank that stopped before its backward pass
+        # would leave the others waiting in the gradient all-reduce; the deferred checks run after
+        # it, on every rank, and the weights (the same on all ranks) stop them at the same step.
+        return loss.device.type != "cpu" or module.trainer.world_size > 1
 
     def _trainable_weights(self, module) -> list[torch.Tensor]:
         if self._weights is None:
@@ -133,7 +139,7 @@ class NonfiniteGuard(pl.Callback):
         update broke them."""
         position = self._position(module, batch, batch_idx)
         previous_step, self._step_position = self._step_position, position
-        if self._deferred(loss):
+        if self._deferred(module, loss):
             self._pending_loss = (loss.detach().float(), position)
             return True
         value = loss.item()  # on the CPU: no wait; in skip mode: the one host sync it costs a step
