@@ -168,6 +168,13 @@ class CountHostSyncs(pl.Callback):
         self.output = output
         self.counter: HostSyncCounter | None = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # lorafit's NaN/Inf guard reads each loss at once in a CPU process (nothing waits there) and a
+        # step late on a GPU: count what a GPU run does (lorafit/training/nonfinite.py).
+        guard = getattr(pl_module, "nonfinite", None)
+        if guard is not None and guard.defer is None:
+            guard.defer = True
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.first and self.counter is None:
             self.counter = HostSyncCounter(pl_module.device)
