@@ -130,8 +130,8 @@ class TrainingMetrics(pl.Callback):
             # all-reduce pairs up; it needs no barrier, and the logger reads the value anyway.
             totals = all_reduce_in_place(self._ordered().sum(0), "sum")
             pl_module.log("loss/average", totals[0] / totals[1], on_step=True, on_epoch=False, batch_size=batch_size)
-        seconds = sum(s for _, s in self._speed)
-        if logged and images and seconds > 0:
+        seconds = sum(s for _, s in self._speed) if logged and images else 0.0  # the window: on logged steps only
+        if seconds > 0:
             per_sec = sum(n for n, _ in self._speed) / seconds * trainer.world_size
             # A host tensor: Lightning would copy a Python float to the GPU, waiting for the queue.
             pl_module.log(
