@@ -49,6 +49,8 @@ COMMON = [
     "4",
 ]
 TOLERANCE = 1e-7
+# Short two-rank CPU runs (the step count is each test's): COMMON without its epoch count.
+TWO_RANKS_BATCH_1 = [*COMMON[2:], "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.batch_size", "1"]
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
@@ -116,13 +118,7 @@ def test_a_ddp_step_never_makes_the_host_wait(tiny_models, demo_data, tmp_path):
             tiny_models["sdxl"],
             demo_data,
             tmp_path / "run",
-            *COMMON[2:],
-            "--trainer.devices",
-            "2",
-            "--trainer.strategy",
-            "ddp",
-            "--data.batch_size",
-            "1",
+            *TWO_RANKS_BATCH_1,
             "--trainer.max_steps",
             "5",
             "--trainer.log_every_n_steps",
@@ -154,13 +150,7 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tiny_models, demo_d
             tiny_models["sd1"],
             demo_data,
             tmp_path / "run",
-            *COMMON[2:],
-            "--trainer.devices",
-            "2",
-            "--trainer.strategy",
-            "ddp",
-            "--data.batch_size",
-            "1",
+            *TWO_RANKS_BATCH_1,
             "--trainer.max_steps",
             "6",
             f"--trainer.callbacks+={json.dumps(injection)}",

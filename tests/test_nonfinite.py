@@ -23,6 +23,14 @@ class StepsStarted(Callback):
         self.started.append(trainer.global_step)
 
 
+class InfGradient(Callback):
+    """An Inf gradient at step 1 (the loss stays finite): AdamW's update turns the weights NaN."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 1:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+
 @pytest.fixture
 def inf_loss_at_step(monkeypatch):
     """Make the training loss infinite at the given optimizer step(s)."""
@@ -129,11 +137,6 @@ def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(deferred, 
     """An Inf gradient (finite loss) turns AdamW's update into NaN: the error names the step whose
     update it was (not the next batch, whose images are fine), and nothing from it is exported."""
 
-    class InfGradient(Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            if trainer.global_step == 1:
-                next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
-
     with pytest.raises(NonFiniteLossError, match=r"^LoRA weights became NaN/Inf after step 1 \(epoch 0, batch 1"):
         train(
             tiny_models["sd1"],
@@ -150,12 +153,6 @@ def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(deferred, 
 
 def test_nan_weights_in_skip_mode_stop_instead_of_skipping_every_batch(tiny_models, demo_data, tmp_path):
     """Skip mode drops bad batches; NaN weights would make every later batch bad, so they stop the run."""
-
-    class InfGradient(Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            if trainer.global_step == 1:
-                next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
-
     with pytest.raises(NonFiniteLossError, match=r"^LoRA weights became NaN/Inf after step 1 \(epoch 0, batch 1"):
         train(
             tiny_models["sd1"],
