@@ -132,11 +132,15 @@ def test_overflowing_learning_rate_stops_the_run(tiny_models, demo_data, tmp_pat
     assert not (tmp_path / "lora" / "test.safetensors").exists()
 
 
-@pytest.mark.parametrize("deferred", [False, True], ids=["cpu-reads-at-once", "gpu-style-one-step-late"])
-def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(deferred, tiny_models, demo_data, tmp_path):
+@pytest.mark.parametrize(
+    ("mode", "deferred"),
+    [("stop", False), ("stop", True), ("skip", False)],
+    ids=["cpu-reads-at-once", "gpu-style-one-step-late", "skip-mode"],
+)
+def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(mode, deferred, tiny_models, demo_data, tmp_path):
     """An Inf gradient (finite loss) turns AdamW's update into NaN: the error names the step whose
-    update it was (not the next batch, whose images are fine), and nothing from it is exported."""
-
+    update it was (not the next batch, whose images are fine), and nothing from it is exported. Skip
+    mode stops too: NaN weights would make it skip every batch after them."""
     with pytest.raises(NonFiniteLossError, match=r"^LoRA weights became NaN/Inf after step 1 \(epoch 0, batch 1"):
         train(
             tiny_models["sd1"],
@@ -145,25 +149,11 @@ def test_nan_weights_from_a_finite_loss_stop_before_they_are_exported(deferred, 
             max_epochs=10,
             max_steps=6,
             batch_size=1,
+            nonfinite_loss=mode,
             export={"every_n_steps": 1, "every_n_epochs": 0},
             trainer_kwargs={"callbacks": [InfGradient(), *([DeferNonfiniteChecks()] if deferred else [])]},
         )
     assert sorted(p.name for p in (tmp_path / "lora").glob("*.safetensors")) == ["test-step-000001.safetensors"]
-
-
-def test_nan_weights_in_skip_mode_stop_instead_of_skipping_every_batch(tiny_models, demo_data, tmp_path):
-    """Skip mode drops bad batches; NaN weights would make every later batch bad, so they stop the run."""
-    with pytest.raises(NonFiniteLossError, match=r"^LoRA weights became NaN/Inf after step 1 \(epoch 0, batch 1"):
-        train(
-            tiny_models["sd1"],
-            demo_data,
-            tmp_path,
-            max_epochs=10,
-            max_steps=6,
-            batch_size=1,
-            nonfinite_loss="skip",
-            trainer_kwargs={"callbacks": [InfGradient()]},
-        )
 
 
 def test_skip_mode_drops_the_batch_counts_it_and_finishes(inf_loss_at_step, tiny_models, demo_data, tmp_path):
